@@ -1,0 +1,1 @@
+"""canarygate: a gateway in front of a model API that slows extraction, marks what it serves and records it."""

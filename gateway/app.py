@@ -1,0 +1,102 @@
+"""The sidecar: the pipeline behind a small ASGI app that adds health, readiness and metrics.
+
+`build_pipeline` is the one place that turns settings into stages; `create_app` wraps it for
+`canarygate serve`; `app_from_env` is the factory uvicorn's worker processes call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import config, metrics
+from .admit import AllowAll
+from .demo import DemoModel
+from .identity import KeyIdentifier, Registry
+from .logs import configure_logging
+from .pipeline import Pipeline
+from .record import JSONLinesRecorder
+from .stages import Transform, Upstream
+from .transform import PassThrough
+from .upstream import ASGIUpstream, HTTPUpstream
+
+SETTINGS_ENV = "CANARYGATE_SETTINGS"
+
+
+def build_pipeline(
+    settings: config.Settings, upstream: Upstream | None = None, transform: Transform | None = None
+) -> Pipeline:
+    if upstream is None:
+        if settings.upstream.is_demo:
+            upstream = ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
+        else:
+            upstream = HTTPUpstream(settings.upstream)
+    return Pipeline(
+        settings,
+        identifier=KeyIdentifier(Registry(settings.state_dir)),
+        admitter=AllowAll(),
+        upstream=upstream,
+        transform=transform or PassThrough(),
+        recorder=JSONLinesRecorder(settings.state_dir),
+    )
+
+
+class GatewayApp:
+    """ASGI app of the sidecar: operations endpoints, everything else to the pipeline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._ops = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            handler = self._ops.get(scope["path"]) if scope["method"] == "GET" else None
+            if handler is not None:
+                status, body, content_type = await handler()
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", content_type.encode())]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await self.pipeline(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.pipeline.start()
+                except Exception as e:
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.pipeline.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _healthz(self):
+        return 200, b'{"status":"ok"}', "application/json"
+
+    async def _readyz(self):
+        checks = await self.pipeline.readiness()
+        ready = all(v == "ok" for v in checks.values())
+        body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks}).encode()
+        return (200 if ready else 503), body, "application/json"
+
+    async def _metrics(self):
+        body, content_type = metrics.exposition()
+        return 200, body, content_type
+
+
+def create_app(settings: config.Settings, **stages) -> GatewayApp:
+    return GatewayApp(build_pipeline(settings, **stages))
+
+
+def app_from_env() -> GatewayApp:
+    """uvicorn factory: settings travel to worker processes as JSON in the environment."""
+    spec = json.loads(os.environ[SETTINGS_ENV])
+    settings = config.load(spec.get("config")).with_overrides(**spec.get("overrides", {}))
+    configure_logging(spec.get("log_level", "info"))
+    return create_app(settings)

@@ -1,0 +1,220 @@
+"""Settings: the TOML file, its defaults, and the one place that validates them.
+
+A bad value is reported as `ConfigError` naming the file, the key and the fix; the CLI turns it into one
+line and a non-zero exit. Nothing here reads secrets' values into logs: the upstream key is named by the
+environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_FILE = "canarygate.toml"
+
+# The commented file that `canarygate init` writes; parsing it gives exactly the defaults below.
+DEFAULT_TOML = """\
+# canarygate configuration. Every key is optional; the values shown are the defaults.
+
+[server]
+host = "127.0.0.1"
+port = 8080
+workers = 1                      # worker processes (uvicorn)
+max_body_bytes = 4194304         # request bodies above this (after decompression) get 413
+max_response_bytes = 33554432    # a non-streamed upstream answer above this is cut off with a 502
+shutdown_timeout = 30.0          # seconds in-flight streams may run on after a stop signal
+trusted_proxies = []             # CIDRs whose X-Forwarded-For is believed, e.g. ["10.0.0.0/8"]
+
+[upstream]
+url = "https://api.openai.com"   # the model API; "demo" serves the built-in demo model in-process
+api_key_env = "CANARYGATE_UPSTREAM_API_KEY"  # the environment variable holding the upstream key
+connect_timeout = 5.0
+read_timeout = 300.0             # longest silence between two bytes of an answer
+max_connections = 1000
+passthrough = []                 # extra path prefixes forwarded as-is to authenticated callers
+
+[state]
+dir = ".canarygate"              # identities, exchange records, metrics of worker processes
+"""
+
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state")
+
+
+class ConfigError(Exception):
+    """A configuration problem a user can act on: says where and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = 32 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = "https://api.openai.com"
+    api_key_env: str = "CANARYGATE_UPSTREAM_API_KEY"
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    max_connections: int = 1000
+    passthrough: tuple[str, ...] = ()
+
+    @property
+    def is_demo(self) -> bool:
+        return self.url == "demo"
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    state_dir: Path = Path(".canarygate")
+    source: str = "<defaults>"
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """Apply CLI flags (host, port, workers, upstream) on top of the file, validated the same way."""
+        server = self.server
+        for name in ("host", "port", "workers"):
+            if overrides.get(name) is not None:
+                server = replace(server, **{name: overrides[name]})
+        upstream = self.upstream
+        if overrides.get("upstream") is not None:
+            upstream = replace(upstream, url=_check_url("--upstream", str(overrides["upstream"]), "--upstream"))
+        _check_server(server, "command line")
+        return replace(self, server=server, upstream=upstream)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read settings from `path` (or ./canarygate.toml when present), else the embedded defaults."""
+    if path is None:
+        path = DEFAULT_CONFIG_FILE
+        if not os.path.exists(path):
+            return Settings()
+    elif not os.path.exists(path):
+        raise ConfigError(f"{path}: no such file; run `canarygate init` to create one or pass --config FILE")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: dict, source: str) -> Settings:
+    """Validate a parsed TOML document; every error names `source` and the key."""
+    for name in raw:
+        if name not in _TOP_LEVEL_SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(_TOP_LEVEL_SECTIONS)}")
+    reader = _SectionReader(source)
+    server_raw = reader.section(raw, "server")
+    server = ServerSettings(
+        host=reader.take(server_raw, "server", "host", str, "127.0.0.1"),
+        port=reader.take(server_raw, "server", "port", int, 8080),
+        workers=reader.take(server_raw, "server", "workers", int, 1),
+        max_body_bytes=reader.take(server_raw, "server", "max_body_bytes", int, 4 * 1024 * 1024),
+        max_response_bytes=reader.take(server_raw, "server", "max_response_bytes", int, 32 * 1024 * 1024),
+        shutdown_timeout=reader.take(server_raw, "server", "shutdown_timeout", float, 30.0),
+        trusted_proxies=_networks(source, reader.take(server_raw, "server", "trusted_proxies", list, [])),
+    )
+    reader.reject_unknown(server_raw, "server")
+    _check_server(server, source)
+
+    up_raw = reader.section(raw, "upstream")
+    upstream = UpstreamSettings(
+        url=_check_url(source, reader.take(up_raw, "upstream", "url", str, UpstreamSettings.url), "[upstream] url"),
+        api_key_env=reader.take(up_raw, "upstream", "api_key_env", str, UpstreamSettings.api_key_env),
+        connect_timeout=reader.take(up_raw, "upstream", "connect_timeout", float, 5.0),
+        read_timeout=reader.take(up_raw, "upstream", "read_timeout", float, 300.0),
+        max_connections=reader.take(up_raw, "upstream", "max_connections", int, 1000),
+        passthrough=tuple(_prefixes(source, reader.take(up_raw, "upstream", "passthrough", list, []))),
+    )
+    reader.reject_unknown(up_raw, "upstream")
+    for key in ("connect_timeout", "read_timeout"):
+        if getattr(upstream, key) <= 0:
+            raise ConfigError(f"{source}: [upstream] {key} must be a positive number of seconds")
+    if upstream.max_connections < 1:
+        raise ConfigError(f"{source}: [upstream] max_connections must be at least 1")
+
+    state_raw = reader.section(raw, "state")
+    state_dir = Path(reader.take(state_raw, "state", "dir", str, ".canarygate"))
+    reader.reject_unknown(state_raw, "state")
+    return Settings(server=server, upstream=upstream, state_dir=state_dir, source=source)
+
+
+class _SectionReader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def section(self, raw: dict, name: str) -> dict:
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.source}: [{name}] must be a table")
+        return dict(value)
+
+    def take(self, table: dict, section: str, key: str, kind: type, default):
+        if key not in table:
+            return default
+        value = table.pop(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(
+                f"{self.source}: [{section}] {key} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def reject_unknown(self, table: dict, section: str) -> None:
+        if table:
+            names = ", ".join(sorted(table))
+            raise ConfigError(f"{self.source}: [{section}] unknown key(s): {names}; see `canarygate init` for all keys")
+
+
+def _check_server(server: ServerSettings, source: str) -> None:
+    if not 0 < server.port < 65536:
+        raise ConfigError(f"{source}: [server] port must be between 1 and 65535, got {server.port}")
+    if server.workers < 1:
+        raise ConfigError(f"{source}: [server] workers must be at least 1, got {server.workers}")
+    if server.max_body_bytes < 1024:
+        raise ConfigError(f"{source}: [server] max_body_bytes must be at least 1024")
+    if server.shutdown_timeout < 0:
+        raise ConfigError(f"{source}: [server] shutdown_timeout must not be negative")
+
+
+def _check_url(source: str, url: str, where: str) -> str:
+    if url == "demo":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source}: {where} must be an http(s) URL such as https://api.openai.com, or \"demo\"")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{source}: {where} must not carry a query or fragment")
+    return url.rstrip("/")
+
+
+def _networks(source: str, values: list) -> tuple:
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            raise ConfigError(f"{source}: [server] trusted_proxies: {value!r} is not an address or CIDR") from None
+    return tuple(networks)
+
+
+def _prefixes(source: str, values: list) -> list[str]:
+    for value in values:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{source}: [upstream] passthrough entries must be paths starting with '/', got {value!r}")
+    return values

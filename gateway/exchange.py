@@ -1,0 +1,115 @@
+"""The vocabulary every stage shares: one exchange (request and its answer), who made it, and errors.
+
+Stages read and annotate an `Exchange`; they never import each other. An error is a value
+(`GatewayError`) with a protocol-neutral `kind`; each API module renders it in its own shape.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class ErrorKind(Enum):
+    """What went wrong, independent of which API's error shape will carry it."""
+
+    INVALID_REQUEST = "invalid_request"
+    AUTHENTICATION = "authentication"
+    PERMISSION = "permission"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA = "unsupported_media"
+    RATE_LIMITED = "rate_limited"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_AUTH = "upstream_auth"
+    UPSTREAM_OVERLOADED = "upstream_overloaded"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_FAILED = "upstream_failed"
+    INTERNAL = "internal"
+
+
+STATUS_OF = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.AUTHENTICATION: 401,
+    ErrorKind.PERMISSION: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.METHOD_NOT_ALLOWED: 405,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.RATE_LIMITED: 429,
+    ErrorKind.UPSTREAM_UNAVAILABLE: 502,
+    ErrorKind.UPSTREAM_AUTH: 502,
+    ErrorKind.UPSTREAM_FAILED: 502,
+    ErrorKind.UPSTREAM_OVERLOADED: 503,
+    ErrorKind.UPSTREAM_TIMEOUT: 504,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+class GatewayError(Exception):
+    """An error the client sees, in its API's shape. `message` must never carry secrets."""
+
+    def __init__(self, kind: ErrorKind, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS_OF[self.kind]
+
+
+class Outcome(Enum):
+    """How an exchange ended; recorded with it."""
+
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    CLIENT_CANCELLED = "client_cancelled"
+    UPSTREAM_FAILED = "upstream_failed"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A registered caller. The key itself is never held here, only who it belongs to."""
+
+    name: str
+    tier: str
+    tenant: str | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request through the gateway, annotated by each stage as it passes."""
+
+    id: str
+    method: str
+    path: str
+    api: str  # "openai" or "anthropic": whose error shape the client gets
+    route: str | None  # a key of the route table, or None for unknown routes and passthrough
+    client_ip: str
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    identity: Identity | None = None
+    request: dict[str, Any] | None = None  # the parsed JSON body
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: Outcome | None = None
+    error: str | None = None  # an ErrorKind value, or a short reason for upstream failures
+    upstream_status: int | None = None
+    first_byte_at: float | None = None  # perf_counter when the first response byte was sent
+    events: int = 0
+    bytes_out: int = 0
+    usage: dict[str, Any] | None = None
+
+    @property
+    def tier(self) -> str | None:
+        return self.identity.tier if self.identity else None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

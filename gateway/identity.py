@@ -1,0 +1,162 @@
+"""Identities: the registry of gateway-issued API keys, and the identify stage that checks them.
+
+A key looks like `cg_<key id>_<secret>`. The registry stores the key id and a SHA-256 of the whole key
+(keys are 256-bit random, so a fast hash is safe; no password-style stretching is needed) and never the
+key. Lookup goes by key id; the hash is compared with `hmac.compare_digest`, in constant time.
+
+The registry is one JSON file, replaced atomically by the CLI. Every worker re-reads it when it changes
+(checked at most every `RELOAD_INTERVAL` seconds), so a revocation reaches all workers without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .exchange import ErrorKind, Exchange, GatewayError, Identity
+
+FILE_NAME = "identities.json"
+RELOAD_INTERVAL = 0.25
+DEFAULT_TIER = "normal"
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
+
+
+class IdentityError(Exception):
+    """A registry operation that cannot be done (duplicate name, unknown name, bad name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    name: str
+    key_id: str
+    key_hash: str
+    tier: str
+    created: float
+    tenant: str | None = None
+    revoked: float | None = None
+
+    def identity(self) -> Identity:
+        return Identity(self.name, self.tier, self.tenant)
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Registry:
+    """The identities file: read by workers, changed by the CLI (under a file lock, atomically)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / FILE_NAME
+        self._records: dict[str, Record] = {}  # by key id
+        self._seen: tuple | None = None
+        self._checked = 0.0
+
+    # --- reading (workers) ---
+
+    def lookup(self, key: str) -> Record | None:
+        self._refresh()
+        prefix, _, rest = key.partition("_")
+        key_id, _, _ = rest.partition("_")
+        record = self._records.get(key_id) if prefix == "cg" else None
+        if record is None or record.revoked is not None:
+            return None
+        return record if hmac.compare_digest(record.key_hash, _hash(key)) else None
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < RELOAD_INTERVAL:
+            return
+        self._checked = now
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._records, self._seen = {}, None
+            return
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen != self._seen:
+            self._records = {r.key_id: r for r in self._read().values()}
+            self._seen = seen
+
+    def _read(self) -> dict[str, Record]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {name: Record(name=name, **fields) for name, fields in raw.get("identities", {}).items()}
+
+    # --- changing (CLI) ---
+
+    def all(self) -> list[Record]:
+        return sorted(self._read().values(), key=lambda r: r.created)
+
+    def add(self, name: str, tier: str = DEFAULT_TIER, tenant: str | None = None) -> str:
+        """Register `name`; returns its new key, which is shown once and never stored."""
+        if not name or not set(name) <= _NAME_CHARS or len(name) > 128:
+            raise IdentityError(f"invalid name {name!r}: use letters, digits and . _ @ - (at most 128)")
+        key_id = secrets.token_hex(6)
+        key = f"cg_{key_id}_{secrets.token_urlsafe(32)}"
+        with self._locked() as records:
+            if name in records:
+                raise IdentityError(f"identity {name!r} exists; revoke it first or choose another name")
+            records[name] = Record(name, key_id, _hash(key), tier, time.time(), tenant)
+        return key
+
+    def revoke(self, name: str) -> None:
+        with self._locked() as records:
+            record = records.get(name)
+            if record is None:
+                raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+            records.pop(name)
+            # The name is freed for reuse; the revoked key stays listed so its id is never looked up again.
+            records[f"{name}#revoked-{record.key_id}"] = Record(
+                name, record.key_id, record.key_hash, record.tier, record.created, record.tenant, time.time()
+            )
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = self._read()
+            yield records
+            self._write(records)
+
+    def _write(self, records: dict[str, Record]) -> None:
+        doc = {
+            "version": 1,
+            "identities": {
+                key: {f: getattr(r, f) for f in ("key_id", "key_hash", "tier", "created", "tenant", "revoked")}
+                for key, r in records.items()
+            },
+        }
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class KeyIdentifier:
+    """The identify stage: a gateway-issued key, from `Authorization: Bearer` or `x-api-key`."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def identify(self, exchange: Exchange, credential: str | None) -> Identity:
+        if not credential:
+            raise GatewayError(ErrorKind.AUTHENTICATION, "missing API key: send the key the gateway issued you")
+        record = self._registry.lookup(credential)
+        if record is None:
+            raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key")
+        return record.identity()

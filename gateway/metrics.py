@@ -1,0 +1,52 @@
+"""Prometheus metrics for the gateway, and their exposition (one registry, or many worker processes).
+
+With several workers, `canarygate serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start and
+`/metrics` aggregates every worker's files, so a scrape sees the whole server.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+from .exchange import Exchange, Outcome
+
+REQUESTS = Counter("canarygate_requests_total", "Requests by route, status and tier", ["route", "status", "tier"])
+LATENCY = Histogram(
+    "canarygate_request_duration_seconds",
+    "Time from request to last byte",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+FIRST_BYTE = Histogram(
+    "canarygate_first_byte_seconds",
+    "Time from request to the first byte of the answer",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_ERRORS = Counter("canarygate_upstream_errors_total", "Upstream failures by kind", ["kind"])
+STREAM_CANCELLATIONS = Counter(
+    "canarygate_stream_cancellations_total", "Streams cancelled because the client went away", ["route"]
+)
+
+
+def observe(exchange: Exchange) -> None:
+    route = exchange.route or "other"
+    REQUESTS.labels(route, str(exchange.status), exchange.tier or "none").inc()
+    LATENCY.labels(route).observe(exchange.elapsed())
+    if exchange.first_byte_at is not None:
+        FIRST_BYTE.labels(route).observe(exchange.first_byte_at - exchange.started)
+    if exchange.outcome is Outcome.CLIENT_CANCELLED and exchange.stream:
+        STREAM_CANCELLATIONS.labels(route).inc()
+    if exchange.outcome is Outcome.UPSTREAM_FAILED:
+        UPSTREAM_ERRORS.labels(exchange.error or "unknown").inc()
+
+
+def exposition() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

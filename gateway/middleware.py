@@ -1,0 +1,56 @@
+"""canarygate inside a model server: ASGI middleware running the same pipeline with no network hop.
+
+API routes (and configured passthrough prefixes) go through identify, admit, forward, transform and
+record, where "forward" calls the wrapped app in-process; every other path reaches the wrapped app
+untouched. The pipeline's resources open and close with the host server's lifespan.
+
+    app = CanarygateMiddleware(model_server_app, settings=config.load("canarygate.toml"))
+"""
+
+from __future__ import annotations
+
+from . import config
+from .app import build_pipeline
+from .stages import Transform
+from .upstream import ASGIUpstream
+
+
+class CanarygateMiddleware:
+    def __init__(self, app, settings: config.Settings | None = None, transform: Transform | None = None) -> None:
+        self.app = app
+        settings = settings or config.load()
+        self.pipeline = build_pipeline(
+            settings, upstream=ASGIUpstream(app, settings.upstream.read_timeout), transform=transform
+        )
+        self._started = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.pipeline.handles(scope["path"]):
+            if not self._started:  # a host that runs no lifespan: open on first use
+                await self._start()
+            await self.pipeline(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
+        else:
+            await self.app(scope, receive, send)
+
+    def _lifespan_receive(self, receive):
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "lifespan.startup" and not self._started:
+                await self._start()
+            return message
+
+        return wrapped
+
+    async def _start(self) -> None:
+        self._started = True
+        await self.pipeline.start()
+
+    def _lifespan_send(self, send):
+        async def wrapped(message):
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.pipeline.close()
+            await send(message)
+
+        return wrapped

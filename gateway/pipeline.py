@@ -1,0 +1,423 @@
+"""The request path: identify, admit, forward, transform, record, as one ASGI callable.
+
+The pipeline owns the order of stages and the gateway's hygiene (what may cross to the upstream and back);
+the stages own their decisions and the protocol modules own the wire shapes. Both faces of the product,
+the sidecar app and the middleware, are thin wrappers around one `Pipeline`.
+
+Rules kept here:
+- Every exchange is recorded exactly once, whatever its outcome, and admission is always released.
+- Nothing a client sends can crash a worker: unexpected errors become a 500 in the API's shape.
+- A client that goes away cancels the upstream request.
+- The upstream's own credential failures, quota and rate limits never reach the client as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import time
+
+from . import metrics
+from .body import read_body
+from .config import Settings
+from .exchange import ErrorKind, Exchange, GatewayError, Outcome
+from .protocols import ROUTES, Api, Dialect, api_for
+from .protocols.sse import SSEFramer
+from .rewrite import StreamRewrite, rewrite_body
+from .stages import Admitter, Identifier, Recorder, Transform, Upstream, UpstreamResponse
+from .upstream import UpstreamError
+
+log = logging.getLogger("canarygate.pipeline")
+
+# Never forwarded upstream: hop-by-hop headers, the client's credentials and cookies, its OpenAI account
+# scoping, and what the gateway itself recomputes (length, encodings, forwarding chain).
+_REQUEST_HEADERS_DROPPED = frozenset(
+    h.encode()
+    for h in (
+        "host", "content-length", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+        "te", "trailer", "transfer-encoding", "upgrade", "expect", "authorization", "x-api-key", "api-key",
+        "cookie", "openai-organization", "openai-project", "content-encoding", "accept-encoding",
+        "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+    )
+)  # fmt: skip
+_UPSTREAM_REASONS = {
+    "refused": (ErrorKind.UPSTREAM_UNAVAILABLE, "the upstream model API could not be reached"),
+    "timeout": (ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API did not answer in time"),
+    "broken": (ErrorKind.UPSTREAM_FAILED, "the upstream model API failed while answering"),
+    "too_large": (ErrorKind.UPSTREAM_FAILED, "the upstream model API's answer was too large"),
+}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        identifier: Identifier,
+        admitter: Admitter,
+        upstream: Upstream,
+        transform: Transform,
+        recorder: Recorder,
+    ) -> None:
+        self._settings = settings
+        self._identify = identifier
+        self._admit = admitter
+        self._upstream = upstream
+        self._transform = transform
+        self._record = recorder
+        self._upstream_key = settings.upstream.api_key()
+        self._passthrough = settings.upstream.passthrough
+        self._trusted = settings.server.trusted_proxies
+
+    async def start(self) -> None:
+        await self._record.start()
+        await self._upstream.start()
+
+    async def close(self) -> None:
+        await self._upstream.close()
+        await self._record.close()
+
+    async def readiness(self) -> dict[str, str]:
+        """Each backend's state: "ok" or why not."""
+        return {
+            "upstream": await self._upstream.ready() or "ok",
+            "record": self._record.ready() or "ok",
+        }
+
+    def handles(self, path: str) -> bool:
+        """Whether a path is the gateway's to serve (an API route or a configured passthrough)."""
+        return path in ROUTES or self._is_passthrough(path)
+
+    def _is_passthrough(self, path: str) -> bool:
+        return any(path.startswith(prefix) for prefix in self._passthrough)
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope["path"]
+        headers = scope["headers"]
+        api = api_for(path, headers)
+        dialect = ROUTES.get(path)
+        exchange = Exchange(
+            id=f"req_{os.urandom(12).hex()}",
+            method=scope["method"],
+            path=path,
+            api=api.name,
+            route=path if dialect is not None else None,
+            client_ip=self._client_ip(scope),
+        )
+        reply = _Reply(send, exchange)
+        admitted = False
+        try:
+            self._check_route(exchange, dialect)
+            exchange.identity = self._identify.identify(exchange, _credential(headers))
+            body = await self._read_request(exchange, scope, receive, dialect)
+            await self._admit.admit(exchange)
+            admitted = True
+            await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
+        except GatewayError as error:
+            exchange.outcome = exchange.outcome or Outcome.REJECTED
+            exchange.error = exchange.error or error.kind.value
+            await reply.error(api, error)
+        except ConnectionAbortedError:
+            exchange.outcome = Outcome.CLIENT_CANCELLED
+        except Exception:
+            log.exception("request %s failed inside the gateway", exchange.id)
+            exchange.outcome = Outcome.INTERNAL_ERROR
+            exchange.error = ErrorKind.INTERNAL.value
+            await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
+        finally:
+            if admitted:
+                self._admit.release(exchange)
+            if exchange.status == 0:
+                exchange.status = 499  # the client left before any answer
+            self._finish(exchange)
+
+    def _finish(self, exchange: Exchange) -> None:
+        try:
+            self._record.record(exchange)
+        except Exception:
+            log.exception("could not record exchange %s", exchange.id)
+        metrics.observe(exchange)
+
+    def _check_route(self, exchange: Exchange, dialect: Dialect | None) -> None:
+        if dialect is None:
+            if self._is_passthrough(exchange.path):
+                return
+            raise GatewayError(ErrorKind.NOT_FOUND, f"unknown route {exchange.method} {exchange.path}")
+        if exchange.method != dialect.method:
+            raise GatewayError(
+                ErrorKind.METHOD_NOT_ALLOWED,
+                f"{exchange.path} accepts {dialect.method}, not {exchange.method}",
+                {"allow": dialect.method},
+            )
+
+    async def _read_request(self, exchange: Exchange, scope, receive, dialect: Dialect | None) -> bytes:
+        if exchange.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return b""
+        content_type = _header(scope["headers"], b"content-type")
+        if dialect is not None and (content_type or "").split(";")[0].strip().lower() != "application/json":
+            raise GatewayError(ErrorKind.UNSUPPORTED_MEDIA, "send the request body as Content-Type: application/json")
+        body = await _read_body(scope, receive, self._settings.server.max_body_bytes)
+        if dialect is not None:
+            exchange.request = _parse_json(body)
+            facts = dialect.facts(exchange.request)
+            exchange.model, exchange.stream = facts.model, facts.stream
+        return body
+
+    async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, body) -> None:
+        """Forward while watching for the client to leave; if it does, cancel the upstream request."""
+        work = asyncio.ensure_future(self._forward(exchange, scope, reply, api, dialect, body))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                exchange.outcome = Outcome.CLIENT_CANCELLED
+            watch.cancel()
+        if exchange.outcome is not Outcome.CLIENT_CANCELLED:
+            work.result()
+
+    async def _forward(self, exchange, scope, reply, api: Api, dialect, body: bytes) -> None:
+        target = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        headers = self._upstream_headers(scope["headers"], api)
+        try:
+            response = await self._upstream.send(exchange.method, target, headers, body)
+        except UpstreamError as e:
+            raise _upstream_failure(exchange, e) from None
+        exchange.upstream_status = response.status
+        completed = False
+        try:
+            _check_status(exchange, response.status)
+            content_type = _content_type(response.headers)
+            if content_type == "text/event-stream":
+                await self._relay_stream(exchange, response, reply, api, dialect)
+            else:
+                await self._relay_whole(exchange, response, reply, dialect, content_type)
+            completed = True
+        finally:
+            if completed:
+                response.release()
+            else:
+                response.close()
+
+    def _upstream_headers(self, headers, api: Api) -> list[tuple[str, str]]:
+        dropped = _REQUEST_HEADERS_DROPPED
+        connection = _header(headers, b"connection")
+        if connection:  # headers the client marked hop-by-hop
+            dropped = dropped | {t.strip().lower().encode() for t in connection.split(",")}
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in dropped]
+        if self._upstream_key:
+            out.append((api.upstream_auth_header, api.upstream_auth_value(self._upstream_key)))
+        return out
+
+    async def _relay_whole(self, exchange, response: UpstreamResponse, reply, dialect, content_type) -> None:
+        try:
+            body = await response.read(self._settings.server.max_response_bytes)
+        except UpstreamError as e:
+            raise _upstream_failure(exchange, e) from None
+        if (
+            response.status == 200
+            and dialect is not None
+            and content_type == "application/json"
+            and self._transform.applies(exchange)
+        ):
+            data = json.loads(body)
+            if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
+                body = json.dumps(data, ensure_ascii=False).encode()
+        exchange.outcome = Outcome.COMPLETED
+        await reply.whole(response.status, body, _passed_content_type(response.headers))
+
+    async def _relay_stream(self, exchange, response: UpstreamResponse, reply, api: Api, dialect) -> None:
+        framer = SSEFramer()
+        rewrite = None
+        if dialect is not None and self._transform.applies(exchange):
+            rewrite = StreamRewrite(dialect, lambda part: self._transform.rewriter(exchange, part))
+        await reply.start_stream(response.status)
+        try:
+            async for chunk in response.chunks():
+                events = framer.feed(chunk)
+                if rewrite is not None:
+                    events = [out for event in events for out in rewrite.push(event)]
+                if events:
+                    await reply.events(events)
+            tail = framer.remainder()
+            if tail.strip():  # an event the upstream never terminated: complete it
+                tail += b"\n\n"
+                await reply.events(rewrite.push(tail) if rewrite is not None else [tail])
+            if rewrite is not None:
+                await reply.events(rewrite.close())
+        except UpstreamError as e:
+            error = _upstream_failure(exchange, e)
+            if rewrite is not None:
+                await reply.events(rewrite.close())
+            await reply.events([(dialect.stream_error_event(api, error) if dialect else api.stream_error_event(error))])
+            await reply.end()
+            return
+        exchange.outcome = Outcome.COMPLETED
+        await reply.end()
+
+    def _client_ip(self, scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if not self._trusted:
+            return peer
+        forwarded = _header(scope["headers"], b"x-forwarded-for")
+        if not forwarded or not self._is_trusted(peer):
+            return peer
+        # Walk from the nearest hop outwards; the first address that is not our own proxy is the client.
+        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+            if not self._is_trusted(hop):
+                return hop
+        return peer
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+
+class _Reply:
+    """Sends the answer over ASGI and notes on the exchange what was sent."""
+
+    __slots__ = ("_send", "_exchange", "started", "streaming")
+
+    def __init__(self, send, exchange: Exchange) -> None:
+        self._send = send
+        self._exchange = exchange
+        self.started = False
+        self.streaming = False
+
+    def _headers(self, content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
+        rid = self._exchange.id.encode()
+        headers = [(b"content-type", content_type.encode()), (b"x-request-id", rid), (b"request-id", rid)]
+        if extra:
+            headers.extend((k.encode(), v.encode()) for k, v in extra.items())
+        return headers
+
+    async def _start(self, status: int, headers) -> None:
+        self.started = True
+        self._exchange.status = status
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def whole(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        await self._start(status, self._headers(content_type, extra) + [(b"content-length", str(len(body)).encode())])
+        await self._body(body, False)
+
+    async def start_stream(self, status: int) -> None:
+        self.streaming = True
+        extra = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        await self._start(status, self._headers("text/event-stream; charset=utf-8", extra))
+
+    async def events(self, events: list[bytes]) -> None:
+        if events:
+            self._exchange.events += len(events)
+            await self._body(b"".join(events), True)
+
+    async def end(self) -> None:
+        await self._body(b"", False)
+
+    async def _body(self, data: bytes, more: bool) -> None:
+        if data and self._exchange.first_byte_at is None:
+            self._exchange.first_byte_at = time.perf_counter()
+        self._exchange.bytes_out += len(data)
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def error(self, api: Api, error: GatewayError) -> None:
+        if self.streaming:  # headers are gone: end the stream with an error event instead
+            await self.events([api.stream_error_event(error)])
+            await self.end()
+        elif not self.started:
+            body = json.dumps(api.error_body(error)).encode()
+            await self.whole(error.status, body, "application/json", error.headers)
+
+
+def _header(headers, name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _credential(headers) -> str | None:
+    for key, value in headers:
+        if key == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif key == b"x-api-key" and value:
+            return value.decode("latin-1").strip()
+    return None
+
+
+async def _read_body(scope, receive, limit: int) -> bytes:
+    headers = scope["headers"]
+    return await read_body(receive, _header(headers, b"content-length"), _header(headers, b"content-encoding"), limit)
+
+
+def _parse_json(body: bytes) -> dict:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GatewayError(ErrorKind.INVALID_REQUEST, f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GatewayError(ErrorKind.INVALID_REQUEST, f"malformed JSON in request body: {e.msg} at {e.pos}") from None
+    if not isinstance(data, dict):
+        raise GatewayError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
+    return data
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _upstream_failure(exchange: Exchange, error: UpstreamError) -> GatewayError:
+    exchange.outcome = Outcome.UPSTREAM_FAILED
+    exchange.error = error.reason
+    kind, message = _UPSTREAM_REASONS[error.reason]
+    log.warning("upstream failure on %s: %s", exchange.id, error)
+    return GatewayError(kind, message)
+
+
+def _check_status(exchange: Exchange, status: int) -> None:
+    """Refuse upstream statuses that must not reach the client as they are.
+
+    The upstream's authentication, quota and rate-limit failures say nothing about the client's request
+    and would leak the gateway's account details, so they become a 502 or 503; so do redirects and server
+    errors. Other 4xx answers are about the client's request and pass through.
+    """
+    if status < 300 or (400 <= status < 500 and status not in (401, 402, 403, 407, 429)):
+        return
+    exchange.outcome = Outcome.UPSTREAM_FAILED
+    exchange.error = f"upstream_{status}"
+    log.warning("upstream answered %s on %s", status, exchange.id)
+    if status in (401, 403, 407):
+        raise GatewayError(ErrorKind.UPSTREAM_AUTH, "the gateway could not authenticate to the upstream model API")
+    if status in (402, 429, 503, 529):
+        raise GatewayError(ErrorKind.UPSTREAM_OVERLOADED, "the upstream model API is over capacity; retry later")
+    if status < 400:
+        raise GatewayError(ErrorKind.UPSTREAM_FAILED, "the upstream model API redirected; the gateway does not follow")
+    if status == 504:
+        raise GatewayError(ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API timed out")
+    raise GatewayError(ErrorKind.UPSTREAM_FAILED, "the upstream model API failed")
+
+
+def _content_type(headers: list[tuple[str, str]]) -> str:
+    for key, value in headers:
+        if key == "content-type":
+            return value.split(";")[0].strip().lower()
+    return ""
+
+
+def _passed_content_type(headers: list[tuple[str, str]]) -> str:
+    for key, value in headers:
+        if key == "content-type":
+            return value
+    return "application/octet-stream"

@@ -1,0 +1,87 @@
+"""The Anthropic Messages API: error shape, credentials, and where text lives in its answers.
+
+Only `text` content blocks are exposed to transforms. Thinking blocks are signed by the upstream and must
+reach the client byte-identical; tool-use input is data. Neither is ever offered as a slot.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..exchange import ErrorKind, GatewayError
+from .base import Api, Dialect, Slot, SlotKind, text_of
+from .sse import encode_event
+
+_ERROR_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.TOO_LARGE: "request_too_large",
+    ErrorKind.UNSUPPORTED_MEDIA: "invalid_request_error",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
+    ErrorKind.UPSTREAM_UNAVAILABLE: "api_error",
+    ErrorKind.UPSTREAM_AUTH: "api_error",
+    ErrorKind.UPSTREAM_OVERLOADED: "overloaded_error",
+    ErrorKind.UPSTREAM_TIMEOUT: "timeout_error",
+    ErrorKind.UPSTREAM_FAILED: "api_error",
+    ErrorKind.INTERNAL: "api_error",
+}
+
+
+class AnthropicApi(Api):
+    name = "anthropic"
+    upstream_auth_header = "x-api-key"
+
+    def error_body(self, error: GatewayError) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": _ERROR_TYPES[error.kind], "message": error.message}}
+
+    def stream_error_event(self, error: GatewayError) -> bytes:
+        return encode_event(json.dumps(self.error_body(error)), name="error")
+
+
+API = AnthropicApi()
+
+
+class Messages(Dialect):
+    streams = True
+
+    def prompt_text(self, body: dict[str, Any]) -> str:
+        parts = [text_of(body.get("system"))]
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            parts.extend(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+        return "\n".join(p for p in parts if p)
+
+    def body_slots(self, body: dict[str, Any]) -> list[Slot]:
+        content = body.get("content")
+        if not isinstance(content, list):
+            return []
+        return [
+            Slot(SlotKind.DELTA, ("block", index), block, "text")
+            for index, block in enumerate(content)
+            if isinstance(block, dict) and block.get("type") == "text"
+        ]
+
+    def new_stream_state(self) -> set[int]:
+        return set()  # indices of the text blocks opened so far
+
+    def event_slots(self, text_blocks: set[int], name: str | None, data: Any) -> list[Slot]:
+        if not isinstance(data, dict):
+            return []
+        kind = data.get("type")
+        index = data.get("index")
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            if index in text_blocks and isinstance(delta, dict) and delta.get("type") == "text_delta":
+                return [Slot(SlotKind.DELTA, ("block", index), delta, "text")]
+        elif kind == "content_block_start":
+            block = data.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(index, int):
+                text_blocks.add(index)
+                return [Slot(SlotKind.DELTA, ("block", index), block, "text")]
+        elif kind == "content_block_stop" and index in text_blocks:
+            return [Slot(SlotKind.END, ("block", index))]
+        return []

@@ -1,0 +1,184 @@
+"""The OpenAI API: error shape, credentials, and where text lives in each route's answers.
+
+Chat completions and legacy completions stream `data:` chunks ending in `[DONE]`; the Responses API
+streams typed events and repeats the whole text in its `*.done` and `response.completed` events, which
+are exposed as AGGREGATE slots so that they repeat the rewritten text, not the original.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..exchange import ErrorKind, GatewayError
+from .base import Api, Dialect, Slot, SlotKind, text_of
+from .sse import encode_event
+
+_ERROR_TYPES = {
+    ErrorKind.INVALID_REQUEST: ("invalid_request_error", "invalid_request"),
+    ErrorKind.AUTHENTICATION: ("invalid_request_error", "invalid_api_key"),
+    ErrorKind.PERMISSION: ("invalid_request_error", "permission_denied"),
+    ErrorKind.NOT_FOUND: ("invalid_request_error", "unknown_url"),
+    ErrorKind.METHOD_NOT_ALLOWED: ("invalid_request_error", "method_not_allowed"),
+    ErrorKind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
+    ErrorKind.UNSUPPORTED_MEDIA: ("invalid_request_error", "unsupported_media_type"),
+    ErrorKind.RATE_LIMITED: ("rate_limit_error", "rate_limit_exceeded"),
+    ErrorKind.UPSTREAM_UNAVAILABLE: ("server_error", "upstream_unavailable"),
+    ErrorKind.UPSTREAM_AUTH: ("server_error", "upstream_unavailable"),
+    ErrorKind.UPSTREAM_OVERLOADED: ("server_error", "upstream_overloaded"),
+    ErrorKind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout"),
+    ErrorKind.UPSTREAM_FAILED: ("server_error", "upstream_error"),
+    ErrorKind.INTERNAL: ("server_error", "internal_error"),
+}
+
+
+class OpenAIApi(Api):
+    name = "openai"
+    upstream_auth_header = "authorization"
+
+    def upstream_auth_value(self, key: str) -> str:
+        return f"Bearer {key}"
+
+    def error_body(self, error: GatewayError) -> dict[str, Any]:
+        kind, code = _ERROR_TYPES[error.kind]
+        return {"error": {"message": error.message, "type": kind, "param": None, "code": code}}
+
+    def stream_error_event(self, error: GatewayError) -> bytes:
+        # Chat and completions clients raise on a data chunk that carries "error".
+        return encode_event(json.dumps(self.error_body(error)))
+
+
+API = OpenAIApi()
+
+
+class ChatCompletions(Dialect):
+    streams = True
+
+    def prompt_text(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return ""
+        return "\n".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+
+    def body_slots(self, body: dict[str, Any]) -> list[Slot]:
+        slots = []
+        for choice in _choices(body):
+            message = choice.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                slots.append(Slot(SlotKind.DELTA, ("choice", choice.get("index", 0)), message, "content"))
+        return slots
+
+    def event_slots(self, state: Any, name: str | None, data: Any) -> list[Slot]:
+        slots = []
+        for choice in _choices(data):
+            part = ("choice", choice.get("index", 0))
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and (delta.get("content") is None or isinstance(delta["content"], str)):
+                slots.append(Slot(SlotKind.DELTA, part, delta, "content"))
+            if choice.get("finish_reason") is not None:
+                slots.append(Slot(SlotKind.END, part))
+        return slots
+
+
+class Completions(Dialect):
+    streams = True
+
+    def prompt_text(self, body: dict[str, Any]) -> str:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            return "\n".join(p for p in prompt if isinstance(p, str))
+        return prompt if isinstance(prompt, str) else ""
+
+    def body_slots(self, body: dict[str, Any]) -> list[Slot]:
+        return [Slot(SlotKind.DELTA, ("choice", c.get("index", 0)), c, "text") for c in _choices(body)]
+
+    def event_slots(self, state: Any, name: str | None, data: Any) -> list[Slot]:
+        slots = []
+        for choice in _choices(data):
+            part = ("choice", choice.get("index", 0))
+            slots.append(Slot(SlotKind.DELTA, part, choice, "text"))
+            if choice.get("finish_reason") is not None:
+                slots.append(Slot(SlotKind.END, part))
+        return slots
+
+
+class Responses(Dialect):
+    streams = True
+
+    def prompt_text(self, body: dict[str, Any]) -> str:
+        parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []
+        given = body.get("input")
+        if isinstance(given, str):
+            parts.append(given)
+        elif isinstance(given, list):
+            parts.extend(text_of(item.get("content")) for item in given if isinstance(item, dict))
+        return "\n".join(parts)
+
+    def body_slots(self, body: dict[str, Any]) -> list[Slot]:
+        return _output_slots(body.get("output"), SlotKind.DELTA)
+
+    def event_slots(self, state: Any, name: str | None, data: Any) -> list[Slot]:
+        if not isinstance(data, dict):
+            return []
+        kind = data.get("type")
+        if kind == "response.output_text.delta":
+            return [Slot(SlotKind.DELTA, _part_of(data), data, "delta")]
+        if kind == "response.output_text.done":
+            part = _part_of(data)
+            return [Slot(SlotKind.END, part), Slot(SlotKind.AGGREGATE, part, data, "text")]
+        if kind == "response.content_part.done":
+            content = data.get("part")
+            if isinstance(content, dict) and content.get("type") == "output_text":
+                return [Slot(SlotKind.AGGREGATE, _part_of(data), content, "text")]
+        elif kind == "response.output_item.done":
+            item = data.get("item")
+            return _item_slots(data.get("output_index", 0), item, SlotKind.AGGREGATE)
+        elif kind in ("response.completed", "response.incomplete"):
+            response = data.get("response")
+            if isinstance(response, dict):
+                return _output_slots(response.get("output"), SlotKind.AGGREGATE)
+        return []
+
+    def stream_error_event(self, api: Api, error: GatewayError) -> bytes:
+        body = api.error_body(error)["error"]
+        payload = {"type": "error", "code": body["code"], "message": error.message, "param": None}
+        return encode_event(json.dumps(payload), name="error")
+
+
+class Embeddings(Dialect):
+
+    def prompt_text(self, body: dict[str, Any]) -> str:
+        given = body.get("input")
+        return given if isinstance(given, str) else ""
+
+
+class Models(Dialect):
+    method = "GET"
+
+
+def _choices(body: Any) -> list[dict]:
+    choices = body.get("choices") if isinstance(body, dict) else None
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _part_of(data: dict) -> tuple:
+    return ("output", data.get("output_index", 0), data.get("content_index", 0))
+
+
+def _output_slots(output: Any, kind: SlotKind) -> list[Slot]:
+    if not isinstance(output, list):
+        return []
+    slots = []
+    for index, item in enumerate(output):
+        slots.extend(_item_slots(index, item, kind))
+    return slots
+
+
+def _item_slots(output_index: int, item: Any, kind: SlotKind) -> list[Slot]:
+    if not isinstance(item, dict) or item.get("type") != "message" or not isinstance(item.get("content"), list):
+        return []
+    return [
+        Slot(kind, ("output", output_index, k), content, "text")
+        for k, content in enumerate(item["content"])
+        if isinstance(content, dict) and content.get("type") == "output_text"
+    ]

@@ -1,0 +1,77 @@
+"""Server-sent events: cut a byte stream into whole events, and read or rewrite one event.
+
+Framing is cheap (a search for the blank line) and always done, so that each upstream event is forwarded
+as soon as it is complete and an error event can be appended on a clean boundary. Parsing an event's
+fields is done only when a transform needs to look inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SSEFramer:
+    """Accumulates chunks and returns complete events (each ending in a blank line), in order."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk if self._buffer else chunk
+        held = b""
+        if b"\r" in data:
+            # CRLF and lone CR end lines too; a CR at the very end may pair with an LF still to come.
+            if data.endswith(b"\r"):
+                data, held = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = []
+        start = 0
+        while (end := data.find(b"\n\n", start)) >= 0:
+            events.append(data[start : end + 2])
+            start = end + 2
+        self._buffer = data[start:] + held
+        return events
+
+    def remainder(self) -> bytes:
+        """Bytes of an event that never ended (a stream cut mid-event)."""
+        return self._buffer
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One parsed event. `other` keeps id, retry and comment lines so a rewrite loses nothing."""
+
+    name: str | None
+    data: str
+    other: list[str]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SSEEvent:
+        name = None
+        data_lines = []
+        other = []
+        for line in raw.decode("utf-8").split("\n"):
+            if not line:
+                continue
+            field, sep, value = line.partition(":")
+            if sep and value.startswith(" "):
+                value = value[1:]
+            if field == "event":
+                name = value
+            elif field == "data":
+                data_lines.append(value)
+            else:
+                other.append(line)
+        return cls(name, "\n".join(data_lines), other)
+
+    def encode(self) -> bytes:
+        lines = [f"event: {self.name}"] if self.name is not None else []
+        lines.extend(self.other)
+        lines.extend(f"data: {line}" for line in self.data.split("\n"))
+        return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def encode_event(data: str, name: str | None = None) -> bytes:
+    return SSEEvent(name, data, []).encode()

@@ -1,0 +1,91 @@
+"""The small interfaces the pipeline composes: identify, admit, forward, transform, record.
+
+Each stage is one object with a few methods, called in a fixed order by `gateway.pipeline`. A stage
+depends only on these interfaces and on `gateway.exchange`, never on another stage, so that each can be
+replaced (limits, watermarks, the evidence log) or tested alone with a fake exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from .exchange import Exchange, Identity
+
+
+class Identifier(Protocol):
+    def identify(self, exchange: Exchange, credential: str | None) -> Identity:
+        """Who is calling; raises GatewayError(AUTHENTICATION) for a missing, unknown or revoked key."""
+
+
+class Admitter(Protocol):
+    async def admit(self, exchange: Exchange) -> None:
+        """Let the exchange through or raise GatewayError (RATE_LIMITED, ...). May delay it."""
+
+    def release(self, exchange: Exchange) -> None:
+        """The exchange has ended, whatever its outcome: return what admission held for it."""
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[str, str]]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises UpstreamError when the upstream fails mid-body."""
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; raises UpstreamError when it exceeds `limit` bytes."""
+
+    def close(self) -> None:
+        """Abandon the response: the upstream sees the request cancelled if it is still running."""
+
+    def release(self) -> None:
+        """The body was fully read; the connection may be reused."""
+
+
+class Upstream(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> str | None:
+        """None when the upstream can be reached, else why not."""
+
+    async def send(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> UpstreamResponse:
+        """Forward a request; raises UpstreamError (refused, timed out). Never follows redirects."""
+
+
+class TextRewriter(Protocol):
+    """Rewrites one part's text (a choice, a content block) as it streams."""
+
+    def feed(self, text: str) -> str:
+        """Take the next piece; return the text now ready to deliver (may hold some back)."""
+
+    def flush(self) -> str:
+        """The part is complete: return everything still held back."""
+
+    @property
+    def holding(self) -> bool:
+        """Whether text is held back right now."""
+
+
+class Transform(Protocol):
+    def applies(self, exchange: Exchange) -> bool:
+        """Whether this exchange's answer is to be rewritten at all (if not, bytes pass untouched)."""
+
+    def rewriter(self, exchange: Exchange, part: tuple) -> TextRewriter | None:
+        """A rewriter for one text part of the answer, or None to leave that part alone."""
+
+
+class Recorder(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def ready(self) -> str | None:
+        """None when records can be written, else why not."""
+
+    def record(self, exchange: Exchange) -> None:
+        """The exchange has ended (any outcome, rejected ones too): keep it."""
