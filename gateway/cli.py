@@ -171,6 +171,7 @@ def _run(settings: config.Settings, args, overrides: dict) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # the gateway decides whom to believe ([server] trusted_proxies)
         log_level=args.log_level,
         timeout_graceful_shutdown=settings.server.shutdown_timeout,
     )

@@ -63,17 +63,21 @@ class Registry:
     # --- reading (workers) ---
 
     def lookup(self, key: str) -> Record | None:
-        self._refresh()
         prefix, _, rest = key.partition("_")
         key_id, _, _ = rest.partition("_")
-        record = self._records.get(key_id) if prefix == "cg" else None
+        if prefix != "cg":
+            return None
+        self._refresh()
+        if key_id not in self._records:
+            self._refresh(force=True)  # a key added a moment ago works at once
+        record = self._records.get(key_id)
         if record is None or record.revoked is not None:
             return None
         return record if hmac.compare_digest(record.key_hash, _hash(key)) else None
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._checked < RELOAD_INTERVAL:
+        if now - self._checked < RELOAD_INTERVAL and not force:
             return
         self._checked = now
         try:

@@ -87,8 +87,11 @@ class Pipeline:
         }
 
     def handles(self, path: str) -> bool:
-        """Whether a path is the gateway's to serve (an API route or a configured passthrough)."""
-        return path in ROUTES or self._is_passthrough(path)
+        """Whether a path is the gateway's to serve: the whole API namespace, and configured passthroughs.
+
+        Unknown paths under /v1/ get the API's 404 rather than reaching an app unguarded.
+        """
+        return path.startswith("/v1/") or self._is_passthrough(path)
 
     def _is_passthrough(self, path: str) -> bool:
         return any(path.startswith(prefix) for prefix in self._passthrough)
@@ -106,7 +109,7 @@ class Pipeline:
             route=path if dialect is not None else None,
             client_ip=self._client_ip(scope),
         )
-        reply = _Reply(send, exchange)
+        reply = _Reply(send, exchange, self._finish)
         admitted = False
         try:
             self._check_route(exchange, dialect)
@@ -129,11 +132,13 @@ class Pipeline:
         finally:
             if admitted:
                 self._admit.release(exchange)
-            if exchange.status == 0:
-                exchange.status = 499  # the client left before any answer
-            self._finish(exchange)
+            if not reply.ended:
+                if exchange.status == 0:
+                    exchange.status = 499  # the client left before any answer
+                self._finish(exchange)
 
     def _finish(self, exchange: Exchange) -> None:
+        """Record the exchange; called once, just before its last byte is sent (or when it is abandoned)."""
         try:
             self._record.record(exchange)
         except Exception:
@@ -282,15 +287,21 @@ class Pipeline:
 
 
 class _Reply:
-    """Sends the answer over ASGI and notes on the exchange what was sent."""
+    """Sends the answer over ASGI and notes on the exchange what was sent.
 
-    __slots__ = ("_send", "_exchange", "started", "streaming")
+    `on_end` runs before the last message goes out, so that an exchange is on record before the client
+    has the whole answer.
+    """
 
-    def __init__(self, send, exchange: Exchange) -> None:
+    __slots__ = ("_send", "_exchange", "_on_end", "started", "streaming", "ended")
+
+    def __init__(self, send, exchange: Exchange, on_end) -> None:
         self._send = send
         self._exchange = exchange
+        self._on_end = on_end
         self.started = False
         self.streaming = False
+        self.ended = False
 
     def _headers(self, content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
         rid = self._exchange.id.encode()
@@ -325,6 +336,9 @@ class _Reply:
         if data and self._exchange.first_byte_at is None:
             self._exchange.first_byte_at = time.perf_counter()
         self._exchange.bytes_out += len(data)
+        if not more:
+            self.ended = True
+            self._on_end(self._exchange)
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def error(self, api: Api, error: GatewayError) -> None:

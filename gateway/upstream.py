@@ -41,7 +41,7 @@ class _HTTPResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise UpstreamError("timeout", "no data within the read timeout") from None
         except aiohttp.ClientError as e:
             raise UpstreamError("broken", type(e).__name__) from None
@@ -97,7 +97,7 @@ class HTTPUpstream:
             response = await self._session.request(
                 method, self._base + path, data=body or None, headers=headers, allow_redirects=False
             )
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise UpstreamError("timeout", "no answer within the timeout") from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError("refused", type(e).__name__) from None
@@ -107,12 +107,15 @@ class HTTPUpstream:
 
 
 _END = object()  # put on the queue when the app returns, whatever it sent
+DISCONNECT_GRACE = 1.0  # seconds an app may take to stop after it is told the client left
 
 
 class _ASGIResponse:
-    def __init__(self, task: asyncio.Task, messages: asyncio.Queue, status: int, headers, read_timeout: float):
+    def __init__(self, task: asyncio.Task, messages: asyncio.Queue, status: int, headers, read_timeout: float,
+                 disconnect: asyncio.Event):
         self._task = task
         self._messages = messages
+        self._disconnect = disconnect
         self._read_timeout = read_timeout
         self.status = status
         self.headers = headers
@@ -139,7 +142,10 @@ class _ASGIResponse:
         return b"".join(parts)
 
     def close(self) -> None:
-        self._task.cancel()
+        # Tell the app the way ASGI does (its receive() returns http.disconnect); cancel it if it lingers.
+        self._disconnect.set()
+        if not self._task.done():
+            asyncio.get_running_loop().call_later(DISCONNECT_GRACE, self._task.cancel)
 
     def release(self) -> None:
         """The app finished; there is no connection to return."""
@@ -179,12 +185,12 @@ class ASGIUpstream:
         }
         messages: asyncio.Queue = asyncio.Queue()
         request = [{"type": "http.request", "body": body, "more_body": False}]
-        finished = asyncio.Event()
+        disconnect = asyncio.Event()
 
         async def receive():
             if request:
                 return request.pop()
-            await finished.wait()
+            await disconnect.wait()
             return {"type": "http.disconnect"}
 
         async def run():
@@ -193,7 +199,7 @@ class ASGIUpstream:
             except Exception as e:  # a crashing app gets the client a 502; it never crashes the gateway
                 messages.put_nowait(e)
             finally:
-                finished.set()
+                disconnect.set()
                 messages.put_nowait(_END)
 
         task = asyncio.get_running_loop().create_task(run())
@@ -202,7 +208,7 @@ class ASGIUpstream:
             task.cancel()
             raise UpstreamError("broken", "the app sent no response")
         headers_out = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in start.get("headers", [])]
-        return _ASGIResponse(task, messages, start["status"], headers_out, self._read_timeout)
+        return _ASGIResponse(task, messages, start["status"], headers_out, self._read_timeout, disconnect)
 
 
 async def _next_message(messages: asyncio.Queue, task: asyncio.Task, timeout: float):

@@ -18,7 +18,10 @@ ROUTES: dict[str, Dialect] = {
 
 
 def api_for(path: str, headers: Iterable[tuple[bytes, bytes]]) -> Api:
-    """Whose error shape a client expects: Anthropic's for its paths or when it sends its version header."""
+    """Whose conventions apply: the route's own API, else Anthropic's when the client sends its version header."""
+    dialect = ROUTES.get(path)
+    if dialect is not None and dialect.api is not None:
+        return dialect.api
     if path.startswith("/v1/messages"):
         return anthropic.API
     for name, _ in headers:

@@ -46,6 +46,7 @@ API = AnthropicApi()
 
 
 class Messages(Dialect):
+    api = API
     streams = True
 
     def prompt_text(self, body: dict[str, Any]) -> str:

@@ -65,6 +65,7 @@ class Api(ABC):
 class Dialect:
     """One route of one API. Subclasses override what their shapes need."""
 
+    api: Api | None = None  # whose route this is; None where both APIs share the path (/v1/models)
     streams = False  # whether `stream: true` is meaningful on this route
     method = "POST"
 

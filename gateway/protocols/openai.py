@@ -52,6 +52,7 @@ API = OpenAIApi()
 
 
 class ChatCompletions(Dialect):
+    api = API
     streams = True
 
     def prompt_text(self, body: dict[str, Any]) -> str:
@@ -81,6 +82,7 @@ class ChatCompletions(Dialect):
 
 
 class Completions(Dialect):
+    api = API
     streams = True
 
     def prompt_text(self, body: dict[str, Any]) -> str:
@@ -103,6 +105,7 @@ class Completions(Dialect):
 
 
 class Responses(Dialect):
+    api = API
     streams = True
 
     def prompt_text(self, body: dict[str, Any]) -> str:
@@ -146,6 +149,7 @@ class Responses(Dialect):
 
 
 class Embeddings(Dialect):
+    api = API
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         given = body.get("input")

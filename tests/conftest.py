@@ -1,0 +1,120 @@
+"""Shared fixtures: real uvicorn servers on loopback for the fake upstream and the gateway (both modes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway import config
+from gateway.app import create_app
+from gateway.identity import Registry
+from gateway.middleware import CanarygateMiddleware
+from tests.fake_upstream import FakeUpstream
+from tests.transforms import SwitchableTransform
+
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread with its own event loop."""
+
+    def __init__(self, app) -> None:
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                     loop="uvloop", http="httptools", timeout_graceful_shutdown=2,
+                                     proxy_headers=False)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server failed to start")
+            threading.Event().wait(0.01)
+        return self
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@dataclass
+class Gateway:
+    mode: str
+    url: str
+    key: str
+    upstream: FakeUpstream
+    transform: SwitchableTransform
+    state_dir: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10)
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}", "content-type": "application/json", **extra}
+
+    def records(self) -> list[dict]:
+        import json
+
+        path = self.state_dir / "exchanges.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    fake = FakeUpstream()
+    with ServerThread(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+def _settings(state_dir: Path, upstream_url: str, **server) -> config.Settings:
+    raw = {
+        "server": {"max_body_bytes": 64 * 1024, **server},
+        "upstream": {"url": upstream_url, "api_key_env": "CANARYGATE_TEST_UPSTREAM_KEY",
+                     "connect_timeout": 1.0, "read_timeout": 1.5},
+        "state": {"dir": str(state_dir)},
+    }
+    return config.parse(raw, "test settings")
+
+
+@pytest.fixture(scope="session", params=["sidecar", "middleware"])
+def gateway(request, fake_upstream, tmp_path_factory):
+    """The gateway in both modes, sharing one fake upstream (sidecar: over HTTP; middleware: in-process)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CANARYGATE_TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+    state_dir = tmp_path_factory.mktemp(f"state-{request.param}")
+    transform = SwitchableTransform()
+    if request.param == "sidecar":
+        settings = _settings(state_dir, fake_upstream.url, trusted_proxies=["127.0.0.0/8"])
+        app = create_app(settings, transform=transform)
+    else:
+        settings = _settings(state_dir, "http://unused.invalid", trusted_proxies=["127.0.0.0/8"])
+        app = CanarygateMiddleware(fake_upstream, settings=settings, transform=transform)
+    key = Registry(state_dir).add("alice", tier="unlimited")
+    with ServerThread(app) as server:
+        yield Gateway(request.param, server.url, key, fake_upstream, transform, state_dir)
+    mp.undo()
+
+
+@pytest.fixture
+def gw(gateway):
+    """The gateway with the fake upstream reset and the test transform off."""
+    gateway.upstream.reset()
+    gateway.transform.enabled = False
+    yield gateway
+
+
+def run(coro):
+    return asyncio.run(coro)

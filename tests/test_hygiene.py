@@ -1,0 +1,279 @@
+"""Bad input and gateway hygiene: each case checks the status, the error's shape, what reached the
+upstream, and that the next request still succeeds."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.identity import Registry
+from tests.conftest import UPSTREAM_KEY, ServerThread, _settings
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, kind: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]
+
+
+def assert_still_serves(gw) -> None:
+    with gw.client() as http:
+        assert http.post(CHAT, headers=gw.headers(), json=BODY).status_code == 200
+
+
+def post_raw(gw, content: bytes, path: str = CHAT, **headers: str) -> httpx.Response:
+    with gw.client() as http:
+        return http.post(path, headers=gw.headers(**headers), content=content)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b'{"model": "m", "messages": [', "malformed JSON"), (b'{"model": "\xff\xfe"}', "UTF-8"), (b"[1, 2]", "object")],
+)
+def test_bad_json_is_400(gw, content, message):
+    error = assert_openai_error(post_raw(gw, content), 400, "invalid_request")
+    assert message in error["message"]
+    assert gw.upstream.requests == []
+    assert gw.records()[-1]["status"] == 400 and gw.records()[-1]["outcome"] == "rejected"
+    assert_still_serves(gw)
+
+
+def test_bad_json_on_anthropic_route_has_anthropic_shape(gw):
+    assert_anthropic_error(post_raw(gw, b"{nope", "/v1/messages"), 400, "invalid_request_error")
+    assert_still_serves(gw)
+
+
+def test_body_over_limit_is_413_by_length_and_while_reading(gw):
+    big = b'{"model": "m", "pad": "' + b"x" * 70_000 + b'"}'
+    assert_openai_error(post_raw(gw, big), 413, "request_too_large")
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        yield big[:40_000]
+        yield big[40_000:]
+
+    with gw.client() as http:
+        response = http.post(CHAT, headers=gw.headers(), content=chunks())
+    assert_openai_error(response, 413, "request_too_large")
+    assert gw.upstream.requests == []
+    assert_still_serves(gw)
+
+
+def test_gzip_bomb_is_413_and_honest_gzip_is_forwarded(gw):
+    bomb = gzip.compress(b'{"model": "' + b"a" * 20_000_000 + b'"}')
+    assert len(bomb) < 64 * 1024
+    assert_openai_error(post_raw(gw, bomb, **{"content-encoding": "gzip"}), 413)
+    assert gw.upstream.requests == []
+    honest = gzip.compress(b'{"model": "m", "messages": [{"role": "user", "content": "zip"}]}')
+    assert post_raw(gw, honest, **{"content-encoding": "gzip"}).status_code == 200
+    assert gw.upstream.requests[-1].json()["messages"][0]["content"] == "zip"
+    assert "content-encoding" not in gw.upstream.requests[-1].headers
+
+
+def test_wrong_content_type_is_415(gw):
+    assert_openai_error(post_raw(gw, b"a=b", **{"content-type": "application/x-www-form-urlencoded"}), 415)
+    assert gw.upstream.requests == []
+    assert_still_serves(gw)
+
+
+def test_unknown_route_is_404_in_each_shape(gw):
+    with gw.client() as http:
+        assert_openai_error(http.get("/v1/nothing", headers=gw.headers()), 404, "unknown_url")
+        r = http.post("/v1/nothing", headers=gw.headers(**{"anthropic-version": "2023-06-01"}), json={})
+        assert_anthropic_error(r, 404, "not_found_error")
+        r = http.get(CHAT, headers=gw.headers())
+        assert_openai_error(r, 405)
+        assert r.headers["allow"] == "POST"
+    assert gw.upstream.requests == []
+    assert_still_serves(gw)
+
+
+def test_missing_or_unknown_key_is_401(gw):
+    with gw.client() as http:
+        assert_openai_error(http.post(CHAT, json=BODY), 401, "invalid_api_key")
+        assert_openai_error(http.post(CHAT, json=BODY, headers={"authorization": "Bearer cg_00_nope"}), 401)
+        r = http.post("/v1/messages", json=BODY, headers={"x-api-key": gw.key[:-2] + "xx"})
+        assert_anthropic_error(r, 401, "authentication_error")
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=gw.url, api_key="wrong", max_retries=0).messages.create(
+            model="c", max_tokens=5, messages=BODY["messages"]
+        )
+    assert gw.upstream.requests == []
+    assert_still_serves(gw)
+
+
+def test_client_credentials_cookies_and_hop_by_hop_headers_never_go_upstream(gw):
+    headers = gw.headers(**{
+        "cookie": "session=abc", "openai-organization": "org-client", "openai-project": "proj-client",
+        "connection": "x-private-hop", "x-private-hop": "1", "proxy-authorization": "Basic Zm9v",
+        "x-custom-keep": "kept", "anthropic-version": "2023-06-01",
+    })
+    headers["x-api-key"] = gw.key
+    with gw.client() as http:
+        assert http.post(CHAT, headers=headers, json=BODY).status_code == 200
+    seen = gw.upstream.requests[-1].headers
+    for name in ("cookie", "openai-organization", "openai-project", "x-private-hop", "proxy-authorization", "x-api-key"):
+        assert name not in seen, name
+    assert gw.key not in str(seen)
+    assert seen["x-custom-keep"] == "kept"
+    assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"  # the gateway's own credential
+    r = post_raw(gw, b'{"model": "c", "max_tokens": 5, "messages": []}', "/v1/messages")
+    assert r.status_code == 200 and gw.upstream.requests[-1].headers["x-api-key"] == UPSTREAM_KEY
+
+
+@pytest.mark.parametrize("status, expected", [(401, 502), (403, 502), (429, 503), (402, 503), (500, 502), (529, 503)])
+def test_upstream_account_failures_are_hidden(gw, status, expected):
+    gw.upstream.behaviour.status = status
+    gw.upstream.behaviour.error_body = {"error": {"message": f"Incorrect API key sk-...{UPSTREAM_KEY[-4:]} org-upstream"}}
+    gw.upstream.behaviour.headers = [("x-ratelimit-remaining-requests", "0"), ("openai-organization", "org-upstream"),
+                                     ("anthropic-ratelimit-tokens-remaining", "0"), ("retry-after", "20")]
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json=BODY)
+    assert_openai_error(r, expected)
+    leaked = r.text + str(r.headers)
+    for secret in ("org-upstream", UPSTREAM_KEY[-4:], "ratelimit", "Incorrect API key"):
+        assert secret not in leaked
+    assert "retry-after" not in r.headers
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+    gw.upstream.behaviour.status = None
+    assert_still_serves(gw)
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_upstream_client_errors_pass_through(gw, status):
+    gw.upstream.behaviour.status = status
+    gw.upstream.behaviour.error_body = {"error": {"message": "model foo does not exist", "type": "invalid_request_error",
+                                                  "param": "model", "code": "model_not_found"}}
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json=BODY)
+    assert r.status_code == status and r.json() == gw.upstream.behaviour.error_body
+    gw.upstream.behaviour.status = None
+    assert_still_serves(gw)
+
+
+def test_upstream_redirect_is_not_followed(gw):
+    gw.upstream.behaviour.status = 302
+    gw.upstream.behaviour.headers = [("location", gw.upstream.url + "/v1/models")]
+    with gw.client() as http:
+        assert_openai_error(http.post(CHAT, headers=gw.headers(), json=BODY), 502)
+    assert len(gw.upstream.requests) == 1
+    gw.upstream.behaviour.status = None
+    assert_still_serves(gw)
+
+
+def test_upstream_timeout_is_504(gw):
+    gw.upstream.behaviour.hang = 3.0  # read timeout is 1.5 s
+    with gw.client() as http:
+        assert_openai_error(http.post(CHAT, headers=gw.headers(), json=BODY), 504, "upstream_timeout")
+    assert gw.records()[-1]["error"] == "timeout"
+    gw.upstream.behaviour.hang = 0
+    assert_still_serves(gw)
+
+
+def test_upstream_dying_mid_stream_ends_with_an_error_event(gw):
+    gw.upstream.behaviour.die_after_events = 4
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    with pytest.raises(openai.APIError, match="failed while answering"):
+        for _ in client.chat.completions.create(model="m", messages=BODY["messages"], stream=True):
+            pass
+    ant = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError, match="failed while answering"):
+        with ant.messages.stream(model="c", max_tokens=5, messages=BODY["messages"]) as stream:
+            for _ in stream:
+                pass
+    assert [r["outcome"] for r in gw.records()[-2:]] == ["upstream_failed", "upstream_failed"]
+    gw.upstream.behaviour.die_after_events = None
+    assert_still_serves(gw)
+
+
+def test_client_disconnect_cancels_the_upstream_request(gw):
+    gw.upstream.behaviour.event_delay = 0.2
+    with gw.client() as http, http.stream("POST", CHAT, headers=gw.headers(), json={**BODY, "stream": True}) as r:
+        for _ in r.iter_raw():
+            break  # read one piece, then hang up
+    assert gw.upstream.cancelled.wait(5), "the upstream never saw the request cancelled"
+    assert gw.upstream.completed_streams == 0
+    deadline = time.time() + 5
+    while gw.records()[-1]["outcome"] != "client_cancelled" and time.time() < deadline:
+        time.sleep(0.05)
+    assert gw.records()[-1]["outcome"] == "client_cancelled"
+    gw.upstream.behaviour.event_delay = 0
+    assert_still_serves(gw)
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(gw, untrusted):
+    with gw.client() as http:
+        http.post(CHAT, headers=gw.headers(**{"x-forwarded-for": "198.51.100.7, 203.0.113.9"}), json=BODY)
+    assert gw.records()[-1]["client"] == "203.0.113.9"
+    with httpx.Client(base_url=untrusted.url) as http:
+        http.post(CHAT, headers={**gw.headers(**{"x-forwarded-for": "203.0.113.9"}),
+                                 "authorization": f"Bearer {untrusted.key}"}, json=BODY)
+    assert untrusted.records()[-1]["client"] == "127.0.0.1"
+
+
+def test_revocation_reaches_the_running_gateway(gw):
+    key = Registry(gw.state_dir).add("bob")
+    with gw.client() as http:
+        assert http.post(CHAT, headers=gw.headers(authorization=f"Bearer {key}"), json=BODY).status_code == 200
+        Registry(gw.state_dir).revoke("bob")
+        deadline = time.time() + 3
+        while time.time() < deadline:
+            status = http.post(CHAT, headers=gw.headers(authorization=f"Bearer {key}"), json=BODY).status_code
+            if status == 401:
+                break
+            time.sleep(0.05)
+    assert status == 401
+    assert_still_serves(gw)
+
+
+class Untrusted:
+    """A sidecar with no trusted proxies, whose upstream port refuses connections."""
+
+    def __init__(self, url, key, state_dir):
+        self.url, self.key, self.state_dir = url, key, state_dir
+
+    def records(self):
+        import json
+
+        return [json.loads(x) for x in (self.state_dir / "exchanges.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def untrusted(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    state = tmp_path_factory.mktemp("untrusted")
+    key = Registry(state).add("carol")
+    with ServerThread(create_app(_settings(state, f"http://127.0.0.1:{dead_port}"))) as server:
+        yield Untrusted(server.url, key, state)
+
+
+def test_refused_upstream_is_502_and_readyz_says_so(untrusted):
+    with httpx.Client(base_url=untrusted.url) as http:
+        r = http.post(CHAT, headers={"authorization": f"Bearer {untrusted.key}"}, json=BODY)
+        assert_openai_error(r, 502, "upstream_unavailable")
+        r = http.post(CHAT, headers={"authorization": f"Bearer {untrusted.key}"}, json=BODY)
+        assert r.status_code == 502  # and the worker is still there
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["upstream"]
+        assert http.get("/healthz").status_code == 200
+    assert untrusted.records()[-1]["error"] == "refused"

@@ -1,0 +1,50 @@
+"""A test transform that rewrites text in a way that needs lookahead, like a word-level watermark does.
+
+It upper-cases chosen whole words. A word is only known to be whole once the character after it has
+arrived, so the trailing partial word is held back: exactly the case the stream rewriter must handle.
+"""
+
+from __future__ import annotations
+
+import re
+
+TARGETS = {"the", "fox", "dog", "hello", "demo"}
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def rewrite_text(text: str) -> str:
+    return _WORD.sub(lambda m: m.group(0).upper() if m.group(0).lower() in TARGETS else m.group(0), text)
+
+
+class WordCaps:
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        text = self._held + text
+        cut = len(text)
+        while cut > 0 and text[cut - 1].isalpha():
+            cut -= 1
+        self._held = text[cut:]
+        return rewrite_text(text[:cut])
+
+    def flush(self) -> str:
+        out, self._held = rewrite_text(self._held), ""
+        return out
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+
+class SwitchableTransform:
+    """The transform stage for tests: WordCaps on every text part while `enabled`."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+
+    def applies(self, exchange) -> bool:
+        return self.enabled
+
+    def rewriter(self, exchange, part):
+        return WordCaps()
