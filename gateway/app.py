@@ -53,8 +53,13 @@ class GatewayApp:
             handler = self._ops.get(scope["path"]) if scope["method"] == "GET" else None
             if handler is not None:
                 status, body, content_type = await handler()
-                await send({"type": "http.response.start", "status": status,
-                            "headers": [(b"content-type", content_type.encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(b"content-type", content_type.encode())],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
             else:
                 await self.pipeline(scope, receive, send)

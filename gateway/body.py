@@ -27,7 +27,9 @@ async def read_body(receive, content_length: str | None, content_encoding: str |
             raise _too_large(limit)
     encoding = (content_encoding or "identity").strip().lower()
     if encoding != "identity" and encoding not in _WBITS:
-        raise GatewayError(ErrorKind.UNSUPPORTED_MEDIA, f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+        raise GatewayError(
+            ErrorKind.UNSUPPORTED_MEDIA, f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
+        )
     inflater = zlib.decompressobj(_WBITS[encoding]) if encoding in _WBITS else None
     parts, size = [], 0
     more = True

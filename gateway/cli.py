@@ -143,7 +143,7 @@ def _demo(args) -> int:
         f"canarygate demo: the gateway at {url} in front of the built-in demo model.\n"
         f"Try it:\n\n  curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
         "    -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"canarygate-demo\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n",
+        '    -d \'{"model": "canarygate-demo", "messages": [{"role": "user", "content": "Hello"}]}\'\n',
         flush=True,
     )
     return _run(settings, args, overrides)
@@ -153,6 +153,7 @@ def _run(settings: config.Settings, args, overrides: dict) -> int:
     import uvicorn
 
     from .app import SETTINGS_ENV
+    from .logs import uvicorn_log_config
 
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ[SETTINGS_ENV] = json.dumps({"config": args.config, "overrides": overrides, "log_level": args.log_level})
@@ -173,6 +174,7 @@ def _run(settings: config.Settings, args, overrides: dict) -> int:
         access_log=False,
         proxy_headers=False,  # the gateway decides whom to believe ([server] trusted_proxies)
         log_level=args.log_level,
+        log_config=uvicorn_log_config(args.log_level),
         timeout_graceful_shutdown=settings.server.shutdown_timeout,
     )
     return 0

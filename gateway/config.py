@@ -96,6 +96,9 @@ class Settings:
         return replace(self, server=server, upstream=upstream)
 
 
+_DEFAULT_UPSTREAM = UpstreamSettings()
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read settings from `path` (or ./canarygate.toml when present), else the embedded defaults."""
     if path is None:
@@ -133,8 +136,8 @@ def parse(raw: dict, source: str) -> Settings:
 
     up_raw = reader.section(raw, "upstream")
     upstream = UpstreamSettings(
-        url=_check_url(source, reader.take(up_raw, "upstream", "url", str, UpstreamSettings.url), "[upstream] url"),
-        api_key_env=reader.take(up_raw, "upstream", "api_key_env", str, UpstreamSettings.api_key_env),
+        url=_check_url(source, reader.take(up_raw, "upstream", "url", str, _DEFAULT_UPSTREAM.url), "[upstream] url"),
+        api_key_env=reader.take(up_raw, "upstream", "api_key_env", str, _DEFAULT_UPSTREAM.api_key_env),
         connect_timeout=reader.take(up_raw, "upstream", "connect_timeout", float, 5.0),
         read_timeout=reader.take(up_raw, "upstream", "read_timeout", float, 300.0),
         max_connections=reader.take(up_raw, "upstream", "max_connections", int, 1000),
@@ -197,7 +200,7 @@ def _check_url(source: str, url: str, where: str) -> str:
         return url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{source}: {where} must be an http(s) URL such as https://api.openai.com, or \"demo\"")
+        raise ConfigError(f'{source}: {where} must be an http(s) URL such as https://api.openai.com, or "demo"')
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}: {where} must not carry a query or fragment")
     return url.rstrip("/")
@@ -216,5 +219,7 @@ def _networks(source: str, values: list) -> tuple:
 def _prefixes(source: str, values: list) -> list[str]:
     for value in values:
         if not isinstance(value, str) or not value.startswith("/"):
-            raise ConfigError(f"{source}: [upstream] passthrough entries must be paths starting with '/', got {value!r}")
+            raise ConfigError(
+                f"{source}: [upstream] passthrough entries must be paths starting with '/', got {value!r}"
+            )
     return values

@@ -52,8 +52,10 @@ def chat_events(model: str, pieces: list[list[str]], include_usage: bool = False
     def chunk(choices: list, **extra) -> bytes:
         return _sse({**base, "choices": choices, **extra})
 
-    events = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-              for i in range(len(pieces))]
+    events = [
+        chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for i in range(len(pieces))
+    ]
     for step in range(max(len(p) for p in pieces)):
         for i, choice_pieces in enumerate(pieces):
             if step < len(choice_pieces):
@@ -182,19 +184,24 @@ def message_events(model: str, blocks: list[tuple[str, list[str]]], prompt: str 
         opening = _block(kind, "", index)
         if kind == "thinking":
             opening["signature"] = ""
-        events.append(_sse({"type": "content_block_start", "index": index, "content_block": opening},
-                           "content_block_start"))
+        events.append(
+            _sse({"type": "content_block_start", "index": index, "content_block": opening}, "content_block_start")
+        )
         delta_type, field = _DELTAS[kind]
         for piece in pieces:
             delta = {"type": "content_block_delta", "index": index, "delta": {"type": delta_type, field: piece}}
             events.append(_sse(delta, "content_block_delta"))
         if kind == "thinking":
             signature = {"type": "signature_delta", "signature": whole["content"][index]["signature"]}
-            events.append(_sse({"type": "content_block_delta", "index": index, "delta": signature},
-                               "content_block_delta"))
+            events.append(
+                _sse({"type": "content_block_delta", "index": index, "delta": signature}, "content_block_delta")
+            )
         events.append(_sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
-    end = {"type": "message_delta", "delta": {"stop_reason": whole["stop_reason"], "stop_sequence": None},
-           "usage": {"output_tokens": whole["usage"]["output_tokens"]}}
+    end = {
+        "type": "message_delta",
+        "delta": {"stop_reason": whole["stop_reason"], "stop_sequence": None},
+        "usage": {"output_tokens": whole["usage"]["output_tokens"]},
+    }
     events.append(_sse(end, "message_delta"))
     return events + [_sse({"type": "message_stop"}, "message_stop")]
 
@@ -212,8 +219,10 @@ def embeddings(model: str, inputs: list[str]) -> dict:
 
 
 def models(names: list[str]) -> dict:
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "canarygate"}
-                                       for n in names]}
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "canarygate"} for n in names],
+    }
 
 
 # --- the demo model itself ---
@@ -252,15 +261,18 @@ class DemoModel:
         request = json.loads(body) if body else {}
         status, answer = self._answer(scope["method"], scope["path"], request)
         if isinstance(answer, list):
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
             for event in answer:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 await asyncio.sleep(self.delay)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         payload = json.dumps(answer).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": payload})
 
     def _answer(self, method: str, path: str, request: dict[str, Any]) -> tuple[int, Any]:
@@ -278,9 +290,13 @@ class DemoModel:
                 return 200, chat_events(model, [_words(t) for t in texts], include_usage, prompt)
             return 200, chat_completion(model, texts, prompt)
         if path == "/v1/completions":
-            return 200, completion_events(model, [_words(t) for t in texts]) if stream else completion(model, texts, prompt)
+            return 200, completion_events(model, [_words(t) for t in texts]) if stream else completion(
+                model, texts, prompt
+            )
         if path == "/v1/responses":
-            return 200, response_events(model, _words(texts[0]), prompt) if stream else response(model, texts[0], prompt)
+            return 200, response_events(model, _words(texts[0]), prompt) if stream else response(
+                model, texts[0], prompt
+            )
         if path == "/v1/messages":
             if stream:
                 return 200, message_events(model, [("text", _words(texts[0]))], prompt)

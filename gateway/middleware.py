@@ -2,7 +2,8 @@
 
 The API namespace (/v1/...) and configured passthrough prefixes go through identify, admit, forward,
 transform and record, where "forward" calls the wrapped app in-process; an unknown /v1/ path gets the API's
-404. Every other path (a health check, docs) reaches the wrapped app untouched. The pipeline's resources open and close with the host server's lifespan.
+404. Every other path (a health check, docs) reaches the wrapped app untouched. The pipeline's resources
+open and close with the host server's lifespan.
 
     app = CanarygateMiddleware(model_server_app, settings=config.load("canarygate.toml"))
 """

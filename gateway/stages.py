@@ -51,9 +51,7 @@ class Upstream(Protocol):
     async def ready(self) -> str | None:
         """None when the upstream can be reached, else why not."""
 
-    async def send(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
-    ) -> UpstreamResponse:
+    async def send(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
         """Forward a request; raises UpstreamError (refused, timed out). Never follows redirects."""
 
 

@@ -111,8 +111,15 @@ DISCONNECT_GRACE = 1.0  # seconds an app may take to stop after it is told the c
 
 
 class _ASGIResponse:
-    def __init__(self, task: asyncio.Task, messages: asyncio.Queue, status: int, headers, read_timeout: float,
-                 disconnect: asyncio.Event):
+    def __init__(
+        self,
+        task: asyncio.Task,
+        messages: asyncio.Queue,
+        status: int,
+        headers,
+        read_timeout: float,
+        disconnect: asyncio.Event,
+    ):
         self._task = task
         self._messages = messages
         self._disconnect = disconnect

@@ -25,9 +25,17 @@ class ServerThread:
     """An ASGI app served by uvicorn on a free loopback port, in a thread with its own event loop."""
 
     def __init__(self, app) -> None:
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                     loop="uvloop", http="httptools", timeout_graceful_shutdown=2,
-                                     proxy_headers=False)
+        self.config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=2,
+            proxy_headers=False,
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -82,8 +90,12 @@ def fake_upstream():
 def _settings(state_dir: Path, upstream_url: str, **server) -> config.Settings:
     raw = {
         "server": {"max_body_bytes": 64 * 1024, **server},
-        "upstream": {"url": upstream_url, "api_key_env": "CANARYGATE_TEST_UPSTREAM_KEY",
-                     "connect_timeout": 1.0, "read_timeout": 1.5},
+        "upstream": {
+            "url": upstream_url,
+            "api_key_env": "CANARYGATE_TEST_UPSTREAM_KEY",
+            "connect_timeout": 1.0,
+            "read_timeout": 1.5,
+        },
         "state": {"dir": str(state_dir)},
     }
     return config.parse(raw, "test settings")

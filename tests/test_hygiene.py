@@ -121,16 +121,30 @@ def test_missing_or_unknown_key_is_401(gw):
 
 
 def test_client_credentials_cookies_and_hop_by_hop_headers_never_go_upstream(gw):
-    headers = gw.headers(**{
-        "cookie": "session=abc", "openai-organization": "org-client", "openai-project": "proj-client",
-        "connection": "x-private-hop", "x-private-hop": "1", "proxy-authorization": "Basic Zm9v",
-        "x-custom-keep": "kept", "anthropic-version": "2023-06-01",
-    })
+    headers = gw.headers(
+        **{
+            "cookie": "session=abc",
+            "openai-organization": "org-client",
+            "openai-project": "proj-client",
+            "connection": "x-private-hop",
+            "x-private-hop": "1",
+            "proxy-authorization": "Basic Zm9v",
+            "x-custom-keep": "kept",
+            "anthropic-version": "2023-06-01",
+        }
+    )
     headers["x-api-key"] = gw.key
     with gw.client() as http:
         assert http.post(CHAT, headers=headers, json=BODY).status_code == 200
     seen = gw.upstream.requests[-1].headers
-    for name in ("cookie", "openai-organization", "openai-project", "x-private-hop", "proxy-authorization", "x-api-key"):
+    for name in (
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "x-private-hop",
+        "proxy-authorization",
+        "x-api-key",
+    ):
         assert name not in seen, name
     assert gw.key not in str(seen)
     assert seen["x-custom-keep"] == "kept"
@@ -142,9 +156,15 @@ def test_client_credentials_cookies_and_hop_by_hop_headers_never_go_upstream(gw)
 @pytest.mark.parametrize("status, expected", [(401, 502), (403, 502), (429, 503), (402, 503), (500, 502), (529, 503)])
 def test_upstream_account_failures_are_hidden(gw, status, expected):
     gw.upstream.behaviour.status = status
-    gw.upstream.behaviour.error_body = {"error": {"message": f"Incorrect API key sk-...{UPSTREAM_KEY[-4:]} org-upstream"}}
-    gw.upstream.behaviour.headers = [("x-ratelimit-remaining-requests", "0"), ("openai-organization", "org-upstream"),
-                                     ("anthropic-ratelimit-tokens-remaining", "0"), ("retry-after", "20")]
+    gw.upstream.behaviour.error_body = {
+        "error": {"message": f"Incorrect API key sk-...{UPSTREAM_KEY[-4:]} org-upstream"}
+    }
+    gw.upstream.behaviour.headers = [
+        ("x-ratelimit-remaining-requests", "0"),
+        ("openai-organization", "org-upstream"),
+        ("anthropic-ratelimit-tokens-remaining", "0"),
+        ("retry-after", "20"),
+    ]
     with gw.client() as http:
         r = http.post(CHAT, headers=gw.headers(), json=BODY)
     assert_openai_error(r, expected)
@@ -160,8 +180,14 @@ def test_upstream_account_failures_are_hidden(gw, status, expected):
 @pytest.mark.parametrize("status", [400, 404, 422])
 def test_upstream_client_errors_pass_through(gw, status):
     gw.upstream.behaviour.status = status
-    gw.upstream.behaviour.error_body = {"error": {"message": "model foo does not exist", "type": "invalid_request_error",
-                                                  "param": "model", "code": "model_not_found"}}
+    gw.upstream.behaviour.error_body = {
+        "error": {
+            "message": "model foo does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
     with gw.client() as http:
         r = http.post(CHAT, headers=gw.headers(), json=BODY)
     assert r.status_code == status and r.json() == gw.upstream.behaviour.error_body
@@ -195,10 +221,12 @@ def test_upstream_dying_mid_stream_ends_with_an_error_event(gw):
         for _ in client.chat.completions.create(model="m", messages=BODY["messages"], stream=True):
             pass
     ant = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
-    with pytest.raises(anthropic.APIStatusError, match="failed while answering"):
-        with ant.messages.stream(model="c", max_tokens=5, messages=BODY["messages"]) as stream:
-            for _ in stream:
-                pass
+    with (
+        pytest.raises(anthropic.APIStatusError, match="failed while answering"),
+        ant.messages.stream(model="c", max_tokens=5, messages=BODY["messages"]) as stream,
+    ):
+        for _ in stream:
+            pass
     assert [r["outcome"] for r in gw.records()[-2:]] == ["upstream_failed", "upstream_failed"]
     gw.upstream.behaviour.die_after_events = None
     assert_still_serves(gw)
@@ -224,8 +252,11 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(gw, untrusted):
         http.post(CHAT, headers=gw.headers(**{"x-forwarded-for": "198.51.100.7, 203.0.113.9"}), json=BODY)
     assert gw.records()[-1]["client"] == "203.0.113.9"
     with httpx.Client(base_url=untrusted.url) as http:
-        http.post(CHAT, headers={**gw.headers(**{"x-forwarded-for": "203.0.113.9"}),
-                                 "authorization": f"Bearer {untrusted.key}"}, json=BODY)
+        http.post(
+            CHAT,
+            headers={**gw.headers(**{"x-forwarded-for": "203.0.113.9"}), "authorization": f"Bearer {untrusted.key}"},
+            json=BODY,
+        )
     assert untrusted.records()[-1]["client"] == "127.0.0.1"
 
 

@@ -36,9 +36,11 @@ def test_chat_completion_whole_and_streamed(gw):
 
 def test_chat_stream_usage_chunk_and_several_choices(gw):
     client = oai(gw)
-    chunks = list(client.chat.completions.create(
-        model="m", messages=MESSAGES, stream=True, n=3, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, n=3, stream_options={"include_usage": True}
+        )
+    )
     texts = {}
     for chunk in chunks:
         for choice in chunk.choices:
@@ -73,8 +75,12 @@ def test_embeddings_and_models(gw):
 
 
 def test_anthropic_messages_with_several_blocks(gw):
-    gw.upstream.behaviour.blocks = [("thinking", "Let me think about foxes."), ("text", DEFAULT_TEXT),
-                                    ("tool_use", '{"q": "fox"}'), ("text", "Second block.")]
+    gw.upstream.behaviour.blocks = [
+        ("thinking", "Let me think about foxes."),
+        ("text", DEFAULT_TEXT),
+        ("tool_use", '{"q": "fox"}'),
+        ("text", "Second block."),
+    ]
     client = ant(gw)
     whole = client.messages.create(model="c", max_tokens=100, messages=MESSAGES)
     assert [b.type for b in whole.content] == ["thinking", "text", "tool_use", "text"]
@@ -180,6 +186,7 @@ def test_every_exchange_is_recorded(gw):
         openai.OpenAI(base_url=gw.url + "/v1", api_key="cg_bad_key", max_retries=0).models.list()
     records = gw.records()[before:]
     assert [(r["status"], r["outcome"], r["identity"]) for r in records] == [
-        (200, "completed", "alice"), (401, "rejected", None)
+        (200, "completed", "alice"),
+        (401, "rejected", None),
     ]
     assert json.dumps(records).find(gw.key) < 0  # the caller's key never reaches the record

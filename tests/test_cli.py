@@ -1,0 +1,155 @@
+"""The `canarygate` command from an empty folder, as a newcomer runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+CANARYGATE = str(Path(sys.executable).parent / "canarygate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CANARYGATE, *args], cwd=folder, capture_output=True, text=True, timeout=30)
+
+
+class Running:
+    def __init__(self, folder: Path, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [CANARYGATE, *args, "--port", str(self.port)],
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def __enter__(self) -> Running:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise AssertionError(f"gateway did not start: {self.proc.stdout.read()}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.output = self.proc.communicate(timeout=20)[0]
+        # uvicorn finishes its graceful shutdown, then re-raises the signal so the exit status reports it.
+        assert self.proc.returncode in (0, -signal.SIGTERM), self.output
+        assert "Application shutdown complete" in self.output
+
+
+def test_init_identities_serve_and_one_sdk_call(tmp_path, fake_upstream):
+    fake_upstream.reset()
+    result = cli(tmp_path, "init")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "canarygate.toml").exists() and (tmp_path / ".canarygate").is_dir()
+
+    added = cli(tmp_path, "identities", "add", "alice")
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip().splitlines()[-1]
+    assert key.startswith("cg_")
+    registry = tmp_path / ".canarygate" / "identities.json"
+    assert key not in registry.read_text()
+    assert stat.S_IMODE(registry.stat().st_mode) == 0o600
+    assert cli(tmp_path, "identities", "add", "alice").returncode == 2  # one line, non-zero
+
+    env = {"CANARYGATE_UPSTREAM_API_KEY": "sk-upstream-cli"}
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url, env=env) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == fake_upstream.behaviour.text
+    assert fake_upstream.requests[-1].headers["authorization"] == "Bearer sk-upstream-cli"
+    assert "sk-upstream-cli" not in gw.output
+    listed = json.loads(cli(tmp_path, "identities", "list", "--json").stdout)
+    assert [(i["name"], i["revoked"]) for i in listed] == [("alice", False)]
+
+
+def test_demo_and_one_curl(tmp_path):
+    with Running(tmp_path, "demo") as gw:
+        time.sleep(0.2)
+        banner = gw.proc.stdout.readline() + gw.proc.stdout.readline() + gw.proc.stdout.readline()
+        while "curl" not in banner:
+            banner += gw.proc.stdout.readline()
+        key = banner.split("Bearer ")[1].split("'")[0]
+        curl = subprocess.run(
+            [
+                "curl",
+                "-s",
+                gw.url + "/v1/chat/completions",
+                "-H",
+                f"Authorization: Bearer {key}",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{"model": "canarygate-demo", "messages": [{"role": "user", "content": "Hello"}]}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        answer = json.loads(curl.stdout)
+        assert "canarygate demo model" in answer["choices"][0]["message"]["content"]
+
+
+def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
+    cli(tmp_path, "init")
+    key = cli(tmp_path, "identities", "add", "dave").stdout.strip().splitlines()[-1]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {key}"}
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url, "--workers", "2") as gw, httpx.Client() as http:
+        url = gw.url + "/v1/chat/completions"
+        assert all(http.post(url, json=body, headers=headers).status_code == 200 for _ in range(10))
+        assert cli(tmp_path, "identities", "revoke", "dave").returncode == 0
+        time.sleep(0.6)  # workers re-check the registry every 0.25 s
+        statuses = {httpx.post(url, json=body, headers=headers).status_code for _ in range(20)}  # new connections
+        metrics = http.get(gw.url + "/metrics").text
+    assert statuses == {401}
+    assert 'canarygate_requests_total{route="/v1/chat/completions",status="200",tier="normal"} 10.0' in metrics
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('[server]\nport = "eighty"\n', "[server] port must be a int"),
+        ("[server]\nworkers = 0\n", "workers must be at least 1"),
+        ('[upstream]\nurl = "ftp://x"\n', "[upstream] url must be an http(s) URL"),
+        ("[sever]\n", "unknown section [sever]"),
+        ("[upstream]\ntimeout = 3\n", "unknown key(s): timeout"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expected):
+    (tmp_path / "canarygate.toml").write_text(toml)
+    result = cli(tmp_path, "serve", "--upstream", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith("canarygate: canarygate.toml: ") and expected in line, line
+    assert len(line.splitlines()) == 1
+
+
+def test_missing_config_file_says_what_to_do(tmp_path):
+    result = cli(tmp_path, "--config", "nope.toml", "identities", "list")
+    assert result.returncode == 2 and "canarygate init" in result.stderr
