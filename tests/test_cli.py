@@ -153,3 +153,20 @@ def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expect
 def test_missing_config_file_says_what_to_do(tmp_path):
     result = cli(tmp_path, "--config", "nope.toml", "identities", "list")
     assert result.returncode == 2 and "canarygate init" in result.stderr
+
+
+def test_stop_signal_lets_an_inflight_stream_finish(tmp_path, fake_upstream):
+    fake_upstream.reset()
+    fake_upstream.behaviour.event_delay = 0.05  # about a second for the whole answer
+    cli(tmp_path, "init")
+    key = cli(tmp_path, "identities", "add", "gina").stdout.strip().splitlines()[-1]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw:
+        client = httpx.Client(base_url=gw.url, timeout=10)
+        with client.stream("POST", "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}) as r:
+            pieces = r.iter_raw()
+            received = next(pieces)
+            gw.proc.send_signal(signal.SIGTERM)  # the server stops accepting, the stream runs on
+            received += b"".join(pieces)
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert fake_upstream.completed_streams == 1

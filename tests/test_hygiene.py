@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from gateway import config
 from gateway.app import create_app
 from gateway.identity import Registry
 from tests.conftest import UPSTREAM_KEY, ServerThread, _settings
@@ -308,3 +309,32 @@ def test_refused_upstream_is_502_and_readyz_says_so(untrusted):
         assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["upstream"]
         assert http.get("/healthz").status_code == 200
     assert untrusted.records()[-1]["error"] == "refused"
+
+
+@pytest.fixture(scope="module")
+def passthrough(tmp_path_factory, fake_upstream):
+    state = tmp_path_factory.mktemp("passthrough")
+    settings = _settings(state, fake_upstream.url, trusted_proxies=[])
+    settings = config.parse(
+        {
+            "upstream": {"url": fake_upstream.url, "passthrough": ["/v1/files", "/custom/"]},
+            "state": {"dir": str(state)},
+        },
+        "test",
+    )
+    key = Registry(state).add("frank")
+    with ServerThread(create_app(settings)) as server:
+        yield server.url, key
+
+
+def test_configured_passthrough_is_forwarded_as_is_to_identified_callers(passthrough, fake_upstream):
+    url, key = passthrough
+    fake_upstream.reset()
+    with httpx.Client(base_url=url) as http:
+        r = http.post("/v1/files?purpose=x", headers={"authorization": f"Bearer {key}"}, content=b"not json")
+        assert r.status_code == 200 and r.json() == {"echo": "/v1/files", "body": "not json"}
+        assert fake_upstream.requests[-1].query == "purpose=x"
+        assert http.get("/custom/thing", headers={"authorization": f"Bearer {key}"}).status_code == 200
+        assert_openai_error(http.get("/custom/thing"), 401)
+        assert_openai_error(http.get("/v1/batches", headers={"authorization": f"Bearer {key}"}), 404)
+    assert len(fake_upstream.requests) == 2
