@@ -16,29 +16,31 @@ from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
 from .record import JSONLinesRecorder
-from .stages import Transform, Upstream
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 
 SETTINGS_ENV = "CANARYGATE_SETTINGS"
 
 
-def build_pipeline(
-    settings: config.Settings, upstream: Upstream | None = None, transform: Transform | None = None
-) -> Pipeline:
-    if upstream is None:
-        if settings.upstream.is_demo:
-            upstream = ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
-        else:
-            upstream = HTTPUpstream(settings.upstream)
-    return Pipeline(
-        settings,
-        identifier=KeyIdentifier(Registry(settings.state_dir)),
-        admitter=AllowAll(),
-        upstream=upstream,
-        transform=transform or PassThrough(),
-        recorder=JSONLinesRecorder(settings.state_dir),
-    )
+def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
+    """The stages the settings call for; `overrides` (upstream, transform, identifier, admitter, recorder)
+    replace any of them, for the middleware (an in-process upstream), tests and benchmarks."""
+    if settings.upstream.is_demo:
+        upstream = ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
+    else:
+        upstream = HTTPUpstream(settings.upstream)
+    stages = {
+        "identifier": KeyIdentifier(Registry(settings.state_dir)),
+        "admitter": AllowAll(),
+        "upstream": upstream,
+        "transform": PassThrough(),
+        "recorder": JSONLinesRecorder(settings.state_dir),
+    }
+    unknown = set(overrides) - set(stages)
+    if unknown:
+        raise TypeError(f"unknown stage(s): {', '.join(sorted(unknown))}")
+    stages.update({name: stage for name, stage in overrides.items() if stage is not None})
+    return Pipeline(settings, **stages)
 
 
 class GatewayApp:

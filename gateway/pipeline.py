@@ -62,6 +62,8 @@ class Pipeline:
         recorder: Recorder,
     ) -> None:
         self._settings = settings
+        self.stages = {"identify": identifier, "admit": admitter, "forward": upstream, "transform": transform,
+                       "record": recorder}  # fmt: skip
         self._identify = identifier
         self._admit = admitter
         self._upstream = upstream

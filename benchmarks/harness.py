@@ -1,0 +1,352 @@
+"""Performance harness: the gateway against the upstream alone, nginx, a bare passthrough and LiteLLM,
+side by side in one run, with fixed real answers. Writes markdown and JSON to --out.
+
+    python -m benchmarks.harness --data ../shared/data/alpaca_eval            # the full comparison
+    python -m benchmarks.harness --data ../shared/data/alpaca_eval --litellm  # and LiteLLM (installs it once)
+    python -m benchmarks.harness --soak 600                                   # and a 10-minute memory soak
+    python -m benchmarks.harness --quick --out /tmp/x                         # a tiny load (the test suite's)
+
+Needs wrk (and nginx for the nginx row): `apt-get install wrk nginx-light`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import measure, systems
+from .variants import OFF
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT / "tests" / "data" / "alpaca_eval_sample.jsonl"
+console = Console(stderr=True)
+
+
+def load_answers(data: Path, limit: int = 64) -> list[str]:
+    """Real model answers of about 1.5 KB (1.2 to 1.8 KB), the same for every system."""
+    files = sorted(data.glob("*.jsonl.gz")) if data.is_dir() else [data]
+    answers = []
+    for path in files:
+        with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
+            for line in f:
+                text = json.loads(line)["output"]
+                if 1200 <= len(text.encode()) <= 1800:
+                    answers.append(text)
+    if not answers:
+        raise SystemExit(f"no answers of 1.2-1.8 KB in {data}")
+    step = max(1, len(answers) // limit)
+    return answers[::step][:limit]
+
+
+def stages_that_work() -> list[str]:
+    """Stages whose 'off' version differs from what runs by default: only these have a cost to measure."""
+    from gateway import config
+    from gateway.app import build_pipeline
+
+    stages = build_pipeline(config.Settings()).stages
+    return [name for name, (slot, off) in OFF.items() if type(stages[_STAGE_OF[slot]]) is not off]
+
+
+_STAGE_OF = {"identifier": "identify", "recorder": "record", "admitter": "admit", "transform": "transform"}
+
+
+def measure_system(system, args, progress, task, *, streams: bool, memory: bool) -> dict:
+    out = {}
+    out["c32"] = asdict(measure.wrk(system, 32, args.duration))
+    progress.advance(task)
+    out["c1"] = asdict(measure.wrk(system, 1, args.duration))
+    progress.advance(task)
+    if streams:
+        out["stream_c32"] = asdict(measure.wrk(system, 32, args.duration, stream=True))
+        out["stream_timing"] = asdict(measure.stream_timing(system, args.stream_samples))
+    progress.advance(task)
+    if memory:
+        out["memory_per_stream_bytes"] = measure.memory_per_stream(system, args.streams)
+    progress.advance(task)
+    return out
+
+
+def run(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="canarygate-bench-"))
+    answers_file = workdir / "answers.json"
+    answers = load_answers(Path(args.data))
+    answers_file.write_text(json.dumps(answers))
+    state, key = systems.prepare_gateway_state(workdir)
+    working = stages_that_work()
+    plan = [("upstream", None), ("nginx", None), ("bare", None), ("gateway", ())]
+    if not args.quick:
+        plan += [("gateway", (stage,)) for stage in working]
+        plan += [("gateway-workers", ())]
+    if args.litellm:
+        plan.append(("litellm", None))
+    results = {}
+    upstream = systems.start_upstream(workdir, answers_file, args.event_delay)
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task("benchmark", total=4 * len(plan) + (1 if args.soak else 0))
+            for kind, off in plan:
+                system = _start(kind, off, workdir, upstream, state, key, args)
+                if system is None:
+                    console.print(f"[yellow]skipping {kind}: not installed")
+                    progress.advance(task, 4)
+                    continue
+                progress.update(task, description=system.name)
+                try:
+                    memory = kind in ("bare", "nginx") or (kind == "gateway" and not off)
+                    results[system.name] = measure_system(system, args, progress, task, streams=True, memory=memory)
+                    if args.soak and kind == "gateway" and not off:
+                        results[system.name]["soak"] = measure.soak(system, args.soak, 32, max(1, args.soak / 60))
+                        progress.advance(task)
+                finally:
+                    if system is not upstream:
+                        system.stop()
+    finally:
+        upstream.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "systems": results,
+        "stages_measured": working,
+        "answers": len(answers),
+        "answer_bytes_median": sorted(len(a.encode()) for a in answers)[len(answers) // 2],
+    }
+
+
+def _start(kind, off, workdir, upstream, state, key, args):
+    if kind == "upstream":
+        return upstream
+    if kind == "nginx":
+        return systems.start_nginx(workdir, upstream)
+    if kind == "bare":
+        return systems.start_bare(workdir, upstream)
+    if kind == "gateway":
+        return systems.start_gateway(workdir, upstream, state, key, off)
+    if kind == "gateway-workers":
+        return systems.start_gateway(workdir, upstream, state, key, workers=2)
+    return systems.start_litellm(workdir, upstream, Path(args.litellm_venv))
+
+
+def evaluate(report: dict) -> list[dict]:
+    """The issue's targets, as ratios and differences measured in this run."""
+    s = report["systems"]
+    gw, bare, up = s.get("gateway"), s.get("bare"), s.get("upstream")
+    targets = []
+
+    def target(name, value, limit, ok, unit=""):
+        targets.append({"target": name, "measured": round(value, 3), "limit": limit, "unit": unit, "met": ok})
+
+    if gw and bare:
+        ratio = gw["c32"]["rps"] / bare["c32"]["rps"]
+        target("throughput at 32 connections vs bare passthrough", ratio, ">= 0.5", ratio >= 0.5, "x")
+    if gw and "litellm" in s:
+        ratio = gw["c32"]["rps"] / s["litellm"]["c32"]["rps"]
+        target("throughput at 32 connections vs LiteLLM", ratio, ">= 20", ratio >= 20, "x")
+    if gw and up:
+        added = gw["c1"]["p50_ms"] - up["c1"]["p50_ms"]
+        target("median latency added at 1 connection", added, "<= 1.0", added <= 1.0, "ms")
+        added = gw["stream_timing"]["first_content_ms"] - up["stream_timing"]["first_content_ms"]
+        target("median time to first content added (stream)", added, "<= 2.0", added <= 2.0, "ms")
+        same = gw["stream_timing"]["events"] == up["stream_timing"]["events"]
+        target(
+            "events per streamed response unchanged",
+            gw["stream_timing"]["events"],
+            f"== {up['stream_timing']['events']}",
+            same,
+        )
+    if gw and "soak" in gw:
+        samples = gw["soak"]
+        warm = samples[max(1, len(samples) // 10)][1]
+        growth = (samples[-1][1] - warm) / warm
+        target("memory growth over the soak (after warm-up)", growth * 100, "< 10", growth < 0.10, "%")
+    return targets
+
+
+def budget(report: dict) -> list[dict]:
+    """CPU microseconds per request (32 connections, whole answers), split by stage; rows sum to the total."""
+    s = report["systems"]
+    if "gateway" not in s or "bare" not in s:
+        return []
+    total = s["gateway"]["c32"]["cpu_us_per_request"]
+    floor = s["bare"]["c32"]["cpu_us_per_request"]
+    rows = [{"part": "forward: HTTP server + client (the bare passthrough's own cost)", "us": floor}]
+    for stage in report["stages_measured"]:
+        name = f"gateway-no-{stage}"
+        if name in s:
+            rows.append({"part": stage, "us": total - s[name]["c32"]["cpu_us_per_request"]})
+    rows.append(
+        {
+            "part": "pipeline core (routing, parsing, hygiene, SSE framing, metrics)",
+            "us": total - sum(r["us"] for r in rows),
+        }
+    )
+    rows.append({"part": "total (gateway, everything on)", "us": total})
+    return rows
+
+
+def environment() -> dict:
+    def version(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return None
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    packages = {p: _version(p) for p in ("uvicorn", "uvloop", "httptools", "aiohttp", "prometheus-client")}
+    return {
+        "cpu": cpu,
+        "cores": len(Path("/proc/cpuinfo").read_text().split("processor")) - 1,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "wrk": version(["wrk", "-v"]),
+        "nginx": version(["nginx", "-v"]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        "# Gateway performance",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}; {env['wrk']}; {env['nginx']}; "
+        f"{', '.join(f'{k} {v}' for k, v in env['packages'].items())}. {env['date']}.  ",
+        f"Answers: {report['answers']} real model answers (median {report['answer_bytes_median']} bytes). "
+        f"Each load run: wrk, 1 thread, {report['duration']} s. All systems measured in this one run.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | limit | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in report["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['measured']} {t['unit']} | {t['limit']} {t['unit']} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "## Systems",
+        "",
+        "| system | req/s c32 | p50 ms c1 | p99 ms c32 | CPU µs/req | stream req/s c32 | first event ms | "
+        "first content ms | event gap ms | events | memory/stream KiB | errors |",
+        "| --- | " + "--- | " * 11,
+    ]
+    for name, r in report["systems"].items():
+        timing = r.get("stream_timing", {})
+        memory = r.get("memory_per_stream_bytes")
+        errors = r["c32"]["errors"] + r["c1"]["errors"] + r.get("stream_c32", {}).get("errors", 0)
+        lines.append(
+            f"| {name} | {r['c32']['rps']:.0f} | {r['c1']['p50_ms']:.3f} | {r['c32']['p99_ms']:.2f} | "
+            f"{r['c32']['cpu_us_per_request']:.0f} | {r.get('stream_c32', {}).get('rps', 0):.0f} | "
+            f"{timing.get('first_event_ms', 0):.2f} | {timing.get('first_content_ms', 0):.2f} | "
+            f"{timing.get('gap_ms', 0):.2f} | {timing.get('events', '')} | "
+            f"{'' if memory is None else f'{memory / 1024:.1f}'} | {errors} |"
+        )
+    if report["budget"]:
+        lines += [
+            "",
+            "## Per-stage budget (CPU µs per request, whole answers, 32 connections)",
+            "",
+            "Each stage's cost is the gateway's CPU per request minus the same with that stage switched off "
+            "(benchmarks/variants.py); stages that are pass-through today are not listed. Rows sum to the "
+            "total.",
+            "",
+            "| part | µs/request |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {r['part']} | {r['us']:.1f} |" for r in report["budget"]]
+    lines += [
+        "",
+        "CPU µs/req counts every process of the system (all workers), user and system time, divided by "
+        "the requests wrk completed. Memory per stream: resident memory with "
+        f"{report['streams']} streams held open, minus before, divided by {report['streams']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def show(report: dict) -> None:
+    table = Table(title="canarygate performance")
+    for column in ("system", "req/s c32", "p50 ms c1", "CPU µs/req", "first content ms"):
+        table.add_column(column, justify="right")
+    for name, r in report["systems"].items():
+        table.add_row(
+            name,
+            f"{r['c32']['rps']:.0f}",
+            f"{r['c1']['p50_ms']:.3f}",
+            f"{r['c32']['cpu_us_per_request']:.0f}",
+            f"{r.get('stream_timing', {}).get('first_content_ms', 0):.2f}",
+        )
+    console.print(table)
+    for t in report["targets"]:
+        console.print(f"{'[green]met' if t['met'] else '[red]NOT met'}[/] {t['target']}: {t['measured']} {t['unit']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="canarygate performance harness")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of *.jsonl.gz model outputs, or one file")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    parser.add_argument("--stream-samples", type=int, default=30)
+    parser.add_argument("--streams", type=int, default=200, help="streams held open for memory per stream")
+    parser.add_argument("--event-delay", type=float, default=0.005)
+    parser.add_argument("--soak", type=float, default=0, help="seconds of steady load while sampling memory")
+    parser.add_argument("--litellm", action="store_true", help="also measure LiteLLM (installed in its own venv)")
+    parser.add_argument("--litellm-venv", default=str(ROOT / "benchmarks" / ".litellm-venv"))
+    parser.add_argument("--quick", action="store_true", help="a tiny load: 1-second runs, fewer systems")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.stream_samples, args.streams = min(args.duration, 1.0), 3, 10
+    if shutil.which("wrk") is None:
+        console.print("wrk is needed: apt-get install wrk")
+        return 2
+    report = run(args)
+    report.update(
+        command="python -m benchmarks.harness " + " ".join(argv if argv is not None else sys.argv[1:]),
+        duration=args.duration,
+        streams=args.streams,
+        environment=environment(),
+    )
+    report["targets"] = evaluate(report)
+    report["budget"] = budget(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(report, indent=1))
+    (out / "perf.md").write_text(markdown(report))
+    show(report)
+    console.print(f"wrote {out / 'perf.md'} and {out / 'perf.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Measurements: wrk for load (a C load generator, so that the client is never the bottleneck), a
+streaming probe for event timing, and /proc for CPU time and memory of a system's processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .systems import Running
+
+PROMPT = "Write a short essay about the sea."
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def request_body(model: str = "bench", stream: bool = False) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us_per_request: float
+
+
+_LUA = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+"""
+
+
+def wrk(system: Running, connections: int, seconds: float, stream: bool = False) -> LoadResult:
+    headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in system.headers.items())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_LUA.format(body=json.dumps(request_body(stream=stream)), headers=headers))
+    pids = system.pids()
+    cpu_before = cpu_seconds(pids)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            script.name,
+            system.url + "/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu = cpu_seconds(pids) - cpu_before
+    os.unlink(script.name)
+    requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return LoadResult(
+        requests=requests,
+        seconds=seconds,
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=_ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+        p99_ms=_ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+        errors=errors,
+        cpu_us_per_request=cpu / max(requests, 1) * 1e6,
+    )
+
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+@dataclass
+class StreamTiming:
+    first_event_ms: float
+    first_content_ms: float
+    gap_ms: float
+    events: int
+
+
+def stream_timing(system: Running, count: int) -> StreamTiming:
+    """Sequential streams of the slow model: medians of time to first event, first content, event gap."""
+    firsts, contents, gaps, events = [], [], [], []
+    body = request_body("bench-slow", stream=True)
+    headers = {"Content-Type": "application/json", **system.headers}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count + 1):  # the first one warms the connection up and is not counted
+            sample = _one_stream(client, system.url, body, headers)
+            firsts.append(sample[0]), contents.append(sample[1]), gaps.extend(sample[2]), events.append(sample[3])
+    return StreamTiming(
+        first_event_ms=statistics.median(firsts[1:]) * 1000,
+        first_content_ms=statistics.median(contents[1:]) * 1000,
+        gap_ms=statistics.median(gaps) * 1000,
+        events=statistics.median(events[1:]),
+    )
+
+
+def _one_stream(client: httpx.Client, url: str, body: str, headers: dict) -> tuple[float, float, list[float], int]:
+    start = time.perf_counter()
+    first = content = None
+    stamps = []
+    buffer = b""
+    with client.stream("POST", url + "/v1/chat/completions", content=body, headers=headers) as response:
+        for chunk in response.iter_raw():
+            now = time.perf_counter()
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                stamps.append(now)
+                first = first or now
+                compact = event.replace(b": ", b":")
+                if content is None and b'"content":"' in compact and b'"content":""' not in compact:
+                    content = now
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return first - start, (content or now) - start, gaps, len(stamps)
+
+
+def memory_per_stream(system: Running, streams: int) -> float:
+    """Bytes of resident memory the system's processes hold per open stream (bench-hold streams)."""
+    pids = system.pids()
+    before = rss_bytes(pids)
+    body = request_body("bench-hold", stream=True)
+    headers = {"Content-Type": "application/json", **system.headers}
+    opened = threading.Barrier(streams + 1, timeout=60)
+    release = threading.Event()
+
+    def hold():
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", system.url + "/v1/chat/completions", content=body, headers=headers) as r,
+        ):
+            next(r.iter_raw())
+            opened.wait()
+            release.wait(60)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    opened.wait()
+    time.sleep(0.5)
+    during = rss_bytes(system.pids())
+    release.set()
+    for t in threads:
+        t.join(10)
+    return (during - before) / streams
+
+
+def soak(system: Running, seconds: float, connections: int, sample_every: float, progress=None) -> list[tuple]:
+    """Steady load for `seconds`; returns (elapsed s, RSS bytes) samples."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in system.headers.items())
+        script.write(_LUA.format(body=json.dumps(request_body()), headers=headers))
+    load = subprocess.Popen(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "-s",
+            script.name,
+            system.url + "/v1/chat/completions",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    samples, start = [], time.time()
+    while load.poll() is None:
+        samples.append((round(time.time() - start, 1), rss_bytes(system.pids())))
+        if progress:
+            progress(time.time() - start)
+        time.sleep(sample_every)
+    os.unlink(script.name)
+    return samples

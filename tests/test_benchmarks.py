@@ -1,0 +1,38 @@
+"""The performance harness runs end to end on a tiny load (performance itself is never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None and not os.environ.get("CANARYGATE_CI"),
+    reason="wrk is not installed (apt-get install wrk); CI installs it and never skips",
+)
+
+
+@needs_wrk
+def test_harness_runs_on_a_tiny_load(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.harness", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "perf.json").read_text())
+    for name in ("upstream", "bare", "gateway"):
+        run = report["systems"][name]
+        assert run["c32"]["requests"] > 0 and run["c32"]["errors"] == 0, name
+        assert run["stream_timing"]["events"] > 10
+    assert (
+        report["systems"]["gateway"]["stream_timing"]["events"]
+        == report["systems"]["upstream"]["stream_timing"]["events"]
+    )
+    assert {t["target"] for t in report["targets"]} >= {"median latency added at 1 connection"}
+    assert "| gateway |" in (tmp_path / "perf.md").read_text()
