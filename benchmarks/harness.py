@@ -93,15 +93,19 @@ def run(args) -> dict:
         plan += [("gateway-workers", ())]
     if args.litellm:
         plan.append(("litellm", None))
-    results = {}
+    results, skipped = {}, []
     upstream = systems.start_upstream(workdir, answers_file, args.event_delay)
     try:
         with Progress(console=console) as progress:
             task = progress.add_task("benchmark", total=4 * len(plan) + (1 if args.soak else 0))
             for kind, off in plan:
-                system = _start(kind, off, workdir, upstream, state, key, args)
+                try:
+                    system = _start(kind, off, workdir, upstream, state, key, args)
+                except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                    console.print(f"[red]{kind} did not start: {str(e)[-500:]}")
+                    system = None
                 if system is None:
-                    console.print(f"[yellow]skipping {kind}: not installed")
+                    skipped.append(kind)
                     progress.advance(task, 4)
                     continue
                 progress.update(task, description=system.name)

@@ -1,7 +1,7 @@
 """The gateway with chosen stages switched off, for the per-stage budget (uvicorn factory).
 
 CANARYGATE_BENCH_OFF lists the stages to replace by ones that do nothing: identify (every request is the
-benchmark identity), record (nothing kept). Admit and transform are measured the same way once they do
+benchmark identity), record (no evidence log). Admit and transform are measured the same way once they do
 work; switching them off replaces them with their pass-through versions.
 """
 
@@ -32,7 +32,10 @@ class NoRecord:
     def ready(self) -> str | None:
         return None
 
-    def record(self, exchange) -> None:
+    async def begin(self, exchange) -> None:
+        """Keeps nothing."""
+
+    async def end(self, exchange) -> None:
         """Keeps nothing."""
 
 

@@ -12,10 +12,10 @@ import os
 from . import config, metrics
 from .admit import AllowAll
 from .demo import DemoModel
+from .evidence import open_recorder
 from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
-from .record import JSONLinesRecorder
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 
@@ -34,12 +34,13 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
         "admitter": AllowAll(),
         "upstream": upstream,
         "transform": PassThrough(),
-        "recorder": JSONLinesRecorder(settings.state_dir),
     }
-    unknown = set(overrides) - set(stages)
+    unknown = set(overrides) - {*stages, "recorder"}
     if unknown:
         raise TypeError(f"unknown stage(s): {', '.join(sorted(unknown))}")
     stages.update({name: stage for name, stage in overrides.items() if stage is not None})
+    if "recorder" not in stages:
+        stages["recorder"] = open_recorder(settings)
     return Pipeline(settings, **stages)
 
 

@@ -7,13 +7,17 @@ last line of `identities add`, so that scripts can take it with `tail -n 1`.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, evidence
+from .evidence import keys
+from .evidence.note import Verifier
+from .evidence.reader import LogReader, VerifyError
 from .identity import DEFAULT_TIER, IdentityError, Registry
 
 DEMO_IDENTITY = "demo"
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (config.ConfigError, IdentityError) as e:
+    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
         return 2
 
@@ -56,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.set_defaults(run=_identities_revoke)
 
+    _keys_commands(commands)
+    _log_commands(commands)
+
     for name, text in (("serve", "run the gateway"), ("demo", "run the gateway in front of the built-in demo model")):
         command = commands.add_parser(name, help=text)
         if name == "serve":
@@ -66,6 +73,64 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         command.set_defaults(run=_serve if name == "serve" else _demo)
     return parser
+
+
+def _keys_commands(commands) -> None:
+    keys = commands.add_parser("keys", help="the gateway's own keys: log signing, encryption, watermark")
+    sub = keys.add_subparsers(title="key commands")
+    sub.add_parser("init", help="create missing keys (files 0600); never overwrites").set_defaults(run=_keys_init)
+    sub.add_parser(
+        "public", help="print the log's verifier key(s); the current one alone on the last line"
+    ).set_defaults(run=_keys_public)
+    sub.add_parser(
+        "rotate", help="new encryption epoch and signing key; old ones stay for reading and verifying"
+    ).set_defaults(run=_keys_rotate)
+
+
+def _log_commands(commands) -> None:
+    log = commands.add_parser("log", help="the evidence log: verify, prove, open, show, export")
+    sub = log.add_subparsers(title="log commands")
+    verify = sub.add_parser(
+        "verify", help="check every entry, root, signature and checkpoint; non-zero on the first fault"
+    )
+    verify.add_argument("--vkey", action="append", help="verifier key(s) to check against (default: the key files)")
+    verify.set_defaults(run=_log_verify)
+    prove = sub.add_parser("prove", help="inclusion proof of entry N under the latest checkpoint (JSON)")
+    prove.add_argument("index", type=int)
+    prove.set_defaults(run=_log_prove)
+    opening = sub.add_parser("open", help="reveal one field (value and salt) of entry N")
+    opening.add_argument("index", type=int)
+    opening.add_argument("field", choices=["prompt", "response", "client"])
+    opening.set_defaults(run=_log_open)
+    for name, text in (("show", "list entries"), ("search", "list the entries that match")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--identity")
+        command.add_argument("--since", help="ISO time, e.g. 2026-11-27T09:00")
+        command.add_argument("--until")
+        command.add_argument("--canary", help="a canary id served in the exchange")
+        command.add_argument("--reveal", action="store_true", help="decrypt prompts and responses (needs the keys)")
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(run=_log_show)
+    export = sub.add_parser("export", help="write a self-contained evidence bundle to a folder")
+    export.add_argument("out")
+    export.add_argument("--identity")
+    export.add_argument(
+        "--reveal",
+        action="append",
+        choices=["prompt", "response", "client"],
+        default=[],
+        help="include the openings of these fields",
+    )
+    export.set_defaults(run=_log_export)
+    for command in (verify, prove, opening, export, *sub.choices.values()):
+        if not any(a.dest == "log_slot" for a in command._actions):
+            command.add_argument(
+                "--log",
+                dest="log_slot",
+                type=int,
+                default=None,
+                help="which worker's log (default: every log for verify, else 0)",
+            )
 
 
 def _settings(args) -> config.Settings:
@@ -82,6 +147,8 @@ def _init(args) -> int:
     settings = config.load(path)
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(f"state folder: {settings.state_dir}")
+    created = keys.init_keys(evidence.keys_dir(settings), settings.evidence.origin_name())
+    print(f"keys: created {', '.join(created)}" if created else "keys: already there")
     print("next: canarygate identities add NAME, then canarygate serve --upstream URL")
     return 0
 
@@ -114,6 +181,118 @@ def _identities_list(args) -> int:
 def _identities_revoke(args) -> int:
     Registry(_settings(args).state_dir).revoke(args.name)
     print(f"revoked {args.name}")
+    return 0
+
+
+def _keys_init(args) -> int:
+    settings = _settings(args)
+    created = keys.init_keys(evidence.keys_dir(settings), settings.evidence.origin_name())
+    print(f"created {', '.join(created)} in {evidence.keys_dir(settings)}" if created else "all keys already exist")
+    return 0
+
+
+def _keys_public(args) -> int:
+    settings = _settings(args)
+    loaded = keys.Keys.load(evidence.keys_dir(settings))
+    origin = settings.evidence.origin_name()
+    slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
+    lines = [note_verifier(evidence.slot_origin(origin, slot), loaded).vkey() for slot in sorted(slots, reverse=True)]
+    print("\n".join(lines))
+    return 0
+
+
+def note_verifier(origin: str, loaded: keys.Keys) -> Verifier:
+    return Verifier(origin, loaded.signer.verifier.public)
+
+
+def _keys_rotate(args) -> int:
+    epoch, vkey = keys.rotate(evidence.keys_dir(_settings(args)))
+    print(f"encryption epoch {epoch} and a new signing key; restart the gateway to use them. New key:")
+    print(vkey)
+    return 0
+
+
+def _readers(args, all_by_default: bool) -> list[LogReader]:
+    settings = _settings(args)
+    try:
+        loaded = keys.Keys.load(evidence.keys_dir(settings))
+    except keys.KeysError:
+        loaded = None
+    root = evidence.logs_dir(settings)
+    if args.log_slot is not None:
+        slots = [args.log_slot]
+    else:
+        slots = sorted(int(p.name) for p in root.glob("[0-9]*")) if all_by_default else [0]
+    readers = [LogReader(root / str(slot), loaded) for slot in slots if (root / str(slot)).is_dir()]
+    if not readers:
+        raise VerifyError(f"no evidence log under {root}; the gateway writes one as it serves")
+    return readers
+
+
+def _log_verify(args) -> int:
+    for reader in _readers(args, all_by_default=True):
+        report = reader.verify(args.vkey)
+        opened = f", {report.opened} sealed entries opened and matched" if reader.keys else ""
+        print(
+            f"{report.origin}: {report.entries} entries, {report.checkpoints} checkpoints, "
+            f"{report.covered} under the latest{opened}: OK"
+        )
+        for warning in report.warnings:
+            print(f"  note: {warning}")
+    return 0
+
+
+def _log_prove(args) -> int:
+    print(json.dumps(_readers(args, False)[0].prove(args.index), indent=1))
+    return 0
+
+
+def _log_open(args) -> int:
+    print(json.dumps(_readers(args, False)[0].open_field(args.index, args.field), indent=1, ensure_ascii=False))
+    return 0
+
+
+def _log_show(args) -> int:
+    for reader in _readers(args, all_by_default=True):
+        for item in reader.entries(strict=False):
+            public = item.public
+            if not _matches(public, args):
+                continue
+            row = {"log": reader.origin(), "index": item.index, **public}
+            if args.reveal:
+                opened = reader.open_all(item)
+                row["revealed"] = {
+                    k: base64.b64decode(v["value"]).decode("utf-8", "replace") for k, v in opened.items()
+                }
+            if args.json:
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                status = public.get("status", public.get("decision"))
+                print(
+                    f"{item.index:>8} {public['time']} {public['kind']:<5} {public['id']} "
+                    f"{public.get('identity') or '-':<16} {status}"
+                )
+                for key, value in row.get("revealed", {}).items():
+                    print(f"{'':>9}{key}: {value[:200]}")
+    return 0
+
+
+def _matches(public: dict, args) -> bool:
+    if args.identity and public.get("identity") != args.identity:
+        return False
+    if args.since and public["time"] < args.since:
+        return False
+    if args.until and public["time"] > args.until:
+        return False
+    return not args.canary or any(c.get("id") == args.canary for c in public.get("canaries") or [])
+
+
+def _log_export(args) -> int:
+    from .evidence.bundle import export
+
+    settings = _settings(args)
+    count = export(_readers(args, all_by_default=True), Path(args.out), args.identity, args.reveal, settings)
+    print(f"wrote {count} entries with their proofs to {args.out}")
     return 0
 
 

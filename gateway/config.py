@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,10 +39,18 @@ max_connections = 1000
 passthrough = []                 # extra path prefixes forwarded as-is to authenticated callers
 
 [state]
-dir = ".canarygate"              # identities, exchange records, metrics of worker processes
+dir = ".canarygate"              # identities, keys, the evidence log, metrics of worker processes
+
+[evidence]
+origin = ""                      # the log's name in its checkpoints; "" means canarygate.local/<hostname>
+durability = "batch"             # "batch": fsync every batch_interval_ms; "fsync": wait for disk (see docs)
+batch_interval_ms = 2.0
+checkpoint_every = 1000          # sign a checkpoint every this many entries...
+checkpoint_interval = 10.0       # ...or this many seconds, and at shutdown
+segment_bytes = 67108864         # segment files roll over at this size
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state")
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence")
 
 
 class ConfigError(Exception):
@@ -77,9 +86,23 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EvidenceSettings:
+    origin: str = ""
+    durability: str = "batch"
+    batch_interval_ms: float = 2.0
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 10.0
+    segment_bytes: int = 64 * 1024 * 1024
+
+    def origin_name(self) -> str:
+        return self.origin or f"canarygate.local/{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
     state_dir: Path = Path(".canarygate")
     source: str = "<defaults>"
 
@@ -153,7 +176,35 @@ def parse(raw: dict, source: str) -> Settings:
     state_raw = reader.section(raw, "state")
     state_dir = Path(reader.take(state_raw, "state", "dir", str, ".canarygate"))
     reader.reject_unknown(state_raw, "state")
-    return Settings(server=server, upstream=upstream, state_dir=state_dir, source=source)
+    return Settings(
+        server=server, upstream=upstream, evidence=_evidence(reader, raw), state_dir=state_dir, source=source
+    )
+
+
+def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
+    table = reader.section(raw, "evidence")
+    d = EvidenceSettings()
+    settings = EvidenceSettings(
+        origin=reader.take(table, "evidence", "origin", str, d.origin),
+        durability=reader.take(table, "evidence", "durability", str, d.durability),
+        batch_interval_ms=reader.take(table, "evidence", "batch_interval_ms", float, d.batch_interval_ms),
+        checkpoint_every=reader.take(table, "evidence", "checkpoint_every", int, d.checkpoint_every),
+        checkpoint_interval=reader.take(table, "evidence", "checkpoint_interval", float, d.checkpoint_interval),
+        segment_bytes=reader.take(table, "evidence", "segment_bytes", int, d.segment_bytes),
+    )
+    reader.reject_unknown(table, "evidence")
+    source = reader.source
+    if settings.durability not in ("batch", "fsync"):
+        raise ConfigError(f'{source}: [evidence] durability must be "batch" or "fsync", got {settings.durability!r}')
+    if any(c.isspace() or c == "+" for c in settings.origin):
+        raise ConfigError(f"{source}: [evidence] origin must not contain spaces or '+'")
+    if settings.batch_interval_ms <= 0 or settings.checkpoint_every < 1 or settings.checkpoint_interval <= 0:
+        raise ConfigError(
+            f"{source}: [evidence] batch_interval_ms, checkpoint_every and checkpoint_interval must be positive"
+        )
+    if settings.segment_bytes < 4096:
+        raise ConfigError(f"{source}: [evidence] segment_bytes must be at least 4096")
+    return settings
 
 
 class _SectionReader:

@@ -95,6 +95,8 @@ class Exchange:
     started_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     identity: Identity | None = None
+    admitted: bool = False
+    request_body: bytes = b""  # as received (after decompression)
     request: dict[str, Any] | None = None  # the parsed JSON body
     model: str | None = None
     stream: bool = False
@@ -104,8 +106,10 @@ class Exchange:
     upstream_status: int | None = None
     first_byte_at: float | None = None  # perf_counter when the first response byte was sent
     events: int = 0
-    bytes_out: int = 0
     usage: dict[str, Any] | None = None
+    delivered: list[bytes] = field(default_factory=list)  # the answer's bytes as sent to the client
+    marks: list[dict[str, Any]] = field(default_factory=list)  # watermark schemes applied (scheme, epoch, ...)
+    canaries: list[dict[str, Any]] = field(default_factory=list)  # canaries served, with their context
 
     @property
     def tier(self) -> str | None:

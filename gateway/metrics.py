@@ -21,7 +21,7 @@ LATENCY = Histogram(
 )
 FIRST_BYTE = Histogram(
     "canarygate_first_byte_seconds",
-    "Time from request to the first byte of the answer",
+    "Time from request to the first byte of a streamed answer",
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )

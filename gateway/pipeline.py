@@ -112,17 +112,20 @@ class Pipeline:
             client_ip=self._client_ip(scope),
         )
         reply = _Reply(send, exchange, self._finish)
-        admitted = False
+        begun = False
         try:
             self._check_route(exchange, dialect)
             exchange.identity = self._identify.identify(exchange, _credential(headers))
             body = await self._read_request(exchange, scope, receive, dialect)
             await self._admit.admit(exchange)
-            admitted = True
+            exchange.admitted = begun = True
+            await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
         except GatewayError as error:
             exchange.outcome = exchange.outcome or Outcome.REJECTED
             exchange.error = exchange.error or error.kind.value
+            if not begun:
+                begun = await self._begin_rejected(exchange)
             await reply.error(api, error)
         except ConnectionAbortedError:
             exchange.outcome = Outcome.CLIENT_CANCELLED
@@ -132,17 +135,26 @@ class Pipeline:
             exchange.error = ErrorKind.INTERNAL.value
             await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
         finally:
-            if admitted:
+            if exchange.admitted:
                 self._admit.release(exchange)
+            if not begun:
+                await self._begin_rejected(exchange)
             if not reply.ended:
                 if exchange.status == 0:
                     exchange.status = 499  # the client left before any answer
-                self._finish(exchange)
+                await self._finish(exchange)
 
-    def _finish(self, exchange: Exchange) -> None:
-        """Record the exchange; called once, just before its last byte is sent (or when it is abandoned)."""
+    async def _begin_rejected(self, exchange: Exchange) -> bool:
         try:
-            self._record.record(exchange)
+            await self._record.begin(exchange)
+        except Exception:
+            log.exception("could not record the start of exchange %s", exchange.id)
+        return True
+
+    async def _finish(self, exchange: Exchange) -> None:
+        """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned)."""
+        try:
+            await self._record.end(exchange)
         except Exception:
             log.exception("could not record exchange %s", exchange.id)
         metrics.observe(exchange)
@@ -165,7 +177,7 @@ class Pipeline:
         content_type = _header(scope["headers"], b"content-type")
         if dialect is not None and (content_type or "").split(";")[0].strip().lower() != "application/json":
             raise GatewayError(ErrorKind.UNSUPPORTED_MEDIA, "send the request body as Content-Type: application/json")
-        body = await _read_body(scope, receive, self._settings.server.max_body_bytes)
+        body = exchange.request_body = await _read_body(scope, receive, self._settings.server.max_body_bytes)
         if dialect is not None:
             exchange.request = _parse_json(body)
             facts = dialect.facts(exchange.request)
@@ -238,33 +250,39 @@ class Pipeline:
         await reply.whole(response.status, body, _passed_content_type(response.headers))
 
     async def _relay_stream(self, exchange, response: UpstreamResponse, reply, api: Api, dialect) -> None:
+        """Forward events as they complete. The terminal event (or our error event) goes out last, in the
+        same message that ends the body, after the exchange is recorded."""
         framer = SSEFramer()
         rewrite = None
         if dialect is not None and self._transform.applies(exchange):
             rewrite = StreamRewrite(dialect, lambda part: self._transform.rewriter(exchange, part))
         await reply.start_stream(response.status)
+        held: list[bytes] = []  # the terminal event, once seen: sent when the upstream's body ends
         try:
             async for chunk in response.chunks():
                 events = framer.feed(chunk)
                 if rewrite is not None:
                     events = [out for event in events for out in rewrite.push(event)]
-                if events:
-                    await reply.events(events)
+                if held or not events:
+                    held += events
+                    continue
+                end = _terminal_at(dialect, events)
+                await reply.events(events[:end])
+                held = events[end:]
             tail = framer.remainder()
             if tail.strip():  # an event the upstream never terminated: complete it
                 tail += b"\n\n"
-                await reply.events(rewrite.push(tail) if rewrite is not None else [tail])
+                held += rewrite.push(tail) if rewrite is not None else [tail]
             if rewrite is not None:
-                await reply.events(rewrite.close())
+                held += rewrite.close()
         except UpstreamError as e:
             error = _upstream_failure(exchange, e)
-            if rewrite is not None:
-                await reply.events(rewrite.close())
-            await reply.events([(dialect.stream_error_event(api, error) if dialect else api.stream_error_event(error))])
-            await reply.end()
+            closing = rewrite.close() if rewrite is not None else []
+            error_event = dialect.stream_error_event(api, error) if dialect else api.stream_error_event(error)
+            await reply.events([*held, *closing, error_event], last=True)
             return
         exchange.outcome = Outcome.COMPLETED
-        await reply.end()
+        await reply.events(held, last=True)
 
     def _client_ip(self, scope) -> str:
         client = scope.get("client")
@@ -318,38 +336,52 @@ class _Reply:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def whole(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self._exchange.status = status
+        self._exchange.delivered.append(body)
+        self.ended = True
+        await self._on_end(self._exchange)  # recorded before a byte of the answer goes out
         await self._start(status, self._headers(content_type, extra) + [(b"content-length", str(len(body)).encode())])
-        await self._body(body, False)
+        self._note_first_byte(body)
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def start_stream(self, status: int) -> None:
         self.streaming = True
         extra = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         await self._start(status, self._headers("text/event-stream; charset=utf-8", extra))
 
-    async def events(self, events: list[bytes]) -> None:
-        if events:
-            self._exchange.events += len(events)
-            await self._body(b"".join(events), True)
+    async def events(self, events: list[bytes], last: bool = False) -> None:
+        self._exchange.events += len(events)
+        if events or last:
+            await self._body(b"".join(events), not last)
 
-    async def end(self) -> None:
-        await self._body(b"", False)
-
-    async def _body(self, data: bytes, more: bool) -> None:
+    def _note_first_byte(self, data: bytes) -> None:
         if data and self._exchange.first_byte_at is None:
             self._exchange.first_byte_at = time.perf_counter()
-        self._exchange.bytes_out += len(data)
+
+    async def _body(self, data: bytes, more: bool) -> None:
+        self._note_first_byte(data)
+        if data:
+            self._exchange.delivered.append(data)
         if not more:
             self.ended = True
-            self._on_end(self._exchange)
+            await self._on_end(self._exchange)
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def error(self, api: Api, error: GatewayError) -> None:
         if self.streaming:  # headers are gone: end the stream with an error event instead
-            await self.events([api.stream_error_event(error)])
-            await self.end()
+            await self.events([api.stream_error_event(error)], last=True)
         elif not self.started:
             body = json.dumps(api.error_body(error)).encode()
             await self.whole(error.status, body, "application/json", error.headers)
+
+
+def _terminal_at(dialect: Dialect | None, events: list[bytes]) -> int:
+    """The position of the stream's terminal event in `events`, or len(events) if it is not there."""
+    if dialect is not None:
+        for position, event in enumerate(events):
+            if dialect.is_terminal(event):
+                return position
+    return len(events)
 
 
 def _header(headers, name: bytes) -> str | None:

@@ -85,5 +85,8 @@ class Recorder(Protocol):
     def ready(self) -> str | None:
         """None when records can be written, else why not."""
 
-    def record(self, exchange: Exchange) -> None:
-        """The exchange has ended (any outcome, rejected ones too): keep it."""
+    async def begin(self, exchange: Exchange) -> None:
+        """The exchange was admitted (forwarding waits for this) or rejected: keep its start."""
+
+    async def end(self, exchange: Exchange) -> None:
+        """The exchange has ended, whatever its outcome; its last byte waits for this."""

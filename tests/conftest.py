@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,8 @@ import uvicorn
 
 from gateway import config
 from gateway.app import create_app
+from gateway.evidence.keys import Keys
+from gateway.evidence.reader import LogReader
 from gateway.identity import Registry
 from gateway.middleware import CanarygateMiddleware
 from tests.fake_upstream import FakeUpstream
@@ -73,10 +75,7 @@ class Gateway:
         return {"authorization": f"Bearer {self.key}", "content-type": "application/json", **extra}
 
     def records(self) -> list[dict]:
-        import json
-
-        path = self.state_dir / "exchanges.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return exchanges(self.state_dir)
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +96,71 @@ def _settings(state_dir: Path, upstream_url: str, **server) -> config.Settings:
             "read_timeout": 1.5,
         },
         "state": {"dir": str(state_dir)},
+        # fsync: an exchange's entries are on disk before its answer ends, so tests can read them at once
+        "evidence": {
+            "origin": "canarygate.test/" + state_dir.name,
+            "durability": "fsync",
+            "checkpoint_every": 50,
+            "checkpoint_interval": 1.0,
+        },
     }
+    STATE_DIRS.append(state_dir)
     return config.parse(raw, "test settings")
+
+
+STATE_DIRS: list[Path] = []  # every gateway's state, checked once the suite is done (see evidence_audit)
+
+
+def exchanges(state_dir: Path) -> list[dict]:
+    """The exchanges in a gateway's evidence log: each end entry, with the client address of its begin entry."""
+    keys = Keys.load(state_dir / "keys")
+    found, clients = [], {}
+    for folder in sorted((state_dir / "evidence").glob("[0-9]*")):
+        reader = LogReader(folder, keys)
+        for item in reader.entries(strict=False):
+            public = item.public
+            if public["kind"] == "begin":
+                clients[public["id"]] = base64.b64decode(reader.open_all(item)["client"]["value"]).decode()
+            else:
+                found.append({**public, "client": clients.get(public["id"])})
+    return found
+
+
+class CountRequests:
+    """ASGI wrapper counting the requests that reach the pipeline (everything but health and metrics)."""
+
+    def __init__(self, app, counts: dict, key: Path) -> None:
+        self.app, self.counts, self.key = app, counts, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in ("/healthz", "/readyz", "/metrics"):
+            self.counts[self.key] = self.counts.get(self.key, 0) + 1
+        await self.app(scope, receive, send)
+
+
+REQUEST_COUNTS: dict[Path, int] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def evidence_audit():
+    """At the end of the suite: every exchange any gateway served is in its log, and every log verifies."""
+    yield
+    for state_dir in STATE_DIRS:
+        if not (state_dir / "evidence").exists():
+            continue
+        keys = Keys.load(state_dir / "keys")
+        ends = begins = 0
+        for folder in sorted((state_dir / "evidence").glob("[0-9]*")):
+            reader = LogReader(folder, keys)
+            report = reader.verify()
+            assert report.covered == report.entries, f"{folder}: entries left outside the last checkpoint"
+            kinds = [item.public["kind"] for item in reader.entries()]
+            ends, begins = ends + kinds.count("end"), begins + kinds.count("begin")
+        assert begins == ends, state_dir
+        if state_dir in REQUEST_COUNTS:
+            assert ends == REQUEST_COUNTS[state_dir], (
+                f"{state_dir}: {REQUEST_COUNTS[state_dir]} requests, {ends} logged"
+            )
 
 
 @pytest.fixture(scope="session", params=["sidecar", "middleware"])
@@ -115,7 +177,7 @@ def gateway(request, fake_upstream, tmp_path_factory):
         settings = _settings(state_dir, "http://unused.invalid", trusted_proxies=["127.0.0.0/8"])
         app = CanarygateMiddleware(fake_upstream, settings=settings, transform=transform)
     key = Registry(state_dir).add("alice", tier="unlimited")
-    with ServerThread(app) as server:
+    with ServerThread(CountRequests(app, REQUEST_COUNTS, state_dir)) as server:
         yield Gateway(request.param, server.url, key, fake_upstream, transform, state_dir)
     mp.undo()
 
@@ -126,7 +188,3 @@ def gw(gateway):
     gateway.upstream.reset()
     gateway.transform.enabled = False
     yield gateway
-
-
-def run(coro):
-    return asyncio.run(coro)

@@ -15,7 +15,7 @@ import pytest
 from gateway import config
 from gateway.app import create_app
 from gateway.identity import Registry
-from tests.conftest import UPSTREAM_KEY, ServerThread, _settings
+from tests.conftest import UPSTREAM_KEY, ServerThread, _settings, exchanges
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -283,9 +283,7 @@ class Untrusted:
         self.url, self.key, self.state_dir = url, key, state_dir
 
     def records(self):
-        import json
-
-        return [json.loads(x) for x in (self.state_dir / "exchanges.jsonl").read_text().splitlines()]
+        return exchanges(self.state_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..exchange import ErrorKind, GatewayError
 from .base import Api, Dialect, Slot, SlotKind, text_of
-from .sse import encode_event
+from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
     ErrorKind.INVALID_REQUEST: "invalid_request_error",
@@ -48,6 +48,9 @@ API = AnthropicApi()
 class Messages(Dialect):
     api = API
     streams = True
+
+    def is_terminal(self, raw: bytes) -> bool:
+        return event_name(raw) in (b"message_stop", b"error")
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         parts = [text_of(body.get("system"))]

@@ -92,6 +92,10 @@ class Dialect:
     def event_slots(self, state: Any, name: str | None, data: Any) -> list[Slot]:
         return []
 
+    def is_terminal(self, raw: bytes) -> bool:
+        """Whether this raw event ends the stream (the gateway records the exchange before sending it)."""
+        return False
+
     def stream_error_event(self, api: Api, error: GatewayError) -> bytes:
         return api.stream_error_event(error)
 

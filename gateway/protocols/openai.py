@@ -12,7 +12,7 @@ from typing import Any
 
 from ..exchange import ErrorKind, GatewayError
 from .base import Api, Dialect, Slot, SlotKind, text_of
-from .sse import encode_event
+from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
     ErrorKind.INVALID_REQUEST: ("invalid_request_error", "invalid_request"),
@@ -51,9 +51,20 @@ class OpenAIApi(Api):
 API = OpenAIApi()
 
 
+def _data_terminal(raw: bytes) -> bool:
+    """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
+    return raw.startswith((b"data: [DONE]", b"data:[DONE]", b'data: {"error"', b'data:{"error"'))
+
+
+_RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")
+
+
 class ChatCompletions(Dialect):
     api = API
     streams = True
+
+    def is_terminal(self, raw: bytes) -> bool:
+        return _data_terminal(raw)
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
@@ -85,6 +96,9 @@ class Completions(Dialect):
     api = API
     streams = True
 
+    def is_terminal(self, raw: bytes) -> bool:
+        return _data_terminal(raw)
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         prompt = body.get("prompt")
         if isinstance(prompt, list):
@@ -107,6 +121,9 @@ class Completions(Dialect):
 class Responses(Dialect):
     api = API
     streams = True
+
+    def is_terminal(self, raw: bytes) -> bool:
+        return event_name(raw) in _RESPONSE_ENDS
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []

@@ -73,5 +73,13 @@ class SSEEvent:
         return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
+def event_name(raw: bytes) -> bytes | None:
+    """The `event:` field of a raw event, without parsing the rest."""
+    for line in raw.split(b"\n"):
+        if line.startswith(b"event:"):
+            return line[6:].strip()
+    return None
+
+
 def encode_event(data: str, name: str | None = None) -> bytes:
     return SSEEvent(name, data, []).encode()

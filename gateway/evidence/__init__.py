@@ -1,0 +1,69 @@
+"""The evidence log: what the gateway served, to whom and when, in a form a third party can check.
+
+merkle.py and note.py are pure (RFC 6962 trees, C2SP signed notes); entry.py defines entries and their
+sealing; store.py keeps them on disk; log.py appends and checkpoints; recorder.py is the record stage;
+reader.py serves the CLI (verify, prove, open, show, export).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from ..config import Settings
+from .keys import Keys, init_keys
+from .log import EvidenceLog
+from .recorder import EvidenceRecorder
+
+log = logging.getLogger("canarygate.evidence")
+
+
+def keys_dir(settings: Settings) -> Path:
+    return settings.state_dir / "keys"
+
+
+def logs_dir(settings: Settings) -> Path:
+    return settings.state_dir / "evidence"
+
+
+def slot_origin(origin: str, slot: int) -> str:
+    return origin if slot == 0 else f"{origin}/w{slot}"
+
+
+def claim_slot(directory: Path) -> tuple[int, int]:
+    """A log of its own for this process: the lowest slot whose lock no live process holds.
+
+    Each gateway worker is one writer; slots keep their numbers across restarts, so each worker's log
+    (and origin) carries on where the previous holder of the slot stopped."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    slot = 0
+    while True:
+        fd = os.open(directory / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return slot, fd
+        except BlockingIOError:
+            os.close(fd)
+            slot += 1
+
+
+def open_recorder(settings: Settings) -> EvidenceRecorder:
+    created = init_keys(keys_dir(settings), settings.evidence.origin_name())
+    if created:
+        log.warning("created keys %s in %s", ", ".join(created), keys_dir(settings))
+    slot, _lock = claim_slot(logs_dir(settings))  # held for the life of the process
+    evidence = settings.evidence
+    return EvidenceRecorder(
+        EvidenceLog(
+            logs_dir(settings) / str(slot),
+            Keys.load(keys_dir(settings)),
+            slot_origin(evidence.origin_name(), slot),
+            batch_interval=evidence.batch_interval_ms / 1000,
+            checkpoint_every=evidence.checkpoint_every,
+            checkpoint_interval=evidence.checkpoint_interval,
+            segment_bytes=evidence.segment_bytes,
+        ),
+        evidence.durability,
+    )

@@ -1,0 +1,106 @@
+"""The gateway's own cryptographic keys, one directory of 0600 files (the directory 0700).
+
+- `log-signing.key`: the Ed25519 key that signs checkpoints, as a `PRIVATE+KEY+...` signer key whose name
+  is the log's origin. Earlier signing keys stay as `log-signing.<n>.key` after a rotation, so that old
+  checkpoints still verify (`verifiers()`).
+- `master-<epoch>.key`: the encryption master keys (32 random bytes, base64), one per epoch; data keys for
+  each segment are derived from them with HKDF. Rotation adds an epoch and keeps the old ones, so old
+  entries stay readable.
+- `watermark.key`: the watermark master key (32 random bytes, base64), used by the marks.
+
+Nothing here ever logs or prints a secret; only `public()` output leaves the directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from .note import Signer, Verifier
+from .store import write_atomically
+
+SIGNING = "log-signing.key"
+WATERMARK = "watermark.key"
+
+
+class KeysError(Exception):
+    """Keys missing or malformed: says which file and what to run."""
+
+
+def _master_path(directory: Path, epoch: int) -> Path:
+    return directory / f"master-{epoch}.key"
+
+
+def init_keys(directory: Path, origin: str) -> list[str]:
+    """Create whatever keys are missing; returns the names of files created. Never overwrites."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    created = []
+    if not (directory / SIGNING).exists():
+        write_atomically(directory / SIGNING, (Signer(origin, secrets.token_bytes(32)).skey() + "\n").encode())
+        created.append(SIGNING)
+    if not list(directory.glob("master-*.key")):
+        write_atomically(_master_path(directory, 0), base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        created.append(_master_path(directory, 0).name)
+    if not (directory / WATERMARK).exists():
+        write_atomically(directory / WATERMARK, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        created.append(WATERMARK)
+    return created
+
+
+def rotate(directory: Path) -> tuple[int, str]:
+    """A new encryption epoch and a new signing key; the old ones stay for reading and verifying."""
+    keys = Keys.load(directory)
+    epoch = keys.current_epoch + 1
+    write_atomically(_master_path(directory, epoch), base64.b64encode(secrets.token_bytes(32)) + b"\n")
+    retired = len(list(directory.glob("log-signing.*.key")))
+    os.replace(directory / SIGNING, directory / f"log-signing.{retired}.key")
+    fresh = Signer(keys.signer.name, secrets.token_bytes(32))
+    write_atomically(directory / SIGNING, (fresh.skey() + "\n").encode())
+    return epoch, fresh.verifier.vkey()
+
+
+@dataclass(frozen=True)
+class Keys:
+    signer: Signer
+    masters: dict[int, bytes]
+    watermark: bytes
+    retired_signers: tuple[Signer, ...] = ()
+
+    @property
+    def current_epoch(self) -> int:
+        return max(self.masters)
+
+    def verifiers(self) -> list[Verifier]:
+        return [self.signer.verifier, *(s.verifier for s in self.retired_signers)]
+
+    @classmethod
+    def load(cls, directory: Path) -> Keys:
+        if not (directory / SIGNING).exists():
+            raise KeysError(f"{directory}: no {SIGNING}; run `canarygate keys init`")
+        masters = {int(p.stem.split("-")[1]): _secret(p) for p in directory.glob("master-*.key")}
+        if not masters:
+            raise KeysError(f"{directory}: no master-*.key; run `canarygate keys init`")
+        retired = tuple(Signer.parse(p.read_text().strip()) for p in sorted(directory.glob("log-signing.*.key")))
+        return cls(
+            Signer.parse((directory / SIGNING).read_text().strip()), masters, _secret(directory / WATERMARK), retired
+        )
+
+
+def _secret(path: Path) -> bytes:
+    try:
+        value = base64.b64decode(path.read_text().strip(), validate=True)
+    except (OSError, ValueError):
+        raise KeysError(f"{path}: missing or not base64") from None
+    if len(value) != 32:
+        raise KeysError(f"{path}: must hold 32 bytes")
+    return value
+
+
+def public(directory: Path) -> list[str]:
+    """Verifier keys (C2SP vkey form), the current one last."""
+    keys = Keys.load(directory)
+    return [v.vkey() for v in reversed(keys.verifiers())]

@@ -1,0 +1,152 @@
+"""The evidence log as the gateway uses it: appends from the event loop, one writer thread, checkpoints.
+
+`append()` queues an entry and returns a future that resolves to the entry's index once the entry is on
+disk (its segment fsynced). The writer takes whatever is queued, every `batch_interval` seconds at most,
+seals and writes it as one batch and fsyncs once (group commit). With durability "batch" callers do not
+wait for the future: an entry reaches disk within about `batch_interval` plus one fsync, which is the
+window a power loss can take. With "fsync" the pipeline waits for it where it matters (see recorder.py).
+
+Checkpoints are signed every `checkpoint_every` entries or `checkpoint_interval` seconds (when the tree
+grew) and at close, only over entries already fsynced, and only after checking that the new tree is
+consistent with the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import entry, merkle, note
+from .keys import Keys
+from .store import LogStore, write_atomically
+
+log = logging.getLogger("canarygate.evidence")
+
+
+class EvidenceLog:
+    def __init__(
+        self,
+        directory: Path,
+        keys: Keys,
+        origin: str,
+        batch_interval: float = 0.002,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
+        segment_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.origin = origin
+        self.store = LogStore(directory, segment_bytes)
+        self._keys = keys
+        self._signer = note.Signer(origin, keys.signer.seed)
+        self._batch_interval = batch_interval
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = checkpoint_interval
+        self._queue: list[tuple[dict, dict, str | None, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-writer")
+        self._writer: asyncio.Task | None = None
+        self._last_checkpoint: note.Checkpoint | None = None
+        self._checkpointed_at = time.monotonic()
+        self._closing = False
+
+    @property
+    def verifier(self) -> note.Verifier:
+        return self._signer.verifier
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open)
+        self._writer = loop.create_task(self._run())
+
+    def _open(self) -> None:
+        self.store.open(self._keys.current_epoch)
+        origin_file = self.store.dir / "origin"
+        if not origin_file.exists():
+            write_atomically(origin_file, (self.origin + "\n").encode())
+        elif origin_file.read_text().strip() != self.origin:
+            raise RuntimeError(
+                f"{self.store.dir} is the log of {origin_file.read_text().strip()!r}, not "
+                f"{self.origin!r}: keep [evidence] origin as it was, or use another state folder"
+            )
+        previous = self.store.checkpoints()
+        if previous:
+            self._last_checkpoint = self._open_checkpoint(previous[-1])
+
+    def _open_checkpoint(self, text: str) -> note.Checkpoint:
+        """The latest checkpoint, signed by the current key or (after a rotation) an earlier one."""
+        for verifier in self._keys.verifiers():
+            try:
+                return note.open_checkpoint(text, note.Verifier(self.origin, verifier.public))
+            except note.NoteError:
+                continue
+        raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")
+
+    def append(self, public: dict, openings: dict, identity: str | None) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((public, openings, identity, future))
+        self._wake.set()
+        return future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not (self._closing and not self._queue):
+            with contextlib.suppress(TimeoutError):  # time-based checkpoints need a wake-up when idle
+                await asyncio.wait_for(self._wake.wait(), self._checkpoint_interval)
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            try:
+                if batch:
+                    first = await loop.run_in_executor(self._executor, self._write, batch)
+                    for offset, (*_, future) in enumerate(batch):
+                        if not future.done():
+                            future.set_result(first + offset)
+                await loop.run_in_executor(self._executor, self._maybe_checkpoint, False)
+            except Exception as error:
+                log.exception("evidence log write failed")
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            if not self._closing and self._queue:
+                await asyncio.sleep(self._batch_interval)  # let the next batch gather
+
+    def _write(self, batch) -> int:
+        store = self.store
+        epoch = self._keys.current_epoch
+        store.roll_if_needed(epoch)
+        key = entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number)
+        first = store.size
+        records = []
+        for offset, (public, openings, identity, _) in enumerate(batch):
+            sealed = entry.seal(key, first + offset, identity, openings)
+            records.append((entry.canonical(public), sealed))
+        store.append(records)
+        return first
+
+    def _maybe_checkpoint(self, force: bool) -> None:
+        size = self.store.size
+        last = self._last_checkpoint
+        grown = size - (last.size if last else 0)
+        due = grown >= self._checkpoint_every or time.monotonic() - self._checkpointed_at >= self._checkpoint_interval
+        if grown <= 0 or not (due or force):
+            return
+        checkpoint = note.Checkpoint(self.origin, size, self.store.root(size))
+        if last is not None:
+            proof = merkle.consistency_proof(self.store.subtree, last.size, size)
+            merkle.verify_consistency(last.size, size, last.root, checkpoint.root, proof)
+        self.store.add_checkpoint(note.sign_checkpoint(checkpoint, self._signer))
+        self._last_checkpoint = checkpoint
+        self._checkpointed_at = time.monotonic()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._maybe_checkpoint, True)
+        await loop.run_in_executor(self._executor, self.store.close)
+        self._executor.shutdown()

@@ -1,0 +1,298 @@
+"""Reading an evidence log for the CLI: verify it, prove an entry, open a field, list and export entries.
+
+Reading never changes a log (a live gateway may be writing it): a torn last record is reported, not cut.
+`verify` trusts nothing but the segments and the public key: it recomputes every leaf hash and root from
+the segments, checks every checkpoint's signature, the consistency of successive checkpoints, the stored
+tree and index against the recomputed ones, and (with the keys) that every sealed opening decrypts and
+matches its commitment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import entry, merkle, note
+from .keys import Keys
+from .store import HASH, INDEX_ENTRY, CorruptLog, Segment
+
+
+class VerifyError(Exception):
+    """The first thing found wrong, naming the entry or checkpoint."""
+
+
+@dataclass
+class Entry:
+    index: int
+    leaf: bytes
+    sealed: bytes
+    segment: int
+
+    @property
+    def public(self) -> dict:
+        return json.loads(self.leaf)
+
+
+@dataclass
+class VerifyReport:
+    origin: str
+    entries: int
+    checkpoints: int
+    covered: int  # entries under the latest checkpoint
+    opened: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class LogReader:
+    def __init__(self, directory: Path, keys: Keys | None = None) -> None:
+        self.dir = Path(directory)
+        self.keys = keys
+
+    def entries(self, strict: bool = True) -> Iterator[Entry]:
+        """Every intact entry in order; raises VerifyError at damage (not strict: a torn end just ends it,
+        as when a live gateway is halfway through a write)."""
+        index = 0
+        segments = sorted(self.dir.glob("segment-*.log"))
+        for position, path in enumerate(segments):
+            try:
+                segment = Segment(path)
+            except (CorruptLog, struct.error) as e:
+                raise VerifyError(f"{path.name}: bad segment header ({e})") from None
+            if segment.first != index:
+                raise VerifyError(
+                    f"entry {index}: {path.name} starts at entry {segment.first} (entries missing or repeated)"
+                )
+            for offset, leaf, sealed, intact in segment.records():
+                if not intact:
+                    if not strict and position == len(segments) - 1:
+                        return
+                    where = "torn last record" if position == len(segments) - 1 else "damaged record"
+                    raise VerifyError(f"entry {index}: {where} in {path.name} at byte {offset}")
+                yield Entry(index, leaf, sealed, segment.number)
+                index += 1
+
+    def checkpoints(self) -> list[str]:
+        path = self.dir / "checkpoints.log"
+        data = path.read_bytes() if path.exists() else b""
+        notes, offset = [], 0
+        while offset < len(data):
+            if offset + 4 > len(data):
+                raise VerifyError("checkpoints.log is truncated")
+            (length,) = struct.unpack_from(">I", data, offset)
+            notes.append(data[offset + 4 : offset + 4 + length].decode("utf-8", "replace"))
+            offset += 4 + length
+        return notes
+
+    def verifiers(self, vkeys: list[str] | None) -> list[note.Verifier]:
+        if vkeys:
+            return [note.Verifier.parse(v) for v in vkeys]
+        if self.keys is None:
+            raise VerifyError("no public key: pass --vkey or run where the keys are")
+        origin = self.origin()
+        return [note.Verifier(origin, v.public) for v in self.keys.verifiers()]
+
+    def origin(self) -> str:
+        try:
+            return (self.dir / "origin").read_text().strip()
+        except OSError:
+            raise VerifyError(f"{self.dir} is not an evidence log (no origin file)") from None
+
+    def verify(self, vkeys: list[str] | None = None) -> VerifyReport:
+        verifiers = self.verifiers(vkeys)
+        checkpoints = [self._open_checkpoint(i, n, verifiers) for i, n in enumerate(self.checkpoints())]
+        wanted = {c.size: c for c in checkpoints}
+        tree = merkle.CompactRange()
+        leaves: list[bytes] = []
+        opened = 0
+        for item in self.entries():
+            self._check_entry(item)
+            if self.keys is not None:
+                self._check_openings(item)
+                opened += 1
+            leaves.append(merkle.leaf_hash(item.leaf))
+            tree.append(leaves[-1])
+            checkpoint = wanted.get(tree.size)
+            if checkpoint is not None and tree.root() != checkpoint.root:
+                raise VerifyError(
+                    f"checkpoint at size {checkpoint.size}: root does not match entries 0-"
+                    f"{tree.size - 1} (an entry was changed, removed, added or moved)"
+                )
+        self._check_checkpoint_chain(checkpoints, leaves)
+        self._check_stored_tree(leaves)
+        report = VerifyReport(
+            checkpoints[-1].origin if checkpoints else "",
+            len(leaves),
+            len(checkpoints),
+            checkpoints[-1].size if checkpoints else 0,
+            opened,
+        )
+        if report.covered < report.entries:
+            report.warnings.append(f"entries {report.covered}-{report.entries - 1} are not yet under a checkpoint")
+        return report
+
+    def _open_checkpoint(self, position: int, text: str, verifiers: list[note.Verifier]) -> note.Checkpoint:
+        for verifier in verifiers:
+            try:
+                return note.open_checkpoint(text, verifier)
+            except note.NoteError:
+                continue
+        raise VerifyError(f"checkpoint {position}: signature does not verify with the log's public key")
+
+    def _check_entry(self, item: Entry) -> None:
+        try:
+            public = json.loads(item.leaf)
+        except ValueError:
+            raise VerifyError(f"entry {item.index}: not JSON") from None
+        if entry.canonical(public) != item.leaf or public.get("v") != entry.SCHEMA_VERSION:
+            raise VerifyError(f"entry {item.index}: not a canonical version-{entry.SCHEMA_VERSION} entry")
+
+    def _check_openings(self, item: Entry) -> None:
+        public = item.public
+        try:
+            openings = self.open_all(item)
+        except Exception:
+            raise VerifyError(
+                f"entry {item.index}: sealed values do not decrypt for this entry (moved, changed "
+                "or under an unknown key)"
+            ) from None
+        for name, value in openings.items():
+            salt, raw = base64.b64decode(value["salt"]), base64.b64decode(value["value"])
+            if public.get("commit", {}).get(name) != entry.commitment(salt, raw):
+                raise VerifyError(f"entry {item.index}: field {name!r} does not match its commitment")
+
+    def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes]) -> None:
+        subtree = _memory_subtree(leaves)
+        previous = None
+        for position, checkpoint in enumerate(checkpoints):
+            if checkpoint.size > len(leaves):
+                raise VerifyError(
+                    f"checkpoint {position}: covers {checkpoint.size} entries but the log holds "
+                    f"{len(leaves)} (entries were removed or the log truncated)"
+                )
+            if checkpoint.root != merkle.range_hash(subtree, 0, checkpoint.size):
+                raise VerifyError(f"checkpoint {position}: root does not match the entries")
+            if previous is not None:
+                if checkpoint.size < previous.size:
+                    raise VerifyError(f"checkpoint {position}: tree shrank from {previous.size} to {checkpoint.size}")
+                proof = merkle.consistency_proof(subtree, previous.size, checkpoint.size)
+                try:
+                    merkle.verify_consistency(previous.size, checkpoint.size, previous.root, checkpoint.root, proof)
+                except merkle.ProofError as e:
+                    raise VerifyError(
+                        f"checkpoint {position}: not consistent with checkpoint {position - 1}: {e}"
+                    ) from None
+            previous = checkpoint
+
+    def _check_stored_tree(self, leaves: list[bytes]) -> None:
+        """The stored tree and index, which proofs are served from, must agree with the entries."""
+        level0 = self.dir / "tree" / "level-0.bin"
+        stored = level0.read_bytes() if level0.exists() else b""
+        for index, leaf in enumerate(leaves[: len(stored) // HASH]):
+            if stored[index * HASH : (index + 1) * HASH] != leaf:
+                raise VerifyError(f"entry {index}: stored tree hash differs from the entry's hash")
+        level, nodes = 1, leaves
+        while len(nodes) > 1:
+            nodes = [merkle.node_hash(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
+            path = self.dir / "tree" / f"level-{level}.bin"
+            data = path.read_bytes() if path.exists() else b""
+            for i in range(min(len(nodes), len(data) // HASH)):
+                if data[i * HASH : (i + 1) * HASH] != nodes[i]:
+                    raise VerifyError(f"stored tree level {level} node {i} differs from the entries")
+            level += 1
+
+    # --- single entries ---
+
+    def get(self, index: int) -> Entry:
+        path = self.dir / "index.bin"
+        with open(path, "rb") as f:
+            f.seek(index * INDEX_ENTRY.size)
+            raw = f.read(INDEX_ENTRY.size)
+        if len(raw) != INDEX_ENTRY.size:
+            raise VerifyError(f"no entry {index}")
+        segment, offset = INDEX_ENTRY.unpack(raw)
+        with open(self.dir / f"segment-{segment:06d}.log", "rb") as f:
+            f.seek(offset)
+            leaf_len, sealed_len, _ = struct.unpack(">III", f.read(12))
+            body = f.read(leaf_len + sealed_len)
+        return Entry(index, body[:leaf_len], body[leaf_len:], segment)
+
+    def open_all(self, item: Entry) -> dict:
+        if self.keys is None:
+            raise VerifyError("the keys are needed to open sealed values")
+        epoch = Segment(self.dir / f"segment-{item.segment:06d}.log").key_epoch
+        key = entry.data_key(self.keys.masters[epoch], self.origin(), item.segment)
+        return entry.unseal(key, item.index, item.public.get("identity"), item.sealed)
+
+    def open_field(self, index: int, name: str) -> dict:
+        item = self.get(index)
+        openings = self.open_all(item)
+        if name not in openings:
+            raise VerifyError(f"entry {index} has no field {name!r}; it has {', '.join(sorted(openings))}")
+        salt, value = base64.b64decode(openings[name]["salt"]), base64.b64decode(openings[name]["value"])
+        return {
+            "leaf_index": index,
+            "field": name,
+            "value": _text_or_base64(value),
+            "value_base64": openings[name]["value"],
+            "salt": openings[name]["salt"],
+            "commitment": entry.commitment(salt, value),
+        }
+
+    def prove(self, index: int) -> dict:
+        notes = self.checkpoints()
+        if not notes:
+            raise VerifyError("no checkpoint yet: wait for one (every few seconds) or stop the gateway")
+        checkpoint = note.Checkpoint.parse(notes[-1].split("\n\n")[0] + "\n")
+        if index >= checkpoint.size:
+            raise VerifyError(f"entry {index} is not under the latest checkpoint (size {checkpoint.size}) yet")
+        item = self.get(index)
+        proof = merkle.inclusion_proof(self._stored_subtree, index, checkpoint.size)
+        b64 = base64.b64encode
+        return {
+            "leaf_index": index,
+            "tree_size": checkpoint.size,
+            "leaf": b64(item.leaf).decode(),
+            "leaf_hash": b64(merkle.leaf_hash(item.leaf)).decode(),
+            "proof": [b64(p).decode() for p in proof],
+            "checkpoint": notes[-1],
+        }
+
+    def _stored_subtree(self, level: int, index: int) -> bytes:
+        with open(self.dir / "tree" / f"level-{level}.bin", "rb") as f:
+            return os.pread(f.fileno(), HASH, index * HASH)
+
+
+def _memory_subtree(leaves: list[bytes]):
+    cache: dict[tuple[int, int], bytes] = {}
+
+    def subtree(level: int, index: int) -> bytes:
+        if level == 0:
+            return leaves[index]
+        key = (level, index)
+        if key not in cache:
+            cache[key] = merkle.node_hash(subtree(level - 1, 2 * index), subtree(level - 1, 2 * index + 1))
+        return cache[key]
+
+    return subtree
+
+
+def _text_or_base64(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode()
+
+
+def verify_proof(bundle: dict, vkey: str) -> None:
+    """What a third party runs on `log prove` output with the public key alone."""
+    checkpoint = note.open_checkpoint(bundle["checkpoint"], note.Verifier.parse(vkey))
+    leaf = base64.b64decode(bundle["leaf"])
+    if merkle.leaf_hash(leaf) != base64.b64decode(bundle["leaf_hash"]) or bundle["tree_size"] != checkpoint.size:
+        raise merkle.ProofError("leaf hash or tree size does not match")
+    proof = [base64.b64decode(p) for p in bundle["proof"]]
+    merkle.verify_inclusion(bundle["leaf_index"], checkpoint.size, merkle.leaf_hash(leaf), proof, checkpoint.root)

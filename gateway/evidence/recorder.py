@@ -1,0 +1,102 @@
+"""The record stage: every exchange becomes a begin entry and an end entry in the evidence log.
+
+The begin entry is written at admission (or rejection): time, request id, identity and tenant, route,
+model, admission decision and tier, with the prompt and client address as commitments. The end entry is
+written when the exchange ends, before its last byte is sent: the response as delivered (a commitment),
+the marks applied, token usage, upstream status, latencies and how it ended.
+
+With durability "fsync" the pipeline forwards a request only once its begin entry is on disk, and sends
+the last byte of an answer only once its end entry is; with "batch" both are queued and reach disk within
+the log's batch interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..exchange import Exchange
+from .entry import commit
+from .log import EvidenceLog
+
+log = logging.getLogger("canarygate.evidence")
+
+
+class EvidenceRecorder:
+    def __init__(self, evidence: EvidenceLog, durability: str = "batch") -> None:
+        if durability not in ("batch", "fsync"):
+            raise ValueError(f"durability must be 'batch' or 'fsync', not {durability!r}")
+        self.log = evidence
+        self._wait = durability == "fsync"
+        self._failed: str | None = None
+
+    async def start(self) -> None:
+        await self.log.start()
+
+    async def close(self) -> None:
+        await self.log.close()
+
+    def ready(self) -> str | None:
+        return self._failed
+
+    async def begin(self, exchange: Exchange) -> None:
+        identity = exchange.identity
+        public = {
+            "v": 1,
+            "kind": "begin",
+            "id": exchange.id,
+            "time": _iso(exchange.started_at),
+            "identity": identity.name if identity else None,
+            "tenant": identity.tenant if identity else None,
+            "tier": exchange.tier,
+            "method": exchange.method,
+            "path": exchange.path,
+            "route": exchange.route,
+            "model": exchange.model,
+            "stream": exchange.stream,
+            "decision": "admitted" if exchange.admitted else "rejected",
+        }
+        await self._append(public, {"prompt": exchange.request_body, "client": exchange.client_ip.encode()}, exchange)
+
+    async def end(self, exchange: Exchange) -> None:
+        delivered = b"".join(exchange.delivered)
+        public = {
+            "v": 1,
+            "kind": "end",
+            "id": exchange.id,
+            "time": _iso(time.time()),
+            "identity": exchange.identity.name if exchange.identity else None,
+            "status": exchange.status,
+            "outcome": exchange.outcome.value if exchange.outcome else None,
+            "error": exchange.error,
+            "upstream_status": exchange.upstream_status,
+            "usage": exchange.usage,
+            "marks": exchange.marks,
+            "canaries": exchange.canaries,
+            "latency_ms": round(exchange.elapsed() * 1000, 3),
+            "first_byte_ms": None
+            if exchange.first_byte_at is None
+            else round((exchange.first_byte_at - exchange.started) * 1000, 3),
+            "events": exchange.events,
+            "bytes": len(delivered),
+        }
+        await self._append(public, {"response": delivered}, exchange)
+
+    async def _append(self, public: dict, fields: dict[str, bytes], exchange: Exchange) -> None:
+        public["commit"], openings = commit(fields)
+        future = self.log.append(public, openings, exchange.identity.name if exchange.identity else None)
+        if self._wait:
+            await future
+        else:
+            future.add_done_callback(self._check)
+
+    def _check(self, future: asyncio.Future) -> None:
+        error = future.exception()
+        if error is not None:
+            self._failed = f"evidence log write failed: {type(error).__name__}"
+            log.error(self._failed)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e6):06d}Z"

@@ -1,0 +1,186 @@
+"""The evidence log end to end on disk: appends, proofs a third party checks, openings, recovery, tampering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from gateway.evidence import entry, keys, merkle
+from gateway.evidence.log import EvidenceLog
+from gateway.evidence.reader import LogReader, VerifyError, verify_proof
+from gateway.evidence.store import SEGMENT_HEADER
+
+ORIGIN = "canarygate.test/log"
+
+
+def write_entries(directory: Path, keydir: Path, count: int, start: int = 0, **options) -> EvidenceLog:
+    keys.init_keys(keydir, ORIGIN)
+    evidence = EvidenceLog(directory, keys.Keys.load(keydir), ORIGIN, **options)
+
+    async def run():
+        await evidence.start()
+        indexes = []
+        for batch in range(start, start + count, 50):  # several batches, so several checkpoints
+            futures = []
+            for i in range(batch, min(batch + 50, start + count)):
+                commitments, openings = entry.commit({"prompt": f"prompt {i}".encode(), "client": b"192.0.2.1"})
+                public = {"v": 1, "kind": "begin", "id": f"req_{i}", "identity": f"user{i % 3}", "commit": commitments}
+                futures.append(evidence.append(public, openings, f"user{i % 3}"))
+            indexes += await asyncio.gather(*futures)
+        assert indexes == list(range(start, start + count))
+        await evidence.close()
+
+    asyncio.run(run())
+    return evidence
+
+
+@pytest.fixture
+def written(tmp_path):
+    evidence = write_entries(tmp_path / "log", tmp_path / "keys", 300, checkpoint_every=64, segment_bytes=16 * 1024)
+    return tmp_path / "log", keys.Keys.load(tmp_path / "keys"), evidence.verifier.vkey()
+
+
+def test_written_log_verifies_proves_and_opens(written):
+    directory, loaded, vkey = written
+    reader = LogReader(directory, loaded)
+    report = reader.verify()
+    assert (report.entries, report.covered, report.opened) == (300, 300, 300)
+    assert report.checkpoints >= 3 and len(list(directory.glob("segment-*.log"))) > 2
+    for index in (0, 1, 63, 64, 150, 299):
+        verify_proof(reader.prove(index), vkey)  # the public key alone
+    opened = reader.open_field(150, "prompt")
+    assert opened["value"] == "prompt 150"
+    leaf = json.loads(base64.b64decode(reader.prove(150)["leaf"]))
+    assert leaf["commit"]["prompt"] == opened["commitment"]
+    assert "prompt 150" not in (directory / "segment-000000.log").read_text("latin-1")  # content is sealed
+    forged = reader.prove(150)
+    forged["leaf_index"] = 151
+    with pytest.raises((merkle.ProofError, ValueError)):
+        verify_proof(forged, vkey)
+
+
+def test_key_files_are_private(written, tmp_path):
+    for path in (tmp_path / "keys").iterdir():
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    assert oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
+
+
+def test_reopen_recovers_a_torn_tail_and_continues(written, tmp_path):
+    directory, loaded, _ = written
+    last = sorted(directory.glob("segment-*.log"))[-1]
+    with open(last, "ab") as f:
+        f.write(struct.pack(">III", 200, 10, 0) + b"half a record")  # the crash came mid-write
+    os.truncate(directory / "tree" / "level-0.bin", 290 * 32)  # and the tree lags behind
+    with pytest.raises(VerifyError, match="torn last record"):
+        LogReader(directory, loaded).verify()
+    write_entries(directory, tmp_path / "keys", 20, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    report = LogReader(directory, loaded).verify()
+    assert (report.entries, report.covered) == (320, 320)
+
+
+def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
+    directory, _, _ = written
+    keys.rotate(tmp_path / "keys")
+    write_entries(directory, tmp_path / "keys", 10, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    reader = LogReader(directory, keys.Keys.load(tmp_path / "keys"))
+    assert reader.verify().opened == 310
+    assert reader.open_field(5, "prompt")["value"] == "prompt 5"
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _records(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of each record in a segment."""
+    data, out, offset = path.read_bytes(), [], SEGMENT_HEADER.size
+    while offset < len(data):
+        a, b, _ = struct.unpack_from(">III", data, offset)
+        out.append((offset, 12 + a + b))
+        offset += 12 + a + b
+    return out
+
+
+def _swap_records(path: Path, i: int, j: int) -> None:
+    data = path.read_bytes()
+    records = _records(path)
+    pieces = [data[o : o + n] for o, n in records]
+    pieces[i], pieces[j] = pieces[j], pieces[i]
+    path.write_bytes(data[: SEGMENT_HEADER.size] + b"".join(pieces))
+
+
+def _drop_record(path: Path, i: int, duplicate: bool = False) -> None:
+    data = path.read_bytes()
+    pieces = [data[o : o + n] for o, n in _records(path)]
+    if duplicate:
+        pieces.insert(i, pieces[i])
+        pieces.pop()
+    else:
+        pieces.pop(i)
+    path.write_bytes(data[: SEGMENT_HEADER.size] + b"".join(pieces))
+
+
+TAMPERING = {
+    "flip a byte in a segment's header": lambda d: _flip(d / "segment-000001.log", 10),
+    "flip a byte in an entry": lambda d: _flip(d / "segment-000001.log", 200),
+    "flip a byte in a sealed value": lambda d: _flip(d / "segment-000000.log", -5),
+    "flip a byte in the stored tree": lambda d: _flip(d / "tree" / "level-0.bin", 40),
+    "flip a byte in a higher tree level": lambda d: _flip(d / "tree" / "level-3.bin", 3),
+    "flip a byte in the checkpoints": lambda d: _flip(d / "checkpoints.log", 60),
+    "delete an entry": lambda d: _drop_record(d / "segment-000001.log", 3),
+    "duplicate an entry": lambda d: _drop_record(d / "segment-000001.log", 3, duplicate=True),
+    "reorder two entries": lambda d: _swap_records(d / "segment-000001.log", 2, 5),
+    "truncate the log": lambda d: [os.remove(p) for p in sorted(d.glob("segment-*.log"))[-1:]],
+    "cut the last segment short": lambda d: os.truncate(sorted(d.glob("segment-*.log"))[-1], 500),
+    "replace a checkpoint": lambda d: _replace_checkpoint(d),
+}
+
+
+def _replace_checkpoint(directory: Path) -> None:
+    """Swap the latest checkpoint for one signed by another key over a different tree."""
+    from gateway.evidence import note
+
+    data = (directory / "checkpoints.log").read_bytes()
+    notes = LogReader(directory).checkpoints()
+    fake = note.sign_checkpoint(note.Checkpoint(ORIGIN, 300, bytes(32)), note.Signer(ORIGIN, bytes(32))).encode()
+    last = notes[-1].encode()
+    (directory / "checkpoints.log").write_bytes(data[: len(data) - len(last) - 4] + struct.pack(">I", len(fake)) + fake)
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERING))
+def test_tampering_is_detected(written, tamper):
+    directory, loaded, vkey = written
+    TAMPERING[tamper](directory)
+    with pytest.raises(VerifyError):
+        LogReader(directory, loaded).verify()
+
+
+@pytest.mark.parametrize("tamper", ["reorder two entries", "delete an entry", "replace a checkpoint"])
+def test_tampering_is_detected_with_the_public_key_alone(written, tamper):
+    directory, _, vkey = written
+    TAMPERING[tamper](directory)
+    with pytest.raises(VerifyError):
+        LogReader(directory).verify([vkey])
+
+
+def test_verify_names_the_first_bad_entry(written):
+    directory, loaded, _ = written
+    _swap_records(directory / "segment-000001.log", 2, 5)
+    with pytest.raises(VerifyError, match=r"entry \d+"):
+        LogReader(directory, loaded).verify()
+
+
+def test_copy_of_a_log_verifies_elsewhere(written, tmp_path):
+    directory, _, vkey = written
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    assert LogReader(copy).verify([vkey]).entries == 300
