@@ -118,26 +118,37 @@ class StreamTiming:
     first_content_ms: float
     gap_ms: float
     events: int
+    added_first_event_ms: float  # median of paired differences against the upstream alone
+    added_first_content_ms: float
 
 
-def stream_timing(system: Running, count: int) -> StreamTiming:
-    """Sequential streams of the slow model: medians of time to first event, first content, event gap."""
-    firsts, contents, gaps, events = [], [], [], []
+def stream_timing(system: Running, reference: Running, count: int, whole: int = 5) -> StreamTiming:
+    """Streams of the slow model, alternating between `system` and the upstream alone (`reference`), so that
+    drift in the machine's speed falls on both: medians of each, and of the paired differences. Timing
+    samples hang up after the first content; `whole` streams are read to the end for gaps and event counts."""
     body = request_body("bench-slow", stream=True)
-    headers = {"Content-Type": "application/json", **system.headers}
+    samples: dict[str, list] = {"system": [], "reference": []}
     with httpx.Client(timeout=30) as client:
-        for _ in range(count + 1):  # the first one warms the connection up and is not counted
-            sample = _one_stream(client, system.url, body, headers)
-            firsts.append(sample[0]), contents.append(sample[1]), gaps.extend(sample[2]), events.append(sample[3])
+        for i in range(count + 1):  # the first pair warms the connections up and is not counted
+            for name, target in (("system", system), ("reference", reference)):
+                headers = {"Content-Type": "application/json", **target.headers}
+                sample = _one_stream(client, target.url, body, headers, until_content=True)
+                if i:
+                    samples[name].append(sample)
+        headers = {"Content-Type": "application/json", **system.headers}
+        full = [_one_stream(client, system.url, body, headers) for _ in range(whole)]
+    mine, base = samples["system"], samples["reference"]
     return StreamTiming(
-        first_event_ms=statistics.median(firsts[1:]) * 1000,
-        first_content_ms=statistics.median(contents[1:]) * 1000,
-        gap_ms=statistics.median(gaps) * 1000,
-        events=statistics.median(events[1:]),
+        first_event_ms=statistics.median(s[0] for s in mine) * 1000,
+        first_content_ms=statistics.median(s[1] for s in mine) * 1000,
+        gap_ms=statistics.median(g for s in full for g in s[2]) * 1000,
+        events=statistics.median(s[3] for s in full),
+        added_first_event_ms=statistics.median(a[0] - b[0] for a, b in zip(mine, base, strict=True)) * 1000,
+        added_first_content_ms=statistics.median(a[1] - b[1] for a, b in zip(mine, base, strict=True)) * 1000,
     )
 
 
-def _one_stream(client: httpx.Client, url: str, body: str, headers: dict) -> tuple[float, float, list[float], int]:
+def _one_stream(client: httpx.Client, url: str, body: str, headers: dict, until_content: bool = False):
     start = time.perf_counter()
     first = content = None
     stamps = []
@@ -153,6 +164,8 @@ def _one_stream(client: httpx.Client, url: str, body: str, headers: dict) -> tup
                 compact = event.replace(b": ", b":")
                 if content is None and b'"content":"' in compact and b'"content":""' not in compact:
                     content = now
+            if until_content and content is not None:
+                break
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return first - start, (content or now) - start, gaps, len(stamps)
 

@@ -36,3 +36,13 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
     )
     assert {t["target"] for t in report["targets"]} >= {"median latency added at 1 connection"}
     assert "| gateway |" in (tmp_path / "perf.md").read_text()
+
+
+def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.evidence_bench", "--entries", "400", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "evidence.json").read_text())
+    assert [r["mode"] for r in rows] == ["batch", "fsync"] and all(r["entries_per_second"] > 0 for r in rows)

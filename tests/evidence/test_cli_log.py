@@ -1,0 +1,112 @@
+"""The evidence log through the CLI and real gateway processes: keys, verify, prove, open, export, crashes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import stat
+import threading
+import time
+
+import httpx
+
+from gateway.evidence.reader import verify_proof
+from tests.test_cli import Running, cli
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "evidence please"}]}
+
+
+def _setup(tmp_path, fake_upstream, durability="batch"):
+    fake_upstream.reset()
+    assert cli(tmp_path, "init").returncode == 0
+    toml = (tmp_path / "canarygate.toml").read_text()
+    toml = toml.replace('durability = "batch"', f'durability = "{durability}"')
+    toml = toml.replace('origin = ""', 'origin = "canarygate.test/cli"')
+    (tmp_path / "canarygate.toml").write_text(toml.replace("checkpoint_interval = 10.0", "checkpoint_interval = 0.5"))
+    return cli(tmp_path, "identities", "add", "mallory").stdout.strip().splitlines()[-1]
+
+
+def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
+    key = _setup(tmp_path, fake_upstream)
+    keydir = tmp_path / ".canarygate" / "keys"
+    assert sorted(p.name for p in keydir.iterdir()) == ["log-signing.key", "master-0.key", "watermark.key"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keydir.iterdir())
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
+        for _ in range(5):
+            assert http.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"}).is_success
+        assert http.post("/v1/chat/completions", json=BODY).status_code == 401
+    assert "cg_" not in gw.output and "sk-" not in gw.output  # no secret in the logs
+
+    vkey = cli(tmp_path, "keys", "public").stdout.strip().splitlines()[-1]
+    assert vkey.startswith("canarygate.test/cli+")
+    verified = cli(tmp_path, "log", "verify")
+    assert verified.returncode == 0 and "12 entries" in verified.stdout, verified.stdout + verified.stderr
+    assert cli(tmp_path, "log", "verify", "--vkey", vkey).returncode == 0
+
+    proof = json.loads(cli(tmp_path, "log", "prove", "2").stdout)
+    verify_proof(proof, vkey)  # a third party with the public key alone
+    leaf = json.loads(base64.b64decode(proof["leaf"]))
+    assert leaf["kind"] == "begin" and leaf["identity"] == "mallory"
+    opened = json.loads(cli(tmp_path, "log", "open", "2", "prompt").stdout)
+    assert json.loads(opened["value"]) == BODY and opened["commitment"] == leaf["commit"]["prompt"]
+    assert "evidence please" not in (tmp_path / ".canarygate" / "evidence" / "0" / "segment-000000.log").read_text(
+        "latin-1"
+    )
+
+    shown = cli(tmp_path, "log", "show", "--identity", "mallory", "--json", "--reveal").stdout.splitlines()
+    assert len(shown) == 10 and "evidence please" in shown[0]
+    export = cli(tmp_path, "log", "export", str(tmp_path / "bundle"), "--reveal", "prompt")
+    assert export.returncode == 0, export.stderr
+    lines = (tmp_path / "bundle" / "log-0" / "entries.jsonl").read_text().splitlines()
+    checkpoint = json.loads((tmp_path / "bundle" / "log-0" / "checkpoints.json").read_text())[-1]
+    for line in lines:
+        verify_proof({**json.loads(line), "checkpoint": checkpoint}, vkey)
+
+
+def test_verify_fails_naming_the_entry_after_tampering(tmp_path, fake_upstream):
+    key = _setup(tmp_path, fake_upstream)
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
+        for _ in range(3):
+            http.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"})
+    segment = tmp_path / ".canarygate" / "evidence" / "0" / "segment-000000.log"
+    data = bytearray(segment.read_bytes())
+    at = data.index(b'"kind":"end"')
+    data[at + 9 : at + 12] = b"beg"  # an end entry now claims to be a begin
+    segment.write_bytes(bytes(data))
+    result = cli(tmp_path, "log", "verify")
+    assert result.returncode == 2 and "entry 1" in result.stderr, result.stderr
+
+
+def test_sigkill_under_load_then_restart_verifies_and_continues(tmp_path, fake_upstream):
+    key = _setup(tmp_path, fake_upstream)
+    headers = {"authorization": f"Bearer {key}"}
+    stop = threading.Event()
+    served = []
+
+    def load(url):
+        with httpx.Client(base_url=url, timeout=5) as http:
+            while not stop.is_set():
+                try:
+                    served.append(http.post("/v1/chat/completions", json=BODY, headers=headers).status_code)
+                except httpx.TransportError:
+                    return
+
+    gw = Running(tmp_path, "serve", "--upstream", fake_upstream.url).__enter__()  # killed, never stopped
+    threads = [threading.Thread(target=load, args=(gw.url,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    gw.proc.wait(5)
+    assert len(served) > 20
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
+        assert http.post("/v1/chat/completions", json=BODY, headers=headers).is_success
+    result = cli(tmp_path, "log", "verify")
+    assert result.returncode == 0, result.stderr
+    entries = int(result.stdout.split(": ")[1].split(" entries")[0])
+    assert entries >= 2  # what was fsynced before the kill, and the new exchange
