@@ -246,13 +246,14 @@ def start_litellm(workdir: Path, upstream: Running, venv: Path) -> Running:
     port = free_port()
     conf = workdir / "litellm.yaml"
     conf.write_text(LITELLM_CONFIG.format(upstream=upstream.url))
+    master = "sk-" + os.urandom(32).hex()  # it refuses to start without a strong one, and checks it per request
     process, log = _spawn(
         "litellm",
         [str(binary), "--config", str(conf), "--port", str(port), "--num_workers", "1"],
         workdir,
-        {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": ""},
+        {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": master},
         cwd=workdir,
     )
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, process, log, "/health/liveliness", timeout=180)
-    return Running("litellm", url, process, log=log)
+    return Running("litellm", url, process, {"Authorization": f"Bearer {master}"}, log)
