@@ -26,14 +26,34 @@ ANSWER = ("The sea is a vast body of salt water that covers most of the planet. 
 
 def _entry(i: int) -> tuple[dict, dict]:
     if i % 2 == 0:
-        fields = {"prompt": b'{"model":"m","messages":[{"role":"user","content":"Tell me about the sea."}]}',
-                  "client": b"203.0.113.7"}
-        public = {"v": 1, "kind": "begin", "id": f"req_{i // 2}", "identity": "bench", "tier": "unlimited",
-                  "route": "/v1/chat/completions", "model": "m", "stream": False, "decision": "admitted"}
+        fields = {
+            "prompt": b'{"model":"m","messages":[{"role":"user","content":"Tell me about the sea."}]}',
+            "client": b"203.0.113.7",
+        }
+        public = {
+            "v": 1,
+            "kind": "begin",
+            "id": f"req_{i // 2}",
+            "identity": "bench",
+            "tier": "unlimited",
+            "route": "/v1/chat/completions",
+            "model": "m",
+            "stream": False,
+            "decision": "admitted",
+        }
     else:
         fields = {"response": ANSWER}
-        public = {"v": 1, "kind": "end", "id": f"req_{i // 2}", "identity": "bench", "status": 200,
-                  "outcome": "completed", "latency_ms": 1.2, "events": 0, "bytes": len(ANSWER)}
+        public = {
+            "v": 1,
+            "kind": "end",
+            "id": f"req_{i // 2}",
+            "identity": "bench",
+            "status": 200,
+            "outcome": "completed",
+            "latency_ms": 1.2,
+            "events": 0,
+            "bytes": len(ANSWER),
+        }
     public["commit"], openings = entry.commit(fields)
     return public, openings
 
@@ -60,8 +80,9 @@ async def _fsync(evidence: EvidenceLog, count: int, concurrency: int) -> None:
 def run(mode: str, count: int, concurrency: int) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="canarygate-evidence-bench-"))
     keys.init_keys(folder / "keys", "bench.example/log")
-    evidence = EvidenceLog(folder / "log", keys.Keys.load(folder / "keys"), "bench.example/log",
-                           checkpoint_every=10_000)
+    evidence = EvidenceLog(
+        folder / "log", keys.Keys.load(folder / "keys"), "bench.example/log", checkpoint_every=10_000
+    )
 
     async def main() -> float:
         await evidence.start()
@@ -75,8 +96,14 @@ def run(mode: str, count: int, concurrency: int) -> dict:
     report = LogReader(folder / "log").verify([evidence.verifier.vkey()])
     assert report.entries == count
     size = sum(p.stat().st_size for p in (folder / "log").rglob("*") if p.is_file())
-    return {"mode": mode, "entries": count, "seconds": round(elapsed, 3), "entries_per_second": round(count / elapsed),
-            "bytes_per_entry": round(size / count), "concurrency": concurrency if mode == "fsync" else None}
+    return {
+        "mode": mode,
+        "entries": count,
+        "seconds": round(elapsed, 3),
+        "entries_per_second": round(count / elapsed),
+        "bytes_per_entry": round(size / count),
+        "concurrency": concurrency if mode == "fsync" else None,
+    }
 
 
 def main() -> None:
@@ -89,11 +116,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(results, indent=1))
-    lines = ["# Evidence log appends", "", f"Command: `python -m benchmarks.evidence_bench --entries {args.entries}`", "",
-             "| durability | entries | seconds | entries/s | bytes on disk per entry |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Evidence log appends",
+        "",
+        f"Command: `python -m benchmarks.evidence_bench --entries {args.entries}`",
+        "",
+        "| durability | entries | seconds | entries/s | bytes on disk per entry |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         label = r["mode"] if r["concurrency"] is None else f"{r['mode']} ({r['concurrency']} waiting producers)"
-        lines.append(f"| {label} | {r['entries']} | {r['seconds']} | {r['entries_per_second']} | {r['bytes_per_entry']} |")
+        lines.append(
+            f"| {label} | {r['entries']} | {r['seconds']} | {r['entries_per_second']} | {r['bytes_per_entry']} |"
+        )
     (out / "evidence.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -111,7 +111,9 @@ def run(args) -> dict:
                 progress.update(task, description=system.name)
                 try:
                     memory = kind in ("bare", "nginx") or (kind == "gateway" and not off)
-                    results[system.name] = measure_system(system, upstream, args, progress, task, streams=True, memory=memory)
+                    results[system.name] = measure_system(
+                        system, upstream, args, progress, task, streams=True, memory=memory
+                    )
                     if args.soak and kind == "gateway" and not off:
                         results[system.name]["soak"] = measure.soak(system, args.soak, 32, max(1, args.soak / 60))
                         progress.advance(task)
@@ -162,8 +164,9 @@ def evaluate(report: dict) -> list[dict]:
         added = gw["c1"]["p50_ms"] - up["c1"]["p50_ms"]
         target("median latency added at 1 connection", added, "<= 1.0", added <= 1.0, "ms")
         added = gw["stream_timing"]["added_first_content_ms"]
-        target("median time to first content added (stream, paired with the upstream)", added, "<= 2.0",
-               added <= 2.0, "ms")
+        target(
+            "median time to first content added (stream, paired with the upstream)", added, "<= 2.0", added <= 2.0, "ms"
+        )
         same = gw["stream_timing"]["events"] == up["stream_timing"]["events"]
         target(
             "events per streamed response unchanged",

@@ -41,7 +41,9 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
 def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.evidence_bench", "--entries", "400", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "evidence.json").read_text())

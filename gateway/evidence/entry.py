@@ -34,14 +34,32 @@ def commitment(salt: bytes, value: bytes) -> str:
     return hashlib.sha256(salt + value).hexdigest()
 
 
-def commit(fields: dict[str, bytes]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """Commitments for the leaf, and the openings (salt and value, base64) to seal beside it."""
-    commitments, openings = {}, {}
-    for name, value in fields.items():
-        salt = os.urandom(32)
+def commit(fields: dict[str, bytes]) -> tuple[dict[str, str], bytes]:
+    """Commitments for the leaf, and the openings (each field's salt and value) packed to be sealed beside it.
+
+    Packed as, per field: u8 name length, name, 32-byte salt, u32 value length, value."""
+    commitments, packed = {}, bytearray()
+    salts = os.urandom(32 * len(fields))
+    for position, (name, value) in enumerate(fields.items()):
+        salt = salts[32 * position : 32 * position + 32]
         commitments[name] = commitment(salt, value)
+        packed += bytes([len(name)]) + name.encode() + salt + struct.pack(">I", len(value)) + value
+    return commitments, bytes(packed)
+
+
+def unpack_openings(packed: bytes) -> dict[str, dict[str, str]]:
+    """Packed openings as {field: {"salt": base64, "value": base64}}."""
+    openings, offset = {}, 0
+    while offset < len(packed):
+        size = packed[offset]
+        name = packed[offset + 1 : offset + 1 + size].decode()
+        offset += 1 + size
+        salt = packed[offset : offset + 32]
+        (length,) = struct.unpack_from(">I", packed, offset + 32)
+        value = packed[offset + 36 : offset + 36 + length]
+        offset += 36 + length
         openings[name] = {"salt": base64.b64encode(salt).decode(), "value": base64.b64encode(value).decode()}
-    return commitments, openings
+    return openings
 
 
 def data_key(master: bytes, origin: str, segment: int) -> bytes:
@@ -53,10 +71,16 @@ def _aad(index: int, identity: str | None) -> bytes:
     return struct.pack(">Q", index) + (identity or "").encode()
 
 
-def seal(key: bytes, index: int, identity: str | None, openings: dict) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, canonical(openings), _aad(index, identity))
+class Sealer:
+    """AES-256-GCM under one segment's data key. Nonces are random: an index can be reused after a crash
+    cut off an unsynced record, so a nonce derived from the index could repeat under the same key."""
 
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
 
-def unseal(key: bytes, index: int, identity: str | None, sealed: bytes) -> dict:
-    return json.loads(AESGCM(key).decrypt(sealed[:12], sealed[12:], _aad(index, identity)))
+    def seal(self, index: int, identity: str | None, openings: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, openings, _aad(index, identity))
+
+    def unseal(self, index: int, identity: str | None, sealed: bytes) -> dict[str, dict[str, str]]:
+        return unpack_openings(self._aead.decrypt(sealed[:12], sealed[12:], _aad(index, identity)))

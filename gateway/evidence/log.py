@@ -1,10 +1,11 @@
-"""The evidence log as the gateway uses it: appends from the event loop, one writer thread, checkpoints.
+"""The evidence log as the gateway uses it: appends from the event loop, group commit, checkpoints.
 
 `append()` queues an entry and returns a future that resolves to the entry's index once the entry is on
-disk (its segment fsynced). The writer takes whatever is queued, every `batch_interval` seconds at most,
-seals and writes it as one batch and fsyncs once (group commit). With durability "batch" callers do not
-wait for the future: an entry reaches disk within about `batch_interval` plus one fsync, which is the
-window a power loss can take. With "fsync" the pipeline waits for it where it matters (see recorder.py).
+disk (its segment fsynced). One writer task takes whatever is queued, every `batch_interval` seconds at
+most, seals and writes it as one batch on the event loop (a few microseconds an entry), then waits for
+one fsync in a helper thread (group commit), so the loop never blocks on the disk. With durability
+"batch" callers do not wait: an entry reaches disk within about `batch_interval` plus one fsync, which is
+the window a power loss can take. With "fsync" the pipeline waits for it where it matters (see recorder.py).
 
 Checkpoints are signed every `checkpoint_every` entries or `checkpoint_interval` seconds (when the tree
 grew) and at close, only over entries already fsynced, and only after checking that the new tree is
@@ -52,6 +53,9 @@ class EvidenceLog:
         self._last_checkpoint: note.Checkpoint | None = None
         self._checkpointed_at = time.monotonic()
         self._closing = False
+        self.failure: str | None = None
+        self._sealer: entry.Sealer | None = None
+        self._sealer_for: tuple[int, int] | None = None  # (key epoch, segment) the sealer's data key is for
 
     @property
     def verifier(self) -> note.Verifier:
@@ -85,8 +89,10 @@ class EvidenceLog:
                 continue
         raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")
 
-    def append(self, public: dict, openings: dict, identity: str | None) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
+    def append(self, public: dict, openings: bytes, identity: str | None, wait: bool = True) -> asyncio.Future | None:
+        """Queue an entry. With `wait`, a future gives its index once it is on disk; without, nothing does,
+        and a failure to write shows in `failure` (and the log's readiness)."""
+        future = asyncio.get_running_loop().create_future() if wait else None
         self._queue.append((public, openings, identity, future))
         self._wake.set()
         return future
@@ -100,15 +106,17 @@ class EvidenceLog:
             batch, self._queue = self._queue, []
             try:
                 if batch:
-                    first = await loop.run_in_executor(self._executor, self._write, batch)
+                    first = self._write(batch)  # sealing and writing are quick; only the fsync waits
+                    await loop.run_in_executor(self._executor, self.store.sync)
                     for offset, (*_, future) in enumerate(batch):
-                        if not future.done():
+                        if future is not None and not future.done():
                             future.set_result(first + offset)
-                await loop.run_in_executor(self._executor, self._maybe_checkpoint, False)
+                await self._maybe_checkpoint(force=False)
             except Exception as error:
                 log.exception("evidence log write failed")
+                self.failure = f"evidence log write failed: {type(error).__name__}"
                 for *_, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_exception(error)
             if not self._closing and self._queue:
                 await asyncio.sleep(self._batch_interval)  # let the next batch gather
@@ -117,16 +125,19 @@ class EvidenceLog:
         store = self.store
         epoch = self._keys.current_epoch
         store.roll_if_needed(epoch)
-        key = entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number)
+        if self._sealer_for != (epoch, store.segment.number):
+            self._sealer = entry.Sealer(entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number))
+            self._sealer_for = (epoch, store.segment.number)
         first = store.size
-        records = []
-        for offset, (public, openings, identity, _) in enumerate(batch):
-            sealed = entry.seal(key, first + offset, identity, openings)
-            records.append((entry.canonical(public), sealed))
-        store.append(records)
+        records = [
+            (entry.canonical(public), self._sealer.seal(first + offset, identity, openings))
+            for offset, (public, openings, identity, _) in enumerate(batch)
+        ]
+        store.append(records, sync=False)
         return first
 
-    def _maybe_checkpoint(self, force: bool) -> None:
+    async def _maybe_checkpoint(self, force: bool) -> None:
+        """Sign a checkpoint over the entries fsynced so far, if one is due and consistent with the last."""
         size = self.store.size
         last = self._last_checkpoint
         grown = size - (last.size if last else 0)
@@ -137,7 +148,8 @@ class EvidenceLog:
         if last is not None:
             proof = merkle.consistency_proof(self.store.subtree, last.size, size)
             merkle.verify_consistency(last.size, size, last.root, checkpoint.root, proof)
-        self.store.add_checkpoint(note.sign_checkpoint(checkpoint, self._signer))
+        signed = note.sign_checkpoint(checkpoint, self._signer)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.add_checkpoint, signed)
         self._last_checkpoint = checkpoint
         self._checkpointed_at = time.monotonic()
 
@@ -146,7 +158,6 @@ class EvidenceLog:
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._maybe_checkpoint, True)
-        await loop.run_in_executor(self._executor, self.store.close)
+        await self._maybe_checkpoint(force=True)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown()

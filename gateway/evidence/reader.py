@@ -226,7 +226,7 @@ class LogReader:
             raise VerifyError("the keys are needed to open sealed values")
         epoch = Segment(self.dir / f"segment-{item.segment:06d}.log").key_epoch
         key = entry.data_key(self.keys.masters[epoch], self.origin(), item.segment)
-        return entry.unseal(key, item.index, item.public.get("identity"), item.sealed)
+        return entry.Sealer(key).unseal(item.index, item.public.get("identity"), item.sealed)
 
     def open_field(self, index: int, name: str) -> dict:
         item = self.get(index)

@@ -12,15 +12,11 @@ the log's batch interval.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 
 from ..exchange import Exchange
 from .entry import commit
 from .log import EvidenceLog
-
-log = logging.getLogger("canarygate.evidence")
 
 
 class EvidenceRecorder:
@@ -29,7 +25,6 @@ class EvidenceRecorder:
             raise ValueError(f"durability must be 'batch' or 'fsync', not {durability!r}")
         self.log = evidence
         self._wait = durability == "fsync"
-        self._failed: str | None = None
 
     async def start(self) -> None:
         await self.log.start()
@@ -38,7 +33,7 @@ class EvidenceRecorder:
         await self.log.close()
 
     def ready(self) -> str | None:
-        return self._failed
+        return self.log.failure
 
     async def begin(self, exchange: Exchange) -> None:
         identity = exchange.identity
@@ -85,18 +80,16 @@ class EvidenceRecorder:
 
     async def _append(self, public: dict, fields: dict[str, bytes], exchange: Exchange) -> None:
         public["commit"], openings = commit(fields)
-        future = self.log.append(public, openings, exchange.identity.name if exchange.identity else None)
-        if self._wait:
+        future = self.log.append(public, openings, exchange.identity.name if exchange.identity else None, self._wait)
+        if future is not None:
             await future
-        else:
-            future.add_done_callback(self._check)
 
-    def _check(self, future: asyncio.Future) -> None:
-        error = future.exception()
-        if error is not None:
-            self._failed = f"evidence log write failed: {type(error).__name__}"
-            log.error(self._failed)
+
+_second: list = [None, ""]  # the last whole second formatted, and its text: one strftime a second, not an entry
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e6):06d}Z"
+    whole = int(seconds)
+    if _second[0] != whole:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return f"{_second[1]}.{int((seconds - whole) * 1e6):06d}Z"

@@ -155,8 +155,7 @@ class LogStore:
             level: self.subtree(level, (keep >> level) - 1) for level in range(len(self._levels)) if (keep >> level) & 1
         }
         if keep < records:
-            for number, offset, leaf, _ in self._records_from(keep):
-                self._add_leaf(merkle.leaf_hash(leaf), number, offset)
+            self._add_leaves([(merkle.leaf_hash(leaf), n, at) for n, at, leaf, _ in self._records_from(keep)])
 
     def _records_from(self, start: int) -> Iterator[tuple[int, int, bytes, bytes]]:
         index = 0
@@ -203,22 +202,37 @@ class LogStore:
         if sync:
             os.fsync(self._segment_fd)
         self._segment_end = offset
-        for (leaf, _), at in zip(records, offsets, strict=True):
-            self._add_leaf(merkle.leaf_hash(leaf), self._segment.number, at)
+        number = self._segment.number
+        self._add_leaves([(merkle.leaf_hash(leaf), number, at) for (leaf, _), at in zip(records, offsets, strict=True)])
         return self.size
 
-    def _add_leaf(self, leaf_hash: bytes, segment: int, offset: int) -> None:
-        index = self.size
-        os.pwrite(self._index_fd, INDEX_ENTRY.pack(segment, offset), index * INDEX_ENTRY.size)
-        node, level = leaf_hash, 0
-        while True:
-            os.pwrite(self._level_fd(level), node, (index >> level) * HASH)
-            if not (index >> level) & 1:
-                self._frontier[level] = node
-                break
-            node = merkle.node_hash(self._frontier.pop(level), node)
-            level += 1
-        self.size += 1
+    def _add_leaves(self, leaves: list[tuple[bytes, int, int]]) -> None:
+        """Extend the index and every tree level by (leaf hash, segment, offset) entries.
+
+        New index entries and new nodes of each level are contiguous, so each file gets one write per batch."""
+        first = self.size
+        index_bytes = bytearray()
+        new_nodes: dict[int, bytearray] = {}
+        for leaf_hash, segment, offset in leaves:
+            index = self.size
+            index_bytes += INDEX_ENTRY.pack(segment, offset)
+            node, level = leaf_hash, 0
+            while True:
+                new_nodes.setdefault(level, bytearray()).extend(node)
+                if not (index >> level) & 1:
+                    self._frontier[level] = node
+                    break
+                node = merkle.node_hash(self._frontier.pop(level), node)
+                level += 1
+            self.size += 1
+        os.pwrite(self._index_fd, index_bytes, first * INDEX_ENTRY.size)
+        for level, data in new_nodes.items():  # the new nodes are the last ones of their level
+            first_node = (self.size >> level) - len(data) // HASH
+            os.pwrite(self._level_fd(level), data, first_node * HASH)
+
+    def sync(self) -> None:
+        """Make every record written so far durable (the tree and index are rebuilt from segments if lost)."""
+        os.fsync(self._segment_fd)
 
     # --- reading ---
 
