@@ -3,7 +3,8 @@ side by side in one run, with fixed real answers. Writes markdown and JSON to --
 
     python -m benchmarks.harness --data ../shared/data/alpaca_eval            # the full comparison
     python -m benchmarks.harness --data ../shared/data/alpaca_eval --litellm  # and LiteLLM (installs it once)
-    python -m benchmarks.harness --soak 600                                   # and a 10-minute memory soak
+    python -m benchmarks.harness --systems upstream,gateway --soak 600 --out benchmarks/results/soak
+                                                                              # a 10-minute memory soak
     python -m benchmarks.harness --quick --out /tmp/x                         # a tiny load (the test suite's)
 
 Needs wrk (and nginx for the nginx row): `apt-get install wrk nginx-light`.
@@ -91,6 +92,8 @@ def run(args) -> dict:
     if not args.quick:
         plan += [("gateway", (stage,)) for stage in working]
         plan += [("gateway-workers", ())]
+    if args.systems:
+        plan = [(kind, off) for kind, off in plan if kind in args.systems.split(",")]
     if args.litellm:
         plan.append(("litellm", None))
     results, skipped = {}, []
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm", action="store_true", help="also measure LiteLLM (installed in its own venv)")
     parser.add_argument("--litellm-venv", default=str(ROOT / "benchmarks" / ".litellm-venv"))
     parser.add_argument("--quick", action="store_true", help="a tiny load: 1-second runs, fewer systems")
+    parser.add_argument("--systems", help="only these, e.g. upstream,gateway (for a soak)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.stream_samples, args.streams = min(args.duration, 1.0), 3, 10

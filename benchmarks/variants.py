@@ -12,7 +12,7 @@ import os
 
 from gateway import config
 from gateway.admit import AllowAll
-from gateway.app import SETTINGS_ENV, GatewayApp, build_pipeline
+from gateway.app import SETTINGS_ENV, GatewayApp, build_pipeline, tune_garbage_collection
 from gateway.exchange import Identity
 from gateway.transform import PassThrough
 
@@ -51,4 +51,6 @@ def app() -> GatewayApp:
     spec = json.loads(os.environ[SETTINGS_ENV])
     settings = config.load(spec.get("config")).with_overrides(**spec.get("overrides", {}))
     off = [s for s in os.environ.get("CANARYGATE_BENCH_OFF", "").split(",") if s]
-    return GatewayApp(build_pipeline(settings, **{OFF[s][0]: OFF[s][1]() for s in off}))
+    app = GatewayApp(build_pipeline(settings, **{OFF[s][0]: OFF[s][1]() for s in off}))
+    tune_garbage_collection()  # as `canarygate serve` does
+    return app

@@ -34,12 +34,24 @@ def commitment(salt: bytes, value: bytes) -> str:
     return hashlib.sha256(salt + value).hexdigest()
 
 
+_pool = bytearray()  # random bytes drawn 4 KiB at a time: one getrandom call for many salts and nonces
+
+
+def random_bytes(count: int) -> bytes:
+    """Bytes from the OS's CSPRNG, as os.urandom gives them, fetched in bulk."""
+    if len(_pool) < count:
+        _pool.extend(os.urandom(max(4096, count)))
+    out = bytes(_pool[:count])
+    del _pool[:count]
+    return out
+
+
 def commit(fields: dict[str, bytes]) -> tuple[dict[str, str], bytes]:
     """Commitments for the leaf, and the openings (each field's salt and value) packed to be sealed beside it.
 
     Packed as, per field: u8 name length, name, 32-byte salt, u32 value length, value."""
     commitments, packed = {}, bytearray()
-    salts = os.urandom(32 * len(fields))
+    salts = random_bytes(32 * len(fields))
     for position, (name, value) in enumerate(fields.items()):
         salt = salts[32 * position : 32 * position + 32]
         commitments[name] = commitment(salt, value)
@@ -79,7 +91,7 @@ class Sealer:
         self._aead = AESGCM(key)
 
     def seal(self, index: int, identity: str | None, openings: bytes) -> bytes:
-        nonce = os.urandom(12)
+        nonce = random_bytes(12)
         return nonce + self._aead.encrypt(nonce, openings, _aad(index, identity))
 
     def unseal(self, index: int, identity: str | None, sealed: bytes) -> dict[str, dict[str, str]]:
