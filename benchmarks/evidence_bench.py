@@ -62,7 +62,7 @@ async def _batch(evidence: EvidenceLog, count: int) -> None:
     futures = []
     for i in range(count):
         public, openings = _entry(i)
-        futures.append(evidence.append(public, openings, "bench"))
+        futures.append(evidence.append(entry.canonical(public), openings, "bench"))
         if i % 256 == 0:
             await asyncio.sleep(0)  # let the writer run, as a serving event loop would
     await asyncio.gather(*futures)
@@ -72,7 +72,7 @@ async def _fsync(evidence: EvidenceLog, count: int, concurrency: int) -> None:
     async def producer(start: int):
         for i in range(start, count, concurrency):
             public, openings = _entry(i)
-            await evidence.append(public, openings, "bench")
+            await evidence.append(entry.canonical(public), openings, "bench")
 
     await asyncio.gather(*(producer(k) for k in range(concurrency)))
 

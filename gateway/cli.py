@@ -147,7 +147,7 @@ def _init(args) -> int:
     settings = config.load(path)
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(f"state folder: {settings.state_dir}")
-    created = keys.init_keys(evidence.keys_dir(settings), settings.evidence.origin_name())
+    created = keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))
     print(f"keys: created {', '.join(created)}" if created else "keys: already there")
     print("next: canarygate identities add NAME, then canarygate serve --upstream URL")
     return 0
@@ -186,7 +186,7 @@ def _identities_revoke(args) -> int:
 
 def _keys_init(args) -> int:
     settings = _settings(args)
-    created = keys.init_keys(evidence.keys_dir(settings), settings.evidence.origin_name())
+    created = keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))
     print(f"created {', '.join(created)} in {evidence.keys_dir(settings)}" if created else "all keys already exist")
     return 0
 
@@ -194,7 +194,7 @@ def _keys_init(args) -> int:
 def _keys_public(args) -> int:
     settings = _settings(args)
     loaded = keys.Keys.load(evidence.keys_dir(settings))
-    origin = settings.evidence.origin_name()
+    origin = evidence.origin_of(settings)
     slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
     lines = [note_verifier(evidence.slot_origin(origin, slot), loaded).vkey() for slot in sorted(slots, reverse=True)]
     print("\n".join(lines))
@@ -335,6 +335,7 @@ def _run(settings: config.Settings, args, overrides: dict) -> int:
     from .logs import uvicorn_log_config
 
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))  # once, before any worker starts
     os.environ[SETTINGS_ENV] = json.dumps({"config": args.config, "overrides": overrides, "log_level": args.log_level})
     if settings.server.workers > 1:
         metrics_dir = settings.state_dir / "metrics"

@@ -10,6 +10,8 @@ open and close with the host server's lifespan.
 
 from __future__ import annotations
 
+import asyncio
+
 from . import config
 from .app import build_pipeline
 from .stages import Transform
@@ -24,12 +26,13 @@ class CanarygateMiddleware:
             settings, upstream=ASGIUpstream(app, settings.upstream.read_timeout), transform=transform
         )
         self._started = False
+        self._starting = asyncio.Lock()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.pipeline.handles(scope["path"]):
+        if scope["type"] == "http" and self.pipeline.handles(_below_root(scope)["path"]):
             if not self._started:  # a host that runs no lifespan: open on first use
                 await self._start()
-            await self.pipeline(scope, receive, send)
+            await self.pipeline(_below_root(scope), receive, send)
         elif scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
         else:
@@ -45,8 +48,10 @@ class CanarygateMiddleware:
         return wrapped
 
     async def _start(self) -> None:
-        self._started = True
-        await self.pipeline.start()
+        async with self._starting:  # concurrent first requests start it once; a failed start is retried
+            if not self._started:
+                await self.pipeline.start()
+                self._started = True
 
     def _lifespan_send(self, send):
         async def wrapped(message):
@@ -55,3 +60,14 @@ class CanarygateMiddleware:
             await send(message)
 
         return wrapped
+
+
+def _below_root(scope) -> dict:
+    """The request as seen below the host's mount point: servers put root_path in front of `path` (as
+    uvicorn does), and the wrapped app, called again in-process, expects paths relative to itself."""
+    root = scope.get("root_path", "")
+    if not root or not scope["path"].startswith(root):
+        return scope
+    raw = scope.get("raw_path") or scope["path"].encode()
+    raw = raw[len(root.encode()) :] if raw.startswith(root.encode()) else scope["path"][len(root) :].encode()
+    return {**scope, "path": scope["path"][len(root) :] or "/", "raw_path": raw or b"/", "root_path": ""}

@@ -40,7 +40,8 @@ _REQUEST_HEADERS_DROPPED = frozenset(
         "host", "content-length", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
         "te", "trailer", "transfer-encoding", "upgrade", "expect", "authorization", "x-api-key", "api-key",
         "cookie", "openai-organization", "openai-project", "content-encoding", "accept-encoding",
-        "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+        "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+        "x-forwarded-prefix", "x-real-ip", "true-client-ip", "cf-connecting-ip", "via",
     )
 )  # fmt: skip
 _UPSTREAM_REASONS = {
@@ -96,7 +97,11 @@ class Pipeline:
         return path.startswith("/v1/") or self._is_passthrough(path)
 
     def _is_passthrough(self, path: str) -> bool:
-        return any(path.startswith(prefix) for prefix in self._passthrough)
+        """A configured prefix, matched on whole path segments, in a path without dot segments (which the
+        HTTP client would resolve into another endpoint, reached with the gateway's upstream key)."""
+        if any(segment in (".", "..") for segment in path.split("/")):
+            return False
+        return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in self._passthrough)
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope["path"]
@@ -133,6 +138,8 @@ class Pipeline:
             log.exception("request %s failed inside the gateway", exchange.id)
             exchange.outcome = Outcome.INTERNAL_ERROR
             exchange.error = ErrorKind.INTERNAL.value
+            if not begun:
+                begun = await self._begin_rejected(exchange)
             await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
         finally:
             if exchange.admitted:
@@ -200,7 +207,10 @@ class Pipeline:
             work.result()
 
     async def _forward(self, exchange, scope, reply, api: Api, dialect, body: bytes) -> None:
-        target = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        # the path as the client encoded it: decoding it here could turn %2F or %3F into structure upstream
+        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
         headers = self._upstream_headers(scope["headers"], api)
         try:
             response = await self._upstream.send(exchange.method, target, headers, body)
@@ -289,7 +299,8 @@ class Pipeline:
         peer = client[0] if client else "unknown"
         if not self._trusted:
             return peer
-        forwarded = _header(scope["headers"], b"x-forwarded-for")
+        # a proxy may append its own X-Forwarded-For line rather than extend the first: read them all, in order
+        forwarded = ", ".join(v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for")
         if not forwarded or not self._is_trusted(peer):
             return peer
         # Walk from the nearest hop outwards; the first address that is not our own proxy is the client.

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from .config import UpstreamSettings
 
@@ -95,7 +96,7 @@ class HTTPUpstream:
     async def send(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> _HTTPResponse:
         try:
             response = await self._session.request(
-                method, self._base + path, data=body or None, headers=headers, allow_redirects=False
+                method, URL(self._base + path, encoded=True), data=body or None, headers=headers, allow_redirects=False
             )
         except TimeoutError:
             raise UpstreamError("timeout", "no answer within the timeout") from None
@@ -182,8 +183,8 @@ class ASGIUpstream:
             "http_version": "1.1",
             "method": method,
             "scheme": "http",
-            "path": path_only,
-            "raw_path": path_only.encode(),
+            "path": unquote(path_only),
+            "raw_path": path_only.encode("latin-1"),
             "query_string": query.encode(),
             "root_path": "",
             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
@@ -210,7 +211,12 @@ class ASGIUpstream:
                 messages.put_nowait(_END)
 
         task = asyncio.get_running_loop().create_task(run())
-        start = await _next_message(messages, task, self._read_timeout)
+        try:
+            start = await _next_message(messages, task, self._read_timeout)
+        except BaseException:  # the client left (or the wait timed out) before the app answered
+            disconnect.set()
+            task.cancel()
+            raise
         if not isinstance(start, dict) or start.get("type") != "http.response.start":
             task.cancel()
             raise UpstreamError("broken", "the app sent no response")

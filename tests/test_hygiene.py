@@ -336,3 +336,32 @@ def test_configured_passthrough_is_forwarded_as_is_to_identified_callers(passthr
         assert_openai_error(http.get("/custom/thing"), 401)
         assert_openai_error(http.get("/v1/batches", headers={"authorization": f"Bearer {key}"}), 404)
     assert len(fake_upstream.requests) == 2
+
+
+def test_strings_json_allows_but_utf8_cannot_encode_are_still_recorded(gw):
+    body = b'{"model": "\\ud800", "messages": [{"role": "user", "content": "lone \\udfff surrogate"}]}'
+    assert post_raw(gw, body).status_code == 200
+    assert gw.records()[-1]["status"] == 200
+    assert_still_serves(gw)
+
+
+def test_passthrough_cannot_climb_out_of_its_prefix(passthrough, fake_upstream):
+    url, key = passthrough
+    fake_upstream.reset()
+    with httpx.Client(base_url=url) as http:
+        for path in ("/v1/files/%2e%2e/organization/admin_api_keys", "/v1/files/../x", "/v1/files-x"):
+            r = http.get(path, headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 404, path
+    assert fake_upstream.requests == []
+
+
+def test_every_forwarded_for_line_counts(gw):
+    headers = [
+        ("authorization", f"Bearer {gw.key}"),
+        ("content-type", "application/json"),
+        ("x-forwarded-for", "198.51.100.66"),
+        ("x-forwarded-for", "203.0.113.77"),
+    ]
+    with gw.client() as http:
+        assert http.post(CHAT, headers=headers, json=BODY).status_code == 200
+    assert gw.records()[-1]["client"] == "203.0.113.77"  # the nearest hop, not the client's first line

@@ -16,6 +16,7 @@ from ..config import Settings
 from .keys import Keys, init_keys
 from .log import EvidenceLog
 from .recorder import EvidenceRecorder
+from .store import write_atomically
 
 log = logging.getLogger("canarygate.evidence")
 
@@ -26,6 +27,18 @@ def keys_dir(settings: Settings) -> Path:
 
 def logs_dir(settings: Settings) -> Path:
     return settings.state_dir / "evidence"
+
+
+def origin_of(settings: Settings) -> str:
+    """The log's name: `[evidence] origin`, or else the one chosen at first start (from the hostname) and
+    kept in the state folder, so that a container with a new hostname still continues its own log."""
+    if settings.evidence.origin:
+        return settings.evidence.origin
+    path = logs_dir(settings) / "origin-name"
+    if not path.exists():
+        logs_dir(settings).mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(path, (settings.evidence.origin_name() + "\n").encode())
+    return path.read_text().strip()
 
 
 def slot_origin(origin: str, slot: int) -> str:
@@ -50,7 +63,8 @@ def claim_slot(directory: Path) -> tuple[int, int]:
 
 
 def open_recorder(settings: Settings) -> EvidenceRecorder:
-    created = init_keys(keys_dir(settings), settings.evidence.origin_name())
+    origin = origin_of(settings)
+    created = init_keys(keys_dir(settings), origin)
     if created:
         log.warning("created keys %s in %s", ", ".join(created), keys_dir(settings))
     slot, _lock = claim_slot(logs_dir(settings))  # held for the life of the process
@@ -59,7 +73,7 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
         EvidenceLog(
             logs_dir(settings) / str(slot),
             Keys.load(keys_dir(settings)),
-            slot_origin(evidence.origin_name(), slot),
+            slot_origin(origin, slot),
             batch_interval=evidence.batch_interval_ms / 1000,
             checkpoint_every=evidence.checkpoint_every,
             checkpoint_interval=evidence.checkpoint_interval,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..config import Settings
@@ -31,7 +32,8 @@ To check an entry with nothing but its public key:
 
 
 def export(readers: list[LogReader], out: Path, identity: str | None, reveal: list[str], settings: Settings) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # revealed fields are plaintext prompts and answers
+    os.umask(0o077)
     (out / "README.md").write_text(README)
     count = 0
     for reader in readers:
@@ -42,16 +44,16 @@ def export(readers: list[LogReader], out: Path, identity: str | None, reveal: li
         (folder / "origin").write_text(origin + "\n")
         if keys is not None:
             (folder / "vkey").write_text(Verifier(origin, keys.signer.verifier.public).vkey() + "\n")
-        notes = reader.checkpoints()
+        notes = reader.checkpoints()  # every proof in the bundle is against the last of these
         (folder / "checkpoints.json").write_text(json.dumps(notes, indent=1))
+        covered = int(notes[-1].split("\n")[1]) if notes else 0
         with open(folder / "entries.jsonl", "w") as f:
             for item in reader.entries(strict=False):
                 if identity and item.public.get("identity") != identity:
                     continue
-                try:
-                    line = reader.prove(item.index)
-                except Exception:
-                    break  # not under a checkpoint yet
+                if item.index >= covered:
+                    break  # not under the bundle's checkpoint
+                line = reader.prove(item.index, notes[-1])
                 del line["checkpoint"]
                 if reveal:
                     opened = reader.open_all(item)

@@ -1,6 +1,6 @@
 """Log entries: a versioned canonical form, salted commitments to content, and sealing of the openings.
 
-The leaf is the canonical JSON of the public entry (sorted keys, no spaces, UTF-8), so the same entry
+The leaf is the canonical JSON of the public entry (sorted keys, no spaces, ASCII), so the same entry
 always hashes the same. Content fields (prompt, response, client address) appear in the leaf only as
 commitments SHA-256(salt || value) with a fresh 32-byte salt: the tree proves integrity without exposing
 content, and a short prompt cannot be found by guessing. Values and salts are sealed beside the leaf with
@@ -27,7 +27,9 @@ CONTENT_FIELDS = ("prompt", "response", "client")
 
 
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Sorted keys, no spaces, ASCII with \\u escapes: any string a client sends (a lone surrogate too)
+    encodes, and the same entry always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def commitment(salt: bytes, value: bytes) -> str:
@@ -35,6 +37,7 @@ def commitment(salt: bytes, value: bytes) -> str:
 
 
 _pool = bytearray()  # random bytes drawn 4 KiB at a time: one getrandom call for many salts and nonces
+os.register_at_fork(after_in_child=_pool.clear)  # a forked child must never reuse its parent's bytes
 
 
 def random_bytes(count: int) -> bytes:

@@ -14,6 +14,7 @@ Nothing here ever logs or prints a secret; only `public()` output leaves the dir
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import secrets
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ def init_keys(directory: Path, origin: str) -> list[str]:
     """Create whatever keys are missing; returns the names of files created. Never overwrites."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as lock:  # workers starting together create one set of keys
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _create_missing(directory, origin)
+
+
+def _create_missing(directory: Path, origin: str) -> list[str]:
     created = []
     if not (directory / SIGNING).exists():
         write_atomically(directory / SIGNING, (Signer(origin, secrets.token_bytes(32)).skey() + "\n").encode())

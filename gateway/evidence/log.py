@@ -67,7 +67,7 @@ class EvidenceLog:
         self._writer = loop.create_task(self._run())
 
     def _open(self) -> None:
-        self.store.open(self._keys.current_epoch)
+        self.store.dir.mkdir(parents=True, exist_ok=True)
         origin_file = self.store.dir / "origin"
         if not origin_file.exists():
             write_atomically(origin_file, (self.origin + "\n").encode())
@@ -76,9 +76,11 @@ class EvidenceLog:
                 f"{self.store.dir} is the log of {origin_file.read_text().strip()!r}, not "
                 f"{self.origin!r}: keep [evidence] origin as it was, or use another state folder"
             )
-        previous = self.store.checkpoints()
+        previous = self.store.checkpoints() if (self.store.dir / "checkpoints.log").exists() else []
         if previous:
             self._last_checkpoint = self._open_checkpoint(previous[-1])
+        last = self._last_checkpoint
+        self.store.open(self._keys.current_epoch, (last.size, last.root) if last else None)
 
     def _open_checkpoint(self, text: str) -> note.Checkpoint:
         """The latest checkpoint, signed by the current key or (after a rotation) an earlier one."""
@@ -89,31 +91,37 @@ class EvidenceLog:
                 continue
         raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")
 
-    def append(self, public: dict, openings: bytes, identity: str | None, wait: bool = True) -> asyncio.Future | None:
-        """Queue an entry. With `wait`, a future gives its index once it is on disk; without, nothing does,
-        and a failure to write shows in `failure` (and the log's readiness)."""
+    def append(self, leaf: bytes, openings: bytes, identity: str | None, wait: bool = True) -> asyncio.Future | None:
+        """Queue an entry (its canonical leaf and packed openings). With `wait`, a future gives its index
+        once it is on disk; without, nothing does, and a failure to write shows in `failure` (and the log's
+        readiness). Once the log has failed or is closing, appends raise."""
+        if self.failure or self._closing:
+            raise RuntimeError(self.failure or "the evidence log is closed")
         future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append((public, openings, identity, future))
+        self._queue.append((leaf, openings, identity, future))
         self._wake.set()
         return future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while not (self._closing and not self._queue):
+        while not (self._closing and not self._queue) and not self.failure:
             with contextlib.suppress(TimeoutError):  # time-based checkpoints need a wake-up when idle
                 await asyncio.wait_for(self._wake.wait(), self._checkpoint_interval)
             self._wake.clear()
             batch, self._queue = self._queue, []
             try:
                 if batch:
-                    first = self._write(batch)  # sealing and writing are quick; only the fsync waits
+                    # a new segment (rarely) and the fsync wait in a helper thread; sealing and writing are quick
+                    epoch = self._keys.current_epoch
+                    await loop.run_in_executor(self._executor, self.store.roll_if_needed, epoch)
+                    first = self._write(batch, epoch)
                     await loop.run_in_executor(self._executor, self.store.sync)
                     for offset, (*_, future) in enumerate(batch):
                         if future is not None and not future.done():
                             future.set_result(first + offset)
                 await self._maybe_checkpoint(force=False)
-            except Exception as error:
-                log.exception("evidence log write failed")
+            except Exception as error:  # fail-stop: a log that lost a write must not sign past it
+                log.exception("evidence log write failed; no more entries are accepted")
                 self.failure = f"evidence log write failed: {type(error).__name__}"
                 for *_, future in batch:
                     if future is not None and not future.done():
@@ -121,17 +129,15 @@ class EvidenceLog:
             if not self._closing and self._queue:
                 await asyncio.sleep(self._batch_interval)  # let the next batch gather
 
-    def _write(self, batch) -> int:
+    def _write(self, batch, epoch: int) -> int:
         store = self.store
-        epoch = self._keys.current_epoch
-        store.roll_if_needed(epoch)
         if self._sealer_for != (epoch, store.segment.number):
             self._sealer = entry.Sealer(entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number))
             self._sealer_for = (epoch, store.segment.number)
         first = store.size
         records = [
-            (entry.canonical(public), self._sealer.seal(first + offset, identity, openings))
-            for offset, (public, openings, identity, _) in enumerate(batch)
+            (leaf, self._sealer.seal(first + offset, identity, openings))
+            for offset, (leaf, openings, identity, _) in enumerate(batch)
         ]
         store.append(records, sync=False)
         return first
@@ -158,6 +164,7 @@ class EvidenceLog:
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        await self._maybe_checkpoint(force=True)
+        if not self.failure:
+            await self._maybe_checkpoint(force=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown()

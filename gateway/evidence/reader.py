@@ -3,8 +3,8 @@
 Reading never changes a log (a live gateway may be writing it): a torn last record is reported, not cut.
 `verify` trusts nothing but the segments and the public key: it recomputes every leaf hash and root from
 the segments, checks every checkpoint's signature, the consistency of successive checkpoints, the stored
-tree and index against the recomputed ones, and (with the keys) that every sealed opening decrypts and
-matches its commitment.
+tree (which proofs are served from) against the recomputed one, and (with the keys) that every sealed
+opening decrypts and matches its commitment.
 """
 
 from __future__ import annotations
@@ -243,11 +243,14 @@ class LogReader:
             "commitment": entry.commitment(salt, value),
         }
 
-    def prove(self, index: int) -> dict:
-        notes = self.checkpoints()
-        if not notes:
-            raise VerifyError("no checkpoint yet: wait for one (every few seconds) or stop the gateway")
-        checkpoint = note.Checkpoint.parse(notes[-1].split("\n\n")[0] + "\n")
+    def prove(self, index: int, checkpoint_note: str | None = None) -> dict:
+        """Inclusion proof of entry `index` under `checkpoint_note` (default: the latest checkpoint)."""
+        if checkpoint_note is None:
+            notes = self.checkpoints()
+            if not notes:
+                raise VerifyError("no checkpoint yet: wait for one (every few seconds) or stop the gateway")
+            checkpoint_note = notes[-1]
+        checkpoint = note.Checkpoint.parse(checkpoint_note.split("\n\n")[0] + "\n")
         if index >= checkpoint.size:
             raise VerifyError(f"entry {index} is not under the latest checkpoint (size {checkpoint.size}) yet")
         item = self.get(index)
@@ -259,12 +262,15 @@ class LogReader:
             "leaf": b64(item.leaf).decode(),
             "leaf_hash": b64(merkle.leaf_hash(item.leaf)).decode(),
             "proof": [b64(p).decode() for p in proof],
-            "checkpoint": notes[-1],
+            "checkpoint": checkpoint_note,
         }
 
     def _stored_subtree(self, level: int, index: int) -> bytes:
         with open(self.dir / "tree" / f"level-{level}.bin", "rb") as f:
-            return os.pread(f.fileno(), HASH, index * HASH)
+            data = os.pread(f.fileno(), HASH, index * HASH)
+        if len(data) != HASH:
+            raise VerifyError(f"stored tree level {level} has no node {index} yet; try again in a moment")
+        return data
 
 
 def _memory_subtree(leaves: list[bytes]):

@@ -3,7 +3,8 @@
 The begin entry is written at admission (or rejection): time, request id, identity and tenant, route,
 model, admission decision and tier, with the prompt and client address as commitments. The end entry is
 written when the exchange ends, before its last byte is sent: the response as delivered (a commitment),
-the marks applied, token usage, upstream status, latencies and how it ended.
+the marks applied, token usage (the field is there; nothing parses usage into it yet), upstream status,
+latencies and how it ended.
 
 With durability "fsync" the pipeline forwards a request only once its begin entry is on disk, and sends
 the last byte of an answer only once its end entry is; with "batch" both are queued and reach disk within
@@ -15,7 +16,7 @@ from __future__ import annotations
 import time
 
 from ..exchange import Exchange
-from .entry import commit
+from .entry import canonical, commit
 from .log import EvidenceLog
 
 
@@ -80,7 +81,8 @@ class EvidenceRecorder:
 
     async def _append(self, public: dict, fields: dict[str, bytes], exchange: Exchange) -> None:
         public["commit"], openings = commit(fields)
-        future = self.log.append(public, openings, exchange.identity.name if exchange.identity else None, self._wait)
+        identity = exchange.identity.name if exchange.identity else None
+        future = self.log.append(canonical(public), openings, identity, self._wait)
         if future is not None:
             await future
 

@@ -2,15 +2,17 @@
 
 Layout of a log directory:
 - `segment-NNNNNN.log`: a header (magic, first entry index, key epoch), then records
-  `u32 leaf length | u32 sealed length | u32 CRC-32 | leaf | sealed`. New segments start as a temporary
+  `u32 leaf length | u32 sealed length | u32 CRC-32 | leaf | sealed`, the CRC taken over both lengths and
+  the body (so a run of zeros left by a crash never reads as a record). New segments start as a temporary
   file that is renamed into place, with the directory fsynced.
 - `tree/level-K.bin`: the hashes of every complete, aligned subtree of 2**K leaves, 32 bytes each, in
   order (level 0 holds the leaf hashes). Any inclusion or consistency proof is a few reads, no rebuild.
 - `index.bin`: per entry, u32 segment number and u64 offset of its record.
 - `checkpoints.log`: every signed checkpoint note, each as `u32 length | note`.
 
-Only segments are the source of truth: on open, a torn last record is cut off and the tree and index are
-brought back in line with the segments (recomputed where they lag, cut where they lead).
+Only segments are the source of truth: on open, a torn last record (and a torn last checkpoint frame) is
+cut off, and the tree and index are brought back in line with the segments: cut where they lead,
+recomputed where they lag or disagree. The tree and index are fsynced before a checkpoint is signed.
 This module is synchronous and single-writer; `log.py` drives it from one thread.
 """
 
@@ -43,16 +45,47 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until everything is written (a short write is not an error; a full disk raises)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def record_crc(leaf_len: int, sealed_len: int, body: bytes) -> int:
+    return zlib.crc32(body, zlib.crc32(struct.pack(">II", leaf_len, sealed_len)))
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """The complete `u32 length | bytes` frames of a file; a torn last frame is left out."""
+    frames, offset = [], 0
+    while offset + 4 <= len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        if offset + 4 + length > len(data):
+            break
+        frames.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return frames
+
+
+def _cut_torn_frame(fd: int) -> None:
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    complete = sum(4 + len(frame) for frame in _frames(data))
+    if complete != len(data):
+        os.ftruncate(fd, complete)
+        os.fsync(fd)
 
 
 class Segment:
@@ -76,7 +109,7 @@ class Segment:
             start = offset + RECORD_HEADER.size
             end = start + leaf_len + sealed_len
             body = data[start:end]
-            if end > len(data) or zlib.crc32(body) != crc:
+            if end > len(data) or leaf_len == 0 or record_crc(leaf_len, sealed_len, body) != crc:
                 yield offset, b"", b"", False
                 return
             yield offset, body[:leaf_len], body[leaf_len:], True
@@ -98,27 +131,22 @@ class LogStore:
 
     # --- opening and recovery ---
 
-    def open(self, key_epoch: int) -> None:
+    def open(self, key_epoch: int, trusted: tuple[int, bytes] | None = None) -> None:
+        """Open for appending. `trusted` is the (size, root) of the latest verified checkpoint: the stored
+        tree is kept up to it if it still gives that root, and recomputed from the segments after it."""
         (self.dir / "tree").mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         segments = self.segments()
-        records = 0
-        for position, segment in enumerate(segments):
-            if segment.first != records:
-                raise CorruptLog(f"{segment.path.name} starts at entry {segment.first}, expected {records}")
-            for offset, _, _, intact in segment.records():
-                if not intact:
-                    if position != len(segments) - 1:
-                        raise CorruptLog(f"{segment.path.name}: damaged record at byte {offset}")
-                    with open(segment.path, "r+b") as f:  # a torn write at the end: cut it off
-                        f.truncate(offset)
-                        os.fsync(f.fileno())
-                    break
-                records += 1
+        for before, after in zip(segments, segments[1:], strict=False):
+            if after.first < before.first:
+                raise CorruptLog(f"{after.path.name} starts at entry {after.first}, before {before.path.name}")
+        records = self._count_and_cut(segments[-1]) if segments else 0
         self._index_fd = os.open(self.dir / "index.bin", os.O_RDWR | os.O_CREAT, 0o600)
         self._checkpoint_fd = os.open(self.dir / "checkpoints.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._open_levels()
-        self._resync(records)
+        _cut_torn_frame(self._checkpoint_fd)
+        for level in range(max(records, 1).bit_length()):
+            self._level_fd(level)
+        self._resync(records, trusted)
         if not segments:
             self._new_segment(key_epoch)
         else:
@@ -128,14 +156,23 @@ class LogStore:
             if self._segment.key_epoch != key_epoch:
                 self._new_segment(key_epoch)
 
+    @staticmethod
+    def _count_and_cut(last: Segment) -> int:
+        """Entries in the log: those before the last segment, plus its intact records. A torn write at the
+        end (a crash mid-batch) is cut off; rolled segments are never written again, so only the last
+        segment is read."""
+        count = last.first
+        for offset, _, _, intact in last.records():
+            if not intact:
+                with open(last.path, "r+b") as f:
+                    f.truncate(offset)
+                    os.fsync(f.fileno())
+                break
+            count += 1
+        return count
+
     def segments(self) -> list[Segment]:
         return [Segment(p) for p in sorted(self.dir.glob("segment-*.log"))]
-
-    def _open_levels(self) -> None:
-        level = 0
-        while (self.dir / "tree" / f"level-{level}.bin").exists() or level == 0:
-            self._level_fd(level)
-            level += 1
 
     def _level_fd(self, level: int) -> int:
         while len(self._levels) <= level:
@@ -143,10 +180,23 @@ class LogStore:
             self._levels.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         return self._levels[level]
 
-    def _resync(self, records: int) -> None:
-        """Make the tree and index describe exactly the first `records` entries."""
-        hashed = min(os.fstat(self._levels[0]).st_size // HASH, os.fstat(self._index_fd).st_size // INDEX_ENTRY.size)
-        keep = min(hashed, records)
+    def _resync(self, records: int, trusted: tuple[int, bytes] | None) -> None:
+        """Make the tree and index describe exactly the first `records` entries.
+
+        What the last checkpoint vouches for is kept if the stored tree still gives its root; everything
+        after it is recomputed from the segments (a crash can leave the tree and index behind, ahead, or,
+        after a power loss, the right size with the wrong bytes)."""
+        keep = 0
+        if trusted is not None and trusted[0] <= records:
+            try:
+                if self.root(trusted[0]) == trusted[1]:
+                    keep = trusted[0]
+            except (CorruptLog, IndexError):
+                keep = 0
+        # never past what every file holds: cutting is safe, extending with zeros is not
+        keep = min(keep, os.fstat(self._index_fd).st_size // INDEX_ENTRY.size)
+        for level, fd in enumerate(self._levels):
+            keep = min(keep, ((os.fstat(fd).st_size // HASH + 1) << level) - 1)
         for level, fd in enumerate(self._levels):
             os.ftruncate(fd, (keep >> level) * HASH)
         os.ftruncate(self._index_fd, keep * INDEX_ENTRY.size)
@@ -158,8 +208,11 @@ class LogStore:
             self._add_leaves([(merkle.leaf_hash(leaf), n, at) for n, at, leaf, _ in self._records_from(keep)])
 
     def _records_from(self, start: int) -> Iterator[tuple[int, int, bytes, bytes]]:
-        index = 0
-        for segment in self.segments():
+        """(segment number, offset, leaf, sealed) of every intact entry from index `start` on."""
+        segments = self.segments()
+        first = max((i for i, s in enumerate(segments) if s.first <= start), default=0)
+        for segment in segments[first:]:
+            index = segment.first
             for offset, leaf, sealed, intact in segment.records():
                 if not intact:
                     return
@@ -195,10 +248,14 @@ class LogStore:
         chunks, offsets, offset = [], [], self._segment_end
         for leaf, sealed in records:
             body = leaf + sealed
-            chunks.append(RECORD_HEADER.pack(len(leaf), len(sealed), zlib.crc32(body)) + body)
+            chunks.append(RECORD_HEADER.pack(len(leaf), len(sealed), record_crc(len(leaf), len(sealed), body)) + body)
             offsets.append(offset)
             offset += len(chunks[-1])
-        os.write(self._segment_fd, b"".join(chunks))
+        try:
+            write_all(self._segment_fd, b"".join(chunks))
+        except OSError:
+            os.ftruncate(self._segment_fd, self._segment_end)  # leave no half batch behind
+            raise
         if sync:
             os.fsync(self._segment_fd)
         self._segment_end = offset
@@ -255,7 +312,7 @@ class LogStore:
             f.seek(offset)
             leaf_len, sealed_len, crc = RECORD_HEADER.unpack(f.read(RECORD_HEADER.size))
             body = f.read(leaf_len + sealed_len)
-        if zlib.crc32(body) != crc:
+        if record_crc(leaf_len, sealed_len, body) != crc:
             raise CorruptLog(f"entry {index} in {path.name} is damaged")
         return body[:leaf_len], body[leaf_len:], number
 
@@ -265,19 +322,16 @@ class LogStore:
     # --- checkpoints ---
 
     def add_checkpoint(self, note: str) -> None:
+        """Keep a signed checkpoint, once the tree and index it summarises are on disk too."""
+        for fd in (self._index_fd, *self._levels):
+            os.fsync(fd)
         data = note.encode()
-        os.write(self._checkpoint_fd, struct.pack(">I", len(data)) + data)
+        write_all(self._checkpoint_fd, struct.pack(">I", len(data)) + data)
         os.fsync(self._checkpoint_fd)
         write_atomically(self.dir / "checkpoint", data)
 
     def checkpoints(self) -> list[str]:
-        data = (self.dir / "checkpoints.log").read_bytes()
-        notes, offset = [], 0
-        while offset + 4 <= len(data):
-            (length,) = struct.unpack_from(">I", data, offset)
-            notes.append(data[offset + 4 : offset + 4 + length].decode())
-            offset += 4 + length
-        return notes
+        return [note.decode() for note in _frames((self.dir / "checkpoints.log").read_bytes())]
 
     def close(self) -> None:
         for fd in [self._segment_fd, self._index_fd, self._checkpoint_fd, *self._levels]:

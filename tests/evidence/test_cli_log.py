@@ -31,8 +31,8 @@ def _setup(tmp_path, fake_upstream, durability="batch"):
 def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     key = _setup(tmp_path, fake_upstream)
     keydir = tmp_path / ".canarygate" / "keys"
-    assert sorted(p.name for p in keydir.iterdir()) == ["log-signing.key", "master-0.key", "watermark.key"]
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keydir.iterdir())
+    assert sorted(p.name for p in keydir.glob("*.key")) == ["log-signing.key", "master-0.key", "watermark.key"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keydir.glob("*.key"))
     with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
         for _ in range(5):
             assert http.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"}).is_success

@@ -32,7 +32,7 @@ def write_entries(directory: Path, keydir: Path, count: int, start: int = 0, **o
             for i in range(batch, min(batch + 50, start + count)):
                 commitments, openings = entry.commit({"prompt": f"prompt {i}".encode(), "client": b"192.0.2.1"})
                 public = {"v": 1, "kind": "begin", "id": f"req_{i}", "identity": f"user{i % 3}", "commit": commitments}
-                futures.append(evidence.append(public, openings, f"user{i % 3}"))
+                futures.append(evidence.append(entry.canonical(public), openings, f"user{i % 3}"))
             indexes += await asyncio.gather(*futures)
         assert indexes == list(range(start, start + count))
         await evidence.close()
@@ -67,7 +67,7 @@ def test_written_log_verifies_proves_and_opens(written):
 
 
 def test_key_files_are_private(written, tmp_path):
-    for path in (tmp_path / "keys").iterdir():
+    for path in (tmp_path / "keys").glob("*.key"):
         assert oct(path.stat().st_mode & 0o777) == "0o600", path
     assert oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
 
@@ -83,6 +83,15 @@ def test_reopen_recovers_a_torn_tail_and_continues(written, tmp_path):
     write_entries(directory, tmp_path / "keys", 20, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
     report = LogReader(directory, loaded).verify()
     assert (report.entries, report.covered) == (320, 320)
+
+
+def test_reopen_after_a_power_loss_that_left_zeros(written, tmp_path):
+    directory, loaded, _ = written
+    with open(sorted(directory.glob("segment-*.log"))[-1], "ab") as f:
+        f.write(bytes(120))  # the file grew but its data never reached the disk
+    write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    report = LogReader(directory, loaded).verify()
+    assert (report.entries, report.covered) == (305, 305)
 
 
 def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
