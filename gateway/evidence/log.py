@@ -113,7 +113,8 @@ class EvidenceLog:
                 if batch:
                     # a new segment (rarely) and the fsync wait in a helper thread; sealing and writing are quick
                     epoch = self._keys.current_epoch
-                    await loop.run_in_executor(self._executor, self.store.roll_if_needed, epoch)
+                    if self.store.needs_roll(epoch):  # a new file and two fsyncs: off the loop
+                        await loop.run_in_executor(self._executor, self.store.roll_if_needed, epoch)
                     first = self._write(batch, epoch)
                     await loop.run_in_executor(self._executor, self.store.sync)
                     for offset, (*_, future) in enumerate(batch):

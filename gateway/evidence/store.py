@@ -236,11 +236,13 @@ class LogStore:
     def segment(self) -> Segment:
         return self._segment
 
-    def roll_if_needed(self, key_epoch: int) -> None:
-        """Start a new segment when the current one is full or sealed under another key epoch.
+    def needs_roll(self, key_epoch: int) -> bool:
+        """Whether the next batch needs a new segment: the current one is full or under another key epoch."""
+        return self._segment.key_epoch != key_epoch or self._segment_end >= self.segment_bytes
 
-        Called before a batch is sealed, since each segment has its own data key."""
-        if self._segment.key_epoch != key_epoch or self._segment_end >= self.segment_bytes:
+    def roll_if_needed(self, key_epoch: int) -> None:
+        """Start a new segment if `needs_roll`; called before a batch is sealed (each segment has its own key)."""
+        if self.needs_roll(key_epoch):
             self._new_segment(key_epoch)
 
     def append(self, records: list[tuple[bytes, bytes]], sync: bool = True) -> int:
