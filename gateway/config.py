@@ -26,7 +26,7 @@ host = "127.0.0.1"
 port = 8080
 workers = 1                      # worker processes (uvicorn)
 max_body_bytes = 4194304         # request bodies above this (after decompression) get 413
-max_response_bytes = 33554432    # a non-streamed upstream answer above this is cut off with a 502
+max_response_bytes = 33554432    # an upstream answer above this is cut off (502, or an error event in a stream)
 shutdown_timeout = 30.0          # seconds in-flight streams may run on after a stop signal
 trusted_proxies = []             # CIDRs whose X-Forwarded-For is believed, e.g. ["10.0.0.0/8"]
 

@@ -268,8 +268,12 @@ class Pipeline:
             rewrite = StreamRewrite(dialect, lambda part: self._transform.rewriter(exchange, part))
         await reply.start_stream(response.status)
         held: list[bytes] = []  # the terminal event, once seen: sent when the upstream's body ends
+        received, limit = 0, self._settings.server.max_response_bytes
         try:
             async for chunk in response.chunks():
+                received += len(chunk)
+                if received > limit:  # an endless stream would grow the exchange's record without bound
+                    raise UpstreamError("too_large", f"streamed answer larger than {limit} bytes")
                 events = framer.feed(chunk)
                 if rewrite is not None:
                     events = [out for event in events for out in rewrite.push(event)]

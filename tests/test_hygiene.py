@@ -206,6 +206,21 @@ def test_upstream_redirect_is_not_followed(gw):
     assert_still_serves(gw)
 
 
+def test_endless_stream_is_cut_at_the_response_limit(tmp_path, fake_upstream):
+    fake_upstream.reset()
+    fake_upstream.behaviour.text = "word " * 4000  # 20 KB of text, far more in events
+    state = tmp_path / "state"
+    key = Registry(state).add("hank")
+    settings = config.parse(
+        {"server": {"max_response_bytes": 4096}, "upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)}},
+        "test",
+    )
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
+        r = http.post(CHAT, headers={"authorization": f"Bearer {key}"}, json={**BODY, "stream": True})
+        assert r.status_code == 200 and len(r.content) < 8192
+        assert b'"code": "upstream_error"' in r.content.splitlines()[-2]  # ends with an error event
+
+
 def test_upstream_timeout_is_504(gw):
     gw.upstream.behaviour.hang = 3.0  # read timeout is 1.5 s
     with gw.client() as http:
