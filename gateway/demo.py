@@ -13,10 +13,12 @@ import json
 import time
 from typing import Any
 
+from .body import read_body
 from .protocols import ROUTES
 from .protocols.sse import encode_event
 
 DEMO_MODEL = "canarygate-demo"
+DEMO_BODY_LIMIT = 64 * 1024 * 1024  # the gateway in front has already applied its own limit
 
 
 def _sse(payload: dict, name: str | None = None) -> bytes:
@@ -252,12 +254,7 @@ class DemoModel:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive, None, None, DEMO_BODY_LIMIT)
         request = json.loads(body) if body else {}
         status, answer = self._answer(scope["method"], scope["path"], request)
         if isinstance(answer, list):

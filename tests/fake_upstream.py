@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from gateway import demo
+from gateway.body import read_body
 from gateway.protocols import ROUTES
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on."
@@ -76,12 +77,7 @@ class FakeUpstream:
                 await send({"type": kind + ".complete"})
                 if kind == "lifespan.shutdown":
                     return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive, None, None, 1 << 30)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append(Received(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
         b = self.behaviour
