@@ -26,9 +26,10 @@ UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
 class ServerThread:
     """An ASGI app served by uvicorn on a free loopback port, in a thread with its own event loop."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **options) -> None:
         self.config = uvicorn.Config(
             app,
+            **options,
             host="127.0.0.1",
             port=0,
             log_level="warning",

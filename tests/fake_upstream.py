@@ -82,7 +82,11 @@ class FakeUpstream:
         self.requests.append(Received(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
         b = self.behaviour
         if b.hang:
-            await asyncio.sleep(b.hang)
+            try:
+                await asyncio.sleep(b.hang)
+            except asyncio.CancelledError:  # the gateway stopped waiting and cancelled this request
+                self.cancelled.set()
+                raise
         if b.status is not None:
             await self._json(send, b.status, b.error_body, b.headers)
             return

@@ -380,3 +380,37 @@ def test_every_forwarded_for_line_counts(gw):
     with gw.client() as http:
         assert http.post(CHAT, headers=headers, json=BODY).status_code == 200
     assert gw.records()[-1]["client"] == "203.0.113.77"  # the nearest hop, not the client's first line
+
+
+def test_middleware_under_a_root_path_still_guards_the_api(tmp_path):
+    from gateway.middleware import CanarygateMiddleware
+    from tests.fake_upstream import FakeUpstream
+
+    model = FakeUpstream()
+    state = tmp_path / "state"
+    key = Registry(state).add("ida")
+    app = CanarygateMiddleware(model, settings=_settings(state, "http://unused.invalid"))
+    # uvicorn puts root_path in front of the path it receives (a proxy in front strips the prefix)
+    with ServerThread(app, root_path="/api") as server, httpx.Client(base_url=server.url) as http:
+        assert_openai_error(http.post(CHAT, json=BODY), 401)  # no bypass under the mount point
+        assert http.post(CHAT, json=BODY, headers={"authorization": f"Bearer {key}"}).is_success
+    assert [r.path for r in model.requests] == ["/v1/chat/completions"]
+
+
+def test_middleware_client_leaving_before_the_answer_stops_the_model(tmp_path):
+    from gateway.middleware import CanarygateMiddleware
+    from tests.fake_upstream import FakeUpstream
+
+    model = FakeUpstream()
+    model.behaviour.hang = 30  # a long generation before the first byte
+    state = tmp_path / "state"
+    key = Registry(state).add("jo")
+    app = CanarygateMiddleware(model, settings=_settings(state, "http://unused.invalid"))
+    with ServerThread(app) as server:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as http:
+            http.post(CHAT, json=BODY, headers={"authorization": f"Bearer {key}"})
+        assert model.cancelled.wait(5), "the model kept generating for a client that had left"
+        deadline = time.time() + 5
+        while not exchanges(state) and time.time() < deadline:
+            time.sleep(0.05)
+    assert exchanges(state)[-1]["outcome"] == "client_cancelled"
