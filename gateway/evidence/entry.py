@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SCHEMA_VERSION = 1
-CONTENT_FIELDS = ("prompt", "response", "client")
 
 
 def canonical(obj: Any) -> bytes:

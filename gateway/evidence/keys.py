@@ -106,9 +106,3 @@ def _secret(path: Path) -> bytes:
     if len(value) != 32:
         raise KeysError(f"{path}: must hold 32 bytes")
     return value
-
-
-def public(directory: Path) -> list[str]:
-    """Verifier keys (C2SP vkey form), the current one last."""
-    keys = Keys.load(directory)
-    return [v.vkey() for v in reversed(keys.verifiers())]

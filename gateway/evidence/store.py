@@ -318,8 +318,6 @@ class LogStore:
             raise CorruptLog(f"entry {index} in {path.name} is damaged")
         return body[:leaf_len], body[leaf_len:], number
 
-    def key_epoch_of(self, segment: int) -> int:
-        return Segment(self.dir / f"segment-{segment:06d}.log").key_epoch
 
     # --- checkpoints ---
 
