@@ -25,6 +25,7 @@ from .body import read_body
 from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
+from .protocols.base import usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .stages import Admitter, Identifier, Recorder, Transform, Upstream, UpstreamResponse
@@ -160,6 +161,8 @@ class Pipeline:
 
     async def _finish(self, exchange: Exchange) -> None:
         """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned)."""
+        if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
+            exchange.usage = usage_of(b"".join(exchange.delivered))
         try:
             await self._record.end(exchange)
         except Exception:

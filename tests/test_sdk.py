@@ -179,6 +179,22 @@ def test_streamed_equals_whole_for_any_split(gw, route, text, cuts, transformed)
     assert whole[0] == (rewrite_text(text) if transformed else text)
 
 
+def test_token_usage_is_recorded_for_whole_and_streamed_answers(gw):
+    oai(gw).chat.completions.create(model="m", messages=MESSAGES)
+    whole = gw.records()[-1]["usage"]
+    assert whole["completion_tokens"] == len(DEFAULT_TEXT.split()) and whole["total_tokens"] > 0
+    list(
+        oai(gw).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert gw.records()[-1]["usage"]["completion_tokens"] == whole["completion_tokens"]
+    with ant(gw).messages.stream(model="c", max_tokens=9, messages=MESSAGES) as stream:
+        stream.get_final_message()
+    usage = gw.records()[-1]["usage"]  # input from message_start, output from message_delta
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] == len(DEFAULT_TEXT.split())
+
+
 def test_every_exchange_is_recorded(gw):
     before = len(gw.records())
     oai(gw).chat.completions.create(model="m", messages=MESSAGES)

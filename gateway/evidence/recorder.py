@@ -3,8 +3,7 @@
 The begin entry is written at admission (or rejection): time, request id, identity and tenant, route,
 model, admission decision and tier, with the prompt and client address as commitments. The end entry is
 written when the exchange ends, before its last byte is sent: the response as delivered (a commitment),
-the marks applied, token usage (the field is there; nothing parses usage into it yet), upstream status,
-latencies and how it ended.
+the marks applied, token usage as the upstream reported it, upstream status, latencies and how it ended.
 
 With durability "fsync" the pipeline forwards a request only once its begin entry is on disk, and sends
 the last byte of an answer only once its end entry is; with "batch" both are queued and reach disk within

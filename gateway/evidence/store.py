@@ -318,7 +318,6 @@ class LogStore:
             raise CorruptLog(f"entry {index} in {path.name} is damaged")
         return body[:leaf_len], body[leaf_len:], number
 
-
     # --- checkpoints ---
 
     def add_checkpoint(self, note: str) -> None:

@@ -7,6 +7,7 @@ an answer, whole or streamed, as `Slot`s that a transform may rewrite in place.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -109,3 +110,27 @@ def text_of(content: Any) -> str:
             part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return ""
+
+
+_USAGE_KEY = b'"usage"'
+_DECODER = json.JSONDecoder()
+
+
+def usage_of(body: bytes) -> dict[str, Any] | None:
+    """Token usage reported in an answer, whole or streamed, of either API, merged in order of appearance.
+
+    Both APIs report it as a `"usage": {...}` object (OpenAI chat once, in the body or the last chunk;
+    Responses in response.completed; Anthropic in message_start and again, for output, in message_delta),
+    so the objects are decoded where they stand rather than parsing the whole answer."""
+    usage: dict[str, Any] = {}
+    start = 0
+    while (at := body.find(_USAGE_KEY, start)) >= 0:
+        start = at + len(_USAGE_KEY)
+        colon = body.find(b":", start)
+        try:
+            value, _ = _DECODER.raw_decode(body[colon + 1 : colon + 4096].decode("utf-8", "replace").lstrip())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            usage.update(value)
+    return usage or None
