@@ -149,24 +149,15 @@ def start_nginx(workdir: Path, upstream: Running) -> Running | None:
     return Running("nginx", url, process, log=log)
 
 
+def _uvicorn(app: str, port: int, *options: str) -> list[str]:
+    """The command line that serves an ASGI app the way `canarygate serve` does (uvloop, httptools)."""
+    return [PYTHON, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning", *options]  # fmt: skip
+
+
 def start_bare(workdir: Path, upstream: Running) -> Running:
     port = free_port()
-    argv = [
-        PYTHON,
-        "-m",
-        "uvicorn",
-        "benchmarks.bare_proxy:app",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    process, log = _spawn("bare", argv, workdir, {"BARE_UPSTREAM": upstream.url})
+    process, log = _spawn("bare", _uvicorn("benchmarks.bare_proxy:app", port), workdir, {"BARE_UPSTREAM": upstream.url})
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, process, log)
     return Running("bare", url, process, log=log)
@@ -195,25 +186,7 @@ def start_gateway(
     if workers > 1:
         metrics_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="metrics-"))
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    argv = [
-        PYTHON,
-        "-m",
-        "uvicorn",
-        "benchmarks.variants:app",
-        "--factory",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--no-proxy-headers",
-        "--log-level",
-        "warning",
-        "--workers",
-        str(workers),
-    ]
+    argv = _uvicorn("benchmarks.variants:app", port, "--factory", "--no-proxy-headers", "--workers", str(workers))
     process, log = _spawn(name, argv, workdir, env)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, process, log, "/healthz")
