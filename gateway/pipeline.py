@@ -118,20 +118,17 @@ class Pipeline:
             client_ip=self._client_ip(scope),
         )
         reply = _Reply(send, exchange, self._finish)
-        begun = False
         try:
             self._check_route(exchange, dialect)
             exchange.identity = self._identify.identify(exchange, _credential(headers))
             body = await self._read_request(exchange, scope, receive, dialect)
             await self._admit.admit(exchange)
-            exchange.admitted = begun = True
+            exchange.admitted = True
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
         except GatewayError as error:
             exchange.outcome = exchange.outcome or Outcome.REJECTED
             exchange.error = exchange.error or error.kind.value
-            if not begun:
-                begun = await self._begin_rejected(exchange)
             await reply.error(api, error)
         except ConnectionAbortedError:
             exchange.outcome = Outcome.CLIENT_CANCELLED
@@ -139,28 +136,24 @@ class Pipeline:
             log.exception("request %s failed inside the gateway", exchange.id)
             exchange.outcome = Outcome.INTERNAL_ERROR
             exchange.error = ErrorKind.INTERNAL.value
-            if not begun:
-                begun = await self._begin_rejected(exchange)
             await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
         finally:
             if exchange.admitted:
                 self._admit.release(exchange)
-            if not begun:
-                await self._begin_rejected(exchange)
             if not reply.ended:
                 if exchange.status == 0:
                     exchange.status = 499  # the client left before any answer
                 await self._finish(exchange)
 
-    async def _begin_rejected(self, exchange: Exchange) -> bool:
-        try:
-            await self._record.begin(exchange)
-        except Exception:
-            log.exception("could not record the start of exchange %s", exchange.id)
-        return True
-
     async def _finish(self, exchange: Exchange) -> None:
-        """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned)."""
+        """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned).
+
+        An admitted exchange's begin entry was written at admission; a rejected one gets it here, first."""
+        if not exchange.admitted:
+            try:
+                await self._record.begin(exchange)
+            except Exception:
+                log.exception("could not record the start of exchange %s", exchange.id)
         if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
             exchange.usage = usage_of(b"".join(exchange.delivered))
         try:

@@ -30,6 +30,16 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+async def _read_all(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("too_large", f"answer larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 class _HTTPResponse:
     __slots__ = ("_response", "status", "headers")
 
@@ -48,13 +58,7 @@ class _HTTPResponse:
             raise UpstreamError("broken", type(e).__name__) from None
 
     async def read(self, limit: int) -> bytes:
-        parts, size = [], 0
-        async for chunk in self.chunks():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("too_large", f"answer larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        return await _read_all(self.chunks(), limit)
 
     def close(self) -> None:
         self._response.close()
@@ -141,13 +145,7 @@ class _ASGIResponse:
                 return
 
     async def read(self, limit: int) -> bytes:
-        parts, size = [], 0
-        async for chunk in self.chunks():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("too_large", f"answer larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        return await _read_all(self.chunks(), limit)
 
     def close(self) -> None:
         # Tell the app the way ASGI does (its receive() returns http.disconnect); cancel it if it lingers.

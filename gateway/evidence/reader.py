@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import entry, merkle, note
 from .keys import Keys
-from .store import HASH, INDEX_ENTRY, CorruptLog, Segment
+from .store import HASH, CorruptLog, Segment, frames, read_entry
 
 
 class VerifyError(Exception):
@@ -79,14 +79,10 @@ class LogReader:
     def checkpoints(self) -> list[str]:
         path = self.dir / "checkpoints.log"
         data = path.read_bytes() if path.exists() else b""
-        notes, offset = [], 0
-        while offset < len(data):
-            if offset + 4 > len(data):
-                raise VerifyError("checkpoints.log is truncated")
-            (length,) = struct.unpack_from(">I", data, offset)
-            notes.append(data[offset + 4 : offset + 4 + length].decode("utf-8", "replace"))
-            offset += 4 + length
-        return notes
+        notes = frames(data)
+        if sum(4 + len(n) for n in notes) != len(data):
+            raise VerifyError("checkpoints.log is truncated")
+        return [n.decode("utf-8", "replace") for n in notes]
 
     def verifiers(self, vkeys: list[str] | None) -> list[note.Verifier]:
         if vkeys:
@@ -208,18 +204,10 @@ class LogReader:
     # --- single entries ---
 
     def get(self, index: int) -> Entry:
-        path = self.dir / "index.bin"
-        with open(path, "rb") as f:
-            f.seek(index * INDEX_ENTRY.size)
-            raw = f.read(INDEX_ENTRY.size)
-        if len(raw) != INDEX_ENTRY.size:
-            raise VerifyError(f"no entry {index}")
-        segment, offset = INDEX_ENTRY.unpack(raw)
-        with open(self.dir / f"segment-{segment:06d}.log", "rb") as f:
-            f.seek(offset)
-            leaf_len, sealed_len, _ = struct.unpack(">III", f.read(12))
-            body = f.read(leaf_len + sealed_len)
-        return Entry(index, body[:leaf_len], body[leaf_len:], segment)
+        try:
+            return Entry(index, *read_entry(self.dir, index))
+        except (IndexError, CorruptLog) as e:
+            raise VerifyError(str(e)) from None
 
     def open_all(self, item: Entry) -> dict:
         if self.keys is None:

@@ -68,7 +68,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def _frames(data: bytes) -> list[bytes]:
+def frames(data: bytes) -> list[bytes]:
     """The complete `u32 length | bytes` frames of a file; a torn last frame is left out."""
     frames, offset = [], 0
     while offset + 4 <= len(data):
@@ -82,10 +82,29 @@ def _frames(data: bytes) -> list[bytes]:
 
 def _cut_torn_frame(fd: int) -> None:
     data = os.pread(fd, os.fstat(fd).st_size, 0)
-    complete = sum(4 + len(frame) for frame in _frames(data))
+    complete = sum(4 + len(frame) for frame in frames(data))
     if complete != len(data):
         os.ftruncate(fd, complete)
         os.fsync(fd)
+
+
+def read_entry(directory: Path, index: int) -> tuple[bytes, bytes, int]:
+    """(leaf, sealed, segment number) of entry `index`, found through the index; read-only."""
+    raw = b""
+    if index >= 0:
+        with open(directory / "index.bin", "rb") as f:
+            raw = os.pread(f.fileno(), INDEX_ENTRY.size, index * INDEX_ENTRY.size)
+    if len(raw) != INDEX_ENTRY.size:
+        raise IndexError(f"no entry {index}")
+    number, offset = INDEX_ENTRY.unpack(raw)
+    path = directory / f"segment-{number:06d}.log"
+    with open(path, "rb") as f:
+        f.seek(offset)
+        leaf_len, sealed_len, crc = RECORD_HEADER.unpack(f.read(RECORD_HEADER.size))
+        body = f.read(leaf_len + sealed_len)
+    if record_crc(leaf_len, sealed_len, body) != crc:
+        raise CorruptLog(f"entry {index} in {path.name} is damaged")
+    return body[:leaf_len], body[leaf_len:], number
 
 
 class Segment:
@@ -304,20 +323,6 @@ class LogStore:
     def root(self, size: int | None = None) -> bytes:
         return merkle.range_hash(self.subtree, 0, self.size if size is None else size)
 
-    def read(self, index: int) -> tuple[bytes, bytes, int]:
-        """(leaf, sealed, segment number) of entry `index`."""
-        if not 0 <= index < self.size:
-            raise IndexError(f"no entry {index}; the log holds {self.size}")
-        number, offset = INDEX_ENTRY.unpack(os.pread(self._index_fd, INDEX_ENTRY.size, index * INDEX_ENTRY.size))
-        path = self.dir / f"segment-{number:06d}.log"
-        with open(path, "rb") as f:
-            f.seek(offset)
-            leaf_len, sealed_len, crc = RECORD_HEADER.unpack(f.read(RECORD_HEADER.size))
-            body = f.read(leaf_len + sealed_len)
-        if record_crc(leaf_len, sealed_len, body) != crc:
-            raise CorruptLog(f"entry {index} in {path.name} is damaged")
-        return body[:leaf_len], body[leaf_len:], number
-
     # --- checkpoints ---
 
     def add_checkpoint(self, note: str) -> None:
@@ -330,7 +335,7 @@ class LogStore:
         write_atomically(self.dir / "checkpoint", data)
 
     def checkpoints(self) -> list[str]:
-        return [note.decode() for note in _frames((self.dir / "checkpoints.log").read_bytes())]
+        return [note.decode() for note in frames((self.dir / "checkpoints.log").read_bytes())]
 
     def close(self) -> None:
         for fd in [self._segment_fd, self._index_fd, self._checkpoint_fd, *self._levels]:
