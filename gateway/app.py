@@ -25,24 +25,23 @@ SETTINGS_ENV = "CANARYGATE_SETTINGS"
 
 def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
     """The stages the settings call for; `overrides` (upstream, transform, identifier, admitter, recorder)
-    replace any of them, for the middleware (an in-process upstream), tests and benchmarks."""
-    if settings.upstream.is_demo:
-        upstream = ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
-    else:
-        upstream = HTTPUpstream(settings.upstream)
-    stages = {
-        "identifier": KeyIdentifier(Registry(settings.state_dir)),
-        "admitter": AllowAll(),
-        "upstream": upstream,
-        "transform": PassThrough(),
+    replace any of them, for the middleware (an in-process upstream), tests and benchmarks. A replaced
+    stage's default is never built (the recorder's claims a log slot and may create keys)."""
+    defaults = {
+        "identifier": lambda: KeyIdentifier(Registry(settings.state_dir)),
+        "admitter": AllowAll,
+        "upstream": lambda: (
+            ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
+            if settings.upstream.is_demo
+            else HTTPUpstream(settings.upstream)
+        ),
+        "transform": PassThrough,
+        "recorder": lambda: open_recorder(settings),
     }
-    unknown = set(overrides) - {*stages, "recorder"}
+    unknown = set(overrides) - set(defaults)
     if unknown:
         raise TypeError(f"unknown stage(s): {', '.join(sorted(unknown))}")
-    stages.update({name: stage for name, stage in overrides.items() if stage is not None})
-    if "recorder" not in stages:
-        stages["recorder"] = open_recorder(settings)
-    return Pipeline(settings, **stages)
+    return Pipeline(settings, **{name: overrides.get(name) or make() for name, make in defaults.items()})
 
 
 class GatewayApp:

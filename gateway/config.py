@@ -94,8 +94,10 @@ class EvidenceSettings:
     checkpoint_interval: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
 
-    def origin_name(self) -> str:
-        return self.origin or f"canarygate.local/{socket.gethostname()}"
+    @staticmethod
+    def default_origin() -> str:
+        """What an empty `origin` becomes at a log's first start (then kept in the state folder)."""
+        return f"canarygate.local/{socket.gethostname()}"
 
 
 @dataclass(frozen=True, slots=True)

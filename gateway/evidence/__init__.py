@@ -37,7 +37,7 @@ def origin_of(settings: Settings) -> str:
     path = logs_dir(settings) / "origin-name"
     if not path.exists():
         logs_dir(settings).mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, (settings.evidence.origin_name() + "\n").encode())
+        write_atomically(path, (settings.evidence.default_origin() + "\n").encode())
     return path.read_text().strip()
 
 
