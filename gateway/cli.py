@@ -16,7 +16,6 @@ from pathlib import Path
 
 from . import config, evidence
 from .evidence import keys
-from .evidence.note import Verifier
 from .evidence.reader import LogReader, VerifyError
 from .identity import DEFAULT_TIER, IdentityError, Registry
 
@@ -196,13 +195,9 @@ def _keys_public(args) -> int:
     loaded = keys.Keys.load(evidence.keys_dir(settings))
     origin = evidence.origin_of(settings)
     slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
-    lines = [note_verifier(evidence.slot_origin(origin, slot), loaded).vkey() for slot in sorted(slots, reverse=True)]
+    lines = [loaded.verifiers(evidence.slot_origin(origin, slot))[0].vkey() for slot in sorted(slots, reverse=True)]
     print("\n".join(lines))
     return 0
-
-
-def note_verifier(origin: str, loaded: keys.Keys) -> Verifier:
-    return Verifier(origin, loaded.signer.verifier.public)
 
 
 def _keys_rotate(args) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..config import Settings
 from .keys import Keys
-from .note import Verifier
 from .reader import LogReader
 
 README = """# canarygate evidence bundle
@@ -43,7 +42,7 @@ def export(readers: list[LogReader], out: Path, identity: str | None, reveal: li
         keys: Keys | None = reader.keys
         (folder / "origin").write_text(origin + "\n")
         if keys is not None:
-            (folder / "vkey").write_text(Verifier(origin, keys.signer.verifier.public).vkey() + "\n")
+            (folder / "vkey").write_text(keys.verifiers(origin)[0].vkey() + "\n")
         notes = reader.checkpoints()  # every proof in the bundle is against the last of these
         (folder / "checkpoints.json").write_text(json.dumps(notes, indent=1))
         covered = int(notes[-1].split("\n")[1]) if notes else 0

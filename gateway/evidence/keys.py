@@ -82,8 +82,9 @@ class Keys:
     def current_epoch(self) -> int:
         return max(self.masters)
 
-    def verifiers(self) -> list[Verifier]:
-        return [self.signer.verifier, *(s.verifier for s in self.retired_signers)]
+    def verifiers(self, origin: str) -> list[Verifier]:
+        """Verifier keys named for a log's origin (a key signs as that name): the current one first."""
+        return [Verifier(origin, s.verifier.public) for s in (self.signer, *self.retired_signers)]
 
     @classmethod
     def load(cls, directory: Path) -> Keys:

@@ -84,9 +84,9 @@ class EvidenceLog:
 
     def _open_checkpoint(self, text: str) -> note.Checkpoint:
         """The latest checkpoint, signed by the current key or (after a rotation) an earlier one."""
-        for verifier in self._keys.verifiers():
+        for verifier in self._keys.verifiers(self.origin):
             try:
-                return note.open_checkpoint(text, note.Verifier(self.origin, verifier.public))
+                return note.open_checkpoint(text, verifier)
             except note.NoteError:
                 continue
         raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")

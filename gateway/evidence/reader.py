@@ -89,8 +89,7 @@ class LogReader:
             return [note.Verifier.parse(v) for v in vkeys]
         if self.keys is None:
             raise VerifyError("no public key: pass --vkey or run where the keys are")
-        origin = self.origin()
-        return [note.Verifier(origin, v.public) for v in self.keys.verifiers()]
+        return self.keys.verifiers(self.origin())
 
     def origin(self) -> str:
         try:
