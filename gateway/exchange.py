@@ -115,5 +115,11 @@ class Exchange:
     def tier(self) -> str | None:
         return self.identity.tier if self.identity else None
 
+    def answer(self) -> bytes:
+        """Everything delivered so far, as one bytes object (joined once, then kept joined)."""
+        if len(self.delivered) > 1:
+            self.delivered[:] = [b"".join(self.delivered)]
+        return self.delivered[0] if self.delivered else b""
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -155,7 +155,7 @@ class Pipeline:
             except Exception:
                 log.exception("could not record the start of exchange %s", exchange.id)
         if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
-            exchange.usage = usage_of(b"".join(exchange.delivered))
+            exchange.usage = usage_of(exchange.answer())
         try:
             await self._record.end(exchange)
         except Exception:

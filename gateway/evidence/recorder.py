@@ -55,7 +55,7 @@ class EvidenceRecorder:
         await self._append(public, {"prompt": exchange.request_body, "client": exchange.client_ip.encode()}, exchange)
 
     async def end(self, exchange: Exchange) -> None:
-        delivered = b"".join(exchange.delivered)
+        delivered = exchange.answer()
         public = {
             "v": 1,
             "kind": "end",
