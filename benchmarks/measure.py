@@ -25,8 +25,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def request_body(model: str = "bench", stream: bool = False) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}]}
-    if stream:
+    if stream:  # the static upstream always ends a stream with its usage chunk, as if asked for it
         body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     return json.dumps(body)
 
 

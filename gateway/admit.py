@@ -1,8 +1,4 @@
-"""The admit stage until limits land: every identified caller is let through.
-
-It keeps the interface the limits stage will fill (admit before forwarding, release when the exchange
-ends), so the pipeline already calls both at the right moments.
-"""
+"""The admit stage that admits everything: the benchmark's admit-off variant, for the per-stage budget."""
 
 from __future__ import annotations
 
@@ -10,8 +6,17 @@ from .exchange import Exchange
 
 
 class AllowAll:
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def ready(self) -> str | None:
+        return None
+
     async def admit(self, exchange: Exchange) -> None:
         """Every request is admitted."""
 
-    def release(self, exchange: Exchange) -> None:
+    async def release(self, exchange: Exchange) -> None:
         """Nothing was held."""

@@ -11,12 +11,12 @@ import json
 import os
 
 from . import config, metrics
-from .admit import AllowAll
 from .demo import DemoModel
 from .evidence import open_recorder
 from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
+from .ratelimit import open_admitter
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 
@@ -29,7 +29,7 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
     stage's default is never built (the recorder's claims a log slot and may create keys)."""
     defaults = {
         "identifier": lambda: KeyIdentifier(Registry(settings.state_dir)),
-        "admitter": AllowAll,
+        "admitter": lambda: open_admitter(settings),
         "upstream": lambda: (
             ASGIUpstream(DemoModel(), settings.upstream.read_timeout)
             if settings.upstream.is_demo

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import limits
+
 DEFAULT_CONFIG_FILE = "canarygate.toml"
 
 # The commented file that `canarygate init` writes; parsing it gives exactly the defaults below.
@@ -48,9 +50,53 @@ batch_interval_ms = 2.0
 checkpoint_every = 1000          # sign a checkpoint every this many entries...
 checkpoint_interval = 10.0       # ...or this many seconds, and at shutdown
 segment_bytes = 67108864         # segment files roll over at this size
+
+[limits]
+storage = "memory"               # "memory" (per process), or a Redis shared by replicas: redis://host:6379/0,
+                                 # redis+cluster://host:port,host:port, redis+sentinel://host:port/service
+timeout_ms = 50                  # longest wait for the storage on the request path
+on_storage_error = "open"        # "open": local limits (divided by replicas) until it is back; "closed": 503
+replicas = 1                     # gateway replicas sharing the storage
+lease_seconds = 60               # a concurrency slot lapses this long after its holder's last heartbeat
+default_max_tokens = 4096        # asked of the upstream (and reserved) when a request sets no output limit
+unauthenticated = "60/minute"    # requests without a valid key, per client address (IPv6: per /64)
+
+[limits.identity]                # per identity, at tier scale 1; rates are "N/second|minute|hour|day; ..."
+requests = "600/minute; 20000/day"
+tokens = "400000/minute; 20000000/day"   # prompt plus completion
+concurrency = 32
+
+[limits.tenant]                  # across all identities of one tenant; "" and 0 mean no such limit
+requests = ""
+tokens = ""
+concurrency = 0
+
+# Tiers scale every limit; the risk engine, `canarygate tier set` and the admin endpoint move identities
+# between them. tarpit_ms delays forwarding; max_tokens caps the output a request may ask for (0: no cap);
+# enforce = false evaluates the limits without refusing; headers = false sends no rate-limit headers.
+[limits.tiers.normal]
+scale = 1.0
+
+[limits.tiers.watch]
+scale = 0.5
+tarpit_ms = 250
+
+[limits.tiers.suspect]
+scale = 0.1
+tarpit_ms = 2000
+max_tokens = 1024
+
+[limits.tiers.blocked]
+scale = 0.0
+
+[limits.tiers.unlimited]         # internal and benchmark traffic: limits are evaluated, never enforced
+scale = 1.0
+enforce = false
+headers = false
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence")
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "limits")
+REQUIRED_TIERS = ("normal", "watch", "suspect", "blocked", "unlimited")
 
 
 class ConfigError(Exception):
@@ -101,10 +147,55 @@ class EvidenceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """N units per period, as written in the config ("600/minute")."""
+
+    amount: int
+    period_ms: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeLimits:
+    requests: tuple[Rate, ...] = ()
+    tokens: tuple[Rate, ...] = ()
+    concurrency: int = 0  # 0: none
+
+    @property
+    def empty(self) -> bool:
+        return not (self.requests or self.tokens or self.concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    scale: float = 1.0
+    tarpit_ms: float = 0.0
+    max_tokens: int = 0
+    enforce: bool = True
+    headers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    storage: str = "memory"
+    timeout_ms: float = 50.0
+    on_storage_error: str = "open"
+    replicas: int = 1
+    lease_seconds: float = 60.0
+    default_max_tokens: int = 4096
+    unauthenticated: tuple[Rate, ...] = ()
+    identity: ScopeLimits = ScopeLimits()
+    tenant: ScopeLimits = ScopeLimits()
+    tiers: dict[str, Tier] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
+    limits: LimitSettings = field(default_factory=lambda: _DEFAULT_LIMITS)
     state_dir: Path = Path(".canarygate")
     source: str = "<defaults>"
 
@@ -179,7 +270,12 @@ def parse(raw: dict, source: str) -> Settings:
     state_dir = Path(reader.take(state_raw, "state", "dir", str, ".canarygate"))
     reader.reject_unknown(state_raw, "state")
     return Settings(
-        server=server, upstream=upstream, evidence=_evidence(reader, raw), state_dir=state_dir, source=source
+        server=server,
+        upstream=upstream,
+        evidence=_evidence(reader, raw),
+        limits=_limits(reader, raw, _DEFAULT_LIMITS),
+        state_dir=state_dir,
+        source=source,
     )
 
 
@@ -209,6 +305,101 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
     return settings
 
 
+def rates(text: str) -> tuple[Rate, ...]:
+    """Parse "600/minute; 20000/day" with the `limits` library's grammar; ValueError names what is wrong."""
+    if not text.strip():
+        return ()
+    try:
+        items = limits.parse_many(text)
+    except ValueError:
+        raise ValueError(f'{text!r} is not a list of rates such as "600/minute; 20000/day"') from None
+    return tuple(Rate(item.amount, int(item.get_expiry() * 1000), str(item)) for item in items)
+
+
+def _limits(reader: _SectionReader, raw: dict, defaults: LimitSettings | None) -> LimitSettings:
+    table = reader.section(raw, "limits")
+    d = defaults or LimitSettings()
+    source = reader.source
+
+    def take_rates(tbl: dict, section: str, key: str, default: tuple[Rate, ...]) -> tuple[Rate, ...]:
+        text = reader.take(tbl, section, key, str, None)
+        if text is None:
+            return default
+        try:
+            return rates(text)
+        except ValueError as e:
+            raise ConfigError(f"{source}: [{section}] {key}: {e}") from None
+
+    def scope(name: str, default: ScopeLimits) -> ScopeLimits:
+        section = f"limits.{name}"
+        tbl = reader.section(table, name)
+        table.pop(name, None)
+        limits_ = ScopeLimits(
+            requests=take_rates(tbl, section, "requests", default.requests),
+            tokens=take_rates(tbl, section, "tokens", default.tokens),
+            concurrency=reader.take(tbl, section, "concurrency", int, default.concurrency),
+        )
+        reader.reject_unknown(tbl, section)
+        if limits_.concurrency < 0:
+            raise ConfigError(f"{source}: [{section}] concurrency must not be negative")
+        return limits_
+
+    settings = LimitSettings(
+        storage=reader.take(table, "limits", "storage", str, d.storage),
+        timeout_ms=reader.take(table, "limits", "timeout_ms", float, d.timeout_ms),
+        on_storage_error=reader.take(table, "limits", "on_storage_error", str, d.on_storage_error),
+        replicas=reader.take(table, "limits", "replicas", int, d.replicas),
+        lease_seconds=reader.take(table, "limits", "lease_seconds", float, d.lease_seconds),
+        default_max_tokens=reader.take(table, "limits", "default_max_tokens", int, d.default_max_tokens),
+        unauthenticated=take_rates(table, "limits", "unauthenticated", d.unauthenticated),
+        identity=scope("identity", d.identity),
+        tenant=scope("tenant", d.tenant),
+        tiers=_tiers(reader, table, d.tiers),
+    )
+    reader.reject_unknown(table, "limits")
+    if settings.storage != "memory" and urlsplit(settings.storage).scheme not in _REDIS_SCHEMES:
+        raise ConfigError(f'{source}: [limits] storage must be "memory" or a Redis URL '
+                          f"({', '.join(s + '://' for s in _REDIS_SCHEMES)})")  # fmt: skip
+    if settings.on_storage_error not in ("open", "closed"):
+        raise ConfigError(f'{source}: [limits] on_storage_error must be "open" or "closed"')
+    if settings.timeout_ms <= 0 or settings.lease_seconds <= 0:
+        raise ConfigError(f"{source}: [limits] timeout_ms and lease_seconds must be positive")
+    if settings.replicas < 1 or settings.default_max_tokens < 1:
+        raise ConfigError(f"{source}: [limits] replicas and default_max_tokens must be at least 1")
+    return settings
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+
+
+def _tiers(reader: _SectionReader, table: dict, defaults: dict[str, Tier]) -> dict[str, Tier]:
+    raw_tiers = reader.section(table, "tiers")
+    table.pop("tiers", None)
+    tiers = dict(defaults)
+    for name in list(raw_tiers):
+        section = f"limits.tiers.{name}"
+        tbl = reader.section(raw_tiers, name)
+        base = tiers.get(name, Tier(name))
+        tier = Tier(
+            name=name,
+            scale=reader.take(tbl, section, "scale", float, base.scale),
+            tarpit_ms=reader.take(tbl, section, "tarpit_ms", float, base.tarpit_ms),
+            max_tokens=reader.take(tbl, section, "max_tokens", int, base.max_tokens),
+            enforce=reader.take(tbl, section, "enforce", bool, base.enforce),
+            headers=reader.take(tbl, section, "headers", bool, base.headers),
+        )
+        reader.reject_unknown(tbl, section)
+        if not name or any(c.isspace() or c == ";" for c in name):
+            raise ConfigError(f"{reader.source}: [limits.tiers] tier names must not contain spaces or ';'")
+        if tier.scale < 0 or tier.tarpit_ms < 0 or tier.max_tokens < 0:
+            raise ConfigError(f"{reader.source}: [{section}] scale, tarpit_ms and max_tokens must not be negative")
+        tiers[name] = tier
+    missing = [name for name in REQUIRED_TIERS if name not in tiers]
+    if missing:
+        raise ConfigError(f"{reader.source}: [limits.tiers] must define {', '.join(missing)}")
+    return tiers
+
+
 class _SectionReader:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -225,7 +416,7 @@ class _SectionReader:
         value = table.pop(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(
                 f"{self.source}: [{section}] {key} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
             )
@@ -276,3 +467,6 @@ def _prefixes(source: str, values: list) -> list[str]:
                 f"{source}: [upstream] passthrough entries must be paths starting with '/', got {value!r}"
             )
     return values
+
+
+_DEFAULT_LIMITS = _limits(_SectionReader("<defaults>"), tomllib.loads(DEFAULT_TOML), None)

@@ -6,6 +6,7 @@ Stages read and annotate an `Exchange`; they never import each other. An error i
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,6 +29,7 @@ class ErrorKind(Enum):
     UPSTREAM_OVERLOADED = "upstream_overloaded"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_FAILED = "upstream_failed"
+    UNAVAILABLE = "unavailable"  # the gateway itself cannot decide (its limit storage is down, fail-closed)
     INTERNAL = "internal"
 
 
@@ -45,6 +47,7 @@ STATUS_OF = {
     ErrorKind.UPSTREAM_FAILED: 502,
     ErrorKind.UPSTREAM_OVERLOADED: 503,
     ErrorKind.UPSTREAM_TIMEOUT: 504,
+    ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
 }
 
@@ -74,6 +77,17 @@ class Outcome(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Quota:
+    """One limit in force for the caller, as the rate-limit headers tell it."""
+
+    unit: str  # "requests", "tokens" or "concurrent"
+    limit: int
+    remaining: int
+    reset_s: float  # until the budget is full again
+    window_s: int  # the period the limit is counted over (0 for concurrency)
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     """A registered caller. The key itself is never held here, only who it belongs to."""
 
@@ -100,6 +114,12 @@ class Exchange:
     request: dict[str, Any] | None = None  # the parsed JSON body
     model: str | None = None
     stream: bool = False
+    prompt_tokens: int = 0  # estimated at admission, from the prompt's text
+    requested_output: int | None = 0  # the output token limit the request set; None: none, on a route that generates
+    output_cap: int | None = None  # set by admission: the output limit the upstream request must carry
+    quotas: tuple[Quota, ...] = ()  # set by admission: the limits in force, for the response headers
+    strip_usage: bool = False  # the gateway asked the upstream for usage the client did not ask for
+    tokens_used: int | None = None  # prompt plus completion, as the upstream reported them
     status: int = 0
     outcome: Outcome | None = None
     error: str | None = None  # an ErrorKind value, or a short reason for upstream failures
@@ -121,5 +141,22 @@ class Exchange:
             self.delivered[:] = [b"".join(self.delivered)]
         return self.delivered[0] if self.delivered else b""
 
+    @property
+    def client_group(self) -> str:
+        """The client address as limits count it: IPv4 addresses alone, IPv6 by /64 (one subscriber's block)."""
+        return address_group(self.client_ip)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+def address_group(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from .exchange import Exchange, Outcome
 
@@ -28,6 +36,17 @@ FIRST_BYTE = Histogram(
 UPSTREAM_ERRORS = Counter("canarygate_upstream_errors_total", "Upstream failures by kind", ["kind"])
 STREAM_CANCELLATIONS = Counter(
     "canarygate_stream_cancellations_total", "Streams cancelled because the client went away", ["route"]
+)
+
+LIMIT_DECISIONS = Counter(
+    "canarygate_limit_decisions_total",
+    "Admission decisions: admitted, limited, blocked, too_large, unavailable; and where they were taken",
+    ["decision", "storage"],
+)
+LIMIT_STORAGE_UP = Gauge(
+    "canarygate_limits_storage_up",
+    "1 while the shared limit storage answers, 0 while the fallback applies",
+    multiprocess_mode="min",
 )
 
 

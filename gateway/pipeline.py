@@ -25,7 +25,7 @@ from .body import read_body
 from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
-from .protocols.base import usage_of
+from .protocols.base import estimate_tokens, total_tokens, usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .stages import Admitter, Identifier, Recorder, Transform, Upstream, UpstreamResponse
@@ -77,16 +77,19 @@ class Pipeline:
 
     async def start(self) -> None:
         await self._record.start()
+        await self._admit.start()
         await self._upstream.start()
 
     async def close(self) -> None:
         await self._upstream.close()
+        await self._admit.close()
         await self._record.close()
 
     async def readiness(self) -> dict[str, str]:
-        """Each backend's state: "ok" or why not."""
+        """Each backend's state: "ok" or why not ("degraded: ..." still serves)."""
         return {
             "upstream": await self._upstream.ready() or "ok",
+            "limits": self._admit.ready() or "ok",
             "record": self._record.ready() or "ok",
         }
 
@@ -117,13 +120,15 @@ class Pipeline:
             route=path if dialect is not None else None,
             client_ip=self._client_ip(scope),
         )
-        reply = _Reply(send, exchange, self._finish)
+        reply = _Reply(send, exchange, api, self._finish)
         try:
             self._check_route(exchange, dialect)
-            exchange.identity = self._identify.identify(exchange, _credential(headers))
+            await self._identify_or_count(exchange, headers)
             body = await self._read_request(exchange, scope, receive, dialect)
             await self._admit.admit(exchange)
             exchange.admitted = True
+            if dialect is not None:
+                body = _fit_request(exchange, dialect, body)
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
         except GatewayError as error:
@@ -138,12 +143,21 @@ class Pipeline:
             exchange.error = ErrorKind.INTERNAL.value
             await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
         finally:
-            if exchange.admitted:
-                self._admit.release(exchange)
             if not reply.ended:
                 if exchange.status == 0:
                     exchange.status = 499  # the client left before any answer
                 await self._finish(exchange)
+            if exchange.admitted:
+                await self._admit.release(exchange)
+
+    async def _identify_or_count(self, exchange: Exchange, headers) -> None:
+        """Identify the caller; a refused key still counts against its address's unauthenticated limit,
+        which turns a flood of them into cheap 429s."""
+        try:
+            exchange.identity = self._identify.identify(exchange, _credential(headers))
+        except GatewayError:
+            await self._admit.admit(exchange)
+            raise
 
     async def _finish(self, exchange: Exchange) -> None:
         """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned).
@@ -155,7 +169,8 @@ class Pipeline:
             except Exception:
                 log.exception("could not record the start of exchange %s", exchange.id)
         if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
-            exchange.usage = usage_of(exchange.answer())
+            exchange.usage = usage_of(exchange.answer()) or exchange.usage
+            exchange.tokens_used = total_tokens(exchange.usage)
         try:
             await self._record.end(exchange)
         except Exception:
@@ -185,6 +200,9 @@ class Pipeline:
             exchange.request = _parse_json(body)
             facts = dialect.facts(exchange.request)
             exchange.model, exchange.stream = facts.model, facts.stream
+            if dialect.output_fields:
+                exchange.requested_output = facts.max_output
+            exchange.prompt_tokens = estimate_tokens(dialect.prompt_text(exchange.request))
         return body
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, body) -> None:
@@ -271,6 +289,8 @@ class Pipeline:
                 if received > limit:  # an endless stream would grow the exchange's record without bound
                     raise UpstreamError("too_large", f"streamed answer larger than {limit} bytes")
                 events = framer.feed(chunk)
+                if exchange.strip_usage:
+                    events = _strip_usage(exchange, dialect, events)
                 if rewrite is not None:
                     events = [out for event in events for out in rewrite.push(event)]
                 if held or not events:
@@ -324,11 +344,12 @@ class _Reply:
     has the whole answer.
     """
 
-    __slots__ = ("_send", "_exchange", "_on_end", "started", "streaming", "ended")
+    __slots__ = ("_send", "_exchange", "_api", "_on_end", "started", "streaming", "ended")
 
-    def __init__(self, send, exchange: Exchange, on_end) -> None:
+    def __init__(self, send, exchange: Exchange, api: Api, on_end) -> None:
         self._send = send
         self._exchange = exchange
+        self._api = api
         self._on_end = on_end
         self.started = False
         self.streaming = False
@@ -337,6 +358,8 @@ class _Reply:
     def _headers(self, content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
         rid = self._exchange.id.encode()
         headers = [(b"content-type", content_type.encode()), (b"x-request-id", rid), (b"request-id", rid)]
+        if self._exchange.quotas:
+            headers += self._api.rate_limit_headers(self._exchange.quotas)
         if extra:
             headers.extend((k.encode(), v.encode()) for k, v in extra.items())
         return headers
@@ -384,6 +407,34 @@ class _Reply:
         elif not self.started:
             body = json.dumps(api.error_body(error)).encode()
             await self.whole(error.status, body, "application/json", error.headers)
+
+
+def _fit_request(exchange: Exchange, dialect: Dialect, body: bytes) -> bytes:
+    """The request as the upstream gets it: with the output limit admission reserved for, and, on a stream,
+    asking for the token usage that settles the reservation. Re-encoded only when something changed."""
+    request = exchange.request
+    changed = exchange.output_cap is not None and dialect.cap_output(request, exchange.output_cap)
+    if exchange.stream and dialect.ask_usage(request):
+        exchange.strip_usage = changed = True
+    return _encode_json(request) if changed else body
+
+
+def _encode_json(data: dict) -> bytes:
+    try:
+        return json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON allows as an escape: keep it escaped
+        return json.dumps(data).encode()
+
+
+def _strip_usage(exchange: Exchange, dialect: Dialect, events: list[bytes]) -> list[bytes]:
+    """Keep the usage event the client did not ask for out of its stream (its usage is still recorded)."""
+    kept = []
+    for event in events:
+        if dialect.is_usage_only(event):
+            exchange.usage = usage_of(event)
+        else:
+            kept.append(event)
+    return kept
 
 
 def _terminal_at(dialect: Dialect | None, events: list[bytes]) -> int:

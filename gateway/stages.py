@@ -19,11 +19,19 @@ class Identifier(Protocol):
 
 
 class Admitter(Protocol):
-    async def admit(self, exchange: Exchange) -> None:
-        """Let the exchange through or raise GatewayError (RATE_LIMITED, ...). May delay it."""
+    async def start(self) -> None: ...
 
-    def release(self, exchange: Exchange) -> None:
-        """The exchange has ended, whatever its outcome: return what admission held for it."""
+    async def close(self) -> None: ...
+
+    def ready(self) -> str | None:
+        """None when admission decides normally, else its state ("degraded: ..." still serves)."""
+
+    async def admit(self, exchange: Exchange) -> None:
+        """Let the exchange through or raise GatewayError (RATE_LIMITED, ...). May delay it. Called with no
+        identity for a request whose key was refused, to limit such requests per client address."""
+
+    async def release(self, exchange: Exchange) -> None:
+        """The exchange has ended, whatever its outcome (its usage is known): return what admission held."""
 
 
 class UpstreamResponse(Protocol):

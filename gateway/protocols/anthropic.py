@@ -7,10 +7,11 @@ reach the client byte-identical; tool-use input is data. Neither is ever offered
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from ..exchange import ErrorKind, GatewayError
-from .base import Api, Dialect, Slot, SlotKind, text_of
+from ..exchange import ErrorKind, GatewayError, Quota
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -27,6 +28,7 @@ _ERROR_TYPES = {
     ErrorKind.UPSTREAM_OVERLOADED: "overloaded_error",
     ErrorKind.UPSTREAM_TIMEOUT: "timeout_error",
     ErrorKind.UPSTREAM_FAILED: "api_error",
+    ErrorKind.UNAVAILABLE: "overloaded_error",
     ErrorKind.INTERNAL: "api_error",
 }
 
@@ -41,6 +43,19 @@ class AnthropicApi(Api):
     def stream_error_event(self, error: GatewayError) -> bytes:
         return encode_event(json.dumps(self.error_body(error)), name="error")
 
+    def rate_limit_headers(self, quotas: tuple[Quota, ...]) -> list[tuple[bytes, bytes]]:
+        headers = ietf_rate_headers(quotas)
+        for unit in ("requests", "tokens"):
+            q = binding_quota(quotas, unit)
+            if q is not None:
+                reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + q.reset_s + 0.999))
+                headers += [
+                    (f"anthropic-ratelimit-{unit}-limit".encode(), str(q.limit).encode()),
+                    (f"anthropic-ratelimit-{unit}-remaining".encode(), str(q.remaining).encode()),
+                    (f"anthropic-ratelimit-{unit}-reset".encode(), reset.encode()),
+                ]
+        return headers
+
 
 API = AnthropicApi()
 
@@ -48,6 +63,7 @@ API = AnthropicApi()
 class Messages(Dialect):
     api = API
     streams = True
+    output_fields = ("max_tokens",)
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in (b"message_stop", b"error")

@@ -8,12 +8,13 @@ an answer, whole or streamed, as `Slot`s that a transform may rewrite in place.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..exchange import ErrorKind, GatewayError
+from ..exchange import ErrorKind, GatewayError, Quota
 
 
 class SlotKind(Enum):
@@ -45,6 +46,7 @@ class Slot:
 class RequestFacts:
     model: str | None
     stream: bool
+    max_output: int | None = None  # the output token limit the request sets, if any
 
 
 class Api(ABC):
@@ -62,6 +64,10 @@ class Api(ABC):
     @abstractmethod
     def stream_error_event(self, error: GatewayError) -> bytes: ...
 
+    @abstractmethod
+    def rate_limit_headers(self, quotas: tuple[Quota, ...]) -> list[tuple[bytes, bytes]]:
+        """The limits in force, in this API's own headers and the IETF RateLimit fields."""
+
 
 class Dialect:
     """One route of one API. Subclasses override what their shapes need."""
@@ -69,6 +75,7 @@ class Dialect:
     api: Api | None = None  # whose route this is; None where both APIs share the path (/v1/models)
     streams = False  # whether `stream: true` is meaningful on this route
     method = "POST"
+    output_fields: tuple[str, ...] = ()  # the request fields that limit output tokens; the first is the one set
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model")
@@ -79,7 +86,40 @@ class Dialect:
             stream = False
         if not isinstance(stream, bool):
             raise GatewayError(ErrorKind.INVALID_REQUEST, "'stream' must be true or false")
-        return RequestFacts(model, stream and self.streams)
+        return RequestFacts(model, stream and self.streams, self._max_output(body))
+
+    def _max_output(self, body: dict[str, Any]) -> int | None:
+        limits = []
+        for name in self.output_fields:
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be a non-negative integer")
+            limits.append(value)
+        return min(limits) if limits else None
+
+    def cap_output(self, body: dict[str, Any], cap: int) -> bool:
+        """Make the request ask for at most `cap` output tokens; whether the body changed."""
+        present = [name for name in self.output_fields if body.get(name) is not None]
+        if not present:
+            body[self.output_fields[0]] = cap
+            return True
+        changed = False
+        for name in present:
+            if body[name] > cap:
+                body[name] = cap
+                changed = True
+        return changed
+
+    def ask_usage(self, body: dict[str, Any]) -> bool:
+        """Make a streamed request report its token usage; True if the client did not ask for it (the
+        pipeline then keeps the usage event from the client)."""
+        return False
+
+    def is_usage_only(self, raw: bytes) -> bool:
+        """Whether a raw event carries nothing but usage (the kind `ask_usage` added)."""
+        return False
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         return ""
@@ -134,3 +174,46 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
         if isinstance(value, dict):
             usage.update(value)
     return usage or None
+
+
+def estimate_tokens(text: str) -> int:
+    """An upper estimate of a prompt's tokens before the upstream counts them: a token is rarely under
+    three bytes of UTF-8 (English averages about four characters; CJK about one character of three
+    bytes). Admission reserves this much and the real count corrects it."""
+    return -(-len(text.encode("utf-8", "surrogatepass")) // 3)
+
+
+def total_tokens(usage: dict[str, Any] | None) -> int | None:
+    """Prompt plus completion tokens, in either API's usage shape (Anthropic counts cached input apart)."""
+    if not usage:
+        return None
+    if isinstance(usage.get("total_tokens"), int):
+        return usage["total_tokens"]
+    names = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+             "cache_creation_input_tokens", "cache_read_input_tokens")  # fmt: skip
+    counts = [usage[name] for name in names if isinstance(usage.get(name), int)]
+    return sum(counts) if counts else None
+
+
+def binding_quota(quotas: tuple[Quota, ...], unit: str) -> Quota | None:
+    """The limit of a unit that runs out first: the one an API's single set of headers reports."""
+    candidates = [q for q in quotas if q.unit == unit]
+    return min(candidates, key=lambda q: (q.remaining, q.reset_s)) if candidates else None
+
+
+def ietf_rate_headers(quotas: tuple[Quota, ...]) -> list[tuple[bytes, bytes]]:
+    """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers): every limit in force."""
+    policies, states = [], []
+    for q in quotas:
+        if q.unit == "concurrent":
+            name = "concurrency"
+            policies.append(f'"{name}";q={q.limit};qu="concurrent-requests"')
+            states.append(f'"{name}";r={q.remaining}')
+            continue
+        name = f"{q.unit}-{q.window_s}s"
+        unit = ';qu="tokens"' if q.unit == "tokens" else ""
+        policies.append(f'"{name}";q={q.limit};w={q.window_s}{unit}')
+        states.append(f'"{name}";r={q.remaining};t={math.ceil(q.reset_s)}')
+    if not policies:
+        return []
+    return [(b"ratelimit-policy", ", ".join(policies).encode()), (b"ratelimit", ", ".join(states).encode())]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..exchange import ErrorKind, GatewayError
-from .base import Api, Dialect, Slot, SlotKind, text_of
+from ..exchange import ErrorKind, GatewayError, Quota
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -28,6 +28,7 @@ _ERROR_TYPES = {
     ErrorKind.UPSTREAM_OVERLOADED: ("server_error", "upstream_overloaded"),
     ErrorKind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout"),
     ErrorKind.UPSTREAM_FAILED: ("server_error", "upstream_error"),
+    ErrorKind.UNAVAILABLE: ("server_error", "service_unavailable"),
     ErrorKind.INTERNAL: ("server_error", "internal_error"),
 }
 
@@ -47,8 +48,56 @@ class OpenAIApi(Api):
         # Chat and completions clients raise on a data chunk that carries "error".
         return encode_event(json.dumps(self.error_body(error)))
 
+    def rate_limit_headers(self, quotas: tuple[Quota, ...]) -> list[tuple[bytes, bytes]]:
+        headers = ietf_rate_headers(quotas)
+        for unit in ("requests", "tokens"):
+            q = binding_quota(quotas, unit)
+            if q is not None:
+                headers += [
+                    (f"x-ratelimit-limit-{unit}".encode(), str(q.limit).encode()),
+                    (f"x-ratelimit-remaining-{unit}".encode(), str(q.remaining).encode()),
+                    (f"x-ratelimit-reset-{unit}".encode(), _duration(q.reset_s).encode()),
+                ]
+        return headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3.5s"."""
+    if seconds < 1:
+        return f"{max(round(seconds * 1000), 0)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    return f"{int(minutes)}m{text}" if minutes else text
+
 
 API = OpenAIApi()
+
+
+def _usage_only(raw: bytes) -> bool:
+    """A chunk with no choices and a usage object: what `stream_options.include_usage` adds at the end."""
+    if b'"usage"' not in raw or b'"choices"' not in raw:
+        return False
+    _, _, payload = raw.partition(b"data:")
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+
+
+def _ask_usage(body: dict[str, Any]) -> bool:
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if options is None:
+        options = body["stream_options"] = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return False
+    options["include_usage"] = True
+    return True
 
 
 def _data_terminal(raw: bytes) -> bool:
@@ -62,6 +111,14 @@ _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomple
 class ChatCompletions(Dialect):
     api = API
     streams = True
+    # max_tokens is deprecated and refused by reasoning models; compatible servers ignore what they lack
+    output_fields = ("max_completion_tokens", "max_tokens")
+
+    def ask_usage(self, body: dict[str, Any]) -> bool:
+        return _ask_usage(body)
+
+    def is_usage_only(self, raw: bytes) -> bool:
+        return _usage_only(raw)
 
     def is_terminal(self, raw: bytes) -> bool:
         return _data_terminal(raw)
@@ -95,6 +152,13 @@ class ChatCompletions(Dialect):
 class Completions(Dialect):
     api = API
     streams = True
+    output_fields = ("max_tokens",)
+
+    def ask_usage(self, body: dict[str, Any]) -> bool:
+        return _ask_usage(body)
+
+    def is_usage_only(self, raw: bytes) -> bool:
+        return _usage_only(raw)
 
     def is_terminal(self, raw: bytes) -> bool:
         return _data_terminal(raw)
@@ -121,6 +185,7 @@ class Completions(Dialect):
 class Responses(Dialect):
     api = API
     streams = True
+    output_fields = ("max_output_tokens",)
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in _RESPONSE_ENDS

@@ -1,0 +1,91 @@
+-- One admission, atomically: read the identity's tier, check every limit, and debit all or nothing.
+-- gateway/ratelimit/budget.py holds the same logic for memory storage; a test runs both on the same inputs.
+--
+-- KEYS[1]          the identity's tier override (absent: ARGV[2], the tier its registry entry names)
+-- KEYS[2 .. 1+g]   GCRA budgets (requests or tokens): each holds its theoretical arrival time, in ms
+-- KEYS[2+g ..]     concurrency lease sets: member = lease id, score = expiry in ms
+-- ARGV: now_ms (-1: the server's clock), default tier, tier table ("name scale enforce cap;" ...),
+--       lease id, lease ttl ms, prompt tokens, requested output (-1: none), default output, g,
+--       then g triples (limit, period ms, unit "r" or "t"), then one limit per lease set.
+-- Returns {status, tier, reserved tokens, output cap, retry ms, failed check, then per check: remaining, reset ms}
+-- status: 0 admitted, 1 limited, 2 blocked, 3 larger than the whole budget.
+
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function tier_entry(name)
+  for n, s, e, c in string.gmatch(ARGV[3], '(%S+) (%S+) (%S+) (%S+);') do
+    if n == name then return tonumber(s), tonumber(e), tonumber(c) end
+  end
+  return nil
+end
+
+local tier = redis.call('GET', KEYS[1]) or ARGV[2]
+local scale, enforce, cap = tier_entry(tier)
+if scale == nil then
+  tier = ARGV[2]
+  scale, enforce, cap = tier_entry(tier)
+end
+if scale == 0 then return {2, tier, 0, 0, 0, 0} end
+
+local output = tonumber(ARGV[7])
+if output < 0 then output = tonumber(ARGV[8]) end
+if cap > 0 and output > cap then output = cap end
+local tokens = tonumber(ARGV[6]) + output
+
+local g = tonumber(ARGV[9])
+local status, retry, failed = 0, 0, 0
+local tats, out = {}, {}
+local a = 10
+for i = 1, g do
+  local limit, period, unit = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
+  a = a + 3
+  local cost = 1
+  if unit == 't' then cost = tokens end
+  local interval = period / (limit * scale)
+  local tat = tonumber(redis.call('GET', KEYS[1 + i]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  local wait = new_tat - period - now
+  if cost * interval > period then
+    if enforce == 1 then status, failed = 3, i end
+    new_tat = tat
+  elseif wait > 0 then
+    if enforce == 1 and status ~= 3 and wait > retry then status, retry, failed = 1, wait, i end
+    new_tat = math.min(new_tat, now + period)
+  end
+  tats[i] = {new_tat, period, interval, tat}
+end
+for j = 1, #KEYS - 1 - g do
+  local key, limit = KEYS[1 + g + j], math.floor(tonumber(ARGV[a + j - 1]) * scale)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1 + g + j], '-inf', now)
+  local held = redis.call('ZCARD', key)
+  if held >= limit and enforce == 1 and status == 0 then status, retry, failed = 1, 1000, g + j end
+  out[g + j] = {math.max(limit - held - 1, 0), 0}
+end
+
+for i = 1, g do
+  local new_tat, period, interval, tat = unpack(tats[i])
+  if status ~= 0 then new_tat = tat end
+  out[i] = {math.max(math.floor((now + period - new_tat) / interval), 0), math.ceil(new_tat - now)}
+  if status == 0 and new_tat > now then
+    redis.call('SET', KEYS[1 + i], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+  end
+end
+if status == 0 then
+  local ttl = tonumber(ARGV[5])
+  for j = 1, #KEYS - 1 - g do
+    redis.call('ZADD', KEYS[1 + g + j], now + ttl, ARGV[4])
+    redis.call('PEXPIRE', KEYS[1 + g + j], ttl)
+  end
+end
+
+local result = {status, tier, tokens, output, math.ceil(retry), failed}
+for k = 1, #KEYS - 1 do
+  result[#result + 1] = out[k][1]
+  result[#result + 1] = out[k][2]
+end
+return result

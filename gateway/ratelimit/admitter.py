@@ -1,0 +1,237 @@
+"""The admit stage: per-identity and per-tenant limits on requests, tokens and concurrency, scaled by tier.
+
+One admission is one call to the budget engine (Redis shared by replicas, or this process's memory), which
+reads the identity's tier, checks every limit and debits all or nothing. Tokens are reserved (prompt
+estimate plus the output limit, which the gateway sets when the request has none) and corrected by real
+usage when the exchange ends. Unauthenticated requests are limited per client address instead.
+
+What the client learns is the truth about its limits (the exchange's `quotas`, rendered as headers by its
+API); tarpits and tiers themselves are never announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from .. import metrics
+from ..config import LimitSettings, Rate
+from ..exchange import ErrorKind, Exchange, GatewayError, Identity, Quota
+from .addresses import AddressLimiter
+from .budget import Ask, Check, MemoryBudget, Status, TierTerms, Verdict
+from .guard import StorageDown, StorageGuard
+
+log = logging.getLogger("canarygate.limits")
+
+
+@dataclass(slots=True)
+class _Held:
+    ask: Ask
+    verdict: Verdict
+    engine: object  # the engine that admitted it settles it
+
+
+class LimitAdmitter:
+    def __init__(self, settings: LimitSettings, shared, local: MemoryBudget | None, addresses: AddressLimiter,
+                 guard: StorageGuard | None = None, prefix: str = "cg") -> None:  # fmt: skip
+        """`shared`: a RedisBudget, or None when limits live in memory; `local`: the memory engine (the
+        embedded one, or the fail-open fallback; None is fail-closed)."""
+        self._settings = settings
+        self._shared = shared
+        self._local = local
+        self._guard = guard
+        self._addresses = addresses
+        self._prefix = prefix
+        self._terms = {n: TierTerms(t.scale, t.enforce, t.max_tokens) for n, t in settings.tiers.items()}
+        self._checks: dict[Identity, tuple[str, tuple[Check, ...]]] = {}
+        self._held: dict[str, _Held] = {}
+        self._ttl_ms = int(settings.lease_seconds * 1000)
+        self._heartbeat: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._shared is not None:
+            await self._shared.close()
+        await self._addresses.close()
+
+    def ready(self) -> str | None:
+        """None when limits are decided normally; else the state (fail-open still serves: "degraded")."""
+        if self._guard is None or self._guard.failure is None:
+            return None
+        policy = "degraded: local limits apply" if self._local is not None else "refusing requests (fail-closed)"
+        return f"{self._guard.failure}; {policy}"
+
+    # --- the stage ---
+
+    async def admit(self, exchange: Exchange) -> None:
+        identity = exchange.identity
+        if identity is None:
+            await self._addresses.check(exchange.client_group)
+            return
+        tier_key, checks = self._checks_for(identity)
+        ask = Ask(tier_key, identity.tier if identity.tier in self._terms else "normal", self._terms, checks,
+                  exchange.id, self._ttl_ms, exchange.prompt_tokens, exchange.requested_output,
+                  self._settings.default_max_tokens)  # fmt: skip
+        verdict, engine, where = await self._decide(ask)
+        metrics.LIMIT_DECISIONS.labels(verdict.status.name.lower(), where).inc()
+        tier = self._settings.tiers[verdict.tier]
+        exchange.identity = replace(identity, tier=verdict.tier)
+        if tier.headers and verdict.status is not Status.BLOCKED:
+            exchange.quotas = self._quotas(ask, verdict, engine.divisor)
+        if verdict.status is not Status.ADMITTED:
+            raise _refusal(ask, verdict, exchange.quotas)
+        if exchange.requested_output is None or exchange.requested_output > verdict.output_cap:
+            exchange.output_cap = verdict.output_cap
+        self._held[exchange.id] = _Held(ask, verdict, engine)
+        if tier.tarpit_ms:
+            try:
+                await asyncio.sleep(tier.tarpit_ms / 1000)
+            except BaseException:
+                await self.release(exchange)
+                raise
+
+    async def release(self, exchange: Exchange) -> None:
+        held = self._held.pop(exchange.id, None)
+        if held is None:
+            return
+        if exchange.upstream_status is None or exchange.upstream_status >= 300:
+            correction = -held.verdict.reserved  # nothing was generated: refund all of it
+        elif exchange.tokens_used is not None:
+            correction = exchange.tokens_used - held.verdict.reserved
+        else:
+            correction = 0  # answered, usage unknown (a client that left mid-stream): the reservation stands
+        if held.engine is self._shared:
+            with contextlib.suppress(StorageDown):  # its leases lapse on their own
+                await self._guard.call(lambda: self._shared.settle(held.ask, held.verdict, correction))
+        else:
+            await held.engine.settle(held.ask, held.verdict, correction)
+
+    # --- tiers ---
+
+    async def set_tier(self, identity: Identity, tier: str | None) -> None:
+        """Override an identity's tier (None: back to its registry tier) where every replica reads it."""
+        engine = self._shared if self._shared is not None else self._local
+        await engine.set_tier(tier_key(identity, self._prefix), tier)
+
+    # --- internals ---
+
+    async def _decide(self, ask: Ask) -> tuple[Verdict, object, str]:
+        if self._shared is None:
+            return await self._local.admit(ask), self._local, "memory"
+        try:
+            return await self._guard.call(lambda: self._shared.admit(ask)), self._shared, "shared"
+        except StorageDown:
+            if self._local is None:
+                metrics.LIMIT_DECISIONS.labels("unavailable", "none").inc()
+                raise GatewayError(ErrorKind.UNAVAILABLE, "the gateway cannot check rate limits right now; retry "
+                                   "shortly", {"retry-after": "1"}) from None  # fmt: skip
+            return await self._local.admit(ask), self._local, "local"
+
+    def _checks_for(self, identity: Identity) -> tuple[str, tuple[Check, ...]]:
+        cached = self._checks.get(identity)
+        if cached is None:
+            cached = self._checks[identity] = self._build_checks(identity)
+        return cached
+
+    def _build_checks(self, identity: Identity) -> tuple[str, tuple[Check, ...]]:
+        base = _key_base(identity, self._prefix)
+        scopes = [("identity", f"{base}:i:{identity.name}", self._settings.identity)]
+        if identity.tenant and not self._settings.tenant.empty:
+            scopes.append(("tenant", f"{base}:t", self._settings.tenant))
+        budgets, lease_sets = [], []
+        for scope, prefix, limits in scopes:
+            budgets += [_budget(prefix, "requests", r, scope) for r in limits.requests]
+            budgets += [_budget(prefix, "tokens", r, scope) for r in limits.tokens]
+            if limits.concurrency:
+                lease_sets.append(Check(f"{prefix}:c", "concurrent", limits.concurrency, 0, scope))
+        return tier_key(identity, self._prefix), tuple(budgets + lease_sets)
+
+    def _quotas(self, ask: Ask, verdict: Verdict, divisor: int) -> tuple[Quota, ...]:
+        scale = self._terms[verdict.tier].scale / divisor
+        return tuple(
+            Quota(
+                c.unit,
+                math.floor(c.limit * scale),
+                verdict.remaining[i],
+                verdict.reset_ms[i] / 1000,
+                c.period_ms // 1000,
+            )  # fmt: skip
+            for i, c in enumerate(ask.checks)
+        )
+
+    async def _beat(self) -> None:
+        """Keep the leases of exchanges still running alive; a crashed process's leases lapse."""
+        while True:
+            await asyncio.sleep(self._settings.lease_seconds / 3)
+            by_engine: dict[int, tuple[object, list]] = {}
+            for held in list(self._held.values()):
+                leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
+                leases += [(c.key, held.ask.lease) for c in held.ask.lease_sets]
+            for engine, leases in by_engine.values():
+                try:
+                    if engine is self._shared:
+                        await self._guard.call(lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
+                    else:
+                        await engine.extend(leases, self._ttl_ms)
+                except StorageDown:
+                    pass  # the breaker logged it; leases held there lapse if it stays down
+
+
+def tier_key(identity: Identity, prefix: str = "cg") -> str:
+    """Where an identity's tier override lives."""
+    return f"{_key_base(identity, prefix)}:tier:{identity.name}"
+
+
+def _key_base(identity: Identity, prefix: str) -> str:
+    # One hash tag per tenant (or per identity without one): a Cluster keeps an admission's keys together.
+    owner = f"t:{identity.tenant}" if identity.tenant else f"i:{identity.name}"
+    return f"{prefix}:{{{_tag(owner)}}}"
+
+
+def _budget(prefix: str, unit: str, rate: Rate, scope: str) -> Check:
+    return Check(f"{prefix}:{unit[0]}{rate.period_ms}", unit, rate.amount, rate.period_ms, scope)
+
+
+def _tag(owner: str) -> str:
+    """A hash tag that is safe whatever the name holds (braces would end the tag early)."""
+    return owner if "{" not in owner and "}" not in owner else owner.replace("{", "(").replace("}", ")")
+
+
+def _refusal(ask: Ask, verdict: Verdict, quotas: tuple[Quota, ...]) -> GatewayError:
+    if verdict.status is Status.BLOCKED:
+        return GatewayError(ErrorKind.PERMISSION, "this API key may not use the API; contact the API's operator")
+    check = ask.checks[verdict.failed - 1]
+    whose = "this API key" if check.scope == "identity" else "this key's organisation"
+    limit = quotas[verdict.failed - 1].limit if quotas else None
+    stated = f" (limit {limit})" if limit is not None else ""
+    if verdict.status is Status.TOO_LARGE:
+        return GatewayError(
+            ErrorKind.TOO_LARGE,
+            f"request too large: it may use up to {verdict.reserved} tokens (prompt and maximum output), more than"
+            f" {whose} may use per {_period(check.period_ms)}{stated}; shorten the prompt or lower the output limit",
+        )
+    retry_ms = max(verdict.retry_ms, 1)
+    headers = {"retry-after": str(math.ceil(retry_ms / 1000)), "retry-after-ms": str(retry_ms)}
+    if check.unit == "concurrent":
+        message = f"too many concurrent requests for {whose}{stated}; retry when one has finished"
+    else:
+        message = (f"rate limit reached for {whose}: {check.unit} per {_period(check.period_ms)}{stated}; "
+                   f"try again in {retry_ms / 1000:.3g}s")  # fmt: skip
+    return GatewayError(ErrorKind.RATE_LIMITED, message, headers)
+
+
+def _period(ms: int) -> str:
+    for name, size in (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000), ("second", 1000)):
+        if ms % size == 0:
+            count = ms // size
+            return name if count == 1 else f"{count} {name}s"
+    return f"{ms} ms"

@@ -1,0 +1,221 @@
+"""The admission arithmetic, storage-neutral: what one admission asks for, what it is told, and the
+in-memory engine that answers it.
+
+Every limit on requests or tokens is a GCRA budget: one number per key (the theoretical arrival time), so a
+check, a debit and a signed correction (refund or debt) are constant time whatever the budget's size. A
+budget of N units per period admits N at once and then refills continuously, one unit every period / N.
+Concurrency is a set of leases, each with an expiry that the holder's heartbeat pushes forward, so the
+leases of a process that died lapse on their own.
+
+`MemoryBudget` is the embedded engine and the local fallback. `admission.lua` and `settle.lua` are the same
+logic for Redis, run atomically there; tests run both on the same inputs and compare every answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Status(Enum):
+    ADMITTED = 0
+    LIMITED = 1
+    BLOCKED = 2
+    TOO_LARGE = 3  # a single request larger than a whole budget: no wait will admit it
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit an admission must pass: a budget of `limit` units per `period_ms`, or, with period 0,
+    at most `limit` concurrent leases. Limits are at scale 1; the tier's scale applies inside."""
+
+    key: str
+    unit: str  # "requests", "tokens" or "concurrent"
+    limit: int
+    period_ms: int = 0
+    scope: str = "identity"  # or "tenant": whose limit it is, for the client's error message
+
+
+@dataclass(frozen=True, slots=True)
+class TierTerms:
+    scale: float  # 0 blocks
+    enforce: bool  # False: evaluated and debited up to the limit, never rejected
+    output_cap: int  # 0: no cap on the output tokens a request may ask for
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    tier_key: str
+    default_tier: str
+    tiers: dict[str, TierTerms]
+    checks: tuple[Check, ...]  # budgets first, then lease sets
+    lease: str
+    lease_ttl_ms: int
+    prompt_tokens: int
+    requested_output: int | None
+    default_output: int
+
+    @property
+    def budgets(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.period_ms)
+
+    @property
+    def lease_sets(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.period_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    status: Status
+    tier: str
+    reserved: int  # tokens debited from every token budget
+    output_cap: int  # the output tokens the reservation assumed
+    retry_ms: int
+    failed: int  # 1-based index into Ask.checks of the limit that refused, 0 if none
+    remaining: tuple[int, ...]  # per check, units left after this admission
+    reset_ms: tuple[int, ...]  # per check, until the budget is full again (0 for lease sets)
+
+    @classmethod
+    def from_reply(cls, reply: list) -> Verdict:
+        status, tier, reserved, cap, retry, failed, *pairs = reply
+        tier = tier.decode() if isinstance(tier, bytes) else tier
+        return cls(Status(int(status)), tier, int(reserved), int(cap), int(retry), int(failed),
+                   tuple(int(v) for v in pairs[0::2]), tuple(int(v) for v in pairs[1::2]))  # fmt: skip
+
+
+def tier_of(ask: Ask, override: str | None) -> tuple[str, TierTerms]:
+    """The tier in force: the override where it names a known tier, else the registry's."""
+    if override in ask.tiers:
+        return override, ask.tiers[override]
+    return ask.default_tier, ask.tiers[ask.default_tier]
+
+
+def tier_table(tiers: dict[str, TierTerms]) -> str:
+    """The tier table as the Redis script reads it."""
+    return "".join(f"{name} {t.scale!r} {int(t.enforce)} {t.output_cap};" for name, t in tiers.items())
+
+
+def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float]]:
+    """(key, ms per token) of each token budget, at the scale the admission ran under."""
+    scale = ask.tiers[verdict.tier].scale / divisor
+    return [(c.key, c.period_ms / (c.limit * scale)) for c in ask.budgets if c.unit == "tokens"]
+
+
+def _ms_now() -> float:
+    return float(math.floor(time.time() * 1000))
+
+
+class MemoryBudget:
+    """The engine for one process: the same decisions as the Redis script, in a dict."""
+
+    def __init__(self, divisor: int = 1, clock=_ms_now) -> None:
+        self.divisor = divisor  # this process's share: 1/divisor of every limit
+        self._clock = clock
+        self._tats: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self.tiers: dict[str, str] = {}  # tier overrides by tier key
+        self._prune_at = 10_000
+
+    async def admit(self, ask: Ask) -> Verdict:
+        return self.decide(ask)
+
+    async def settle(self, ask: Ask, verdict: Verdict, correction: int) -> None:
+        self.correct(ask, verdict, correction)
+
+    async def set_tier(self, tier_key: str, tier: str | None) -> None:
+        if tier is None:
+            self.tiers.pop(tier_key, None)
+        else:
+            self.tiers[tier_key] = tier
+
+    async def get_tier(self, tier_key: str) -> str | None:
+        return self.tiers.get(tier_key)
+
+    def decide(self, ask: Ask, now: float | None = None) -> Verdict:
+        now = self._clock() if now is None else now
+        if len(self._tats) > self._prune_at:
+            self._prune(now)
+        tier, terms = tier_of(ask, self.tiers.get(ask.tier_key))
+        if self.divisor > 1:
+            terms = TierTerms(terms.scale / self.divisor, terms.enforce, terms.output_cap)
+        if terms.scale == 0:
+            return Verdict(Status.BLOCKED, tier, 0, 0, 0, 0, (), ())
+        output = ask.default_output if ask.requested_output is None else ask.requested_output
+        if terms.output_cap > 0 and output > terms.output_cap:
+            output = terms.output_cap
+        tokens = ask.prompt_tokens + output
+        status, retry, failed = Status.ADMITTED, 0.0, 0
+        planned = []
+        for i, check in enumerate(ask.budgets, 1):
+            cost = tokens if check.unit == "tokens" else 1
+            interval = check.period_ms / (check.limit * terms.scale)
+            tat = max(self._tats.get(check.key, 0.0), now)
+            new_tat = tat + cost * interval
+            wait = new_tat - check.period_ms - now
+            if cost * interval > check.period_ms:
+                if terms.enforce:
+                    status, failed = Status.TOO_LARGE, i
+                new_tat = tat
+            elif wait > 0:
+                if terms.enforce and status is not Status.TOO_LARGE and wait > retry:
+                    status, retry, failed = Status.LIMITED, wait, i
+                new_tat = min(new_tat, now + check.period_ms)
+            planned.append((check, new_tat, interval, tat))
+        g = len(planned)
+        lease_out = []
+        for j, check in enumerate(ask.lease_sets, 1):
+            limit = math.floor(check.limit * terms.scale)
+            leases = self._live_leases(check.key, now)
+            if len(leases) >= limit and terms.enforce and status is Status.ADMITTED:
+                status, retry, failed = Status.LIMITED, 1000, g + j
+            lease_out.append((max(limit - len(leases) - 1, 0), 0))
+        remaining, reset = [], []
+        for check, new_tat, interval, tat in planned:
+            if status is not Status.ADMITTED:
+                new_tat = tat
+            remaining.append(max(math.floor((now + check.period_ms - new_tat) / interval), 0))
+            reset.append(math.ceil(new_tat - now))
+            if status is Status.ADMITTED and new_tat > now:
+                self._tats[check.key] = round(new_tat, 3)
+        if status is Status.ADMITTED:
+            for check in ask.lease_sets:
+                self._leases[check.key][ask.lease] = now + ask.lease_ttl_ms
+        for r, t in lease_out:
+            remaining.append(r)
+            reset.append(t)
+        return Verdict(status, tier, tokens, output, math.ceil(retry), failed, tuple(remaining), tuple(reset))
+
+    def correct(self, ask: Ask, verdict: Verdict, correction: int, now: float | None = None) -> None:
+        """The exchange has ended: correct its token budgets by `correction` tokens (positive: debt,
+        negative: refund) and drop its leases."""
+        now = self._clock() if now is None else now
+        for key, interval in token_intervals(ask, verdict, self.divisor):
+            tat = max(max(self._tats.get(key, 0.0), now) + correction * interval, now)
+            if tat > now:
+                self._tats[key] = round(tat, 3)
+            else:
+                self._tats.pop(key, None)
+        for check in ask.lease_sets:
+            self._leases.get(check.key, {}).pop(ask.lease, None)
+
+    async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
+        """Heartbeat: push the expiry of live leases (key, lease id) forward."""
+        expiry = self._clock() + ttl_ms
+        for key, lease in leases:
+            held = self._leases.get(key)
+            if held is not None and lease in held:
+                held[lease] = expiry
+
+    def _live_leases(self, key: str, now: float) -> dict[str, float]:
+        held = self._leases.setdefault(key, {})
+        for lease in [lease for lease, expiry in held.items() if expiry <= now]:
+            del held[lease]
+        return held
+
+    def _prune(self, now: float) -> None:
+        """Forget budgets that are full again (what Redis does with each key's expiry)."""
+        self._tats = {key: tat for key, tat in self._tats.items() if tat > now}
+        self._leases = {key: held for key, held in self._leases.items() if any(e > now for e in held.values())}
+        self._prune_at = max(10_000, 2 * len(self._tats))

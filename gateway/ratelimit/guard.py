@@ -1,0 +1,60 @@
+"""A deadline and a circuit breaker around the shared limit storage.
+
+Every call gets `timeout` seconds, whether Redis is gone (refused at once), frozen (no answer: the
+deadline) or failing over. After a failure the breaker opens: for `cooldown` seconds no call is tried and
+the admitter applies its storage-error policy at once; then one call probes, and its success closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+
+from .. import metrics
+
+log = logging.getLogger("canarygate.limits")
+
+STORAGE_ERRORS = (RedisError, OSError, StorageError)  # TimeoutError is an OSError
+
+
+class StorageDown(Exception):
+    """The shared storage cannot be used right now (the message says why, without secrets)."""
+
+
+class StorageGuard:
+    def __init__(self, timeout: float, cooldown: float = 1.0) -> None:
+        self._timeout = timeout
+        self._cooldown = cooldown
+        self.failure: str | None = None  # why the storage is down, while it is
+        self._probe_at = 0.0
+        metrics.LIMIT_STORAGE_UP.set(1)
+
+    async def call(self, make):
+        """Run `make()` (a coroutine function) within the deadline; raises StorageDown."""
+        if self.failure is not None:
+            now = time.monotonic()
+            if now < self._probe_at:
+                raise StorageDown(self.failure)
+            self._probe_at = now + self._cooldown  # this call probes; the others keep the policy meanwhile
+        try:
+            result = await asyncio.wait_for(make(), self._timeout)
+        except STORAGE_ERRORS as e:
+            self._trip(e)
+            raise StorageDown(self.failure) from None
+        if self.failure is not None:
+            log.warning("limit storage is back after: %s", self.failure)
+            self.failure = None
+            metrics.LIMIT_STORAGE_UP.set(1)
+        return result
+
+    def _trip(self, error: Exception) -> None:
+        reason = "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}"
+        if self.failure is None:
+            log.warning("limit storage unavailable (%s); applying the storage-error policy", reason)
+            metrics.LIMIT_STORAGE_UP.set(0)
+        self.failure = f"limit storage unavailable ({reason})"
+        self._probe_at = time.monotonic() + self._cooldown

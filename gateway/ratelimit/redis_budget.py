@@ -1,0 +1,117 @@
+"""The admission engine on Redis: standalone, Cluster or Sentinel, chosen by the storage URL.
+
+Every admission is one script call (check, debit, lease) and every settlement one more, so replicas that
+share the Redis share one limit. All keys of one admission carry the same hash tag (the tenant, or the
+identity when it has none), so on a Cluster they live in one slot and the script never meets CROSSSLOT.
+The script reads the time from Redis, so replicas with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from .budget import Ask, Verdict, tier_table, token_intervals
+
+_ADMISSION = resources.files(__package__).joinpath("admission.lua").read_text()
+_SETTLE = resources.files(__package__).joinpath("settle.lua").read_text()
+
+
+def connect(url: str, timeout: float):
+    """A redis-py client for `url`: redis://, rediss://, unix://, redis+cluster://host:port[,host:port],
+    or redis+sentinel://host:port[,host:port]/service. Requests never retry inside the client: the
+    caller's timeout is the whole wait."""
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    parts = urlsplit(url)
+    if parts.scheme == "redis+cluster":
+        nodes = [ClusterNode(*_host_port(hp)) for hp in parts.netloc.rpartition("@")[2].split(",")]
+        return RedisCluster(startup_nodes=nodes, password=_password(parts), retry=Retry(NoBackoff(), 0),
+                            **options)  # fmt: skip
+    if parts.scheme == "redis+sentinel":
+        service = parts.path.strip("/").split("/")[0]
+        hosts = [_host_port(hp) for hp in parts.netloc.rpartition("@")[2].split(",")]
+        sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)
+        return sentinel.master_for(service, password=_password(parts), retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 6379)
+
+
+def _password(parts) -> str | None:
+    return unquote(parts.password) if parts.password else None
+
+
+class RedisBudget:
+    """Admissions, settlements, heartbeats and tier overrides, on a Redis shared by every replica."""
+
+    divisor = 1  # one budget for all replicas
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self._shas: dict[str, str] = {}
+
+    async def admit(self, ask: Ask, now_ms: float = -1) -> Verdict:
+        """Decide one admission at the Redis server's time (tests pass `now_ms` to fix the clock)."""
+        keys = [ask.tier_key, *(c.key for c in ask.checks)]
+        args: list = [now_ms, ask.default_tier, tier_table(ask.tiers), ask.lease, ask.lease_ttl_ms, ask.prompt_tokens,
+                      -1 if ask.requested_output is None else ask.requested_output, ask.default_output,
+                      len(ask.budgets)]  # fmt: skip
+        for check in ask.budgets:
+            args += (check.limit, check.period_ms, check.unit[0])
+        args += [check.limit for check in ask.lease_sets]
+        return Verdict.from_reply(await self._run(_ADMISSION, keys, args))
+
+    async def settle(self, ask: Ask, verdict: Verdict, correction: int, now_ms: float = -1) -> None:
+        budgets = token_intervals(ask, verdict)
+        args: list = [now_ms, ask.lease, correction, len(budgets)]
+        for _key, interval in budgets:
+            args.append(repr(interval))
+        await self._run(_SETTLE, [key for key, _ in budgets] + [c.key for c in ask.lease_sets], args)
+
+    async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
+        if not leases:
+            return
+        time_s, micros = await self.client.time()
+        expiry = time_s * 1000 + micros // 1000 + ttl_ms
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, lease in leases:
+                pipe.zadd(key, {lease: expiry}, xx=True)
+            await pipe.execute()
+
+    async def set_tier(self, tier_key: str, tier: str | None) -> None:
+        if tier is None:
+            await self.client.delete(tier_key)
+        else:
+            await self.client.set(tier_key, tier)
+
+    async def get_tier(self, tier_key: str) -> str | None:
+        value = await self.client.get(tier_key)
+        return value.decode() if value is not None else None
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _run(self, script: str, keys: list[str], args: list):
+        sha = self._shas.get(script)
+        if sha is not None:
+            try:
+                return await self.client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass  # a restarted or failed-over Redis has forgotten it
+        reply = await self.client.execute_command("EVAL", script, len(keys), *keys, *args)
+        self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
+        return reply
