@@ -11,12 +11,14 @@ import json
 import os
 
 from . import config, metrics
+from .admin import PREFIX as ADMIN_PREFIX
+from .admin import TierAdmin
 from .demo import DemoModel
 from .evidence import open_recorder
 from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
-from .ratelimit import open_admitter
+from .ratelimit import LimitAdmitter, open_admitter
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 
@@ -45,25 +47,21 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
 
 
 class GatewayApp:
-    """ASGI app of the sidecar: operations endpoints, everything else to the pipeline."""
+    """ASGI app of the sidecar: operations endpoints, the admin endpoint, everything else to the pipeline."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, admin: TierAdmin | None = None) -> None:
         self.pipeline = pipeline
+        self._admin = admin
         self._ops = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             handler = self._ops.get(scope["path"]) if scope["method"] == "GET" else None
             if handler is not None:
-                status, body, content_type = await handler()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [(b"content-type", content_type.encode())],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await _respond(send, *await handler())
+            elif self._admin is not None and scope["path"].startswith(ADMIN_PREFIX):
+                status, doc = await self._admin.handle(scope, receive)
+                await _respond(send, status, json.dumps(doc).encode(), "application/json")
             else:
                 await self.pipeline(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -98,8 +96,19 @@ class GatewayApp:
         return 200, body, content_type
 
 
+async def _respond(send, status: int, body: bytes, content_type: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: config.Settings, **stages) -> GatewayApp:
-    return GatewayApp(build_pipeline(settings, **stages))
+    pipeline = build_pipeline(settings, **stages)
+    token = os.environ.get(settings.server.admin_token_env)
+    admitter = pipeline.stages["admit"]
+    admin = None
+    if token and isinstance(admitter, LimitAdmitter):
+        admin = TierAdmin(Registry(settings.state_dir), admitter, settings.limits.tiers, token)
+    return GatewayApp(pipeline, admin)
 
 
 def app_from_env() -> GatewayApp:

@@ -7,6 +7,7 @@ last line of `identities add`, so that scripts can take it with `tail -n 1`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evidence
+from . import config, evidence, ratelimit
 from .evidence import keys
 from .evidence.reader import LogReader, VerifyError
 from .identity import DEFAULT_TIER, IdentityError, Registry
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.set_defaults(run=_identities_revoke)
 
+    _tier_commands(commands)
     _keys_commands(commands)
     _log_commands(commands)
 
@@ -72,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         command.set_defaults(run=_serve if name == "serve" else _demo)
     return parser
+
+
+def _tier_commands(commands) -> None:
+    tier = commands.add_parser("tier", help="move an identity between risk tiers (normal, watch, suspect, ...)")
+    sub = tier.add_subparsers(title="tier commands")
+    setting = sub.add_parser("set", help="set an identity's tier; every worker and replica applies it at once")
+    setting.add_argument("name")
+    setting.add_argument("tier")
+    setting.set_defaults(run=_tier_set)
+    showing = sub.add_parser("show", help="an identity's tier, and the shared override if one is set")
+    showing.add_argument("name")
+    showing.set_defaults(run=_tier_show)
 
 
 def _keys_commands(commands) -> None:
@@ -180,6 +194,29 @@ def _identities_list(args) -> int:
 def _identities_revoke(args) -> int:
     Registry(_settings(args).state_dir).revoke(args.name)
     print(f"revoked {args.name}")
+    return 0
+
+
+def _tier_set(args) -> int:
+    settings = _settings(args)
+    if args.tier not in settings.limits.tiers:
+        known = ", ".join(settings.limits.tiers)
+        raise config.ConfigError(f"unknown tier {args.tier!r}; the tiers in {settings.source} are {known}")
+    registry = Registry(settings.state_dir)
+    registry.set_tier(args.name, args.tier)
+    if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage
+        asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), args.tier))
+    print(f"{args.name} is now in tier {args.tier}")
+    return 0
+
+
+def _tier_show(args) -> int:
+    settings = _settings(args)
+    record = Registry(settings.state_dir).get(args.name)
+    print(f"{args.name}: tier {record.tier} (registry)")
+    if settings.limits.storage != "memory":
+        override = asyncio.run(ratelimit.shared_tier(settings, record.identity()))
+        print(f"shared override: {override or 'none'}")
     return 0
 
 

@@ -31,6 +31,7 @@ max_body_bytes = 4194304         # request bodies above this (after decompressio
 max_response_bytes = 33554432    # an upstream answer above this is cut off (502, or an error event in a stream)
 shutdown_timeout = 30.0          # seconds in-flight streams may run on after a stop signal
 trusted_proxies = []             # CIDRs whose X-Forwarded-For is believed, e.g. ["10.0.0.0/8"]
+admin_token_env = "CANARYGATE_ADMIN_TOKEN"  # the variable holding the /admin/ token; unset: no admin endpoint
 
 [upstream]
 url = "https://api.openai.com"   # the model API; "demo" serves the built-in demo model in-process
@@ -112,6 +113,7 @@ class ServerSettings:
     max_response_bytes: int = 32 * 1024 * 1024
     shutdown_timeout: float = 30.0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    admin_token_env: str = "CANARYGATE_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +248,7 @@ def parse(raw: dict, source: str) -> Settings:
         max_response_bytes=reader.take(server_raw, "server", "max_response_bytes", int, 32 * 1024 * 1024),
         shutdown_timeout=reader.take(server_raw, "server", "shutdown_timeout", float, 30.0),
         trusted_proxies=_networks(source, reader.take(server_raw, "server", "trusted_proxies", list, [])),
+        admin_token_env=reader.take(server_raw, "server", "admin_token_env", str, "CANARYGATE_ADMIN_TOKEN"),
     )
     reader.reject_unknown(server_raw, "server")
     _check_server(server, source)

@@ -4,8 +4,9 @@ A key looks like `cg_<key id>_<secret>`. The registry stores the key id and a SH
 (keys are 256-bit random, so a fast hash is safe; no password-style stretching is needed) and never the
 key. Lookup goes by key id; the hash is compared with `hmac.compare_digest`, in constant time.
 
-The registry is one JSON file, replaced atomically by the CLI. Every worker re-reads it when it changes
-(checked at most every `RELOAD_INTERVAL` seconds), so a revocation reaches all workers without a restart.
+The registry is one JSON file, replaced atomically by the CLI. Every worker checks it (one stat) on every
+lookup and re-reads it when it changed, so a revocation or a tier change reaches all workers on their next
+request, without a restart.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .exchange import ErrorKind, Exchange, GatewayError, Identity
 
 FILE_NAME = "identities.json"
-RELOAD_INTERVAL = 0.25
 DEFAULT_TIER = "normal"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
@@ -58,7 +58,6 @@ class Registry:
         self.path = Path(state_dir) / FILE_NAME
         self._records: dict[str, Record] = {}  # by key id
         self._seen: tuple | None = None
-        self._checked = 0.0
 
     # --- reading (workers) ---
 
@@ -68,18 +67,12 @@ class Registry:
         if prefix != "cg":
             return None
         self._refresh()
-        if key_id not in self._records:
-            self._refresh(force=True)  # a key added a moment ago works at once
         record = self._records.get(key_id)
         if record is None or record.revoked is not None:
             return None
         return record if hmac.compare_digest(record.key_hash, _hash(key)) else None
 
-    def _refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._checked < RELOAD_INTERVAL and not force:
-            return
-        self._checked = now
+    def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -113,6 +106,19 @@ class Registry:
                 raise IdentityError(f"identity {name!r} exists; revoke it first or choose another name")
             records[name] = Record(name, key_id, _hash(key), tier, time.time(), tenant)
         return key
+
+    def set_tier(self, name: str, tier: str) -> None:
+        with self._locked() as records:
+            record = records.get(name)
+            if record is None:
+                raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+            records[name] = replace(record, tier=tier)
+
+    def get(self, name: str) -> Record:
+        record = self._read().get(name)
+        if record is None:
+            raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+        return record
 
     def revoke(self, name: str) -> None:
         with self._locked() as records:

@@ -123,11 +123,24 @@ def cluster(masters: int = 3):
             for i in range(masters):
                 node_dir = os.path.join(workdir, str(i))
                 os.mkdir(node_dir)
-                nodes.append(RedisProcess(node_dir, "--cluster-enabled", "yes", "--cluster-config-file",
-                                          "nodes.conf", "--cluster-node-timeout", "2000").start())  # fmt: skip
+                nodes.append(
+                    RedisProcess(
+                        node_dir,
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                    ).start()
+                )
             addresses = [f"127.0.0.1:{n.port}" for n in nodes]
-            subprocess.run([REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
-                            "--cluster-yes"], check=True, capture_output=True, timeout=30)  # fmt: skip
+            subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
             _wait(lambda: all(redis.Redis(port=n.port).cluster("info")["cluster_state"] == "ok" for n in nodes))
             yield "redis+cluster://" + ",".join(addresses)
         finally:
@@ -159,9 +172,11 @@ def sentinel():
             _wait(lambda: redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up")
             conf = os.path.join(workdir, "sentinel.conf")
             with open(conf, "w") as f:
-                f.write(f"sentinel monitor cg 127.0.0.1 {master.port} 1\n"
-                        "sentinel down-after-milliseconds cg 500\n"
-                        "sentinel failover-timeout cg 2000\n")  # fmt: skip
+                f.write(
+                    f"sentinel monitor cg 127.0.0.1 {master.port} 1\n"
+                    "sentinel down-after-milliseconds cg 500\n"
+                    "sentinel failover-timeout cg 2000\n"
+                )
             watcher = RedisProcess(workdir, "--sentinel", config_file=conf).start()
             processes.append(watcher)
             yield SentinelSetup(master, replica, watcher)

@@ -41,4 +41,20 @@ async def set_shared_tier(settings: Settings, identity: Identity, tier: str | No
         await budget.close()
 
 
-__all__ = ["LimitAdmitter", "MemoryBudget", "RedisBudget", "open_admitter", "set_shared_tier", "tier_key"]
+async def shared_tier(settings: Settings, identity: Identity) -> str | None:
+    budget = RedisBudget(connect(settings.limits.storage, max(settings.limits.timeout_ms / 1000, 2.0)))
+    try:
+        return await budget.get_tier(tier_key(identity))
+    finally:
+        await budget.close()
+
+
+__all__ = [
+    "LimitAdmitter",
+    "MemoryBudget",
+    "RedisBudget",
+    "open_admitter",
+    "set_shared_tier",
+    "shared_tier",
+    "tier_key",
+]

@@ -22,13 +22,22 @@ from ..exchange import ErrorKind, GatewayError
 from .guard import StorageDown, StorageGuard
 
 _NAMESPACE = "unauthenticated"
-_ASYNC_SCHEMES = {"redis": "async+redis", "rediss": "async+rediss", "redis+cluster": "async+redis+cluster",
-                  "redis+sentinel": "async+redis+sentinel"}  # fmt: skip
+_ASYNC_SCHEMES = {
+    "redis": "async+redis",
+    "rediss": "async+rediss",
+    "redis+cluster": "async+redis+cluster",
+    "redis+sentinel": "async+redis+sentinel",
+}
 
 
 class AddressLimiter:
-    def __init__(self, rates: tuple[Rate, ...], storage_url: str = "memory", guard: StorageGuard | None = None,
-                 timeout: float = 0.05) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rates: tuple[Rate, ...],
+        storage_url: str = "memory",
+        guard: StorageGuard | None = None,
+        timeout: float = 0.05,
+    ) -> None:
         self._items = limits.parse_many("; ".join(r.text for r in rates)) if rates else []
         self._local = MovingWindowRateLimiter(MemoryStorage())
         self._storage = None
@@ -37,8 +46,13 @@ class AddressLimiter:
         scheme = urlsplit(storage_url).scheme
         if scheme in _ASYNC_SCHEMES and guard is not None:
             uri = _ASYNC_SCHEMES[scheme] + storage_url[len(scheme) :]
-            self._storage = storage_from_string(uri, implementation="redispy", socket_timeout=timeout,
-                                                socket_connect_timeout=timeout, wrap_exceptions=True)  # fmt: skip
+            self._storage = storage_from_string(
+                uri,
+                implementation="redispy",
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                wrap_exceptions=True,
+            )
             self._shared = MovingWindowRateLimiter(self._storage)
 
     async def check(self, group: str) -> None:

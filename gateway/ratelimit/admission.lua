@@ -46,21 +46,23 @@ for i = 1, g do
   local cost = 1
   if unit == 't' then cost = tokens end
   local interval = period / (limit * scale)
+  local span = period
+  if unit == 'r' then span = math.max(period, interval) end  -- a scaled-down budget still admits one
   local tat = tonumber(redis.call('GET', KEYS[1 + i]) or '0')
   if tat < now then tat = now end
   local new_tat = tat + cost * interval
-  local wait = new_tat - period - now
-  if cost * interval > period then
+  local wait = new_tat - span - now
+  if cost * interval > span then
     if enforce == 1 then status, failed = 3, i end
     new_tat = tat
   elseif wait > 0 then
     if enforce == 1 and status ~= 3 and wait > retry then status, retry, failed = 1, wait, i end
-    new_tat = math.min(new_tat, now + period)
+    new_tat = math.min(new_tat, now + span)
   end
-  tats[i] = {new_tat, period, interval, tat}
+  tats[i] = {new_tat, span, interval, tat}
 end
 for j = 1, #KEYS - 1 - g do
-  local key, limit = KEYS[1 + g + j], math.floor(tonumber(ARGV[a + j - 1]) * scale)
+  local key, limit = KEYS[1 + g + j], math.max(math.floor(tonumber(ARGV[a + j - 1]) * scale), 1)
   redis.call('ZREMRANGEBYSCORE', KEYS[1 + g + j], '-inf', now)
   local held = redis.call('ZCARD', key)
   if held >= limit and enforce == 1 and status == 0 then status, retry, failed = 1, 1000, g + j end
@@ -68,9 +70,9 @@ for j = 1, #KEYS - 1 - g do
 end
 
 for i = 1, g do
-  local new_tat, period, interval, tat = unpack(tats[i])
+  local new_tat, span, interval, tat = unpack(tats[i])
   if status ~= 0 then new_tat = tat end
-  out[i] = {math.max(math.floor((now + period - new_tat) / interval), 0), math.ceil(new_tat - now)}
+  out[i] = {math.max(math.floor((now + span - new_tat) / interval), 0), math.ceil(new_tat - now)}
   if status == 0 and new_tat > now then
     redis.call('SET', KEYS[1 + i], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
   end

@@ -21,7 +21,7 @@ from .. import metrics
 from ..config import LimitSettings, Rate
 from ..exchange import ErrorKind, Exchange, GatewayError, Identity, Quota
 from .addresses import AddressLimiter
-from .budget import Ask, Check, MemoryBudget, Status, TierTerms, Verdict
+from .budget import Ask, Check, MemoryBudget, Status, TierTerms, Verdict, span_of
 from .guard import StorageDown, StorageGuard
 
 log = logging.getLogger("canarygate.limits")
@@ -35,8 +35,15 @@ class _Held:
 
 
 class LimitAdmitter:
-    def __init__(self, settings: LimitSettings, shared, local: MemoryBudget | None, addresses: AddressLimiter,
-                 guard: StorageGuard | None = None, prefix: str = "cg") -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: LimitSettings,
+        shared,
+        local: MemoryBudget | None,
+        addresses: AddressLimiter,
+        guard: StorageGuard | None = None,
+        prefix: str = "cg",
+    ) -> None:
         """`shared`: a RedisBudget, or None when limits live in memory; `local`: the memory engine (the
         embedded one, or the fail-open fallback; None is fail-closed)."""
         self._settings = settings
@@ -78,9 +85,17 @@ class LimitAdmitter:
             await self._addresses.check(exchange.client_group)
             return
         tier_key, checks = self._checks_for(identity)
-        ask = Ask(tier_key, identity.tier if identity.tier in self._terms else "normal", self._terms, checks,
-                  exchange.id, self._ttl_ms, exchange.prompt_tokens, exchange.requested_output,
-                  self._settings.default_max_tokens)  # fmt: skip
+        ask = Ask(
+            tier_key,
+            identity.tier if identity.tier in self._terms else "normal",
+            self._terms,
+            checks,
+            exchange.id,
+            self._ttl_ms,
+            exchange.prompt_tokens,
+            exchange.requested_output,
+            self._settings.default_max_tokens,
+        )
         verdict, engine, where = await self._decide(ask)
         metrics.LIMIT_DECISIONS.labels(verdict.status.name.lower(), where).inc()
         tier = self._settings.tiers[verdict.tier]
@@ -132,8 +147,11 @@ class LimitAdmitter:
         except StorageDown:
             if self._local is None:
                 metrics.LIMIT_DECISIONS.labels("unavailable", "none").inc()
-                raise GatewayError(ErrorKind.UNAVAILABLE, "the gateway cannot check rate limits right now; retry "
-                                   "shortly", {"retry-after": "1"}) from None  # fmt: skip
+                raise GatewayError(
+                    ErrorKind.UNAVAILABLE,
+                    "the gateway cannot check rate limits right now; retry shortly",
+                    {"retry-after": "1"},
+                ) from None
             return await self._local.admit(ask), self._local, "local"
 
     def _checks_for(self, identity: Identity) -> tuple[str, tuple[Check, ...]]:
@@ -156,17 +174,18 @@ class LimitAdmitter:
         return tier_key(identity, self._prefix), tuple(budgets + lease_sets)
 
     def _quotas(self, ask: Ask, verdict: Verdict, divisor: int) -> tuple[Quota, ...]:
+        """The limits as enforced: scaled by tier and share; a requests budget scaled below one per period
+        is told as one request per interval, which is what it admits."""
         scale = self._terms[verdict.tier].scale / divisor
-        return tuple(
-            Quota(
-                c.unit,
-                math.floor(c.limit * scale),
-                verdict.remaining[i],
-                verdict.reset_ms[i] / 1000,
-                c.period_ms // 1000,
-            )  # fmt: skip
-            for i, c in enumerate(ask.checks)
-        )
+        quotas = []
+        for i, c in enumerate(ask.checks):
+            limit, window = math.floor(c.limit * scale), c.period_ms
+            if c.unit != "tokens" and limit < 1:
+                limit = 1
+                window = span_of(c, c.period_ms / (c.limit * scale)) if c.period_ms else 0
+            reset = verdict.reset_ms[i] / 1000
+            quotas.append(Quota(c.unit, limit, verdict.remaining[i], reset, math.ceil(window / 1000)))
+        return tuple(quotas)
 
     async def _beat(self) -> None:
         """Keep the leases of exchanges still running alive; a crashed process's leases lapse."""
@@ -224,8 +243,10 @@ def _refusal(ask: Ask, verdict: Verdict, quotas: tuple[Quota, ...]) -> GatewayEr
     if check.unit == "concurrent":
         message = f"too many concurrent requests for {whose}{stated}; retry when one has finished"
     else:
-        message = (f"rate limit reached for {whose}: {check.unit} per {_period(check.period_ms)}{stated}; "
-                   f"try again in {retry_ms / 1000:.3g}s")  # fmt: skip
+        message = (
+            f"rate limit reached for {whose}: {check.unit} per {_period(check.period_ms)}{stated}; "
+            f"try again in {retry_ms / 1000:.3g}s"
+        )
     return GatewayError(ErrorKind.RATE_LIMITED, message, headers)
 
 

@@ -81,8 +81,16 @@ class Verdict:
     def from_reply(cls, reply: list) -> Verdict:
         status, tier, reserved, cap, retry, failed, *pairs = reply
         tier = tier.decode() if isinstance(tier, bytes) else tier
-        return cls(Status(int(status)), tier, int(reserved), int(cap), int(retry), int(failed),
-                   tuple(int(v) for v in pairs[0::2]), tuple(int(v) for v in pairs[1::2]))  # fmt: skip
+        return cls(
+            Status(int(status)),
+            tier,
+            int(reserved),
+            int(cap),
+            int(retry),
+            int(failed),
+            tuple(int(v) for v in pairs[0::2]),
+            tuple(int(v) for v in pairs[1::2]),
+        )
 
 
 def tier_of(ask: Ask, override: str | None) -> tuple[str, TierTerms]:
@@ -95,6 +103,12 @@ def tier_of(ask: Ask, override: str | None) -> tuple[str, TierTerms]:
 def tier_table(tiers: dict[str, TierTerms]) -> str:
     """The tier table as the Redis script reads it."""
     return "".join(f"{name} {t.scale!r} {int(t.enforce)} {t.output_cap};" for name, t in tiers.items())
+
+
+def span_of(check: Check, interval: float) -> float:
+    """How far ahead a budget may be spent, in ms: its period, or for requests at least one interval, so that
+    a budget scaled below one request per period still admits one request per interval."""
+    return max(check.period_ms, interval) if check.unit == "requests" else check.period_ms
 
 
 def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float]]:
@@ -151,34 +165,35 @@ class MemoryBudget:
         for i, check in enumerate(ask.budgets, 1):
             cost = tokens if check.unit == "tokens" else 1
             interval = check.period_ms / (check.limit * terms.scale)
+            span = span_of(check, interval)
             tat = max(self._tats.get(check.key, 0.0), now)
             new_tat = tat + cost * interval
-            wait = new_tat - check.period_ms - now
-            if cost * interval > check.period_ms:
+            wait = new_tat - span - now
+            if cost * interval > span:
                 if terms.enforce:
                     status, failed = Status.TOO_LARGE, i
                 new_tat = tat
             elif wait > 0:
                 if terms.enforce and status is not Status.TOO_LARGE and wait > retry:
                     status, retry, failed = Status.LIMITED, wait, i
-                new_tat = min(new_tat, now + check.period_ms)
-            planned.append((check, new_tat, interval, tat))
+                new_tat = min(new_tat, now + span)
+            planned.append((span, new_tat, interval, tat, check.key))
         g = len(planned)
         lease_out = []
         for j, check in enumerate(ask.lease_sets, 1):
-            limit = math.floor(check.limit * terms.scale)
+            limit = max(math.floor(check.limit * terms.scale), 1)
             leases = self._live_leases(check.key, now)
             if len(leases) >= limit and terms.enforce and status is Status.ADMITTED:
                 status, retry, failed = Status.LIMITED, 1000, g + j
             lease_out.append((max(limit - len(leases) - 1, 0), 0))
         remaining, reset = [], []
-        for check, new_tat, interval, tat in planned:
+        for span, new_tat, interval, tat, key in planned:
             if status is not Status.ADMITTED:
                 new_tat = tat
-            remaining.append(max(math.floor((now + check.period_ms - new_tat) / interval), 0))
+            remaining.append(max(math.floor((now + span - new_tat) / interval), 0))
             reset.append(math.ceil(new_tat - now))
             if status is Status.ADMITTED and new_tat > now:
-                self._tats[check.key] = round(new_tat, 3)
+                self._tats[key] = round(new_tat, 3)
         if status is Status.ADMITTED:
             for check in ask.lease_sets:
                 self._leases[check.key][ask.lease] = now + ask.lease_ttl_ms

@@ -33,8 +33,7 @@ def connect(url: str, timeout: float):
     parts = urlsplit(url)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(*_host_port(hp)) for hp in parts.netloc.rpartition("@")[2].split(",")]
-        return RedisCluster(startup_nodes=nodes, password=_password(parts), retry=Retry(NoBackoff(), 0),
-                            **options)  # fmt: skip
+        return RedisCluster(startup_nodes=nodes, password=_password(parts), retry=Retry(NoBackoff(), 0), **options)
     if parts.scheme == "redis+sentinel":
         service = parts.path.strip("/").split("/")[0]
         hosts = [_host_port(hp) for hp in parts.netloc.rpartition("@")[2].split(",")]
@@ -64,9 +63,17 @@ class RedisBudget:
     async def admit(self, ask: Ask, now_ms: float = -1) -> Verdict:
         """Decide one admission at the Redis server's time (tests pass `now_ms` to fix the clock)."""
         keys = [ask.tier_key, *(c.key for c in ask.checks)]
-        args: list = [now_ms, ask.default_tier, tier_table(ask.tiers), ask.lease, ask.lease_ttl_ms, ask.prompt_tokens,
-                      -1 if ask.requested_output is None else ask.requested_output, ask.default_output,
-                      len(ask.budgets)]  # fmt: skip
+        args: list = [
+            now_ms,
+            ask.default_tier,
+            tier_table(ask.tiers),
+            ask.lease,
+            ask.lease_ttl_ms,
+            ask.prompt_tokens,
+            -1 if ask.requested_output is None else ask.requested_output,
+            ask.default_output,
+            len(ask.budgets),
+        ]
         for check in ask.budgets:
             args += (check.limit, check.period_ms, check.unit[0])
         args += [check.limit for check in ask.lease_sets]

@@ -88,7 +88,10 @@ def test_memory_share_divides_every_limit():
     budget = MemoryBudget(divisor=5)
     check = (Check("k", "requests", 10, 1000),)
     assert [budget.decide(ask(checks=check, lease=str(i)), now=0).status for i in range(3)] == [
-        Status.ADMITTED, Status.ADMITTED, Status.LIMITED]  # fmt: skip
+        Status.ADMITTED,
+        Status.ADMITTED,
+        Status.LIMITED,
+    ]
 
 
 def test_redis_script_and_memory_engine_agree_on_random_sequences():
@@ -118,8 +121,13 @@ async def _compare(url: str) -> None:
                 await remote.settle(held_ask, verdict, correction, now_ms=now)
                 local.correct(held_ask, verdict, correction, now=now)
             else:
-                a = ask(name, tier=rng.choice(["normal", "watch"]), prompt=rng.randint(0, 400),
-                        output=rng.choice([None, 0, 50, 250, 900]), lease=f"l{step}")  # fmt: skip
+                a = ask(
+                    name,
+                    tier=rng.choice(["normal", "watch"]),
+                    prompt=rng.randint(0, 400),
+                    output=rng.choice([None, 0, 50, 250, 900]),
+                    lease=f"l{step}",
+                )
                 expected = local.decide(a, now=now)
                 got = await remote.admit(a, now_ms=now)
                 assert got == expected, f"step {step}"
@@ -145,3 +153,14 @@ def test_redis_tier_override_is_read_by_the_script(blocked):
         verdict = asyncio.run(run())
     assert verdict.status is (Status.BLOCKED if blocked else Status.ADMITTED)
     assert verdict.tier == ("blocked" if blocked else "normal")
+
+
+def test_a_requests_budget_scaled_below_one_per_period_admits_one_per_interval():
+    budget = MemoryBudget()
+    check = (Check("k", "requests", 3, 1000),)
+    tiers = {**TIERS, "slow": TierTerms(0.1, True, 0)}
+    slow = Ask("tier", "slow", tiers, check, "l", 1000, 0, 0, 0)
+    first, second = budget.decide(slow, now=0), budget.decide(slow, now=1)
+    assert (first.status, second.status) == (Status.ADMITTED, Status.LIMITED)
+    assert second.retry_ms == 3333  # 0.3 per second: one every 3.33 s
+    assert budget.decide(slow, now=3334).status is Status.ADMITTED

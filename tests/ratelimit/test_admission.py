@@ -1,0 +1,210 @@
+"""Admission in a running gateway (memory storage): limits, their headers and errors in each API's shape,
+reservations and settlement, tiers, tarpits, concurrency, and unauthenticated floods."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import exchanges
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+MESSAGE = {"model": "claude", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture(autouse=True)
+def clean_upstream(fake_upstream):
+    fake_upstream.reset()
+    yield fake_upstream
+
+
+def test_an_answer_carries_the_limits_in_force_in_openai_headers(limited):
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        response = http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    h = response.headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
+    assert h["x-ratelimit-reset-requests"].endswith("ms")  # one request back every 333 ms
+    assert h["x-ratelimit-limit-tokens"] == "20000"
+    assert '"requests-1s";q=3;w=1' in h["ratelimit-policy"] and '"concurrency";q=2' in h["ratelimit-policy"]
+    assert '"requests-1s";r=2;t=1' in h["ratelimit"]
+
+
+def test_the_request_over_the_limit_gets_429_in_openai_shape_and_may_retry_when_told(limited):
+    name, key = limited.identity()
+    with limited.client(key) as http:
+        statuses = [http.post("/v1/chat/completions", json=CHAT).status_code for _ in range(3)]
+        refused = http.post("/v1/chat/completions", json=CHAT)
+        assert statuses == [200, 200, 200] and refused.status_code == 429
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert "requests per second" in error["message"]
+        wait_ms = int(refused.headers["retry-after-ms"])
+        assert 0 < wait_ms <= 334 and refused.headers["retry-after"] == "1"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        time.sleep(wait_ms / 1000)
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    mine = [e for e in exchanges(limited.state_dir) if e["identity"] == name]
+    assert [e["status"] for e in mine] == [200, 200, 200, 429, 200]  # refusals are on record too
+
+
+def test_anthropic_routes_get_anthropic_headers_and_error_shape(limited):
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        first = http.post("/v1/messages", json=MESSAGE)
+        for _ in range(2):
+            http.post("/v1/messages", json=MESSAGE)
+        refused = http.post("/v1/messages", json=MESSAGE)
+    assert first.headers["anthropic-ratelimit-requests-limit"] == "3"
+    assert first.headers["anthropic-ratelimit-requests-remaining"] == "2"
+    assert first.headers["anthropic-ratelimit-tokens-reset"].endswith("Z")
+    assert "x-ratelimit-limit-requests" not in first.headers
+    assert refused.status_code == 429
+    assert refused.json() == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": refused.json()["error"]["message"]},
+    }
+    assert "retry-after" in refused.headers
+
+
+def test_output_limit_is_set_when_missing_and_capped_by_the_tier(limited, clean_upstream):
+    _, normal = limited.identity()
+    with limited.client(normal) as http:
+        http.post("/v1/chat/completions", json=CHAT)
+        http.post(
+            "/v1/chat/completions",
+            content=json.dumps({**CHAT, "max_tokens": 1000}),
+            headers={"content-type": "application/json"},
+        )
+    with limited.client(limited.identity("suspect")[1]) as http:  # one request per 3.3 s: one each
+        http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1000})
+    with limited.client(limited.identity("suspect")[1]) as http:
+        http.post("/v1/messages", json={**MESSAGE, "max_tokens": 10})
+    sent = [r.json() for r in clean_upstream.requests]
+    assert sent[0]["max_completion_tokens"] == 500  # [limits] default_max_tokens
+    assert sent[1]["max_tokens"] == 1000 and "max_completion_tokens" not in sent[1]  # within every cap: untouched
+    assert sent[2]["max_tokens"] == 64  # the suspect tier's cap
+    assert sent[3]["max_tokens"] == 10
+    assert clean_upstream.requests[1].body == json.dumps({**CHAT, "max_tokens": 1000}).encode()  # byte for byte
+
+
+def test_a_stream_asks_for_usage_and_the_client_only_sees_it_if_it_asked(limited, clean_upstream):
+    name, key = limited.identity()
+    with limited.client(key) as http:
+        plain = http.post("/v1/chat/completions", json={**CHAT, "stream": True}).text
+        asked = http.post(
+            "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        ).text
+    assert clean_upstream.requests[0].json()["stream_options"] == {"include_usage": True}
+    assert '"usage"' not in plain and plain.rstrip().endswith("data: [DONE]")
+    assert '"usage"' in asked
+    records = [e for e in exchanges(limited.state_dir) if e["identity"] == name]
+    assert records[0]["usage"]["total_tokens"] > 0  # recorded, though the client never saw it
+
+
+def test_token_reservations_are_settled_by_the_real_usage(limited):
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        first = http.post("/v1/chat/completions", json=CHAT)
+        used = first.json()["usage"]["total_tokens"]
+        time.sleep(0.4)  # a request back in the per-second budget
+        second = http.post("/v1/chat/completions", json=CHAT)
+    reserved = 20000 - int(first.headers["x-ratelimit-remaining-tokens"])
+    assert reserved > 500 >= used  # the prompt's estimate plus the output limit
+    # the first reservation was replaced by what it used; the second is still reserved
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == 20000 - used - reserved
+
+
+def test_too_large_a_request_for_the_whole_budget_is_refused_for_good(limited):
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        refused = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 50000})
+    assert refused.status_code == 413
+    assert refused.json()["error"]["code"] == "request_too_large" and "retry-after" not in refused.headers
+
+
+def test_blocked_identities_are_refused_and_unlimited_ones_never_are(limited):
+    _, blocked = limited.identity("blocked")
+    _, unlimited = limited.identity("unlimited")
+    with limited.client(blocked) as http:
+        refused = http.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    assert "x-ratelimit-limit-requests" not in refused.headers
+    with limited.client(unlimited) as http:
+        answers = [http.post("/v1/chat/completions", json=CHAT) for _ in range(8)]
+    assert [r.status_code for r in answers] == [200] * 8
+    assert "x-ratelimit-limit-requests" not in answers[0].headers  # the tier sends no headers
+
+
+def test_a_tier_change_applies_to_the_next_request(limited):
+    name, key = limited.identity()
+    with limited.client(key) as http:
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+        limited.registry.set_tier(name, "blocked")
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 403
+        limited.registry.set_tier(name, "normal")
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_tarpit_delays_a_suspect_and_tells_it_nothing(limited):
+    _, suspect = limited.identity("suspect")
+    with limited.client(suspect) as http:
+        started = time.perf_counter()
+        response = http.post("/v1/chat/completions", json=CHAT)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200 and elapsed >= 0.3
+    assert not any("tarpit" in k or "tier" in k or "suspect" in v for k, v in response.headers.items())
+    # the limits told are the ones in force: 3 per second at scale 0.1 is one request per 4 (3.33) seconds
+    assert response.headers["x-ratelimit-limit-requests"] == "1"
+    assert '"requests-4s";q=1;w=4' in response.headers["ratelimit-policy"]
+
+
+def test_concurrency_is_limited_and_released(limited, clean_upstream):
+    _, key = limited.identity()
+    clean_upstream.behaviour.hang = 0.6
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+
+        def call(delay):
+            time.sleep(delay)
+            with limited.client(key) as http:
+                return http.post("/v1/chat/completions", json=CHAT)
+
+        answers = list(pool.map(call, [0, 0, 0.2]))
+    refused = answers[2]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert "concurrent" in refused.json()["error"]["message"]
+    clean_upstream.behaviour.hang = 0
+    time.sleep(0.4)
+    with limited.client(key) as http:
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # the leases were returned
+
+
+def test_unauthenticated_requests_are_limited_per_address(limited):
+    with limited.client("cg_nothere_wrong") as http:
+        statuses = [http.post("/v1/chat/completions", json=CHAT).status_code for _ in range(7)]
+        last = http.post("/v1/chat/completions", json=CHAT)
+    assert statuses[:5] == [401] * 5 and statuses[5:] == [429, 429]
+    assert last.json()["error"]["code"] == "rate_limit_exceeded" and int(last.headers["retry-after"]) > 0
+
+
+def test_openai_sdk_retries_a_429_as_told_and_gets_through(limited):
+    name, key = limited.identity()
+    client = openai.OpenAI(base_url=limited.url + "/v1", api_key=key, max_retries=3)
+    for _ in range(5):
+        assert client.chat.completions.create(model="m", messages=CHAT["messages"]).choices[0].message.content
+    statuses = [e["status"] for e in exchanges(limited.state_dir) if e["identity"] == name]
+    assert statuses.count(200) == 5 and 429 in statuses  # it was refused, waited as told, and succeeded
+
+
+def test_anthropic_sdk_reads_the_rate_limit_headers(limited):
+    _, key = limited.identity()
+    client = anthropic.Anthropic(base_url=limited.url, api_key=key, max_retries=3)
+    raw = client.messages.with_raw_response.create(**MESSAGE)
+    assert raw.headers["anthropic-ratelimit-requests-remaining"] == "2"
+    assert raw.parse().content[0].text
