@@ -87,7 +87,7 @@ class GatewayApp:
 
     async def _readyz(self):
         checks = await self.pipeline.readiness()
-        ready = all(v == "ok" for v in checks.values())
+        ready = all(v == "ok" or v.startswith("degraded") for v in checks.values())  # degraded still serves
         body = json.dumps({"status": "ready" if ready else "not ready", "checks": checks}).encode()
         return (200 if ready else 503), body, "application/json"
 

@@ -74,8 +74,9 @@ class LimitAdmitter:
         """None when limits are decided normally; else the state (fail-open still serves: "degraded")."""
         if self._guard is None or self._guard.failure is None:
             return None
-        policy = "degraded: local limits apply" if self._local is not None else "refusing requests (fail-closed)"
-        return f"{self._guard.failure}; {policy}"
+        if self._local is not None:
+            return f"degraded: {self._guard.failure}; local limits apply"
+        return f"{self._guard.failure}; refusing requests (fail-closed)"
 
     # --- the stage ---
 

@@ -8,6 +8,7 @@ The script reads the time from Redis, so replicas with skewed clocks still agree
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from importlib import resources
 from urllib.parse import unquote, urlsplit
@@ -59,6 +60,9 @@ class RedisBudget:
     def __init__(self, client) -> None:
         self.client = client
         self._shas: dict[str, str] = {}
+        # redis-py's Cluster client breaks when many first commands race to discover the cluster: discover once
+        self._discovered = not isinstance(client, RedisCluster)
+        self._discovering = asyncio.Lock()
 
     async def admit(self, ask: Ask, now_ms: float = -1) -> Verdict:
         """Decide one admission at the Redis server's time (tests pass `now_ms` to fix the clock)."""
@@ -112,7 +116,15 @@ class RedisBudget:
     async def close(self) -> None:
         await self.client.aclose()
 
+    async def _discover(self) -> None:
+        async with self._discovering:
+            if not self._discovered:
+                await self.client.initialize()
+                self._discovered = True
+
     async def _run(self, script: str, keys: list[str], args: list):
+        if not self._discovered:
+            await self._discover()
         sha = self._shas.get(script)
         if sha is not None:
             try:

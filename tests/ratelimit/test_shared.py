@@ -1,0 +1,258 @@
+"""Limits shared through Redis by two gateway processes: standalone, Cluster and Sentinel, and what
+happens when Redis dies, freezes or fails over under load. Real redis-server processes, real gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.identity import Registry
+from tests import redis_servers
+from tests.test_cli import Running, cli
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+TIMEOUT_MS = 100
+
+
+def write_config(folder: Path, storage: str, upstream: str, policy: str = "open", **identity) -> Path:
+    limits = {"requests": "1000/second", "tokens": "", "concurrency": 1000, **identity}
+    text = f"""
+[upstream]
+url = "{upstream}"
+read_timeout = 5.0
+[state]
+dir = "state"
+[evidence]
+checkpoint_interval = 1.0
+[limits]
+storage = "{storage}"
+timeout_ms = {TIMEOUT_MS}
+on_storage_error = "{policy}"
+replicas = 2
+[limits.identity]
+""" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in limits.items())
+    path = folder / "canarygate.toml"
+    path.write_text(text)
+    return path
+
+
+class Pair:
+    """Two gateway processes (replicas) on one config: each its own state folder, as on two hosts."""
+
+    def __init__(self, folder: Path, config: Path) -> None:
+        self.folders = [folder / "a", folder / "b"]
+        for f in self.folders:
+            f.mkdir()
+            shutil.copy(config, f / "canarygate.toml")
+        self.replicas: list[Running] = []
+
+    def add(self, name: str, tier: str = "normal") -> str:
+        """Register one identity on both replicas (the same key, as a shared registry would have it)."""
+        key = Registry(self.folders[0] / "state").add(name, tier=tier)
+        (self.folders[1] / "state").mkdir(exist_ok=True)
+        shutil.copy(self.folders[0] / "state" / "identities.json", self.folders[1] / "state" / "identities.json")
+        return key
+
+    def __enter__(self) -> Pair:
+        for f in self.folders:
+            self.replicas.append(Running(f, "serve").__enter__())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for replica in self.replicas:
+            replica.__exit__(*exc)
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+
+async def _hammer(urls: list[str], key: str, total: int, concurrency: int, body=CHAT) -> list[int]:
+    statuses = []
+    queue = iter(range(total))
+    async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {key}"}) as http:
+
+        async def worker(w: int) -> None:
+            for i in queue:
+                response = await http.post(urls[(w + i) % len(urls)] + "/v1/chat/completions", json=body)
+                statuses.append(response.status_code)
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return statuses
+
+
+def hammer(urls, key, total, concurrency=32, body=CHAT) -> list[int]:
+    return asyncio.run(_hammer(urls, key, total, concurrency, body))
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request):
+    if request.param == "standalone":
+        with redis_servers.standalone() as server:
+            yield server.url
+    else:
+        with redis_servers.cluster() as url:
+            yield url
+
+
+def test_two_replicas_admit_one_global_limit(redis_url, fake_upstream, tmp_path):
+    fake_upstream.reset()
+    pair = Pair(tmp_path, write_config(tmp_path, redis_url, fake_upstream.url, requests="200/hour"))
+    key = pair.add("crowd")
+    with pair:
+        statuses = hammer(pair.urls, key, total=600, concurrency=40)
+    admitted = statuses.count(200)
+    assert set(statuses) == {200, 429}
+    assert 200 <= admitted <= 204, admitted  # one limit across both replicas, within 2%
+
+
+def test_streams_overshoot_a_token_budget_by_at_most_one_reservation(fake_upstream, tmp_path):
+    fake_upstream.reset()
+    fake_upstream.behaviour.event_delay = 0.02  # slow streams: all fifty are in flight together
+    body = {**CHAT, "stream": True, "max_tokens": 20, "stream_options": {"include_usage": True}}
+    with redis_servers.standalone() as server:
+        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url, tokens="600/day"))
+        key = pair.add("streamer")
+        with pair:
+            used = asyncio.run(_streams(pair.urls, key, body, 50))
+    reservation = 20 + len(b"hello there") // 3 + 1
+    admitted = [u for u in used if u is not None]
+    assert 0 < len(admitted) < 50
+    assert sum(admitted) <= 600 + reservation, (sum(admitted), len(admitted))
+
+
+async def _streams(urls, key, body, n) -> list[int | None]:
+    async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {key}"}) as http:
+
+        async def one(i: int) -> int | None:
+            response = await http.post(urls[i % 2] + "/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                assert response.status_code == 429
+                return None
+            usage = [json.loads(line[5:]) for line in response.text.splitlines() if '"usage"' in line]
+            return usage[-1]["usage"]["total_tokens"]
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_a_tier_change_reaches_every_replica_on_the_next_request(fake_upstream, tmp_path):
+    fake_upstream.reset()
+    with redis_servers.standalone() as server:
+        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url))
+        key = pair.add("mover")
+        with pair, httpx.Client(headers={"authorization": f"Bearer {key}"}) as http:
+            assert all(http.post(u + "/v1/chat/completions", json=CHAT).status_code == 200 for u in pair.urls)
+            # the CLI runs on replica a's host: b's registry still says "normal", the shared override does not
+            assert cli(pair.folders[0], "tier", "set", "mover", "blocked").returncode == 0
+            assert [http.post(u + "/v1/chat/completions", json=CHAT).status_code for u in pair.urls] == [403, 403]
+            assert cli(pair.folders[0], "tier", "set", "mover", "normal").returncode == 0
+            assert [http.post(u + "/v1/chat/completions", json=CHAT).status_code for u in pair.urls] == [200, 200]
+
+
+class Load:
+    """Requests in a loop from a thread, each one's status and latency noted with its start time."""
+
+    def __init__(self, urls: list[str], key: str) -> None:
+        self.urls, self.key = urls, key
+        self.samples: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10, headers={"authorization": f"Bearer {self.key}"}) as http:
+            i = 0
+            while not self._stop.is_set():
+                started = time.monotonic()
+                status = http.post(self.urls[i % 2] + "/v1/chat/completions", json=CHAT).status_code
+                self.samples.append((started, time.monotonic() - started, status))
+                i += 1
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, int]]:
+        return [s for s in self.samples if start <= s[0] < end]
+
+
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_redis_failure_under_load_never_holds_a_request_past_the_timeout(fault, policy, fake_upstream, tmp_path):
+    fake_upstream.reset()
+    with redis_servers.standalone() as server:
+        config = write_config(tmp_path, server.url, fake_upstream.url, policy, requests="20/hour")
+        pair = Pair(tmp_path, config)
+        key = pair.add("busy", tier="unlimited")  # evaluated, never refused: every status is the storage's doing
+        fresh = pair.add("fresh")
+        with pair, Load(pair.urls, key) as load:
+            time.sleep(0.5)
+            failed_at = time.monotonic()
+            server.kill() if fault == "kill" else server.pause()
+            time.sleep(1.5)
+            during = load.between(failed_at, time.monotonic())
+            states = [httpx.get(u + "/readyz").json()["checks"]["limits"] for u in pair.urls]
+            if fault == "kill":
+                server.start()  # a new, empty Redis on the same port
+            else:
+                server.resume()
+            recovered_at = time.monotonic()
+            _wait_ready(pair)
+            ready_after = time.monotonic() - recovered_at
+            statuses = hammer(pair.urls, fresh, total=40, concurrency=4)
+    assert len(during) > 20, "too few requests ran while Redis was down"
+    slowest = max(latency for _, latency, _ in during)
+    assert slowest < TIMEOUT_MS / 1000 + 0.25, slowest  # the deadline, plus an ordinary request's time
+    expected = {200} if policy == "open" else {503}
+    assert {status for _, _, status in during[2:]} == expected  # the first may have been on its way already
+    assert all("unavailable" in s for s in states), states
+    assert ready_after < 5
+    assert statuses.count(200) == 20  # one shared limit again: 20 per hour across both replicas
+
+
+def _wait_ready(pair: Pair) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(httpx.get(u + "/readyz").json()["checks"]["limits"] == "ok" for u in pair.urls):
+            return
+        # readiness only changes when an admission probes the storage: keep a trickle of traffic
+        for u in pair.urls:
+            httpx.post(u + "/v1/chat/completions", json=CHAT)
+        time.sleep(0.2)
+    raise AssertionError("limits did not recover")
+
+
+def test_sentinel_failover_under_load(fake_upstream, tmp_path):
+    fake_upstream.reset()
+    with redis_servers.sentinel() as setup:
+        config = write_config(tmp_path, setup.url, fake_upstream.url, "open", requests="20/hour")
+        pair = Pair(tmp_path, config)
+        key = pair.add("busy", tier="unlimited")
+        fresh = pair.add("fresh")
+        with pair, Load(pair.urls, key) as load:
+            time.sleep(0.5)
+            old_master = setup.master.port
+            failed_at = time.monotonic()
+            setup.master.kill()
+            deadline = time.monotonic() + 15
+            while setup.current_master_port() == old_master and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert setup.current_master_port() == setup.replica.port
+            _wait_ready(pair)
+            during = load.between(failed_at, time.monotonic())
+            statuses = hammer(pair.urls, fresh, total=40, concurrency=4)
+    assert max(latency for _, latency, _ in during) < TIMEOUT_MS / 1000 + 0.25
+    assert {status for _, _, status in during} == {200}  # fail-open: local limits while the master is gone
+    assert statuses.count(200) == 20  # the promoted replica holds the one shared limit
