@@ -51,6 +51,8 @@ batch_interval_ms = 2.0
 checkpoint_every = 1000          # sign a checkpoint every this many entries...
 checkpoint_interval = 10.0       # ...or this many seconds, and at shutdown
 segment_bytes = 67108864         # segment files roll over at this size
+unauthenticated_records = "10/minute"  # requests without a valid key recorded in full per address; the
+                                 # rest are counted into one summary entry a minute
 
 [limits]
 storage = "memory"               # "memory" (per process), or a Redis shared by replicas: redis://host:6379/0,
@@ -141,6 +143,7 @@ class EvidenceSettings:
     checkpoint_every: int = 1000
     checkpoint_interval: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
+    unauthenticated_records: str = "10/minute"
 
     @staticmethod
     def default_origin() -> str:
@@ -292,6 +295,9 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
         checkpoint_every=reader.take(table, "evidence", "checkpoint_every", int, d.checkpoint_every),
         checkpoint_interval=reader.take(table, "evidence", "checkpoint_interval", float, d.checkpoint_interval),
         segment_bytes=reader.take(table, "evidence", "segment_bytes", int, d.segment_bytes),
+        unauthenticated_records=reader.take(
+            table, "evidence", "unauthenticated_records", str, d.unauthenticated_records
+        ),
     )
     reader.reject_unknown(table, "evidence")
     source = reader.source
@@ -305,6 +311,10 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
         )
     if settings.segment_bytes < 4096:
         raise ConfigError(f"{source}: [evidence] segment_bytes must be at least 4096")
+    try:
+        rates(settings.unauthenticated_records)
+    except ValueError as e:
+        raise ConfigError(f"{source}: [evidence] unauthenticated_records: {e}") from None
     return settings
 
 

@@ -80,4 +80,5 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
             segment_bytes=evidence.segment_bytes,
         ),
         evidence.durability,
+        evidence.unauthenticated_records,
     )

@@ -17,19 +17,25 @@ import time
 from ..exchange import Exchange
 from .entry import canonical, commit
 from .log import EvidenceLog
+from .unauthenticated import UnauthenticatedRecords
 
 
 class EvidenceRecorder:
-    def __init__(self, evidence: EvidenceLog, durability: str = "batch") -> None:
+    def __init__(self, evidence: EvidenceLog, durability: str = "batch", unauthenticated: str = "") -> None:
+        """`unauthenticated`: how many requests without a valid key are recorded in full per client address
+        ("10/minute"); the rest are summarised. Empty: all are recorded in full."""
         if durability not in ("batch", "fsync"):
             raise ValueError(f"durability must be 'batch' or 'fsync', not {durability!r}")
         self.log = evidence
         self._wait = durability == "fsync"
+        self._unauthenticated = UnauthenticatedRecords(unauthenticated)
+        self._summarised: set[str] = set()  # ids of exchanges counted, not recorded
 
     async def start(self) -> None:
         await self.log.start()
 
     async def close(self) -> None:
+        await self._summarise()
         await self.log.close()
 
     def ready(self) -> str | None:
@@ -37,6 +43,11 @@ class EvidenceRecorder:
 
     async def begin(self, exchange: Exchange) -> None:
         identity = exchange.identity
+        if identity is None and not self._unauthenticated.record_in_full(exchange.client_group):
+            self._summarised.add(exchange.id)
+            return
+        if self._unauthenticated.summary_due():
+            await self._summarise()
         public = {
             "v": 1,
             "kind": "begin",
@@ -52,9 +63,13 @@ class EvidenceRecorder:
             "stream": exchange.stream,
             "decision": "admitted" if exchange.admitted else "rejected",
         }
-        await self._append(public, {"prompt": exchange.request_body, "client": exchange.client_ip.encode()}, exchange)
+        fields = {"prompt": exchange.request_body, "client": exchange.client_ip.encode()}
+        await self._append(public, fields, identity.name if identity else None)
 
     async def end(self, exchange: Exchange) -> None:
+        if exchange.id in self._summarised:
+            self._summarised.discard(exchange.id)
+            return
         delivered = exchange.answer()
         public = {
             "v": 1,
@@ -76,11 +91,18 @@ class EvidenceRecorder:
             "events": exchange.events,
             "bytes": len(delivered),
         }
-        await self._append(public, {"response": delivered}, exchange)
+        await self._append(public, {"response": delivered}, exchange.identity.name if exchange.identity else None)
 
-    async def _append(self, public: dict, fields: dict[str, bytes], exchange: Exchange) -> None:
+    async def _summarise(self) -> None:
+        summary = self._unauthenticated.take_summary()
+        if summary is not None:
+            public, fields = summary
+            public = {"v": 1, "kind": "summary", **public}
+            public["since"], public["until"] = _iso(public["since"]), _iso(public["until"])
+            await self._append(public, fields, None)
+
+    async def _append(self, public: dict, fields: dict[str, bytes], identity: str | None) -> None:
         public["commit"], openings = commit(fields)
-        identity = exchange.identity.name if exchange.identity else None
         future = self.log.append(canonical(public), openings, identity, self._wait)
         if future is not None:
             await future

@@ -11,7 +11,10 @@ import anthropic
 import openai
 import pytest
 
+from gateway.evidence.keys import Keys
+from gateway.evidence.reader import LogReader
 from tests.conftest import exchanges
+from tests.ratelimit.conftest import running_gateway
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
 MESSAGE = {"model": "claude", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]}
@@ -208,3 +211,22 @@ def test_anthropic_sdk_reads_the_rate_limit_headers(limited):
     raw = client.messages.with_raw_response.create(**MESSAGE)
     assert raw.headers["anthropic-ratelimit-requests-remaining"] == "2"
     assert raw.parse().content[0].text
+
+
+def test_unauthenticated_floods_are_summarised_not_recorded_one_by_one(fake_upstream, tmp_path):
+    limits = {"unauthenticated": "1000/minute"}
+    with running_gateway(tmp_path / "state", fake_upstream.url, limits) as gateway, gateway.client("x") as http:
+        statuses = [http.post("/v1/chat/completions", json=CHAT).status_code for _ in range(40)]
+    assert statuses == [401] * 40
+    publics = [p for p in _publics(tmp_path / "state")]
+    assert [p["kind"] for p in publics].count("begin") == 10  # [evidence] unauthenticated_records, 10/minute
+    summary = [p for p in publics if p["kind"] == "summary"]
+    assert len(summary) == 1 and summary[0]["requests"] == 30 and summary[0]["addresses"] == 1  # at shutdown
+    assert "127.0.0.1" not in json.dumps(summary)  # which addresses is sealed
+
+
+def _publics(state_dir):
+    keys = Keys.load(state_dir / "keys")
+    return [
+        item.public for f in sorted((state_dir / "evidence").glob("[0-9]*")) for item in LogReader(f, keys).entries()
+    ]
