@@ -6,6 +6,7 @@ side by side in one run, with fixed real answers. Writes markdown and JSON to --
     python -m benchmarks.harness --systems upstream,gateway --soak 600 --out benchmarks/results/soak
                                                                               # a 10-minute memory soak
     python -m benchmarks.harness --quick --out /tmp/x                         # a tiny load (the test suite's)
+    python -m benchmarks.harness --systems gateway,gateway-redis --redis       # limits on Redis (starts one)
 
 Needs wrk (and nginx for the nginx row): `apt-get install wrk nginx-light`.
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from tests.redis_servers import RedisProcess
 
 from . import measure, systems
 from .variants import OFF
@@ -94,10 +97,14 @@ def run(args) -> dict:
         plan += [("gateway-workers", ())]
     if args.systems:
         plan = [(kind, off) for kind, off in plan if kind in args.systems.split(",")]
+    if args.redis:
+        plan.append(("gateway-redis", ()))
     if args.litellm:
         plan.append(("litellm", None))
     results, skipped = {}, []
     upstream = systems.start_upstream(workdir, answers_file, args.event_delay)
+    redis = RedisProcess(str(workdir)).start() if args.redis else None
+    args.redis_url = redis.url if redis else None
     try:
         with Progress(console=console) as progress:
             task = progress.add_task("benchmark", total=4 * len(plan) + (1 if args.soak else 0))
@@ -125,6 +132,8 @@ def run(args) -> dict:
                         system.stop()
     finally:
         upstream.stop()
+        if redis is not None:
+            redis.stop()
     shutil.rmtree(workdir, ignore_errors=True)
     return {
         "systems": results,
@@ -143,6 +152,8 @@ def _start(kind, off, workdir, upstream, state, key, args):
         return systems.start_bare(workdir, upstream)
     if kind == "gateway":
         return systems.start_gateway(workdir, upstream, state, key, off)
+    if kind == "gateway-redis":
+        return systems.start_gateway(workdir, upstream, state, key, limits_storage=args.redis_url)
     if kind == "gateway-workers":
         return systems.start_gateway(workdir, upstream, state, key, workers=2)
     return systems.start_litellm(workdir, upstream, Path(args.litellm_venv))
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm-venv", default=str(ROOT / "benchmarks" / ".litellm-venv"))
     parser.add_argument("--quick", action="store_true", help="a tiny load: 1-second runs, fewer systems")
     parser.add_argument("--systems", help="only these, e.g. upstream,gateway (for a soak)")
+    parser.add_argument("--redis", action="store_true", help="also the gateway with its limits on a Redis it starts")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.stream_samples, args.streams = min(args.duration, 1.0), 3, 10

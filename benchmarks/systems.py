@@ -173,12 +173,21 @@ def prepare_gateway_state(workdir: Path) -> tuple[Path, str]:
 
 
 def start_gateway(
-    workdir: Path, upstream: Running, state: Path, key: str, off: tuple[str, ...] = (), workers: int = 1
+    workdir: Path,
+    upstream: Running,
+    state: Path,
+    key: str,
+    off: tuple[str, ...] = (),
+    workers: int = 1,
+    limits_storage: str = "memory",
 ) -> Running:
     port = free_port()
     config = workdir / "canarygate.toml"
-    config.write_text(f'[state]\ndir = "{state}"\n[upstream]\nurl = "{upstream.url}"\n')
+    config.write_text(
+        f'[state]\ndir = "{state}"\n[upstream]\nurl = "{upstream.url}"\n[limits]\nstorage = "{limits_storage}"\n'
+    )
     name = "gateway" + ("" if not off else "-no-" + "-".join(off)) + ("" if workers == 1 else f"-{workers}w")
+    name += "" if limits_storage == "memory" else "-redis"
     env = {
         "CANARYGATE_SETTINGS": json.dumps({"config": str(config), "overrides": {}, "log_level": "warning"}),
         "CANARYGATE_BENCH_OFF": ",".join(off),

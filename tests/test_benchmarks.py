@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests import redis_servers
+
 needs_wrk = pytest.mark.skipif(
     shutil.which("wrk") is None and not os.environ.get("CANARYGATE_CI"),
     reason="wrk is not installed (apt-get install wrk); CI installs it and never skips",
@@ -48,3 +50,18 @@ def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "evidence.json").read_text())
     assert [r["mode"] for r in rows] == ["batch", "fsync"] and all(r["entries_per_second"] > 0 for r in rows)
+
+
+def test_admission_benchmark_runs_on_a_few_requests(tmp_path):
+    redis_servers.require_redis()
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.admission_bench", "--requests", "100", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "admission.json").read_text())["results"]
+    assert set(results) == {"memory_c1", "memory_c32", "redis_c1", "redis_c32", "redis_floor"}
+    assert all(results[name]["admit_median_us"] > 0 for name in ("memory_c1", "redis_c32"))
+    assert results["redis_floor"]["ping_median_us"] > 0

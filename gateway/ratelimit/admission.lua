@@ -5,8 +5,9 @@
 -- KEYS[2 .. 1+g]   GCRA budgets (requests or tokens): each holds its theoretical arrival time, in ms
 -- KEYS[2+g ..]     concurrency lease sets: member = lease id, score = expiry in ms
 -- ARGV: now_ms (-1: the server's clock), default tier, tier table ("name scale enforce cap;" ...),
---       lease id, lease ttl ms, prompt tokens, requested output (-1: none), default output, g,
---       then g triples (limit, period ms, unit "r" or "t"), then one limit per lease set.
+--       checks ("limit period unit;" for each key after the first; unit r, t or c: requests, tokens,
+--       concurrency, whose period is 0), lease id, lease ttl ms, prompt tokens, requested output (-1: none),
+--       default output.
 -- Returns {status, tier, reserved tokens, output cap, retry ms, failed check, then per check: remaining, reset ms}
 -- status: 0 admitted, 1 limited, 2 blocked, 3 larger than the whole budget.
 
@@ -31,18 +32,21 @@ if scale == nil then
 end
 if scale == 0 then return {2, tier, 0, 0, 0, 0} end
 
-local output = tonumber(ARGV[7])
-if output < 0 then output = tonumber(ARGV[8]) end
+local output = tonumber(ARGV[8])
+if output < 0 then output = tonumber(ARGV[9]) end
 if cap > 0 and output > cap then output = cap end
-local tokens = tonumber(ARGV[6]) + output
+local tokens = tonumber(ARGV[7]) + output
 
-local g = tonumber(ARGV[9])
+local limits, periods, units = {}, {}, {}
+local g = 0
+for l, p, u in string.gmatch(ARGV[4], '(%S+) (%S+) (%S+);') do
+  limits[#limits + 1], periods[#periods + 1], units[#units + 1] = tonumber(l), tonumber(p), u
+  if u ~= 'c' then g = g + 1 end
+end
 local status, retry, failed = 0, 0, 0
 local tats, out = {}, {}
-local a = 10
 for i = 1, g do
-  local limit, period, unit = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
-  a = a + 3
+  local limit, period, unit = limits[i], periods[i], units[i]
   local cost = 1
   if unit == 't' then cost = tokens end
   local interval = period / (limit * scale)
@@ -62,7 +66,7 @@ for i = 1, g do
   tats[i] = {new_tat, span, interval, tat}
 end
 for j = 1, #KEYS - 1 - g do
-  local key, limit = KEYS[1 + g + j], math.max(math.floor(tonumber(ARGV[a + j - 1]) * scale), 1)
+  local key, limit = KEYS[1 + g + j], math.max(math.floor(limits[g + j] * scale), 1)
   redis.call('ZREMRANGEBYSCORE', KEYS[1 + g + j], '-inf', now)
   local held = redis.call('ZCARD', key)
   if held >= limit and enforce == 1 and status == 0 then status, retry, failed = 1, 1000, g + j end
@@ -78,9 +82,9 @@ for i = 1, g do
   end
 end
 if status == 0 then
-  local ttl = tonumber(ARGV[5])
+  local ttl = tonumber(ARGV[6])
   for j = 1, #KEYS - 1 - g do
-    redis.call('ZADD', KEYS[1 + g + j], now + ttl, ARGV[4])
+    redis.call('ZADD', KEYS[1 + g + j], now + ttl, ARGV[5])
     redis.call('PEXPIRE', KEYS[1 + g + j], ttl)
   end
 end

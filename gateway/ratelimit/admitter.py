@@ -21,7 +21,7 @@ from .. import metrics
 from ..config import LimitSettings, Rate
 from ..exchange import ErrorKind, Exchange, GatewayError, Identity, Quota
 from .addresses import AddressLimiter
-from .budget import Ask, Check, MemoryBudget, Status, TierTerms, Verdict, span_of
+from .budget import Ask, Check, MemoryBudget, Plan, Status, TierTable, TierTerms, Verdict, span_of
 from .guard import StorageDown, StorageGuard
 
 log = logging.getLogger("canarygate.limits")
@@ -52,8 +52,9 @@ class LimitAdmitter:
         self._guard = guard
         self._addresses = addresses
         self._prefix = prefix
-        self._terms = {n: TierTerms(t.scale, t.enforce, t.max_tokens) for n, t in settings.tiers.items()}
-        self._checks: dict[Identity, tuple[str, tuple[Check, ...]]] = {}
+        self._terms = TierTable((n, TierTerms(t.scale, t.enforce, t.max_tokens)) for n, t in settings.tiers.items())
+        self._plans: dict[Identity, Plan] = {}
+        self._decisions: dict[tuple[Status, str], object] = {}  # metric children, looked up once
         self._held: dict[str, _Held] = {}
         self._ttl_ms = int(settings.lease_seconds * 1000)
         self._heartbeat: asyncio.Task | None = None
@@ -85,12 +86,11 @@ class LimitAdmitter:
         if identity is None:
             await self._addresses.check(exchange.client_group)
             return
-        tier_key, checks = self._checks_for(identity)
+        plan = self._plans.get(identity) or self._plan(identity)
         ask = Ask(
-            tier_key,
+            plan,
             identity.tier if identity.tier in self._terms else "normal",
             self._terms,
-            checks,
             exchange.id,
             self._ttl_ms,
             exchange.prompt_tokens,
@@ -98,9 +98,10 @@ class LimitAdmitter:
             self._settings.default_max_tokens,
         )
         verdict, engine, where = await self._decide(ask)
-        metrics.LIMIT_DECISIONS.labels(verdict.status.name.lower(), where).inc()
+        self._count(verdict.status, where)
         tier = self._settings.tiers[verdict.tier]
-        exchange.identity = replace(identity, tier=verdict.tier)
+        if verdict.tier != identity.tier:
+            exchange.identity = replace(identity, tier=verdict.tier)
         if tier.headers and verdict.status is not Status.BLOCKED:
             exchange.quotas = self._quotas(ask, verdict, engine.divisor)
         if verdict.status is not Status.ADMITTED:
@@ -155,13 +156,17 @@ class LimitAdmitter:
                 ) from None
             return await self._local.admit(ask), self._local, "local"
 
-    def _checks_for(self, identity: Identity) -> tuple[str, tuple[Check, ...]]:
-        cached = self._checks.get(identity)
-        if cached is None:
-            cached = self._checks[identity] = self._build_checks(identity)
-        return cached
+    def _count(self, status: Status, where: str) -> None:
+        child = self._decisions.get((status, where))
+        if child is None:
+            child = self._decisions[status, where] = metrics.LIMIT_DECISIONS.labels(status.name.lower(), where)
+        child.inc()
 
-    def _build_checks(self, identity: Identity) -> tuple[str, tuple[Check, ...]]:
+    def _plan(self, identity: Identity) -> Plan:
+        plan = self._plans[identity] = self._build_plan(identity)
+        return plan
+
+    def _build_plan(self, identity: Identity) -> Plan:
         base = _key_base(identity, self._prefix)
         scopes = [("identity", f"{base}:i:{identity.name}", self._settings.identity)]
         if identity.tenant and not self._settings.tenant.empty:
@@ -172,14 +177,14 @@ class LimitAdmitter:
             budgets += [_budget(prefix, "tokens", r, scope) for r in limits.tokens]
             if limits.concurrency:
                 lease_sets.append(Check(f"{prefix}:c", "concurrent", limits.concurrency, 0, scope))
-        return tier_key(identity, self._prefix), tuple(budgets + lease_sets)
+        return Plan(tier_key(identity, self._prefix), tuple(budgets), tuple(lease_sets))
 
     def _quotas(self, ask: Ask, verdict: Verdict, divisor: int) -> tuple[Quota, ...]:
         """The limits as enforced: scaled by tier and share; a requests budget scaled below one per period
         is told as one request per interval, which is what it admits."""
         scale = self._terms[verdict.tier].scale / divisor
         quotas = []
-        for i, c in enumerate(ask.checks):
+        for i, c in enumerate(ask.plan.checks):
             limit, window = math.floor(c.limit * scale), c.period_ms
             if c.unit != "tokens" and limit < 1:
                 limit = 1
@@ -195,7 +200,7 @@ class LimitAdmitter:
             by_engine: dict[int, tuple[object, list]] = {}
             for held in list(self._held.values()):
                 leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
-                leases += [(c.key, held.ask.lease) for c in held.ask.lease_sets]
+                leases += [(c.key, held.ask.lease) for c in held.ask.plan.lease_sets]
             for engine, leases in by_engine.values():
                 try:
                     if engine is self._shared:
@@ -229,7 +234,7 @@ def _tag(owner: str) -> str:
 def _refusal(ask: Ask, verdict: Verdict, quotas: tuple[Quota, ...]) -> GatewayError:
     if verdict.status is Status.BLOCKED:
         return GatewayError(ErrorKind.PERMISSION, "this API key may not use the API; contact the API's operator")
-    check = ask.checks[verdict.failed - 1]
+    check = ask.plan.checks[verdict.failed - 1]
     whose = "this API key" if check.scope == "identity" else "this key's organisation"
     limit = quotas[verdict.failed - 1].limit if quotas else None
     stated = f" (limit {limit})" if limit is not None else ""

@@ -13,6 +13,7 @@ logic for Redis, run atomically there; tests run both on the same inputs and com
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +39,35 @@ class Check:
     scope: str = "identity"  # or "tenant": whose limit it is, for the client's error message
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What every admission of one identity checks: built once per identity, with what each storage needs
+    derived once too (admission is on every request's path)."""
+
+    tier_key: str
+    budgets: tuple[Check, ...]
+    lease_sets: tuple[Check, ...]
+
+    @functools.cached_property
+    def checks(self) -> tuple[Check, ...]:
+        """Budgets, then lease sets: the order of a verdict's per-check results."""
+        return self.budgets + self.lease_sets
+
+    @functools.cached_property
+    def keys(self) -> tuple[str, ...]:
+        """The Redis script's keys: the tier override, then one per check."""
+        return (self.tier_key, *(c.key for c in self.checks))
+
+    @functools.cached_property
+    def table(self) -> str:
+        """The checks as the Redis script reads them."""
+        return "".join(f"{c.limit} {c.period_ms} {c.unit[0]};" for c in self.checks)
+
+    @functools.cached_property
+    def token_budgets(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.budgets if c.unit == "tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class TierTerms:
     scale: float  # 0 blocks
@@ -47,23 +77,14 @@ class TierTerms:
 
 @dataclass(frozen=True, slots=True)
 class Ask:
-    tier_key: str
+    plan: Plan
     default_tier: str
-    tiers: dict[str, TierTerms]
-    checks: tuple[Check, ...]  # budgets first, then lease sets
+    tiers: TierTable
     lease: str
     lease_ttl_ms: int
     prompt_tokens: int
     requested_output: int | None
     default_output: int
-
-    @property
-    def budgets(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if c.period_ms)
-
-    @property
-    def lease_sets(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.period_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +121,12 @@ def tier_of(ask: Ask, override: str | None) -> tuple[str, TierTerms]:
     return ask.default_tier, ask.tiers[ask.default_tier]
 
 
-def tier_table(tiers: dict[str, TierTerms]) -> str:
-    """The tier table as the Redis script reads it."""
-    return "".join(f"{name} {t.scale!r} {int(t.enforce)} {t.output_cap};" for name, t in tiers.items())
+class TierTable(dict):
+    """Tier name -> terms, fixed once built from the config; its text for the Redis script is made once."""
+
+    @functools.cached_property
+    def text(self) -> str:
+        return "".join(f"{name} {t.scale!r} {int(t.enforce)} {t.output_cap};" for name, t in self.items())
 
 
 def span_of(check: Check, interval: float) -> float:
@@ -114,7 +138,7 @@ def span_of(check: Check, interval: float) -> float:
 def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float]]:
     """(key, ms per token) of each token budget, at the scale the admission ran under."""
     scale = ask.tiers[verdict.tier].scale / divisor
-    return [(c.key, c.period_ms / (c.limit * scale)) for c in ask.budgets if c.unit == "tokens"]
+    return [(c.key, c.period_ms / (c.limit * scale)) for c in ask.plan.token_budgets]
 
 
 def _ms_now() -> float:
@@ -151,7 +175,7 @@ class MemoryBudget:
         now = self._clock() if now is None else now
         if len(self._tats) > self._prune_at:
             self._prune(now)
-        tier, terms = tier_of(ask, self.tiers.get(ask.tier_key))
+        tier, terms = tier_of(ask, self.tiers.get(ask.plan.tier_key))
         if self.divisor > 1:
             terms = TierTerms(terms.scale / self.divisor, terms.enforce, terms.output_cap)
         if terms.scale == 0:
@@ -162,7 +186,7 @@ class MemoryBudget:
         tokens = ask.prompt_tokens + output
         status, retry, failed = Status.ADMITTED, 0.0, 0
         planned = []
-        for i, check in enumerate(ask.budgets, 1):
+        for i, check in enumerate(ask.plan.budgets, 1):
             cost = tokens if check.unit == "tokens" else 1
             interval = check.period_ms / (check.limit * terms.scale)
             span = span_of(check, interval)
@@ -180,7 +204,7 @@ class MemoryBudget:
             planned.append((span, new_tat, interval, tat, check.key))
         g = len(planned)
         lease_out = []
-        for j, check in enumerate(ask.lease_sets, 1):
+        for j, check in enumerate(ask.plan.lease_sets, 1):
             limit = max(math.floor(check.limit * terms.scale), 1)
             leases = self._live_leases(check.key, now)
             if len(leases) >= limit and terms.enforce and status is Status.ADMITTED:
@@ -195,7 +219,7 @@ class MemoryBudget:
             if status is Status.ADMITTED and new_tat > now:
                 self._tats[key] = round(new_tat, 3)
         if status is Status.ADMITTED:
-            for check in ask.lease_sets:
+            for check in ask.plan.lease_sets:
                 self._leases[check.key][ask.lease] = now + ask.lease_ttl_ms
         for r, t in lease_out:
             remaining.append(r)
@@ -212,7 +236,7 @@ class MemoryBudget:
                 self._tats[key] = round(tat, 3)
             else:
                 self._tats.pop(key, None)
-        for check in ask.lease_sets:
+        for check in ask.plan.lease_sets:
             self._leases.get(check.key, {}).pop(ask.lease, None)
 
     async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:

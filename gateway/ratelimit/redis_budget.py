@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from .budget import Ask, Verdict, tier_table, token_intervals
+from .budget import Ask, Verdict, token_intervals
 
 _ADMISSION = resources.files(__package__).joinpath("admission.lua").read_text()
 _SETTLE = resources.files(__package__).joinpath("settle.lua").read_text()
@@ -30,7 +30,8 @@ def connect(url: str, timeout: float):
     """A redis-py client for `url`: redis://, rediss://, unix://, redis+cluster://host:port[,host:port],
     or redis+sentinel://host:port[,host:port]/service. Requests never retry inside the client: the
     caller's timeout is the whole wait."""
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    # No socket timeout: the caller's deadline (asyncio) bounds every call, and one timer per call is enough.
+    options = {"socket_connect_timeout": timeout}
     parts = urlsplit(url)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(*_host_port(hp)) for hp in parts.netloc.rpartition("@")[2].split(",")]
@@ -66,29 +67,25 @@ class RedisBudget:
 
     async def admit(self, ask: Ask, now_ms: float = -1) -> Verdict:
         """Decide one admission at the Redis server's time (tests pass `now_ms` to fix the clock)."""
-        keys = [ask.tier_key, *(c.key for c in ask.checks)]
-        args: list = [
+        requested = -1 if ask.requested_output is None else ask.requested_output
+        args = (
             now_ms,
             ask.default_tier,
-            tier_table(ask.tiers),
+            ask.tiers.text,
+            ask.plan.table,
             ask.lease,
             ask.lease_ttl_ms,
             ask.prompt_tokens,
-            -1 if ask.requested_output is None else ask.requested_output,
+            requested,
             ask.default_output,
-            len(ask.budgets),
-        ]
-        for check in ask.budgets:
-            args += (check.limit, check.period_ms, check.unit[0])
-        args += [check.limit for check in ask.lease_sets]
-        return Verdict.from_reply(await self._run(_ADMISSION, keys, args))
+        )
+        return Verdict.from_reply(await self._run(_ADMISSION, ask.plan.keys, args))
 
     async def settle(self, ask: Ask, verdict: Verdict, correction: int, now_ms: float = -1) -> None:
         budgets = token_intervals(ask, verdict)
-        args: list = [now_ms, ask.lease, correction, len(budgets)]
-        for _key, interval in budgets:
-            args.append(repr(interval))
-        await self._run(_SETTLE, [key for key, _ in budgets] + [c.key for c in ask.lease_sets], args)
+        intervals = " ".join(repr(interval) for _, interval in budgets)
+        keys = [key for key, _ in budgets] + [c.key for c in ask.plan.lease_sets]
+        await self._run(_SETTLE, keys, (now_ms, ask.lease, correction, intervals))
 
     async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
         if not leases:
@@ -122,7 +119,7 @@ class RedisBudget:
                 await self.client.initialize()
                 self._discovered = True
 
-    async def _run(self, script: str, keys: list[str], args: list):
+    async def _run(self, script: str, keys, args):
         if not self._discovered:
             await self._discover()
         sha = self._shas.get(script)

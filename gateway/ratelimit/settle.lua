@@ -1,15 +1,17 @@
 -- The end of an admitted exchange: correct its token budgets by what it really used, and drop its leases.
 -- KEYS[1 .. g]: token budgets; KEYS[g+1 ..]: lease sets.
 -- ARGV: now_ms (-1: the server's clock), lease id, correction in tokens (positive: debt, negative: refund),
---       g, then g values of ms per token.
+--       ms per token of each budget, space-separated.
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local correction, g = tonumber(ARGV[3]), tonumber(ARGV[4])
+local correction, intervals = tonumber(ARGV[3]), {}
+for v in string.gmatch(ARGV[4], '%S+') do intervals[#intervals + 1] = tonumber(v) end
+local g = #intervals
 for i = 1, g do
-  local interval = tonumber(ARGV[4 + i])
+  local interval = intervals[i]
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   tat = math.max(tat + correction * interval, now)

@@ -7,16 +7,16 @@ import random
 
 import pytest
 
-from gateway.ratelimit.budget import Ask, Check, MemoryBudget, Status, TierTerms
+from gateway.ratelimit.budget import Ask, Check, MemoryBudget, Plan, Status, TierTable, TierTerms
 from gateway.ratelimit.redis_budget import RedisBudget, connect
 from tests import redis_servers
 
-TIERS = {
-    "normal": TierTerms(1.0, True, 0),
-    "watch": TierTerms(0.5, True, 300),
-    "blocked": TierTerms(0.0, True, 0),
-    "unlimited": TierTerms(1.0, False, 0),
-}
+TIERS = TierTable(
+    normal=TierTerms(1.0, True, 0),
+    watch=TierTerms(0.5, True, 300),
+    blocked=TierTerms(0.0, True, 0),
+    unlimited=TierTerms(1.0, False, 0),
+)
 
 
 def ask(name="a", tier="normal", prompt=10, output=None, lease="l1", checks=None) -> Ask:
@@ -26,7 +26,11 @@ def ask(name="a", tier="normal", prompt=10, output=None, lease="l1", checks=None
         Check(f"{{{name}}}:t:60000", "tokens", 2000, 60000),
         Check(f"{{{name}}}:c", "concurrent", 3),
     )
-    return Ask(f"{{{name}}}:tier", tier, TIERS, checks, lease, 30000, prompt, output, 100)
+    return Ask(plan(f"{{{name}}}:tier", checks), tier, TIERS, lease, 30000, prompt, output, 100)
+
+
+def plan(tier_key: str, checks) -> Plan:
+    return Plan(tier_key, tuple(c for c in checks if c.period_ms), tuple(c for c in checks if not c.period_ms))
 
 
 def test_requests_budget_admits_its_burst_then_refills_one_per_interval():
@@ -158,8 +162,8 @@ def test_redis_tier_override_is_read_by_the_script(blocked):
 def test_a_requests_budget_scaled_below_one_per_period_admits_one_per_interval():
     budget = MemoryBudget()
     check = (Check("k", "requests", 3, 1000),)
-    tiers = {**TIERS, "slow": TierTerms(0.1, True, 0)}
-    slow = Ask("tier", "slow", tiers, check, "l", 1000, 0, 0, 0)
+    tiers = TierTable(TIERS, slow=TierTerms(0.1, True, 0))
+    slow = Ask(plan("tier", check), "slow", tiers, "l", 1000, 0, 0, 0)
     first, second = budget.decide(slow, now=0), budget.decide(slow, now=1)
     assert (first.status, second.status) == (Status.ADMITTED, Status.LIMITED)
     assert second.retry_ms == 3333  # 0.3 per second: one every 3.33 s

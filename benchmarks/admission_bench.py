@@ -1,0 +1,184 @@
+"""Admission cost per request: the admit stage alone (admit, then release with real usage), with memory
+storage and with Redis on loopback, one request at a time and 32 at once.
+
+    python -m benchmarks.admission_bench [--requests 20000] [--redis URL] [--out benchmarks/results]
+
+Without --redis it starts its own redis-server on a free loopback port. The identity is in the normal
+tier with limits set too high to refuse, so every limit is checked, debited, settled and reported in the
+headers' quotas, as on a real request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import uvloop
+
+from gateway import config
+from gateway.exchange import Exchange, Identity
+from gateway.ratelimit import open_admitter
+from gateway.ratelimit.redis_budget import connect
+from tests.redis_servers import RedisProcess
+
+LIMITS = {
+    "identity": {"requests": "100000000/minute; 1000000000/day", "tokens": "1000000000/minute", "concurrency": 10000}
+}
+
+
+def _exchange(i: int) -> Exchange:
+    exchange = Exchange(f"req_{i}", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", "127.0.0.1")
+    exchange.identity = Identity("bench", "normal")
+    exchange.prompt_tokens, exchange.requested_output = 40, None
+    return exchange
+
+
+async def _one(admitter, i: int, admit_times: list[float], release_times: list[float]) -> None:
+    exchange = _exchange(i)
+    started = time.perf_counter()
+    await admitter.admit(exchange)
+    admitted = time.perf_counter()
+    exchange.upstream_status, exchange.tokens_used = 200, 350
+    await admitter.release(exchange)
+    admit_times.append(admitted - started)
+    release_times.append(time.perf_counter() - admitted)
+
+
+async def _measure(storage: str, requests: int, concurrency: int) -> dict:
+    settings = config.parse({"limits": {**LIMITS, "storage": storage, "timeout_ms": 1000}}, "admission bench")
+    admitter = open_admitter(settings)
+    await admitter.start()
+    admit_times: list[float] = []
+    release_times: list[float] = []
+    for i in range(200):  # warm up: connections, script cache
+        await _one(admitter, i, [], [])
+    counter = iter(range(requests))
+    cpu, wall = time.process_time(), time.perf_counter()
+
+    async def worker() -> None:
+        for i in counter:
+            await _one(admitter, i, admit_times, release_times)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    await admitter.close()
+    return {
+        "admit_median_us": round(statistics.median(admit_times) * 1e6, 1),
+        "admit_p99_us": round(sorted(admit_times)[int(len(admit_times) * 0.99)] * 1e6, 1),
+        "release_median_us": round(statistics.median(release_times) * 1e6, 1),
+        "cpu_per_request_us": round(cpu / requests * 1e6, 1),
+        "requests_per_s": round(requests / wall),
+    }
+
+
+async def _floor(url: str, requests: int) -> dict:
+    """What any call to this Redis costs from this client: a PING's median round trip, and the server's
+    own time per script call (INFO commandstats), to read the admission's numbers against."""
+    client = connect(url, 1.0)
+    times = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        await client.execute_command("PING")
+        times.append(time.perf_counter() - started)
+    stats = await client.info("commandstats")
+    await client.aclose()
+    evalsha = stats.get("cmdstat_evalsha", {})
+    return {
+        "ping_median_us": round(statistics.median(times) * 1e6, 1),
+        "script_server_us_per_call": evalsha.get("usec_per_call"),
+    }
+
+
+def run(args) -> dict:
+    results = {}
+    server = None
+    redis_url = args.redis
+    if redis_url is None:
+        server = RedisProcess(tempfile.mkdtemp(prefix="admission-bench-")).start()
+        redis_url = server.url
+    try:
+        for storage in ("memory", redis_url):
+            name = "memory" if storage == "memory" else "redis"
+            for concurrency in (1, 32):
+                results[f"{name}_c{concurrency}"] = uvloop.run(_measure(storage, args.requests, concurrency))
+        results["redis_floor"] = uvloop.run(_floor(redis_url, min(args.requests, 5000)))
+    finally:
+        if server is not None:
+            server.stop()
+    return results
+
+
+def _versions() -> dict:
+    found = {}
+    for name in ("redis", "hiredis", "limits"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
+    found["redis-server"] = next((w[2:] for w in server if w.startswith("v=")), "?")
+    return found
+
+
+def write(results: dict, args, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python -m benchmarks.admission_bench " + " ".join(args.argv),
+        "machine": platform.node(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "requests": args.requests,
+    }
+    lines = [
+        "# Admission cost per request",
+        "",
+        f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), Python {meta['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "The admit stage alone: admit (check and debit every limit) then release (settle tokens, drop the lease),",
+        "for one identity with limits too high to refuse. Redis is a redis-server on loopback.",
+        "",
+        "| storage | concurrency | admit median (µs) | admit p99 (µs) | release median (µs) | CPU per request (µs) "
+        "| requests/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    floor = results.pop("redis_floor")
+    for name, r in results.items():
+        storage, concurrency = name.split("_c")
+        lines.append(
+            f"| {storage} | {concurrency} | {r['admit_median_us']} | {r['admit_p99_us']} | "
+            f"{r['release_median_us']} | {r['cpu_per_request_us']} | {r['requests_per_s']} |"
+        )
+    lines += [
+        "",
+        f"Floor, same Redis, same client: a PING round trip takes {floor['ping_median_us']} µs at the median; the "
+        f"server spends {floor['script_server_us_per_call']} µs per script call (admission and settlement, "
+        "from INFO commandstats). The rest of an admission is the client (redis-py) and the stage itself.",
+    ]
+    results["redis_floor"] = floor
+    (out / "admission.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "admission.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--redis", help="a Redis URL to use instead of starting redis-server")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    write(run(args), args, args.out)
+
+
+if __name__ == "__main__":
+    main()
