@@ -21,6 +21,7 @@ from .pipeline import Pipeline
 from .ratelimit import LimitAdmitter, open_admitter
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
+from .watermark import open_watermark
 
 SETTINGS_ENV = "CANARYGATE_SETTINGS"
 
@@ -37,7 +38,7 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
             if settings.upstream.is_demo
             else HTTPUpstream(settings.upstream)
         ),
-        "transform": PassThrough,
+        "transform": lambda: open_watermark(settings) if settings.watermark.enabled else PassThrough(),
         "recorder": lambda: open_recorder(settings),
     }
     unknown = set(overrides) - set(defaults)

@@ -54,6 +54,11 @@ segment_bytes = 67108864         # segment files roll over at this size
 unauthenticated_records = "10/minute"  # requests without a valid key recorded in full per address; the
                                  # rest are counted into one summary entry a minute
 
+[watermark]
+enabled = true                   # mark every answer's prose with the keyed lexical watermark
+logprobs = "strip"               # a marked answer's log-probabilities would reveal the unmarked text:
+                                 # "strip" removes the ask from the request, "refuse" answers 400
+
 [limits]
 storage = "memory"               # "memory" (per process), or a Redis shared by replicas: redis://host:6379/0,
                                  # redis+cluster://host:port,host:port, redis+sentinel://host:port/service
@@ -98,7 +103,7 @@ enforce = false
 headers = false
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "limits")
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "limits")
 REQUIRED_TIERS = ("normal", "watch", "suspect", "blocked", "unlimited")
 
 
@@ -152,6 +157,12 @@ class EvidenceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WatermarkSettings:
+    enabled: bool = True
+    logprobs: str = "strip"
+
+
+@dataclass(frozen=True, slots=True)
 class Rate:
     """N units per period, as written in the config ("600/minute")."""
 
@@ -200,6 +211,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
+    watermark: WatermarkSettings = field(default_factory=WatermarkSettings)
     limits: LimitSettings = field(default_factory=lambda: _DEFAULT_LIMITS)
     state_dir: Path = Path(".canarygate")
     source: str = "<defaults>"
@@ -279,6 +291,7 @@ def parse(raw: dict, source: str) -> Settings:
         server=server,
         upstream=upstream,
         evidence=_evidence(reader, raw),
+        watermark=_watermark(reader, raw),
         limits=_limits(reader, raw, _DEFAULT_LIMITS),
         state_dir=state_dir,
         source=source,
@@ -315,6 +328,18 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
         rates(settings.unauthenticated_records)
     except ValueError as e:
         raise ConfigError(f"{source}: [evidence] unauthenticated_records: {e}") from None
+    return settings
+
+
+def _watermark(reader: _SectionReader, raw: dict) -> WatermarkSettings:
+    table = reader.section(raw, "watermark")
+    settings = WatermarkSettings(
+        enabled=reader.take(table, "watermark", "enabled", bool, True),
+        logprobs=reader.take(table, "watermark", "logprobs", str, "strip"),
+    )
+    reader.reject_unknown(table, "watermark")
+    if settings.logprobs not in ("strip", "refuse"):
+        raise ConfigError(f'{reader.source}: [watermark] logprobs must be "strip" or "refuse"')
     return settings
 
 

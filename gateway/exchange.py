@@ -114,6 +114,8 @@ class Exchange:
     request: dict[str, Any] | None = None  # the parsed JSON body
     model: str | None = None
     stream: bool = False
+    prompt_text: str = ""  # the text of the prompt (messages, system, input), for the marks
+    structured: bool = False  # the request asks for structured output (JSON mode, a schema): never rewritten
     prompt_tokens: int = 0  # estimated at admission, from the prompt's text
     requested_output: int | None = 0  # the output token limit the request set; None: none, on a route that generates
     output_cap: int | None = None  # set by admission: the output limit the upstream request must carry

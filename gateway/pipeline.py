@@ -128,7 +128,7 @@ class Pipeline:
             await self._admit.admit(exchange)
             exchange.admitted = True
             if dialect is not None:
-                body = _fit_request(exchange, dialect, body)
+                body = self._fit_request(exchange, dialect, body)
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
         except GatewayError as error:
@@ -202,8 +202,18 @@ class Pipeline:
             exchange.model, exchange.stream = facts.model, facts.stream
             if dialect.output_fields:
                 exchange.requested_output = facts.max_output
-            exchange.prompt_tokens = estimate_tokens(dialect.prompt_text(exchange.request))
+            exchange.prompt_text = dialect.prompt_text(exchange.request)
+            exchange.prompt_tokens = estimate_tokens(exchange.prompt_text)
+            exchange.structured = dialect.structured_output(exchange.request)
         return body
+
+    def _fit_request(self, exchange: Exchange, dialect: Dialect, body: bytes) -> bytes:
+        """Log-probabilities would reveal the unmarked tokens of a marked answer: they are removed from
+        the request, or, with `[watermark] logprobs = "refuse"`, the request is refused."""
+        logprobs = self._transform.applies(exchange) and dialect.asks_logprobs(exchange.request)
+        if logprobs and self._settings.watermark.logprobs == "refuse":
+            raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
+        return _fit(exchange, dialect, body, logprobs)
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, body) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request."""
@@ -409,13 +419,17 @@ class _Reply:
             await self.whole(error.status, body, "application/json", error.headers)
 
 
-def _fit_request(exchange: Exchange, dialect: Dialect, body: bytes) -> bytes:
-    """The request as the upstream gets it: with the output limit admission reserved for, and, on a stream,
-    asking for the token usage that settles the reservation. Re-encoded only when something changed."""
+def _fit(exchange: Exchange, dialect: Dialect, body: bytes, strip_logprobs: bool) -> bytes:
+    """The request as the upstream gets it: with the output limit admission reserved for; on a stream,
+    asking for the token usage that settles the reservation; without log-probabilities when the answer
+    will be marked. Re-encoded only when something changed."""
     request = exchange.request
     changed = exchange.output_cap is not None and dialect.cap_output(request, exchange.output_cap)
     if exchange.stream and dialect.ask_usage(request):
         exchange.strip_usage = changed = True
+    if strip_logprobs:
+        dialect.strip_logprobs(request)
+        changed = True
     return _encode_json(request) if changed else body
 
 

@@ -121,6 +121,17 @@ class Dialect:
         """Whether a raw event carries nothing but usage (the kind `ask_usage` added)."""
         return False
 
+    def structured_output(self, body: dict[str, Any]) -> bool:
+        """Whether the request asks for structured output (JSON mode or a schema) rather than prose."""
+        return False
+
+    def asks_logprobs(self, body: dict[str, Any]) -> bool:
+        """Whether the request asks for log-probabilities (which would reveal the unmarked tokens)."""
+        return False
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        """Remove the request's ask for log-probabilities."""
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         return ""
 

@@ -100,6 +100,10 @@ def _ask_usage(body: dict[str, Any]) -> bool:
     return True
 
 
+def _json_format(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema")
+
+
 def _data_terminal(raw: bytes) -> bool:
     """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
     return raw.startswith((b"data: [DONE]", b"data:[DONE]", b'data: {"error"', b'data:{"error"'))
@@ -116,6 +120,16 @@ class ChatCompletions(Dialect):
 
     def ask_usage(self, body: dict[str, Any]) -> bool:
         return _ask_usage(body)
+
+    def structured_output(self, body: dict[str, Any]) -> bool:
+        return _json_format(body.get("response_format"))
+
+    def asks_logprobs(self, body: dict[str, Any]) -> bool:
+        return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        body.pop("logprobs", None)
+        body.pop("top_logprobs", None)
 
     def is_usage_only(self, raw: bytes) -> bool:
         return _usage_only(raw)
@@ -157,6 +171,12 @@ class Completions(Dialect):
     def ask_usage(self, body: dict[str, Any]) -> bool:
         return _ask_usage(body)
 
+    def asks_logprobs(self, body: dict[str, Any]) -> bool:
+        return body.get("logprobs") is not None
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        body.pop("logprobs", None)
+
     def is_usage_only(self, raw: bytes) -> bool:
         return _usage_only(raw)
 
@@ -186,6 +206,21 @@ class Responses(Dialect):
     api = API
     streams = True
     output_fields = ("max_output_tokens",)
+
+    def structured_output(self, body: dict[str, Any]) -> bool:
+        text = body.get("text")
+        return isinstance(text, dict) and _json_format(text.get("format"))
+
+    def asks_logprobs(self, body: dict[str, Any]) -> bool:
+        include = body.get("include")
+        return body.get("top_logprobs") is not None or (
+            isinstance(include, list) and "message.output_text.logprobs" in include
+        )
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        body.pop("top_logprobs", None)
+        if isinstance(body.get("include"), list):
+            body["include"] = [i for i in body["include"] if i != "message.output_text.logprobs"]
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in _RESPONSE_ENDS

@@ -21,7 +21,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
 TIMEOUT_MS = 100
 
 
-def write_config(folder: Path, storage: str, upstream: str, policy: str = "open", **identity) -> Path:
+def write_config(
+    folder: Path, storage: str, upstream: str, policy: str = "open", timeout_ms: int = TIMEOUT_MS, **identity
+) -> Path:
     limits = {"requests": "1000/second", "tokens": "", "concurrency": 1000, **identity}
     text = f"""
 [upstream]
@@ -33,7 +35,7 @@ dir = "state"
 checkpoint_interval = 1.0
 [limits]
 storage = "{storage}"
-timeout_ms = {TIMEOUT_MS}
+timeout_ms = {timeout_ms}
 on_storage_error = "{policy}"
 replicas = 2
 [limits.identity]
@@ -104,7 +106,10 @@ def redis_url(request):
 
 def test_two_replicas_admit_one_global_limit(redis_url, fake_upstream, tmp_path):
     fake_upstream.reset()
-    pair = Pair(tmp_path, write_config(tmp_path, redis_url, fake_upstream.url, requests="200/hour"))
+    # fail-closed with a generous deadline: a storage hiccup under this load shows as a 503, never as a
+    # silent fall back to local limits
+    config = write_config(tmp_path, redis_url, fake_upstream.url, "closed", 2000, requests="200/hour")
+    pair = Pair(tmp_path, config)
     key = pair.add("crowd")
     with pair:
         statuses = hammer(pair.urls, key, total=600, concurrency=40)

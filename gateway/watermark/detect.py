@@ -1,0 +1,57 @@
+"""Detection: does a body of text carry a key's preferences more than chance allows?
+
+Each key (one per epoch) is tested with the fixed keyed preference test (`scoring`); across keys the
+p-values are corrected with Holm's method, so that testing every epoch cannot manufacture a finding.
+Text that also appears in an item's prompt is not scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .scheme import SCHEME, LexicalKey
+from .scoring import fixed_scheme_p, vote_counts
+from .wordsets import WordSets
+
+
+@dataclass(frozen=True)
+class Finding:
+    scheme: str
+    epoch: int
+    key: str  # the key's fingerprint
+    p_value: float  # Holm-adjusted across the keys tested
+    raw_p_value: float
+    n: int  # votes scored: distinct sets with a clear majority
+    hits: int
+    sites: int
+
+    def as_json(self) -> dict:
+        return {
+            "p_value": self.p_value,
+            "n": self.n,
+            "hits": self.hits,
+            "sites": self.sites,
+            "raw_p_value": self.raw_p_value,
+            "epoch": self.epoch,
+            "key": self.key,
+        }
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment, in the input order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detect(items: list[tuple[str, str]], keys: list[LexicalKey], sets: WordSets) -> list[Finding]:
+    counts = vote_counts(items, sets)
+    raw = [fixed_scheme_p(counts, key) for key in keys]
+    adjusted = holm([r[0] for r in raw])
+    return [
+        Finding(SCHEME, key.epoch, key.fingerprint, adj, p, n, hits, sites)
+        for key, adj, (p, n, hits, sites) in zip(keys, adjusted, raw, strict=True)
+    ]

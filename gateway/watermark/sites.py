@@ -1,0 +1,250 @@
+"""Where the watermark may write, found the same way when marking (as text streams) and when detecting.
+
+A `Scanner` reads one text part token by token. At each word it looks for the longest member of a word
+set starting there (up to three words, joined by single spaces) and decides whether that place is a site:
+
+- not inside fenced or inline code, quotations, or a part that is structured data (it starts with { or [);
+- not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space
+  and a word, or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
+- not a name (capitalised other than at the start of a sentence) nor written in capitals;
+- not right after a negation;
+- a connector set ("@comma") only where a comma follows, a contraction only before a following word, and
+  never a "'s" that could stand for "has" ("it's been");
+- not where its two preceding words and itself, with set members read as their set, appear so in the
+  prompt (a prompt that lists members cannot switch the mark off, but a quoted phrase is kept).
+
+When marking, `choose(site)` names the member to write; the scanner writes it in the case and apostrophe
+style of what it replaces. It holds back at most one incomplete token plus three words and the two tokens
+after them, so a stream is delayed by at most three words, and its output is the same whatever the split
+of the text into pieces (the tokens, and so every decision, do not depend on where pieces end).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .wordsets import WordSets
+
+_TOKEN = re.compile(r"`+|[A-Za-z]+(?:['’-][A-Za-z]+)*|\s+|.", re.S)
+_NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
+_OPENERS = frozenset({"(", "[", "“", "‘", "—"})
+_SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
+_HAS_WORDS = frozenset({"been", "got"})  # after "'s", which then means "has"
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    set_index: int
+    member: int  # the member found in the text
+    context: str  # the word before it (lower case), for context-keyed schemes
+
+
+def _is_word(token: str) -> bool:
+    return token[0].isalpha()
+
+
+def _normal(word: str) -> str:
+    return word.lower().replace("’", "'")
+
+
+def canonical_words(text: str, sets: WordSets) -> list[str]:
+    """The text's words, lower case, with each set member (phrases included) read as its set's name."""
+    words = [_normal(t) for t in _TOKEN.findall(text) if _is_word(t)]
+    out, i = [], 0
+    while i < len(words):
+        for n in (3, 2, 1):
+            found = sets.lookup.get(tuple(words[i : i + n])) if i + n <= len(words) else None
+            if found is not None:
+                out.append(f"§{found[0]}")
+                i += n
+                break
+        else:
+            out.append(words[i])
+            i += 1
+    return out
+
+
+def prompt_trigrams(prompt: str, sets: WordSets) -> frozenset[tuple[str, str, str]]:
+    words = canonical_words(prompt, sets)
+    return frozenset(zip(words, words[1:], words[2:], strict=False))
+
+
+class Scanner:
+    """One text part: `feed` pieces, `flush` at the end; `sites` lists what it found (or wrote)."""
+
+    def __init__(self, sets: WordSets, prompt: frozenset = frozenset(), choose: Callable[[Site], int] | None = None):
+        self._sets = sets
+        self._prompt = prompt
+        self._choose = choose
+        self.sites: list[Site] = []
+        self.changed = 0  # sites whose member was exchanged (marking)
+        self._buffer = ""  # text not yet cut into complete tokens
+        self._tokens: deque[str] = deque()  # complete tokens not yet decided
+        self._final = False
+        # what has been read so far
+        self._started = False
+        self._data = False  # the part is structured data: no sites at all
+        self._fence = self._inline = self._quote = False
+        self._sentence_start = True
+        self._previous = ""  # the last token emitted
+        self._last_word = ""
+        self._context: list[str] = ["", ""]  # the last two canonical words
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._buffer or self._tokens)
+
+    def feed(self, text: str) -> str:
+        self._buffer += text
+        tokens = _TOKEN.findall(self._buffer)
+        keep = _incomplete_tail(tokens)
+        self._buffer = "".join(tokens[len(tokens) - keep :]) if keep else ""
+        self._tokens.extend(tokens[: len(tokens) - keep])
+        return self._drain()
+
+    def flush(self) -> str:
+        self._final = True
+        self._tokens.extend(_TOKEN.findall(self._buffer))
+        self._buffer = ""
+        return self._drain()
+
+    # --- deciding, token by token ---
+
+    def _drain(self) -> str:
+        out = []
+        tokens = self._tokens
+        while tokens:
+            token = tokens[0]
+            if not _is_word(token) or self._excluded():
+                tokens.popleft()
+                out.append(token)
+                self._after(token)
+                continue
+            match = self._match()
+            if match is None:  # the next tokens decide: wait for them
+                break
+            length, found = match
+            words = [tokens[i] for i in range(length)]
+            eligible = found is not None and self._eligible(words, found)
+            for _ in range(length):
+                tokens.popleft()
+            text = "".join(words)
+            out.append(self._site(words, found, text) if eligible else text)
+            for word in words[::2]:
+                self._after(word, found)
+        return "".join(out)
+
+    def _excluded(self) -> bool:
+        return self._data or self._fence or self._inline or self._quote
+
+    def _match(self):
+        """(tokens taken, (set index, member index) or None), or None while more tokens are needed."""
+        tokens, sets = self._tokens, self._sets
+        words = (_normal(tokens[0]),)
+        best = (1, sets.lookup.get(words))
+        i = 1
+        while words in sets.prefixes:
+            if i + 1 >= len(tokens):
+                if not self._final:
+                    return None
+                break
+            if tokens[i] != " " or not _is_word(tokens[i + 1]):
+                break
+            words += (_normal(tokens[i + 1]),)
+            i += 2
+            if words in sets.lookup:
+                best = (i, sets.lookup[words])
+        if best[1] is not None and best[0] + 1 >= len(tokens) and not self._final:
+            return None  # the two tokens after a member decide whether it is a site
+        return best
+
+    def _eligible(self, words: list[str], found: tuple[int, int]) -> bool:
+        word_set = self._sets.sets[found[0]]
+        previous = self._previous
+        if previous and not (previous.isspace() or previous in _OPENERS):
+            return False
+        if not self._following_allows(word_set, words):
+            return False
+        first = words[0]
+        if any(len(w) > 1 and w.isupper() for w in words[::2]):
+            return False
+        if first[0].isupper() and not self._sentence_start and _normal(first) not in ("i", "i'm", "i'll"):
+            return False
+        if any(w[0].isupper() for w in words[2::2]):
+            return False
+        if self._last_word in _NEGATORS or self._last_word.endswith("n't"):
+            return False
+        return (self._context[0], self._context[1], f"§{found[0]}") not in self._prompt
+
+    def _following_allows(self, word_set, words: list[str]) -> bool:
+        tokens, end = self._tokens, len(words)
+        after = tokens[end] if end < len(tokens) else ""
+        then = tokens[end + 1] if end + 1 < len(tokens) else ""
+        if word_set.comma:
+            return after == "," and then[:1].isspace()
+        if after == " " and then and _is_word(then):
+            return not (word_set.contraction and _normal(words[-1]).endswith("'s") and then.lower() in _HAS_WORDS)
+        return not word_set.contraction and after in (",", ";") and then[:1].isspace()
+
+    def _site(self, words: list[str], found: tuple[int, int], text: str) -> str:
+        set_index, member = found
+        site = Site(set_index, member, self._context[1])
+        if self._choose is None:
+            self.sites.append(site)
+            return text
+        chosen = self._choose(site)
+        self.sites.append(Site(set_index, chosen, site.context))
+        if chosen == member:
+            return text
+        self.changed += 1
+        return _styled(" ".join(self._sets.sets[set_index].members[chosen]), text)
+
+    def _after(self, token: str, found: tuple[int, int] | None = None) -> None:
+        """Update what has been read with one emitted token."""
+        if not self._started and not token.isspace():
+            self._started = True
+            self._data = token in ("{", "[")
+        if _is_word(token):
+            if not self._fence and not self._inline:
+                self._sentence_start = False
+            self._last_word = token.lower()
+            self._context = [self._context[1], f"§{found[0]}" if found else _normal(token)]
+        elif token[0] == "`":
+            if len(token) >= 3 and not self._inline:
+                self._fence = not self._fence
+            elif not self._fence:
+                self._inline = not self._inline
+        elif not self._fence and not self._inline:
+            if token == '"':
+                self._quote = not self._quote
+            elif token in ("“", "”"):
+                self._quote = token == "“"
+            elif token in _SENTENCE_ENDS or "\n" in token:
+                self._sentence_start = True
+        self._previous = token
+
+
+def _incomplete_tail(tokens: list[str]) -> int:
+    """How many trailing tokens the next piece of text could still change (a word or space run may go on;
+    a word with an apostrophe or hyphen may continue as one word)."""
+    if not tokens:
+        return 0
+    last = tokens[-1]
+    if last[0] in "'’-" and len(tokens) > 1 and _is_word(tokens[-2]):
+        return 2
+    return 1 if _is_word(last) or last.isspace() or last[0] == "`" else 0
+
+
+def _styled(replacement: str, original: str) -> str:
+    """The replacement in the original's style: its first capital, curly apostrophes, a capital I."""
+    words = replacement.split(" ")
+    words = [w.capitalize() if w in ("i", "i'm", "i'll") else w for w in words]
+    text = " ".join(words)
+    if original[0].isupper():
+        text = text[0].upper() + text[1:]
+    if "’" in original:
+        text = text.replace("'", "’")
+    return text

@@ -1,0 +1,64 @@
+"""The word sets: which words and short phrases the watermark may exchange for one another.
+
+Loaded from `wordsets.txt` (its header says where the sets come from and how they were reviewed). Each
+member is a tuple of lower-case words; apostrophes are stored straight (') and matched whatever the text
+uses. The file's SHA-256 names the version, so that a detection says which sets it used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+MAX_WORDS = 3  # the longest member, in words: the stream's look-ahead
+
+
+@dataclass(frozen=True, slots=True)
+class WordSet:
+    index: int
+    members: tuple[tuple[str, ...], ...]
+    comma: bool  # used only where a comma follows (sentence connectors)
+    contraction: bool  # has a member with an apostrophe: used only before a following word
+
+    @property
+    def name(self) -> str:
+        return " | ".join(" ".join(m) for m in self.members)
+
+
+@dataclass(frozen=True)
+class WordSets:
+    sets: tuple[WordSet, ...]
+    version: str  # sha256 of the file
+
+    def __post_init__(self) -> None:
+        lookup, prefixes = {}, set()
+        for word_set in self.sets:
+            for position, member in enumerate(word_set.members):
+                if member in lookup:
+                    raise ValueError(f"{' '.join(member)!r} is in two sets")
+                lookup[member] = (word_set.index, position)
+                prefixes.update(member[:n] for n in range(1, len(member)))
+        object.__setattr__(self, "lookup", lookup)  # member words -> (set index, member index)
+        object.__setattr__(self, "prefixes", frozenset(prefixes))  # proper prefixes of multi-word members
+
+    @classmethod
+    def parse(cls, text: str) -> WordSets:
+        sets = []
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            comma = line.endswith("@comma")
+            members = tuple(tuple(m.strip().split()) for m in line.removesuffix("@comma").split("|"))
+            if len(members) < 2 or any(not m or len(m) > MAX_WORDS for m in members):
+                raise ValueError(f"bad word set line: {line!r}")
+            contraction = any("'" in word for member in members for word in member)
+            sets.append(WordSet(len(sets), members, comma, contraction))
+        return cls(tuple(sets), hashlib.sha256(text.encode()).hexdigest())
+
+
+@cache
+def default_sets() -> WordSets:
+    return WordSets.parse(resources.files(__package__).joinpath("wordsets.txt").read_text())
