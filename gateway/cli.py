@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evidence, ratelimit
+from . import config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.reader import LogReader, VerifyError
 from .identity import DEFAULT_TIER, IdentityError, Registry
@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke.set_defaults(run=_identities_revoke)
 
     _tier_commands(commands)
+    detect = commands.add_parser("detect", help="test a file of texts for the watermark (exact p-values)")
+    detect.add_argument("file", help='JSON lines {"text": ..., "prompt": ...} (prompt optional)')
+    detect.add_argument("--keys", help="the keys folder (default: the state folder's)")
+    detect.add_argument("--json", action="store_true", help="print the result as JSON")
+    detect.add_argument("--per-text", action="store_true", help="also test each line alone")
+    detect.set_defaults(run=_detect)
     _keys_commands(commands)
     _log_commands(commands)
 
@@ -218,6 +224,50 @@ def _tier_show(args) -> int:
         override = asyncio.run(ratelimit.shared_tier(settings, record.identity()))
         print(f"shared override: {override or 'none'}")
     return 0
+
+
+def _detect(args) -> int:
+    settings = _settings(args)
+    directory = Path(args.keys) if args.keys else evidence.keys_dir(settings)
+    items = _detection_items(Path(args.file))
+    epochs = watermark.epoch_keys(keys.Keys.load(directory))
+    sets = watermark.default_sets()
+    findings = watermark.detect(items, epochs, sets)
+    doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
+    if args.per_text:
+        doc["per_text"] = [_by_scheme(watermark.detect([item], epochs, sets)) for item in items]
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"{len(items)} texts; word sets {sets.version[:16]}; one test per key epoch, Holm-corrected")
+    for name, result in doc["schemes"].items():
+        print(
+            f"  {name}: p = {result['p_value']:.3g} from {result['n']} votes ({result['hits']} for the key, "
+            f"{result['sites']} sites)"
+        )
+    for i, per_text in enumerate(doc.get("per_text", [])):
+        best = min(per_text.values(), key=lambda r: r["p_value"])
+        print(f"  line {i + 1}: p = {best['p_value']:.3g} from {best['n']} votes")
+    return 0
+
+
+def _detection_items(path: Path) -> list[tuple[str, str]]:
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append((str(row["text"]), str(row.get("prompt") or "")))
+        except (ValueError, KeyError, TypeError):
+            raise config.ConfigError(f'{path}:{number}: expected a JSON object with "text"') from None
+    return items
+
+
+def _by_scheme(findings) -> dict:
+    """One entry per scheme; with several key epochs, one per epoch (named scheme@epoch)."""
+    several = len(findings) > 1
+    return {f"{f.scheme}@{f.epoch}" if several else f.scheme: f.as_json() for f in findings}
 
 
 def _keys_init(args) -> int:

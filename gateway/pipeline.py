@@ -125,10 +125,11 @@ class Pipeline:
             self._check_route(exchange, dialect)
             await self._identify_or_count(exchange, headers)
             body = await self._read_request(exchange, scope, receive, dialect)
+            hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect)
             await self._admit.admit(exchange)
             exchange.admitted = True
             if dialect is not None:
-                body = self._fit_request(exchange, dialect, body)
+                body = _fit(exchange, dialect, body, hide_logprobs)
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
         except GatewayError as error:
@@ -207,13 +208,14 @@ class Pipeline:
             exchange.structured = dialect.structured_output(exchange.request)
         return body
 
-    def _fit_request(self, exchange: Exchange, dialect: Dialect, body: bytes) -> bytes:
+    def _logprobs_hidden(self, exchange: Exchange, dialect: Dialect) -> bool:
         """Log-probabilities would reveal the unmarked tokens of a marked answer: they are removed from
-        the request, or, with `[watermark] logprobs = "refuse"`, the request is refused."""
-        logprobs = self._transform.applies(exchange) and dialect.asks_logprobs(exchange.request)
-        if logprobs and self._settings.watermark.logprobs == "refuse":
+        the request, or, with `[watermark] logprobs = "refuse"`, the request is refused (before admission,
+        like any invalid request)."""
+        asked = dialect.asks_logprobs(exchange.request) and self._transform.applies(exchange)
+        if asked and self._settings.watermark.logprobs == "refuse":
             raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
-        return _fit(exchange, dialect, body, logprobs)
+        return asked
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, body) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request."""

@@ -190,4 +190,5 @@ def gw(gateway):
     """The gateway with the fake upstream reset and the test transform off."""
     gateway.upstream.reset()
     gateway.transform.enabled = False
+    gateway.transform.watermark = None
     yield gateway

@@ -38,13 +38,19 @@ class WordCaps:
 
 
 class SwitchableTransform:
-    """The transform stage for tests: WordCaps on every text part while `enabled`."""
+    """The transform stage for tests: while `enabled`, WordCaps on every text part, or with `watermark`
+    set, the real lexical watermark (with a fixed test key)."""
 
     def __init__(self) -> None:
         self.enabled = False
+        self.watermark = None
 
     def applies(self, exchange) -> bool:
+        if self.watermark is not None:
+            return self.enabled and self.watermark.applies(exchange)
         return self.enabled
 
     def rewriter(self, exchange, part):
+        if self.watermark is not None:
+            return self.watermark.rewriter(exchange, part)
         return WordCaps()

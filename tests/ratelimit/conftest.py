@@ -26,15 +26,17 @@ LIMITS = {
 }
 
 
-def limited_settings(state_dir: Path, upstream_url: str, limits: dict | None = None, **server) -> config.Settings:
+def limited_settings(
+    state_dir: Path, upstream_url: str, limits: dict | None = None, watermark: dict | None = None
+) -> config.Settings:
     STATE_DIRS.append(state_dir)
     return config.parse(
         {
-            "server": server,
             "upstream": {"url": upstream_url, "read_timeout": 5.0},
             "state": {"dir": str(state_dir)},
             "evidence": {"origin": "canarygate.test/" + state_dir.name, "durability": "fsync"},
             "limits": limits or LIMITS,
+            "watermark": watermark or {},
         },
         "test settings",
     )
@@ -58,8 +60,8 @@ class LimitedGateway:
 
 
 @contextlib.contextmanager
-def running_gateway(state_dir: Path, upstream_url: str, limits: dict | None = None):
-    app = create_app(limited_settings(state_dir, upstream_url, limits))
+def running_gateway(state_dir: Path, upstream_url: str, limits: dict | None = None, watermark: dict | None = None):
+    app = create_app(limited_settings(state_dir, upstream_url, limits, watermark))
     with ServerThread(app) as server:
         yield LimitedGateway(server.url, state_dir, Registry(state_dir))
 

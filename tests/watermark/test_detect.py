@@ -1,0 +1,93 @@
+"""Detection: exact p-values, the marked found, the unmarked and wrong keys not, the CLI's output."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from gateway.evidence.keys import Keys, init_keys, rotate
+from gateway.watermark import epoch_keys
+from gateway.watermark.detect import detect, holm
+from gateway.watermark.mark import LexicalWatermark
+from gateway.watermark.scheme import VETTING_ALPHA, LexicalKey, epoch_key, reference_texts
+from gateway.watermark.scoring import fixed_scheme_p, poisson_binomial_sf, vote_counts
+from gateway.watermark.wordsets import default_sets
+from tests.test_cli import cli
+
+SETS = default_sets()
+SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "alpaca_eval_sample.jsonl").open()]
+
+
+def test_poisson_binomial_tail_is_the_binomial_for_equal_probabilities():
+    for n, p in ((20, 0.5), (37, 1 / 3), (12, 0.25)):
+        for k in range(n + 1):
+            assert math.isclose(poisson_binomial_sf(k, [p] * n), stats.binom.sf(k - 1, n, p), rel_tol=1e-9)
+
+
+def test_poisson_binomial_tail_matches_enumeration_for_mixed_probabilities():
+    probabilities = [0.5, 1 / 3, 0.25, 0.5, 1 / 3, 0.5, 0.25]
+    for k in range(len(probabilities) + 1):
+        exact = sum(
+            math.prod(p if hit else 1 - p for p, hit in zip(probabilities, outcome, strict=True))
+            for outcome in itertools.product((0, 1), repeat=len(probabilities))
+            if sum(outcome) >= k
+        )
+        assert math.isclose(poisson_binomial_sf(k, probabilities), exact, rel_tol=1e-12)
+
+
+def test_holm_adjusts_in_step_down_order():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5]
+
+
+def test_marked_answers_are_found_and_unmarked_ones_are_not():
+    key = LexicalKey(b"k" * 32, SETS)
+    mark = LexicalWatermark(key)
+    marked = [(mark.mark(r["output"], r["instruction"]), r["instruction"]) for r in SAMPLE]
+    plain = [(r["output"], r["instruction"]) for r in SAMPLE]
+    found = detect(marked, [key], SETS)[0]
+    assert found.p_value < 1e-12 and found.hits == found.n
+    assert detect(plain, [key], SETS)[0].p_value > 0.01
+    assert detect(marked, [LexicalKey(b"other" * 7, SETS)], SETS)[0].p_value > 0.01  # a wrong key finds nothing
+
+
+def test_each_set_votes_once_however_often_it_recurs():
+    text = "It is large and calm, and it is large and cold, and it is large and wet, here."
+    counts = vote_counts([(text, "")], SETS)
+    key = LexicalKey(b"k" * 32, SETS)
+    _, votes, _, sites = fixed_scheme_p(counts, key)
+    assert (votes, sites) == (2, 6)  # "it is" and "large": two votes from six sites
+
+
+def test_epoch_keys_are_vetted_and_differ_by_epoch(tmp_path):
+    init_keys(tmp_path, "test/origin")
+    rotate(tmp_path)
+    keys = epoch_keys(Keys.load(tmp_path))
+    assert [k.epoch for k in keys] == [0, 1] and keys[0].preferred != keys[1].preferred
+    counts = vote_counts([(t, "") for t in reference_texts()], SETS)
+    assert all(fixed_scheme_p(counts, k)[0] >= VETTING_ALPHA for k in keys)
+    assert epoch_key(Keys.load(tmp_path).watermark, 1, SETS).fingerprint == keys[1].fingerprint  # reproducible
+
+
+def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
+    assert cli(tmp_path, "init").returncode == 0
+    keys = epoch_keys(Keys.load(tmp_path / ".canarygate" / "keys"))
+    mark = LexicalWatermark(keys[-1])
+    rows = [{"text": mark.mark(r["output"], r["instruction"]), "prompt": r["instruction"]} for r in SAMPLE[:12]]
+    (tmp_path / "suspect.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = cli(tmp_path, "detect", "suspect.jsonl", "--json", "--per-text")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    scheme = doc["schemes"]["lexical-v1"]
+    assert scheme["p_value"] < 1e-6 and scheme["n"] == scheme["hits"] > 20
+    assert len(doc["per_text"]) == 12 and all("lexical-v1" in t for t in doc["per_text"])
+    readable = cli(tmp_path, "detect", "suspect.jsonl")
+    assert "lexical-v1: p = " in readable.stdout
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    bad = cli(tmp_path, "detect", "bad.jsonl")
+    assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr

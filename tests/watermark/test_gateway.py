@@ -1,0 +1,123 @@
+"""The watermark in a running gateway (sidecar and middleware), through the official SDKs."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.watermark.mark import LexicalWatermark
+from gateway.watermark.scheme import LexicalKey
+from gateway.watermark.wordsets import default_sets
+from tests.ratelimit.conftest import running_gateway
+from tests.test_sdk import MESSAGES, ROUTE_CALLS, ant, oai
+
+PROSE = "However, it is large and we are done quickly. They are often here, and colors vary. Do not worry."
+MARK = LexicalWatermark(LexicalKey(b"test-key" * 4, default_sets()))
+PROMPT = MESSAGES[0]["content"]
+
+
+@pytest.fixture
+def marked(gw):
+    gw.transform.enabled = True
+    gw.transform.watermark = MARK
+    gw.upstream.behaviour.text = PROSE
+    return gw
+
+
+def test_answers_are_marked_the_same_whole_and_streamed_on_every_route(marked):
+    expected = MARK.mark(PROSE, PROMPT)
+    assert expected != PROSE
+    assert oai(marked).chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content == expected
+    streamed = oai(marked).chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    with ant(marked).messages.stream(model="c", max_tokens=9, messages=MESSAGES) as stream:
+        assert stream.get_final_message().content[0].text == expected
+
+
+def test_every_choice_is_marked_and_the_marks_are_recorded(marked):
+    texts = ROUTE_CALLS["chat"](marked, True)
+    assert texts[0] == MARK.mark(PROSE, PROMPT) and texts[1] == MARK.mark(PROSE + " Choice 1 says more.", PROMPT)
+    marks = marked.records()[-1]["marks"]
+    assert [m["part"] for m in marks] == [["choice", 0], ["choice", 1]]
+    assert all(m["scheme"] == "lexical-v1" and m["key"] == MARK.key.fingerprint and m["sites"] > 0 for m in marks)
+
+
+def test_thinking_tool_use_and_code_stay_byte_identical(marked):
+    code = "```python\nit is large = True  # however, quickly\n```"
+    marked.upstream.behaviour.blocks = [
+        ("thinking", "however, it is large"),
+        ("text", code),
+        ("tool_use", '{"q": "it is large"}'),
+        ("text", PROSE),
+    ]
+    final = ant(marked).messages.create(model="c", max_tokens=9, messages=MESSAGES)
+    assert final.content[0].thinking == "however, it is large"
+    assert final.content[1].text == code
+    assert final.content[2].input == {"q": "it is large"}
+    assert final.content[3].text == MARK.mark(PROSE, PROMPT)
+
+
+def test_structured_output_is_never_marked(marked):
+    answer = oai(marked).chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "json_object"})
+    assert answer.choices[0].message.content == PROSE
+
+
+def test_log_probabilities_are_not_asked_of_the_upstream_for_a_marked_answer(marked):
+    oai(marked).chat.completions.create(model="m", messages=MESSAGES, logprobs=True, top_logprobs=3)
+    sent = marked.upstream.requests[-1].json()
+    assert "logprobs" not in sent and "top_logprobs" not in sent
+
+
+def test_log_probabilities_can_be_refused_instead(fake_upstream, tmp_path):
+    fake_upstream.reset()
+    with running_gateway(tmp_path / "state", fake_upstream.url, watermark={"logprobs": "refuse"}) as gateway:
+        _, key = gateway.identity("unlimited")
+        with gateway.client(key) as http:
+            refused = http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "logprobs": True})
+            plain = http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert refused.status_code == 400 and "log-probabilities" in refused.json()["error"]["message"]
+    assert plain.status_code == 200
+
+
+@pytest.mark.parametrize("route", sorted(ROUTE_CALLS))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    words=st.lists(
+        st.sampled_from(
+            [
+                "it",
+                "is",
+                "large",
+                "however,",
+                "quickly",
+                "colors",
+                "we",
+                "are",
+                "the",
+                "Moreover,",
+                "do",
+                "not",
+                "dog",
+                "\n",
+                "`",
+                '"',
+                "often",
+            ]
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=30),
+)
+def test_streamed_equals_whole_for_any_split_with_the_mark_on(marked, route, words, cuts):
+    text = " ".join(words)
+    points = sorted({c for c in cuts if c < len(text)})
+    marked.upstream.behaviour.text = text
+    marked.upstream.behaviour.splitter = lambda t: [
+        t[a:b] for a, b in zip([0, *points], [*points, len(t)], strict=True)
+    ]
+    whole = ROUTE_CALLS[route](marked, False)
+    assert ROUTE_CALLS[route](marked, True) == whole
+    prompt = "x" if route == "responses" else PROMPT
+    assert whole[0] == MARK.mark(text, prompt)

@@ -1,0 +1,103 @@
+"""Where the watermark writes: the same decisions for a stream in any pieces as for the whole text, a
+bounded hold-back, and never in code, quotations, URLs, data, names, negations or the prompt's spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.watermark.scheme import LexicalKey
+from gateway.watermark.sites import Scanner, prompt_trigrams
+from gateway.watermark.wordsets import MAX_WORDS, WordSets, default_sets
+
+SETS = default_sets()
+SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "alpaca_eval_sample.jsonl").open()]
+
+
+def flip(site):
+    """A marking that always writes another member, so that every site shows in the output."""
+    return (site.member + 1) % len(SETS.sets[site.set_index].members)
+
+
+def mark(text: str, prompt: str = "", pieces: list[str] | None = None) -> str:
+    scanner = Scanner(SETS, prompt_trigrams(prompt, SETS) if prompt else frozenset(), flip)
+    return "".join(scanner.feed(p) for p in (pieces or [text])) + scanner.flush()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(range(len(SAMPLE))), st.lists(st.integers(min_value=1, max_value=40), max_size=60))
+def test_a_stream_in_any_pieces_gives_the_whole_text_result(index, cuts):
+    text = SAMPLE[index]["output"]
+    pieces, at = [], 0
+    for size in cuts:
+        pieces.append(text[at : at + size])
+        at += size
+    pieces.append(text[at:])
+    assert mark(text, pieces=pieces) == mark(text)
+
+
+def test_hold_back_is_at_most_three_words_and_what_decides_them():
+    text = " ".join(r["output"] for r in SAMPLE[:6])
+    scanner = Scanner(SETS, frozenset(), flip)
+    held_words = []
+    for ch in text:  # one character at a time: the worst case for holding back
+        scanner.feed(ch)
+        held = scanner._buffer + "".join(scanner._tokens)
+        held_words.append(sum(1 for token in held.split() if token[:1].isalpha()))
+    assert max(held_words) <= MAX_WORDS + 1  # three words, and the word that tells whether a site ends
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```\nit is large and we are done\n```",
+        "Use `it is large` here.",
+        'He said "it is large and we are done" today.',
+        "See https://example.com/large-files/it-is for more.",
+        '{"size": "large", "note": "it is large"}',
+        "[1, 2, 3] it is large",
+        "We visited Large Lake yesterday and walked.",
+        "THE DOG IS LARGE AND QUICK",
+        "And so it is. We are.",
+        "It's been a while since it's got done.",
+    ],
+)
+def test_no_site_where_the_mark_must_not_write(text):
+    assert mark(text) == text
+
+
+def test_sites_in_plain_prose_are_marked_and_styles_kept():
+    marked = mark("However, it is large and calm. They are quickly done — colors vary. I am sure it’s fine here.")
+    assert marked == "Nevertheless, it's big and calm. They're rapidly done — colours vary. I'm sure it is fine here."
+
+
+def test_nothing_right_after_a_negation():
+    assert mark("It is not large at all, and was not quickly done.") == (
+        "It's not large at all, and wasn't quickly done."  # the negation itself may contract; its object stays
+    )
+
+
+def test_a_prompt_span_is_left_as_the_client_wrote_it_but_listing_members_does_not_switch_off():
+    prompt = "Explain why the dog is large."
+    assert mark("I think the dog is large and calm.", prompt) == "I think the dog is large and calm."
+    lister = "large big huge enormous quickly rapidly swiftly"
+    assert mark("The dog is large and calm.", lister) == "The dog is big and calm."
+
+
+def test_word_sets_are_disjoint_and_parse_strictly():
+    members = [m for s in SETS.sets for m in s.members]
+    assert len(members) == len(set(members))
+    with pytest.raises(ValueError):
+        WordSets.parse("large\n")
+    with pytest.raises(ValueError):
+        WordSets.parse("large | big\nbig | huge\n")
+
+
+def test_a_key_prefers_one_member_per_set_and_keys_differ():
+    a, b = LexicalKey(b"a" * 32, SETS), LexicalKey(b"b" * 32, SETS)
+    assert all(0 <= p < len(s.members) for p, s in zip(a.preferred, SETS.sets, strict=True))
+    assert a.preferred != b.preferred and a.fingerprint != b.fingerprint
