@@ -30,7 +30,7 @@ def rewrite_body(dialect: Dialect, body: dict[str, Any], open_rewriter: Rewriter
         if rewriter is None:
             continue
         original = slot.text
-        text = rewriter.feed(original) + rewriter.flush()
+        text = rewriter.whole(original)
         if text != original:
             slot.set(text)
             changed = True

@@ -72,6 +72,9 @@ class TextRewriter(Protocol):
     def flush(self) -> str:
         """The part is complete: return everything still held back."""
 
+    def whole(self, text: str) -> str:
+        """A whole part at once (a non-streamed answer): exactly what feed(text) + flush() would give."""
+
     @property
     def holding(self) -> bool:
         """Whether text is held back right now."""

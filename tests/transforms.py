@@ -32,6 +32,9 @@ class WordCaps:
         out, self._held = rewrite_text(self._held), ""
         return out
 
+    def whole(self, text: str) -> str:
+        return self.feed(text) + self.flush()
+
     @property
     def holding(self) -> bool:
         return bool(self._held)

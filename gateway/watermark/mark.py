@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..exchange import Exchange
 from .scheme import SCHEME, LexicalKey
 from .sites import Scanner, prompt_trigrams
+from .whole import WholeText
 
 GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 
@@ -19,6 +20,8 @@ class LexicalWatermark:
     def __init__(self, key: LexicalKey) -> None:
         self.key = key
         self._sets = key.sets
+        self._whole = WholeText(key.sets)
+        self._choose = lambda site: key.preferred[site.set_index]
 
     def applies(self, exchange: Exchange) -> bool:
         return exchange.route in GENERATING_ROUTES and not exchange.structured
@@ -28,13 +31,13 @@ class LexicalWatermark:
 
     def mark(self, text: str, prompt: str = "") -> str:
         """The whole text, marked: what a stream of it gives, in any pieces."""
-        scanner = self._scanner(prompt)
-        return scanner.feed(text) + scanner.flush()
+        return self._whole.scan(text, self._trigrams(prompt), self._choose)[0]
+
+    def _trigrams(self, prompt: str) -> frozenset:
+        return prompt_trigrams(prompt, self._sets) if prompt else frozenset()
 
     def _scanner(self, prompt: str) -> Scanner:
-        trigrams = prompt_trigrams(prompt, self._sets) if prompt else frozenset()
-        preferred = self.key.preferred
-        return Scanner(self._sets, trigrams, lambda site: preferred[site.set_index])
+        return Scanner(self._sets, self._trigrams(prompt), self._choose)
 
 
 class _Marker:
@@ -46,29 +49,40 @@ class _Marker:
         self._mark = mark
         self._exchange = exchange
         self._part = part
-        self._scanner = mark._scanner(exchange.prompt_text)
+        self._scanner: Scanner | None = None  # made at the first piece of a stream
 
     def feed(self, text: str) -> str:
+        if self._scanner is None:
+            self._scanner = self._mark._scanner(self._exchange.prompt_text)
         return self._scanner.feed(text)
 
     def flush(self) -> str:
+        if self._scanner is None:
+            return ""
         out = self._scanner.flush()
-        sites = self._scanner.sites
-        if sites or not self._exchange.marks:
-            key = self._mark.key
-            self._exchange.marks.append(
-                {
-                    "scheme": SCHEME,
-                    "epoch": key.epoch,
-                    "key": key.fingerprint,
-                    "sets": key.sets.version[:16],
-                    "part": list(self._part),
-                    "sites": len(sites),
-                    "changed": self._scanner.changed,
-                }
-            )
+        self._record(len(self._scanner.sites), self._scanner.changed)
         return out
+
+    def whole(self, text: str) -> str:
+        mark = self._mark
+        marked, sites, changed = mark._whole.scan(text, mark._trigrams(self._exchange.prompt_text), mark._choose)
+        self._record(len(sites), changed)
+        return marked
+
+    def _record(self, sites: int, changed: int) -> None:
+        key = self._mark.key
+        self._exchange.marks.append(
+            {
+                "scheme": SCHEME,
+                "epoch": key.epoch,
+                "key": key.fingerprint,
+                "sets": key.sets.version[:16],
+                "part": list(self._part),
+                "sites": sites,
+                "changed": changed,
+            }
+        )
 
     @property
     def holding(self) -> bool:
-        return self._scanner.holding
+        return self._scanner is not None and self._scanner.holding

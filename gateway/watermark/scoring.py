@@ -33,26 +33,38 @@ def vote_counts(items: list[tuple[str, str]], sets: WordSets) -> dict[int, Count
     return counts
 
 
+def votes(counts: dict[int, Counter]) -> list[tuple[int, int]]:
+    """(set index, member used most) for every set with a clear majority; a tie casts no vote."""
+    out = []
+    for set_index, members in counts.items():
+        ranked = members.most_common(2)
+        if len(ranked) == 1 or ranked[0][1] > ranked[1][1]:
+            out.append((set_index, ranked[0][0]))
+    return out
+
+
 def fixed_scheme_p(counts: dict[int, Counter], key: LexicalKey) -> tuple[float, int, int, int]:
     """(p-value, votes, hits, sites) of the fixed keyed preference test."""
-    probabilities, hits, sites = [], 0, 0
-    for set_index, members in counts.items():
-        sites += sum(members.values())
-        ranked = members.most_common(2)
-        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-            continue  # a tie casts no vote
-        probabilities.append(1 / len(key.sets.sets[set_index].members))
-        hits += ranked[0][0] == key.preferred[set_index]
-    return poisson_binomial_sf(hits, probabilities), len(probabilities), hits, sites
+    cast = votes(counts)
+    sets = key.sets.sets
+    hits = sum(member == key.preferred[set_index] for set_index, member in cast)
+    probabilities = [1 / len(sets[set_index].members) for set_index, _ in cast]
+    sites = sum(sum(members.values()) for members in counts.values())
+    return poisson_binomial_sf(hits, probabilities), len(cast), hits, sites
 
 
-def poisson_binomial_sf(k: int, probabilities: list[float]) -> float:
-    """P(X >= k) for X a sum of independent Bernoulli(p_i): the exact distribution, by convolution."""
-    if k <= 0:
-        return 1.0
+def poisson_binomial_pmf(probabilities: list[float]) -> np.ndarray:
+    """P(X = k), k = 0..n, for X a sum of independent Bernoulli(p_i): the exact distribution, by convolution."""
     dist = np.zeros(len(probabilities) + 1)
     dist[0] = 1.0
     for n, p in enumerate(probabilities, 1):
         dist[1 : n + 1] = dist[1 : n + 1] * (1 - p) + dist[:n] * p
         dist[0] *= 1 - p
-    return float(min(1.0, dist[k:].sum()))
+    return dist
+
+
+def poisson_binomial_sf(k: int, probabilities: list[float]) -> float:
+    """P(X >= k): the exact upper tail, summed term by term (no subtraction, so tiny tails stay exact)."""
+    if k <= 0:
+        return 1.0
+    return float(min(1.0, poisson_binomial_pmf(probabilities)[k:].sum()))

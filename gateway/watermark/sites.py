@@ -133,8 +133,11 @@ class Scanner:
                 tokens.popleft()
             text = "".join(words)
             out.append(self._site(words, found, text) if eligible else text)
+            before = self._context[1]
             for word in words[::2]:
-                self._after(word, found)
+                self._after(word)
+            if found is not None:  # a member, of one word or several, is one unit of context
+                self._context = [before, f"§{found[0]}"]
         return "".join(out)
 
     def _excluded(self) -> bool:
@@ -202,7 +205,7 @@ class Scanner:
         self.changed += 1
         return _styled(" ".join(self._sets.sets[set_index].members[chosen]), text)
 
-    def _after(self, token: str, found: tuple[int, int] | None = None) -> None:
+    def _after(self, token: str) -> None:
         """Update what has been read with one emitted token."""
         if not self._started and not token.isspace():
             self._started = True
@@ -211,7 +214,7 @@ class Scanner:
             if not self._fence and not self._inline:
                 self._sentence_start = False
             self._last_word = token.lower()
-            self._context = [self._context[1], f"§{found[0]}" if found else _normal(token)]
+            self._context = [self._context[1], _normal(token)]
         elif token[0] == "`":
             if len(token) >= 3 and not self._inline:
                 self._fence = not self._fence

@@ -1,0 +1,49 @@
+"""The whole-answer path and the streaming scanner are two readings of one specification: the same output,
+sites and changes on every text, so that a stream and the same answer whole are marked identically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.watermark.sites import Scanner, prompt_trigrams
+from gateway.watermark.whole import WholeText
+from gateway.watermark.wordsets import default_sets
+
+SETS = default_sets()
+WHOLE = WholeText(SETS)
+SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "alpaca_eval_sample.jsonl").open()]
+PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However", "quickly", "for", "example",
+          "all", "of", "the", "them", "don't", "don’t", "it's", "been", "not", "colors", "I", "am", "in", "addition",
+          " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
+          "é", "café", "e-mail", "x'large", "large-scale"]  # fmt: skip
+
+
+def both(text: str, prompt: str = "") -> None:
+    trigrams = prompt_trigrams(prompt, SETS) if prompt else frozenset()
+    flip = lambda site: (site.member + 1) % len(SETS.sets[site.set_index].members)  # noqa: E731
+    scanner = Scanner(SETS, trigrams, flip)
+    streamed = scanner.feed(text) + scanner.flush()
+    whole, sites, changed = WHOLE.scan(text, trigrams, flip)
+    assert whole == streamed
+    assert (sites, changed) == (scanner.sites, scanner.changed)
+
+
+def test_real_answers_give_the_same_result_both_ways():
+    for row in SAMPLE:
+        both(row["output"], row["instruction"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=40), st.lists(st.sampled_from(PIECES), max_size=8))
+def test_any_text_gives_the_same_result_both_ways(pieces, prompt):
+    both("".join(pieces), "".join(prompt))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=30).map(" ".join))
+def test_spaced_text_gives_the_same_result_both_ways(text):
+    both(text, "the dog is large")
