@@ -155,7 +155,7 @@ def train_gru(corpus: list[list[str]], seconds: float, seed: int):
                 logits, h = model(torch.tensor([[token]]), h)
         return out
 
-    return sample, {"steps": steps, "final_loss": float(loss), "vocabulary": len(vocab)}
+    return sample, {"steps": steps, "final_loss": float(loss.detach()), "vocabulary": len(vocab)}
 
 
 def _answers(path: Path) -> list[str]:

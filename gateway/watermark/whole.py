@@ -42,6 +42,15 @@ def _trie_pattern(members: list[str]) -> str:
     return build(trie)
 
 
+def _ascii_lower(text: str) -> str:
+    """Lower-cased as the scanner compares words (ASCII letters only), at the same offsets. str.lower is
+    much faster; it agrees unless the text holds a character it lower-cases into ASCII or into two."""
+    lowered = text.lower()
+    if len(lowered) == len(text) and "\u212a" not in text:  # KELVIN SIGN lower-cases to "k"
+        return lowered
+    return text.translate(_LOWER)
+
+
 def _char(ch: str) -> str:
     return "['’]" if ch == "'" else re.escape(ch)
 
@@ -66,7 +75,7 @@ class WholeText:
         out, sites, changed, at = [], [], 0, 0
         # matched on an ASCII-lower-cased copy (same length; faster than a case-insensitive pattern),
         # read from the original
-        for event in self._events.finditer(text.translate(_LOWER)):
+        for event in self._events.finditer(_ascii_lower(text)):
             start = event.start()
             if start > at:
                 chunk = text[at:start]
