@@ -103,7 +103,14 @@ class Scanner:
         keep = _incomplete_tail(tokens)
         self._buffer = "".join(tokens[len(tokens) - keep :]) if keep else ""
         self._tokens.extend(tokens[: len(tokens) - keep])
-        return self._drain()
+        out = self._drain()
+        if not self._tokens and self._buffer.isspace():
+            # Trailing space may go on, but with no word waiting for what follows it, how it ends changes
+            # no decision: send it now, so that a stream of "word " pieces flows through unshifted.
+            out += self._buffer
+            self._after(self._buffer)
+            self._buffer = ""
+        return out
 
     def flush(self) -> str:
         self._final = True
