@@ -25,13 +25,18 @@ _WORDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]")
 _SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")
 _NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _MARKS = re.compile(r"(?P<tick>`+)|(?P<quote>[\"“”])")
+_TAIL = 80
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _last_words(chunk: str) -> list[str]:
-    """The chunk's last two word tokens (fewer if it has fewer)."""
+    """The chunk's last two word tokens (fewer if it has fewer). Read from its tail first: the first word
+    there may be cut, so the tail is enough when it holds three."""
+    words = _WORDS.findall(chunk[-_TAIL:]) if len(chunk) > _TAIL else []
+    if len(words) < 3:
+        words = _WORDS.findall(chunk)
     found = []
-    for word in reversed(_WORDS.findall(chunk)):
+    for word in reversed(words):
         if word[0].isalpha():
             found.append(word)
             if len(found) == 2:
@@ -119,7 +124,7 @@ class WholeText:
                     last_word = words[-1].lower()
                     context = [*context, *(_normal(w) for w in words)][-2:]
                 if not (fence or inline):
-                    for signal in _SIGNAL.finditer(chunk[::-1]):
+                    for signal in _SIGNAL.finditer(chunk[::-1]):  # usually found within a few characters
                         mark = signal.group()
                         if mark.isalpha() or mark in ".!?:\n":
                             sentence_start = not mark.isalpha()
