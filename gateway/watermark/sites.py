@@ -172,32 +172,21 @@ class Scanner:
         return best
 
     def _eligible(self, words: list[str], found: tuple[int, int]) -> bool:
-        word_set = self._sets.sets[found[0]]
-        previous = self._previous
-        if previous and not (previous.isspace() or previous in _OPENERS):
-            return False
-        if not self._following_allows(word_set, words):
-            return False
-        first = words[0]
-        if any(len(w) > 1 and w.isupper() for w in words[::2]):
-            return False
-        if first[0].isupper() and not self._sentence_start and _normal(first) not in ("i", "i'm", "i'll"):
-            return False
-        if any(w[0].isupper() for w in words[2::2]):
-            return False
-        if self._last_word in _NEGATORS or self._last_word.endswith("n't"):
-            return False
-        return (self._context[0], self._context[1], f"§{found[0]}") not in self._prompt
-
-    def _following_allows(self, word_set, words: list[str]) -> bool:
         tokens, end = self._tokens, len(words)
         after = tokens[end] if end < len(tokens) else ""
         then = tokens[end + 1] if end + 1 < len(tokens) else ""
-        if word_set.comma:
-            return after == "," and then[:1].isspace()
-        if after == " " and then and _is_word(then):
-            return not (word_set.contraction and _normal(words[-1]).endswith("'s") and then.lower() in _HAS_WORDS)
-        return not word_set.contraction and after in (",", ";") and then[:1].isspace()
+        return is_site(
+            self._sets.sets[found[0]],
+            words[::2],
+            self._previous,
+            after,
+            then,
+            then,
+            self._sentence_start,
+            self._last_word,
+            self._context,
+            self._prompt,
+        )
 
     def _site(self, words: list[str], found: tuple[int, int], text: str) -> str:
         set_index, member = found
@@ -235,6 +224,42 @@ class Scanner:
             elif token in _SENTENCE_ENDS or "\n" in token:
                 self._sentence_start = True
         self._previous = token
+
+
+def is_site(
+    word_set,
+    words: list[str],
+    previous: str,
+    after: str,
+    then: str,
+    next_word: str,
+    sentence_start: bool,
+    last_word: str,
+    context: list[str],
+    prompt: frozenset,
+) -> bool:
+    """The rules for a member found in the text (its `words`, as written): `previous` is what comes just
+    before it, `after` and `then` the two tokens (or characters) just after it, `next_word` the word that
+    `then` begins; the rest is what has been read. Both readings, streamed and whole, ask this."""
+    if previous and not (previous.isspace() or previous in _OPENERS):
+        return False
+    if word_set.comma:
+        if not (after == "," and then[:1].isspace()):
+            return False
+    elif after == " " and then[:1].isalpha():
+        if word_set.contraction and _normal(words[-1]).endswith("'s") and next_word.lower() in _HAS_WORDS:
+            return False
+    elif word_set.contraction or after not in (",", ";") or not then[:1].isspace():
+        return False
+    if any(len(w) > 1 and w.isupper() for w in words):
+        return False
+    if words[0][0].isupper() and not sentence_start and _normal(words[0]) not in ("i", "i'm", "i'll"):
+        return False
+    if any(w[0].isupper() for w in words[1:]):
+        return False
+    if last_word in _NEGATORS or last_word.endswith("n't"):
+        return False
+    return (context[0], context[1], f"§{word_set.index}") not in prompt
 
 
 def _incomplete_tail(tokens: list[str]) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import ahocorasick
 
-from .sites import _HAS_WORDS, _NEGATORS, _OPENERS, Site, _normal, _styled
+from .sites import Site, _normal, _styled, is_site
 from .wordsets import WordSets
 
 # The scanner's word tokens, and what sets or clears a sentence start (a letter, an end, a newline). The
@@ -172,28 +172,17 @@ class WholeText:
         return "".join(out), sites, changed
 
     def _eligible(self, text, start, end, words, found, sentence_start, last_word, context, prompt) -> bool:
-        word_set = self._sets.sets[found[0]]
-        if start > 0 and not (text[start - 1].isspace() or text[start - 1] in _OPENERS):
-            return False
-        after = text[end : end + 1]
         then = text[end + 1 : end + 2]
-        if word_set.comma:
-            if not (after == "," and then.isspace()):
-                return False
-        elif after == " " and then.isalpha():
-            if word_set.contraction and _normal(words[-1]).endswith("'s"):
-                following = _NEXT_WORD.match(text, end + 1)
-                if following is not None and following.group().lower() in _HAS_WORDS:
-                    return False
-        elif word_set.contraction or after not in (",", ";") or not then.isspace():
-            return False
-        if any(len(w) > 1 and w.isupper() for w in words):
-            return False
-        first = words[0]
-        if first[0].isupper() and not sentence_start and _normal(first) not in ("i", "i'm", "i'll"):
-            return False
-        if any(w[0].isupper() for w in words[1:]):
-            return False
-        if last_word in _NEGATORS or last_word.endswith("n't"):
-            return False
-        return (context[0], context[1], f"§{found[0]}") not in prompt
+        following = _NEXT_WORD.match(text, end + 1) if then.isalpha() else None
+        return is_site(
+            self._sets.sets[found[0]],
+            words,
+            text[start - 1] if start else "",
+            text[end : end + 1],
+            then,
+            following.group() if following else "",
+            sentence_start,
+            last_word,
+            context,
+            prompt,
+        )
