@@ -61,7 +61,8 @@ def words(text: str) -> int:
     return len(WORD.findall(text))
 
 
-def _vote_table(items: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
+def _vote_table(items: list[tuple[str, str]]) -> tuple[list[int], list[int], list[float]]:
+    """The votes cast: their sets, their members, and each set's chance of a hit under the null."""
     cast = votes(vote_counts(items, SETS))
     return [s for s, _ in cast], [m for _, m in cast], [1 / len(SETS.sets[s].members) for s, _ in cast]
 

@@ -28,7 +28,7 @@ def open_admitter(settings: Settings) -> LimitAdmitter:
     guard = StorageGuard(timeout)
     shared = RedisBudget(connect(limits.storage, timeout))
     local = MemoryBudget(divisor=limits.replicas * workers) if limits.on_storage_error == "open" else None
-    addresses = AddressLimiter(limits.unauthenticated, limits.storage, StorageGuard(timeout), timeout)
+    addresses = AddressLimiter(limits.unauthenticated, limits.storage, guard, timeout)  # one breaker per storage
     return LimitAdmitter(limits, shared, local, addresses, guard)
 
 

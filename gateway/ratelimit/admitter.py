@@ -86,7 +86,7 @@ class LimitAdmitter:
         if identity is None:
             await self._addresses.check(exchange.client_group)
             return
-        plan = self._plans.get(identity) or self._plan(identity)
+        plan = self._plans.get(identity) or self._plan(identity)  # built once per identity and tier
         ask = Ask(
             plan,
             identity.tier if identity.tier in self._terms else "normal",
@@ -126,11 +126,8 @@ class LimitAdmitter:
             correction = exchange.tokens_used - held.verdict.reserved
         else:
             correction = 0  # answered, usage unknown (a client that left mid-stream): the reservation stands
-        if held.engine is self._shared:
-            with contextlib.suppress(StorageDown):  # its leases lapse on their own
-                await self._guard.call(lambda: self._shared.settle(held.ask, held.verdict, correction))
-        else:
-            await held.engine.settle(held.ask, held.verdict, correction)
+        with contextlib.suppress(StorageDown):  # its leases lapse on their own
+            await self._on(held.engine, lambda: held.engine.settle(held.ask, held.verdict, correction))
 
     # --- tiers ---
 
@@ -162,11 +159,11 @@ class LimitAdmitter:
             child = self._decisions[status, where] = metrics.LIMIT_DECISIONS.labels(status.name.lower(), where)
         child.inc()
 
-    def _plan(self, identity: Identity) -> Plan:
-        plan = self._plans[identity] = self._build_plan(identity)
-        return plan
+    async def _on(self, engine, make):
+        """Run a call on an engine: through the storage guard when it is the shared one."""
+        return await (self._guard.call(make) if engine is self._shared else make())
 
-    def _build_plan(self, identity: Identity) -> Plan:
+    def _plan(self, identity: Identity) -> Plan:
         base = _key_base(identity, self._prefix)
         scopes = [("identity", f"{base}:i:{identity.name}", self._settings.identity)]
         if identity.tenant and not self._settings.tenant.empty:
@@ -177,7 +174,8 @@ class LimitAdmitter:
             budgets += [_budget(prefix, "tokens", r, scope) for r in limits.tokens]
             if limits.concurrency:
                 lease_sets.append(Check(f"{prefix}:c", "concurrent", limits.concurrency, 0, scope))
-        return Plan(tier_key(identity, self._prefix), tuple(budgets), tuple(lease_sets))
+        plan = self._plans[identity] = Plan(tier_key(identity, self._prefix), tuple(budgets), tuple(lease_sets))
+        return plan
 
     def _quotas(self, ask: Ask, verdict: Verdict, divisor: int) -> tuple[Quota, ...]:
         """The limits as enforced: scaled by tier and share; a requests budget scaled below one per period
@@ -202,13 +200,8 @@ class LimitAdmitter:
                 leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
                 leases += [(c.key, held.ask.lease) for c in held.ask.plan.lease_sets]
             for engine, leases in by_engine.values():
-                try:
-                    if engine is self._shared:
-                        await self._guard.call(lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
-                    else:
-                        await engine.extend(leases, self._ttl_ms)
-                except StorageDown:
-                    pass  # the breaker logged it; leases held there lapse if it stays down
+                with contextlib.suppress(StorageDown):  # logged by the guard; leases there lapse if it stays down
+                    await self._on(engine, lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
 
 
 def tier_key(identity: Identity, prefix: str = "cg") -> str:

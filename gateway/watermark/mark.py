@@ -31,7 +31,11 @@ class LexicalWatermark:
 
     def mark(self, text: str, prompt: str = "") -> str:
         """The whole text, marked: what a stream of it gives, in any pieces."""
-        return self._whole.scan(text, self._trigrams(prompt), self._choose)[0]
+        return self.scan_whole(text, prompt)[0]
+
+    def scan_whole(self, text: str, prompt: str) -> tuple[str, list, int]:
+        """(marked text, sites, sites changed) of a whole part."""
+        return self._whole.scan(text, self._trigrams(prompt), self._choose)
 
     def _trigrams(self, prompt: str) -> frozenset:
         return prompt_trigrams(prompt, self._sets) if prompt else frozenset()
@@ -64,8 +68,7 @@ class _Marker:
         return out
 
     def whole(self, text: str) -> str:
-        mark = self._mark
-        marked, sites, changed = mark._whole.scan(text, mark._trigrams(self._exchange.prompt_text), mark._choose)
+        marked, sites, changed = self._mark.scan_whole(text, self._exchange.prompt_text)
         self._record(len(sites), changed)
         return marked
 
