@@ -18,15 +18,20 @@ needs_wrk = pytest.mark.skipif(
 )
 
 
-@needs_wrk
-def test_harness_runs_on_a_tiny_load(tmp_path):
+def run_benchmark(module: str, *args: str, out, timeout: int = 120) -> None:
+    """Run one benchmark script on a tiny load, writing into `out`; it must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.harness", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@needs_wrk
+def test_harness_runs_on_a_tiny_load(tmp_path):
+    run_benchmark("harness", "--quick", out=tmp_path, timeout=300)
     report = json.loads((tmp_path / "perf.json").read_text())
     for name in ("upstream", "bare", "gateway"):
         run = report["systems"][name]
@@ -41,26 +46,14 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
 
 
 def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.evidence_bench", "--entries", "400", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("evidence_bench", "--entries", "400", out=tmp_path)
     rows = json.loads((tmp_path / "evidence.json").read_text())
     assert [r["mode"] for r in rows] == ["batch", "fsync"] and all(r["entries_per_second"] > 0 for r in rows)
 
 
 def test_admission_benchmark_runs_on_a_few_requests(tmp_path):
     redis_servers.require_redis()
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.admission_bench", "--requests", "100", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("admission_bench", "--requests", "100", out=tmp_path)
     results = json.loads((tmp_path / "admission.json").read_text())["results"]
     assert set(results) == {"memory_c1", "memory_c32", "redis_c1", "redis_c32", "redis_floor"}
     assert all(results[name]["admit_median_us"] > 0 for name in ("memory_c1", "redis_c32"))
