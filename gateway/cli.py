@@ -18,7 +18,9 @@ from pathlib import Path
 from . import config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.reader import LogReader, VerifyError
+from .evidence.verifier import NoteError
 from .identity import DEFAULT_TIER, IdentityError, Registry
+from .witness.cli import add_commands as _witness_commands
 
 DEMO_IDENTITY = "demo"
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError) as e:
+    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, NoteError, OSError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
         return 2
 
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.set_defaults(run=_detect)
     _keys_commands(commands)
     _log_commands(commands)
+    _witness_commands(commands)
 
     for name, text in (("serve", "run the gateway"), ("demo", "run the gateway in front of the built-in demo model")):
         command = commands.add_parser(name, help=text)

@@ -53,6 +53,11 @@ checkpoint_interval = 10.0       # ...or this many seconds, and at shutdown
 segment_bytes = 67108864         # segment files roll over at this size
 unauthenticated_records = "10/minute"  # requests without a valid key recorded in full per address; the
                                  # rest are counted into one summary entry a minute
+client_addresses = "hashed"      # "hashed": client addresses are kept as keyed hashes; "plain": as they are
+retention_days = 0               # erase prompts and answers older than this (their keys are deleted; the
+                                 # tree, commitments and proofs stay); 0 keeps them for ever
+witnesses = []                   # C2SP witnesses that cosign each checkpoint, e.g.
+                                 # [{url = "https://witness.example/w1", vkey = "witness.example/w1+..."}]
 
 [watermark]
 enabled = true                   # mark every answer's prose with the keyed lexical watermark
@@ -141,6 +146,12 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WitnessSettings:
+    url: str
+    vkey: str  # a C2SP cosignature verifier key (algorithm 0x04)
+
+
+@dataclass(frozen=True, slots=True)
 class EvidenceSettings:
     origin: str = ""
     durability: str = "batch"
@@ -149,6 +160,9 @@ class EvidenceSettings:
     checkpoint_interval: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
     unauthenticated_records: str = "10/minute"
+    client_addresses: str = "hashed"
+    retention_days: int = 0
+    witnesses: tuple[WitnessSettings, ...] = ()
 
     @staticmethod
     def default_origin() -> str:
@@ -311,6 +325,9 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
         unauthenticated_records=reader.take(
             table, "evidence", "unauthenticated_records", str, d.unauthenticated_records
         ),
+        client_addresses=reader.take(table, "evidence", "client_addresses", str, d.client_addresses),
+        retention_days=reader.take(table, "evidence", "retention_days", int, d.retention_days),
+        witnesses=_witnesses(reader.source, reader.take(table, "evidence", "witnesses", list, [])),
     )
     reader.reject_unknown(table, "evidence")
     source = reader.source
@@ -324,11 +341,32 @@ def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
         )
     if settings.segment_bytes < 4096:
         raise ConfigError(f"{source}: [evidence] segment_bytes must be at least 4096")
+    if settings.client_addresses not in ("hashed", "plain"):
+        raise ConfigError(f'{source}: [evidence] client_addresses must be "hashed" or "plain"')
+    if settings.retention_days < 0:
+        raise ConfigError(f"{source}: [evidence] retention_days must be 0 (keep) or a number of days")
     try:
         rates(settings.unauthenticated_records)
     except ValueError as e:
         raise ConfigError(f"{source}: [evidence] unauthenticated_records: {e}") from None
     return settings
+
+
+def _witnesses(source: str, items: list) -> tuple[WitnessSettings, ...]:
+    from .evidence.verifier import ALG_COSIGNATURE_V1, NoteError, NoteKey  # the evidence package imports config
+
+    witnesses = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) != {"url", "vkey"}:
+            raise ConfigError(f"{source}: [evidence] witnesses: each is {{url = ..., vkey = ...}}, got {item!r}")
+        try:
+            key = NoteKey.parse(str(item["vkey"]))
+        except NoteError as e:
+            raise ConfigError(f"{source}: [evidence] witnesses: {e}") from None
+        if key.algorithm != ALG_COSIGNATURE_V1:
+            raise ConfigError(f"{source}: [evidence] witnesses: {key.name} is not a cosignature (0x04) key")
+        witnesses.append(WitnessSettings(_check_url(source, str(item["url"]), "[evidence] witnesses url"), key.vkey()))
+    return tuple(witnesses)
 
 
 def _watermark(reader: _SectionReader, raw: dict) -> WatermarkSettings:

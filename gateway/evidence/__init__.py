@@ -15,8 +15,10 @@ from pathlib import Path
 from ..config import Settings
 from .keys import Keys, init_keys
 from .log import EvidenceLog
+from .note import NoteKey
 from .recorder import EvidenceRecorder
 from .store import write_atomically
+from .witnessing import Witness
 
 log = logging.getLogger("canarygate.evidence")
 
@@ -78,6 +80,7 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
             checkpoint_every=evidence.checkpoint_every,
             checkpoint_interval=evidence.checkpoint_interval,
             segment_bytes=evidence.segment_bytes,
+            witnesses=tuple(Witness(w.url, NoteKey.parse(w.vkey)) for w in evidence.witnesses),
         ),
         evidence.durability,
         evidence.unauthenticated_records,

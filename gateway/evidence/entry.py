@@ -12,27 +12,27 @@ entry. Revealing one field (its value and salt) lets anyone recompute its commit
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import os
 import struct
-from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .verifier import canonical, commitment
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Sealer",
+    "canonical",
+    "commit",
+    "commitment",
+    "data_key",
+    "random_bytes",
+    "unpack_openings",
+]
+
 SCHEMA_VERSION = 1
-
-
-def canonical(obj: Any) -> bytes:
-    """Sorted keys, no spaces, ASCII with \\u escapes: any string a client sends (a lone surrogate too)
-    encodes, and the same entry always gives the same bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def commitment(salt: bytes, value: bytes) -> str:
-    return hashlib.sha256(salt + value).hexdigest()
 
 
 _pool = bytearray()  # random bytes drawn 4 KiB at a time: one getrandom call for many salts and nonces

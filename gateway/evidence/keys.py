@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .note import Signer, Verifier
+from .note import ALG_ED25519, NoteKey, Signer
 from .store import write_atomically
 
 SIGNING = "log-signing.key"
@@ -82,9 +82,9 @@ class Keys:
     def current_epoch(self) -> int:
         return max(self.masters)
 
-    def verifiers(self, origin: str) -> list[Verifier]:
+    def verifiers(self, origin: str) -> list[NoteKey]:
         """Verifier keys named for a log's origin (a key signs as that name): the current one first."""
-        return [Verifier(origin, s.verifier.public) for s in (self.signer, *self.retired_signers)]
+        return [NoteKey(origin, ALG_ED25519, s.verifier.public) for s in (self.signer, *self.retired_signers)]
 
     @classmethod
     def load(cls, directory: Path) -> Keys:

@@ -9,7 +9,8 @@ the window a power loss can take. With "fsync" the pipeline waits for it where i
 
 Checkpoints are signed every `checkpoint_every` entries or `checkpoint_interval` seconds (when the tree
 grew) and at close, only over entries already fsynced, and only after checking that the new tree is
-consistent with the previous checkpoint.
+consistent with the previous checkpoint. Each checkpoint then goes to the configured witnesses in the
+background (witnessing.py); their cosignatures land in `cosignatures.log`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from . import entry, merkle, note
 from .keys import Keys
 from .store import LogStore, write_atomically
+from .witnessing import Witness, Witnesses
 
 log = logging.getLogger("canarygate.evidence")
 
@@ -38,6 +40,7 @@ class EvidenceLog:
         checkpoint_every: int = 1000,
         checkpoint_interval: float = 10.0,
         segment_bytes: int = 64 * 1024 * 1024,
+        witnesses: tuple[Witness, ...] = (),
     ) -> None:
         self.origin = origin
         self.store = LogStore(directory, segment_bytes)
@@ -56,15 +59,28 @@ class EvidenceLog:
         self.failure: str | None = None
         self._sealer: entry.Sealer | None = None
         self._sealer_for: tuple[int, int] | None = None  # (key epoch, segment) the sealer's data key is for
+        self._witness_list = witnesses
+        self.witnesses: Witnesses | None = None
 
     @property
-    def verifier(self) -> note.Verifier:
+    def verifier(self) -> note.NoteKey:
         return self._signer.verifier
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._open)
         self._writer = loop.create_task(self._run())
+        if self._witness_list:
+            self.witnesses = Witnesses(list(self._witness_list), self._consistency, self._keep_cosigned)
+            if self._last_checkpoint is not None:  # the last one may never have reached them
+                last = self._last_checkpoint
+                self.witnesses.submit(self.store.checkpoints()[-1], last)
+
+    def _consistency(self, old: int, new: int) -> list[bytes]:
+        return merkle.consistency_proof(self.store.subtree, old, new)
+
+    async def _keep_cosigned(self, note_text: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.add_cosigned, note_text)
 
     def _open(self) -> None:
         self.store.dir.mkdir(parents=True, exist_ok=True)
@@ -84,11 +100,10 @@ class EvidenceLog:
 
     def _open_checkpoint(self, text: str) -> note.Checkpoint:
         """The latest checkpoint, signed by the current key or (after a rotation) an earlier one."""
-        for verifier in self._keys.verifiers(self.origin):
-            try:
-                return note.open_checkpoint(text, verifier)
-            except note.NoteError:
-                continue
+        try:
+            return note.open_checkpoint(text, self._keys.verifiers(self.origin))
+        except note.NoteError:
+            pass
         raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")
 
     def append(self, leaf: bytes, openings: bytes, identity: str | None, wait: bool = True) -> asyncio.Future | None:
@@ -159,6 +174,8 @@ class EvidenceLog:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.add_checkpoint, signed)
         self._last_checkpoint = checkpoint
         self._checkpointed_at = time.monotonic()
+        if self.witnesses is not None:
+            self.witnesses.submit(signed, checkpoint)
 
     async def close(self) -> None:
         self._closing = True
@@ -167,5 +184,7 @@ class EvidenceLog:
             await self._writer
         if not self.failure:
             await self._maybe_checkpoint(force=True)
+        if self.witnesses is not None:
+            await self.witnesses.close()
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown()

@@ -3,7 +3,8 @@
 Leaves hash as SHA-256(0x00 || data) and interior nodes as SHA-256(0x01 || left || right). Proofs are
 built from `subtree(level, index)`, a function returning the hash of the complete, aligned subtree of
 2**level leaves starting at leaf index * 2**level, so that a stored tree (see `store.py`) answers them
-without a rebuild. Verification follows RFC 9162 sections 2.1.3.2 and 2.1.4.2.
+without a rebuild. Hashing and verification (RFC 9162 sections 2.1.3.2 and 2.1.4.2) live in the standalone
+`verifier.py`, which every evidence bundle carries.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
+from .verifier import ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
+
+__all__ = [
+    "CompactRange",
+    "ProofError",
+    "consistency_proof",
+    "inclusion_proof",
+    "leaf_hash",
+    "node_hash",
+    "range_hash",
+    "root_of",
+    "verify_consistency",
+    "verify_inclusion",
+]
+
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 Subtree = Callable[[int, int], bytes]
-
-
-class ProofError(ValueError):
-    """A proof that does not verify, or a request for one that cannot exist."""
-
-
-def leaf_hash(data: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + data).digest()
-
-
-def node_hash(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
 
 
 def root_of(leaf_hashes: Sequence[bytes]) -> bytes:
@@ -88,80 +92,6 @@ def _subproof(subtree: Subtree, m: int, start: int, end: int, complete: bool) ->
     if m <= k:
         return _subproof(subtree, m, start, start + k, complete) + [range_hash(subtree, start + k, end)]
     return _subproof(subtree, m - k, start + k, end, False) + [range_hash(subtree, start, start + k)]
-
-
-def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
-    """Raises ProofError unless `proof` shows leaf hash `leaf` at `index` in the tree of `size` with `root`."""
-    if index >= size or index < 0:
-        raise ProofError(f"leaf index {index} is beyond the tree size {size}")
-    _check_hash(leaf)
-    _check_hash(root)
-    fn, sn, r = index, size - 1, leaf
-    for p in proof:
-        _check_hash(p)
-        if sn == 0:
-            raise ProofError("inclusion proof is too long")
-        if fn & 1 or fn == sn:
-            r = node_hash(p, r)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
-        else:
-            r = node_hash(r, p)
-        fn, sn = fn >> 1, sn >> 1
-    if sn != 0:
-        raise ProofError("inclusion proof is too short")
-    if r != root:
-        raise ProofError("inclusion proof does not lead to the root")
-
-
-def verify_consistency(size1: int, size2: int, root1: bytes, root2: bytes, proof: Sequence[bytes]) -> None:
-    """Raises ProofError unless `proof` shows the tree (size1, root1) is a prefix of (size2, root2)."""
-    if size2 < size1:
-        raise ProofError(f"size1 {size1} is greater than size2 {size2}")
-    if size1 == 0:  # every tree extends the empty one: such a proof proves nothing, so none is accepted
-        raise ProofError("a consistency proof from the empty tree proves nothing")
-    if size1 == size2:
-        if proof:
-            raise ProofError("trees of equal size need an empty proof")
-        if root1 != root2:
-            raise ProofError("trees of equal size have different roots")
-        return
-    if not proof:
-        raise ProofError("empty consistency proof")
-    _check_hash(root1)
-    _check_hash(root2)
-    for p in proof:
-        _check_hash(p)
-    path = list(proof)
-    if size1 & (size1 - 1) == 0:  # a power of two: the old root is itself a node of the new tree
-        path.insert(0, root1)
-    fn, sn = size1 - 1, size2 - 1
-    while fn & 1:
-        fn, sn = fn >> 1, sn >> 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            raise ProofError("consistency proof is too long")
-        if fn & 1 or fn == sn:
-            fr, sr = node_hash(c, fr), node_hash(c, sr)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn, sn = fn >> 1, sn >> 1
-        else:
-            sr = node_hash(sr, c)
-        fn, sn = fn >> 1, sn >> 1
-    if sn != 0:
-        raise ProofError("consistency proof is too short")
-    if fr != root1:
-        raise ProofError("consistency proof does not lead to the first root")
-    if sr != root2:
-        raise ProofError("consistency proof does not lead to the second root")
-
-
-def _check_hash(value: bytes) -> None:
-    if len(value) != 32:
-        raise ProofError(f"a proof hash has {len(value)} bytes, not 32")
 
 
 class CompactRange:

@@ -1,90 +1,67 @@
-"""C2SP signed notes and tlog checkpoints with Ed25519 keys. Pure functions: no I/O, no clock.
+"""C2SP signed notes, tlog checkpoints and cosignatures with Ed25519 keys: the signing side. Pure: no I/O.
 
 A note is UTF-8 text ending in a newline, a blank line, then signature lines
 `— <name> base64(key id || signature)`. The key id is the first 4 bytes of
-SHA-256(name || "\\n" || 0x01 || public key). A checkpoint is a note whose text is
-`<origin>\\n<tree size>\\n<base64 root>\\n`. Verifier keys print as `name+hex(key id)+base64(0x01 || key)`;
-signer keys as `PRIVATE+KEY+name+hex(key id)+base64(0x01 || seed)`, as golang.org/x/mod/sumdb/note does.
+SHA-256(name || "\\n" || algorithm || public key): algorithm 0x01 for a log's note signature, 0x04 for a
+witness's cosignature (C2SP tlog-cosignature v1, whose signature is a big-endian u64 timestamp followed by
+an Ed25519 signature over "cosignature/v1\\ntime <t>\\n" and the note text). Verifier keys print as
+`name+hex(key id)+base64(algorithm || key)`; signer keys as `PRIVATE+KEY+name+hex(key id)+base64(algorithm
+|| seed)`, as golang.org/x/mod/sumdb/note does. Verification lives in `verifier.py` (standalone).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-ALG_ED25519 = 0x01
-DASH = "\u2014"
+from .verifier import (
+    ALG_COSIGNATURE_V1,
+    ALG_ED25519,
+    DASH,
+    Checkpoint,
+    NoteError,
+    NoteKey,
+    check_key_name,
+    cosigned_message,
+    open_checkpoint,
+    signed_by,
+    split_note,
+)
 
-
-class NoteError(ValueError):
-    """A note, key or checkpoint that is malformed or does not verify."""
-
-
-def key_id(name: str, public: bytes) -> bytes:
-    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public).digest()[:4]
-
-
-def _check_name(name: str) -> None:
-    if not name or any(c.isspace() or c == "+" for c in name):
-        raise NoteError(f"key name {name!r} must be non-empty, without spaces or '+'")
-
-
-@dataclass(frozen=True)
-class Verifier:
-    name: str
-    public: bytes
-
-    @property
-    def key_id(self) -> bytes:
-        return key_id(self.name, self.public)
-
-    def vkey(self) -> str:
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + self.public).decode()
-        return f"{self.name}+{self.key_id.hex()}+{encoded}"
-
-    @classmethod
-    def parse(cls, vkey: str) -> Verifier:
-        try:
-            name, hex_id, encoded = vkey.split("+", 2)
-            raw = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise NoteError(f"malformed verifier key {vkey!r}") from None
-        if len(raw) != 33 or raw[0] != ALG_ED25519:
-            raise NoteError("verifier key is not an Ed25519 key")
-        verifier = cls(name, raw[1:])
-        _check_name(name)
-        if verifier.key_id.hex() != hex_id:
-            raise NoteError("verifier key id does not match its name and key")
-        return verifier
-
-    def verify(self, text: bytes, signature: bytes) -> bool:
-        try:
-            Ed25519PublicKey.from_public_bytes(self.public).verify(signature, text)
-        except InvalidSignature:
-            return False
-        return True
+__all__ = [
+    "ALG_COSIGNATURE_V1",
+    "ALG_ED25519",
+    "Checkpoint",
+    "NoteError",
+    "NoteKey",
+    "Signer",
+    "cosign",
+    "open_checkpoint",
+    "open_note",
+    "sign_checkpoint",
+    "sign_note",
+]
 
 
 @dataclass(frozen=True)
 class Signer:
     name: str
     seed: bytes
+    algorithm: int = ALG_ED25519
 
     def __post_init__(self) -> None:
-        _check_name(self.name)
+        check_key_name(self.name)
 
     @property
-    def verifier(self) -> Verifier:
+    def verifier(self) -> NoteKey:
         key = Ed25519PrivateKey.from_private_bytes(self.seed).public_key()
-        return Verifier(self.name, key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return NoteKey(self.name, self.algorithm, key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
     def skey(self) -> str:
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + self.seed).decode()
+        encoded = base64.b64encode(bytes([self.algorithm]) + self.seed).decode()
         return f"PRIVATE+KEY+{self.name}+{self.verifier.key_id.hex()}+{encoded}"
 
     @classmethod
@@ -94,77 +71,41 @@ class Signer:
             raw = base64.b64decode(encoded, validate=True)
         except ValueError:
             raise NoteError("malformed signer key") from None
-        if (prefix, key) != ("PRIVATE", "KEY") or len(raw) != 33 or raw[0] != ALG_ED25519:
+        if (prefix, key) != ("PRIVATE", "KEY") or len(raw) != 33 or raw[0] not in (ALG_ED25519, ALG_COSIGNATURE_V1):
             raise NoteError("signer key is not an Ed25519 PRIVATE+KEY")
-        signer = cls(name, raw[1:])
+        signer = cls(name, raw[1:], raw[0])
         if signer.verifier.key_id.hex() != hex_id:
             raise NoteError("signer key id does not match its name and key")
         return signer
 
-    def sign(self, text: bytes) -> bytes:
-        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(text)
+    def sign(self, message: bytes) -> bytes:
+        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(message)
+
+    def line(self, signature: bytes) -> str:
+        return f"{DASH} {self.name} {base64.b64encode(self.verifier.key_id + signature).decode()}\n"
 
 
 def sign_note(text: str, signer: Signer) -> str:
     if not text.endswith("\n") or "\n\n" in text:
         raise NoteError("note text must end in a newline and contain no blank line")
-    signature = signer.sign(text.encode())
-    blob = base64.b64encode(signer.verifier.key_id + signature).decode()
-    return f"{text}\n{DASH} {signer.name} {blob}\n"
+    return f"{text}\n{signer.line(signer.sign(text.encode()))}"
 
 
-def open_note(note: str, verifier: Verifier) -> str:
-    """The note's text, if `verifier` signed it; raises NoteError otherwise. Other signers are ignored."""
-    text, sep, signatures = note.rpartition("\n\n")
-    if not sep or not signatures.endswith("\n"):
-        raise NoteError("malformed note: no signature block")
-    text += "\n"
-    for line in signatures[:-1].split("\n"):
-        dash, _, rest = line.partition(" ")
-        name, _, blob = rest.partition(" ")
-        if dash != DASH or not name or not blob:
-            raise NoteError(f"malformed signature line {line!r}")
-        try:
-            raw = base64.b64decode(blob, validate=True)
-        except ValueError:
-            raise NoteError("malformed signature encoding") from None
-        if name == verifier.name and raw[:4] == verifier.key_id and len(raw) == 68:
-            if verifier.verify(text.encode(), raw[4:]):
-                return text
-            raise NoteError(f"signature by {name} does not verify")
-    raise NoteError(f"note carries no signature by {verifier.name}")
+def cosign(note: str, cosigner: Signer, timestamp: int) -> str:
+    """A witness's cosignature line on a note's text (the note's own signatures are not signed)."""
+    if cosigner.algorithm != ALG_COSIGNATURE_V1:
+        raise NoteError("cosignatures need a cosignature (0x04) key")
+    text, _ = split_note(note)
+    signed = cosigner.sign(cosigned_message(text, timestamp))
+    return cosigner.line(timestamp.to_bytes(8, "big") + signed)
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    origin: str
-    size: int
-    root: bytes
-
-    def text(self) -> str:
-        return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n"
-
-    @classmethod
-    def parse(cls, text: str) -> Checkpoint:
-        lines = text.split("\n")
-        if len(lines) < 4 or lines[-1] != "":
-            raise NoteError("a checkpoint has an origin, a size and a root, each on its own line")
-        try:
-            size = int(lines[1])
-            root = base64.b64decode(lines[2], validate=True)
-        except ValueError:
-            raise NoteError("checkpoint size or root is malformed") from None
-        if size < 0 or str(size) != lines[1] or len(root) != 32:
-            raise NoteError("checkpoint size or root is malformed")
-        return cls(lines[0], size, root)
+def open_note(note: str, key: NoteKey) -> str:
+    """The note's text, if `key` signed it; raises NoteError otherwise. Other signers are ignored."""
+    if signed_by(note, key) is None:
+        raise NoteError(f"note carries no signature by {key.name}")
+    return split_note(note)[0]
 
 
 def sign_checkpoint(checkpoint: Checkpoint, signer: Signer) -> str:
     return sign_note(checkpoint.text(), signer)
-
-
-def open_checkpoint(note: str, verifier: Verifier) -> Checkpoint:
-    checkpoint = Checkpoint.parse(open_note(note, verifier))
-    if checkpoint.origin != verifier.name:
-        raise NoteError(f"checkpoint origin {checkpoint.origin!r} is not the key's name {verifier.name!r}")
-    return checkpoint

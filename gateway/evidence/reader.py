@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import entry, merkle, note
+from . import entry, merkle, note, verifier
 from .keys import Keys
 from .store import HASH, CorruptLog, Segment, frames, read_entry
 
@@ -76,6 +76,11 @@ class LogReader:
                 yield Entry(index, leaf, sealed, segment.number)
                 index += 1
 
+    def cosigned(self) -> list[str]:
+        """Checkpoints as witnesses cosigned them, oldest first (a torn last frame is left out)."""
+        path = self.dir / "cosignatures.log"
+        return [n.decode("utf-8", "replace") for n in frames(path.read_bytes())] if path.exists() else []
+
     def checkpoints(self) -> list[str]:
         path = self.dir / "checkpoints.log"
         data = path.read_bytes() if path.exists() else b""
@@ -84,9 +89,9 @@ class LogReader:
             raise VerifyError("checkpoints.log is truncated")
         return [n.decode("utf-8", "replace") for n in notes]
 
-    def verifiers(self, vkeys: list[str] | None) -> list[note.Verifier]:
+    def verifiers(self, vkeys: list[str] | None) -> list[note.NoteKey]:
         if vkeys:
-            return [note.Verifier.parse(v) for v in vkeys]
+            return [note.NoteKey.parse(v) for v in vkeys]
         if self.keys is None:
             raise VerifyError("no public key: pass --vkey or run where the keys are")
         return self.keys.verifiers(self.origin())
@@ -130,12 +135,11 @@ class LogReader:
             report.warnings.append(f"entries {report.covered}-{report.entries - 1} are not yet under a checkpoint")
         return report
 
-    def _open_checkpoint(self, position: int, text: str, verifiers: list[note.Verifier]) -> note.Checkpoint:
-        for verifier in verifiers:
-            try:
-                return note.open_checkpoint(text, verifier)
-            except note.NoteError:
-                continue
+    def _open_checkpoint(self, position: int, text: str, verifiers: list[note.NoteKey]) -> note.Checkpoint:
+        try:
+            return note.open_checkpoint(text, verifiers)
+        except note.NoteError:
+            pass
         raise VerifyError(f"checkpoint {position}: signature does not verify with the log's public key")
 
     def _check_entry(self, item: Entry) -> None:
@@ -147,7 +151,6 @@ class LogReader:
             raise VerifyError(f"entry {item.index}: not a canonical version-{entry.SCHEMA_VERSION} entry")
 
     def _check_openings(self, item: Entry) -> None:
-        public = item.public
         try:
             openings = self.open_all(item)
         except Exception:
@@ -155,10 +158,10 @@ class LogReader:
                 f"entry {item.index}: sealed values do not decrypt for this entry (moved, changed "
                 "or under an unknown key)"
             ) from None
-        for name, value in openings.items():
-            salt, raw = base64.b64decode(value["salt"]), base64.b64decode(value["value"])
-            if public.get("commit", {}).get(name) != entry.commitment(salt, raw):
-                raise VerifyError(f"entry {item.index}: field {name!r} does not match its commitment")
+        try:
+            verifier.check_openings(item.public, openings)
+        except verifier.VerificationError as e:
+            raise VerifyError(f"entry {item.index}: {e}") from None
 
     def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes]) -> None:
         subtree = _memory_subtree(leaves)
@@ -283,7 +286,7 @@ def _text_or_base64(value: bytes) -> str:
 
 def verify_proof(bundle: dict, vkey: str) -> None:
     """What a third party runs on `log prove` output with the public key alone."""
-    checkpoint = note.open_checkpoint(bundle["checkpoint"], note.Verifier.parse(vkey))
+    checkpoint = note.open_checkpoint(bundle["checkpoint"], [note.NoteKey.parse(vkey)])
     leaf = base64.b64decode(bundle["leaf"])
     if merkle.leaf_hash(leaf) != base64.b64decode(bundle["leaf_hash"]) or bundle["tree_size"] != checkpoint.size:
         raise merkle.ProofError("leaf hash or tree size does not match")

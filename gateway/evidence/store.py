@@ -9,6 +9,8 @@ Layout of a log directory:
   order (level 0 holds the leaf hashes). Any inclusion or consistency proof is a few reads, no rebuild.
 - `index.bin`: per entry, u32 segment number and u64 offset of its record.
 - `checkpoints.log`: every signed checkpoint note, each as `u32 length | note`.
+- `cosignatures.log`: checkpoints as witnesses cosigned them (the note plus their signature lines), framed
+  the same way.
 
 Only segments are the source of truth: on open, a torn last record (and a torn last checkpoint frame) is
 cut off, and the tree and index are brought back in line with the segments: cut where they lead,
@@ -333,6 +335,16 @@ class LogStore:
         write_all(self._checkpoint_fd, struct.pack(">I", len(data)) + data)
         os.fsync(self._checkpoint_fd)
         write_atomically(self.dir / "checkpoint", data)
+
+    def add_cosigned(self, note: str) -> None:
+        """Keep a checkpoint with a witness's cosignature (`cosignatures.log`, frames like checkpoints)."""
+        fd = os.open(self.dir / "cosignatures.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            data = note.encode()
+            write_all(fd, struct.pack(">I", len(data)) + data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def checkpoints(self) -> list[str]:
         return [note.decode() for note in frames((self.dir / "checkpoints.log").read_bytes())]

@@ -95,7 +95,7 @@ def test_go_sumdb_note_example_is_reproduced_byte_for_byte():
     assert signer.skey() == GO_SKEY
     assert signer.verifier.vkey() == GO_VKEY
     assert note.sign_note(GO_TEXT, signer) == GO_NOTE
-    assert note.open_note(GO_NOTE, note.Verifier.parse(GO_VKEY)) == GO_TEXT
+    assert note.open_note(GO_NOTE, note.NoteKey.parse(GO_VKEY)) == GO_TEXT
 
 
 def independent_verify(note_text: str, vkey: str) -> tuple[str, int, bytes]:
@@ -121,9 +121,9 @@ def test_checkpoints_verify_independently_and_reject_tampering():
     checkpoint = note.Checkpoint("canarygate.test/log", 42, bytes(32))
     signed = note.sign_checkpoint(checkpoint, signer)
     assert independent_verify(signed, signer.verifier.vkey()) == ("canarygate.test/log", 42, bytes(32))
-    assert note.open_checkpoint(signed, signer.verifier) == checkpoint
+    assert note.open_checkpoint(signed, [signer.verifier]) == checkpoint
     with pytest.raises(note.NoteError):
-        note.open_checkpoint(signed.replace("\n42\n", "\n43\n"), signer.verifier)
+        note.open_checkpoint(signed.replace("\n42\n", "\n43\n"), [signer.verifier])
     other = note.Signer("canarygate.test/log", bytes(32))
     with pytest.raises(note.NoteError):
-        note.open_checkpoint(signed, other.verifier)
+        note.open_checkpoint(signed, [other.verifier])

@@ -1,0 +1,87 @@
+"""`canarygate witness init | key | serve | check`: run a witness, or compare what witnesses saw of a log."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+
+from ..evidence.note import NoteKey
+from ..evidence.verifier import NoteError, forks, open_checkpoint
+
+
+def add_commands(commands) -> None:
+    witness = commands.add_parser("witness", help="run a C2SP witness, or check witnesses for a forked log")
+    sub = witness.add_subparsers(title="witness commands")
+    init = sub.add_parser("init", help="create the witness key in --dir; prints its verifier key on the last line")
+    init.add_argument("--dir", required=True)
+    init.add_argument("--name", required=True, help="the witness's name, e.g. witness.example.com/w1")
+    init.set_defaults(run=_init)
+    key = sub.add_parser("key", help="print the witness's verifier key")
+    key.add_argument("--dir", required=True)
+    key.set_defaults(run=_key)
+    serve = sub.add_parser("serve", help="serve add-checkpoint for the logs given by --log (their verifier keys)")
+    serve.add_argument("--dir", required=True)
+    serve.add_argument("--log", action="append", default=[], help="a log's verifier key (repeat for several)")
+    serve.add_argument("--logs", help="a file of log verifier keys, one per line")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7380)
+    serve.set_defaults(run=_serve)
+    check = sub.add_parser("check", help="fetch a log's latest checkpoint from each witness; non-zero on a fork")
+    check.add_argument("--log", required=True, help="the log's verifier key")
+    check.add_argument("urls", nargs="+", help="witness URLs")
+    check.set_defaults(run=_check)
+
+
+def _init(args) -> int:
+    from .state import init_witness
+
+    print(init_witness(Path(args.dir), args.name).verifier.vkey())
+    return 0
+
+
+def _key(args) -> int:
+    from .state import load_cosigner
+
+    print(load_cosigner(Path(args.dir)).verifier.vkey())
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .app import witness_app
+
+    vkeys = list(args.log)
+    if args.logs:
+        vkeys += [
+            line.strip() for line in Path(args.logs).read_text().splitlines() if line.strip()[:1] not in ("", "#")
+        ]
+    if not vkeys:
+        print("canarygate: give the logs to witness with --log VKEY or --logs FILE", file=sys.stderr)
+        return 2
+    logs = [NoteKey.parse(v) for v in vkeys]
+    uvicorn.run(witness_app(Path(args.dir), logs), host=args.host, port=args.port)
+    return 0
+
+
+def _check(args) -> int:
+    key = NoteKey.parse(args.log)
+    notes = []
+    for url in args.urls:
+        response = httpx.get(url.rstrip("/") + "/checkpoint", params={"origin": key.name}, timeout=10)
+        if response.status_code != 200:
+            print(f"{url}: no checkpoint of {key.name} ({response.status_code})")
+            continue
+        try:
+            checkpoint = open_checkpoint(response.text, [key])
+        except NoteError as e:
+            print(f"{url}: {e}")
+            continue
+        notes.append(response.text)
+        print(f"{url}: size {checkpoint.size}")
+    found = forks(notes, [key])
+    for first, second in found:
+        print(f"FORK: {key.name} signed two different trees of one size:\n{first}\n{second}")
+    return 1 if found else 0

@@ -1,0 +1,123 @@
+"""The witness's memory: the latest checkpoint it cosigned for each log it trusts, one 0600 file per log.
+
+Each submission is checked and recorded under that log's lock, and the new checkpoint is on disk (written
+atomically, fsynced) before the cosignature is returned: a witness restarted at any moment still refuses
+anything inconsistent with what it has cosigned (otherwise two racing or replayed requests could roll it
+back). A refused checkpoint that is validly signed but inconsistent is kept under `conflicts/`: with the
+checkpoint on record, it is the log's own signed proof that it forked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..evidence.note import ALG_COSIGNATURE_V1, Checkpoint, NoteError, NoteKey, Signer, cosign, open_checkpoint
+from ..evidence.store import write_atomically
+from ..evidence.verifier import ProofError, split_note, verify_consistency
+from ..evidence.witnessing import SIZE_CONTENT_TYPE
+
+KEY_FILE = "witness.key"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: str
+    content_type: str = "text/plain; charset=utf-8"
+
+
+def init_witness(directory: Path, name: str) -> Signer:
+    """Create the witness's key (0600) unless it exists; returns it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (directory / KEY_FILE).exists():
+        signer = Signer(name, secrets.token_bytes(32), ALG_COSIGNATURE_V1)
+        write_atomically(directory / KEY_FILE, (signer.skey() + "\n").encode())
+    return load_cosigner(directory)
+
+
+def load_cosigner(directory: Path) -> Signer:
+    path = directory / KEY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no witness key; run `canarygate witness init --dir {directory} --name NAME`")
+    signer = Signer.parse(path.read_text().strip())
+    if signer.algorithm != ALG_COSIGNATURE_V1:
+        raise NoteError(f"{path}: not a cosignature key")
+    return signer
+
+
+class WitnessState:
+    def __init__(self, directory: Path, logs: list[NoteKey]) -> None:
+        self.dir = directory
+        self.cosigner = load_cosigner(directory)
+        self._logs: dict[str, list[NoteKey]] = {}
+        for key in logs:
+            self._logs.setdefault(key.name, []).append(key)
+        (directory / "logs").mkdir(mode=0o700, exist_ok=True)
+        (directory / "conflicts").mkdir(mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # one process per state folder: two would each check against a state the other is changing
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"{directory}: another witness process is using this folder") from None
+        self._locks = {origin: asyncio.Lock() for origin in self._logs}
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    def _path(self, origin: str) -> Path:
+        return self.dir / "logs" / hashlib.sha256(origin.encode()).hexdigest()
+
+    def latest(self, origin: str) -> str | None:
+        """The latest checkpoint cosigned for `origin`, with the log's signature and this witness's."""
+        path = self._path(origin)
+        return path.read_text() if path.exists() else None
+
+    async def add(self, old: int, proof: list[bytes], note: str) -> Answer:
+        try:
+            origin = Checkpoint.parse(split_note(note)[0]).origin
+        except NoteError as e:
+            return Answer(400, f"malformed checkpoint: {e}\n")
+        if origin not in self._logs:
+            return Answer(404, f"unknown log {origin!r}\n")
+        try:
+            checkpoint = open_checkpoint(note, self._logs[origin])
+        except NoteError:
+            return Answer(403, "no signature by a trusted key of this log\n")
+        if old > checkpoint.size:
+            return Answer(400, "the old size is larger than the checkpoint's\n")
+        if old == 0 and proof:
+            return Answer(400, "a proof from size 0 must be empty\n")
+        async with self._locks[origin]:
+            return await self._decide(origin, old, proof, note, checkpoint)
+
+    async def _decide(self, origin: str, old: int, proof: list[bytes], note: str, checkpoint: Checkpoint) -> Answer:
+        stored_note = self.latest(origin)
+        stored = Checkpoint.parse(split_note(stored_note)[0]) if stored_note else None
+        held = stored.size if stored else 0
+        if old != held:
+            return Answer(409, f"{held}\n", SIZE_CONTENT_TYPE)
+        if stored is not None:
+            try:
+                verify_consistency(old, checkpoint.size, stored.root, checkpoint.root, proof)
+            except ProofError as e:
+                await self._keep_conflict(stored_note, note)
+                status = 409 if old == checkpoint.size else 422
+                body = f"{held}\n" if status == 409 else f"inconsistent with the checkpoint held: {e}\n"
+                return Answer(status, body, SIZE_CONTENT_TYPE if status == 409 else "text/plain; charset=utf-8")
+        cosignature = cosign(note, self.cosigner, int(time.time()))
+        record = note + cosignature
+        await asyncio.get_running_loop().run_in_executor(None, write_atomically, self._path(origin), record.encode())
+        return Answer(200, cosignature)
+
+    async def _keep_conflict(self, held: str, offered: str) -> None:
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}.txt"
+        data = f"held:\n{held}\noffered:\n{offered}".encode()
+        await asyncio.get_running_loop().run_in_executor(None, write_atomically, self.dir / "conflicts" / name, data)

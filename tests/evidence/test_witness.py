@@ -1,0 +1,161 @@
+"""The C2SP witness protocol on both sides: real witness processes, real logs, a fork, a restart."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import subprocess
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.evidence import keys, merkle, note
+from gateway.evidence.reader import LogReader
+from gateway.evidence.verifier import cosigners, forks, split_note
+from gateway.evidence.witnessing import Witness, add_checkpoint_body
+from gateway.witness import init_witness, witness_app
+from tests.evidence.test_log import ORIGIN, write_entries
+from tests.test_cli import CANARYGATE, Running
+
+
+@pytest.fixture
+def log_key(tmp_path):
+    keys.init_keys(tmp_path / "keys", ORIGIN)
+    return keys.Keys.load(tmp_path / "keys").verifiers(ORIGIN)[0]
+
+
+def _witness(tmp_path, name: str, log_key):
+    vkey = init_witness(tmp_path / name, f"witness.test/{name}").verifier
+    return vkey, Running(tmp_path, "witness", "serve", "--dir", str(tmp_path / name), "--log", log_key.vkey())
+
+
+def _write(tmp_path, folder: str, count: int, start: int = 0, witnesses=()):
+    return write_entries(
+        tmp_path / folder, tmp_path / "keys", count, start, checkpoint_every=40, witnesses=tuple(witnesses)
+    )
+
+
+def test_a_log_gets_every_checkpoint_cosigned_by_each_witness(tmp_path, log_key):
+    k1, w1 = _witness(tmp_path, "w1", log_key)
+    k2, w2 = _witness(tmp_path, "w2", log_key)
+    with w1, w2:
+        written = _write(tmp_path, "log", 100, witnesses=[Witness(w1.url, k1), Witness(w2.url, k2)])
+        assert written.witnesses.cosigned == {"witness.test/w1": 100, "witness.test/w2": 100}
+        latest = httpx.get(w1.url + "/checkpoint", params={"origin": ORIGIN}).text
+    assert note.open_checkpoint(latest, [log_key]).size == 100 and set(cosigners(latest, [k1])) == {k1.name}
+    cosigned = LogReader(tmp_path / "log").cosigned()
+    last = [n for n in cosigned if split_note(n)[0].split("\n")[1] == "100"]
+    assert {name for n in last for name in cosigners(n, [k1, k2])} == {k1.name, k2.name}
+
+
+def test_a_forked_log_is_caught(tmp_path, log_key):
+    """Two trees of one size, each shown to one witness: both cosign (neither saw the other), `witness
+    check` proves the fork from the log's own signatures, and the honest log's next checkpoint is refused."""
+    k1, w1 = _witness(tmp_path, "w1", log_key)
+    k2, w2 = _witness(tmp_path, "w2", log_key)
+    with w1, w2:
+        honest = _write(tmp_path, "honest", 100, witnesses=[Witness(w1.url, k1)])
+        forked = _write(tmp_path, "forked", 100, witnesses=[Witness(w2.url, k2)])  # same key, other entries
+        assert honest.witnesses.cosigned[k1.name] == forked.witnesses.cosigned[k2.name] == 100
+        check = subprocess.run(
+            [CANARYGATE, "witness", "check", "--log", log_key.vkey(), w1.url, w2.url], capture_output=True, text=True
+        )
+        assert check.returncode == 1 and "FORK" in check.stdout, check.stdout + check.stderr
+        assert forks([httpx.get(w.url + "/checkpoint", params={"origin": ORIGIN}).text for w in (w1, w2)], [log_key])
+
+        grown = _write(tmp_path, "honest", 20, start=100, witnesses=[Witness(w1.url, k1), Witness(w2.url, k2)])
+        assert grown.witnesses.cosigned == {k1.name: 120, k2.name: 0}
+        # on reopening, the last checkpoint (size 100, other root): 409; then the next one's proof: 422
+        assert ["does not extend" in c for c in grown.witnesses.conflicts] == [True, False]
+        assert "saw another tree" in grown.witnesses.conflicts[1]
+    assert list((tmp_path / "w2" / "conflicts").iterdir())  # the witness kept the log's signed contradiction
+
+
+def test_a_restarted_witness_keeps_its_state(tmp_path, log_key):
+    k1, w1 = _witness(tmp_path, "w1", log_key)
+    w1.__enter__()
+    try:
+        _write(tmp_path, "log", 100, witnesses=[Witness(w1.url, k1)])
+    finally:
+        w1.proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+        w1.proc.wait()
+    _, again = _witness(tmp_path, "w1", log_key)
+    with again:
+        latest = LogReader(tmp_path / "log").checkpoints()[-1]
+        stale = httpx.post(again.url + "/add-checkpoint", content=add_checkpoint_body(0, [], latest))
+        assert (stale.status_code, stale.text, stale.headers["content-type"]) == (409, "100\n", "text/x.tlog.size")
+        grown = _write(tmp_path, "log", 30, start=100, witnesses=[Witness(again.url, k1)])
+        assert grown.witnesses.cosigned[k1.name] == 130 and not grown.witnesses.conflicts
+
+
+def test_protocol_refusals(tmp_path, log_key):
+    _write(tmp_path, "log", 100)
+    reader = LogReader(tmp_path / "log")
+    notes = reader.checkpoints()
+    last = note.Checkpoint.parse(split_note(notes[-1])[0])
+    first = note.Checkpoint.parse(split_note(notes[0])[0])
+    init_witness(tmp_path / "w", "witness.test/w")
+    stranger = note.Signer("other.test/log", bytes(32))
+    forged = note.sign_checkpoint(last, note.Signer(ORIGIN, bytes(32)))
+    with TestClient(witness_app(tmp_path / "w", [log_key])) as client:
+
+        def post(old, proof, text):
+            return client.post("/add-checkpoint", content=add_checkpoint_body(old, proof, text))
+
+        assert (
+            post(0, [], note.sign_checkpoint(note.Checkpoint("other.test/log", 1, bytes(32)), stranger)).status_code
+            == 404
+        )
+        assert post(0, [], forged).status_code == 403
+        assert post(last.size + 1, [], notes[-1]).status_code == 400
+        assert post(0, [bytes(32)], notes[0]).status_code == 400
+        assert client.post("/add-checkpoint", content=b"old 01\n\n" + notes[0].encode()).status_code == 400
+        assert post(1, [bytes(32)] * 64, notes[-1]).status_code == 400
+        assert post(0, [], notes[0]).status_code == 200  # first sight: accepted as it is
+        assert post(0, [], notes[-1]).text == f"{first.size}\n"  # 409: the witness holds another size
+        wrong = [bytes(32)] * 3
+        assert post(first.size, wrong, notes[-1]).status_code == 422
+        subtree = reader._stored_subtree
+        proof = merkle.consistency_proof(subtree, first.size, last.size)
+        answer = post(first.size, proof, notes[-1])
+        assert answer.status_code == 200 and answer.text.startswith("\u2014 witness.test/w ")
+        assert post(first.size, proof, notes[-1]).status_code == 409  # replaying an old step rolls nothing back
+        assert note.open_checkpoint(client.get("/checkpoint", params={"origin": ORIGIN}).text, [log_key]) == last
+
+
+def test_a_second_witness_process_cannot_share_a_state_folder(tmp_path, log_key):
+    init_witness(tmp_path / "w", "witness.test/w")
+    first, second = (TestClient(witness_app(tmp_path / "w", [log_key])) for _ in range(2))
+    with first, pytest.raises(RuntimeError, match="another witness"), second:
+        pass
+
+
+def test_cosignatures_follow_the_c2sp_format(tmp_path):
+    """The signed message and key id of tlog-cosignature v1, checked against the spec's own construction."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signer = note.Signer("witness.test/w", bytes(range(32)), note.ALG_COSIGNATURE_V1)
+    checkpoint = note.sign_checkpoint(note.Checkpoint(ORIGIN, 7, bytes(32)), note.Signer(ORIGIN, bytes(32)))
+    line = note.cosign(checkpoint, signer, 1679315147)
+    name, blob = line.removeprefix("\u2014 ").split()
+    raw = base64.b64decode(blob)
+    public = signer.verifier.public
+    assert raw[:4] == hashlib.sha256(b"witness.test/w\n\x04" + public).digest()[:4]
+    assert int.from_bytes(raw[4:12], "big") == 1679315147
+    message = b"cosignature/v1\ntime 1679315147\n" + split_note(checkpoint)[0].encode()
+    Ed25519PublicKey.from_public_bytes(public).verify(raw[12:], message)
+    assert cosigners(checkpoint + line, [signer.verifier]) == {"witness.test/w": 1679315147}
+    tampered = checkpoint.replace("\n7\n", "\n8\n") + line
+    with pytest.raises(note.NoteError):
+        cosigners(tampered, [signer.verifier])
+
+
+def test_witness_client_runs_in_the_background(tmp_path, log_key):
+    """A witness that is down delays nothing: the log writes and checkpoints, and says what failed."""
+    down = Witness("http://127.0.0.1:9", note.Signer("witness.test/down", bytes(32), note.ALG_COSIGNATURE_V1).verifier)
+    written = _write(tmp_path, "log", 60, witnesses=[down])
+    assert written.witnesses.cosigned == {"witness.test/down": 0}
+    assert LogReader(tmp_path / "log", keys.Keys.load(tmp_path / "keys")).verify().covered == 60
