@@ -32,6 +32,9 @@ class NoRecord:
     def ready(self) -> str | None:
         return None
 
+    async def commit(self, commitments) -> None:
+        """Keeps nothing."""
+
     async def begin(self, exchange) -> None:
         """Keeps nothing."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import config, evidence, ratelimit, watermark
 from .evidence import keys
-from .evidence.reader import LogReader, VerifyError
+from .evidence.reader import LogReader, VerifyError, commitments
 from .evidence.verifier import NoteError
 from .identity import DEFAULT_TIER, IdentityError, Registry
 from .witness.cli import add_commands as _witness_commands
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--keys", help="the keys folder (default: the state folder's)")
     detect.add_argument("--json", action="store_true", help="print the result as JSON")
     detect.add_argument("--per-text", action="store_true", help="also test each line alone")
+    detect.set_defaults(log_slot=None)
     detect.set_defaults(run=_detect)
     _keys_commands(commands)
     _log_commands(commands)
@@ -142,6 +143,13 @@ def _log_commands(commands) -> None:
         choices=["prompt", "response", "client"],
         default=[],
         help="include the openings of these fields",
+    )
+    export.add_argument(
+        "--disclose-epoch",
+        type=int,
+        action="append",
+        default=[],
+        help="open the commitment to this epoch's watermark key (for a judge or expert)",
     )
     export.set_defaults(run=_log_export)
     for command in (verify, prove, opening, export, *sub.choices.values()):
@@ -237,6 +245,7 @@ def _detect(args) -> int:
     sets = watermark.default_sets()
     findings = watermark.detect(items, epochs, sets)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
+    doc["commitments"] = _prior_commitments(args, epochs, sets.version)
     if args.per_text:
         doc["per_text"] = [_by_scheme(watermark.detect([item], epochs, sets)) for item in items]
     if args.json:
@@ -248,10 +257,34 @@ def _detect(args) -> int:
             f"  {name}: p = {result['p_value']:.3g} from {result['n']} votes ({result['hits']} for the key, "
             f"{result['sites']} sites)"
         )
+    for subject, found in doc["commitments"].items():
+        if found is None:
+            print(f"  {subject}: NO PRIOR COMMITMENT in the evidence log; nothing shows it was fixed in advance")
+        else:
+            print(f"  {subject}: committed at {found['time']} ({found['log']} entry {found['index']})")
     for i, per_text in enumerate(doc.get("per_text", [])):
         best = min(per_text.values(), key=lambda r: r["p_value"])
         print(f"  line {i + 1}: p = {best['p_value']:.3g} from {best['n']} votes")
     return 0
+
+
+def _prior_commitments(args, epochs, sets_version: str) -> dict[str, dict | None]:
+    """For each thing the detection used, the earliest commitment to it in the evidence logs (or None)."""
+    try:
+        found = commitments(_readers(args, all_by_default=True))
+    except VerifyError:
+        found = []
+    wanted = {f"watermark-key@{key.epoch}": ("watermark-key", "fingerprint", key.fingerprint) for key in epochs}
+    wanted["word-sets"] = ("word-sets", "digest", sets_version)
+    wanted["detector"] = ("detector", "digest", watermark.detector_digest())
+    return {
+        name: next((_brief(c) for c in found if c.get("subject") == subject and c.get(field) == value), None)
+        for name, (subject, field, value) in wanted.items()
+    }
+
+
+def _brief(commitment: dict) -> dict:
+    return {k: commitment[k] for k in ("time", "log", "index", "checkpointed")}
 
 
 def _detection_items(path: Path) -> list[tuple[str, str]]:
@@ -376,8 +409,11 @@ def _log_export(args) -> int:
     from .evidence.bundle import export
 
     settings = _settings(args)
-    count = export(_readers(args, all_by_default=True), Path(args.out), args.identity, args.reveal, settings)
-    print(f"wrote {count} entries with their proofs to {args.out}")
+    readers = _readers(args, all_by_default=True)
+    count, warnings = export(readers, Path(args.out), args.identity, args.reveal, settings, args.disclose_epoch)
+    print(f"wrote {count} entries with their proofs to {args.out}; check it with: python {args.out}/verify.py")
+    for warning in warnings:
+        print(f"  note: {warning}")
     return 0
 
 

@@ -77,6 +77,7 @@ class Pipeline:
 
     async def start(self) -> None:
         await self._record.start()
+        await self._record.commit(self._transform.commitments())  # on disk before the first answer is marked
         await self._admit.start()
         await self._upstream.start()
 

@@ -80,7 +80,15 @@ class TextRewriter(Protocol):
         """Whether text is held back right now."""
 
 
+Commitment = tuple[dict, dict[str, bytes]]
+"""What a stage commits to before using it (a key epoch, a data file, a detector version): public fields
+for the evidence log entry, and secret fields kept only as salted commitments (disclosed on demand)."""
+
+
 class Transform(Protocol):
+    def commitments(self) -> list[Commitment]:
+        """What the marks depend on, to be committed to in the evidence log before the first answer."""
+
     def applies(self, exchange: Exchange) -> bool:
         """Whether this exchange's answer is to be rewritten at all (if not, bytes pass untouched)."""
 
@@ -95,6 +103,9 @@ class Recorder(Protocol):
 
     def ready(self) -> str | None:
         """None when records can be written, else why not."""
+
+    async def commit(self, commitments: list[Commitment]) -> None:
+        """Record commitments, durably, before the gateway serves (each as its own entry)."""
 
     async def begin(self, exchange: Exchange) -> None:
         """The exchange was admitted (forwarding waits for this) or rejected: keep its start."""

@@ -7,10 +7,13 @@ pass-through costs nothing.
 from __future__ import annotations
 
 from .exchange import Exchange
-from .stages import TextRewriter
+from .stages import Commitment, TextRewriter
 
 
 class PassThrough:
+    def commitments(self) -> list[Commitment]:
+        return []
+
     def applies(self, exchange: Exchange) -> bool:
         return False
 

@@ -48,6 +48,9 @@ class SwitchableTransform:
         self.enabled = False
         self.watermark = None
 
+    def commitments(self) -> list:
+        return self.watermark.commitments() if self.watermark is not None else []
+
     def applies(self, exchange) -> bool:
         if self.watermark is not None:
             return self.enabled and self.watermark.applies(exchange)

@@ -244,7 +244,7 @@ class LogReader:
         if index >= checkpoint.size:
             raise VerifyError(f"entry {index} is not under the latest checkpoint (size {checkpoint.size}) yet")
         item = self.get(index)
-        proof = merkle.inclusion_proof(self._stored_subtree, index, checkpoint.size)
+        proof = merkle.inclusion_proof(self.stored_subtree, index, checkpoint.size)
         b64 = base64.b64encode
         return {
             "leaf_index": index,
@@ -255,7 +255,7 @@ class LogReader:
             "checkpoint": checkpoint_note,
         }
 
-    def _stored_subtree(self, level: int, index: int) -> bytes:
+    def stored_subtree(self, level: int, index: int) -> bytes:
         with open(self.dir / "tree" / f"level-{level}.bin", "rb") as f:
             data = os.pread(f.fileno(), HASH, index * HASH)
         if len(data) != HASH:
@@ -292,3 +292,19 @@ def verify_proof(bundle: dict, vkey: str) -> None:
         raise merkle.ProofError("leaf hash or tree size does not match")
     proof = [base64.b64decode(p) for p in bundle["proof"]]
     merkle.verify_inclusion(bundle["leaf_index"], checkpoint.size, merkle.leaf_hash(leaf), proof, checkpoint.root)
+
+
+def commitments(readers: list[LogReader]) -> list[dict]:
+    """Every commitment entry in the logs, oldest first per log: its public fields, log, index, and whether
+    a checkpoint covers it yet."""
+    found = []
+    for reader in readers:
+        notes = reader.checkpoints()
+        covered = note.Checkpoint.parse(verifier.split_note(notes[-1])[0]).size if notes else 0
+        for item in reader.entries(strict=False):
+            public = item.public
+            if public.get("kind") == "commitment":
+                found.append(
+                    {**public, "log": reader.origin(), "index": item.index, "checkpointed": item.index < covered}
+                )
+    return found

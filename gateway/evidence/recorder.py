@@ -1,4 +1,5 @@
-"""The record stage: every exchange becomes a begin entry and an end entry in the evidence log.
+"""The record stage: every exchange becomes a begin entry and an end entry in the evidence log, and what
+the marks depend on is committed to before the first exchange.
 
 The begin entry is written at admission (or rejection): time, request id, identity and tenant, route,
 model, admission decision and tier, with the prompt and client address as commitments. The end entry is
@@ -40,6 +41,13 @@ class EvidenceRecorder:
 
     def ready(self) -> str | None:
         return self.log.failure
+
+    async def commit(self, commitments: list[tuple[dict, dict[str, bytes]]]) -> None:
+        """Each commitment as its own entry, waited for on disk whatever the durability setting."""
+        for public, fields in commitments:
+            entry = {"v": 1, "kind": "commitment", "time": _iso(time.time()), **public}
+            entry["commit"], openings = commit(fields)
+            await self.log.append(canonical(entry), openings, None, wait=True)
 
     async def begin(self, exchange: Exchange) -> None:
         identity = exchange.identity

@@ -10,7 +10,7 @@ from ..evidence import keys_dir, origin_of
 from ..evidence.keys import Keys, init_keys
 from .detect import detect
 from .mark import LexicalWatermark
-from .scheme import LexicalKey, epoch_key
+from .scheme import LexicalKey, detector_digest, epoch_key
 from .wordsets import default_sets
 
 
@@ -26,4 +26,4 @@ def epoch_keys(keys: Keys) -> list[LexicalKey]:
     return [epoch_key(keys.watermark, epoch, sets) for epoch in sorted(keys.masters)]
 
 
-__all__ = ["LexicalWatermark", "default_sets", "detect", "epoch_keys", "open_watermark"]
+__all__ = ["LexicalWatermark", "default_sets", "detect", "detector_digest", "epoch_keys", "open_watermark"]

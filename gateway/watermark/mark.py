@@ -9,7 +9,7 @@ scheme, epoch, key fingerprint and word-set version, so that the evidence says w
 from __future__ import annotations
 
 from ..exchange import Exchange
-from .scheme import SCHEME, LexicalKey
+from .scheme import SCHEME, LexicalKey, detector_digest
 from .sites import Scanner, prompt_trigrams
 from .whole import WholeText
 
@@ -22,6 +22,19 @@ class LexicalWatermark:
         self._sets = key.sets
         self._whole = WholeText(key.sets)
         self._choose = lambda site: key.preferred[site.set_index]
+
+    def commitments(self) -> list[tuple[dict, dict[str, bytes]]]:
+        """The epoch's key (a salted commitment, opened only on disclosure), the word sets and the detector,
+        so that a later detection is seen to use what was fixed before any answer was marked."""
+        key = self.key
+        return [
+            (
+                {"subject": "watermark-key", "scheme": SCHEME, "epoch": key.epoch, "fingerprint": key.fingerprint},
+                {"watermark_key": key.secret},
+            ),
+            ({"subject": "word-sets", "digest": self._sets.version}, {}),
+            ({"subject": "detector", "scheme": SCHEME, "digest": detector_digest()}, {}),
+        ]
 
     def applies(self, exchange: Exchange) -> bool:
         return exchange.route in GENERATING_ROUTES and not exchange.structured

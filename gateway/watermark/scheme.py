@@ -36,6 +36,7 @@ class LexicalKey:
     def __init__(self, key: bytes, sets: WordSets, epoch: int = 0) -> None:
         self.epoch = epoch
         self.sets = sets
+        self.secret = key  # disclosed only through the evidence log's commitment to it
         self.fingerprint = hashlib.sha256(b"canarygate lexical key fingerprint\x00" + key).hexdigest()[:16]
         self.preferred = tuple(_preference(key, s.index, len(s.members)) for s in sets.sets)
 
@@ -58,6 +59,18 @@ def epoch_key(master: bytes, epoch: int, sets: WordSets) -> LexicalKey:
         if fixed_scheme_p(counts, lexical)[0] >= VETTING_ALPHA:
             return lexical
         candidate += 1
+
+
+DETECTOR_MODULES = ("sites.py", "whole.py", "scoring.py", "scheme.py", "detect.py", "wordsets.py")
+
+
+@cache
+def detector_digest() -> str:
+    """SHA-256 over the source of everything a detection's verdict depends on (site rules, scoring, keys)."""
+    digest = hashlib.sha256()
+    for name in DETECTOR_MODULES:
+        digest.update(name.encode() + b"\x00" + resources.files(__package__).joinpath(name).read_bytes())
+    return digest.hexdigest()
 
 
 @cache

@@ -42,14 +42,15 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     vkey = cli(tmp_path, "keys", "public").stdout.strip().splitlines()[-1]
     assert vkey.startswith("canarygate.test/cli+")
     verified = cli(tmp_path, "log", "verify")
-    assert verified.returncode == 0 and "12 entries" in verified.stdout, verified.stdout + verified.stderr
+    # three commitments at start (watermark key, word sets, detector), then two entries per exchange
+    assert verified.returncode == 0 and "15 entries" in verified.stdout, verified.stdout + verified.stderr
     assert cli(tmp_path, "log", "verify", "--vkey", vkey).returncode == 0
 
-    proof = json.loads(cli(tmp_path, "log", "prove", "2").stdout)
+    proof = json.loads(cli(tmp_path, "log", "prove", "5").stdout)
     verify_proof(proof, vkey)  # a third party with the public key alone
     leaf = json.loads(base64.b64decode(proof["leaf"]))
     assert leaf["kind"] == "begin" and leaf["identity"] == "mallory"
-    opened = json.loads(cli(tmp_path, "log", "open", "2", "prompt").stdout)
+    opened = json.loads(cli(tmp_path, "log", "open", "5", "prompt").stdout)
     assert json.loads(opened["value"]) == BODY and opened["commitment"] == leaf["commit"]["prompt"]
     assert "evidence please" not in (tmp_path / ".canarygate" / "evidence" / "0" / "segment-000000.log").read_text(
         "latin-1"
@@ -76,7 +77,7 @@ def test_verify_fails_naming_the_entry_after_tampering(tmp_path, fake_upstream):
     data[at + 9 : at + 12] = b"beg"  # an end entry now claims to be a begin
     segment.write_bytes(bytes(data))
     result = cli(tmp_path, "log", "verify")
-    assert result.returncode == 2 and "entry 1" in result.stderr, result.stderr
+    assert result.returncode == 2 and "entry 4" in result.stderr, result.stderr  # after 3 commitments, the first end
 
 
 def test_sigkill_under_load_then_restart_verifies_and_continues(tmp_path, fake_upstream):

@@ -116,7 +116,7 @@ def test_protocol_refusals(tmp_path, log_key):
         assert post(0, [], notes[-1]).text == f"{first.size}\n"  # 409: the witness holds another size
         wrong = [bytes(32)] * 3
         assert post(first.size, wrong, notes[-1]).status_code == 422
-        subtree = reader._stored_subtree
+        subtree = reader.stored_subtree
         proof = merkle.consistency_proof(subtree, first.size, last.size)
         answer = post(first.size, proof, notes[-1])
         assert answer.status_code == 200 and answer.text.startswith("\u2014 witness.test/w ")

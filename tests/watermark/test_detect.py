@@ -17,7 +17,7 @@ from gateway.watermark.mark import LexicalWatermark
 from gateway.watermark.scheme import VETTING_ALPHA, LexicalKey, epoch_key, reference_texts
 from gateway.watermark.scoring import fixed_scheme_p, poisson_binomial_sf, vote_counts
 from gateway.watermark.wordsets import default_sets
-from tests.test_cli import cli
+from tests.test_cli import Running, cli
 
 SETS = default_sets()
 SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "alpaca_eval_sample.jsonl").open()]
@@ -91,3 +91,21 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     bad = cli(tmp_path, "detect", "bad.jsonl")
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr
+
+
+def test_detection_says_whether_its_key_was_committed_before_use(tmp_path):
+    assert cli(tmp_path, "init").returncode == 0
+    (tmp_path / "suspect.jsonl").write_text(json.dumps({"text": SAMPLE[0]["output"]}) + "\n")
+    before = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)["commitments"]
+    assert before == {"watermark-key@0": None, "word-sets": None, "detector": None}
+    assert "watermark-key@0: NO PRIOR COMMITMENT" in cli(tmp_path, "detect", "suspect.jsonl").stdout
+
+    with Running(tmp_path, "serve", "--upstream", "demo"):
+        pass  # a gateway commits to its key, word sets and detector at start, before serving
+    after = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)["commitments"]
+    assert all(found is not None and found["index"] < 3 for found in after.values()), after
+    assert after["watermark-key@0"]["checkpointed"]
+
+    rotate(tmp_path / ".canarygate" / "keys")  # a new epoch, never used by a gateway: not committed
+    rotated = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)["commitments"]
+    assert rotated["watermark-key@1"] is None and rotated["watermark-key@0"] is not None

@@ -1,0 +1,168 @@
+"""An exported bundle, checked the way an outside expert would: the shipped verify.py, in a fresh virtual
+environment holding only `cryptography` (and what pip installs with it), against a gateway whose
+checkpoints two real witness processes cosigned."""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from packaging.requirements import Requirement
+
+from gateway.witness import init_witness
+from tests.evidence.test_cli_log import BODY
+from tests.test_cli import Running, cli
+
+ORIGIN = "canarygate.test/bundle"
+
+
+def _only_cryptography(folder: Path) -> Path:
+    """A virtual environment without pip, holding exactly the files of `cryptography` and its dependencies."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    site = next(folder.glob("lib/python*/site-packages"))
+    wanted, seen = ["cryptography"], set()
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = importlib.metadata.distribution(name)
+        for top in {Path(str(f)).parts[0] for f in dist.files or []} - {"..", "__pycache__"}:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+        for requirement in map(Requirement, dist.requires or []):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                wanted.append(requirement.name)
+    return folder / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fake_upstream):
+    """A gateway with two witnesses served a few exchanges and stopped; returns the folder and keys."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    fake_upstream.reset()
+    assert cli(tmp, "init").returncode == 0
+    toml = (tmp / "canarygate.toml").read_text().replace('origin = ""', f'origin = "{ORIGIN}"')
+    (tmp / "canarygate.toml").write_text(toml)
+    assert cli(tmp, "keys", "init").returncode == 0
+    log_key = cli(tmp, "keys", "public").stdout.split()[-1]
+    witnesses = [init_witness(tmp / name, f"witness.test/{name}").verifier.vkey() for name in ("w1", "w2")]
+    running = [Running(tmp, "witness", "serve", "--dir", str(tmp / n), "--log", log_key) for n in ("w1", "w2")]
+    listed = ", ".join(f'{{url = "{w.url}", vkey = "{k}"}}' for w, k in zip(running, witnesses, strict=True))
+    toml = toml.replace("witnesses = []", f"witnesses = [{listed}]")
+    (tmp / "canarygate.toml").write_text(toml.replace("checkpoint_interval = 10.0", "checkpoint_interval = 0.3"))
+    key = cli(tmp, "identities", "add", "mallory").stdout.split()[-1]
+    with running[0], running[1]:
+        with Running(tmp, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
+            for round_ in range(2):  # two rounds, a checkpoint after each
+                for _ in range(2):
+                    assert http.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"})
+                time.sleep(0.8 * (1 - round_))
+        export = cli(tmp, "log", "export", "bundle", "--reveal", "prompt", "--disclose-epoch", "0")
+    assert export.returncode == 0 and "note:" not in export.stdout, export.stdout + export.stderr
+    python = _only_cryptography(tmp / "fresh")
+    return tmp, python, log_key, witnesses
+
+
+def _verify(served, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+    tmp, python, log_key, witnesses = served
+    trust = ["--log-key", log_key] + [arg for w in witnesses for arg in ("--witness", w)]
+    return subprocess.run(
+        [str(python), str(bundle / "verify.py"), str(bundle), *trust, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=bundle,
+    )
+
+
+def test_the_fresh_environment_has_cryptography_and_not_canarygate(served):
+    tmp, python = served[0], served[1]
+
+    def imports(module: str) -> bool:
+        return subprocess.run([str(python), "-c", f"import {module}"], cwd=tmp, capture_output=True).returncode == 0
+
+    assert imports("cryptography.hazmat.primitives.asymmetric.ed25519")
+    assert not any(imports(module) for module in ("gateway", "httpx", "starlette", "numpy"))
+
+
+def test_the_standalone_verifier_accepts_the_exported_bundle(served):
+    tmp = served[0]
+    result = _verify(served, tmp / "bundle", "--json")
+    assert result.returncode == 0, result.stderr
+    (log,) = json.loads(result.stdout)["logs"]
+    assert set(log["cosigned_by"]) == {"witness.test/w1", "witness.test/w2"}
+    assert log["entries"] == log["tree_size"] >= 11  # 3 commitments, 4 exchanges of two entries each
+    subjects = {c["subject"]: c for c in log["commitments"]}
+    assert set(subjects) == {"watermark-key", "word-sets", "detector"}
+    assert subjects["watermark-key"]["opened"] == ["watermark_key"] and subjects["watermark-key"]["epoch"] == 0
+    assert "cosigned by witness.test/w1, witness.test/w2: OK" in _verify(served, tmp / "bundle").stdout
+    bundled_keys = subprocess.run([str(served[1]), "verify.py"], cwd=tmp / "bundle", capture_output=True, text=True)
+    assert bundled_keys.returncode == 0 and "came from the bundle itself" in bundled_keys.stdout
+
+
+def _flip_a_byte(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[5])
+    leaf = bytearray(base64.b64decode(row["leaf"]))
+    leaf[len(leaf) // 2] ^= 0x01
+    row["leaf"] = base64.b64encode(bytes(leaf)).decode()
+    lines[5] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _swap_checkpoints(bundle: Path) -> None:
+    path = bundle / "log-0" / "checkpoints.json"
+    notes = json.loads(path.read_text())
+    assert len(notes) >= 2
+    notes[-1], notes[-2] = notes[-2], notes[-1]
+    path.write_text(json.dumps(notes))
+
+
+def _drop_a_cosignature(bundle: Path) -> None:
+    path = bundle / "log-0" / "checkpoints.json"
+    notes = json.loads(path.read_text())
+    notes[-1] = "".join(line for line in notes[-1].splitlines(keepends=True) if "witness.test/w2" not in line)
+    path.write_text(json.dumps(notes))
+
+
+def _open_to_another_key(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    (row,) = [r for r in rows if "watermark_key" in r.get("openings", {})]
+    row["openings"]["watermark_key"]["value"] = base64.b64encode(bytes(32)).decode()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (_flip_a_byte, "inclusion proof does not lead to the root"),
+        (_swap_checkpoints, "consistency proof 1 is for other sizes"),
+        (_drop_a_cosignature, "missing: witness.test/w2"),
+        (_open_to_another_key, "'watermark_key' does not match its commitment"),
+    ],
+)
+def test_the_standalone_verifier_rejects_tampering(served, tmp_path, tamper, reason):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served[0] / "bundle", bundle)
+    tamper(bundle)
+    result = _verify(served, bundle)
+    assert result.returncode == 1 and "REJECTED" in result.stderr and reason in result.stderr, result.stderr
+
+
+def test_a_quorum_below_every_witness_accepts_a_missing_cosignature(served, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served[0] / "bundle", bundle)
+    _drop_a_cosignature(bundle)
+    assert _verify(served, bundle, "--quorum", "1").returncode == 0
