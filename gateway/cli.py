@@ -18,6 +18,7 @@ from pathlib import Path
 from . import config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.reader import LogReader, VerifyError, commitments
+from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import NoteError
 from .identity import DEFAULT_TIER, IdentityError, Registry
 from .witness.cli import add_commands as _witness_commands
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, NoteError, OSError) as e:
+    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, NoteError, Erased, OSError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
         return 2
 
@@ -152,6 +153,11 @@ def _log_commands(commands) -> None:
         help="open the commitment to this epoch's watermark key (for a judge or expert)",
     )
     export.set_defaults(run=_log_export)
+    shred = sub.add_parser("shred", help="erase a tenant's prompts and answers for good (deletes its keys)")
+    shred.add_argument("--tenant", required=True, help='the tenant\'s name ("" for requests of no tenant)')
+    shred.set_defaults(run=_log_shred)
+    expire = sub.add_parser("expire", help="erase what is older than [evidence] retention_days now")
+    expire.set_defaults(run=_log_expire)
     for command in (verify, prove, opening, export, *sub.choices.values()):
         if not any(a.dest == "log_slot" for a in command._actions):
             command.add_argument(
@@ -351,6 +357,8 @@ def _log_verify(args) -> int:
     for reader in _readers(args, all_by_default=True):
         report = reader.verify(args.vkey)
         opened = f", {report.opened} sealed entries opened and matched" if reader.keys else ""
+        if report.erased:
+            opened += f", {report.erased} erased (tenant keys shredded or past retention)"
         print(
             f"{report.origin}: {report.entries} entries, {report.checkpoints} checkpoints, "
             f"{report.covered} under the latest{opened}: OK"
@@ -378,7 +386,10 @@ def _log_show(args) -> int:
                 continue
             row = {"log": reader.origin(), "index": item.index, **public}
             if args.reveal:
-                opened = reader.open_all(item)
+                try:
+                    opened = reader.open_all(item)
+                except Erased as e:
+                    opened = {"erased": {"value": base64.b64encode(str(e).encode())}}
                 row["revealed"] = {
                     k: base64.b64decode(v["value"]).decode("utf-8", "replace") for k, v in opened.items()
                 }
@@ -414,6 +425,23 @@ def _log_export(args) -> int:
     print(f"wrote {count} entries with their proofs to {args.out}; check it with: python {args.out}/verify.py")
     for warning in warnings:
         print(f"  note: {warning}")
+    return 0
+
+
+def _log_shred(args) -> int:
+    count = TenantKeys(evidence.keys_dir(_settings(args))).shred(args.tenant)
+    print(f"deleted {count} keys of tenant {args.tenant!r}: its recorded prompts and answers can no longer be read")
+    print("the log's entries, commitments and proofs are unchanged and still verify")
+    return 0
+
+
+def _log_expire(args) -> int:
+    settings = _settings(args)
+    if not settings.evidence.retention_days:
+        print("[evidence] retention_days is 0: everything is kept")
+        return 0
+    count = TenantKeys(evidence.keys_dir(settings)).expire(settings.evidence.retention_days)
+    print(f"deleted {count} tenant-day keys older than {settings.evidence.retention_days} days")
     return 0
 
 

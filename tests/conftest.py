@@ -13,7 +13,7 @@ import uvicorn
 
 from gateway import config
 from gateway.app import create_app
-from gateway.evidence.keys import Keys
+from gateway.evidence.keys import Keys, address_hash
 from gateway.evidence.reader import LogReader
 from gateway.identity import Registry
 from gateway.middleware import CanarygateMiddleware
@@ -77,6 +77,10 @@ class Gateway:
 
     def records(self) -> list[dict]:
         return exchanges(self.state_dir)
+
+    def address(self, ip: str) -> str:
+        """A client address as the log keeps it: a keyed hash (the default `client_addresses`)."""
+        return address_hash(Keys.load(self.state_dir / "keys").address_key, ip)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 
 from gateway import config
 from gateway.app import create_app
+from gateway.evidence.keys import Keys, address_hash
 from gateway.identity import Registry
 from tests.conftest import UPSTREAM_KEY, ServerThread, _settings, exchanges
 
@@ -266,14 +267,14 @@ def test_client_disconnect_cancels_the_upstream_request(gw):
 def test_forwarded_for_is_believed_only_from_trusted_proxies(gw, untrusted):
     with gw.client() as http:
         http.post(CHAT, headers=gw.headers(**{"x-forwarded-for": "198.51.100.7, 203.0.113.9"}), json=BODY)
-    assert gw.records()[-1]["client"] == "203.0.113.9"
+    assert gw.records()[-1]["client"] == gw.address("203.0.113.9")
     with httpx.Client(base_url=untrusted.url) as http:
         http.post(
             CHAT,
             headers={**gw.headers(**{"x-forwarded-for": "203.0.113.9"}), "authorization": f"Bearer {untrusted.key}"},
             json=BODY,
         )
-    assert untrusted.records()[-1]["client"] == "127.0.0.1"
+    assert untrusted.records()[-1]["client"] == untrusted.address("127.0.0.1")
 
 
 def test_revocation_reaches_the_running_gateway(gw):
@@ -299,6 +300,9 @@ class Untrusted:
 
     def records(self):
         return exchanges(self.state_dir)
+
+    def address(self, ip: str) -> str:
+        return address_hash(Keys.load(self.state_dir / "keys").address_key, ip)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +383,7 @@ def test_every_forwarded_for_line_counts(gw):
     ]
     with gw.client() as http:
         assert http.post(CHAT, headers=headers, json=BODY).status_code == 200
-    assert gw.records()[-1]["client"] == "203.0.113.77"  # the nearest hop, not the client's first line
+    assert gw.records()[-1]["client"] == gw.address("203.0.113.77")  # the nearest hop, not the client's first line
 
 
 def test_middleware_under_a_root_path_still_guards_the_api(tmp_path):

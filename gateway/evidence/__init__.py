@@ -71,10 +71,11 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
         log.warning("created keys %s in %s", ", ".join(created), keys_dir(settings))
     slot, _lock = claim_slot(logs_dir(settings))  # held for the life of the process
     evidence = settings.evidence
+    keys = Keys.load(keys_dir(settings))
     return EvidenceRecorder(
         EvidenceLog(
             logs_dir(settings) / str(slot),
-            Keys.load(keys_dir(settings)),
+            keys,
             slot_origin(origin, slot),
             batch_interval=evidence.batch_interval_ms / 1000,
             checkpoint_every=evidence.checkpoint_every,
@@ -84,4 +85,6 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
         ),
         evidence.durability,
         evidence.unauthenticated_records,
+        keys.address_key if evidence.client_addresses == "hashed" else None,
+        evidence.retention_days,
     )

@@ -13,6 +13,7 @@ from ..config import Settings
 from . import merkle
 from .note import NoteKey
 from .reader import LogReader
+from .tenants import Erased
 from .verifier import Checkpoint, cosigners, split_note
 
 README = """# canarygate evidence bundle
@@ -120,7 +121,10 @@ def _entries(reader, folder, notes, identity, reveal, disclose_epochs) -> int:
             del line["checkpoint"]
             fields = disclosed or (reveal if public.get("kind") != "commitment" else [])
             if fields:
-                line["openings"] = {k: v for k, v in reader.open_all(item).items() if k in fields}
+                try:
+                    line["openings"] = {k: v for k, v in reader.open_all(item).items() if k in fields}
+                except Erased:
+                    line["erased"] = True
             f.write(json.dumps(line) + "\n")
             count += 1
     return count

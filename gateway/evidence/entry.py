@@ -29,6 +29,8 @@ __all__ = [
     "commitment",
     "data_key",
     "random_bytes",
+    "seal_record",
+    "split_sealed",
     "unpack_openings",
 ]
 
@@ -85,6 +87,20 @@ def _aad(index: int, identity: str | None) -> bytes:
     return struct.pack(">Q", index) + (identity or "").encode()
 
 
+def seal_record(sealer: Sealer, index: int, identity: str | None, openings: bytes, reference: str) -> bytes:
+    """A record's sealed part: u8 length | the name of the key that sealed it ("" for the log's own data key,
+    else a tenant key's reference) | nonce | ciphertext, the key's name bound into the associated data."""
+    name = reference.encode()
+    return bytes([len(name)]) + name + sealer.seal(index, identity, openings, b"\x00" + name)
+
+
+def split_sealed(sealed: bytes) -> tuple[str, bytes, bytes]:
+    """(key reference, sealed bytes, associated-data context) of a version 2 record's sealed part."""
+    size = sealed[0]
+    name = sealed[1 : 1 + size]
+    return name.decode(), sealed[1 + size :], b"\x00" + name
+
+
 class Sealer:
     """AES-256-GCM under one segment's data key. Nonces are random: an index can be reused after a crash
     cut off an unsynced record, so a nonce derived from the index could repeat under the same key."""
@@ -92,9 +108,11 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def seal(self, index: int, identity: str | None, openings: bytes) -> bytes:
+    def seal(self, index: int, identity: str | None, openings: bytes, context: bytes = b"") -> bytes:
         nonce = random_bytes(12)
-        return nonce + self._aead.encrypt(nonce, openings, _aad(index, identity))
+        return nonce + self._aead.encrypt(nonce, openings, _aad(index, identity) + context)
 
-    def unseal(self, index: int, identity: str | None, sealed: bytes) -> dict[str, dict[str, str]]:
-        return unpack_openings(self._aead.decrypt(sealed[:12], sealed[12:], _aad(index, identity)))
+    def unseal(
+        self, index: int, identity: str | None, sealed: bytes, context: bytes = b""
+    ) -> dict[str, dict[str, str]]:
+        return unpack_openings(self._aead.decrypt(sealed[:12], sealed[12:], _aad(index, identity) + context))

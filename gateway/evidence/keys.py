@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
+import hmac
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .note import ALG_ED25519, NoteKey, Signer
 from .store import write_atomically
@@ -77,10 +82,18 @@ class Keys:
     masters: dict[int, bytes]
     watermark: bytes
     retired_signers: tuple[Signer, ...] = ()
+    directory: Path | None = None  # where they were loaded from (tenant keys live beside them)
 
     @property
     def current_epoch(self) -> int:
         return max(self.masters)
+
+    @property
+    def address_key(self) -> bytes:
+        """The key client addresses are hashed under: from the first epoch's master key, so that one
+        address hashes the same across rotations (and can be looked up by whoever holds the keys)."""
+        info = b"canarygate client address hash"
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self.masters[min(self.masters)])
 
     def verifiers(self, origin: str) -> list[NoteKey]:
         """Verifier keys named for a log's origin (a key signs as that name): the current one first."""
@@ -94,9 +107,12 @@ class Keys:
         if not masters:
             raise KeysError(f"{directory}: no master-*.key; run `canarygate keys init`")
         retired = tuple(Signer.parse(p.read_text().strip()) for p in sorted(directory.glob("log-signing.*.key")))
-        return cls(
-            Signer.parse((directory / SIGNING).read_text().strip()), masters, _secret(directory / WATERMARK), retired
-        )
+        signer = Signer.parse((directory / SIGNING).read_text().strip())
+        return cls(signer, masters, _secret(directory / WATERMARK), retired, directory)
+
+
+def address_hash(key: bytes, address: str) -> str:
+    return "hmac-sha256:" + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _secret(path: Path) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import entry, merkle, note
 from .keys import Keys
 from .store import LogStore, write_atomically
+from .tenants import TenantKeys
 from .witnessing import Witness, Witnesses
 
 log = logging.getLogger("canarygate.evidence")
@@ -49,7 +50,9 @@ class EvidenceLog:
         self._batch_interval = batch_interval
         self._checkpoint_every = checkpoint_every
         self._checkpoint_interval = checkpoint_interval
-        self._queue: list[tuple[dict, dict, str | None, asyncio.Future]] = []
+        self._queue: list[tuple[bytes, bytes, str | None, str | None, asyncio.Future | None]] = []
+        self._tenant_keys = TenantKeys(keys.directory)
+        self._tenant_sealers: dict[str, entry.Sealer] = {}
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-writer")
         self._writer: asyncio.Task | None = None
@@ -61,6 +64,10 @@ class EvidenceLog:
         self._sealer_for: tuple[int, int] | None = None  # (key epoch, segment) the sealer's data key is for
         self._witness_list = witnesses
         self.witnesses: Witnesses | None = None
+
+    @property
+    def keys_directory(self) -> Path:
+        return self._keys.directory
 
     @property
     def verifier(self) -> note.NoteKey:
@@ -106,14 +113,17 @@ class EvidenceLog:
             pass
         raise RuntimeError(f"{self.store.dir}: the latest checkpoint is signed by none of the log's keys")
 
-    def append(self, leaf: bytes, openings: bytes, identity: str | None, wait: bool = True) -> asyncio.Future | None:
+    def append(
+        self, leaf: bytes, openings: bytes, identity: str | None, wait: bool = True, tenant: str | None = None
+    ) -> asyncio.Future | None:
         """Queue an entry (its canonical leaf and packed openings). With `wait`, a future gives its index
         once it is on disk; without, nothing does, and a failure to write shows in `failure` (and the log's
-        readiness). Once the log has failed or is closing, appends raise."""
+        readiness). Once the log has failed or is closing, appends raise. `tenant`: whose data this is, sealed
+        under that tenant's key so that it can be erased ("" for none); None: the log's own, never erased."""
         if self.failure or self._closing:
             raise RuntimeError(self.failure or "the evidence log is closed")
         future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append((leaf, openings, identity, future))
+        self._queue.append((leaf, openings, identity, tenant, future))
         self._wake.set()
         return future
 
@@ -151,12 +161,23 @@ class EvidenceLog:
             self._sealer = entry.Sealer(entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number))
             self._sealer_for = (epoch, store.segment.number)
         first = store.size
-        records = [
-            (leaf, self._sealer.seal(first + offset, identity, openings))
-            for offset, (leaf, openings, identity, _) in enumerate(batch)
-        ]
+        keys: dict[str | None, tuple[str, entry.Sealer]] = {None: ("", self._sealer)}
+        records = []
+        for offset, (leaf, openings, identity, tenant, _) in enumerate(batch):
+            if tenant not in keys:
+                keys[tenant] = self._tenant_sealer(tenant)
+            reference, sealer = keys[tenant]
+            records.append((leaf, entry.seal_record(sealer, first + offset, identity, openings, reference)))
         store.append(records, sync=False)
         return first
+
+    def _tenant_sealer(self, tenant: str) -> tuple[str, entry.Sealer]:
+        reference, key = self._tenant_keys.current(tenant)
+        if reference not in self._tenant_sealers:
+            if len(self._tenant_sealers) > 4096:  # yesterday's and shredded keys
+                self._tenant_sealers.clear()
+            self._tenant_sealers[reference] = entry.Sealer(key)
+        return reference, self._tenant_sealers[reference]
 
     async def _maybe_checkpoint(self, force: bool) -> None:
         """Sign a checkpoint over the entries fsynced so far, if one is due and consistent with the last."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import entry, merkle, note, verifier
 from .keys import Keys
 from .store import HASH, CorruptLog, Segment, frames, read_entry
+from .tenants import Erased, TenantKeys
 
 
 class VerifyError(Exception):
@@ -45,6 +46,7 @@ class VerifyReport:
     checkpoints: int
     covered: int  # entries under the latest checkpoint
     opened: int = 0
+    erased: int = 0  # entries whose contents were erased (tenant key shredded or past retention)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -108,12 +110,14 @@ class LogReader:
         wanted = {c.size: c for c in checkpoints}
         tree = merkle.CompactRange()
         leaves: list[bytes] = []
-        opened = 0
+        opened = erased = 0
         for item in self.entries():
             self._check_entry(item)
             if self.keys is not None:
-                self._check_openings(item)
-                opened += 1
+                if self._check_openings(item):
+                    opened += 1
+                else:
+                    erased += 1
             leaves.append(merkle.leaf_hash(item.leaf))
             tree.append(leaves[-1])
             checkpoint = wanted.get(tree.size)
@@ -130,6 +134,7 @@ class LogReader:
             len(checkpoints),
             checkpoints[-1].size if checkpoints else 0,
             opened,
+            erased,
         )
         if report.covered < report.entries:
             report.warnings.append(f"entries {report.covered}-{report.entries - 1} are not yet under a checkpoint")
@@ -150,9 +155,12 @@ class LogReader:
         if entry.canonical(public) != item.leaf or public.get("v") != entry.SCHEMA_VERSION:
             raise VerifyError(f"entry {item.index}: not a canonical version-{entry.SCHEMA_VERSION} entry")
 
-    def _check_openings(self, item: Entry) -> None:
+    def _check_openings(self, item: Entry) -> bool:
+        """Whether the entry's sealed fields open and match their commitments (False: erased)."""
         try:
             openings = self.open_all(item)
+        except Erased:
+            return False
         except Exception:
             raise VerifyError(
                 f"entry {item.index}: sealed values do not decrypt for this entry (moved, changed "
@@ -162,6 +170,7 @@ class LogReader:
             verifier.check_openings(item.public, openings)
         except verifier.VerificationError as e:
             raise VerifyError(f"entry {item.index}: {e}") from None
+        return True
 
     def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes]) -> None:
         subtree = _memory_subtree(leaves)
@@ -214,9 +223,15 @@ class LogReader:
     def open_all(self, item: Entry) -> dict:
         if self.keys is None:
             raise VerifyError("the keys are needed to open sealed values")
-        epoch = Segment(self.dir / f"segment-{item.segment:06d}.log").key_epoch
-        key = entry.data_key(self.keys.masters[epoch], self.origin(), item.segment)
-        return entry.Sealer(key).unseal(item.index, item.public.get("identity"), item.sealed)
+        """Every sealed field of the entry; raises Erased when its tenant's key was shredded or expired."""
+        segment = Segment(self.dir / f"segment-{item.segment:06d}.log")
+        log_key = entry.data_key(self.keys.masters[segment.key_epoch], self.origin(), item.segment)
+        identity = item.public.get("identity")
+        if segment.version == 1:
+            return entry.Sealer(log_key).unseal(item.index, identity, item.sealed)
+        reference, sealed, context = entry.split_sealed(item.sealed)
+        key = TenantKeys(self.keys.directory).load(reference) if reference else log_key
+        return entry.Sealer(key).unseal(item.index, identity, sealed, context)
 
     def open_field(self, index: int, name: str) -> dict:
         item = self.get(index)

@@ -13,31 +13,62 @@ the log's batch interval.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from ..exchange import Exchange
 from .entry import canonical, commit
+from .keys import address_hash
 from .log import EvidenceLog
+from .tenants import TenantKeys
 from .unauthenticated import UnauthenticatedRecords
+
+log = logging.getLogger("canarygate.evidence")
+RETENTION_EVERY = 3600.0  # seconds
 
 
 class EvidenceRecorder:
-    def __init__(self, evidence: EvidenceLog, durability: str = "batch", unauthenticated: str = "") -> None:
+    def __init__(
+        self,
+        evidence: EvidenceLog,
+        durability: str = "batch",
+        unauthenticated: str = "",
+        address_key: bytes | None = None,
+        retention_days: int = 0,
+    ) -> None:
         """`unauthenticated`: how many requests without a valid key are recorded in full per client address
-        ("10/minute"); the rest are summarised. Empty: all are recorded in full."""
+        ("10/minute"); the rest are summarised. Empty: all are recorded in full. `address_key`: client
+        addresses are kept as keyed hashes under it; None keeps them as they are. `retention_days`: tenant
+        keys of older days are deleted at start and every hour (0: kept)."""
         if durability not in ("batch", "fsync"):
             raise ValueError(f"durability must be 'batch' or 'fsync', not {durability!r}")
         self.log = evidence
         self._wait = durability == "fsync"
         self._unauthenticated = UnauthenticatedRecords(unauthenticated)
         self._summarised: set[str] = set()  # ids of exchanges counted, not recorded
+        self._address_key = address_key
+        self._retention_days = retention_days
+        self._retention: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.log.start()
+        if self._retention_days:
+            self._retention = asyncio.get_running_loop().create_task(self._retain())
 
     async def close(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
         await self._summarise()
         await self.log.close()
+
+    async def _retain(self) -> None:
+        tenant_keys = TenantKeys(self.log.keys_directory)
+        while True:
+            erased = await asyncio.to_thread(tenant_keys.expire, self._retention_days)
+            if erased:
+                log.info("retention: erased %d tenant-day keys older than %d days", erased, self._retention_days)
+            await asyncio.sleep(RETENTION_EVERY)
 
     def ready(self) -> str | None:
         return self.log.failure
@@ -51,7 +82,7 @@ class EvidenceRecorder:
 
     async def begin(self, exchange: Exchange) -> None:
         identity = exchange.identity
-        if identity is None and not self._unauthenticated.record_in_full(exchange.client_group):
+        if identity is None and not self._unauthenticated.record_in_full(self._address(exchange.client_group)):
             self._summarised.add(exchange.id)
             return
         if self._unauthenticated.summary_due():
@@ -71,8 +102,8 @@ class EvidenceRecorder:
             "stream": exchange.stream,
             "decision": "admitted" if exchange.admitted else "rejected",
         }
-        fields = {"prompt": exchange.request_body, "client": exchange.client_ip.encode()}
-        await self._append(public, fields, identity.name if identity else None)
+        fields = {"prompt": exchange.request_body, "client": self._address(exchange.client_ip).encode()}
+        await self._append(public, fields, identity.name if identity else None, _tenant(exchange))
 
     async def end(self, exchange: Exchange) -> None:
         if exchange.id in self._summarised:
@@ -99,7 +130,8 @@ class EvidenceRecorder:
             "events": exchange.events,
             "bytes": len(delivered),
         }
-        await self._append(public, {"response": delivered}, exchange.identity.name if exchange.identity else None)
+        identity = exchange.identity.name if exchange.identity else None
+        await self._append(public, {"response": delivered}, identity, _tenant(exchange))
 
     async def _summarise(self) -> None:
         summary = self._unauthenticated.take_summary()
@@ -107,13 +139,21 @@ class EvidenceRecorder:
             public, fields = summary
             public = {"v": 1, "kind": "summary", **public}
             public["since"], public["until"] = _iso(public["since"]), _iso(public["until"])
-            await self._append(public, fields, None)
+            await self._append(public, fields, None, "")
 
-    async def _append(self, public: dict, fields: dict[str, bytes], identity: str | None) -> None:
+    async def _append(self, public: dict, fields: dict[str, bytes], identity: str | None, tenant: str) -> None:
         public["commit"], openings = commit(fields)
-        future = self.log.append(canonical(public), openings, identity, self._wait)
+        future = self.log.append(canonical(public), openings, identity, self._wait, tenant)
         if future is not None:
             await future
+
+    def _address(self, address: str) -> str:
+        return address if self._address_key is None else address_hash(self._address_key, address)
+
+
+def _tenant(exchange: Exchange) -> str:
+    """Whose data the exchange is: its tenant's key seals it ("" for requests of no tenant)."""
+    return (exchange.identity.tenant or "") if exchange.identity else ""
 
 
 _second: list = [None, ""]  # the last whole second formatted, and its text: one strftime a second, not an entry

@@ -2,9 +2,9 @@
 
 Layout of a log directory:
 - `segment-NNNNNN.log`: a header (magic, first entry index, key epoch), then records
-  `u32 leaf length | u32 sealed length | u32 CRC-32 | leaf | sealed`, the CRC taken over both lengths and
-  the body (so a run of zeros left by a crash never reads as a record). New segments start as a temporary
-  file that is renamed into place, with the directory fsynced.
+  `u32 leaf length | u32 sealed length | u32 CRC-32 | leaf | sealed` (sealed: see entry.seal_record), the
+  CRC taken over both lengths and the body (so a run of zeros left by a crash never reads as a record).
+  New segments start as a temporary file that is renamed into place, with the directory fsynced.
 - `tree/level-K.bin`: the hashes of every complete, aligned subtree of 2**K leaves, 32 bytes each, in
   order (level 0 holds the leaf hashes). Any inclusion or consistency proof is a few reads, no rebuild.
 - `index.bin`: per entry, u32 segment number and u64 offset of its record.
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from . import merkle
 
-MAGIC = b"CGEVLOG1"
+MAGIC = b"CGEVLOG2"  # version 2: each sealed part names its key (tenants.py); version 1 segments stay readable
+MAGIC_V1 = b"CGEVLOG1"
 SEGMENT_HEADER = struct.Struct(">8sQI")  # magic, first entry index, key epoch
 RECORD_HEADER = struct.Struct(">III")  # leaf length, sealed length, crc32
 INDEX_ENTRY = struct.Struct(">IQ")  # segment number, offset
@@ -115,7 +116,8 @@ class Segment:
         self.number = int(path.stem.split("-")[1])
         with open(path, "rb") as f:
             magic, self.first, self.key_epoch = SEGMENT_HEADER.unpack(f.read(SEGMENT_HEADER.size))
-        if magic != MAGIC:
+        self.version = 2 if magic == MAGIC else 1
+        if magic not in (MAGIC, MAGIC_V1):
             raise CorruptLog(f"{path.name}: not an evidence segment")
 
     def records(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
@@ -174,7 +176,7 @@ class LogStore:
             self._segment = segments[-1]
             self._segment_fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
             self._segment_end = os.fstat(self._segment_fd).st_size
-            if self._segment.key_epoch != key_epoch:
+            if self._segment.key_epoch != key_epoch or self._segment.version != 2:
                 self._new_segment(key_epoch)
 
     @staticmethod

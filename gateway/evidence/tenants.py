@@ -1,0 +1,76 @@
+"""Per-tenant data keys: what makes a tenant's prompts and answers erasable while the log stays verifiable.
+
+Each tenant's sealed fields are encrypted under a key of that tenant and day, a random 32-byte file
+`keys/tenants/<tenant id>/<day>-<key id>.key` (0600), made on first use by each writer process. Deleting a
+tenant's folder (`canarygate log shred --tenant`) or a day's files (the retention setting) erases those
+bodies for good: the leaves, with their salted commitments, stay in the tree, so every checkpoint, proof
+and commitment still verifies; only the openings are gone. Requests without a tenant use the tenant id of
+the empty name, under the same rules. The gateway's own entries (commitments) stay under the master key.
+
+A tenant id is a hash of the tenant's name, so that the folder names do not list customers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from .store import write_atomically
+
+DAY = 86400
+
+
+class Erased(Exception):
+    """The key that sealed an entry was deleted: its contents are erased."""
+
+
+def tenant_id(tenant: str) -> str:
+    return hashlib.sha256(b"canarygate tenant\x00" + tenant.encode()).hexdigest()[:32]
+
+
+class TenantKeys:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory / "tenants"
+        self._current: dict[str, tuple[int, str, bytes]] = {}  # tenant -> (day, reference, key)
+
+    def current(self, tenant: str) -> tuple[str, bytes]:
+        """(reference, key) to seal today's entries of `tenant`, making a key if there is none or it was
+        deleted (shredded) since: one stat per call, so a shred takes effect at the next batch."""
+        day = int(time.time() // DAY)
+        cached = self._current.get(tenant)
+        if cached is not None and cached[0] == day and (self.dir / f"{cached[1]}.key").exists():
+            return cached[1], cached[2]
+        reference = f"{tenant_id(tenant)}/{day}-{secrets.token_hex(4)}"
+        key = secrets.token_bytes(32)
+        path = self.dir / f"{reference}.key"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(path, key)
+        self._current[tenant] = (day, reference, key)
+        return reference, key
+
+    def load(self, reference: str) -> bytes:
+        path = self.dir / f"{reference}.key"
+        if ".." in reference or not path.exists():
+            raise Erased(f"erased: its tenant key {reference} was deleted (shredded, or past retention)")
+        return path.read_bytes()
+
+    def shred(self, tenant: str) -> int:
+        """Delete every key of `tenant`; returns how many there were."""
+        folder = self.dir / tenant_id(tenant)
+        count = len(list(folder.glob("*.key"))) if folder.exists() else 0
+        shutil.rmtree(folder, ignore_errors=True)
+        return count
+
+    def expire(self, retention_days: int, now: float | None = None) -> int:
+        """Delete the keys of days that ended more than `retention_days` ago; returns how many."""
+        oldest_kept = int((time.time() if now is None else now) // DAY) - retention_days
+        count = 0
+        for path in self.dir.glob("*/*.key"):
+            if int(path.name.split("-")[0]) < oldest_kept:
+                os.unlink(path)
+                count += 1
+        return count

@@ -1,0 +1,113 @@
+"""Privacy and retention: a tenant's bodies erased by shredding its keys or by age, the log still verifying;
+client addresses kept as keyed hashes unless configured otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import time
+
+import httpx
+
+from gateway.evidence import entry, keys
+from gateway.evidence.keys import address_hash
+from gateway.evidence.log import EvidenceLog
+from gateway.evidence.reader import LogReader
+from gateway.evidence.tenants import DAY, TenantKeys
+from tests.evidence.test_cli_log import BODY, _setup
+from tests.test_cli import Running, cli
+
+ORIGIN = "canarygate.test/erasure"
+
+
+def _ask(url: str, key: str, text: str) -> None:
+    body = {**BODY, "messages": [{"role": "user", "content": text}]}
+    with httpx.Client(base_url=url) as http:
+        assert http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}).is_success
+
+
+def _revealed(tmp_path, identity: str) -> list[dict]:
+    shown = cli(tmp_path, "log", "show", "--identity", identity, "--json", "--reveal")
+    return [row["revealed"] for row in map(json.loads, shown.stdout.splitlines())]
+
+
+def test_shredding_a_tenant_erases_its_bodies_and_the_log_still_verifies(tmp_path, fake_upstream):
+    _setup(tmp_path, fake_upstream)
+    alice = cli(tmp_path, "identities", "add", "alice", "--tenant", "acme").stdout.split()[-1]
+    bob = cli(tmp_path, "identities", "add", "bob", "--tenant", "globex").stdout.split()[-1]
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw:
+        _ask(gw.url, alice, "acme secret one")
+        _ask(gw.url, bob, "globex question")
+        shredded = cli(tmp_path, "log", "shred", "--tenant", "acme")
+        assert shredded.returncode == 0 and "deleted 1 keys" in shredded.stdout, shredded.stdout + shredded.stderr
+        _ask(gw.url, alice, "acme after the shred")  # the running gateway makes a new key at its next batch
+    tenant_keys = list((tmp_path / ".canarygate" / "keys" / "tenants").rglob("*.key"))
+    assert tenant_keys and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tenant_keys)
+
+    verified = cli(tmp_path, "log", "verify")
+    assert verified.returncode == 0 and "2 erased" in verified.stdout, verified.stdout + verified.stderr
+    first, _, second, _ = _revealed(tmp_path, "alice")
+    assert "erased" in first and "acme secret one" not in json.dumps(first)
+    assert "acme after the shred" in second["prompt"]
+    assert "globex question" in _revealed(tmp_path, "bob")[0]["prompt"]
+    begin = next(row for row in map(json.loads, cli(tmp_path, "log", "show", "--json").stdout.splitlines())
+                 if row.get("identity") == "alice")  # fmt: skip
+    refused = cli(tmp_path, "log", "open", str(begin["index"]), "prompt")
+    assert refused.returncode == 2 and "erased" in refused.stderr
+
+
+def _write(directory, keydir, tenant: str | None, count: int) -> None:
+    keys.init_keys(keydir, ORIGIN)
+    evidence = EvidenceLog(directory, keys.Keys.load(keydir), ORIGIN)
+
+    async def run():
+        await evidence.start()
+        for i in range(count):
+            commitments, openings = entry.commit({"prompt": f"prompt {i}".encode()})
+            public = {"v": 1, "kind": "begin", "id": f"req_{i}", "identity": "u", "commit": commitments}
+            await evidence.append(entry.canonical(public), openings, "u", tenant=tenant)
+        await evidence.close()
+
+    asyncio.run(run())
+
+
+def test_retention_erases_by_age_and_keeps_the_logs_own_entries(tmp_path):
+    _write(tmp_path / "log", tmp_path / "keys", "acme", 20)
+    _write(tmp_path / "log", tmp_path / "keys", None, 5)  # the log's own (commitments): never expire
+    tenant_keys = TenantKeys(tmp_path / "keys")
+    assert tenant_keys.expire(retention_days=30) == 0  # today's key is kept
+    reader = LogReader(tmp_path / "log", keys.Keys.load(tmp_path / "keys"))
+    assert (reader.verify().opened, reader.verify().erased) == (25, 0)
+    assert tenant_keys.expire(retention_days=30, now=time.time() + 31 * DAY) == 1
+    report = reader.verify()
+    assert (report.entries, report.opened, report.erased) == (25, 5, 20)
+
+
+def test_client_addresses_are_keyed_hashes_unless_configured_plain(tmp_path, fake_upstream):
+    key = _setup(tmp_path, fake_upstream)
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw:
+        _ask(gw.url, key, "hashed")
+    loaded = keys.Keys.load(tmp_path / ".canarygate" / "keys")
+    (client,) = [r["client"] for r in _revealed(tmp_path, "mallory") if "client" in r]
+    assert client == address_hash(loaded.address_key, "127.0.0.1") and "127.0.0.1" not in client
+
+    toml = tmp_path / "canarygate.toml"
+    toml.write_text(toml.read_text().replace('client_addresses = "hashed"', 'client_addresses = "plain"'))
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw:
+        _ask(gw.url, key, "plain")
+    assert [r["client"] for r in _revealed(tmp_path, "mallory") if "client" in r][-1] == "127.0.0.1"
+
+
+def test_a_gateway_with_retention_expires_old_keys_when_it_starts(tmp_path, fake_upstream):
+    _setup(tmp_path, fake_upstream)
+    toml = tmp_path / "canarygate.toml"
+    toml.write_text(toml.read_text().replace("retention_days = 0", "retention_days = 7"))
+    old_day, today = int(time.time() // DAY) - 8, int(time.time() // DAY) - 7
+    folder = tmp_path / ".canarygate" / "keys" / "tenants" / ("0" * 32)
+    folder.mkdir(parents=True)
+    (folder / f"{old_day}-00000000.key").write_bytes(bytes(32))
+    (folder / f"{today}-00000000.key").write_bytes(bytes(32))
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == [f"{today}-00000000.key"]
