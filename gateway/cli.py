@@ -17,9 +17,11 @@ from pathlib import Path
 
 from . import config, evidence, ratelimit, watermark
 from .evidence import keys
+from .evidence.bundle import bundle_commitments, disclosed_keys
+from .evidence.bundle import export as export_bundle
 from .evidence.reader import LogReader, VerifyError, commitments
 from .evidence.tenants import Erased, TenantKeys
-from .evidence.verifier import NoteError
+from .evidence.verifier import VerificationError
 from .identity import DEFAULT_TIER, IdentityError, Registry
 from .witness.cli import add_commands as _witness_commands
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, NoteError, Erased, OSError) as e:
+    except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, VerificationError, Erased, OSError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
         return 2
 
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--keys", help="the keys folder (default: the state folder's)")
     detect.add_argument("--json", action="store_true", help="print the result as JSON")
     detect.add_argument("--per-text", action="store_true", help="also test each line alone")
+    detect.add_argument("--bundle", help="test with the watermark keys disclosed in this evidence bundle")
     detect.set_defaults(log_slot=None)
     detect.set_defaults(run=_detect)
     _keys_commands(commands)
@@ -247,11 +250,18 @@ def _detect(args) -> int:
     settings = _settings(args)
     directory = Path(args.keys) if args.keys else evidence.keys_dir(settings)
     items = _detection_items(Path(args.file))
-    epochs = watermark.epoch_keys(keys.Keys.load(directory))
     sets = watermark.default_sets()
+    if args.bundle:  # an expert's run: the keys disclosed in an evidence bundle, its commitments as the record
+        found = bundle_commitments(Path(args.bundle))
+        epochs = [watermark.LexicalKey(key, sets, epoch) for epoch, key in disclosed_keys(found)]
+        if not epochs:
+            raise config.ConfigError(f"{args.bundle}: no disclosed watermark key (export with --disclose-epoch N)")
+    else:
+        epochs = watermark.epoch_keys(keys.Keys.load(directory))
+        found = _logged_commitments(args)
     findings = watermark.detect(items, epochs, sets)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
-    doc["commitments"] = _prior_commitments(args, epochs, sets.version)
+    doc["commitments"] = _prior_commitments(found, epochs, sets.version)
     if args.per_text:
         doc["per_text"] = [_by_scheme(watermark.detect([item], epochs, sets)) for item in items]
     if args.json:
@@ -274,12 +284,15 @@ def _detect(args) -> int:
     return 0
 
 
-def _prior_commitments(args, epochs, sets_version: str) -> dict[str, dict | None]:
-    """For each thing the detection used, the earliest commitment to it in the evidence logs (or None)."""
+def _logged_commitments(args) -> list[dict]:
     try:
-        found = commitments(_readers(args, all_by_default=True))
+        return commitments(_readers(args, all_by_default=True))
     except VerifyError:
-        found = []
+        return []
+
+
+def _prior_commitments(found: list[dict], epochs, sets_version: str) -> dict[str, dict | None]:
+    """For each thing the detection used, the earliest commitment to it in `found` (or None)."""
     wanted = {f"watermark-key@{key.epoch}": ("watermark-key", "fingerprint", key.fingerprint) for key in epochs}
     wanted["word-sets"] = ("word-sets", "digest", sets_version)
     wanted["detector"] = ("detector", "digest", watermark.detector_digest())
@@ -417,11 +430,9 @@ def _matches(public: dict, args) -> bool:
 
 
 def _log_export(args) -> int:
-    from .evidence.bundle import export
-
     settings = _settings(args)
     readers = _readers(args, all_by_default=True)
-    count, warnings = export(readers, Path(args.out), args.identity, args.reveal, settings, args.disclose_epoch)
+    count, warnings = export_bundle(readers, Path(args.out), args.identity, args.reveal, settings, args.disclose_epoch)
     print(f"wrote {count} entries with their proofs to {args.out}; check it with: python {args.out}/verify.py")
     for warning in warnings:
         print(f"  note: {warning}")

@@ -14,7 +14,7 @@ from . import merkle
 from .note import NoteKey
 from .reader import LogReader
 from .tenants import Erased
-from .verifier import Checkpoint, cosigners, split_note
+from .verifier import Checkpoint, check_openings, cosigners, split_note
 
 README = """# canarygate evidence bundle
 
@@ -138,3 +138,27 @@ def _disclosed(public: dict, epochs: list[int]) -> list[str]:
     ):
         return ["watermark_key"]
     return []
+
+
+def bundle_commitments(bundle: Path) -> list[dict]:
+    """The commitment entries of a bundle's logs, each with the log, index and any opened fields, whose
+    openings are checked against the commitments (the rest of the bundle is verify.py's job)."""
+    found = []
+    for folder in sorted(bundle.glob("log-*")):
+        origin = (folder / "origin").read_text().strip()
+        for line in (folder / "entries.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            public = json.loads(base64.b64decode(row["leaf"]))
+            if public.get("kind") == "commitment":
+                check_openings(public, row.get("openings", {}))
+                opened = {k: base64.b64decode(v["value"]) for k, v in row.get("openings", {}).items()}
+                found.append({**public, "log": origin, "index": row["leaf_index"], "checkpointed": True, **opened})
+    return found
+
+
+def disclosed_keys(found: list[dict]) -> list[tuple[int, bytes]]:
+    """(epoch, key) of every watermark key opened in `found`."""
+    keys = {
+        c["epoch"]: c["watermark_key"] for c in found if c.get("subject") == "watermark-key" and "watermark_key" in c
+    }
+    return sorted(keys.items())

@@ -26,4 +26,12 @@ def epoch_keys(keys: Keys) -> list[LexicalKey]:
     return [epoch_key(keys.watermark, epoch, sets) for epoch in sorted(keys.masters)]
 
 
-__all__ = ["LexicalWatermark", "default_sets", "detect", "detector_digest", "epoch_keys", "open_watermark"]
+__all__ = [
+    "LexicalKey",
+    "LexicalWatermark",
+    "default_sets",
+    "detect",
+    "detector_digest",
+    "epoch_keys",
+    "open_watermark",
+]

@@ -17,9 +17,13 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
+from gateway.evidence.keys import Keys
+from gateway.watermark import epoch_keys
+from gateway.watermark.mark import LexicalWatermark
 from gateway.witness import init_witness
 from tests.evidence.test_cli_log import BODY
 from tests.test_cli import Running, cli
+from tests.watermark.test_detect import SAMPLE
 
 ORIGIN = "canarygate.test/bundle"
 
@@ -166,3 +170,24 @@ def test_a_quorum_below_every_witness_accepts_a_missing_cosignature(served, tmp_
     shutil.copytree(served[0] / "bundle", bundle)
     _drop_a_cosignature(bundle)
     assert _verify(served, bundle, "--quorum", "1").returncode == 0
+
+
+def test_an_expert_detects_with_the_key_disclosed_in_the_bundle(served, tmp_path):
+    """Without the gateway's keys: the disclosed epoch key, checked against its commitment, drives the test."""
+    gateway_keys = epoch_keys(Keys.load(served[0] / ".canarygate" / "keys"))
+    mark = LexicalWatermark(gateway_keys[0])
+    rows = [{"text": mark.mark(r["output"], r["instruction"]), "prompt": r["instruction"]} for r in SAMPLE[:12]]
+    (tmp_path / "suspect.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bundle = str(served[0] / "bundle")
+    result = cli(tmp_path, "detect", "suspect.jsonl", "--bundle", bundle, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schemes"]["lexical-v1"]["p_value"] < 1e-6
+    assert doc["schemes"]["lexical-v1"]["key"] == gateway_keys[0].fingerprint
+    assert all(found is not None for found in doc["commitments"].values()), doc["commitments"]
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    _open_to_another_key(tampered)
+    refused = cli(tmp_path, "detect", "suspect.jsonl", "--bundle", str(tampered))
+    assert refused.returncode == 2 and "does not match its commitment" in refused.stderr
