@@ -46,9 +46,10 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
 
 
 def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
-    run_benchmark("evidence_bench", "--entries", "400", out=tmp_path)
+    run_benchmark("evidence_bench", "--entries", "400", "--tenants", "7", out=tmp_path)
     rows = json.loads((tmp_path / "evidence.json").read_text())
-    assert [r["mode"] for r in rows] == ["batch", "fsync"] and all(r["entries_per_second"] > 0 for r in rows)
+    assert [(r["mode"], r["tenants"]) for r in rows] == [("batch", 0), ("fsync", 0), ("batch", 7), ("fsync", 7)]
+    assert all(r["entries_per_second"] > 0 for r in rows)
 
 
 def test_admission_benchmark_runs_on_a_few_requests(tmp_path):
