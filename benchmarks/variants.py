@@ -35,6 +35,9 @@ class NoRecord:
     async def commit(self, commitments) -> None:
         """Keeps nothing."""
 
+    async def decision(self, identity, doc) -> None:
+        """Keeps nothing."""
+
     async def begin(self, exchange) -> None:
         """Keeps nothing."""
 

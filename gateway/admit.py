@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .exchange import Exchange
+from .exchange import Exchange, Identity
 
 
 class AllowAll:
@@ -20,3 +20,6 @@ class AllowAll:
 
     async def release(self, exchange: Exchange) -> None:
         """Nothing was held."""
+
+    async def set_tier(self, identity: Identity, tier: str | None) -> None:
+        """No limits: tiers change nothing."""

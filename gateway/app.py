@@ -19,6 +19,7 @@ from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
 from .ratelimit import LimitAdmitter, open_admitter
+from .risk import open_risk
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 from .watermark import open_watermark
@@ -41,6 +42,7 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
         "transform": lambda: open_watermark(settings) if settings.watermark.enabled else PassThrough(),
         "recorder": lambda: open_recorder(settings),
     }
+    defaults["risk"] = lambda: open_risk(settings)
     unknown = set(overrides) - set(defaults)
     if unknown:
         raise TypeError(f"unknown stage(s): {', '.join(sorted(unknown))}")

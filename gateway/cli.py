@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--bundle", help="test with the watermark keys disclosed in this evidence bundle")
     detect.set_defaults(log_slot=None)
     detect.set_defaults(run=_detect)
+    _risk_commands(commands)
     _keys_commands(commands)
     _log_commands(commands)
     _witness_commands(commands)
@@ -100,6 +101,23 @@ def _tier_commands(commands) -> None:
     showing = sub.add_parser("show", help="an identity's tier, and the shared override if one is set")
     showing.add_argument("name")
     showing.set_defaults(run=_tier_show)
+
+
+def _risk_commands(commands) -> None:
+    risk = commands.add_parser("risk", help="the risk engine's decisions about an identity; pin a tier")
+    sub = risk.add_subparsers(title="risk commands")
+    show = sub.add_parser("show", help="tier, pin, and every tier change with the signals behind it")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_risk_show, log_slot=None)
+    pin = sub.add_parser("pin", help="fix an identity's tier; the risk engine leaves it alone")
+    pin.add_argument("name")
+    pin.add_argument("tier")
+    pin.add_argument("--note", required=True, help="why (kept in the registry)")
+    pin.set_defaults(run=_risk_pin)
+    unpin = sub.add_parser("unpin", help="let the risk engine move the identity again")
+    unpin.add_argument("name")
+    unpin.set_defaults(run=_risk_unpin)
 
 
 def _keys_commands(commands) -> None:
@@ -233,6 +251,50 @@ def _tier_set(args) -> int:
     if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage
         asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), args.tier))
     print(f"{args.name} is now in tier {args.tier}")
+    return 0
+
+
+def _risk_pin(args) -> int:
+    settings = _settings(args)
+    if args.tier not in settings.limits.tiers:
+        raise config.ConfigError(f"unknown tier {args.tier!r}; the tiers are {', '.join(settings.limits.tiers)}")
+    registry = Registry(settings.state_dir)
+    registry.set_tier(args.name, args.tier, pin=args.note)
+    if settings.limits.storage != "memory":
+        asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), None))
+    print(f"{args.name} is pinned to tier {args.tier}; the risk engine will not move it ({args.note})")
+    return 0
+
+
+def _risk_unpin(args) -> int:
+    registry = Registry(_settings(args).state_dir)
+    record = registry.get(args.name)
+    registry.set_tier(args.name, record.tier)
+    print(f"{args.name} is no longer pinned (tier {record.tier}); the risk engine may move it again")
+    return 0
+
+
+def _risk_show(args) -> int:
+    """An identity's tier and pin, and every risk decision about it in the evidence log, with its reasons."""
+    settings = _settings(args)
+    record = Registry(settings.state_dir).get(args.name)
+    decisions = [
+        {"log": reader.origin(), "index": item.index, "time": item.public["time"], **item.public["decision"]}
+        for reader in _readers(args, all_by_default=True)
+        for item in reader.entries(strict=False)
+        if item.public.get("kind") == "risk" and item.public.get("identity") == args.name
+    ]
+    doc = {"identity": args.name, "tier": record.tier, "pin": record.pin, "decisions": decisions}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"{args.name}: registry tier {record.tier}" + (f", pinned: {record.pin}" if record.pin else ""))
+    for d in decisions:
+        shadow = "" if d["applied"] else " (shadow: not applied)"
+        reasons = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["strengths"].items(), key=lambda kv: -kv[1]))
+        print(f"  {d['time']} {d['from']} -> {d['to']}{shadow}: score {d['score']:.2f} from {reasons}")
+    if not decisions:
+        print("  no risk decisions recorded")
     return 0
 
 

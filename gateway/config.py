@@ -64,6 +64,11 @@ enabled = true                   # mark every answer's prose with the keyed lexi
 logprobs = "strip"               # a marked answer's log-probabilities would reveal the unmarked text:
                                  # "strip" removes the ask from the request, "refuse" answers 400
 
+[risk]
+mode = "enforce"                 # "enforce": the risk engine moves identities between normal, watch and
+                                 # suspect; "shadow": it scores and records its decisions without applying
+                                 # them; "off": no scoring
+
 [limits]
 storage = "memory"               # "memory" (per process), or a Redis shared by replicas: redis://host:6379/0,
                                  # redis+cluster://host:port,host:port, redis+sentinel://host:port/service
@@ -108,7 +113,7 @@ enforce = false
 headers = false
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "limits")
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "risk", "limits")
 REQUIRED_TIERS = ("normal", "watch", "suspect", "blocked", "unlimited")
 
 
@@ -177,6 +182,11 @@ class WatermarkSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RiskSettings:
+    mode: str = "enforce"
+
+
+@dataclass(frozen=True, slots=True)
 class Rate:
     """N units per period, as written in the config ("600/minute")."""
 
@@ -225,6 +235,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
+    risk: RiskSettings = field(default_factory=RiskSettings)
     watermark: WatermarkSettings = field(default_factory=WatermarkSettings)
     limits: LimitSettings = field(default_factory=lambda: _DEFAULT_LIMITS)
     state_dir: Path = Path(".canarygate")
@@ -306,6 +317,7 @@ def parse(raw: dict, source: str) -> Settings:
         upstream=upstream,
         evidence=_evidence(reader, raw),
         watermark=_watermark(reader, raw),
+        risk=_risk(reader, raw),
         limits=_limits(reader, raw, _DEFAULT_LIMITS),
         state_dir=state_dir,
         source=source,
@@ -367,6 +379,15 @@ def _witnesses(source: str, items: list) -> tuple[WitnessSettings, ...]:
             raise ConfigError(f"{source}: [evidence] witnesses: {key.name} is not a cosignature (0x04) key")
         witnesses.append(WitnessSettings(_check_url(source, str(item["url"]), "[evidence] witnesses url"), key.vkey()))
     return tuple(witnesses)
+
+
+def _risk(reader: _SectionReader, raw: dict) -> RiskSettings:
+    table = reader.section(raw, "risk")
+    settings = RiskSettings(mode=reader.take(table, "risk", "mode", str, RiskSettings().mode))
+    reader.reject_unknown(table, "risk")
+    if settings.mode not in ("enforce", "shadow", "off"):
+        raise ConfigError(f'{reader.source}: [risk] mode must be "enforce", "shadow" or "off"')
+    return settings
 
 
 def _watermark(reader: _SectionReader, raw: dict) -> WatermarkSettings:

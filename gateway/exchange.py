@@ -94,6 +94,7 @@ class Identity:
     name: str
     tier: str
     tenant: str | None = None
+    pinned: bool = False  # an operator fixed the tier: the risk engine does not move it
 
 
 @dataclass(slots=True)

@@ -42,9 +42,10 @@ class Record:
     created: float
     tenant: str | None = None
     revoked: float | None = None
+    pin: str | None = None  # an operator's note: the tier is theirs, the risk engine leaves it alone
 
     def identity(self) -> Identity:
-        return Identity(self.name, self.tier, self.tenant)
+        return Identity(self.name, self.tier, self.tenant, self.pin is not None)
 
 
 def _hash(key: str) -> str:
@@ -107,12 +108,13 @@ class Registry:
             records[name] = Record(name, key_id, _hash(key), tier, time.time(), tenant)
         return key
 
-    def set_tier(self, name: str, tier: str) -> None:
+    def set_tier(self, name: str, tier: str, pin: str | None = None) -> None:
+        """Set `name`'s tier; with `pin` (the operator's reason), the risk engine no longer moves it."""
         with self._locked() as records:
             record = records.get(name)
             if record is None:
                 raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
-            records[name] = replace(record, tier=tier)
+            records[name] = replace(record, tier=tier, pin=pin)
 
     def get(self, name: str) -> Record:
         record = self._read().get(name)
@@ -128,7 +130,14 @@ class Registry:
             records.pop(name)
             # The name is freed for reuse; the revoked key stays listed so its id is never looked up again.
             records[f"{name}#revoked-{record.key_id}"] = Record(
-                name, record.key_id, record.key_hash, record.tier, record.created, record.tenant, time.time()
+                name,
+                record.key_id,
+                record.key_hash,
+                record.tier,
+                record.created,
+                record.tenant,
+                time.time(),
+                record.pin,
             )
 
     @contextlib.contextmanager
@@ -144,7 +153,7 @@ class Registry:
         doc = {
             "version": 1,
             "identities": {
-                key: {f: getattr(r, f) for f in ("key_id", "key_hash", "tier", "created", "tenant", "revoked")}
+                key: {f: getattr(r, f) for f in ("key_id", "key_hash", "tier", "created", "tenant", "revoked", "pin")}
                 for key, r in records.items()
             },
         }

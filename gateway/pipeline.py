@@ -28,6 +28,7 @@ from .protocols import ROUTES, Api, Dialect, api_for
 from .protocols.base import estimate_tokens, total_tokens, usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
+from .risk import Decision, RiskEngine
 from .stages import Admitter, Identifier, Recorder, Transform, Upstream, UpstreamResponse
 from .upstream import UpstreamError
 
@@ -62,6 +63,7 @@ class Pipeline:
         upstream: Upstream,
         transform: Transform,
         recorder: Recorder,
+        risk: RiskEngine | None = None,
     ) -> None:
         self._settings = settings
         self.stages = {"identify": identifier, "admit": admitter, "forward": upstream, "transform": transform,
@@ -71,6 +73,9 @@ class Pipeline:
         self._upstream = upstream
         self._transform = transform
         self._record = recorder
+        self._risk = risk
+        if risk is not None:
+            risk.on_decision = self._apply_decision
         self._upstream_key = settings.upstream.api_key()
         self._passthrough = settings.upstream.passthrough
         self._trusted = settings.server.trusted_proxies
@@ -78,10 +83,14 @@ class Pipeline:
     async def start(self) -> None:
         await self._record.start()
         await self._record.commit(self._transform.commitments())  # on disk before the first answer is marked
+        if self._risk is not None:
+            await self._risk.start()
         await self._admit.start()
         await self._upstream.start()
 
     async def close(self) -> None:
+        if self._risk is not None:
+            await self._risk.close()
         await self._upstream.close()
         await self._admit.close()
         await self._record.close()
@@ -151,6 +160,14 @@ class Pipeline:
                 await self._finish(exchange)
             if exchange.admitted:
                 await self._admit.release(exchange)
+                if self._risk is not None:
+                    self._risk.observe(exchange)  # queued: scored off the request path
+
+    async def _apply_decision(self, decision: Decision) -> None:
+        """A risk decision: applied where admission reads tiers (unless in shadow mode), and recorded."""
+        if decision.applied:
+            await self._admit.set_tier(decision.identity, decision.tier)
+        await self._record.decision(decision.identity, {"decision": decision.as_json()})
 
     async def _identify_or_count(self, exchange: Exchange, headers) -> None:
         """Identify the caller; a refused key still counts against its address's unauthenticated limit,

@@ -33,6 +33,9 @@ class Admitter(Protocol):
     async def release(self, exchange: Exchange) -> None:
         """The exchange has ended, whatever its outcome (its usage is known): return what admission held."""
 
+    async def set_tier(self, identity: Identity, tier: str | None) -> None:
+        """Override an identity's tier where every worker and replica reads it (None: its registry tier)."""
+
 
 class UpstreamResponse(Protocol):
     status: int
@@ -106,6 +109,9 @@ class Recorder(Protocol):
 
     async def commit(self, commitments: list[Commitment]) -> None:
         """Record commitments, durably, before the gateway serves (each as its own entry)."""
+
+    async def decision(self, identity: Identity, doc: dict) -> None:
+        """Record a risk decision (a tier change and the signals behind it)."""
 
     async def begin(self, exchange: Exchange) -> None:
         """The exchange was admitted (forwarding waits for this) or rejected: keep its start."""

@@ -108,6 +108,9 @@ def _settings(state_dir: Path, upstream_url: str, **server) -> config.Settings:
             "checkpoint_every": 50,
             "checkpoint_interval": 1.0,
         },
+        # the shared test gateways send hundreds of identical requests from one key, back to back: exactly
+        # what the risk engine tiers down (tests/risk/ exercise it)
+        "risk": {"mode": "off"},
     }
     STATE_DIRS.append(state_dir)
     return config.parse(raw, "test settings")

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from ..exchange import Exchange
+from ..exchange import Exchange, Identity
 from .entry import canonical, commit
 from .keys import address_hash
 from .log import EvidenceLog
@@ -79,6 +79,12 @@ class EvidenceRecorder:
             entry = {"v": 1, "kind": "commitment", "time": _iso(time.time()), **public}
             entry["commit"], openings = commit(fields)
             await self.log.append(canonical(entry), openings, None, wait=True)
+
+    async def decision(self, identity: Identity, doc: dict) -> None:
+        """A risk decision: the tier change and the signals and strengths behind it, in the clear (they are
+        what makes the decision explainable and contestable; no content is in them)."""
+        public = {"v": 1, "kind": "risk", "time": _iso(time.time()), "identity": identity.name, **doc}
+        await self._append(public, {}, identity.name, identity.tenant or "")
 
     async def begin(self, exchange: Exchange) -> None:
         identity = exchange.identity

@@ -98,6 +98,8 @@ class LimitAdmitter:
             self._settings.default_max_tokens,
         )
         verdict, engine, where = await self._decide(ask)
+        if identity.pinned and verdict.tier != identity.tier:  # an operator pinned it since: their tier wins
+            await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), None))
         self._count(verdict.status, where)
         tier = self._settings.tiers[verdict.tier]
         if verdict.tier != identity.tier:

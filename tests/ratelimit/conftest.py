@@ -37,6 +37,7 @@ def limited_settings(
             "evidence": {"origin": "canarygate.test/" + state_dir.name, "durability": "fsync"},
             "limits": limits or LIMITS,
             "watermark": watermark or {},
+            "risk": {"mode": "off"},  # these tests set tiers themselves
         },
         "test settings",
     )

@@ -33,6 +33,8 @@ read_timeout = 5.0
 dir = "state"
 [evidence]
 checkpoint_interval = 1.0
+[risk]
+mode = "off"  # these tests send one prompt back to back: the risk engine would tier them down
 [limits]
 storage = "{storage}"
 timeout_ms = {timeout_ms}

@@ -1,0 +1,167 @@
+"""Simulated traffic for the risk benchmark: benign users and extraction campaigns over N days. Seeded, pure.
+
+Benign users ask the real AlpacaEval instructions. Each user has their own pace (log-normal: most ask a
+few questions a day, some dozens), active on some days and not others, in sessions of a few questions a
+few minutes apart (Poisson within a session); a fifth of benign questions are drawn from a short list of
+popular instructions that many users ask word for word. A few heavy honest users ask 150-400 a day, some
+of them always through one template of their own (an app built on the API). One office of 150 users shares
+one network.
+
+Campaigns, each active for `CAMPAIGN_DAYS` from a random start, ask for the same instructions (what a
+distiller wants is answers to many diverse prompts) wrapped in templates:
+- sweeper: one account, 1,500 a day, one template, a script pausing 40-75 s between requests;
+- shared-50 and shared-500: 50 and 500 accounts, 40 and 6 a day each, rotating among five templates;
+- harvester: three accounts, 400 a day each, asking for full reasoning (the instruction plus a request
+  to show every step), jittered pauses;
+- proxy-mix: 100 accounts behind the office's network, 30 a day each, 70% templated and 30% ordinary
+  questions, at a person-like pace;
+- paraphrase: 100 accounts, 30 a day each, every request's template reworded from interchangeable parts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+DAY = 86400.0
+CAMPAIGN_DAYS = 10
+
+TEMPLATES = [
+    "You are a world-class expert. Write a comprehensive, detailed and well structured answer to the following: {x}",
+    "{x} Answer as an expert teacher would, with full explanations, examples and a short summary at the end.",
+    "Please provide an in-depth, step by step and complete response to this request from a student: {x}",
+    "I am building a study guide. Give a thorough, accurate and self-contained answer to: {x}",
+    "{x} Be exhaustive: cover every important aspect, define the key terms and give concrete examples.",
+]
+REASONING = " Think step by step and show your full reasoning before the final answer."
+OPENINGS = ["Please", "Kindly", "Could you", "I need you to", "Go ahead and", "Now"]
+VERBS = ["write", "give", "produce", "draft", "compose", "prepare"]
+QUALITIES = ["a thorough", "an exhaustive", "a detailed", "a comprehensive", "an in-depth", "a complete"]
+FORMS = ["answer", "response", "explanation", "reply", "treatment", "write-up"]
+LINKS = ["for", "to", "addressing", "covering", "on"]
+CLOSINGS = [
+    "",
+    " Include examples.",
+    " Use clear sections.",
+    " Be precise.",
+    " Define key terms.",
+    " Summarise at the end.",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    time: float  # simulated seconds since the start
+    account: str
+    prompt: str
+    group: str  # "benign" or the campaign's name
+    address: str  # the client address the gateway sees
+
+
+def _ip(rng: random.Random) -> str:
+    return f"{rng.randint(11, 200)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+
+
+def _office(rng: random.Random) -> str:
+    return f"203.0.113.{rng.randint(1, 254)}"
+
+
+def _sessions(rng: random.Random, day: float, count: int, gap: float) -> list[float]:
+    """`count` request times on one day, in sessions (Poisson within a session) during waking hours."""
+    times, left = [], count
+    while left > 0:
+        t = day + rng.uniform(7, 23) * 3600
+        for _ in range(min(left, max(1, int(rng.expovariate(1 / 6)) + 1))):
+            times.append(t)
+            t += rng.expovariate(1 / gap)
+            left -= 1
+    return times
+
+
+def benign(rng: random.Random, instructions: list[str], users: int, days: int) -> list[Request]:
+    popular = rng.sample(instructions, 20)
+    out = []
+    for u in range(users):
+        name = f"user{u}"
+        address = _office(rng) if u < 150 else _ip(rng)
+        pace = min(rng.lognormvariate(1.0, 1.0), 60)  # questions on an active day
+        active = rng.uniform(0.15, 0.8)
+        for d in range(days):
+            if rng.random() > active:
+                continue
+            for t in _sessions(rng, d * DAY, max(1, int(rng.expovariate(1 / pace))), gap=180):
+                prompt = rng.choice(popular) if rng.random() < 0.2 else rng.choice(instructions)
+                out.append(Request(t, name, prompt, "benign", address))
+    for h in range(10):  # heavy honest users; half of them an app with its own template
+        name, address = f"heavy{h}", _ip(rng)
+        template = f"Summarise for our customer newsletter number {h}, in plain words: {{x}}" if h % 2 else "{x}"
+        for d in range(days):
+            for t in _sessions(rng, d * DAY, rng.randint(150, 400), gap=60):
+                out.append(Request(t, name, template.format(x=rng.choice(instructions)), "benign", address))
+    return out
+
+
+def _script(rng: random.Random, start: float, per_day: int, low: float, high: float) -> list[float]:
+    """A loop with a pause drawn between `low` and `high` times the mean gap."""
+    mean, t, times = DAY / per_day, start, []
+    while t < start + CAMPAIGN_DAYS * DAY:
+        times.append(t)
+        t += mean * rng.uniform(low, high)
+    return times
+
+
+def _person_like(rng: random.Random, start: float, per_day: int) -> list[float]:
+    return [t for d in range(CAMPAIGN_DAYS) for t in _sessions(rng, start + d * DAY, per_day, gap=120)]
+
+
+def _paraphrased(rng: random.Random, x: str) -> str:
+    return (
+        f"{rng.choice(OPENINGS)} {rng.choice(VERBS)} {rng.choice(QUALITIES)} {rng.choice(FORMS)} "
+        f"{rng.choice(LINKS)} the following. {x}{rng.choice(CLOSINGS)}"
+    )
+
+
+def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[str, list[Request]]:
+    def start() -> float:
+        return rng.uniform(1, max(1, days - CAMPAIGN_DAYS)) * DAY
+
+    def ask(template: str) -> str:
+        return template.format(x=rng.choice(instructions))
+
+    out: dict[str, list[Request]] = {}
+    begin, address = start(), _ip(rng)
+    out["sweeper"] = [
+        Request(t, "sweeper0", ask(TEMPLATES[0]), "sweeper", address) for t in _script(rng, begin, 1500, 0.7, 1.3)
+    ]
+    for name, accounts, per_day in (("shared-50", 50, 40), ("shared-500", 500, 6)):
+        begin, requests = start(), []
+        for a in range(accounts):
+            address = _ip(rng)
+            times = _script(rng, begin + rng.uniform(0, DAY), per_day, 0.5, 1.5)
+            requests += [Request(t, f"{name}-{a}", ask(rng.choice(TEMPLATES)), name, address) for t in times]
+        out[name] = requests
+    begin, requests = start(), []
+    for a in range(3):
+        address = _ip(rng)
+        times = _script(rng, begin, 400, 0.3, 1.7)
+        requests += [
+            Request(t, f"harvester-{a}", rng.choice(instructions) + REASONING, "harvester", address) for t in times
+        ]
+    out["harvester"] = requests
+    begin, requests = start(), []
+    for a in range(100):
+        address = _office(rng)
+        for t in _person_like(rng, begin, 30):
+            prompt = ask(rng.choice(TEMPLATES)) if rng.random() < 0.7 else rng.choice(instructions)
+            requests.append(Request(t, f"proxy-{a}", prompt, "proxy-mix", address))
+    out["proxy-mix"] = requests
+    begin, requests = start(), []
+    for a in range(100):
+        address = _ip(rng)
+        times = _script(rng, begin + rng.uniform(0, DAY), 30, 0.5, 1.5)
+        requests += [
+            Request(t, f"paraphrase-{a}", _paraphrased(rng, rng.choice(instructions)), "paraphrase", address)
+            for t in times
+        ]
+    out["paraphrase"] = requests
+    return out

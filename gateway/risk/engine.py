@@ -1,0 +1,132 @@
+"""The risk engine: watches finished exchanges and moves identities between tiers.
+
+It is off the request path: `observe` queues an exchange's features (a few microseconds) and a background
+task scores them in batches, so that a request never waits for scoring. A tier change is a `Decision`
+handed to `on_decision` (the pipeline applies it where admission reads tiers, and records it with the
+signals behind it in the evidence log). In shadow mode decisions are made and recorded, never applied.
+Identities whose tier an operator pinned, or whose tier is off the engine's ladder (blocked, unlimited,
+custom), are scored but never moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..exchange import Exchange, Identity
+from .features import Observation, observe
+from .score import LADDER, next_tier, score, strengths
+from .signals import MemorySignals, Signals
+
+log = logging.getLogger("canarygate.risk")
+IN_FLIGHT_SECONDS = 5.0  # a decision reaches every worker's admissions well within this
+
+
+@dataclass(frozen=True)
+class Decision:
+    identity: Identity
+    previous: str  # the tier being left
+    tier: str  # the new tier
+    score: float
+    strengths: dict[str, float]
+    signals: Signals
+    time: float
+    applied: bool  # False in shadow mode
+
+    def as_json(self) -> dict:
+        return {
+            "identity": self.identity.name,
+            "tenant": self.identity.tenant,
+            "from": self.previous,
+            "to": self.tier,
+            "score": round(self.score, 4),
+            "strengths": self.strengths,
+            "signals": self.signals.as_json(),
+            "applied": self.applied,
+            "observed_at": self.time,  # the engine's clock when it observed the request that moved the score
+        }
+
+
+class RiskEngine:
+    def __init__(
+        self,
+        store: MemorySignals,
+        mode: str = "enforce",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if mode not in ("enforce", "shadow"):
+            raise ValueError(f"risk mode must be 'enforce' or 'shadow', not {mode!r}")
+        self._store = store
+        self._shadow = mode == "shadow"
+        self._clock = clock
+        self._queue: list[tuple[Observation, Identity]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._decided: dict[str, tuple[str, float]] = {}  # identity -> (tier, clock) of the last decision
+        self.on_decision: Callable[[Decision], Awaitable[None]] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def observe(self, exchange: Exchange) -> None:
+        found = observe(exchange, self._clock())
+        if found is not None:
+            self._queue.append((found, exchange.identity))
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Score everything observed so far (tests and shutdown)."""
+        while self._queue:
+            await self._score(self._take())
+
+    def _take(self) -> list[tuple[Observation, Identity]]:
+        batch, self._queue = self._queue, []
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._score(self._take())
+            except Exception:  # a scoring fault must not stop the engine (nor touch a request)
+                log.exception("risk scoring failed for a batch")
+
+    async def _score(self, batch: list[tuple[Observation, Identity]]) -> None:
+        for found, identity in batch:
+            decision = self.assess(found, identity)
+            if decision is not None and self.on_decision is not None:
+                await self.on_decision(decision)
+
+    def assess(self, found: Observation, identity: Identity) -> Decision | None:
+        """Update the signals with one observation; a Decision when the identity's tier should change."""
+        signals = self._store.update(found)
+        current = self._current(identity, found.time)
+        if identity.pinned or current not in LADDER:
+            return None
+        parts = strengths(signals)
+        value = score(parts)
+        tier = next_tier(current, value)
+        if tier == current:
+            return None
+        self._decided[identity.name] = (tier, found.time)
+        return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
+
+    def _current(self, identity: Identity, now: float) -> str:
+        """The tier to move from: the one the exchange carried, which is what admission applied, unless a
+        decision is newer than that could show (still in flight), or decisions are not applied (shadow)."""
+        decided = self._decided.get(identity.name)
+        if decided is not None and (self._shadow or now - decided[1] < IN_FLIGHT_SECONDS):
+            return decided[0]
+        return identity.tier

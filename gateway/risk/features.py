@@ -1,0 +1,93 @@
+"""What one finished exchange says about its caller: a few hashes and flags, computed once, in microseconds.
+
+Nothing here keeps state or reads a clock. The prompt is reduced to:
+- its skeleton: the hashes of its first and of its last six words (of a prompt of twelve words or more;
+  a shorter prompt is its own skeleton). A template swept over topics ("You are an expert. Write a detailed
+  essay about X", "X: explain it to a child in simple words") keeps one of the two while the slot changes,
+  and six words are more than the common openings people share ("write a poem about");
+- its fill: the hash of all its words, so that many accounts sending one popular prompt (one fill) can be
+  told from many accounts sweeping one template (many fills);
+- its length in words (machine-made prompts vary little in length; people's vary a lot);
+- whether it asks for the model's reasoning, or probes for the system prompt;
+and the answer to whether it carried prose the watermark could mark (an account that only ever asks for
+code, JSON or quotations avoids the marks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from ..exchange import Exchange
+
+_WORD = re.compile(r"[a-z0-9']+")
+_REASONING = re.compile(
+    r"step[- ]by[- ]step|chain[- ]of[- ]thought|show (?:me )?your (?:work|reasoning|thinking)|"
+    r"explain your reasoning|reasoning (?:process|trace|steps)|think (?:it )?through|<think",
+)
+_PROBE = re.compile(
+    r"system prompt|ignore (?:all |any )?(?:the )?(?:previous|prior|above) instructions|"
+    r"(?:repeat|print|reveal|show) (?:me )?(?:the |your )?(?:text|words|instructions|prompt) above|"
+    r"your (?:initial|original|hidden) (?:instructions|prompt)|developer message",
+)
+_REASONING_FIELDS = ("reasoning_effort", "reasoning", "thinking", "include_reasoning")
+UNMARKED_MIN_BYTES = 600  # an answer this long with no watermark site avoided prose
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    identity: str
+    tenant: str
+    time: float
+    prefix: str  # skeleton hashes (8 hex digits each)
+    suffix: str
+    fill: str
+    words: int
+    reasoning: bool
+    probe: bool
+    unmarked: bool
+    tokens: int
+    network: str  # the client's /24 (IPv4) or /48 (IPv6): where accounts behind one proxy meet
+
+
+def observe(exchange: Exchange, now: float) -> Observation | None:
+    """The exchange's features, or None when it says nothing about its caller (no identity, not a model call)."""
+    identity = exchange.identity
+    if identity is None or exchange.route is None or not exchange.admitted:
+        return None
+    text = exchange.prompt_text.lower()
+    words = _WORD.findall(text)
+    head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
+    request = exchange.request or {}
+    sites = sum(mark.get("sites", 0) for mark in exchange.marks)
+    return Observation(
+        identity=identity.name,
+        tenant=identity.tenant or "",
+        time=now,
+        prefix=_hash(head),
+        suffix=_hash(tail),
+        fill=_hash(words),
+        words=len(words),
+        reasoning=bool(_REASONING.search(text)) or any(request.get(f) for f in _REASONING_FIELDS),
+        probe=bool(_PROBE.search(text)),
+        unmarked=exchange.structured or (sites == 0 and len(exchange.answer()) >= UNMARKED_MIN_BYTES),
+        tokens=exchange.tokens_used or exchange.prompt_tokens,
+        network=network_of(exchange.client_ip),
+    )
+
+
+def _hash(words: list[str]) -> str:
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=4).hexdigest()
+
+
+def network_of(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

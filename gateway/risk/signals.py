@@ -1,0 +1,157 @@
+"""Signals: the running state behind each identity's score, updated in constant time per observation.
+
+Per identity, counts decay exponentially with a time constant TAU (an account idle for a week is scored on
+what it does next, not on last month), and four running statistics are kept with the same decayed weights:
+the share of requests that ask for reasoning, that probe for the system prompt, whose answers avoided
+prose; the spread of prompt lengths and of the gaps between requests (both on a log scale, so that they
+measure regularity whatever the scale: a person's gaps spread over orders of magnitude, a script's do not);
+and decayed counts per skeleton, whose largest share is the identity's template concentration.
+
+Across identities, per day: which accounts used each skeleton and with how many distinct fills, and which
+accounts came from each network. A campaign spread over many accounts shows up there: many accounts
+sweeping one template with many fills. A popular prompt does not: many accounts, one fill.
+
+`MemorySignals` keeps all of it in this process (the embedded default, and what tests compare with).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .features import Observation
+
+TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
+DAY = 86400
+MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond this
+# A skeleton is being swept by many when at least this many accounts used it within two days, with at least
+# twice as many distinct prompts as accounts: a popular prompt has one fill however many ask it, and people
+# who share an opening rarely reach ten accounts on six identical words.
+SWEPT_BY = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    requests: float  # decayed count: about the requests of the last TAU
+    per_day: float  # the request rate this implies
+    concentration: float  # share of requests on the identity's commonest skeleton
+    swept_share: float  # share of requests on a skeleton many accounts are sweeping (see SWEPT_BY)
+    template_accounts: int  # accounts on this request's most shared skeleton, today and yesterday
+    template_fills: int  # distinct prompts sent with it, today and yesterday
+    reasoning: float  # share of requests asking for reasoning
+    probes: float  # decayed count of system-prompt probes
+    unmarked: float  # share of answers that avoided prose (code, JSON, quotations only)
+    length_spread: float  # standard deviation of log prompt length
+    timing_spread: float  # standard deviation of log gap between requests
+    network_accounts: int  # accounts seen from the identity's network today and yesterday
+
+    def as_json(self) -> dict:
+        return {name: round(getattr(self, name), 4) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Running:
+    """A decayed weighted mean and variance (West's update with a decaying weight for the past)."""
+
+    mean: float = 0.0
+    var: float = 0.0
+
+    def add(self, value: float, weight: float) -> None:
+        """`weight`: the past's decayed weight before this observation."""
+        total = weight + 1.0
+        delta = value - self.mean
+        self.mean += delta / total
+        self.var = weight * (self.var + delta * delta / total) / total
+
+    @property
+    def spread(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+
+@dataclass(slots=True)
+class _Identity:
+    last: float = 0.0
+    n: float = 0.0
+    reasoning: float = 0.0
+    probes: float = 0.0
+    unmarked: float = 0.0
+    swept: float = 0.0
+    lengths: _Running = field(default_factory=_Running)
+    gaps: _Running = field(default_factory=_Running)
+    gaps_n: float = 0.0
+    skeletons: dict[str, float] = field(default_factory=dict)
+
+
+class MemorySignals:
+    def __init__(self) -> None:
+        self._identities: dict[str, _Identity] = {}
+        self._skeletons: dict[int, dict[str, tuple[set, set]]] = defaultdict(dict)  # day -> skeleton -> sets
+        self._networks: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> network -> (accounts,)
+
+    def update(self, obs: Observation) -> Signals:
+        state = self._identities.setdefault(obs.identity, _Identity(last=obs.time))
+        factor = math.exp(-max(obs.time - state.last, 0.0) / TAU) if state.n else 1.0
+        past = state.n * factor
+        if state.n:
+            state.gaps.add(math.log(max(obs.time - state.last, 0.001)), state.gaps_n * factor)
+            state.gaps_n = state.gaps_n * factor + 1.0
+        state.lengths.add(math.log1p(obs.words), past)
+        state.n = past + 1.0
+        state.reasoning = state.reasoning * factor + obs.reasoning
+        state.probes = state.probes * factor + obs.probe
+        state.unmarked = state.unmarked * factor + obs.unmarked
+        state.last = obs.time
+        top = self._count_skeletons(state, obs, factor)
+        day = int(obs.time // DAY)
+        self._prune(day)
+        for skeleton in ("p" + obs.prefix, "s" + obs.suffix):
+            seen = self._skeletons[day].setdefault(skeleton, (set(), set()))
+            seen[0].add(obs.identity)
+            seen[1].add(obs.fill)
+        self._networks[day].setdefault(obs.network, (set(),))[0].add(obs.identity)
+        accounts, fills = max(_window(self._skeletons, day, key, 2) for key in ("p" + obs.prefix, "s" + obs.suffix))
+        state.swept = state.swept * factor + (accounts >= SWEPT_BY and fills >= 2 * accounts)
+        (network,) = _window(self._networks, day, obs.network, 1)
+        return Signals(
+            requests=state.n,
+            per_day=state.n * DAY / TAU,
+            concentration=state.skeletons[top] / state.n,
+            swept_share=state.swept / state.n,
+            template_accounts=accounts,
+            template_fills=fills,
+            reasoning=state.reasoning / state.n,
+            probes=state.probes,
+            unmarked=state.unmarked / state.n,
+            length_spread=state.lengths.spread,
+            timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
+            network_accounts=network,
+        )
+
+    @staticmethod
+    def _count_skeletons(state: _Identity, obs: Observation, factor: float) -> str:
+        counts = state.skeletons
+        for key in list(counts):
+            counts[key] *= factor
+        for skeleton in {"p" + obs.prefix, "s" + obs.suffix}:
+            counts[skeleton] = counts.get(skeleton, 0.0) + 1.0
+        if len(counts) > MAX_SKELETONS:
+            for key in sorted(counts, key=counts.get)[: len(counts) - MAX_SKELETONS]:
+                del counts[key]
+        return max(counts, key=counts.get)
+
+    def _prune(self, day: int) -> None:
+        for table in (self._skeletons, self._networks):
+            for old in [d for d in table if d < day - 1]:
+                del table[old]
+
+
+def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
+    """The sizes of `key`'s sets over today and yesterday, each the larger of the two days' (a lower bound
+    of the union, in constant time; a campaign that keeps going fills both days)."""
+    best = [0] * width
+    for each in (day - 1, day):
+        sets = table.get(each, {}).get(key)
+        if sets:
+            best = [max(b, len(s)) for b, s in zip(best, sets, strict=True)]
+    return tuple(best)
