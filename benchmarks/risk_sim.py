@@ -244,16 +244,16 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
         f"({100 * b['ever_watch'] / b['accounts']:.1f}%); ever in suspect: {b['ever_suspect']} "
         f"({100 * b['ever_suspect'] / b['accounts']:.2f}%); blocked: 0 (the engine never blocks).",
         "",
-        "| campaign | accounts | requests | reached suspect | median hours to suspect | answers before suspect "
-        "| answers under static limits alone | reduction |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| campaign | accounts | requests | reached watch | reached suspect | median hours to suspect "
+        "| answers before suspect | answers under static limits alone | reduction |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for group, r in result.items():
         if group == "benign":
             continue
         share = 100 * r["ever_suspect"] / r["accounts"]
         lines.append(
-            f"| {group} | {r['accounts']} | {r['requests']} | {r['ever_suspect']} ({share:.0f}%) "
+            f"| {group} | {r['accounts']} | {r['requests']} | {r['ever_watch']} | {r['ever_suspect']} ({share:.0f}%) "
             f"| {r['median_hours_to_suspect']} | {r['answers_before_suspect']} | {r['static_limits_answers']} "
             f"| {r['reduction']}x |"
         )

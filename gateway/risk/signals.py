@@ -26,8 +26,9 @@ TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
 MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond this
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
-# twice as many distinct prompts as accounts: a popular prompt has one fill however many ask it, and people
-# who share an opening rarely reach ten accounts on six identical words.
+# one distinct prompt for every two accounts: a popular prompt has one fill (or a handful of spellings)
+# however many ask it, while a sweep brings new fills with every account. People who happen to share a
+# six-word opening each use it for a small share of their requests, which `swept_share` measures.
 SWEPT_BY = 10
 
 
@@ -111,7 +112,7 @@ class MemorySignals:
             seen[1].add(obs.fill)
         self._networks[day].setdefault(obs.network, (set(),))[0].add(obs.identity)
         accounts, fills = max(_window(self._skeletons, day, key, 2) for key in ("p" + obs.prefix, "s" + obs.suffix))
-        state.swept = state.swept * factor + (accounts >= SWEPT_BY and fills >= 2 * accounts)
+        state.swept = state.swept * factor + (accounts >= SWEPT_BY and 2 * fills >= accounts)
         (network,) = _window(self._networks, day, obs.network, 1)
         return Signals(
             requests=state.n,

@@ -33,9 +33,11 @@ def _exchange(prompt: str, identity: str = "alice", request: dict | None = None)
 
 
 def test_features_tell_a_swept_template_from_a_popular_prompt():
-    a = observe(_exchange("Write a detailed essay about the history of Rome for a student"), 0)
-    b = observe(_exchange("Write a detailed essay about volcanoes and how they erupt today"), 0)
-    c = observe(_exchange("Write a detailed essay about volcanoes and how they erupt today", "bob"), 0)
+    a = observe(_exchange("Write a long and detailed essay about the history of Rome for a student"), 0)
+    b = observe(_exchange("Write a long and detailed essay about volcanoes and how they erupt today"), 0)
+    c = observe(_exchange("Write a long and detailed essay about volcanoes and how they erupt today", "bob"), 0)
+    short = observe(_exchange("Write a poem about the sea"), 0)  # shorter than twelve words: its own skeleton
+    assert short.prefix == short.suffix == short.fill
     assert a.prefix == b.prefix and a.fill != b.fill and b.fill == c.fill
     assert observe(_exchange("Please think step by step about this"), 0).reasoning
     assert observe(_exchange("hello", request={"reasoning_effort": "high"}), 0).reasoning
@@ -56,7 +58,9 @@ def test_signals_decay_and_measure_regularity():
     t = 0.0
     for _ in range(200):  # a script: one request every 60 s, one template
         t += 60
-        regular = store.update(_obs("bot", t, f"Explain the topic {rng.random()} in great detail please"))
+        regular = store.update(
+            _obs("bot", t, f"Explain {rng.random()} in great detail please, with examples and a summary")
+        )
     t = 0.0
     for _ in range(200):  # a person: Poisson arrivals, prompts of every length
         t += rng.expovariate(1 / 600)
@@ -64,7 +68,7 @@ def test_signals_decay_and_measure_regularity():
     assert regular.timing_spread < 0.05 and 1.0 < person.timing_spread < 1.6  # log-gap spread of Poisson: 1.28
     assert regular.length_spread < 0.1 < 0.4 < person.length_spread
     assert regular.concentration == 1.0 and person.concentration < 0.2
-    later = store.update(_obs("bot", t + 10 * DAY, "Explain the topic again in great detail please"))
+    later = store.update(_obs("bot", t + 10 * DAY, "Explain it in great detail please, with examples and a summary"))
     assert later.requests < 2 + 200 * math.exp(-5)  # ten days idle: the past weighs e^-5
 
 
@@ -88,7 +92,8 @@ def test_a_popular_prompt_from_many_accounts_is_not_a_campaign_but_a_swept_templ
     for account in range(60):
         for _ in range(4):
             t += 30
-            swept = store.update(_obs(f"acct{account}", t, f"Give a complete tutorial on {rng.random()} for experts"))
+            prompt = f"Give a complete and thorough tutorial on the subject of {rng.random()} for experts"
+            swept = store.update(_obs(f"acct{account}", t, prompt))
     assert strengths(swept)["shared_template"] > 0.8
 
 
@@ -131,7 +136,9 @@ def _send(url: str, key: str, prompt: str) -> httpx.Response:
 def _sweep(url: str, key: str, clock: Clock, count: int) -> None:
     for i in range(count):
         clock.now += 30  # a script, every 30 simulated seconds
-        assert _send(url, key, f"Write a complete, detailed tutorial about topic number {i} for experts").is_success
+        assert _send(
+            url, key, f"Write a complete, detailed tutorial about topic number {i} for experts in the field"
+        ).is_success
 
 
 def test_a_template_sweeping_script_is_moved_to_suspect_and_the_reasons_are_recorded(risky, tmp_path):
