@@ -5,8 +5,6 @@ Nothing here keeps state or reads a clock. The prompt is reduced to:
   a shorter prompt is its own skeleton). A template swept over topics ("You are an expert. Write a detailed
   essay about X", "X: explain it to a child in simple words") keeps one of the two while the slot changes,
   and six words are more than the common openings people share ("write a poem about");
-- its fill: the hash of all its words, so that many accounts sending one popular prompt (one fill) can be
-  told from many accounts sweeping one template (many fills);
 - its length in words (machine-made prompts vary little in length; people's vary a lot);
 - whether it asks for the model's reasoning, or probes for the system prompt;
 and the answer to whether it carried prose the watermark could mark (an account that only ever asks for
@@ -43,7 +41,6 @@ class Observation:
     time: float
     prefix: str  # skeleton hashes (8 hex digits each)
     suffix: str
-    fill: str
     words: int
     reasoning: bool
     probe: bool
@@ -68,7 +65,6 @@ def observe(exchange: Exchange, now: float) -> Observation | None:
         time=now,
         prefix=_hash(head),
         suffix=_hash(tail),
-        fill=_hash(words),
         words=len(words),
         reasoning=bool(_REASONING.search(text)) or any(request.get(f) for f in _REASONING_FIELDS),
         probe=bool(_PROBE.search(text)),

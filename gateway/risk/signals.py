@@ -7,9 +7,9 @@ prose; the spread of prompt lengths and of the gaps between requests (both on a 
 measure regularity whatever the scale: a person's gaps spread over orders of magnitude, a script's do not);
 and decayed counts per skeleton, whose largest share is the identity's template concentration.
 
-Across identities, per day: which accounts used each skeleton and with how many distinct fills, and which
-accounts came from each network. A campaign spread over many accounts shows up there: many accounts
-sweeping one template with many fills. A popular prompt does not: many accounts, one fill.
+Across identities, per day: which accounts used each skeleton and with how many distinct other ends, and
+which accounts came from each network. A campaign spread over many accounts shows up there: many accounts
+sweeping one template with many slot values. A popular prompt does not: many accounts, one prompt.
 
 `MemorySignals` keeps all of it in this process (the embedded default, and what tests compare with).
 """
@@ -26,8 +26,10 @@ TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
 MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond this
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
-# one distinct prompt for every two accounts: a popular prompt has one fill (or a handful of spellings)
-# however many ask it, while a sweep brings new fills with every account. People who happen to share a
+# one distinct other end (the words where the slot is) for every two accounts. A popular prompt has one
+# other end however many ask it; a sweep brings new ones with every account. The other end, not the whole
+# prompt, is what counts: accounts sending one question wrapped in a few templates share the question's
+# tail, but with a few other ends (the templates), not a new one each. People who happen to share a
 # six-word opening each use it for a small share of their requests, which `swept_share` measures.
 SWEPT_BY = 10
 
@@ -39,7 +41,7 @@ class Signals:
     concentration: float  # share of requests on the identity's commonest skeleton
     swept_share: float  # share of requests on a skeleton many accounts are sweeping (see SWEPT_BY)
     template_accounts: int  # accounts on this request's most shared skeleton, today and yesterday
-    template_fills: int  # distinct prompts sent with it, today and yesterday
+    template_variants: int  # distinct other ends sent with it (the slot's values), today and yesterday
     reasoning: float  # share of requests asking for reasoning
     probes: float  # decayed count of system-prompt probes
     unmarked: float  # share of answers that avoided prose (code, JSON, quotations only)
@@ -106,13 +108,16 @@ class MemorySignals:
         top = self._count_skeletons(state, obs, factor)
         day = int(obs.time // DAY)
         self._prune(day)
-        for skeleton in ("p" + obs.prefix, "s" + obs.suffix):
+        ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))  # each skeleton, and its other end
+        for skeleton, other in ends:
             seen = self._skeletons[day].setdefault(skeleton, (set(), set()))
             seen[0].add(obs.identity)
-            seen[1].add(obs.fill)
+            seen[1].add(other)
         self._networks[day].setdefault(obs.network, (set(),))[0].add(obs.identity)
-        accounts, fills = max(_window(self._skeletons, day, key, 2) for key in ("p" + obs.prefix, "s" + obs.suffix))
-        state.swept = state.swept * factor + (accounts >= SWEPT_BY and 2 * fills >= accounts)
+        shared = [_window(self._skeletons, day, skeleton, 2) for skeleton, _ in ends]
+        swept = any(accounts >= SWEPT_BY and 2 * others >= accounts for accounts, others in shared)
+        state.swept = state.swept * factor + swept
+        accounts, fills = max(shared)
         (network,) = _window(self._networks, day, obs.network, 1)
         return Signals(
             requests=state.n,
@@ -120,7 +125,7 @@ class MemorySignals:
             concentration=state.skeletons[top] / state.n,
             swept_share=state.swept / state.n,
             template_accounts=accounts,
-            template_fills=fills,
+            template_variants=fills,
             reasoning=state.reasoning / state.n,
             probes=state.probes,
             unmarked=state.unmarked / state.n,
