@@ -26,13 +26,32 @@ from dataclasses import dataclass
 DAY = 86400.0
 CAMPAIGN_DAYS = 10
 
-TEMPLATES = [
-    "You are a world-class expert. Write a comprehensive, detailed and well structured answer to the following: {x}",
-    "{x} Answer as an expert teacher would, with full explanations, examples and a short summary at the end.",
-    "Please provide an in-depth, step by step and complete response to this request from a student: {x}",
-    "I am building a study guide. Give a thorough, accurate and self-contained answer to: {x}",
-    "{x} Be exhaustive: cover every important aspect, define the key terms and give concrete examples.",
-]
+# Each campaign has its own templates (different operators write different ones): a campaign is never
+# caught because another one used its wording.
+TEMPLATES = {
+    "sweeper": ["Respond like a seasoned professor writing for an encyclopedia entry on this topic: {x}"],
+    "shared-50": [
+        "You are a world-class expert. Write a comprehensive, detailed, well structured answer to the following: {x}",
+        "{x} Answer as an expert teacher would, with full explanations, examples and a short summary at the end.",
+        "Please provide an in-depth, step by step and complete response to this request from a student: {x}",
+        "I am building a study guide. Give a thorough, accurate and self-contained answer to: {x}",
+        "{x} Be exhaustive: cover every important aspect, define the key terms and give concrete examples.",
+    ],
+    "shared-500": [
+        "As a knowledgeable assistant, produce a long, careful and complete reply to the user request below. {x}",
+        "{x} Reply in full detail, explaining the reasoning behind each point and closing with key takeaways.",
+        "Training data task: answer the instruction that follows as helpfully and completely as possible. {x}",
+        "Give the best possible answer, with structure, nuance and examples, to this instruction: {x}",
+        "{x} Write the ideal answer a top expert would give, complete and well organised, nothing left out.",
+    ],
+    "proxy-mix": [
+        "Act as a senior specialist and answer the following question thoroughly and precisely please: {x}",
+        "{x} Make the answer long, factual and organised into clear sections with a brief conclusion.",
+        "Here is a task for you. Provide a complete, high quality and detailed solution to it now: {x}",
+        "Write an authoritative, complete and carefully reasoned response to the following prompt: {x}",
+        "{x} Cover the topic comprehensively with definitions, explanations, examples and caveats.",
+    ],
+}
 REASONING = " Think step by step and show your full reasoning before the final answer."
 OPENINGS = ["Please", "Kindly", "Could you", "I need you to", "Go ahead and", "Now"]
 VERBS = ["write", "give", "produce", "draft", "compose", "prepare"]
@@ -131,14 +150,15 @@ def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[st
     out: dict[str, list[Request]] = {}
     begin, address = start(), _ip(rng)
     out["sweeper"] = [
-        Request(t, "sweeper0", ask(TEMPLATES[0]), "sweeper", address) for t in _script(rng, begin, 1500, 0.7, 1.3)
+        Request(t, "sweeper0", ask(TEMPLATES["sweeper"][0]), "sweeper", address)
+        for t in _script(rng, begin, 1500, 0.7, 1.3)
     ]
     for name, accounts, per_day in (("shared-50", 50, 40), ("shared-500", 500, 6)):
         begin, requests = start(), []
         for a in range(accounts):
             address = _ip(rng)
             times = _script(rng, begin + rng.uniform(0, DAY), per_day, 0.5, 1.5)
-            requests += [Request(t, f"{name}-{a}", ask(rng.choice(TEMPLATES)), name, address) for t in times]
+            requests += [Request(t, f"{name}-{a}", ask(rng.choice(TEMPLATES[name])), name, address) for t in times]
         out[name] = requests
     begin, requests = start(), []
     for a in range(3):
@@ -152,7 +172,7 @@ def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[st
     for a in range(100):
         address = _office(rng)
         for t in _person_like(rng, begin, 30):
-            prompt = ask(rng.choice(TEMPLATES)) if rng.random() < 0.7 else rng.choice(instructions)
+            prompt = ask(rng.choice(TEMPLATES["proxy-mix"])) if rng.random() < 0.7 else rng.choice(instructions)
             requests.append(Request(t, f"proxy-{a}", prompt, "proxy-mix", address))
     out["proxy-mix"] = requests
     begin, requests = start(), []

@@ -33,8 +33,10 @@ def strengths(s: Signals) -> dict[str, float]:
         "volume": 0.6 * _ramp(s.per_day, 300, 1000),
         # one skeleton for most requests: a template being swept
         "template": 0.6 * _ramp(s.concentration, 0.5, 0.8) if enough else 0.0,
-        # most of its requests on templates that many accounts are sweeping: a campaign spread over accounts
-        "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) if s.requests >= 3 else 0.0,
+        # most of its requests on templates that many accounts are sweeping: a campaign spread over accounts.
+        # Real prompt collections hold templates too (people ask "how many X are there? Try to explain
+        # your answer" in many forms), so a few such requests are not enough: it takes half a dozen.
+        "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) * _ramp(s.swept_requests, 2, 6),
         "reasoning": 0.6 * _ramp(s.reasoning, 0.5, 0.8) if enough else 0.0,
         "system_prompt_probes": 0.9 * _ramp(s.probes, 1, 4),
         "avoids_marks": 0.5 * _ramp(s.unmarked, 0.7, 0.9) if enough else 0.0,

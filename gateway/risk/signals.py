@@ -40,6 +40,7 @@ class Signals:
     per_day: float  # the request rate this implies
     concentration: float  # share of requests on the identity's commonest skeleton
     swept_share: float  # share of requests on a skeleton many accounts are sweeping (see SWEPT_BY)
+    swept_requests: float  # their decayed count
     template_accounts: int  # accounts on this request's most shared skeleton, today and yesterday
     template_variants: int  # distinct other ends sent with it (the slot's values), today and yesterday
     reasoning: float  # share of requests asking for reasoning
@@ -124,6 +125,7 @@ class MemorySignals:
             per_day=state.n * DAY / TAU,
             concentration=state.skeletons[top] / state.n,
             swept_share=state.swept / state.n,
+            swept_requests=state.swept,
             template_accounts=accounts,
             template_variants=fills,
             reasoning=state.reasoning / state.n,

@@ -90,7 +90,7 @@ def test_a_popular_prompt_from_many_accounts_is_not_a_campaign_but_a_swept_templ
     assert "shared_template" not in strengths(found)
     rng = random.Random(2)
     for account in range(60):
-        for _ in range(4):
+        for _ in range(8):  # half a dozen swept requests make the evidence
             t += 30
             prompt = f"Give a complete and thorough tutorial on the subject of {rng.random()} for experts"
             swept = store.update(_obs(f"acct{account}", t, prompt))
