@@ -26,7 +26,7 @@ import uvloop
 from gateway import config
 from gateway.exchange import Exchange, Identity
 from gateway.ratelimit import open_admitter
-from gateway.ratelimit.redis_budget import connect
+from gateway.redis_client import connect
 from tests.redis_servers import RedisProcess
 
 LIMITS = {

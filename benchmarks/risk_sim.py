@@ -41,7 +41,7 @@ from gateway.risk import RiskEngine
 from gateway.risk.features import observe
 from gateway.risk.signals import MemorySignals
 
-from .risk_traffic import Request, benign, campaigns
+from .risk_traffic import CAMPAIGN_DAYS, Request, benign, campaigns
 from .systems import _spawn, _uvicorn, _wait_ready, free_port, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +183,8 @@ def summarise(groups: dict[str, list[Request]], served: dict, moves: dict) -> di
 
 def scoring_cost(requests: list[Request], sample: int = 20000) -> dict:
     """Microseconds per observation (features, signals and score), in this process, on the same traffic."""
-    engine = RiskEngine(MemorySignals(), "shadow", clock=time.time)
+    store = MemorySignals()
+    engine = RiskEngine(store, "shadow", clock=time.time)
     timings = []
     for request in requests[:sample]:
         exchange = Exchange("r", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", request.address)
@@ -194,7 +195,7 @@ def scoring_cost(requests: list[Request], sample: int = 20000) -> dict:
         )
         start = time.perf_counter()
         found = observe(exchange, EPOCH + request.time)
-        engine.assess(found, exchange.identity)
+        engine.decide(found, exchange.identity, store.update(found))
         timings.append((time.perf_counter() - start) * 1e6)
     timings.sort()
     return {"observations": len(timings), "median_us": round(timings[len(timings) // 2], 1),
@@ -217,8 +218,9 @@ def plot(result: dict, groups: dict, moves: dict, out: Path) -> None:
         hours = sorted(
             (s - starts[a]) / 3600 for a in starts if (s := first_time(moves.get(a, []), "suspect")) is not None
         )
-        if hours:
-            ax.step(hours, [i / len(starts) for i in range(1, len(hours) + 1)], where="post", label=group)
+        if hours:  # from (0, 0), so that a campaign of one account shows as a step too
+            shares = [i / len(starts) for i in range(len(hours) + 1)]
+            ax.step([0.0, *hours], shares, where="post", label=group)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("hours from an account's first request")
     ax.set_ylabel("share of the campaign's accounts in suspect")
@@ -269,9 +271,11 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
 
 
 def _command(args) -> str:
-    return (
-        f"python -m benchmarks.risk_sim --data {args.data} --days {args.days} --users {args.users} --seed {args.seed}"
-    )
+    command = f"python -m benchmarks.risk_sim --data {args.data} --days {args.days} --users {args.users}"
+    command += f" --seed {args.seed}"
+    if args.campaign_days != CAMPAIGN_DAYS:
+        command += f" --campaign-days {args.campaign_days}"
+    return command + (f" --campaigns {args.campaigns}" if args.campaigns else "")
 
 
 def main() -> None:
@@ -281,11 +285,16 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--campaign-days", type=int, default=CAMPAIGN_DAYS, help="how long each campaign runs")
+    parser.add_argument("--campaigns", help="only these campaigns, comma-separated (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     instructions, answers = load(Path(args.data))
     rng = random.Random(args.seed)
-    groups = {"benign": benign(rng, instructions, args.users, args.days), **campaigns(rng, instructions, args.days)}
+    groups = {"benign": benign(rng, instructions, args.users, args.days)}
+    groups |= campaigns(rng, instructions, args.days, args.campaign_days)
+    if args.campaigns:
+        groups = {name: g for name, g in groups.items() if name == "benign" or name in args.campaigns.split(",")}
     requests = sorted((r for g in groups.values() for r in g), key=lambda r: r.time)
     workdir = Path(tempfile.mkdtemp(prefix="canarygate-risk-"))
     (workdir / "answers.json").write_text(json.dumps(answers))

@@ -120,17 +120,17 @@ def benign(rng: random.Random, instructions: list[str], users: int, days: int) -
     return out
 
 
-def _script(rng: random.Random, start: float, per_day: int, low: float, high: float) -> list[float]:
+def _script(rng: random.Random, start: float, days: int, per_day: int, low: float, high: float) -> list[float]:
     """A loop with a pause drawn between `low` and `high` times the mean gap."""
     mean, t, times = DAY / per_day, start, []
-    while t < start + CAMPAIGN_DAYS * DAY:
+    while t < start + days * DAY:
         times.append(t)
         t += mean * rng.uniform(low, high)
     return times
 
 
-def _person_like(rng: random.Random, start: float, per_day: int) -> list[float]:
-    return [t for d in range(CAMPAIGN_DAYS) for t in _sessions(rng, start + d * DAY, per_day, gap=120)]
+def _person_like(rng: random.Random, start: float, days: int, per_day: int) -> list[float]:
+    return [t for d in range(days) for t in _sessions(rng, start + d * DAY, per_day, gap=120)]
 
 
 def _paraphrased(rng: random.Random, x: str) -> str:
@@ -140,9 +140,13 @@ def _paraphrased(rng: random.Random, x: str) -> str:
     )
 
 
-def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[str, list[Request]]:
+def campaigns(
+    rng: random.Random, instructions: list[str], days: int, length: int = CAMPAIGN_DAYS
+) -> dict[str, list[Request]]:
+    """Every campaign, each running `length` days from a random start within the `days` simulated."""
+
     def start() -> float:
-        return rng.uniform(1, max(1, days - CAMPAIGN_DAYS)) * DAY
+        return rng.uniform(1, max(1, days - length)) * DAY
 
     def ask(template: str) -> str:
         return template.format(x=rng.choice(instructions))
@@ -151,19 +155,19 @@ def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[st
     begin, address = start(), _ip(rng)
     out["sweeper"] = [
         Request(t, "sweeper0", ask(TEMPLATES["sweeper"][0]), "sweeper", address)
-        for t in _script(rng, begin, 1500, 0.7, 1.3)
+        for t in _script(rng, begin, length, 1500, 0.7, 1.3)
     ]
     for name, accounts, per_day in (("shared-50", 50, 40), ("shared-500", 500, 6)):
         begin, requests = start(), []
         for a in range(accounts):
             address = _ip(rng)
-            times = _script(rng, begin + rng.uniform(0, DAY), per_day, 0.5, 1.5)
+            times = _script(rng, begin + rng.uniform(0, DAY), length, per_day, 0.5, 1.5)
             requests += [Request(t, f"{name}-{a}", ask(rng.choice(TEMPLATES[name])), name, address) for t in times]
         out[name] = requests
     begin, requests = start(), []
     for a in range(3):
         address = _ip(rng)
-        times = _script(rng, begin, 400, 0.3, 1.7)
+        times = _script(rng, begin, length, 400, 0.3, 1.7)
         requests += [
             Request(t, f"harvester-{a}", rng.choice(instructions) + REASONING, "harvester", address) for t in times
         ]
@@ -171,14 +175,14 @@ def campaigns(rng: random.Random, instructions: list[str], days: int) -> dict[st
     begin, requests = start(), []
     for a in range(100):
         address = _office(rng)
-        for t in _person_like(rng, begin, 30):
+        for t in _person_like(rng, begin, length, 30):
             prompt = ask(rng.choice(TEMPLATES["proxy-mix"])) if rng.random() < 0.7 else rng.choice(instructions)
             requests.append(Request(t, f"proxy-{a}", prompt, "proxy-mix", address))
     out["proxy-mix"] = requests
     begin, requests = start(), []
     for a in range(100):
         address = _ip(rng)
-        times = _script(rng, begin + rng.uniform(0, DAY), 30, 0.5, 1.5)
+        times = _script(rng, begin + rng.uniform(0, DAY), length, 30, 0.5, 1.5)
         requests += [
             Request(t, f"paraphrase-{a}", _paraphrased(rng, rng.choice(instructions)), "paraphrase", address)
             for t in times

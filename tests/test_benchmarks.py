@@ -59,3 +59,15 @@ def test_admission_benchmark_runs_on_a_few_requests(tmp_path):
     assert set(results) == {"memory_c1", "memory_c32", "redis_c1", "redis_c32", "redis_floor"}
     assert all(results[name]["admit_median_us"] > 0 for name in ("memory_c1", "redis_c32"))
     assert results["redis_floor"]["ping_median_us"] > 0
+
+
+def test_risk_simulation_runs_on_a_short_day_of_two_campaigns(tmp_path):
+    run_benchmark(
+        "risk_sim",
+        *("--days", "2", "--users", "20", "--campaign-days", "1", "--campaigns", "sweeper,harvester"),
+        out=tmp_path,
+    )
+    doc = json.loads((tmp_path / "risk.json").read_text())
+    assert set(doc["groups"]) == {"benign", "sweeper", "harvester"} and doc["non_200"] == 0
+    assert doc["groups"]["sweeper"]["ever_suspect"] == 1  # a script sweeping one template, 1,500 a day
+    assert doc["scoring_cost"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from ..config import Settings
 from ..exchange import Identity
+from ..redis_client import connect
 from .addresses import AddressLimiter
 from .admitter import LimitAdmitter, tier_key
 from .budget import MemoryBudget
 from .guard import StorageGuard
-from .redis_budget import RedisBudget, connect
+from .redis_budget import RedisBudget
 
 
 def open_admitter(settings: Settings) -> LimitAdmitter:

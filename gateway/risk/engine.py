@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..exchange import Exchange, Identity
 from .features import Observation, observe
+from .redis_signals import RedisSignals
 from .score import LADDER, next_tier, score, strengths
 from .signals import MemorySignals, Signals
 
@@ -54,7 +55,7 @@ class Decision:
 class RiskEngine:
     def __init__(
         self,
-        store: MemorySignals,
+        store: MemorySignals | RedisSignals,
         mode: str = "enforce",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -78,6 +79,7 @@ class RiskEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._store.close()
 
     def observe(self, exchange: Exchange) -> None:
         found = observe(exchange, self._clock())
@@ -104,14 +106,16 @@ class RiskEngine:
                 log.exception("risk scoring failed for a batch")
 
     async def _score(self, batch: list[tuple[Observation, Identity]]) -> None:
-        for found, identity in batch:
-            decision = self.assess(found, identity)
+        if not batch:
+            return
+        updated = await self._store.update_many([found for found, _ in batch])
+        for (found, identity), signals in zip(batch, updated, strict=True):
+            decision = self.decide(found, identity, signals)
             if decision is not None and self.on_decision is not None:
                 await self.on_decision(decision)
 
-    def assess(self, found: Observation, identity: Identity) -> Decision | None:
-        """Update the signals with one observation; a Decision when the identity's tier should change."""
-        signals = self._store.update(found)
+    def decide(self, found: Observation, identity: Identity, signals: Signals) -> Decision | None:
+        """A Decision when the identity's tier should change, given its signals after this observation."""
         current = self._current(identity, found.time)
         if identity.pinned or current not in LADDER:
             return None

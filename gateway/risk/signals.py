@@ -93,6 +93,12 @@ class MemorySignals:
         self._skeletons: dict[int, dict[str, tuple[set, set]]] = defaultdict(dict)  # day -> skeleton -> sets
         self._networks: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> network -> (accounts,)
 
+    async def update_many(self, observations: list[Observation]) -> list[Signals]:
+        return [self.update(o) for o in observations]
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
     def update(self, obs: Observation) -> Signals:
         state = self._identities.setdefault(obs.identity, _Identity(last=obs.time))
         factor = math.exp(-max(obs.time - state.last, 0.0) / TAU) if state.n else 1.0

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from gateway.ratelimit.budget import Ask, Check, MemoryBudget, Plan, Status, TierTable, TierTerms
-from gateway.ratelimit.redis_budget import RedisBudget, connect
+from gateway.ratelimit.redis_budget import RedisBudget
+from gateway.redis_client import connect
 from tests import redis_servers
 
 TIERS = TierTable(
