@@ -181,23 +181,58 @@ def summarise(groups: dict[str, list[Request]], served: dict, moves: dict) -> di
     return result
 
 
-def scoring_cost(requests: list[Request], sample: int = 20000) -> dict:
-    """Microseconds per observation (features, signals and score), in this process, on the same traffic."""
+def _exchanges(requests: list[Request]) -> list[Exchange]:
+    out = []
+    for request in requests:
+        exchange = Exchange("r", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", request.address)
+        exchange.identity, exchange.admitted = Identity(request.account, "normal"), True
+        exchange.prompt_text = request.prompt
+        out.append(exchange)
+    return out
+
+
+def scoring_cost(requests: list[Request], redis_url: str | None, sample: int = 20000, batch: int = 32) -> dict:
+    """Microseconds per observation (features, signals and score), in this process, on the same traffic:
+    one at a time in memory; with Redis, in batches of `batch` as the engine sends them (per observation)."""
+    requests = requests[:sample]
     store = MemorySignals()
     engine = RiskEngine(store, "shadow", clock=time.time)
     timings = []
-    for request in requests[:sample]:
-        exchange = Exchange("r", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", request.address)
-        exchange.identity, exchange.admitted, exchange.prompt_text = (
-            Identity(request.account, "normal"),
-            True,
-            request.prompt,
-        )
+    for exchange, request in zip(_exchanges(requests), requests, strict=True):
         start = time.perf_counter()
         found = observe(exchange, EPOCH + request.time)
         engine.decide(found, exchange.identity, store.update(found))
         timings.append((time.perf_counter() - start) * 1e6)
-    timings.sort()
+    result = {"memory": _quantiles(timings)}
+    if redis_url:
+        result["redis"] = asyncio.run(_redis_cost(requests, redis_url, batch))
+    return result
+
+
+async def _redis_cost(requests: list[Request], url: str, batch: int) -> dict:
+    from gateway.redis_client import connect
+    from gateway.risk.redis_signals import RedisSignals
+
+    store = RedisSignals(connect(url, 5.0), "{cg-risk-bench}")
+    engine = RiskEngine(MemorySignals(), "shadow", clock=time.time)
+    exchanges, timings = _exchanges(requests), []
+    for i in range(0, len(exchanges), batch):
+        chunk = list(zip(exchanges[i : i + batch], requests[i : i + batch], strict=True))
+        start = time.perf_counter()
+        found = [observe(exchange, EPOCH + request.time) for exchange, request in chunk]
+        for f, (exchange, _), signals in zip(found, chunk, await store.update_many(found), strict=True):
+            engine.decide(f, exchange.identity, signals)
+        timings.append((time.perf_counter() - start) * 1e6 / len(found))
+    client = connect(url, 5.0)  # leave the benchmark's keys nowhere behind
+    async for key in client.scan_iter(match="{cg-risk-bench}*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+    await store.close()
+    return _quantiles(timings) | {"batch": batch}
+
+
+def _quantiles(timings: list[float]) -> dict:
+    timings = sorted(timings)
     return {"observations": len(timings), "median_us": round(timings[len(timings) // 2], 1),
             "p99_us": round(timings[int(len(timings) * 0.99)], 1)}  # fmt: skip
 
@@ -259,13 +294,19 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
             f"| {r['median_hours_to_suspect']} | {r['answers_before_suspect']} | {r['static_limits_answers']} "
             f"| {r['reduction']}x |"
         )
+    memory = cost["memory"]
     lines += [
         "",
-        f"Scoring cost (features, signals, score; this process, memory signals): median {cost['median_us']} us, "
-        f"p99 {cost['p99_us']} us per request over {cost['observations']} observations.",
-        "",
-        "![time to suspect](risk-time-to-suspect.png)",
+        f"Scoring cost (features, signals, score; in this process, memory signals): median {memory['median_us']} "
+        f"us, p99 {memory['p99_us']} us per request over {memory['observations']} observations.",
     ]
+    if "redis" in cost:
+        shared = cost["redis"]
+        lines.append(
+            f"With the signals on Redis, in batches of {shared['batch']} as the engine sends them: median "
+            f"{shared['median_us']} us, p99 {shared['p99_us']} us per request (one local Redis)."
+        )
+    lines += ["", "![time to suspect](risk-time-to-suspect.png)"]
     (out / "risk.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines))
 
@@ -287,6 +328,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--campaign-days", type=int, default=CAMPAIGN_DAYS, help="how long each campaign runs")
     parser.add_argument("--campaigns", help="only these campaigns, comma-separated (default: all)")
+    parser.add_argument("--redis", help="also time the signals on this Redis (redis://...), in batches")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     instructions, answers = load(Path(args.data))
@@ -314,7 +356,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, groups, moves, out)
-    write(out, args, result, scoring_cost(requests), elapsed, driven["failures"])
+    write(out, args, result, scoring_cost(requests, args.redis), elapsed, driven["failures"])
 
 
 if __name__ == "__main__":

@@ -70,4 +70,4 @@ def test_risk_simulation_runs_on_a_short_day_of_two_campaigns(tmp_path):
     doc = json.loads((tmp_path / "risk.json").read_text())
     assert set(doc["groups"]) == {"benign", "sweeper", "harvester"} and doc["non_200"] == 0
     assert doc["groups"]["sweeper"]["ever_suspect"] == 1  # a script sweeping one template, 1,500 a day
-    assert doc["scoring_cost"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0
+    assert doc["scoring_cost"]["memory"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0

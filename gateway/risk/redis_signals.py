@@ -14,7 +14,7 @@ from importlib import resources
 from redis.exceptions import NoScriptError
 
 from .features import Observation
-from .signals import DAY, MAX_SKELETONS, SWEPT_BY, TAU, Signals
+from .signals import DAY, MAX_SKELETONS, REBASE_AT, SWEPT_BY, TAU, Signals
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
@@ -25,7 +25,7 @@ FIELDS = 12
 class RedisSignals:
     def __init__(self, client, prefix: str = "{cg-risk}") -> None:
         self._client = client
-        self._head = [prefix, repr(TAU), str(MAX_SKELETONS), str(SWEPT_BY), str(IDENTITY_TTL)]
+        self._head = [prefix, repr(TAU), str(MAX_SKELETONS), str(SWEPT_BY), str(IDENTITY_TTL), repr(REBASE_AT)]
 
     async def close(self) -> None:
         await self._client.aclose()

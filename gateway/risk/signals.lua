@@ -4,14 +4,14 @@
 -- here (about 1% error) where memory keeps exact sets.
 --
 -- Every key starts with ARGV[1], a prefix carrying one hash tag, so on a Cluster all live in one slot.
--- ARGV: prefix, tau seconds, max skeletons, swept-by accounts, identity ttl seconds, then per observation
+-- ARGV: prefix, tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, then per observation
 --       nine fields: identity, time, prefix hash, suffix hash, words, reasoning, probe, unmarked, network.
 -- Returns per observation twelve strings: requests, concentration, swept share, swept requests,
 --   template accounts, template variants, reasoning share, probes, unmarked share, length spread,
 --   timing spread (-1: fewer than two gaps), network accounts.
 
 local root, tau, max_skeletons = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local swept_by, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local swept_by, ttl, rebase_at = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local DAY = 86400
 local out = {}
 
@@ -40,16 +40,17 @@ local function add(kind, day, key, member)
   redis.call('EXPIRE', name, 3 * DAY)
 end
 
-for i = 6, #ARGV, 9 do
+for i = 7, #ARGV, 9 do
   local id, t = ARGV[i], tonumber(ARGV[i + 1])
   local pre, suf = ARGV[i + 2], ARGV[i + 3]
   local words, reasoning, probe, unmarked = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
   local network = ARGV[i + 8]
   local ik, kk = root .. ':i:' .. id, root .. ':k:' .. id
-  local s = redis.call('HMGET', ik, 'last', 'n', 'rs', 'pr', 'um', 'sw', 'lm', 'lv', 'gm', 'gv', 'gn')
+  local s = redis.call('HMGET', ik, 'last', 'n', 'rs', 'pr', 'um', 'sw', 'lm', 'lv', 'gm', 'gv', 'gn', 'kb', 'kt')
   local last, n = num(s[1]), num(s[2])
   local rs, pr, um, sw = num(s[3]), num(s[4]), num(s[5]), num(s[6])
   local lm, lv, gm, gv, gn = num(s[7]), num(s[8]), num(s[9]), num(s[10]), num(s[11])
+  local base, top = num(s[12]), num(s[13])
   local factor = 1
   if n > 0 then
     factor = math.exp(-math.max(t - last, 0) / tau)
@@ -61,27 +62,25 @@ for i = 6, #ARGV, 9 do
   n = past + 1
   rs, pr, um = rs * factor + reasoning, pr * factor + probe, um * factor + unmarked
 
-  -- this identity's decayed counts per skeleton, and the largest
-  local flat = redis.call('HGETALL', kk)
-  local counts, names = {}, {}
-  for j = 1, #flat, 2 do
-    counts[flat[j]] = tonumber(flat[j + 1]) * factor
-    names[#names + 1] = flat[j]
+  -- this identity's counts per skeleton, on a growing scale (see MemorySignals._count_skeletons)
+  if redis.call('EXISTS', kk) == 0 then base, top = t, 0 end
+  local grow = math.exp((t - base) / tau)
+  if grow > rebase_at then
+    local flat = redis.call('HGETALL', kk)
+    for j = 1, #flat, 2 do redis.call('HSET', kk, flat[j], fmt(tonumber(flat[j + 1]) / grow)) end
+    top, base, grow = top / grow, t, 1
   end
   for _, key in ipairs({'p' .. pre, 's' .. suf}) do
-    if counts[key] == nil then names[#names + 1] = key end
-    counts[key] = (counts[key] or 0) + 1
+    top = math.max(top, tonumber(redis.call('HINCRBYFLOAT', kk, key, fmt(grow))))
   end
-  table.sort(names, function(a, b) return counts[a] > counts[b] end)
-  redis.call('DEL', kk)
-  local fields = {}
-  for j = 1, math.min(#names, max_skeletons) do
-    fields[#fields + 1] = names[j]
-    fields[#fields + 1] = fmt(counts[names[j]])
+  if redis.call('HLEN', kk) > 2 * max_skeletons then
+    local flat = redis.call('HGETALL', kk)
+    local names = {}
+    for j = 1, #flat, 2 do names[#names + 1] = {flat[j], tonumber(flat[j + 1])} end
+    table.sort(names, function(a, b) return a[2] > b[2] end)
+    for j = max_skeletons + 1, #names do redis.call('HDEL', kk, names[j][1]) end
   end
-  redis.call('HSET', kk, unpack(fields))
   redis.call('EXPIRE', kk, ttl)
-  local top = counts[names[1]]
 
   -- across accounts: who used each skeleton, with which other ends; who came from the network
   local day = math.floor(t / DAY)
@@ -101,11 +100,11 @@ for i = 6, #ARGV, 9 do
   local network_accounts = window('n', day, network)
 
   redis.call('HSET', ik, 'last', fmt(t), 'n', fmt(n), 'rs', fmt(rs), 'pr', fmt(pr), 'um', fmt(um), 'sw', fmt(sw),
-    'lm', fmt(lm), 'lv', fmt(lv), 'gm', fmt(gm), 'gv', fmt(gv), 'gn', fmt(gn))
+    'lm', fmt(lm), 'lv', fmt(lv), 'gm', fmt(gm), 'gv', fmt(gv), 'gn', fmt(gn), 'kb', fmt(base), 'kt', fmt(top))
   redis.call('EXPIRE', ik, ttl)
   local gaps = -1
   if gn >= 2 then gaps = math.sqrt(math.max(gv, 0)) end
-  local row = {n, top / n, sw / n, sw, accounts, others, rs / n, pr, um / n, math.sqrt(math.max(lv, 0)), gaps,
+  local row = {n, top / grow / n, sw / n, sw, accounts, others, rs / n, pr, um / n, math.sqrt(math.max(lv, 0)), gaps,
     network_accounts}
   for _, v in ipairs(row) do out[#out + 1] = fmt(v) end
 end

@@ -24,7 +24,8 @@ from .features import Observation
 
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
-MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond this
+MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond twice this
+REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
 # one distinct other end (the words where the slot is) for every two accounts. A popular prompt has one
 # other end however many ask it; a sweep brings new ones with every account. The other end, not the whole
@@ -84,7 +85,9 @@ class _Identity:
     lengths: _Running = field(default_factory=_Running)
     gaps: _Running = field(default_factory=_Running)
     gaps_n: float = 0.0
-    skeletons: dict[str, float] = field(default_factory=dict)
+    skeletons: dict[str, float] = field(default_factory=dict)  # on a growing scale: see _count_skeletons
+    base: float = 0.0  # the time at which the scale is 1
+    top: float = 0.0  # the largest count, on that scale
 
 
 class MemorySignals:
@@ -112,7 +115,7 @@ class MemorySignals:
         state.probes = state.probes * factor + obs.probe
         state.unmarked = state.unmarked * factor + obs.unmarked
         state.last = obs.time
-        top = self._count_skeletons(state, obs, factor)
+        top = self._count_skeletons(state, obs)
         day = int(obs.time // DAY)
         self._prune(day)
         ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))  # each skeleton, and its other end
@@ -129,7 +132,7 @@ class MemorySignals:
         return Signals(
             requests=state.n,
             per_day=state.n * DAY / TAU,
-            concentration=state.skeletons[top] / state.n,
+            concentration=top / state.n,
             swept_share=state.swept / state.n,
             swept_requests=state.swept,
             template_accounts=accounts,
@@ -143,16 +146,29 @@ class MemorySignals:
         )
 
     @staticmethod
-    def _count_skeletons(state: _Identity, obs: Observation, factor: float) -> str:
+    def _count_skeletons(state: _Identity, obs: Observation) -> float:
+        """Count this request's two skeletons; returns the largest decayed count.
+
+        Counts are kept on a growing scale (an increment at time t weighs exp((t - base) / TAU)), so that
+        decaying them all is one division at read time, not a pass over every count; their order is the
+        decayed order, so the largest stored is the largest. Past MAX_SKELETONS * 2 they are cut back to
+        the MAX_SKELETONS largest, and the scale is rebased before it could overflow."""
         counts = state.skeletons
-        for key in list(counts):
-            counts[key] *= factor
-        for skeleton in {"p" + obs.prefix, "s" + obs.suffix}:
-            counts[skeleton] = counts.get(skeleton, 0.0) + 1.0
-        if len(counts) > MAX_SKELETONS:
+        if not counts:
+            state.base = obs.time
+        grow = math.exp((obs.time - state.base) / TAU)
+        if grow > REBASE_AT:
+            for key in counts:
+                counts[key] /= grow
+            state.top /= grow
+            state.base, grow = obs.time, 1.0
+        for skeleton in ("p" + obs.prefix, "s" + obs.suffix):
+            counts[skeleton] = counts.get(skeleton, 0.0) + grow
+            state.top = max(state.top, counts[skeleton])
+        if len(counts) > 2 * MAX_SKELETONS:
             for key in sorted(counts, key=counts.get)[: len(counts) - MAX_SKELETONS]:
                 del counts[key]
-        return max(counts, key=counts.get)
+        return state.top / grow
 
     def _prune(self, day: int) -> None:
         for table in (self._skeletons, self._networks):

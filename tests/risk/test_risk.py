@@ -67,7 +67,7 @@ def test_signals_decay_and_measure_regularity():
         person = store.update(_obs("human", t, rng.choice(SAMPLE)["instruction"]))
     assert regular.timing_spread < 0.05 and 1.0 < person.timing_spread < 1.6  # log-gap spread of Poisson: 1.28
     assert regular.length_spread < 0.1 < 0.4 < person.length_spread
-    assert regular.concentration == 1.0 and person.concentration < 0.2
+    assert regular.concentration == pytest.approx(1.0) and person.concentration < 0.2
     later = store.update(_obs("bot", t + 10 * DAY, "Explain it in great detail please, with examples and a summary"))
     assert later.requests < 2 + 200 * math.exp(-5)  # ten days idle: the past weighs e^-5
 
