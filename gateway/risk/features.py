@@ -45,7 +45,6 @@ class Observation:
     reasoning: bool
     probe: bool
     unmarked: bool
-    tokens: int
     network: str  # the client's /24 (IPv4) or /48 (IPv6): where accounts behind one proxy meet
 
 
@@ -69,7 +68,6 @@ def observe(exchange: Exchange, now: float) -> Observation | None:
         reasoning=bool(_REASONING.search(text)) or any(request.get(f) for f in _REASONING_FIELDS),
         probe=bool(_PROBE.search(text)),
         unmarked=exchange.structured or (sites == 0 and len(exchange.answer()) >= UNMARKED_MIN_BYTES),
-        tokens=exchange.tokens_used or exchange.prompt_tokens,
         network=network_of(exchange.client_ip),
     )
 

@@ -36,8 +36,9 @@ end
 
 local function add(kind, day, key, member)
   local name = root .. ':' .. kind .. ':' .. day .. ':' .. key
-  redis.call('PFADD', name, member)
-  redis.call('EXPIRE', name, 3 * DAY)
+  if redis.call('PFADD', name, member) == 1 then  -- created or changed: (re)arm its expiry
+    redis.call('EXPIRE', name, 3 * DAY)
+  end
 end
 
 for i = 7, #ARGV, 9 do
