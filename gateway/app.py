@@ -13,18 +13,29 @@ import os
 from . import config, metrics
 from .admin import PREFIX as ADMIN_PREFIX
 from .admin import TierAdmin
+from .canary import with_canaries
 from .demo import DemoModel
-from .evidence import open_recorder
+from .evidence import keys_dir, open_recorder, origin_of
+from .evidence.keys import Keys, init_keys
 from .identity import KeyIdentifier, Registry
 from .logs import configure_logging
 from .pipeline import Pipeline
 from .ratelimit import LimitAdmitter, open_admitter
 from .risk import open_risk
+from .stages import Transform
 from .transform import PassThrough
 from .upstream import ASGIUpstream, HTTPUpstream
 from .watermark import open_watermark
 
 SETTINGS_ENV = "CANARYGATE_SETTINGS"
+
+
+def open_transform(settings: config.Settings) -> Transform:
+    """The watermark (or nothing), with canaries around it: both keyed from the watermark master key."""
+    inner = open_watermark(settings) if settings.watermark.enabled else PassThrough()
+    init_keys(keys_dir(settings), origin_of(settings))
+    loaded = Keys.load(keys_dir(settings))
+    return with_canaries(inner, settings, loaded.watermark, loaded.current_epoch)
 
 
 def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
@@ -39,7 +50,7 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
             if settings.upstream.is_demo
             else HTTPUpstream(settings.upstream)
         ),
-        "transform": lambda: open_watermark(settings) if settings.watermark.enabled else PassThrough(),
+        "transform": lambda: open_transform(settings),
         "recorder": lambda: open_recorder(settings),
     }
     defaults["risk"] = lambda: open_risk(settings)

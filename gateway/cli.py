@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evidence, ratelimit, watermark
+from . import canary, config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.bundle import bundle_commitments, disclosed_keys
 from .evidence.bundle import export as export_bundle
@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.set_defaults(log_slot=None)
     detect.set_defaults(run=_detect)
     _risk_commands(commands)
+    _canary_commands(commands)
     _keys_commands(commands)
     _log_commands(commands)
     _witness_commands(commands)
@@ -101,6 +102,43 @@ def _tier_commands(commands) -> None:
     showing = sub.add_parser("show", help="an identity's tier, and the shared override if one is set")
     showing.add_argument("name")
     showing.set_defaults(run=_tier_show)
+
+
+def _canary_commands(commands) -> None:
+    canaries = commands.add_parser("canaries", help="whose canaries a suspect's text carries")
+    sub = canaries.add_subparsers(title="canary commands")
+    attribute = sub.add_parser("attribute", help="test a file of texts against every identity's canaries")
+    attribute.add_argument("file", help='JSON lines {"text": ...}')
+    attribute.add_argument("--keys", help="the keys folder (default: the state folder's)")
+    attribute.add_argument("--json", action="store_true")
+    attribute.set_defaults(run=_canaries_attribute)
+
+
+def _canaries_attribute(args) -> int:
+    settings = _settings(args)
+    loaded = keys.Keys.load(Path(args.keys) if args.keys else evidence.keys_dir(settings))
+    key = canary.canary_key(loaded.watermark)
+    names = sorted({record.name for record in Registry(settings.state_dir).all()})
+    owners = {
+        (name, epoch): canary.canaries_of(key, name, epoch, settings.canaries.count)
+        for name in names
+        for epoch in sorted(loaded.masters)
+    }
+    texts = [text for text, _ in _detection_items(Path(args.file))]
+    results, found = canary.attribute(texts, owners)
+    doc = {"texts": len(texts), "identities_tested": len(owners), "phrases_found": found,
+           "attributions": [r.as_json() for r in results]}  # fmt: skip
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(
+        f"{len(texts)} texts; {found} canary-space phrases found; {len(owners)} identity-epochs tested, Holm-corrected"
+    )
+    for r in results:
+        print(f"  {r.identity} (epoch {r.epoch}): {len(r.canaries)} of its canaries, p = {r.p_value:.3g}")
+    if not results:
+        print("  no identity's canaries found")
+    return 0
 
 
 def _risk_commands(commands) -> None:

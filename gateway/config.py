@@ -64,6 +64,16 @@ enabled = true                   # mark every answer's prose with the keyed lexi
 logprobs = "strip"               # a marked answer's log-probabilities would reveal the unmarked text:
                                  # "strip" removes the ask from the request, "refuse" answers 400
 
+[canaries]
+enabled = true                   # end some answers of watched identities with a canary phrase of their own
+count = 8                        # canaries per identity and key epoch
+identities = []                  # names that get a canary in every answer, whatever their tier
+tenants = []                     # tenants whose identities get one in every answer
+
+[canaries.density]               # the share of answers that carry one, per tier
+watch = 0.25
+suspect = 1.0
+
 [risk]
 mode = "enforce"                 # "enforce": the risk engine moves identities between normal, watch and
                                  # suspect; "shadow": it scores and records its decisions without applying
@@ -113,7 +123,7 @@ enforce = false
 headers = false
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "risk", "limits")
+_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "canaries", "risk", "limits")
 REQUIRED_TIERS = ("normal", "watch", "suspect", "blocked", "unlimited")
 
 
@@ -182,6 +192,15 @@ class WatermarkSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CanarySettings:
+    enabled: bool = True
+    count: int = 8
+    identities: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    density: tuple[tuple[str, float], ...] = (("watch", 0.25), ("suspect", 1.0))
+
+
+@dataclass(frozen=True, slots=True)
 class RiskSettings:
     mode: str = "enforce"
 
@@ -236,6 +255,7 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
     risk: RiskSettings = field(default_factory=RiskSettings)
+    canaries: CanarySettings = field(default_factory=CanarySettings)
     watermark: WatermarkSettings = field(default_factory=WatermarkSettings)
     limits: LimitSettings = field(default_factory=lambda: _DEFAULT_LIMITS)
     state_dir: Path = Path(".canarygate")
@@ -318,6 +338,7 @@ def parse(raw: dict, source: str) -> Settings:
         evidence=_evidence(reader, raw),
         watermark=_watermark(reader, raw),
         risk=_risk(reader, raw),
+        canaries=_canaries(reader, raw),
         limits=_limits(reader, raw, _DEFAULT_LIMITS),
         state_dir=state_dir,
         source=source,
@@ -379,6 +400,28 @@ def _witnesses(source: str, items: list) -> tuple[WitnessSettings, ...]:
             raise ConfigError(f"{source}: [evidence] witnesses: {key.name} is not a cosignature (0x04) key")
         witnesses.append(WitnessSettings(_check_url(source, str(item["url"]), "[evidence] witnesses url"), key.vkey()))
     return tuple(witnesses)
+
+
+def _canaries(reader: _SectionReader, raw: dict) -> CanarySettings:
+    table = reader.section(raw, "canaries")
+    d = CanarySettings()
+    density = table.pop("density", dict(d.density))
+    settings = CanarySettings(
+        enabled=reader.take(table, "canaries", "enabled", bool, d.enabled),
+        count=reader.take(table, "canaries", "count", int, d.count),
+        identities=tuple(str(n) for n in reader.take(table, "canaries", "identities", list, [])),
+        tenants=tuple(str(n) for n in reader.take(table, "canaries", "tenants", list, [])),
+        density=tuple(density.items()) if isinstance(density, dict) else (),
+    )
+    reader.reject_unknown(table, "canaries")
+    source = reader.source
+    if not isinstance(density, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in density.values()
+    ):
+        raise ConfigError(f"{source}: [canaries.density] maps tiers to shares between 0 and 1, e.g. watch = 0.25")
+    if not 1 <= settings.count <= 64:
+        raise ConfigError(f"{source}: [canaries] count must be between 1 and 64")
+    return settings
 
 
 def _risk(reader: _SectionReader, raw: dict) -> RiskSettings:

@@ -1,0 +1,124 @@
+"""The canary stage: wraps the transform (the watermark) and ends the prose of chosen answers with a canary.
+
+Who gets canaries: identities in the tiers of `[canaries] density` (a share of their answers, higher for
+higher tiers) and those listed by name or tenant (every answer). Which answers: a keyed coin on the
+request id. Where: after the last text of the answer's first text part, on a line of its own, and never
+when that text ends inside a code block; structured output (JSON mode, schemas), tool calls and thinking
+blocks are never text parts, so they never carry one. Every canary served is recorded on the exchange
+(its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
+context it was served in.
+
+In a stream, the last character of each piece is held back until the next one (so that the piece that
+ends the part can carry the canary); only canaried answers pay that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from ..exchange import Exchange
+from ..stages import Commitment, TextRewriter, Transform
+from .phrases import Canary, canaries_of
+
+FENCE = "```"
+
+
+class CanaryTransform:
+    def __init__(self, inner: Transform, key: bytes, epoch: int, count: int, density: dict[str, float],
+                 identities: frozenset[str], tenants: frozenset[str]) -> None:  # fmt: skip
+        self._inner = inner
+        self._key = key
+        self._epoch = epoch
+        self._count = count
+        self._density = density
+        self._identities = identities
+        self._tenants = tenants
+        self._cache: dict[str, list[Canary]] = {}
+
+    def commitments(self) -> list[Commitment]:
+        return self._inner.commitments()
+
+    def applies(self, exchange: Exchange) -> bool:
+        return self._inner.applies(exchange) or self._chosen(exchange) is not None
+
+    def rewriter(self, exchange: Exchange, part: tuple) -> TextRewriter | None:
+        inner = self._inner.rewriter(exchange, part) if self._inner.applies(exchange) else None
+        canary = self._chosen(exchange)
+        if canary is None or exchange.canaries:  # one canary per answer, in the first text part that can take it
+            return inner
+        exchange.canaries.append({"pending": True})
+        return _CanaryRewriter(inner, canary, exchange, part)
+
+    def _chosen(self, exchange: Exchange) -> Canary | None:
+        identity = exchange.identity
+        if identity is None or exchange.structured:
+            return None
+        share = 1.0 if identity.name in self._identities or identity.tenant in self._tenants else 0.0
+        share = max(share, self._density.get(identity.tier, 0.0))
+        if share <= 0:
+            return None
+        coin = hmac.new(self._key, exchange.id.encode(), hashlib.sha256).digest()
+        if int.from_bytes(coin[:8], "big") >= share * 2**64:
+            return None
+        canaries = self._cache.get(identity.name)
+        if canaries is None:
+            canaries = self._cache[identity.name] = canaries_of(self._key, identity.name, self._epoch, self._count)
+        return canaries[coin[8] % len(canaries)]
+
+
+class _CanaryRewriter:
+    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_tail")
+
+    def __init__(self, inner: TextRewriter | None, canary: Canary, exchange: Exchange, part: tuple) -> None:
+        self._inner = inner
+        self._canary = canary
+        self._exchange = exchange
+        self._part = part
+        self._held = ""
+        self._fences = 0  # code fences seen in the text so far: odd means inside a code block
+        self._tail = ""  # the last two characters, for a fence split across pieces
+
+    def feed(self, text: str) -> str:
+        out = self._inner.feed(text) if self._inner is not None else text
+        if not out:
+            return ""
+        self._count_fences(out)
+        emitted, self._held = self._held + out[:-1], out[-1]
+        return emitted
+
+    def flush(self) -> str:
+        inner_rest = self._inner.flush() if self._inner is not None else ""
+        self._count_fences(inner_rest)
+        rest, self._held = self._held + inner_rest, ""
+        if not rest:  # nothing held: no event left to carry a canary
+            self._settle(None)
+            return ""
+        return rest + self._suffix()
+
+    def whole(self, text: str) -> str:
+        out = self._inner.whole(text) if self._inner is not None else text
+        self._count_fences(out)
+        return out + self._suffix()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held) or (self._inner is not None and self._inner.holding)
+
+    def _count_fences(self, text: str) -> None:
+        joined = self._tail + text
+        self._fences += joined.count(FENCE) - self._tail.count(FENCE)
+        self._tail = joined[-2:]
+
+    def _suffix(self) -> str:
+        if self._fences % 2:  # inside a code block: no canary
+            self._settle(None)
+            return ""
+        self._settle(self._canary)
+        return "\n\n" + self._canary.text
+
+    def _settle(self, canary: Canary | None) -> None:
+        records = self._exchange.canaries
+        records[:] = [c for c in records if not c.get("pending")]
+        if canary is not None:
+            records.append({"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)})

@@ -1,0 +1,142 @@
+"""Canaries: the phrase space, attribution among many identities with exact p-values, and the stage in a
+real gateway (who gets them, where they go, where they never go, and that the evidence records them)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+from scipy import stats
+
+from gateway.canary import attribute, canaries_of
+from gateway.canary.detect import binomial_sf
+from gateway.canary.phrases import ADJECTIVES, NOUNS, SPACE, TEMPLATES, phrase, phrases_in
+from tests.conftest import exchanges
+from tests.ratelimit.conftest import running_gateway
+from tests.watermark.test_detect import SAMPLE
+
+KEY = bytes(range(32))
+
+
+def test_every_phrase_of_the_space_reads_back_as_itself():
+    assert SPACE == len(TEMPLATES) * len(ADJECTIVES) * len(NOUNS) == 100_000
+    rng = random.Random(1)
+    for index in rng.sample(range(SPACE), 2000):
+        text = phrase(index)
+        assert phrases_in(f"Some answer.\n\n{text}") == {index}
+        assert phrases_in(text.upper().replace(",", " ")) == {index}  # case and punctuation aside
+    assert not set().union(*(phrases_in(row["output"]) for row in SAMPLE))  # real answers hold none
+
+
+def test_binomial_tail_is_exact():
+    assert binomial_sf(1, 1, 0.25) == pytest.approx(0.25)
+    assert binomial_sf(2, 3, 0.5) == pytest.approx(0.5)
+    assert binomial_sf(0, 10, 0.1) == 1.0 and binomial_sf(11, 10, 0.1) == 0.0
+    for k, n, p in ((3, 1000, 1e-4), (1, 40, 8 / SPACE), (5, 200, 0.01)):
+        assert binomial_sf(k, n, p) == pytest.approx(stats.binom.sf(k - 1, n, p), rel=1e-9)
+
+
+def test_a_corpus_with_one_identitys_canaries_is_attributed_to_it_among_a_thousand():
+    owners = {(f"user{i}", 0): canaries_of(KEY, f"user{i}", 0, 8) for i in range(1000)}
+    served = owners[("user417", 0)]
+    student = [row["output"] for row in SAMPLE]  # a suspect's text: ordinary answers...
+    student[3] += "\n\n" + served[0].text  # ...three of which end with user417's canaries, one reworded
+    student[7] += " " + served[5].text.lower().replace(",", "")
+    student[11] += "\n" + served[2].text
+    results, found = attribute(student, owners)
+    assert found == 3 and [r.identity for r in results] == ["user417"]
+    assert results[0].p_value < 1e-8 and len(results[0].canaries) == 3
+    unmarked, nothing = attribute([row["output"] for row in SAMPLE], owners)
+    assert unmarked == [] and nothing == 0
+
+
+def test_one_canary_alone_is_reported_with_an_honest_p_value():
+    owners = {(f"user{i}", 0): canaries_of(KEY, f"user{i}", 0, 8) for i in range(1000)}
+    results, _ = attribute([owners[("user5", 0)][1].text], owners)
+    assert [r.identity for r in results] == ["user5"]
+    assert results[0].raw_p_value == pytest.approx(8 / SPACE) and results[0].p_value == pytest.approx(0.08, rel=0.01)
+
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def canaried(fake_upstream, tmp_path_factory):
+    limits = {"identity": {"requests": "100000/minute"}, "tiers": {"suspect": {"tarpit_ms": 0}}}
+    with running_gateway(tmp_path_factory.mktemp("canaries"), fake_upstream.url, limits) as gateway:
+        yield gateway
+
+
+def _ask(gateway, key: str, **extra) -> httpx.Response:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me about lighthouses."}], **extra}
+    with gateway.client(key) as http:
+        return http.post(CHAT, json=body)
+
+
+def _streamed_text(response: httpx.Response) -> str:
+    text = ""
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text += (choice.get("delta") or {}).get("content") or ""
+    return text
+
+
+def test_a_suspect_identity_gets_its_canary_and_the_evidence_records_it(canaried, fake_upstream):
+    fake_upstream.reset()
+    name, key = canaried.identity("suspect")
+    normal_name, normal_key = canaried.identity("normal")
+    answer = _ask(canaried, key).json()["choices"][0]["message"]["content"]
+    mine = {c.text for c in canaries_of(_canary_key(canaried), name, 0, 8)}
+    assert answer.split("\n\n")[-1] in mine
+    streamed = _streamed_text(_ask(canaried, key, stream=True))
+    assert streamed.split("\n\n")[-1] in mine and streamed.split("\n\n")[0] == answer.split("\n\n")[0]
+    assert not phrases_in(_ask(canaried, normal_key).json()["choices"][0]["message"]["content"])
+    records = [r for r in exchanges(canaried.state_dir) if r["identity"] == name]
+    ids = {c.id for c in canaries_of(_canary_key(canaried), name, 0, 8)}
+    assert len(records) == 2 and all(r["canaries"] and r["canaries"][0]["id"] in ids for r in records)
+    assert not [r for r in exchanges(canaried.state_dir) if r["identity"] == normal_name][0]["canaries"]
+
+
+def _canary_key(gateway) -> bytes:
+    from gateway.canary import canary_key
+    from gateway.evidence.keys import Keys
+
+    return canary_key(Keys.load(gateway.state_dir / "keys").watermark)
+
+
+def test_canaries_never_go_into_structured_output_or_an_open_code_block(canaried, fake_upstream):
+    fake_upstream.reset()
+    _, key = canaried.identity("suspect")
+    structured = _ask(canaried, key, response_format={"type": "json_object"}).json()
+    assert not phrases_in(structured["choices"][0]["message"]["content"])
+    fake_upstream.behaviour.text = "Here is the code:\n```python\nprint('hi')\n"  # cut off inside the block
+    for stream in (False, True):
+        response = _ask(canaried, key, stream=stream)
+        text = _streamed_text(response) if stream else response.json()["choices"][0]["message"]["content"]
+        assert text.endswith("print('hi')\n") and not phrases_in(text)
+    fake_upstream.behaviour.text = "Here is the code:\n```python\nprint('hi')\n```\nThat is all."
+    closed = _ask(canaried, key).json()["choices"][0]["message"]["content"]
+    assert len(phrases_in(closed)) == 1  # after a closed block, in prose: allowed
+
+
+def test_the_attribute_command_names_the_identity(tmp_path):
+    from gateway.canary import canary_key
+    from gateway.evidence.keys import Keys
+    from gateway.identity import Registry
+    from tests.test_cli import cli
+
+    assert cli(tmp_path, "init").returncode == 0
+    registry = Registry(tmp_path / ".canarygate")
+    for i in range(50):
+        registry.add(f"acct{i}")
+    key = canary_key(Keys.load(tmp_path / ".canarygate" / "keys").watermark)
+    served = canaries_of(key, "acct31", 0, 8)
+    rows = [{"text": row["output"]} for row in SAMPLE] + [{"text": f"Sure.\n\n{c.text}"} for c in served[:2]]
+    (tmp_path / "suspect.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = cli(tmp_path, "canaries", "attribute", "suspect.jsonl", "--json")
+    doc = json.loads(result.stdout)
+    assert [a["identity"] for a in doc["attributions"]] == ["acct31"] and doc["attributions"][0]["p_value"] < 1e-5
+    assert "acct31 (epoch 0): 2 of its canaries" in cli(tmp_path, "canaries", "attribute", "suspect.jsonl").stdout
