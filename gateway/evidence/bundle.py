@@ -4,9 +4,11 @@ with the standalone verifier that checks it."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 from ..config import Settings
@@ -22,8 +24,10 @@ Check it with nothing but Python and the `cryptography` package:
 
     python verify.py . [--log-key VKEY]... [--witness VKEY]... [--quorum K]
 
-Pass the log's and the witnesses' verifier keys as you obtained them from their owners; without them,
-`verify.py` trusts the keys in this folder and says so.
+`verify.py` is canarygate's `gateway/evidence/verifier.py`, a single file you can read in full. Whoever
+sent this bundle could have changed it: compare it with the published file of the version named in
+`verifier.sha256` (or read it) before trusting its verdict. Pass the log's and the witnesses' verifier keys
+as you obtained them from their owners; without them, `verify.py` trusts the keys in this folder and says so.
 
 Each folder `log-<n>/` holds one gateway log (one per worker process):
 - `origin` and `vkeys`: the log's name and its Ed25519 verifier keys (C2SP signed-note `vkey` form; the
@@ -55,6 +59,8 @@ def export(
     os.umask(0o077)
     (out / "README.md").write_text(README)
     shutil.copyfile(Path(__file__).with_name("verifier.py"), out / "verify.py")
+    digest = hashlib.sha256((out / "verify.py").read_bytes()).hexdigest()
+    (out / "verifier.sha256").write_text(f"{digest}  verify.py (canarygate {_version()})\n")
     witnesses = [NoteKey.parse(w.vkey) for w in settings.evidence.witnesses]
     (out / "witnesses").write_text("".join(w.vkey() + "\n" for w in witnesses))
     count, warnings = 0, []
@@ -152,7 +158,9 @@ def bundle_commitments(bundle: Path) -> list[dict]:
             if public.get("kind") == "commitment":
                 check_openings(public, row.get("openings", {}))
                 opened = {k: base64.b64decode(v["value"]) for k, v in row.get("openings", {}).items()}
-                found.append({**public, "log": origin, "index": row["leaf_index"], "checkpointed": True, **opened})
+                # checked here: the openings only; signatures and proofs are verify.py's to check
+                found.append({**public, "log": origin, "index": row["leaf_index"], "checkpointed": "unverified",
+                              **opened})  # fmt: skip
     return found
 
 
@@ -162,3 +170,10 @@ def disclosed_keys(found: list[dict]) -> list[tuple[int, bytes]]:
         c["epoch"]: c["watermark_key"] for c in found if c.get("subject") == "watermark-key" and "watermark_key" in c
     }
     return sorted(keys.items())
+
+
+def _version() -> str:
+    try:
+        return metadata.version("canarygate")
+    except metadata.PackageNotFoundError:
+        return "unknown version"

@@ -140,7 +140,9 @@ class EvidenceLog:
                     epoch = self._keys.current_epoch
                     if self.store.needs_roll(epoch):  # a new file and two fsyncs: off the loop
                         await loop.run_in_executor(self._executor, self.store.roll_if_needed, epoch)
-                    first = self._write(batch, epoch)
+                    tenants = {item[3] for item in batch} - {None}
+                    keys = await loop.run_in_executor(self._executor, self._tenant_keys_for, tenants) if tenants else {}
+                    first = self._write(batch, epoch, keys)
                     await loop.run_in_executor(self._executor, self.store.sync)
                     for offset, (*_, future) in enumerate(batch):
                         if future is not None and not future.done():
@@ -155,7 +157,11 @@ class EvidenceLog:
             if not self._closing and self._queue:
                 await asyncio.sleep(self._batch_interval)  # let the next batch gather
 
-    def _write(self, batch, epoch: int) -> int:
+    def _tenant_keys_for(self, tenants: set[str]) -> dict[str, tuple[str, bytes]]:
+        """Each tenant's key for today (made if missing: a file write, so in the writer thread)."""
+        return {tenant: self._tenant_keys.current(tenant) for tenant in tenants}
+
+    def _write(self, batch, epoch: int, tenant_keys: dict[str, tuple[str, bytes]]) -> int:
         store = self.store
         if self._sealer_for != (epoch, store.segment.number):
             self._sealer = entry.Sealer(entry.data_key(self._keys.masters[epoch], self.origin, store.segment.number))
@@ -165,14 +171,13 @@ class EvidenceLog:
         records = []
         for offset, (leaf, openings, identity, tenant, _) in enumerate(batch):
             if tenant not in keys:
-                keys[tenant] = self._tenant_sealer(tenant)
+                keys[tenant] = self._tenant_sealer(*tenant_keys[tenant])
             reference, sealer = keys[tenant]
             records.append((leaf, entry.seal_record(sealer, first + offset, identity, openings, reference)))
         store.append(records, sync=False)
         return first
 
-    def _tenant_sealer(self, tenant: str) -> tuple[str, entry.Sealer]:
-        reference, key = self._tenant_keys.current(tenant)
+    def _tenant_sealer(self, reference: str, key: bytes) -> tuple[str, entry.Sealer]:
         if reference not in self._tenant_sealers:
             if len(self._tenant_sealers) > 4096:  # yesterday's and shredded keys
                 self._tenant_sealers.clear()

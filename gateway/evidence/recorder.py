@@ -65,9 +65,12 @@ class EvidenceRecorder:
     async def _retain(self) -> None:
         tenant_keys = TenantKeys(self.log.keys_directory)
         while True:
-            erased = await asyncio.to_thread(tenant_keys.expire, self._retention_days)
-            if erased:
-                log.info("retention: erased %d tenant-day keys older than %d days", erased, self._retention_days)
+            try:
+                erased = await asyncio.to_thread(tenant_keys.expire, self._retention_days)
+                if erased:
+                    log.info("retention: erased %d tenant-day keys older than %d days", erased, self._retention_days)
+            except OSError:
+                log.exception("retention: could not expire old tenant keys; trying again in an hour")
             await asyncio.sleep(RETENTION_EVERY)
 
     def ready(self) -> str | None:

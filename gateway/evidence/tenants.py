@@ -12,8 +12,10 @@ A tenant id is a hash of the tenant's name, so that the folder names do not list
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 from .store import write_atomically
 
 DAY = 86400
+REFERENCE = re.compile(r"[0-9a-f]{32}/[0-9]+-[0-9a-f]{8}")  # tenant id / day-key id
 
 
 class Erased(Exception):
@@ -39,7 +42,8 @@ class TenantKeys:
 
     def current(self, tenant: str) -> tuple[str, bytes]:
         """(reference, key) to seal today's entries of `tenant`, making a key if there is none or it was
-        deleted (shredded) since: one stat per call, so a shred takes effect at the next batch."""
+        deleted (shredded) since: one stat per call, so a shred takes effect at the next batch. It may
+        write a file (fsynced): call it off the event loop."""
         day = int(time.time() // DAY)
         cached = self._current.get(tenant)
         if cached is not None and cached[0] == day and (self.dir / f"{cached[1]}.key").exists():
@@ -54,7 +58,7 @@ class TenantKeys:
 
     def load(self, reference: str) -> bytes:
         path = self.dir / f"{reference}.key"
-        if ".." in reference or not path.exists():
+        if not REFERENCE.fullmatch(reference) or not path.exists():
             raise Erased(f"erased: its tenant key {reference} was deleted (shredded, or past retention)")
         return path.read_bytes()
 
@@ -70,7 +74,9 @@ class TenantKeys:
         oldest_kept = int((time.time() if now is None else now) // DAY) - retention_days
         count = 0
         for path in self.dir.glob("*/*.key"):
-            if int(path.name.split("-")[0]) < oldest_kept:
-                os.unlink(path)
-                count += 1
+            day = path.name.split("-")[0]
+            if day.isdigit() and int(day) < oldest_kept:
+                with contextlib.suppress(FileNotFoundError):  # another worker, or a shred, got there first
+                    os.unlink(path)
+                    count += 1
         return count

@@ -292,10 +292,18 @@ def commitment(salt: bytes, value: bytes) -> str:
     return hashlib.sha256(salt + value).hexdigest()
 
 
+SALT_BYTES = 32
+
+
 def check_openings(public: dict, openings: dict) -> None:
-    """Every opened field must hash, with its salt, to the commitment in the leaf."""
+    """Every opened field must hash, with its salt, to the commitment in the leaf. The salt's length is
+    fixed: otherwise the first bytes of a value could be moved into its salt and the rest passed off as
+    the value under the same commitment."""
     for name, opened in openings.items():
-        salt, value = base64.b64decode(opened["salt"]), base64.b64decode(opened["value"])
+        salt = base64.b64decode(opened["salt"], validate=True)
+        value = base64.b64decode(opened["value"], validate=True)
+        if len(salt) != SALT_BYTES:
+            raise VerificationError(f"field {name!r} has a salt of {len(salt)} bytes, not {SALT_BYTES}")
         if public.get("commit", {}).get(name) != commitment(salt, value):
             raise VerificationError(f"field {name!r} does not match its commitment")
 
@@ -322,7 +330,8 @@ def verify_log(folder: Path, trust: Trust, gossip: Sequence[str] = ()) -> dict:
         raise VerificationError(f"{folder.name}: no checkpoint")
     checkpoints = [_opened(folder, i, note, keys) for i, note in enumerate(notes)]
     _check_chain(folder, checkpoints)
-    for first, second in forks([*notes, *gossip], keys):
+    ours = [n for n in gossip if split_note(n)[0].split("\n", 1)[0] == origin]
+    for first, second in forks([*notes, *ours], keys):
         raise VerificationError(f"{origin}: the log signed two trees of one size (a fork):\n{first}\n{second}")
     last = checkpoints[-1]
     cosigned = cosigners(notes[-1], trust.witnesses)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client import Counter, Gauge
 
-from .verifier import Checkpoint, NoteError, NoteKey, signed_by, split_note
+from .verifier import Checkpoint, NoteError, NoteKey, signed_by
 
 log = logging.getLogger("canarygate.evidence")
 
@@ -62,7 +62,7 @@ def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], str]:
     if not sep or not lines[0].startswith("old "):
         raise BadRequest("expected an `old <size>` line, proof lines, a blank line and a checkpoint")
     size = lines[0][4:]
-    if not size.isdigit() or str(int(size)) != size:
+    if not (size.isascii() and size.isdigit()) or str(int(size)) != size:
         raise BadRequest("the old size must be a decimal number without leading zeroes")
     if len(lines) - 1 > MAX_PROOF_LINES:
         raise BadRequest(f"more than {MAX_PROOF_LINES} consistency proof lines")
@@ -187,9 +187,16 @@ class Witnesses:
         raise ValueError("the witness kept changing the size it holds")
 
     async def _accept(self, witness: Witness, note: str, checkpoint: Checkpoint, lines: str) -> None:
-        text, _ = split_note(note)
-        cosigned = note + "".join(line + "\n" for line in lines.splitlines() if line.strip())
-        if split_note(cosigned)[0] != text or signed_by(cosigned, witness.key) is None:
+        """Keep the witness's own cosignature line, once verified; any other line it sent is dropped (a
+        witness must not be able to plant lines that break other witnesses' cosignatures)."""
+        for line in lines.splitlines():
+            cosigned = note + line + "\n"
+            try:
+                if signed_by(cosigned, witness.key) is not None:
+                    break
+            except NoteError:
+                continue
+        else:
             raise NoteError("the answer holds no valid cosignature by the witness's key")
         await self._keep(cosigned)
         self._known[witness.name] = self.cosigned[witness.name] = checkpoint.size

@@ -34,9 +34,14 @@ def witness_app(directory: Path, logs: list[NoteKey]) -> Starlette:
             holder.pop("state").close()
 
     async def add_checkpoint(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
             return _text("request too large\n", 413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _text("request too large\n", 413)
         try:
             old, proof, note = parse_add_checkpoint(body)
         except BadRequest as e:

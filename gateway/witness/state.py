@@ -3,8 +3,9 @@
 Each submission is checked and recorded under that log's lock, and the new checkpoint is on disk (written
 atomically, fsynced) before the cosignature is returned: a witness restarted at any moment still refuses
 anything inconsistent with what it has cosigned (otherwise two racing or replayed requests could roll it
-back). A refused checkpoint that is validly signed but inconsistent is kept under `conflicts/`: with the
-checkpoint on record, it is the log's own signed proof that it forked.
+back). A checkpoint validly signed for a size the witness holds, with another root, is kept under
+`conflicts/` beside the one held: two roots for one size, both signed by the log, prove that it forked. (A
+failed consistency proof is not kept: anyone can send one.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..evidence.verifier import ProofError, split_note, verify_consistency
 from ..evidence.witnessing import SIZE_CONTENT_TYPE
 
 KEY_FILE = "witness.key"
+MAX_CONFLICTS = 1000  # fork proofs kept per witness: one is enough to show a log forked
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ class WitnessState:
             return Answer(403, "no signature by a trusted key of this log\n")
         if old > checkpoint.size:
             return Answer(400, "the old size is larger than the checkpoint's\n")
-        if old == 0 and proof:
-            return Answer(400, "a proof from size 0 must be empty\n")
+        if (old == 0 or old == checkpoint.size) and proof:
+            return Answer(400, "a proof from size 0, or between equal sizes, must be empty\n")
         async with self._locks[origin]:
             return await self._decide(origin, old, proof, note, checkpoint)
 
@@ -104,20 +106,24 @@ class WitnessState:
         held = stored.size if stored else 0
         if old != held:
             return Answer(409, f"{held}\n", SIZE_CONTENT_TYPE)
-        if stored is not None:
+        if held > 0:  # every tree extends the empty one
+            if old == checkpoint.size and checkpoint.root != stored.root:
+                await self._keep_conflict(stored_note, note)  # two roots for one size, both signed: a fork
+                return Answer(409, f"{held}\n", SIZE_CONTENT_TYPE)
             try:
                 verify_consistency(old, checkpoint.size, stored.root, checkpoint.root, proof)
-            except ProofError as e:
-                await self._keep_conflict(stored_note, note)
-                status = 409 if old == checkpoint.size else 422
-                body = f"{held}\n" if status == 409 else f"inconsistent with the checkpoint held: {e}\n"
-                return Answer(status, body, SIZE_CONTENT_TYPE if status == 409 else "text/plain; charset=utf-8")
+            except ProofError as e:  # a bad proof proves nothing (anyone can send one): nothing is kept
+                return Answer(422, f"inconsistent with the checkpoint held: {e}\n")
         cosignature = cosign(note, self.cosigner, int(time.time()))
         record = note + cosignature
         await asyncio.get_running_loop().run_in_executor(None, write_atomically, self._path(origin), record.encode())
         return Answer(200, cosignature)
 
     async def _keep_conflict(self, held: str, offered: str) -> None:
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}.txt"
+        """Keep the two signed checkpoints, once per pair, up to MAX_CONFLICTS files."""
         data = f"held:\n{held}\noffered:\n{offered}".encode()
-        await asyncio.get_running_loop().run_in_executor(None, write_atomically, self.dir / "conflicts" / name, data)
+        name = hashlib.sha256(data).hexdigest()[:32] + ".txt"
+        folder = self.dir / "conflicts"
+        if (folder / name).exists() or sum(1 for _ in folder.iterdir()) >= MAX_CONFLICTS:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, write_atomically, folder / name, data)

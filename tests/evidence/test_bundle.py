@@ -148,6 +148,17 @@ def _open_to_another_key(bundle: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _move_the_start_of_a_prompt_into_its_salt(bundle: Path) -> None:
+    """sha256(salt || value) cannot tell salt+value[:k] || value[k:] apart: the salt's length must."""
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    (row, *_) = [r for r in rows if "prompt" in r.get("openings", {})]
+    opened = row["openings"]["prompt"]
+    salt, value = base64.b64decode(opened["salt"]), base64.b64decode(opened["value"])
+    opened["salt"], opened["value"] = (base64.b64encode(x).decode() for x in (salt + value[:9], value[9:]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 @pytest.mark.parametrize(
     "tamper, reason",
     [
@@ -155,6 +166,7 @@ def _open_to_another_key(bundle: Path) -> None:
         (_swap_checkpoints, "consistency proof 1 is for other sizes"),
         (_drop_a_cosignature, "missing: witness.test/w2"),
         (_open_to_another_key, "'watermark_key' does not match its commitment"),
+        (_move_the_start_of_a_prompt_into_its_salt, "has a salt of 41 bytes, not 32"),
     ],
 )
 def test_the_standalone_verifier_rejects_tampering(served, tmp_path, tamper, reason):

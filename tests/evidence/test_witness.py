@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import signal
 import subprocess
 
@@ -121,6 +122,8 @@ def test_protocol_refusals(tmp_path, log_key):
         answer = post(first.size, proof, notes[-1])
         assert answer.status_code == 200 and answer.text.startswith("\u2014 witness.test/w ")
         assert post(first.size, proof, notes[-1]).status_code == 409  # replaying an old step rolls nothing back
+        assert post(last.size, [bytes(32)], notes[-1]).status_code == 400  # equal sizes take no proof
+        assert not list((tmp_path / "w" / "conflicts").iterdir())  # bad proofs prove nothing: none kept
         assert note.open_checkpoint(client.get("/checkpoint", params={"origin": ORIGIN}).text, [log_key]) == last
 
 
@@ -159,3 +162,40 @@ def test_witness_client_runs_in_the_background(tmp_path, log_key):
     written = _write(tmp_path, "log", 60, witnesses=[down])
     assert written.witnesses.cosigned == {"witness.test/down": 0}
     assert LogReader(tmp_path / "log", keys.Keys.load(tmp_path / "keys")).verify().covered == 60
+
+
+def test_a_witness_that_saw_an_empty_tree_accepts_its_growth(tmp_path):
+    signer = note.Signer("empty.test/log", bytes(range(32)))
+    empty = note.sign_checkpoint(note.Checkpoint("empty.test/log", 0, hashlib.sha256(b"").digest()), signer)
+    grown = note.sign_checkpoint(note.Checkpoint("empty.test/log", 5, bytes(32)), signer)
+    init_witness(tmp_path / "w", "witness.test/w")
+    with TestClient(witness_app(tmp_path / "w", [signer.verifier])) as client:
+        assert client.post("/add-checkpoint", content=add_checkpoint_body(0, [], empty)).status_code == 200
+        assert client.post("/add-checkpoint", content=add_checkpoint_body(0, [], grown)).status_code == 200
+
+
+def test_a_witness_answer_cannot_plant_lines_that_break_other_cosignatures(tmp_path):
+    """The log keeps only the witness's own verified line, whatever else the answer holds."""
+    import asyncio
+
+    from gateway.evidence.witnessing import Witnesses
+
+    log_signer = note.Signer(ORIGIN, bytes(32))
+    checkpoint = note.Checkpoint(ORIGIN, 3, bytes(32))
+    signed = note.sign_checkpoint(checkpoint, log_signer)
+    mine = note.Signer("witness.test/mine", bytes(range(32)), note.ALG_COSIGNATURE_V1)
+    other = note.Signer("witness.test/other", bytes(range(1, 33)), note.ALG_COSIGNATURE_V1)
+    line = note.cosign(signed, other, 5)
+    forged = line[:-14] + "A" * 12 + "=\n"  # the other witness's name and key id, a signature that fails
+    kept = []
+
+    async def run():
+        async def keep(text):
+            kept.append(text)
+
+        witnesses = Witnesses([Witness("http://127.0.0.1:9", mine.verifier)], lambda a, b: [], keep)
+        await witnesses._accept(witnesses._witnesses[0], signed, checkpoint, forged + note.cosign(signed, mine, 7))
+        await witnesses.close(0)
+
+    asyncio.run(run())
+    assert cosigners(kept[0], [mine.verifier, other.verifier]) == {"witness.test/mine": 7}
