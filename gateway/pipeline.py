@@ -89,11 +89,13 @@ class Pipeline:
         await self._upstream.start()
 
     async def close(self) -> None:
-        if self._risk is not None:
-            await self._risk.close()
-        await self._upstream.close()
-        await self._admit.close()
-        await self._record.close()
+        try:
+            if self._risk is not None:
+                await self._risk.close()
+            await self._upstream.close()
+            await self._admit.close()
+        finally:  # whatever failed above, the log gets its final checkpoint
+            await self._record.close()
 
     async def readiness(self) -> dict[str, str]:
         """Each backend's state: "ok" or why not ("degraded: ..." still serves)."""
@@ -165,9 +167,9 @@ class Pipeline:
 
     async def _apply_decision(self, decision: Decision) -> None:
         """A risk decision: applied where admission reads tiers (unless in shadow mode), and recorded."""
+        await self._record.decision(decision.identity, {"decision": decision.as_json()})  # no change unrecorded
         if decision.applied:
             await self._admit.set_tier(decision.identity, decision.tier)
-        await self._record.decision(decision.identity, {"decision": decision.as_json()})
 
     async def _identify_or_count(self, exchange: Exchange, headers) -> None:
         """Identify the caller; a refused key still counts against its address's unauthenticated limit,

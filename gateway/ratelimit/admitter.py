@@ -99,7 +99,8 @@ class LimitAdmitter:
         )
         verdict, engine, where = await self._decide(ask)
         if identity.pinned and verdict.tier != identity.tier:  # an operator pinned it since: their tier wins
-            await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), None))
+            with contextlib.suppress(StorageDown):  # cleared at a later request then
+                await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), None))
         self._count(verdict.status, where)
         tier = self._settings.tiers[verdict.tier]
         if verdict.tier != identity.tier:

@@ -25,6 +25,8 @@ from .signals import MemorySignals, Signals
 
 log = logging.getLogger("canarygate.risk")
 IN_FLIGHT_SECONDS = 5.0  # a decision reaches every worker's admissions well within this
+STORE_TIMEOUT = 2.0  # seconds for one batch's signals
+MAX_QUEUE = 100_000  # observations waiting to be scored
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Decision:
             "to": self.tier,
             "score": round(self.score, 4),
             "strengths": self.strengths,
-            "signals": self.signals.as_json(),
+            "signals": self.signals.as_json(),  # an undefined spread (too few gaps) is null, not Infinity
             "applied": self.applied,
             "observed_at": self.time,  # the engine's clock when it observed the request that moved the score
         }
@@ -74,16 +76,22 @@ class RiskEngine:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._store.close()
+        try:
+            if self._task is not None:
+                with contextlib.suppress(Exception):  # what is left is scored if the storage answers in time
+                    await self.flush()
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self._store.close()
 
     def observe(self, exchange: Exchange) -> None:
         found = observe(exchange, self._clock())
         if found is not None:
+            if len(self._queue) >= MAX_QUEUE:  # scoring has fallen behind (storage down): the oldest go
+                del self._queue[: MAX_QUEUE // 10]
+                log.warning("risk scoring is behind; dropped %d observations", MAX_QUEUE // 10)
             self._queue.append((found, exchange.identity))
             self._wake.set()
 
@@ -108,7 +116,8 @@ class RiskEngine:
     async def _score(self, batch: list[tuple[Observation, Identity]]) -> None:
         if not batch:
             return
-        updated = await self._store.update_many([found for found, _ in batch])
+        async with asyncio.timeout(STORE_TIMEOUT):  # a stuck storage must not stall scoring for good
+            updated = await self._store.update_many([found for found, _ in batch])
         for (found, identity), signals in zip(batch, updated, strict=True):
             decision = self.decide(found, identity, signals)
             if decision is not None and self.on_decision is not None:

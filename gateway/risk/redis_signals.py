@@ -25,7 +25,8 @@ FIELDS = 12
 class RedisSignals:
     def __init__(self, client, prefix: str = "{cg-risk}") -> None:
         self._client = client
-        self._head = [prefix, repr(TAU), str(MAX_SKELETONS), str(SWEPT_BY), str(IDENTITY_TTL), repr(REBASE_AT)]
+        self._prefix = prefix
+        self._head = [repr(TAU), str(MAX_SKELETONS), str(SWEPT_BY), str(IDENTITY_TTL), repr(REBASE_AT)]
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -35,10 +36,10 @@ class RedisSignals:
         for o in observations:
             args += [o.identity, repr(o.time), o.prefix, o.suffix, str(o.words), str(int(o.reasoning)),
                      str(int(o.probe)), str(int(o.unmarked)), o.network]  # fmt: skip
-        try:
-            raw = await self._client.evalsha(_SHA, 0, *args)
+        try:  # the prefix is the one declared key: a Cluster client routes the call to its slot
+            raw = await self._client.evalsha(_SHA, 1, self._prefix, *args)
         except NoScriptError:
-            raw = await self._client.eval(_SCRIPT, 0, *args)
+            raw = await self._client.eval(_SCRIPT, 1, self._prefix, *args)
         values = [float(v) for v in raw]
         return [_signals(values[i : i + FIELDS]) for i in range(0, len(values), FIELDS)]
 

@@ -3,15 +3,15 @@
 -- arithmetic for memory storage; a test runs both on the same traffic. Cross-account sets are HyperLogLogs
 -- here (about 1% error) where memory keeps exact sets.
 --
--- Every key starts with ARGV[1], a prefix carrying one hash tag, so on a Cluster all live in one slot.
--- ARGV: prefix, tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, then per observation
+-- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
+-- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, then per observation
 --       nine fields: identity, time, prefix hash, suffix hash, words, reasoning, probe, unmarked, network.
 -- Returns per observation twelve strings: requests, concentration, swept share, swept requests,
 --   template accounts, template variants, reasoning share, probes, unmarked share, length spread,
 --   timing spread (-1: fewer than two gaps), network accounts.
 
-local root, tau, max_skeletons = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local swept_by, ttl, rebase_at = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local root, tau, max_skeletons = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local swept_by, ttl, rebase_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local DAY = 86400
 local out = {}
 
@@ -41,7 +41,7 @@ local function add(kind, day, key, member)
   end
 end
 
-for i = 7, #ARGV, 9 do
+for i = 6, #ARGV, 9 do
   local id, t = ARGV[i], tonumber(ARGV[i + 1])
   local pre, suf = ARGV[i + 2], ARGV[i + 3]
   local words, reasoning, probe, unmarked = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])

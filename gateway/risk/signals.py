@@ -25,6 +25,10 @@ from .features import Observation
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
 MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond twice this
+# Memory bounds for the cross-account sketches of one day (Redis keeps HyperLogLogs of a few KB instead):
+# beyond them a day's new skeletons are not tracked, and a set stops growing once far past every threshold.
+MAX_SKETCHES = 500_000
+MAX_MEMBERS = 10_000
 REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
 # one distinct other end (the words where the slot is) for every two accounts. A popular prompt has one
@@ -52,7 +56,9 @@ class Signals:
     network_accounts: int  # accounts seen from the identity's network today and yesterday
 
     def as_json(self) -> dict:
-        return {name: round(getattr(self, name), 4) for name in self.__slots__}
+        """Plain JSON (an infinite spread, for too few gaps, is null: evidence entries must parse anywhere)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        return {name: None if math.isinf(v) else round(v, 4) for name, v in values.items()}
 
 
 @dataclass(slots=True)
@@ -119,11 +125,20 @@ class MemorySignals:
         day = int(obs.time // DAY)
         self._prune(day)
         ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))  # each skeleton, and its other end
+        today = self._skeletons[day]
         for skeleton, other in ends:
-            seen = self._skeletons[day].setdefault(skeleton, (set(), set()))
-            seen[0].add(obs.identity)
-            seen[1].add(other)
-        self._networks[day].setdefault(obs.network, (set(),))[0].add(obs.identity)
+            seen = today.get(skeleton)
+            if seen is None and len(today) < MAX_SKETCHES:  # beyond the cap, only skeletons already seen count
+                seen = today[skeleton] = (set(), set())
+            if seen is not None and len(seen[0]) < MAX_MEMBERS:
+                seen[0].add(obs.identity)
+            if seen is not None and len(seen[1]) < MAX_MEMBERS:
+                seen[1].add(other)
+        network = self._networks[day].get(obs.network)
+        if network is None and len(self._networks[day]) < MAX_SKETCHES:
+            network = self._networks[day][obs.network] = (set(),)
+        if network is not None and len(network[0]) < MAX_MEMBERS:
+            network[0].add(obs.identity)
         shared = [_window(self._skeletons, day, skeleton, 2) for skeleton, _ in ends]
         swept = any(accounts >= SWEPT_BY and 2 * others >= accounts for accounts, others in shared)
         state.swept = state.swept * factor + swept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 
@@ -128,3 +129,27 @@ def test_flags_reach_redis_as_numbers(flag):
 
         signals = asyncio.run(run())
     assert (signals.reasoning if flag == "reasoning" else signals.probes) == 1.0
+
+
+def test_risk_signals_run_on_a_redis_cluster():
+    """One declared hash-tagged key: the client routes the script to its slot, and every key it touches is there."""
+    redis_servers.require_redis()
+    traffic = _traffic()[:200]
+    memory = MemorySignals()
+    expected = [memory.update(o) for o in traffic]
+    with redis_servers.cluster() as url:
+
+        async def run():
+            store = RedisSignals(connect(url, 5.0))
+            got = await store.update_many(traffic[:100]) + await store.update_many(traffic[100:])
+            await store.close()
+            return got
+
+        got = asyncio.run(run())
+    assert [round(g.requests, 6) for g in got] == [round(e.requests, 6) for e in expected]
+
+
+def test_an_undefined_spread_is_null_in_the_evidence():
+    signals = MemorySignals().update(_obs("new", 1000.0, "hello there"))
+    assert signals.timing_spread == math.inf and signals.as_json()["timing_spread"] is None
+    json.dumps(signals.as_json(), allow_nan=False)
