@@ -20,6 +20,7 @@ from .evidence import keys
 from .evidence.bundle import bundle_commitments, disclosed_keys
 from .evidence.bundle import export as export_bundle
 from .evidence.reader import LogReader, VerifyError, commitments
+from .evidence.store import Segment
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
 from .identity import DEFAULT_TIER, IdentityError, Registry
@@ -540,9 +541,16 @@ def _log_export(args) -> int:
 
 
 def _log_shred(args) -> int:
-    count = TenantKeys(evidence.keys_dir(_settings(args))).shred(args.tenant)
+    settings = _settings(args)
+    count = TenantKeys(evidence.keys_dir(settings)).shred(args.tenant)
     print(f"deleted {count} keys of tenant {args.tenant!r}: its recorded prompts and answers can no longer be read")
     print("the log's entries, commitments and proofs are unchanged and still verify")
+    older = [p for p in evidence.logs_dir(settings).glob("*/segment-*.log") if Segment(p).version == 1]
+    if older:
+        print(
+            f"note: {len(older)} segment(s) written before per-tenant keys existed are sealed under the log's "
+            "own key; this tenant's bodies in them are not erased by deleting its keys"
+        )
     return 0
 
 

@@ -111,3 +111,19 @@ def test_a_gateway_with_retention_expires_old_keys_when_it_starts(tmp_path, fake
     with Running(tmp_path, "serve", "--upstream", fake_upstream.url):
         pass
     assert sorted(p.name for p in folder.iterdir()) == [f"{today}-00000000.key"]
+
+
+def test_shred_says_when_older_segments_keep_the_tenants_bodies(tmp_path, fake_upstream):
+    """Segments of format 1 (before per-tenant keys) are sealed under the log key: shredding cannot reach
+    them, and the command says so rather than claim an erasure it did not make."""
+    from gateway.evidence.store import MAGIC, MAGIC_V1
+
+    _setup(tmp_path, fake_upstream)
+    alice = cli(tmp_path, "identities", "add", "alice", "--tenant", "acme").stdout.split()[-1]
+    with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw:
+        _ask(gw.url, alice, "before the upgrade")
+    assert "written before per-tenant keys" not in cli(tmp_path, "log", "shred", "--tenant", "acme").stdout
+    segment = next((tmp_path / ".canarygate" / "evidence" / "0").glob("segment-*.log"))
+    data = segment.read_bytes()
+    segment.write_bytes(data.replace(MAGIC, MAGIC_V1, 1))  # as a log written by the previous version
+    assert "written before per-tenant keys" in cli(tmp_path, "log", "shred", "--tenant", "acme").stdout
