@@ -104,7 +104,8 @@ def main() -> None:
     ]
     (out / "canaries.md").write_text("\n".join(lines) + "\n")
     blind = ["# Canaried answers, blind sample", "", "As a watched identity receives them: watermarked, each"
-             " carries one canary line, not marked (review: is anything odd, false or harmful?).", ""]  # fmt: skip
+             " carries one canary line, not marked, unless its question is about grief or harm (review: is"
+             " anything odd, false or harmful?).", ""]  # fmt: skip
     for sample in samples(rows):
         blind += ["---", "", sample, ""]
     (out / "canary-samples.md").write_text("\n".join(blind) + "\n")

@@ -3,7 +3,8 @@
 Who gets canaries: identities in the tiers of `[canaries] density` (a share of their answers, higher for
 higher tiers) and those listed by name or tenant (every answer). Which answers: a keyed coin on the
 request id. Where: after the last text of the answer's first text part, on a line of its own, and never
-when that text ends inside a code block; structured output (JSON mode, schemas), tool calls and thinking
+when that text ends inside a code block, nor after a question about death, grief, illness or harm (a
+cheerful line there would do harm); structured output (JSON mode, schemas), tool calls and thinking
 blocks are never text parts, so they never carry one. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
 context it was served in.
@@ -16,12 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 from ..exchange import Exchange
 from ..stages import Commitment, TextRewriter, Transform
 from .phrases import Canary, canaries_of
 
 FENCE = "```"
+# A cheerful closing line would be out of place, even hurtful, after these: such answers carry no canary.
+SOMBRE = re.compile(
+    r"\b(?:die[ds]?|dying|death|dead|funeral|grie(?:f|ving|ve)|mourn\w*|ashes|bereave\w*|condolence\w*|"
+    r"passed away|suicid\w*|self[- ]harm|overdose|cancer|terminal(?:ly)? ill|miscarriage|abuse\w*|assault\w*|"
+    r"rape|trauma\w*|war crimes?|genocide|hospice)\b"
+)
 
 
 class CanaryTransform:
@@ -52,7 +60,7 @@ class CanaryTransform:
 
     def _chosen(self, exchange: Exchange) -> Canary | None:
         identity = exchange.identity
-        if identity is None or exchange.structured:
+        if identity is None or exchange.structured or SOMBRE.search(exchange.prompt_text.lower()):
             return None
         share = 1.0 if identity.name in self._identities or identity.tenant in self._tenants else 0.0
         share = max(share, self._density.get(identity.tier, 0.0))

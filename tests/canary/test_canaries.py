@@ -140,3 +140,14 @@ def test_the_attribute_command_names_the_identity(tmp_path):
     doc = json.loads(result.stdout)
     assert [a["identity"] for a in doc["attributions"]] == ["acct31"] and doc["attributions"][0]["p_value"] < 1e-5
     assert "acct31 (epoch 0): 2 of its canaries" in cli(tmp_path, "canaries", "attribute", "suspect.jsonl").stdout
+
+
+def test_no_canary_follows_a_question_about_grief_or_harm(canaried, fake_upstream):
+    fake_upstream.reset()
+    _, key = canaried.identity("suspect")
+    for question in ("What are some good ways to spread ashes?", "My father passed away, how do I cope?"):
+        body = {"model": "m", "messages": [{"role": "user", "content": question}]}
+        with canaried.client(key) as http:
+            answer = http.post(CHAT, json=body).json()["choices"][0]["message"]["content"]
+        assert not phrases_in(answer)
+    assert phrases_in(_ask(canaried, key).json()["choices"][0]["message"]["content"])  # an ordinary one does
