@@ -1,11 +1,11 @@
 """The risk engine: watches finished exchanges and moves identities between tiers.
 
-It is off the request path: `observe` queues an exchange's features (a few microseconds) and a background
-task scores them in batches, so that a request never waits for scoring. A tier change is a `Decision`
-handed to `on_decision` (the pipeline applies it where admission reads tiers, and records it with the
-signals behind it in the evidence log). In shadow mode decisions are made and recorded, never applied.
-Identities whose tier an operator pinned, or whose tier is off the engine's ladder (blocked, unlimited,
-custom), are scored but never moved.
+It is off the request path: `observe` queues a small record of the exchange (constant time) and a
+background task extracts its features and scores them in batches, so that a request never waits for
+scoring. A tier change is a `Decision` handed to `on_decision` (the pipeline applies it where admission
+reads tiers, and records it with the signals behind it in the evidence log). In shadow mode decisions are
+made and recorded, never applied. Identities whose tier an operator pinned, or whose tier is off the
+engine's ladder (blocked, unlimited, custom), are scored but never moved.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..exchange import Exchange, Identity
-from .features import Observation, observe
+from .features import Observation, Seen, features, seen
 from .redis_signals import RedisSignals
 from .score import LADDER, next_tier, score, strengths
 from .signals import MemorySignals, Signals
@@ -66,7 +66,7 @@ class RiskEngine:
         self._store = store
         self._shadow = mode == "shadow"
         self._clock = clock
-        self._queue: list[tuple[Observation, Identity]] = []
+        self._queue: list[Seen] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._decided: dict[str, tuple[str, float]] = {}  # identity -> (tier, clock) of the last decision
@@ -87,12 +87,13 @@ class RiskEngine:
             await self._store.close()
 
     def observe(self, exchange: Exchange) -> None:
-        found = observe(exchange, self._clock())
+        """Queue what the exchange says (constant time: the text is read in the background)."""
+        found = seen(exchange, self._clock())
         if found is not None:
             if len(self._queue) >= MAX_QUEUE:  # scoring has fallen behind (storage down): the oldest go
                 del self._queue[: MAX_QUEUE // 10]
                 log.warning("risk scoring is behind; dropped %d observations", MAX_QUEUE // 10)
-            self._queue.append((found, exchange.identity))
+            self._queue.append(found)
             self._wake.set()
 
     async def flush(self) -> None:
@@ -100,7 +101,7 @@ class RiskEngine:
         while self._queue:
             await self._score(self._take())
 
-    def _take(self) -> list[tuple[Observation, Identity]]:
+    def _take(self) -> list[Seen]:
         batch, self._queue = self._queue, []
         return batch
 
@@ -113,13 +114,14 @@ class RiskEngine:
             except Exception:  # a scoring fault must not stop the engine (nor touch a request)
                 log.exception("risk scoring failed for a batch")
 
-    async def _score(self, batch: list[tuple[Observation, Identity]]) -> None:
+    async def _score(self, batch: list[Seen]) -> None:
         if not batch:
             return
+        observations = [features(found) for found in batch]
         async with asyncio.timeout(STORE_TIMEOUT):  # a stuck storage must not stall scoring for good
-            updated = await self._store.update_many([found for found, _ in batch])
-        for (found, identity), signals in zip(batch, updated, strict=True):
-            decision = self.decide(found, identity, signals)
+            updated = await self._store.update_many(observations)
+        for found, observation, signals in zip(batch, observations, updated, strict=True):
+            decision = self.decide(observation, found.identity, signals)
             if decision is not None and self.on_decision is not None:
                 await self.on_decision(decision)
 

@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from ..exchange import Exchange
+from ..exchange import Exchange, Identity
 
 _WORD = re.compile(r"[a-z0-9']+")
 _REASONING = re.compile(
@@ -48,28 +48,59 @@ class Observation:
     network: str  # the client's /24 (IPv4) or /48 (IPv6): where accounts behind one proxy meet
 
 
-def observe(exchange: Exchange, now: float) -> Observation | None:
-    """The exchange's features, or None when it says nothing about its caller (no identity, not a model call)."""
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What `features` needs of an exchange, taken in constant time on the request path; the text work
+    (words, hashes, patterns, the network) is left to the engine's background task."""
+
+    identity: Identity
+    time: float
+    prompt: str
+    reasoning_asked: bool  # a reasoning field in the request
+    unmarked: bool
+    client_ip: str
+
+
+def seen(exchange: Exchange, now: float) -> Seen | None:
+    """The exchange as the engine keeps it, or None when it says nothing about its caller (no identity, not
+    a model call)."""
     identity = exchange.identity
     if identity is None or exchange.route is None or not exchange.admitted:
         return None
-    text = exchange.prompt_text.lower()
-    words = _WORD.findall(text)
-    head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
     request = exchange.request or {}
     sites = sum(mark.get("sites", 0) for mark in exchange.marks)
+    return Seen(
+        identity,
+        now,
+        exchange.prompt_text,
+        any(request.get(f) for f in _REASONING_FIELDS),
+        exchange.structured or (sites == 0 and len(exchange.answer()) >= UNMARKED_MIN_BYTES),
+        exchange.client_ip,
+    )
+
+
+def features(found: Seen) -> Observation:
+    text = found.prompt.lower()
+    words = _WORD.findall(text)
+    head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
     return Observation(
-        identity=identity.name,
-        tenant=identity.tenant or "",
-        time=now,
+        identity=found.identity.name,
+        tenant=found.identity.tenant or "",
+        time=found.time,
         prefix=_hash(head),
         suffix=_hash(tail),
         words=len(words),
-        reasoning=bool(_REASONING.search(text)) or any(request.get(f) for f in _REASONING_FIELDS),
+        reasoning=found.reasoning_asked or bool(_REASONING.search(text)),
         probe=bool(_PROBE.search(text)),
-        unmarked=exchange.structured or (sites == 0 and len(exchange.answer()) >= UNMARKED_MIN_BYTES),
-        network=network_of(exchange.client_ip),
+        unmarked=found.unmarked,
+        network=network_of(found.client_ip),
     )
+
+
+def observe(exchange: Exchange, now: float) -> Observation | None:
+    """The exchange's features at once (`seen`, then `features`)."""
+    found = seen(exchange, now)
+    return None if found is None else features(found)
 
 
 def _hash(words: list[str]) -> str:
