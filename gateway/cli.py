@@ -280,11 +280,17 @@ def _identities_revoke(args) -> int:
     return 0
 
 
-def _tier_set(args) -> int:
+def _settings_with_tier(args) -> config.Settings:
+    """The settings, once `args.tier` is known to be one of their tiers."""
     settings = _settings(args)
     if args.tier not in settings.limits.tiers:
         known = ", ".join(settings.limits.tiers)
         raise config.ConfigError(f"unknown tier {args.tier!r}; the tiers in {settings.source} are {known}")
+    return settings
+
+
+def _tier_set(args) -> int:
+    settings = _settings_with_tier(args)
     registry = Registry(settings.state_dir)
     registry.set_tier(args.name, args.tier)
     if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage
@@ -294,9 +300,7 @@ def _tier_set(args) -> int:
 
 
 def _risk_pin(args) -> int:
-    settings = _settings(args)
-    if args.tier not in settings.limits.tiers:
-        raise config.ConfigError(f"unknown tier {args.tier!r}; the tiers are {', '.join(settings.limits.tiers)}")
+    settings = _settings_with_tier(args)
     registry = Registry(settings.state_dir)
     registry.set_tier(args.name, args.tier, pin=args.note)
     if settings.limits.storage != "memory":
