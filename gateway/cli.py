@@ -23,6 +23,7 @@ from .evidence.reader import LogReader, VerifyError, commitments
 from .evidence.store import Segment
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
+from .forensics.cli import add_commands as _forensics_commands
 from .identity import DEFAULT_TIER, IdentityError, Registry
 from .witness.cli import add_commands as _witness_commands
 
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     _keys_commands(commands)
     _log_commands(commands)
     _witness_commands(commands)
+    _forensics_commands(commands, _settings, lambda args: _readers(args, all_by_default=True))
 
     for name, text in (("serve", "run the gateway"), ("demo", "run the gateway in front of the built-in demo model")):
         command = commands.add_parser(name, help=text)

@@ -1,0 +1,1 @@
+"""Forensics: question a suspect model (probe), and say what its answers show, with the evidence (report)."""

@@ -1,0 +1,133 @@
+"""`canarygate probe` and `canarygate report`: question a suspect model, then say what the answers show."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from .. import canary, config, evidence
+from ..evidence import keys
+from ..evidence.reader import VerifyError
+
+
+def add_commands(commands, settings_of, readers_of) -> None:
+    """`settings_of(args)` loads the settings, `readers_of(args)` opens every evidence log (main's helpers)."""
+    probe = commands.add_parser("probe", help="ask a suspect OpenAI-compatible endpoint the probe set; resumable")
+    probe.add_argument("--base-url", required=True, help="the suspect's API base, e.g. https://host/v1")
+    probe.add_argument("--model", required=True)
+    probe.add_argument("--api-key-env", help="the environment variable that holds the suspect's API key")
+    probe.add_argument("--out", required=True, help="the probe's folder; run again with the same --out to resume")
+    probe.add_argument("--prose", type=int, default=10_000, help="built-in prose prompts to ask (default: all)")
+    probe.add_argument("--samples", type=int, default=1, help="answers to ask for per prose prompt")
+    probe.add_argument("--prompts", help='more prompts: JSON lines {"prompt": ...}')
+    probe.add_argument("--canary-contexts", type=int, default=200, help="served-canary prompts from the log (0: none)")
+    probe.add_argument("--exposure", action="store_true", help="also score each canary's exposure (needs logprobs)")
+    probe.add_argument("--candidates", type=int, default=10_000, help="reference phrases per canary's exposure")
+    probe.add_argument("--concurrency", type=int, default=4)
+    probe.add_argument("--rate", type=float, default=4.0, help="requests per second, at most")
+    probe.add_argument("--timeout", type=float, default=120.0, help="seconds for one whole answer")
+    probe.add_argument("--retries", type=int, default=6)
+    probe.add_argument("--max-bytes", type=int, default=2_000_000, help="larger answers are cut off and fail")
+    probe.add_argument("--max-tokens", type=int, default=600)
+    probe.add_argument("--temperature", type=float, default=0.7)
+    probe.add_argument("--keys", help="the keys folder (default: the state folder's)")
+    probe.set_defaults(run=lambda args: _probe(args, settings_of, readers_of), log_slot=None)
+
+
+def _probe(args, settings_of, readers_of) -> int:
+    from .probe import Limits, Target, prepare
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise config.ConfigError(f"--api-key-env {args.api_key_env}: that variable is empty or unset")
+    target = Target(args.base_url, args.model, api_key)
+    limits = Limits(
+        concurrency=args.concurrency,
+        rate=args.rate,
+        timeout=args.timeout,
+        max_bytes=args.max_bytes,
+        retries=args.retries,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+    out = Path(args.out)
+    items = prepare(out, target, lambda: _probe_set(args, settings_of, readers_of))
+    counts = asyncio.run(_run_with_progress(target, limits, items, out))
+    print(
+        f"{counts['answered']} answered, {counts['failed']} failed (see {out / 'errors.jsonl'}; run again to retry), "
+        f"{counts['skipped']} already in {out / 'transcript.jsonl'}"
+    )
+    if args.exposure:
+        print(asyncio.run(_exposures(target, limits, items, out, args.candidates)))
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _probe_set(args, settings_of, readers_of) -> list[dict]:
+    from .probeset import probe_items
+
+    served = _served(args, settings_of, readers_of) if args.canary_contexts > 0 else []
+    if args.canary_contexts > 0:
+        print(f"{len(served)} served-canary contexts from the evidence log", file=sys.stderr)
+    prompts = Path(args.prompts) if args.prompts else None
+    return probe_items(args.prose, args.samples, prompts, served[: args.canary_contexts])
+
+
+def _served(args, settings_of, readers_of) -> list:
+    from .served import served_canaries
+
+    settings = settings_of(args)
+    try:
+        loaded = keys.Keys.load(Path(args.keys) if args.keys else evidence.keys_dir(settings))
+        readers = readers_of(args)
+    except (keys.KeysError, VerifyError) as e:
+        print(f"no served-canary contexts: {e}", file=sys.stderr)
+        return []
+    key = canary.canary_key(loaded.watermark)
+    return [s for reader in readers for s in served_canaries(reader, key, settings.canaries.count)]
+
+
+def need_extra(module: str) -> None:
+    """The probe and the report use packages of the `forensics` extra, which the gateway itself does not need."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise config.ConfigError(f"this command needs {module}: pip install 'canarygate[forensics]'")
+
+
+async def _run_with_progress(target, limits, items, out) -> dict:
+    need_extra("rich")
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .probe import TRANSCRIPT, read_rows, run
+
+    done = len({row["id"] for row in read_rows(out / TRANSCRIPT)} & {item["id"] for item in items})
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task("probing", total=len(items), completed=done)
+        return await run(target, limits, items, out, lambda: progress.advance(task))
+
+
+async def _exposures(target, limits, items, out, count) -> str:
+    from .exposure import exposure
+    from .probe import Failed, Session, Transcript
+
+    results = Transcript(out / "exposure.jsonl")
+    wanted: dict[str, dict] = {}  # each canary once, in the first context it was served in
+    for item in items:
+        if item["kind"] == "canary":
+            wanted.setdefault(item["canary"], item)
+    async with Session(target, limits) as session:
+        for item in wanted.values():
+            if item["canary"] in results.done:
+                continue
+            try:
+                results.append(await exposure(session, item, count))
+            except Failed as e:
+                if e.final:
+                    return f"exposure not scored: the endpoint does not return prompt log-probabilities ({e})"
+                return f"exposure stopped: {e}; run again to resume"
+    return f"exposure of {len(wanted)} canaries in {out / 'exposure.jsonl'}"

@@ -1,0 +1,100 @@
+"""A canary's exposure in a suspect model: how far above its own kind the model rates it, read from log-probabilities.
+
+After the context a canary was served in (the answer before it), the suspect scores the canary and
+`candidates` other phrases drawn at random from the same phrase space: the log-probability of each
+phrase's tokens, read with the completions API's `echo` (which also lets vLLM, llama.cpp and most
+OpenAI-compatible servers return a prompt's log-probabilities). The canary's rank r among the N + 1
+phrases gives Carlini et al.'s exposure, log2(N + 1) - log2(r), and an exact p-value, r / (N + 1): a model
+that never saw the identity's answers has no reason to rate its canary above phrases drawn the same way
+(the canary was itself drawn uniformly by a key the suspect does not hold), so the canary's rank is
+uniform. Ties count against the canary. No verbatim reproduction is needed, only log-probabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+
+from ..canary.phrases import SPACE, phrase, phrases_in
+from .probe import AttemptFailed, Session
+
+CONTEXT_CHARS = 2000  # the end of the served answer that precedes a canary; enough for any small model's window
+SEPARATOR = "\n\n"  # how the gateway sets a canary after the answer
+
+
+def candidates(canary_index: int, count: int, seed: str) -> list[int]:
+    """`count` distinct phrase indices other than the canary's, drawn with a seed (so a re-run draws the same)."""
+    pool = random.Random(seed).sample(range(SPACE), min(SPACE - 1, count + 1))
+    return [i for i in pool if i != canary_index][:count]
+
+
+async def exposure(session: Session, item: dict, count: int, batch: int = 250) -> dict:
+    """The row for one served canary: its score, rank among `count` candidates, exposure and p-value."""
+    (index,) = phrases_in(item["phrase"])
+    context = _tail(item["context"])
+    phrases = [index, *candidates(index, count, item["canary"])]
+    scores: list[float] = []
+    for start in range(0, len(phrases), batch):
+        texts = [context + SEPARATOR + phrase(i) for i in phrases[start : start + batch]]
+        body = {"model": session.target.model, "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0}
+        found, _ = await session.call(
+            "/completions", body, functools.partial(_continuation_scores, expected=len(texts))
+        )
+        scores.extend(found)
+    own, others = scores[0], scores[1:]
+    rank, p_value, exposure_bits = ranked(own, others)
+    return {
+        "id": item["canary"],
+        "canary": item["canary"],
+        "identity": item["identity"],
+        "epoch": item["epoch"],
+        "log": item["log"],
+        "entry": item["entry"],
+        "candidates": len(others),
+        "score": own,
+        "median_candidate_score": sorted(others)[len(others) // 2],
+        "rank": rank,
+        "p_value": p_value,
+        "exposure": exposure_bits,
+    }
+
+
+def ranked(own: float, others: list[float]) -> tuple[int, float, float]:
+    """(rank, exact p-value, exposure in bits) of a score among its candidates' (ties count against it)."""
+    rank = 1 + sum(s >= own for s in others)
+    return rank, rank / (len(others) + 1), math.log2(len(others) + 1) - math.log2(rank)
+
+
+def _tail(context: str) -> str:
+    if len(context) <= CONTEXT_CHARS:
+        return context
+    cut = context[-CONTEXT_CHARS:]
+    return cut[cut.find(" ") + 1 :]
+
+
+def _continuation_scores(data: bytes, *, expected: int) -> list[float]:
+    """Per prompt of a completions answer with echo, the summed log-probability of the text after the context."""
+    try:
+        choices = sorted(json.loads(data)["choices"], key=lambda c: c.get("index", 0))
+        rows = [(c["text"], c["logprobs"]) for c in choices]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise AttemptFailed(f"malformed answer (no echoed log-probabilities): {data[:120]!r}", True) from None
+    if len(rows) != expected:
+        raise AttemptFailed(f"asked to score {expected} texts, got {len(rows)} back", True)
+    return [_phrase_score(text, logprobs) for text, logprobs in rows]
+
+
+def _phrase_score(text: str, logprobs: dict) -> float:
+    """Every token that reaches past the end of the context counts, the one that straddles it included (a
+    tokenizer may join the separator to the phrase's first word)."""
+    start = text.rfind(SEPARATOR)
+    try:
+        offsets, scores = list(logprobs["text_offset"]), list(logprobs["token_logprobs"])
+        if len(offsets) != len(scores):
+            raise ValueError
+        ends = [*offsets[1:], len(text)]
+        return sum(lp for end, lp in zip(ends, scores, strict=True) if end > start and lp is not None)
+    except (KeyError, TypeError, ValueError):
+        raise AttemptFailed("malformed log-probabilities (need text_offset and token_logprobs)", True) from None
