@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import random
-import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -31,9 +30,9 @@ from gateway.watermark.scoring import fixed_scheme_p, poisson_binomial_sf, vote_
 from gateway.watermark.sites import Scanner
 from gateway.watermark.wordsets import default_sets
 
+from .students import detokenise, tokens_of
+
 SETS = default_sets()
-TOKEN = re.compile(r"[a-z]+(?:['’-][a-z]+)*|[0-9]+|\n|[^\sa-z0-9]")
-NO_SPACE_BEFORE = set(",.;:!?)'’”")
 
 
 class ContextKey:
@@ -68,19 +67,6 @@ def context_scheme_p(texts: list[str], key: ContextKey) -> tuple[float, int, int
         probabilities.append(1 / len(SETS.sets[set_index].members))
         hits += ranked[0][0] == key.preferred(set_index, context)
     return poisson_binomial_sf(hits, probabilities), len(probabilities), hits
-
-
-def tokens_of(text: str) -> list[str]:
-    return TOKEN.findall(text.lower())
-
-
-def detokenise(tokens: list[str]) -> str:
-    out = []
-    for token in tokens:
-        if out and token not in NO_SPACE_BEFORE and token != "\n" and out[-1] != "\n":
-            out.append(" ")
-        out.append(token)
-    return "".join(out)
 
 
 class Bigram:

@@ -24,6 +24,7 @@ from .evidence.store import Segment
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
 from .forensics.cli import add_commands as _forensics_commands
+from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
 from .witness.cli import add_commands as _witness_commands
 
@@ -122,11 +123,7 @@ def _canaries_attribute(args) -> int:
     loaded = keys.Keys.load(Path(args.keys) if args.keys else evidence.keys_dir(settings))
     key = canary.canary_key(loaded.watermark)
     names = sorted({record.name for record in Registry(settings.state_dir).all()})
-    owners = {
-        (name, epoch): canary.canaries_of(key, name, epoch, settings.canaries.count)
-        for name in names
-        for epoch in sorted(loaded.masters)
-    }
+    owners = canary_owners(key, names, sorted(loaded.masters), settings.canaries.count)
     texts = [text for text, _ in _detection_items(Path(args.file))]
     results, found = canary.attribute(texts, owners)
     doc = {"texts": len(texts), "identities_tested": len(owners), "phrases_found": found,
@@ -368,7 +365,7 @@ def _detect(args) -> int:
         found = _logged_commitments(args)
     findings = watermark.detect(items, epochs, sets)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
-    doc["commitments"] = _prior_commitments(found, epochs, sets.version)
+    doc["commitments"] = prior_commitments(found, epochs, sets.version)
     if args.per_text:
         doc["per_text"] = [_by_scheme(watermark.detect([item], epochs, sets)) for item in items]
     if args.json:
@@ -396,21 +393,6 @@ def _logged_commitments(args) -> list[dict]:
         return commitments(_readers(args, all_by_default=True))
     except VerifyError:
         return []
-
-
-def _prior_commitments(found: list[dict], epochs, sets_version: str) -> dict[str, dict | None]:
-    """For each thing the detection used, the earliest commitment to it in `found` (or None)."""
-    wanted = {f"watermark-key@{key.epoch}": ("watermark-key", "fingerprint", key.fingerprint) for key in epochs}
-    wanted["word-sets"] = ("word-sets", "digest", sets_version)
-    wanted["detector"] = ("detector", "digest", watermark.detector_digest())
-    return {
-        name: next((_brief(c) for c in found if c.get("subject") == subject and c.get(field) == value), None)
-        for name, (subject, field, value) in wanted.items()
-    }
-
-
-def _brief(commitment: dict) -> dict:
-    return {k: commitment[k] for k in ("time", "log", "index", "checkpointed")}
 
 
 def _detection_items(path: Path) -> list[tuple[str, str]]:

@@ -301,12 +301,7 @@ def _text_or_base64(value: bytes) -> str:
 
 def verify_proof(bundle: dict, vkey: str) -> None:
     """What a third party runs on `log prove` output with the public key alone."""
-    checkpoint = note.open_checkpoint(bundle["checkpoint"], [note.NoteKey.parse(vkey)])
-    leaf = base64.b64decode(bundle["leaf"])
-    if merkle.leaf_hash(leaf) != base64.b64decode(bundle["leaf_hash"]) or bundle["tree_size"] != checkpoint.size:
-        raise merkle.ProofError("leaf hash or tree size does not match")
-    proof = [base64.b64decode(p) for p in bundle["proof"]]
-    merkle.verify_inclusion(bundle["leaf_index"], checkpoint.size, merkle.leaf_hash(leaf), proof, checkpoint.root)
+    verifier.verify_inclusion_proof(bundle, [note.NoteKey.parse(vkey)])
 
 
 def commitments(readers: list[LogReader]) -> list[dict]:

@@ -402,6 +402,29 @@ def _without(public: dict, key: str) -> dict:
     return {k: v for k, v in public.items() if k != key}
 
 
+def verify_inclusion_proof(proof: dict, keys: Sequence[NoteKey]) -> Checkpoint:
+    """An entry's inclusion proof (as `log prove` and reports write it) under its signed checkpoint."""
+    checkpoint = open_checkpoint(proof["checkpoint"], keys)
+    leaf = base64.b64decode(proof["leaf"])
+    if leaf_hash(leaf) != base64.b64decode(proof["leaf_hash"]) or proof["tree_size"] != checkpoint.size:
+        raise ProofError(f"entry {proof['leaf_index']}: leaf hash or tree size does not match its checkpoint")
+    path = [base64.b64decode(p) for p in proof["proof"]]
+    verify_inclusion(proof["leaf_index"], checkpoint.size, leaf_hash(leaf), path, checkpoint.root)
+    return checkpoint
+
+
+def _verify_proofs(path: Path, log_keys: list[str]) -> int:
+    """`--proofs FILE`: each proof in a JSON list, with the log keys given on the command line alone."""
+    if not log_keys:
+        raise VerificationError("--proofs needs the log's public key: --log-key VKEY")
+    proofs = json.loads(path.read_text())
+    keys = [NoteKey.parse(k) for k in log_keys]
+    for proof in proofs:
+        verify_inclusion_proof(proof, keys)
+    print(f"{len(proofs)} inclusion proofs verified against signed checkpoints: OK")
+    return 0
+
+
 def load_trust(bundle: Path, log_keys: list[str], witnesses: list[str], quorum: int | None) -> Trust:
     from_bundle = []
     if not log_keys:
@@ -422,9 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quorum", type=int, help="cosignatures required (default: every trusted witness)")
     parser.add_argument("--gossip", action="append", default=[], help="a file holding a signed checkpoint")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--proofs", help="instead: check a report's proofs.json with the --log-key keys alone")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle)
     try:
+        if args.proofs:
+            return _verify_proofs(Path(args.proofs), args.log_key)
         trust = load_trust(bundle, args.log_key, args.witness, args.quorum)
         gossip = [Path(p).read_text() for p in args.gossip]
         folders = sorted(bundle.glob("log-*"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from .. import canary, config, evidence
-from ..evidence import keys
+from ..evidence import keys, verifier
 from ..evidence.reader import VerifyError
 
 
@@ -25,6 +27,7 @@ def add_commands(commands, settings_of, readers_of) -> None:
     probe.add_argument("--canary-contexts", type=int, default=200, help="served-canary prompts from the log (0: none)")
     probe.add_argument("--exposure", action="store_true", help="also score each canary's exposure (needs logprobs)")
     probe.add_argument("--candidates", type=int, default=10_000, help="reference phrases per canary's exposure")
+    probe.add_argument("--exposure-canaries", type=int, default=64, help="distinct canaries to score, at most")
     probe.add_argument("--concurrency", type=int, default=4)
     probe.add_argument("--rate", type=float, default=4.0, help="requests per second, at most")
     probe.add_argument("--timeout", type=float, default=120.0, help="seconds for one whole answer")
@@ -34,6 +37,14 @@ def add_commands(commands, settings_of, readers_of) -> None:
     probe.add_argument("--temperature", type=float, default=0.7)
     probe.add_argument("--keys", help="the keys folder (default: the state folder's)")
     probe.set_defaults(run=lambda args: _probe(args, settings_of, readers_of), log_slot=None)
+
+    report = commands.add_parser("report", help="test a probe's transcript; write report.html and report.json")
+    report.add_argument("--probe", required=True, help="the folder canarygate probe wrote")
+    report.add_argument("--out", required=True, help="where to write the report")
+    report.add_argument("--keys", help="the keys folder (default: the state folder's)")
+    report.add_argument("--wrong-keys", type=int, default=200, help="random keys to run the watermark test under")
+    report.add_argument("--proofs-per-canary", type=int, default=3, help="log entries proved per canary found")
+    report.set_defaults(run=lambda args: _report(args, settings_of, readers_of), log_slot=None)
 
 
 def _probe(args, settings_of, readers_of) -> int:
@@ -62,7 +73,7 @@ def _probe(args, settings_of, readers_of) -> int:
         f"{counts['skipped']} already in {out / 'transcript.jsonl'}"
     )
     if args.exposure:
-        print(asyncio.run(_exposures(target, limits, items, out, args.candidates)))
+        print(asyncio.run(_exposures(target, limits, items, out, args.candidates, args.exposure_canaries)))
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -90,6 +101,29 @@ def _served(args, settings_of, readers_of) -> list:
     return [s for reader in readers for s in served_canaries(reader, key, settings.canaries.count)]
 
 
+def _report(args, settings_of, readers_of) -> int:
+    need_extra("matplotlib")
+    from ..identity import Registry
+    from . import html, report
+
+    settings = settings_of(args)
+    loaded = keys.Keys.load(Path(args.keys) if args.keys else evidence.keys_dir(settings))
+    names = sorted({record.name for record in Registry(settings.state_dir).all()})
+    doc = report.build(Path(args.probe), loaded, readers_of(args), names, settings.canaries.count,
+                       args.wrong_keys, args.proofs_per_canary)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "report.html").write_text(html.render(doc))
+    proofs = [s["proof"] for a in doc["canaries"]["attributions"] for s in a["served"] if s["proof"]]
+    (out / "proofs.json").write_text(json.dumps(proofs, indent=1) + "\n")
+    shutil.copyfile(Path(verifier.__file__), out / "verify.py")
+    for claim in doc["claims"]:
+        print(f"[{claim['level']}] {claim['text']}")
+    print(f"report: {out / 'report.html'} ({len(proofs)} inclusion proofs in {out / 'proofs.json'})")
+    return 0
+
+
 def need_extra(module: str) -> None:
     """The probe and the report use packages of the `forensics` extra, which the gateway itself does not need."""
     import importlib.util
@@ -111,14 +145,14 @@ async def _run_with_progress(target, limits, items, out) -> dict:
         return await run(target, limits, items, out, lambda: progress.advance(task))
 
 
-async def _exposures(target, limits, items, out, count) -> str:
+async def _exposures(target, limits, items, out, count, most) -> str:
     from .exposure import exposure
     from .probe import Failed, Session, Transcript
 
     results = Transcript(out / "exposure.jsonl")
     wanted: dict[str, dict] = {}  # each canary once, in the first context it was served in
     for item in items:
-        if item["kind"] == "canary":
+        if item["kind"] == "canary" and (item["canary"] in wanted or len(wanted) < most):
             wanted.setdefault(item["canary"], item)
     async with Session(target, limits) as session:
         for item in wanted.values():

@@ -20,7 +20,8 @@ import random
 from ..canary.phrases import SPACE, phrase, phrases_in
 from .probe import AttemptFailed, Session
 
-CONTEXT_CHARS = 2000  # the end of the served answer that precedes a canary; enough for any small model's window
+CONTEXT_CHARS = 600  # the end of the served answer before a canary: what bears on the next line, and an echo of
+# every token of every candidate stays small (about 0.5 MB per 100 candidates)
 SEPARATOR = "\n\n"  # how the gateway sets a canary after the answer
 
 
@@ -30,7 +31,7 @@ def candidates(canary_index: int, count: int, seed: str) -> list[int]:
     return [i for i in pool if i != canary_index][:count]
 
 
-async def exposure(session: Session, item: dict, count: int, batch: int = 250) -> dict:
+async def exposure(session: Session, item: dict, count: int, batch: int = 100) -> dict:
     """The row for one served canary: its score, rank among `count` candidates, exposure and p-value."""
     (index,) = phrases_in(item["phrase"])
     context = _tail(item["context"])

@@ -1,0 +1,89 @@
+"""The report's words: each claim as strong as its statistics, and what else would explain the same numbers.
+
+A watermark finding says the suspect learned from text marked with this gateway's key; it cannot say
+how that text reached it. Three other explanations fit a watermark finding just as well: the answers
+were published (by a customer, on the web) and a third party trained on them; the suspect was trained
+on another model that had been trained on ours (distillation at second hand); or someone who studied
+many marked answers wrote the key's preferences into the suspect's data to frame it (a forgery from
+public samples; the word sets are public, the preferences can be estimated). Canaries are what tell
+these apart: each is drawn with a secret key for one account and served only to it, so a suspect that
+writes (or rates highly) an account's canaries learned from that account's answers, whoever passed
+them on; and no one can forge a canary without the key or those answers.
+"""
+
+from __future__ import annotations
+
+ALTERNATIVES = {
+    "published": "The answers were published (by the account holder or anyone they shared them with) and a third "
+    "party trained on them. The watermark cannot tell this from direct extraction; canaries name the accounts "
+    "whose answers reached the training data, which narrows who could have published them.",
+    "second hand": "The suspect was trained on the outputs of another model that was itself trained on our "
+    "answers. The marks fade at each step but can survive; only canaries point at the accounts the data "
+    "first came from, and not at the suspect's own operator.",
+    "forgery": "Someone who collected many marked answers estimated the key's preferences (the word sets are "
+    "public) and wrote them into the suspect's training data. The watermark test cannot exclude this. A canary "
+    "cannot be forged this way: it is drawn with a secret key per account, so finding one requires having "
+    "that account's answers.",
+}
+
+
+def claims(doc: dict, strong: float) -> list[dict]:
+    """Statements for the report, each with the evidence it rests on and the alternatives that remain."""
+    return [_watermark(doc["watermark"], strong), *_canaries(doc["canaries"], strong), *_exposure(doc["exposure"])]
+
+
+def _watermark(mark: dict, strong: float) -> dict:
+    best = mark["best"]
+    p, hits, n = best["p_value"], best["hits"], best["n"]
+    committed = mark["commitments"].get(f"watermark-key@{best['epoch']}")
+    when = (f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry "
+            f"{committed['index']})." if committed else " No prior commitment to this key is in the evidence log, "
+            "so nothing here shows the key was fixed before the suspect's text existed.")  # fmt: skip
+    if p < strong:
+        text = (f"The suspect's answers follow this gateway's watermark key in {hits} of {n} word sets (p = {p:.3g}, "
+                "exact). Text written without the key does this with probability at most p: the suspect learned "
+                "from text marked by this gateway.")  # fmt: skip
+        level = "strong"
+    elif p < 0.01:
+        text = (f"The suspect's answers lean towards this gateway's watermark key ({hits} of {n} word sets, "
+                f"p = {p:.3g}): suggestive, not conclusive; a longer probe would settle it.")  # fmt: skip
+        level = "suggestive"
+    else:
+        text = (f"The watermark test finds nothing (p = {p:.3g} from {n} word sets). This does not show the suspect "
+                "never saw our answers: a small share of them in its training data leaves a trace too faint for "
+                "this much probe text.")  # fmt: skip
+        level = "none"
+    return {"about": "watermark", "level": level, "text": text + when,
+            "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
+
+
+def _canaries(found: dict, strong: float) -> list[dict]:
+    out = []
+    for a in found["attributions"]:
+        level = "strong" if a["p_value"] < strong else "suggestive" if a["p_value"] < 0.01 else "weak"
+        text = (f"{len(a['canaries'])} canaries of identity {a['identity']} (key epoch {a['epoch']}) appear in the "
+                f"suspect's answers, among {found['phrases_found']} canary-space phrases found "
+                f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). They "
+                f"were served only to this identity; {len(a['served'])} log entries below show when, each with an "
+                "inclusion proof.")  # fmt: skip
+        out.append({"about": "canaries", "identity": a["identity"], "level": level, "text": text,
+                    "alternatives": ["published", "second hand"]})  # fmt: skip
+    if not found["attributions"]:
+        out.append({"about": "canaries", "level": "none", "alternatives": [],
+                    "text": f"No identity's canaries appear in the suspect's answers ({found['identities_tested']} "
+                            "identity-epochs tested)."})  # fmt: skip
+    return out
+
+
+def _exposure(exposure: dict) -> list[dict]:
+    out = []
+    for row in exposure["identities"]:
+        if row["p_value"] >= 0.01:
+            continue
+        out.append({"about": "exposure", "identity": row["identity"], "level": "strong" if row["p_value"] < 1e-6
+                    else "suggestive", "alternatives": ["published", "second hand"],
+                    "text": f"The suspect rates {row['exposed']} of {row['scored']} canaries of identity "
+                            f"{row['identity']} above nearly all phrases of the same kind (p = {row['p_value']:.3g}; "
+                            f"median exposure {row['median_exposure']:.1f} bits): its training data held answers "
+                            "served to this identity, even where it does not write them out."})  # fmt: skip
+    return out

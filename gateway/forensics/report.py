@@ -1,0 +1,170 @@
+"""`canarygate report`: every test on a probe's transcript, with the evidence behind it, as JSON.
+
+The watermark is tested as `canarygate detect` tests it (exact Poisson-binomial tail, Holm over key
+epochs), and again under many random wrong keys: if the test is sound, their p-values are uniform
+whatever the suspect is, so a suspect that "matches" every key shows a flaw, not a finding. Canaries
+are attributed as `canaries attribute` does, and where the probe scored exposure, each identity's
+canaries are tested by their ranks. For every canary found, the log entries that served it are proved
+included under a signed checkpoint, so a reader holding only the log's public key can check that those
+answers were served to that identity, and when. The claims are worded from the numbers (see `claims`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+from .. import canary, watermark
+from ..canary.detect import binomial_sf
+from ..evidence.keys import Keys
+from ..evidence.reader import LogReader, VerifyError, commitments
+from ..watermark.detect import holm
+from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
+from .claims import claims
+from .evidence import canary_owners, prior_commitments
+from .probe import SETTINGS, TRANSCRIPT, read_rows
+
+STRONG = 1e-6  # the p-value a finding is worded as conclusive at
+EXPOSURE_ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
+
+
+def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], count: int, wrong: int = 200,
+          proofs_per_canary: int = 3) -> dict:  # fmt: skip
+    rows = read_rows(probe / TRANSCRIPT)
+    if not rows:
+        raise VerifyError(f"{probe}: no transcript; run canarygate probe --out {probe} first")
+    items = [(str(r["text"]), str(r.get("prompt") or "")) for r in rows]
+    suspect = json.loads((probe / SETTINGS).read_text()) if (probe / SETTINGS).exists() else {}
+    doc = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "suspect": {**suspect, "texts": len(items), "words": sum(len(t.split()) for t, _ in items)},
+        "watermark": _watermark(items, keys, readers, wrong, hashlib.sha256((probe / TRANSCRIPT).read_bytes())),
+        "canaries": _canaries(items, keys, readers, names, count, proofs_per_canary),
+        "exposure": _exposure(read_rows(probe / "exposure.jsonl")),
+        "public_keys": sorted({v.vkey() for r in readers for v in r.verifiers(None)}),
+    }
+    doc["claims"] = claims(doc, STRONG)
+    return doc
+
+
+def _watermark(items, keys: Keys, readers: list[LogReader], wrong: int, seed) -> dict:
+    sets = watermark.default_sets()
+    epochs = watermark.epoch_keys(keys)
+    findings = watermark.detect(items, epochs, sets)
+    best_index = min(range(len(findings)), key=lambda i: findings[i].p_value)
+    key = epochs[best_index]
+    counts = vote_counts(items, sets)
+    cast = votes(counts)
+    rng = random.Random(seed.digest())
+    wrong_p = [fixed_scheme_p(counts, watermark.LexicalKey(rng.randbytes(32), sets))[0] for _ in range(wrong)]
+    return {
+        "test": "fixed keyed preference: one vote per word set (its most used member); hits are the votes for "
+        "the key's member; exact Poisson-binomial tail; Holm-adjusted over key epochs",
+        "assumptions": [
+            "Under the null hypothesis the suspect's text was written without this key: each set's preferred member "
+            "is then uniform over the set and independent of the text, because the key was drawn at random.",
+            "The key was fixed before the suspect's text existed (the commitment below shows when).",
+            "Each set votes once, so a habit that recurs in many answers counts once.",
+        ],
+        "epochs": [f.as_json() for f in findings],
+        "best": findings[best_index].as_json(),
+        "null": {"pmf": [float(x) for x in poisson_binomial_pmf([1 / len(sets.sets[s].members) for s, _ in cast])]},
+        "by_amount": _by_amount(items, key, sets),
+        "wrong_keys": {
+            "count": wrong,
+            "p_values": wrong_p,
+            "share_at": {str(a): sum(p <= a for p in wrong_p) / max(1, wrong) for a in (0.05, 0.01)},
+        },  # fmt: skip
+        "commitments": prior_commitments(_commitments(readers), epochs, sets.version),
+    }
+
+
+def _shares(p_values: list[float]) -> dict[str, float]:
+    return {str(a): sum(p <= a for p in p_values) / max(1, len(p_values)) for a in (0.05, 0.01)}
+
+
+def _by_amount(items, key, sets) -> list[dict]:
+    """The p-value on the first k answers, for k growing to all of them: how much text the finding needs."""
+    out, total = [], len(items)
+    for k in sorted({max(1, round(total * share)) for share in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)}):
+        p, n, hits, _ = fixed_scheme_p(vote_counts(items[:k], sets), key)
+        out.append({"texts": k, "words": sum(len(t.split()) for t, _ in items[:k]), "p_value": p, "votes": n})
+    return out
+
+
+def _commitments(readers: list[LogReader]) -> list[dict]:
+    try:
+        return commitments(readers)
+    except VerifyError:
+        return []
+
+
+def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: int) -> dict:
+    key = canary.canary_key(keys.watermark)
+    owners = canary_owners(key, names, sorted(keys.masters), count)
+    results, found = canary.attribute([t for t, _ in items], owners)
+    wanted = {c: r.identity for r in results for c in r.canaries}
+    served = _served_entries(readers, set(wanted), proofs_per_canary)
+    return {
+        "test": "exact binomial tail of the identity's canaries among the distinct canary-space phrases found; "
+        "Holm-adjusted over every identity and key epoch tested",
+        "assumptions": [
+            "Under the null hypothesis the suspect's text owes nothing to the identity's answers: each phrase it "
+            "writes is then unrelated to the identity's canaries, which the canary key chose uniformly at random.",
+        ],
+        "identities_tested": len(owners),
+        "phrases_found": found,
+        "attributions": [
+            {**r.as_json(), "served": [e for c in r.canaries for e in served.get(c, [])]} for r in results
+        ],
+    }
+
+
+def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[str, list[dict]]:
+    """For each canary id, up to `most` log entries that served it, each with its inclusion proof."""
+    out: dict[str, list[dict]] = {}
+    if not ids:
+        return out
+    for reader in readers:
+        for item in reader.entries(strict=False):
+            public = item.public
+            for record in public.get("canaries") or ():
+                mine = out.setdefault(record.get("id"), []) if record.get("id") in ids else None
+                if mine is None or len(mine) >= most:
+                    continue
+                try:
+                    proof = reader.prove(item.index)
+                except VerifyError:  # not under a checkpoint yet
+                    proof = None
+                mine.append({"log": reader.origin(), "entry": item.index, "time": public.get("time"),
+                             "identity": public.get("identity"), "canary": record["id"], "proof": proof})  # fmt: skip
+    return out
+
+
+def _exposure(rows: list[dict]) -> dict:
+    """Per identity, how many of its scored canaries rank in the top EXPOSURE_ALPHA of their candidates, and the
+    exact binomial tail of that count (ranks of distinct canaries are independent under the null, each
+    drawn against its own candidates); Holm over identities."""
+    by_identity: dict[str, list[dict]] = {}
+    for row in rows:
+        by_identity.setdefault(row["identity"], []).append(row)
+    tested = []
+    for identity, mine in sorted(by_identity.items()):
+        candidates = min(r["candidates"] for r in mine)
+        q = math.floor(EXPOSURE_ALPHA * (candidates + 1)) / (candidates + 1)
+        exposed = sum(r["p_value"] <= q for r in mine)
+        tested.append({"identity": identity, "scored": len(mine), "exposed": exposed, "raw_p_value":
+                       binomial_sf(exposed, len(mine), q) if q > 0 else 1.0,
+                       "median_exposure": sorted(r["exposure"] for r in mine)[len(mine) // 2]})  # fmt: skip
+    for row, adjusted in zip(tested, holm([t["raw_p_value"] for t in tested]), strict=True):
+        row["p_value"] = adjusted
+    return {
+        "test": f"rank of each canary among its candidates (p = rank / (N + 1), exact); per identity, the count "
+        f"ranked in the top {EXPOSURE_ALPHA:g}, exact binomial tail, Holm over identities",
+        "rows": rows,
+        "identities": tested,
+    }

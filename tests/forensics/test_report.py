@@ -1,0 +1,128 @@
+"""The report: from a probe's transcript and the log, every test, its proofs, and a page a real browser renders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gateway.evidence.keys import Keys
+from gateway.evidence.verifier import NoteKey, verify_inclusion_proof
+from gateway.forensics.probe import SETTINGS, TRANSCRIPT
+from tests.forensics.suspect import jsonl
+from tests.ratelimit.conftest import running_gateway
+from tests.test_cli import cli
+from tests.watermark.test_detect import SAMPLE
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def served(fake_upstream, tmp_path_factory):
+    """A suspect identity's marked, canaried answers to the sample instructions, served by a real gateway
+    whose state is where the CLI looks by default (./.canarygate)."""
+    folder = tmp_path_factory.mktemp("report")
+    limits = {"identity": {"requests": "100000/minute"}, "tiers": {"suspect": {"tarpit_ms": 0}}}
+    answers = []
+    with running_gateway(folder / ".canarygate", fake_upstream.url, limits) as gateway:
+        for _ in range(5):
+            gateway.identity()  # bystanders: the attribution must pass them over
+        name, key = gateway.identity("suspect")
+        with gateway.client(key) as http:
+            for row in SAMPLE:
+                fake_upstream.behaviour.text = row["output"]
+                body = {"model": "m", "messages": [{"role": "user", "content": row["instruction"]}]}
+                answers.append(http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"])
+    fake_upstream.reset()
+    return folder, name, answers
+
+
+def _probe_folder(folder, name: str, texts: list[str]):
+    """What `canarygate probe` leaves: its settings and a transcript of the suspect's answers."""
+    probe = folder / name
+    probe.mkdir()
+    (probe / SETTINGS).write_text(json.dumps({"base_url": "http://suspect.example/v1", "model": name,
+                                              "started": "2026-11-27T00:00:00Z"}))  # fmt: skip
+    rows = [{"id": f"p{i}", "kind": "prose", "prompt": "", "text": t} for i, t in enumerate(texts)]
+    (probe / TRANSCRIPT).write_text(jsonl(rows))
+    return probe
+
+
+def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_can_check(served):
+    folder, name, answers = served
+    _probe_folder(folder, "student", answers)
+    result = cli(folder, "report", "--probe", "student", "--out", "student-report", "--wrong-keys", "100")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((folder / "student-report" / "report.json").read_text())
+    assert doc["watermark"]["best"]["p_value"] < 1e-6 and doc["claims"][0]["level"] == "strong"
+    assert doc["watermark"]["commitments"]["watermark-key@0"] is not None
+    wrong = doc["watermark"]["wrong_keys"]["p_values"]
+    assert len(wrong) == 100 and sum(p <= 0.05 for p in wrong) <= 13  # the 99% binomial bound for 100 keys at 0.05
+    attributions = doc["canaries"]["attributions"]
+    assert [a["identity"] for a in attributions] == [name] and attributions[0]["p_value"] < 1e-6
+    assert doc["canaries"]["identities_tested"] == 6
+    proofs = json.loads((folder / "student-report" / "proofs.json").read_text())
+    assert len(proofs) == len(attributions[0]["served"]) >= len(attributions[0]["canaries"])
+    assert all(s["identity"] == name for s in attributions[0]["served"])
+    keys = [NoteKey.parse(k) for k in doc["public_keys"]]
+    for proof in proofs:
+        verify_inclusion_proof(proof, keys)
+        assert json.loads(base64.b64decode(proof["leaf"]))["identity"] == name
+    verify = [
+        sys.executable,
+        "verify.py",
+        "--proofs",
+        "proofs.json",
+        *sum((["--log-key", k] for k in doc["public_keys"]), []),
+    ]
+    checked = subprocess.run(verify, cwd=folder / "student-report", capture_output=True, text=True, env={})
+    assert checked.returncode == 0 and f"{len(proofs)} inclusion proofs verified" in checked.stdout
+    tampered = [{**proofs[0], "leaf_index": proofs[0]["leaf_index"] + 1}]
+    (folder / "student-report" / "tampered.json").write_text(json.dumps(tampered))
+    verify[3] = "tampered.json"
+    assert subprocess.run(verify, cwd=folder / "student-report", capture_output=True, env={}).returncode == 1
+    html = (folder / "student-report" / "report.html").read_text()
+    assert not re.findall(r'(?:src|href)="(?!#)', html) and "<svg" in html  # self-contained: nothing fetched
+    assert Keys.load(folder / ".canarygate" / "keys").watermark.hex() not in html + json.dumps(doc)
+
+
+def test_a_suspect_that_never_saw_marked_answers_is_not_named(served):
+    folder, _, _ = served
+    _probe_folder(folder, "control", [row["output"] for row in SAMPLE])
+    result = cli(folder, "report", "--probe", "control", "--out", "control-report", "--wrong-keys", "100")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((folder / "control-report" / "report.json").read_text())
+    assert doc["watermark"]["best"]["p_value"] > 0.01 and doc["claims"][0]["level"] == "none"
+    assert (
+        doc["canaries"]["attributions"] == []
+        and json.loads((folder / "control-report" / "proofs.json").read_text()) == []
+    )
+    assert "[none] The watermark test finds nothing" in result.stdout
+
+
+def test_the_report_renders_in_a_real_browser(served, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CANARYGATE_CI"):
+            pytest.fail("chromium is missing; CI must install it")
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    folder, name, answers = served
+    _probe_folder(folder, "rendered", answers)
+    assert cli(folder, "report", "--probe", "rendered", "--out", "rendered-report").returncode == 0
+    shot = tmp_path / "report.png"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2000",
+               f"--screenshot={shot}", (folder / "rendered-report" / "report.html").as_uri()]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    from matplotlib import image
+
+    pixels = image.imread(shot)
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.std() > 0.05  # text, tables and plots, not a blank or an error page
+    assert (pixels[..., 0] > 0.6).mean() < 0.999 and (
+        (pixels[..., 0] > 0.55) & (pixels[..., 1] < 0.2)
+    ).any()  # red: the plots
