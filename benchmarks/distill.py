@@ -31,6 +31,7 @@ import asyncio
 import gzip
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -244,6 +245,37 @@ def test(args, name: str) -> dict:
     }
 
 
+def report(args, name: str) -> dict:
+    """`canarygate report` on the student's probe, and its proofs checked by the shipped verifier with the
+    log's public key alone."""
+    folder = args.work / "students" / name
+    out = folder / "report"
+    cfg = args.work / "gateway" / "canarygate.toml"
+    if not (out / "report.json").exists():
+        command = [CANARYGATE, "--config", str(cfg), "report", "--probe", str(folder / "probe"), "--out", str(out)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    doc = json.loads((out / "report.json").read_text())
+    keys = [arg for vkey in doc["public_keys"] for arg in ("--log-key", vkey)]
+    checked = subprocess.run([sys.executable, "verify.py", "--proofs", "proofs.json", *keys], cwd=out,
+                             capture_output=True, text=True)  # fmt: skip
+    return {
+        "claims": [{k: c.get(k) for k in ("about", "identity", "level")} for c in doc["claims"]],
+        "proofs": len(json.loads((out / "proofs.json").read_text())),
+        "proofs_verified": checked.returncode == 0,
+        "verifier": (checked.stdout or checked.stderr).strip(),
+    }
+
+
+def screenshot(html: Path, png: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        print("no chromium: the report is not rendered", file=sys.stderr)
+        return
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--window-size=1200,2600", f"--screenshot={png}", html.as_uri()]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+
+
 def _cli_json(cfg: Path, *args: str) -> dict:
     result = subprocess.run([CANARYGATE, "--config", str(cfg), *args], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
@@ -277,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, mix, seed in student_names(args):
         training = train(args, corpus, name, mix, seed)
         probe(args, name)
-        results["students"][name] = {"training": training, **test(args, name)}
+        results["students"][name] = {"training": training, **test(args, name), "report": report(args, name)}
         print(name, json.dumps(results["students"][name]["watermark"]), flush=True)
     results["seconds"] = round(time.time() - started)
     results["candidates"] = args.candidates
@@ -290,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     from .distill_report import write
 
     write(results, args)
+    first = student_names(args)[0][0]
+    screenshot(args.work / "students" / first / "report" / "report.html", args.out / "distill-report.png")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def markdown(results: dict) -> str:
         f"{results['candidates']:,} other phrases of the canary space.",
         "",
         "| student | marked | steps | loss | probe words | watermark p (hits/votes) | wrong keys: share at 0.05, 0.01 "
-        "| canaries attributed (p) | exposure served / fresh (median bits) | served canaries at p <= 0.001 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| canaries attributed (p) | exposure served / fresh (median bits) | served canaries at p <= 0.001 "
+        "| report proofs verified |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["summary"]:
         r, t = results["students"][s["student"]], results["students"][s["student"]]["training"]
@@ -80,7 +81,8 @@ def markdown(results: dict) -> str:
             f"| {s['student']} | {t['marked_answers']} / {t['answers']} | {t['steps']} | {t['final_loss']} | "
             f"{r['probe_words']:,} | {s['p_value']:.3g} ({s['hits']}/{s['votes']}) | {wrong} | {who} | "
             f"{_bits(s['served_exposure_median'])} / {_bits(s['fresh_exposure_median'])} | "
-            f"{s['served_at_p_0_001']} of {s['served_scored']} (fresh: {s['fresh_at_p_0_001']}) |"
+            f"{s['served_at_p_0_001']} of {s['served_scored']} (fresh: {s['fresh_at_p_0_001']}) | "
+            f"{r['report']['proofs']} {'yes' if r['report']['proofs_verified'] else 'NO'} |"
         )
     lines += ["", "p-value against the amount of probe text (first k answers of each transcript):", ""]
     lines += ["| student | " + " | ".join(f"{a['texts']} texts" for a in first_amounts(results)) + " |"]
@@ -89,7 +91,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {name} | " + " | ".join(f"{a['p_value']:.2g} ({a['words']:,} words)" for a in r["by_amount"]) + " |"
         )
-    lines += ["", "![p-values](distill.png)", ""]
+    lines += ["", "![p-values](distill.png)", "", "The first student's report, rendered by headless Chromium:", "",
+              "![report](distill-report.png)", ""]  # fmt: skip
     return "\n".join(lines)
 
 
