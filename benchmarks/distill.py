@@ -189,7 +189,7 @@ def probe(args, name: str) -> None:
     cfg = args.work / "gateway" / "canarygate.toml"
     with Thread(server_app(student, name)) as url:
         command = [CANARYGATE, "--config", str(cfg), "probe", "--base-url", url + "/v1", "--model", name,
-                   "--out", str(folder / "probe"), "--exposure", "--candidates", str(args.candidates),
+                   "--out", str(folder / "probe"), "--exposure", "--reading", "--candidates", str(args.candidates),
                    "--exposure-canaries", "8", "--canary-contexts", str(args.canary_contexts),
                    "--prose", str(args.prose), "--max-tokens", "300", "--rate", "1000",
                    "--concurrency", "2", "--temperature", str(args.temperature)]  # fmt: skip
@@ -231,8 +231,16 @@ def test(args, name: str) -> dict:
         by_amount.append({"texts": len(part), "words": sum(len(t.split()) for t, _ in part), "p_value": p, "votes": n})
     exposures = read_rows(folder / "probe" / "exposure.jsonl")
     fresh = read_rows(folder / "fresh-exposure.jsonl")
+    reading = json.loads((folder / "report" / "report.json").read_text()).get("reading")
     return {
         "watermark": next(iter(detected["schemes"].values())),
+        "reading": None
+        if reading is None
+        else {
+            **reading["best"],
+            "passages": reading["passages"],
+            "wrong_keys": reading["wrong_keys"]["share_at"],
+        },  # fmt: skip
         "probe_texts": len(rows),
         "probe_words": sum(len(t.split()) for t, _ in items),
         "wrong_keys": wrong,
@@ -309,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, mix, seed in student_names(args):
         training = train(args, corpus, name, mix, seed)
         probe(args, name)
-        results["students"][name] = {"training": training, **test(args, name), "report": report(args, name)}
+        checked = report(args, name)
+        results["students"][name] = {"training": training, **test(args, name), "report": checked}
         print(name, json.dumps(results["students"][name]["watermark"]), flush=True)
     results["seconds"] = round(time.time() - started)
     results["candidates"] = args.candidates

@@ -124,8 +124,9 @@ def _canaries_attribute(args) -> int:
     key = canary.canary_key(loaded.watermark)
     names = sorted({record.name for record in Registry(settings.state_dir).all()})
     owners = canary_owners(key, names, sorted(loaded.masters), settings.canaries.count)
-    texts = [text for text, _ in _detection_items(Path(args.file))]
-    results, found = canary.attribute(texts, owners)
+    items = _detection_items(Path(args.file))
+    texts = [text for text, _ in items]
+    results, found = canary.attribute(texts, owners, [prompt for _, prompt in items])
     doc = {"texts": len(texts), "identities_tested": len(owners), "phrases_found": found,
            "attributions": [r.as_json() for r in results]}  # fmt: skip
     if args.json:

@@ -46,10 +46,14 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return min(total, 1.0)
 
 
-def attribute(texts: list[str], owners: dict[tuple[str, int], list[Canary]]) -> tuple[list[Attribution], int]:
+def attribute(
+    texts: list[str], owners: dict[tuple[str, int], list[Canary]], prompts: list[str] | None = None
+) -> tuple[list[Attribution], int]:
     """Every identity and epoch in `owners` (its canaries) tested against the texts; returns those whose
-    canaries appear (best first) and M, the number of distinct canary-space phrases found."""
-    found = set().union(*(phrases_in(t) for t in texts)) if texts else set()
+    canaries appear (best first) and M, the number of distinct canary-space phrases found. A phrase that
+    is also in the text's prompt (`prompts`, in the same order) is not counted: a suspect may repeat it."""
+    prompts = prompts or [""] * len(texts)
+    found = set().union(*(phrases_in(t) - phrases_in(p) for t, p in zip(texts, prompts, strict=True)))
     rows = []
     for (identity, epoch), canaries in owners.items():
         hits = tuple(c.id for c in canaries if c.index in found)

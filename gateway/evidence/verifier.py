@@ -420,7 +420,11 @@ def _verify_proofs(path: Path, log_keys: list[str]) -> int:
     proofs = json.loads(path.read_text())
     keys = [NoteKey.parse(k) for k in log_keys]
     for proof in proofs:
-        verify_inclusion_proof(proof, keys)
+        checkpoint = verify_inclusion_proof(proof, keys)
+        entry = json.loads(base64.b64decode(proof["leaf"]))
+        canaries = ", ".join(c.get("id", "?") for c in entry.get("canaries") or ()) or "none"
+        print(f"entry {proof['leaf_index']} of {checkpoint.origin}: {entry.get('kind')} at {entry.get('time')}, "
+              f"identity {entry.get('identity')}, canaries {canaries}")  # fmt: skip
     print(f"{len(proofs)} inclusion proofs verified against signed checkpoints: OK")
     return 0
 

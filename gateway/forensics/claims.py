@@ -29,7 +29,8 @@ ALTERNATIVES = {
 
 def claims(doc: dict, strong: float) -> list[dict]:
     """Statements for the report, each with the evidence it rests on and the alternatives that remain."""
-    return [_watermark(doc["watermark"], strong), *_canaries(doc["canaries"], strong), *_exposure(doc["exposure"])]
+    found = [_watermark(doc["watermark"], strong), *_canaries(doc["canaries"], strong), *_exposure(doc["exposure"])]
+    return found + ([_reading(doc["reading"], strong)] if doc.get("reading") else [])
 
 
 def _watermark(mark: dict, strong: float) -> dict:
@@ -57,10 +58,22 @@ def _watermark(mark: dict, strong: float) -> dict:
             "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
 
 
+def _reading(reading: dict, strong: float) -> dict:
+    best = reading["best"]
+    p, hits, n = best["p_value"], best["hits"], best["n"]
+    level = "strong" if p < strong else "suggestive" if p < 0.01 else "none"
+    text = (f"Read from its own log-probabilities at {reading['passages']} passages, the suspect prefers this "
+            f"gateway's watermark member in {hits} of {n} word sets (p = {p:.3g}, exact).")  # fmt: skip
+    if level == "strong":
+        text += " It learned the key's preferences, which only text marked by this gateway teaches."
+    return {"about": "reading mode", "level": level, "text": text,
+            "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
+
+
 def _canaries(found: dict, strong: float) -> list[dict]:
     out = []
     for a in found["attributions"]:
-        level = "strong" if a["p_value"] < strong else "suggestive" if a["p_value"] < 0.01 else "weak"
+        level = "strong" if a["p_value"] < strong else "suggestive"
         text = (f"{len(a['canaries'])} canaries of identity {a['identity']} (key epoch {a['epoch']}) appear in the "
                 f"suspect's answers, among {found['phrases_found']} canary-space phrases found "
                 f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). They "
@@ -69,9 +82,12 @@ def _canaries(found: dict, strong: float) -> list[dict]:
         out.append({"about": "canaries", "identity": a["identity"], "level": level, "text": text,
                     "alternatives": ["published", "second hand"]})  # fmt: skip
     if not found["attributions"]:
+        chance = len(found["chance_matches"])
+        also = (f" {chance} identities have a canary-space phrase in common with the answers, no more than chance "
+                "explains (adjusted p >= 0.01); they are not named." if chance else "")  # fmt: skip
         out.append({"about": "canaries", "level": "none", "alternatives": [],
-                    "text": f"No identity's canaries appear in the suspect's answers ({found['identities_tested']} "
-                            "identity-epochs tested)."})  # fmt: skip
+                    "text": f"No identity's canaries appear in the suspect's answers beyond chance "
+                            f"({found['identities_tested']} identity-epochs tested).{also}"})  # fmt: skip
     return out
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -26,8 +28,9 @@ def add_commands(commands, settings_of, readers_of) -> None:
     probe.add_argument("--prompts", help='more prompts: JSON lines {"prompt": ...}')
     probe.add_argument("--canary-contexts", type=int, default=200, help="served-canary prompts from the log (0: none)")
     probe.add_argument("--exposure", action="store_true", help="also score each canary's exposure (needs logprobs)")
-    probe.add_argument("--candidates", type=int, default=10_000, help="reference phrases per canary's exposure")
+    probe.add_argument("--candidates", type=_positive, default=10_000, help="reference phrases per canary's exposure")
     probe.add_argument("--exposure-canaries", type=int, default=64, help="distinct canaries to score, at most")
+    probe.add_argument("--reading", action="store_true", help="also read the suspect's word choices (needs logprobs)")
     probe.add_argument("--concurrency", type=int, default=4)
     probe.add_argument("--rate", type=float, default=4.0, help="requests per second, at most")
     probe.add_argument("--timeout", type=float, default=120.0, help="seconds for one whole answer")
@@ -45,6 +48,12 @@ def add_commands(commands, settings_of, readers_of) -> None:
     report.add_argument("--wrong-keys", type=int, default=200, help="random keys to run the watermark test under")
     report.add_argument("--proofs-per-canary", type=int, default=3, help="log entries proved per canary found")
     report.set_defaults(run=lambda args: _report(args, settings_of, readers_of), log_slot=None)
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return int(value)
 
 
 def _probe(args, settings_of, readers_of) -> int:
@@ -66,7 +75,9 @@ def _probe(args, settings_of, readers_of) -> int:
         temperature=args.temperature,
     )
     out = Path(args.out)
-    items = prepare(out, target, lambda: _probe_set(args, settings_of, readers_of))
+    options = {k: getattr(args, k) for k in ("prose", "samples", "prompts", "canary_contexts", "max_tokens",
+                                             "temperature")}  # fmt: skip
+    items = prepare(out, target, lambda: _probe_set(args, settings_of, readers_of), options)
     counts = asyncio.run(_run_with_progress(target, limits, items, out))
     print(
         f"{counts['answered']} answered, {counts['failed']} failed (see {out / 'errors.jsonl'}; run again to retry), "
@@ -74,6 +85,8 @@ def _probe(args, settings_of, readers_of) -> int:
     )
     if args.exposure:
         print(asyncio.run(_exposures(target, limits, items, out, args.candidates, args.exposure_canaries)))
+    if args.reading:
+        print(asyncio.run(_readings(target, limits, out)))
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -84,7 +97,7 @@ def _probe_set(args, settings_of, readers_of) -> list[dict]:
     if args.canary_contexts > 0:
         print(f"{len(served)} served-canary contexts from the evidence log", file=sys.stderr)
     prompts = Path(args.prompts) if args.prompts else None
-    return probe_items(args.prose, args.samples, prompts, served[: args.canary_contexts])
+    return probe_items(args.prose, args.samples, prompts, served)
 
 
 def _served(args, settings_of, readers_of) -> list:
@@ -98,7 +111,31 @@ def _served(args, settings_of, readers_of) -> list:
         print(f"no served-canary contexts: {e}", file=sys.stderr)
         return []
     key = canary.canary_key(loaded.watermark)
-    return [s for reader in readers for s in served_canaries(reader, key, settings.canaries.count)]
+    every = (s for reader in readers for s in served_canaries(reader, key, settings.canaries.count))
+    return list(itertools.islice(every, args.canary_contexts))
+
+
+async def _readings(target, limits, out) -> str:
+    from ..watermark import default_sets
+    from .probe import TRANSCRIPT, Failed, Session, Transcript, read_rows, write_rows
+    from .reading import passages, read
+
+    saved = out / "reading-set.jsonl"
+    if not saved.exists():  # fixed by the first run, so that a resumed one reads the same passages
+        texts = [row["text"] for row in read_rows(out / TRANSCRIPT)]
+        write_rows(saved, passages(default_sets(), texts))
+    results = Transcript(out / "reading.jsonl")
+    async with Session(target, limits) as session:
+        for passage in read_rows(saved):
+            if passage["id"] in results.done:
+                continue
+            try:
+                results.append(await read(session, passage))
+            except Failed as e:
+                if e.final:
+                    return f"word choices not read: the endpoint refused to score text ({e}); does it return logprobs?"
+                return f"reading stopped: {e}; run again to resume"
+    return f"word choices read at {len(results.done)} passages into {out / 'reading.jsonl'}"
 
 
 def _report(args, settings_of, readers_of) -> int:
@@ -162,6 +199,6 @@ async def _exposures(target, limits, items, out, count, most) -> str:
                 results.append(await exposure(session, item, count))
             except Failed as e:
                 if e.final:
-                    return f"exposure not scored: the endpoint does not return prompt log-probabilities ({e})"
+                    return f"exposure not scored: the endpoint refused to score text ({e}); does it return logprobs?"
                 return f"exposure stopped: {e}; run again to resume"
     return f"exposure of {len(wanted)} canaries in {out / 'exposure.jsonl'}"

@@ -20,8 +20,9 @@ import random
 from ..canary.phrases import SPACE, phrase, phrases_in
 from .probe import AttemptFailed, Session
 
-CONTEXT_CHARS = 600  # the end of the served answer before a canary: what bears on the next line, and an echo of
-# every token of every candidate stays small (about 0.5 MB per 100 candidates)
+# The end of the served answer before a canary: what bears on the next line, while the echo of every token
+# of every candidate stays small (about 0.5 MB per 100 candidates).
+CONTEXT_CHARS = 600
 SEPARATOR = "\n\n"  # how the gateway sets a canary after the answer
 
 
@@ -36,6 +37,7 @@ async def exposure(session: Session, item: dict, count: int, batch: int = 100) -
     (index,) = phrases_in(item["phrase"])
     context = _tail(item["context"])
     phrases = [index, *candidates(index, count, item["canary"])]
+    random.Random(item["canary"]).shuffle(phrases)  # the canary's place in the batches tells the suspect nothing
     scores: list[float] = []
     for start in range(0, len(phrases), batch):
         texts = [context + SEPARATOR + phrase(i) for i in phrases[start : start + batch]]
@@ -44,7 +46,8 @@ async def exposure(session: Session, item: dict, count: int, batch: int = 100) -
             "/completions", body, functools.partial(_continuation_scores, expected=len(texts))
         )
         scores.extend(found)
-    own, others = scores[0], scores[1:]
+    position = phrases.index(index)
+    own, others = scores[position], scores[:position] + scores[position + 1 :]
     rank, p_value, exposure_bits = ranked(own, others)
     return {
         "id": item["canary"],
@@ -64,7 +67,7 @@ async def exposure(session: Session, item: dict, count: int, batch: int = 100) -
 
 def ranked(own: float, others: list[float]) -> tuple[int, float, float]:
     """(rank, exact p-value, exposure in bits) of a score among its candidates' (ties count against it)."""
-    rank = 1 + sum(s >= own for s in others)
+    rank = 1 + sum(not s < own for s in others)
     return rank, rank / (len(others) + 1), math.log2(len(others) + 1) - math.log2(rank)
 
 
@@ -79,8 +82,8 @@ def _continuation_scores(data: bytes, *, expected: int) -> list[float]:
     """Per prompt of a completions answer with echo, the summed log-probability of the text after the context."""
     try:
         choices = sorted(json.loads(data)["choices"], key=lambda c: c.get("index", 0))
-        rows = [(c["text"], c["logprobs"]) for c in choices]
-    except (ValueError, KeyError, TypeError, AttributeError):
+        rows = [(str(c["text"]), c["logprobs"]) for c in choices]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise AttemptFailed(f"malformed answer (no echoed log-probabilities): {data[:120]!r}", True) from None
     if len(rows) != expected:
         raise AttemptFailed(f"asked to score {expected} texts, got {len(rows)} back", True)
@@ -96,6 +99,17 @@ def _phrase_score(text: str, logprobs: dict) -> float:
         if len(offsets) != len(scores):
             raise ValueError
         ends = [*offsets[1:], len(text)]
-        return sum(lp for end, lp in zip(ends, scores, strict=True) if end > start and lp is not None)
+        return finite_sum(lp for end, lp in zip(ends, scores, strict=True) if end > start and lp is not None)
     except (KeyError, TypeError, ValueError):
         raise AttemptFailed("malformed log-probabilities (need text_offset and token_logprobs)", True) from None
+
+
+def finite_sum(logprobs) -> float:
+    """The sum of log-probabilities, each a finite number at most 0: a NaN or an infinity would rank a phrase
+    first or last for no reason, and a positive one is no probability."""
+    total = 0.0
+    for value in logprobs:
+        if not isinstance(value, int | float) or not math.isfinite(value) or value > 1e-6:
+            raise ValueError(f"not a log-probability: {value!r}")
+        total += value
+    return total

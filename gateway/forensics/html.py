@@ -32,10 +32,13 @@ def render(doc: dict) -> str:
         _watermark(doc["watermark"]),
         _canaries(doc["canaries"]),
         _exposure(doc["exposure"]),
+        _reading(doc.get("reading")),
         "<h2>Checking this report</h2><p>Every inclusion proof above is also in <code>proofs.json</code>. With the "
-        "log's public key alone (below), <code>python verify.py --proofs proofs.json --log-key KEY</code> checks "
-        "each one against its signed checkpoint; <code>verify.py</code> needs Python and the "
-        "<code>cryptography</code> package, nothing from canarygate.</p>",
+        "log's public key alone, <code>python verify.py --proofs proofs.json --log-key KEY</code> checks each one "
+        "against its signed checkpoint and prints what each proved entry says (identity, time, canaries); "
+        "<code>verify.py</code> needs Python and the <code>cryptography</code> package, nothing from canarygate. "
+        "Take the key from a source independent of this report (the operator's published key, or the witnesses "
+        "that cosign the log's checkpoints); the key printed below only says which key the report used.</p>",
         "<pre>" + e("\n".join(doc["public_keys"])) + "</pre></body></html>",
     ]
     return "\n".join(parts)
@@ -104,8 +107,21 @@ def _exposure(exposure: dict) -> str:
                 "returns no log-probabilities.</p>")  # fmt: skip
     rows = [[t["identity"], f"{t['exposed']} / {t['scored']}", f"{t['median_exposure']:.1f}", f"{t['p_value']:.3g}"]
             for t in exposure["identities"]]  # fmt: skip
-    head = ["identity", "canaries in the top 0.1%", "median exposure (bits)", "p (Holm)"]
+    head = ["identity", f"canaries in the top {exposure['alpha']:.1%}", "median exposure (bits)", "p (Holm)"]
     return f"<h2>Exposure</h2><p>Test: {html.escape(exposure['test'])}.</p>{_table(head, rows)}"
+
+
+def _reading(reading: dict | None) -> str:
+    if reading is None:
+        return ("<h2>Reading mode</h2><p>Not read: the probe ran without <code>--reading</code>, or the endpoint "
+                "returns no log-probabilities.</p>")  # fmt: skip
+    rows = [[r["epoch"], r["key"], f"{r['p_value']:.3g}", f"{r['raw_p_value']:.3g}", f"{r['hits']} / {r['n']}"]
+            for r in reading["epochs"]]  # fmt: skip
+    shares = ", ".join(f"{share:.3f} at {alpha}" for alpha, share in reading["wrong_keys"]["share_at"].items())
+    head = ["key epoch", "key fingerprint", "p (Holm)", "p (raw)", "hits / votes"]
+    return (f"<h2>Reading mode</h2><p>Test: {html.escape(reading['test'])}; {reading['passages']} passages.</p>"
+            f"{_table(head, rows)}<p>Under {reading['wrong_keys']['count']} wrong keys, the share at or below "
+            f"alpha: {shares}.</p>")  # fmt: skip
 
 
 def _plots(mark: dict) -> str:

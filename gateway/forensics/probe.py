@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,10 +37,12 @@ T = TypeVar("T")
 class Target:
     base_url: str  # up to and including /v1
     model: str
-    api_key: str | None = None  # never written anywhere
+    api_key: str | None = field(default=None, repr=False)  # never written anywhere
 
     def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # identity encoding: a compressed answer would be inflated before the size cap could stop it
+        auth = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return {"accept-encoding": "identity", **auth}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Limits:
     retries: int = 6  # attempts after the first
     backoff: float = 1.0  # seconds: the first retry's ceiling, doubled each time up to backoff_cap
     backoff_cap: float = 60.0
+    retry_after_cap: float = 300.0  # the longest Retry-After honoured; a longer one fails the item (resume later)
     max_tokens: int = 600
     temperature: float = 0.7
 
@@ -70,6 +73,10 @@ class Pacer:
         self._interval = 1.0 / rate if rate > 0 else 0.0
         self._next = 0.0
 
+    def defer(self, seconds: float) -> None:
+        """Start nothing for `seconds` (the endpoint's Retry-After): every worker waits, not only the one told."""
+        self._next = max(self._next, time.monotonic() + seconds)
+
     async def wait(self) -> None:
         now = time.monotonic()
         start = max(now, self._next)
@@ -87,11 +94,18 @@ class Transcript:
         self.done = {row["id"] for row in read_rows(path)}
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_row(self.path, row)
         self.done.add(row["id"])
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line, on disk before this returns. Probe files hold prompts and answers from the sealed log,
+    so they are readable by their owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _drop_torn_line(path: Path) -> None:
@@ -109,7 +123,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: JSON strings hold U+2028
         try:
             rows.append(json.loads(line))
         except ValueError:
@@ -117,21 +131,34 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def prepare(out: Path, target: Target, items: Callable[[], list[dict]]) -> list[dict]:
-    """The probe set of the run in `out`: made and saved by the first run, read back by a resumed one."""
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"base_url": target.base_url, "model": target.model}
+def write_rows(path: Path, rows: list[dict]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def prepare(out: Path, target: Target, items: Callable[[], list[dict]], options: dict) -> list[dict]:
+    """The probe set of the run in `out`: made and saved by the first run, read back by a resumed one. A
+    resumed run must question the same model with the same `options` (what shapes the probe set and the
+    answers); its address may have moved (every address is kept)."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     saved = out / SETTINGS
     if saved.exists():
         previous = json.loads(saved.read_text())
-        if {k: previous.get(k) for k in settings} != settings:
-            raise ConfigError(
-                f"{out} holds a probe of {previous.get('model')} at {previous.get('base_url')}; use another --out"
-            )
+        if previous.get("model") != target.model:
+            raise ConfigError(f"{out} holds a probe of {previous.get('model')}; use another --out")
+        if previous.get("options", options) != options:
+            changed = ", ".join(k for k in options if previous["options"].get(k) != options[k])
+            raise ConfigError(f"{out} was probed with other settings ({changed}); use another --out")
+        if target.base_url not in previous.setdefault("base_urls", [previous["base_url"]]):
+            previous["base_urls"].append(target.base_url)
+            saved.write_text(json.dumps(previous, indent=1) + "\n")
         return read_rows(out / PROBE_SET)
     probe_set = items()
-    (out / PROBE_SET).write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in probe_set))
-    saved.write_text(json.dumps({**settings, "started": _now(), "items": len(probe_set)}, indent=1) + "\n")
+    write_rows(out / PROBE_SET, probe_set)
+    settings = {"base_url": target.base_url, "model": target.model, "started": _now(), "items": len(probe_set),
+                "options": options}  # fmt: skip
+    saved.write_text(json.dumps(settings, indent=1) + "\n")
     return probe_set
 
 
@@ -153,8 +180,7 @@ async def run(
                 transcript.append(row)
                 counts["answered"] += 1
             else:
-                with open(out / ERRORS, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(out / ERRORS, row)
                 counts["failed"] += 1
             on_done()
 
@@ -183,7 +209,7 @@ def _chat_answer(data: bytes) -> tuple[str, str | None]:
     try:
         choice = json.loads(data)["choices"][0]
         text = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         raise AttemptFailed(f"malformed answer (not a chat completion): {data[:120]!r}", True) from None
     if not isinstance(text, str):
         raise AttemptFailed("malformed answer: message content is not text", True)
@@ -225,11 +251,16 @@ class Session:
                 return read(data), attempts
             except AttemptFailed as e:
                 failure = e
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+                failure = AttemptFailed(f"malformed answer ({type(e).__name__})", True)
+            if (failure.retry_after or 0) > self.limits.retry_after_cap:
+                failure = AttemptFailed(f"{failure}: asked to wait {failure.retry_after:.0f} s; run again later", False)
             if not failure.retryable or attempts > self.limits.retries:
                 raise Failed(str(failure), attempts, not failure.retryable)
+            if failure.retry_after:
+                self.pacer.defer(failure.retry_after)
             ceiling = min(self.limits.backoff_cap, self.limits.backoff * 2 ** (attempts - 1))
-            wait = min(failure.retry_after or 0.0, self.limits.backoff_cap)
-            await asyncio.sleep(max(random.uniform(0, ceiling), wait))
+            await asyncio.sleep(random.uniform(0, ceiling))
 
     async def post(self, path: str, body: dict) -> tuple[int, httpx.Headers, bytes]:
         """One request, its whole answer within the deadline and under the size cap."""
@@ -245,7 +276,7 @@ class Session:
                     return response.status_code, response.headers, bytes(data)
         except TimeoutError:
             raise AttemptFailed(f"no complete answer within {self.limits.timeout:g} s", True) from None
-        except httpx.TransportError as e:
+        except httpx.RequestError as e:  # transport failures, and bodies that cannot be decoded
             raise AttemptFailed(f"connection failed: {type(e).__name__}", True) from None
 
 
@@ -253,7 +284,7 @@ def _raise_for_status(status: int, headers: httpx.Headers, data: bytes) -> None:
     if status == 429 or status >= 500:
         raise AttemptFailed(f"HTTP {status}", True, retry_after(headers))
     if status >= 400:
-        raise AttemptFailed(f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}", False)
+        raise AttemptFailed(f"HTTP {status}: {data[:200]!r}", False)
 
 
 def retry_after(headers: httpx.Headers) -> float | None:

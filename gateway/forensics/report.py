@@ -27,8 +27,10 @@ from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_count
 from .claims import claims
 from .evidence import canary_owners, prior_commitments
 from .probe import SETTINGS, TRANSCRIPT, read_rows
+from .reading import reading_test
 
 STRONG = 1e-6  # the p-value a finding is worded as conclusive at
+CHANCE = 0.01  # an attribution at this adjusted p-value or above is reported as consistent with chance, naming no one
 EXPOSURE_ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
 
 
@@ -45,6 +47,7 @@ def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], c
         "watermark": _watermark(items, keys, readers, wrong, hashlib.sha256((probe / TRANSCRIPT).read_bytes())),
         "canaries": _canaries(items, keys, readers, names, count, proofs_per_canary),
         "exposure": _exposure(read_rows(probe / "exposure.jsonl")),
+        "reading": _reading(read_rows(probe / "reading.jsonl"), keys, wrong),
         "public_keys": sorted({v.vkey() for r in readers for v in r.verifiers(None)}),
     }
     doc["claims"] = claims(doc, STRONG)
@@ -74,12 +77,30 @@ def _watermark(items, keys: Keys, readers: list[LogReader], wrong: int, seed) ->
         "best": findings[best_index].as_json(),
         "null": {"pmf": [float(x) for x in poisson_binomial_pmf([1 / len(sets.sets[s].members) for s, _ in cast])]},
         "by_amount": _by_amount(items, key, sets),
-        "wrong_keys": {
-            "count": wrong,
-            "p_values": wrong_p,
-            "share_at": {str(a): sum(p <= a for p in wrong_p) / max(1, wrong) for a in (0.05, 0.01)},
-        },  # fmt: skip
+        "wrong_keys": {"count": wrong, "p_values": wrong_p, "share_at": _shares(wrong_p)},
         "commitments": prior_commitments(_commitments(readers), epochs, sets.version),
+    }
+
+
+def _reading(rows: list[dict], keys: Keys, wrong: int) -> dict | None:
+    """The reading-mode test (gateway/forensics/reading.py) per key epoch, Holm-adjusted, and under wrong keys."""
+    if not rows:
+        return None
+    sets = watermark.default_sets()
+    epochs = watermark.epoch_keys(keys)
+    raw = [reading_test(rows, key) for key in epochs]
+    adjusted = holm([r[0] for r in raw])
+    rng = random.Random(hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).digest())
+    wrong_p = [reading_test(rows, watermark.LexicalKey(rng.randbytes(32), sets))[0] for _ in range(wrong)]
+    results = [{"epoch": key.epoch, "key": key.fingerprint, "p_value": adj, "raw_p_value": p, "n": n, "hits": hits}
+               for key, adj, (p, n, hits) in zip(epochs, adjusted, raw, strict=True)]  # fmt: skip
+    return {
+        "test": "reading mode: per word set, the member the suspect scores highest over a few passages votes; "
+        "exact Poisson-binomial tail; Holm-adjusted over key epochs",
+        "passages": len(rows),
+        "epochs": results,
+        "best": min(results, key=lambda r: r["p_value"]),
+        "wrong_keys": {"count": wrong, "p_values": wrong_p, "share_at": _shares(wrong_p)},
     }
 
 
@@ -91,7 +112,7 @@ def _by_amount(items, key, sets) -> list[dict]:
     """The p-value on the first k answers, for k growing to all of them: how much text the finding needs."""
     out, total = [], len(items)
     for k in sorted({max(1, round(total * share)) for share in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)}):
-        p, n, hits, _ = fixed_scheme_p(vote_counts(items[:k], sets), key)
+        p, n, _, _ = fixed_scheme_p(vote_counts(items[:k], sets), key)
         out.append({"texts": k, "words": sum(len(t.split()) for t, _ in items[:k]), "p_value": p, "votes": n})
     return out
 
@@ -106,8 +127,8 @@ def _commitments(readers: list[LogReader]) -> list[dict]:
 def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: int) -> dict:
     key = canary.canary_key(keys.watermark)
     owners = canary_owners(key, names, sorted(keys.masters), count)
-    results, found = canary.attribute([t for t, _ in items], owners)
-    wanted = {c: r.identity for r in results for c in r.canaries}
+    results, found = canary.attribute([t for t, _ in items], owners, [p for _, p in items])
+    wanted = {c: r.identity for r in results for c in r.canaries if r.p_value < CHANCE}
     served = _served_entries(readers, set(wanted), proofs_per_canary)
     return {
         "test": "exact binomial tail of the identity's canaries among the distinct canary-space phrases found; "
@@ -119,8 +140,11 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
         "identities_tested": len(owners),
         "phrases_found": found,
         "attributions": [
-            {**r.as_json(), "served": [e for c in r.canaries for e in served.get(c, [])]} for r in results
+            {**r.as_json(), "served": [e for c in r.canaries for e in served.get(c, [])]}
+            for r in results
+            if r.p_value < CHANCE
         ],
+        "chance_matches": [r.as_json() for r in results if r.p_value >= CHANCE],
     }
 
 
@@ -133,9 +157,9 @@ def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[
         for item in reader.entries(strict=False):
             public = item.public
             for record in public.get("canaries") or ():
-                mine = out.setdefault(record.get("id"), []) if record.get("id") in ids else None
-                if mine is None or len(mine) >= most:
+                if record.get("id") not in ids or len(out.setdefault(record["id"], [])) >= most:
                     continue
+                mine = out[record["id"]]
                 try:
                     proof = reader.prove(item.index)
                 except VerifyError:  # not under a checkpoint yet
@@ -165,6 +189,7 @@ def _exposure(rows: list[dict]) -> dict:
     return {
         "test": f"rank of each canary among its candidates (p = rank / (N + 1), exact); per identity, the count "
         f"ranked in the top {EXPOSURE_ALPHA:g}, exact binomial tail, Holm over identities",
+        "alpha": EXPOSURE_ALPHA,
         "rows": rows,
         "identities": tested,
     }

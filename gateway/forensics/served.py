@@ -2,7 +2,10 @@
 
 These are the probe's most telling prompts: a model trained on an identity's answers is most likely to
 write that identity's canary after the same question, and most likely to rate it above other phrases after
-the same answer. The log seals prompts and answers, so reading them needs the keys.
+the same answer. The log seals prompts and answers, so reading them needs the keys. A canary whose prompt
+or preceding text already holds a canary-space phrase (a conversation quoting an earlier answer) is left
+out: a suspect could repeat the phrase from the prompt, and the context would no longer be independent of
+the canary, which both canary tests assume.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..canary.phrases import Canary, canaries_of
+from ..canary.phrases import Canary, canaries_of, phrases_in
 from ..evidence.reader import LogReader
 from ..evidence.tenants import Erased
 from ..protocols import ROUTES, SlotKind
@@ -52,8 +55,9 @@ def served_canaries(reader: LogReader, canary_key: bytes, count: int) -> Iterato
         if public.get("kind") == "begin":
             begins[public["id"]] = item.index
             continue
+        begin = begins.pop(public.get("id"), None) if public.get("kind") == "end" else None
         records = [r for r in public.get("canaries") or () if "id" in r]
-        if public.get("kind") != "end" or not records or public["id"] not in begins:
+        if begin is None or not records:
             continue
         identity = public.get("identity")
         for record in records:
@@ -63,8 +67,8 @@ def served_canaries(reader: LogReader, canary_key: bytes, count: int) -> Iterato
             canary = mine.get(record["id"])
             if canary is None:  # made with another key or count: not ours to read
                 continue
-            served = _read(reader, begins[public["id"]], item.index, canary, tuple(record.get("part") or ()))
-            if served is not None:
+            served = _read(reader, begin, item.index, canary, tuple(record.get("part") or ()))
+            if served is not None and not phrases_in(served[0]) and not phrases_in(served[1]):
                 yield ServedCanary(canary, origin, item.index, public["time"], *served)
 
 

@@ -52,6 +52,14 @@ def test_a_corpus_with_one_identitys_canaries_is_attributed_to_it_among_a_thousa
     assert unmarked == [] and nothing == 0
 
 
+def test_a_canary_the_prompt_already_held_is_not_counted():
+    owners = {(f"user{i}", 0): canaries_of(KEY, f"user{i}", 0, 8) for i in range(100)}
+    phrase_of_user5 = owners[("user5", 0)][1].text
+    quoted = f"Earlier you wrote: {phrase_of_user5} What did you mean?"
+    assert attribute([f"I meant: {phrase_of_user5}"], owners, [quoted]) == ([], 0)
+    assert [r.identity for r in attribute([f"I meant: {phrase_of_user5}"], owners, [""])[0]] == ["user5"]
+
+
 def test_one_canary_alone_is_reported_with_an_honest_p_value():
     owners = {(f"user{i}", 0): canaries_of(KEY, f"user{i}", 0, 8) for i in range(1000)}
     results, _ = attribute([owners[("user5", 0)][1].text], owners)

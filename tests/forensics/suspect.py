@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,6 +21,7 @@ from starlette.routing import Route
 class MisbehavingSuspect:
     def __init__(self, learned: str = "") -> None:
         self.asked: Counter = Counter()
+        self.times: defaultdict[str, list[float]] = defaultdict(list)  # when each prompt was asked
         self.learned = {w.strip(" .,!") for w in learned.lower().split()}
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
                                      Route("/v1/completions", self.completions, methods=["POST"])])  # fmt: skip
@@ -30,7 +32,16 @@ class MisbehavingSuspect:
     async def chat(self, request: Request) -> Response:
         prompt = (await request.json())["messages"][0]["content"]
         self.asked[prompt] += 1
+        self.times[prompt].append(time.monotonic())
         n = self.asked[prompt]
+        if "impatient" in prompt:
+            return JSONResponse({"error": {"message": "much later"}}, 429, headers={"retry-after": "3600"})
+        if "patient" in prompt and n == 1:
+            return JSONResponse({"error": {"message": "later"}}, 429, headers={"retry-after-ms": "400"})
+        if "garbled" in prompt:
+            return Response(b"not gzip at all", headers={"content-encoding": "gzip"}, media_type="application/json")
+        if "deep" in prompt:
+            return Response(b"[" * 90_000 + b"]" * 90_000, media_type="application/json")
         if "flaky" in prompt and n == 1:
             return JSONResponse({"error": {"message": "slow down"}}, 429, headers={"retry-after-ms": "50"})
         if "failing" in prompt and n <= 2:
@@ -57,7 +68,8 @@ class MisbehavingSuspect:
         body = await request.json()
         if not body.get("echo"):
             return JSONResponse({"error": {"message": "echo only"}}, 400)
-        return JSONResponse({"choices": [self._scored(i, text) for i, text in enumerate(body["prompt"])]})
+        choices = [self._scored(i, text) for i, text in enumerate(body["prompt"])]
+        return Response(json.dumps({"choices": choices}), media_type="application/json")  # NaN allowed, as some servers
 
     def _scored(self, index: int, text: str) -> dict:
         tokens, offsets, position = [], [], 0
@@ -66,6 +78,8 @@ class MisbehavingSuspect:
             offsets.append(position)
             position += len(tokens[-1])
         scores = [None] + [-0.1 if t.strip(" .,!\n").lower() in self.learned else -3.0 for t in tokens[1:]]
+        if "broken" in self.learned:
+            scores[-1] = float("nan")
         logprobs = {"tokens": tokens, "token_logprobs": scores, "text_offset": offsets, "top_logprobs": None}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length"}
 

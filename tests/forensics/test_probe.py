@@ -16,7 +16,7 @@ from gateway.canary.phrases import SPACE, phrase
 from gateway.evidence.keys import Keys
 from gateway.evidence.reader import LogReader
 from gateway.forensics.exposure import candidates, exposure, ranked
-from gateway.forensics.probe import ERRORS, TRANSCRIPT, Limits, Session, Target, read_rows, retry_after, run
+from gateway.forensics.probe import ERRORS, TRANSCRIPT, Failed, Limits, Session, Target, read_rows, retry_after, run
 from gateway.forensics.served import served_canaries
 from tests.conftest import ServerThread
 from tests.forensics.suspect import MisbehavingSuspect, jsonl
@@ -40,22 +40,29 @@ def _items(prompts: list[str]) -> list[dict]:
 
 def test_misbehaviour_is_retried_when_it_may_pass_and_refused_with_a_clear_error_when_not(suspect, tmp_path):
     prompts = ["a flaky one", "a failing one", "a malformed one", "a slow one", "a plain one",
-               "an endless one", "a trickle one", "a huge one", "a forbidden one"]  # fmt: skip
+               "an endless one", "a trickle one", "a huge one", "a forbidden one", "a garbled one", "a deep one",
+               "an impatient one", "a patient one", "a line\u2028separator"]  # fmt: skip
     counts = asyncio.run(run(Target(suspect.url, "m"), FAST, _items(prompts), tmp_path))
-    assert counts == {"answered": 5, "failed": 4, "skipped": 0}
+    assert counts == {"answered": 7, "failed": 7, "skipped": 0}
     answered = {row["prompt"]: row for row in read_rows(tmp_path / TRANSCRIPT)}
     assert {p: r["attempts"] for p, r in answered.items()} == {
-        "a flaky one": 2, "a failing one": 3, "a malformed one": 2, "a slow one": 2, "a plain one": 1}  # fmt: skip
+        "a flaky one": 2, "a failing one": 3, "a malformed one": 2, "a slow one": 2, "a plain one": 1,
+        "a patient one": 2, "a line\u2028separator": 1}  # fmt: skip
+    asked = suspect.times["a patient one"]
+    assert asked[1] - asked[0] >= 0.4  # Retry-After is honoured, though far above the backoff cap
     assert all(r["text"] == f"An answer to: {p}" and r["finish_reason"] == "stop" for p, r in answered.items())
     failed = {prompts[int(row["id"][1:])]: row for row in read_rows(tmp_path / ERRORS)}
     assert failed["an endless one"]["error"] == "answer larger than 200000 bytes; cut off"
     assert failed["a huge one"]["attempts"] == 1 and "larger than" in failed["a huge one"]["error"]
     assert failed["a forbidden one"]["attempts"] == 1 and failed["a forbidden one"]["error"].startswith("HTTP 400")
-    assert failed["a trickle one"] == {
-        **failed["a trickle one"],
-        "error": "no complete answer within 1 s",
-        "attempts": 4,
-    }
+    assert (
+        failed["a trickle one"]["error"] == "no complete answer within 1 s" and failed["a trickle one"]["attempts"] == 4
+    )
+    assert failed["a garbled one"]["attempts"] == 4 and "DecodingError" in failed["a garbled one"]["error"]
+    assert failed["a deep one"]["attempts"] == 4 and "malformed answer" in failed["a deep one"]["error"]
+    impatient = failed["an impatient one"]
+    assert impatient["attempts"] == 1 and "wait 3600 s; run again later" in impatient["error"]
+    assert oct((tmp_path / TRANSCRIPT).stat().st_mode & 0o777) == "0o600"  # it holds prompts from the sealed log
 
 
 def test_retry_after_is_read_in_every_form_the_apis_send():
@@ -83,8 +90,9 @@ def test_an_interrupted_probe_resumes_where_it_stopped(suspect, tmp_path):
         asyncio.run(interrupted())
     first = read_rows(tmp_path / TRANSCRIPT)
     assert 10 <= len(first) < 30
+    torn = next(f"p{i}" for i in range(30) if f"p{i}" not in {r["id"] for r in first})
     with open(tmp_path / TRANSCRIPT, "a") as f:
-        f.write('{"id": "p2')  # killed halfway through writing a line
+        f.write(f'{{"id": "{torn}", "te')  # killed halfway through writing a line of an item not yet done
     counts = asyncio.run(run(Target(suspect.url, "m"), FAST, _items(prompts), tmp_path))
     assert counts == {"answered": 30 - len(first), "failed": 0, "skipped": len(first)}
     rows = read_rows(tmp_path / TRANSCRIPT)
@@ -103,9 +111,25 @@ def test_the_probe_command_keeps_its_folder_to_one_suspect(suspect, tmp_path):
     again = cli(tmp_path, *args, "--prompts", "more.jsonl", "--retries", "0")
     assert "0 answered, 2 failed" in again.stdout and "8 already in" in again.stdout
     other = cli(tmp_path, *args[:4], "other-model", *args[5:])
-    assert other.returncode == 2 and "holds a probe of m" in other.stderr
+    assert other.returncode == 2 and "holds a probe of m;" in other.stderr
+    elsewhere = [args[0], "--base-url", suspect.url.replace("127.0.0.1", "localhost"), *args[3:], "--retries", "0"]
+    changed = cli(tmp_path, *elsewhere)
+    assert changed.returncode == 2 and "probed with other settings (prompts)" in changed.stderr
+    moved = cli(tmp_path, *elsewhere, "--prompts", "more.jsonl")
+    assert "0 answered, 2 failed" in moved.stdout  # the same model at a new address: resumed, not restarted
+    assert len(json.loads((tmp_path / "out" / "probe.json").read_text())["base_urls"]) == 2
     empty = cli(tmp_path, *args, "--api-key-env", "CANARYGATE_TEST_UNSET_VARIABLE")
     assert empty.returncode == 2 and "CANARYGATE_TEST_UNSET_VARIABLE" in empty.stderr
+
+
+def test_exposure_p_values_are_exactly_uniform_under_the_null():
+    """Continuous scores: the canary's rank among N candidates is uniform, so P(p <= k / (N + 1)) = k / (N + 1)."""
+    rng = random.Random(11)
+    p_values = [ranked(rng.random(), [rng.random() for _ in range(99)])[1] for _ in range(4000)]
+    for k in (1, 5, 10, 50):
+        share = sum(p <= k / 100 for p in p_values) / len(p_values)
+        assert abs(share - k / 100) <= 3 * (k / 100 * (1 - k / 100) / len(p_values)) ** 0.5 + 1e-9
+    assert ranked(float("nan"), [0.0]) == (2, 1.0, 0.0)  # a NaN never ranks first
 
 
 def test_exposure_p_values_are_calibrated_for_a_model_that_never_saw_the_canary():
@@ -136,6 +160,9 @@ def test_served_canaries_come_from_the_log_and_a_model_trained_on_one_exposes_it
                 assert http.post("/v1/chat/completions", json=body).status_code == 200
             body["stream"] = True
             assert http.post("/v1/chat/completions", json=body).status_code == 200
+            quoting = canaries_of(canary_key(Keys.load(gateway.state_dir / "keys").watermark), name, 0, 8)[0].text
+            body = {"model": "m", "messages": [{"role": "user", "content": f"You said {quoting} Why?"}]}
+            assert http.post("/v1/chat/completions", json=body).status_code == 200  # left out: the prompt holds one
     keys = Keys.load(gateway.state_dir / "keys")
     served = list(served_canaries(LogReader(gateway.state_dir / "evidence" / "0", keys), canary_key(keys.watermark), 8))
     assert [s.prompt for s in served] == ["Tell me about lighthouses.", "Tell me about kites.", "Tell me about kites."]
@@ -151,6 +178,9 @@ def test_served_canaries_come_from_the_log_and_a_model_trained_on_one_exposes_it
         rows = asyncio.run(_exposures(target, [served[0].as_json(), {**served[0].as_json(), "phrase": fresh.text}]))
     assert rows[0]["rank"] == 1 and rows[0]["p_value"] == pytest.approx(1 / 2001) and rows[0]["exposure"] > 10.9
     assert rows[1]["rank"] > 1 and rows[1]["exposure"] < rows[0]["exposure"]
+    broken = MisbehavingSuspect(learned="broken")
+    with ServerThread(broken) as server, pytest.raises(Failed, match="malformed log-probabilities"):
+        asyncio.run(_exposures(Target(server.url + "/v1", "m"), [served[0].as_json()]))
 
 
 async def _exposures(target: Target, items: list[dict]) -> list[dict]:
@@ -158,7 +188,7 @@ async def _exposures(target: Target, items: list[dict]) -> list[dict]:
         return [await exposure(session, item, 2000) for item in items]
 
 
-def test_served_canary_items_round_trip_through_json(tmp_path):
+def test_the_built_in_prose_prompts_are_distinct_and_in_a_fixed_order():
     from gateway.forensics.probeset import probe_items, prose_prompts
 
     prompts = prose_prompts(600)

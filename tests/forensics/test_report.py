@@ -15,6 +15,7 @@ import pytest
 from gateway.evidence.keys import Keys
 from gateway.evidence.verifier import NoteKey, verify_inclusion_proof
 from gateway.forensics.probe import SETTINGS, TRANSCRIPT
+from gateway.watermark import epoch_keys
 from tests.forensics.suspect import jsonl
 from tests.ratelimit.conftest import running_gateway
 from tests.test_cli import cli
@@ -54,9 +55,20 @@ def _probe_folder(folder, name: str, texts: list[str]):
     return probe
 
 
+def _scored_by_logprobs(probe, folder, name: str) -> None:
+    """What --exposure and --reading leave for a suspect that learned the identity's canaries and the key."""
+    key = epoch_keys(Keys.load(folder / ".canarygate" / "keys"))[0]
+    exposure = [{"canary": f"cn_{i}", "identity": name, "epoch": 0, "log": "l", "entry": i, "candidates": 10_000,
+                 "score": -5.0, "rank": 1, "p_value": 1 / 10_001, "exposure": 13.3} for i in range(3)]  # fmt: skip
+    reading = [{"id": f"{s}-0-0", "set": s, "scores": [0.0 if m == key.preferred[s] else -2.0 for m in range(2)]}
+               for s in range(60) if len(key.sets.sets[s].members) == 2]  # fmt: skip
+    (probe / "exposure.jsonl").write_text(jsonl(exposure))
+    (probe / "reading.jsonl").write_text(jsonl(reading))
+
+
 def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_can_check(served):
     folder, name, answers = served
-    _probe_folder(folder, "student", answers)
+    _scored_by_logprobs(_probe_folder(folder, "student", answers), folder, name)
     result = cli(folder, "report", "--probe", "student", "--out", "student-report", "--wrong-keys", "100")
     assert result.returncode == 0, result.stderr
     doc = json.loads((folder / "student-report" / "report.json").read_text())
@@ -90,6 +102,14 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     html = (folder / "student-report" / "report.html").read_text()
     assert not re.findall(r'(?:src|href)="(?!#)', html) and "<svg" in html  # self-contained: nothing fetched
     assert Keys.load(folder / ".canarygate" / "keys").watermark.hex() not in html + json.dumps(doc)
+    exposed = doc["exposure"]["identities"]
+    assert [(e["identity"], e["exposed"], e["scored"]) for e in exposed] == [(name, 3, 3)] and exposed[0][
+        "p_value"
+    ] < 1e-9
+    assert doc["reading"]["best"]["p_value"] < 1e-6 and doc["reading"]["best"]["hits"] == doc["reading"]["best"]["n"]
+    assert {c["about"] for c in doc["claims"] if c["level"] == "strong"} == {"watermark", "canaries", "exposure",
+                                                                             "reading mode"}  # fmt: skip
+    assert "canaries in the top 0.1%" in html and "Reading mode" in html
 
 
 def test_a_suspect_that_never_saw_marked_answers_is_not_named(served):
