@@ -13,6 +13,9 @@ them on; and no one can forge a canary without the key or those answers.
 
 from __future__ import annotations
 
+STRONG = 1e-6  # below this (adjusted) p-value a finding is worded as conclusive
+SUGGESTIVE = 0.01  # below this, as suggestive; at or above, as nothing (and no identity is named)
+
 ALTERNATIVES = {
     "published": "The answers were published (by the account holder or anyone they shared them with) and a third "
     "party trained on them. The watermark cannot tell this from direct extraction; canaries name the accounts "
@@ -27,25 +30,25 @@ ALTERNATIVES = {
 }
 
 
-def claims(doc: dict, strong: float) -> list[dict]:
+def claims(doc: dict) -> list[dict]:
     """Statements for the report, each with the evidence it rests on and the alternatives that remain."""
-    found = [_watermark(doc["watermark"], strong), *_canaries(doc["canaries"], strong), *_exposure(doc["exposure"])]
-    return found + ([_reading(doc["reading"], strong)] if doc.get("reading") else [])
+    found = [_watermark(doc["watermark"]), *_canaries(doc["canaries"]), *_exposure(doc["exposure"])]
+    return found + ([_reading(doc["reading"])] if doc.get("reading") else [])
 
 
-def _watermark(mark: dict, strong: float) -> dict:
+def _watermark(mark: dict) -> dict:
     best = mark["best"]
     p, hits, n = best["p_value"], best["hits"], best["n"]
     committed = mark["commitments"].get(f"watermark-key@{best['epoch']}")
     when = (f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry "
             f"{committed['index']})." if committed else " No prior commitment to this key is in the evidence log, "
             "so nothing here shows the key was fixed before the suspect's text existed.")  # fmt: skip
-    if p < strong:
+    if p < STRONG:
         text = (f"The suspect's answers follow this gateway's watermark key in {hits} of {n} word sets (p = {p:.3g}, "
                 "exact). Text written without the key does this with probability at most p: the suspect learned "
                 "from text marked by this gateway.")  # fmt: skip
         level = "strong"
-    elif p < 0.01:
+    elif p < SUGGESTIVE:
         text = (f"The suspect's answers lean towards this gateway's watermark key ({hits} of {n} word sets, "
                 f"p = {p:.3g}): suggestive, not conclusive; a longer probe would settle it.")  # fmt: skip
         level = "suggestive"
@@ -58,10 +61,10 @@ def _watermark(mark: dict, strong: float) -> dict:
             "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
 
 
-def _reading(reading: dict, strong: float) -> dict:
+def _reading(reading: dict) -> dict:
     best = reading["best"]
     p, hits, n = best["p_value"], best["hits"], best["n"]
-    level = "strong" if p < strong else "suggestive" if p < 0.01 else "none"
+    level = "strong" if p < STRONG else "suggestive" if p < SUGGESTIVE else "none"
     text = (f"Read from its own log-probabilities at {reading['passages']} passages, the suspect prefers this "
             f"gateway's watermark member in {hits} of {n} word sets (p = {p:.3g}, exact).")  # fmt: skip
     if level == "strong":
@@ -70,10 +73,10 @@ def _reading(reading: dict, strong: float) -> dict:
             "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
 
 
-def _canaries(found: dict, strong: float) -> list[dict]:
+def _canaries(found: dict) -> list[dict]:
     out = []
     for a in found["attributions"]:
-        level = "strong" if a["p_value"] < strong else "suggestive"
+        level = "strong" if a["p_value"] < STRONG else "suggestive"
         text = (f"{len(a['canaries'])} canaries of identity {a['identity']} (key epoch {a['epoch']}) appear in the "
                 f"suspect's answers, among {found['phrases_found']} canary-space phrases found "
                 f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). They "
@@ -94,9 +97,9 @@ def _canaries(found: dict, strong: float) -> list[dict]:
 def _exposure(exposure: dict) -> list[dict]:
     out = []
     for row in exposure["identities"]:
-        if row["p_value"] >= 0.01:
+        if row["p_value"] >= SUGGESTIVE:
             continue
-        out.append({"about": "exposure", "identity": row["identity"], "level": "strong" if row["p_value"] < 1e-6
+        out.append({"about": "exposure", "identity": row["identity"], "level": "strong" if row["p_value"] < STRONG
                     else "suggestive", "alternatives": ["published", "second hand"],
                     "text": f"The suspect rates {row['exposed']} of {row['scored']} canaries of identity "
                             f"{row['identity']} above nearly all phrases of the same kind (p = {row['p_value']:.3g}; "

@@ -6,7 +6,7 @@ import html
 import io
 import json
 
-from .claims import ALTERNATIVES
+from .claims import ALTERNATIVES, STRONG
 
 STYLE = """
 body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -142,7 +142,7 @@ def _plots(mark: dict) -> str:
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     amounts = mark["by_amount"]
     ax.plot([a["words"] for a in amounts], [max(a["p_value"], 1e-300) for a in amounts], marker="o", color="#b00020")
-    ax.axhline(1e-6, color="grey", linestyle=":", label="p = 1e-6")
+    ax.axhline(STRONG, color="grey", linestyle=":", label=f"p = {STRONG:g}")
     ax.set(xscale="log", yscale="log", xlabel="words of probe text", ylabel="p-value", title="p-value against text")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)

@@ -24,13 +24,11 @@ from ..evidence.keys import Keys
 from ..evidence.reader import LogReader, VerifyError, commitments
 from ..watermark.detect import holm
 from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
-from .claims import claims
+from .claims import SUGGESTIVE, claims
 from .evidence import canary_owners, prior_commitments
 from .probe import SETTINGS, TRANSCRIPT, read_rows
 from .reading import reading_test
 
-STRONG = 1e-6  # the p-value a finding is worded as conclusive at
-CHANCE = 0.01  # an attribution at this adjusted p-value or above is reported as consistent with chance, naming no one
 EXPOSURE_ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
 
 
@@ -50,7 +48,7 @@ def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], c
         "reading": _reading(read_rows(probe / "reading.jsonl"), keys, wrong),
         "public_keys": sorted({v.vkey() for r in readers for v in r.verifiers(None)}),
     }
-    doc["claims"] = claims(doc, STRONG)
+    doc["claims"] = claims(doc)
     return doc
 
 
@@ -128,7 +126,7 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
     key = canary.canary_key(keys.watermark)
     owners = canary_owners(key, names, sorted(keys.masters), count)
     results, found = canary.attribute([t for t, _ in items], owners, [p for _, p in items])
-    wanted = {c: r.identity for r in results for c in r.canaries if r.p_value < CHANCE}
+    wanted = {c: r.identity for r in results for c in r.canaries if r.p_value < SUGGESTIVE}
     served = _served_entries(readers, set(wanted), proofs_per_canary)
     return {
         "test": "exact binomial tail of the identity's canaries among the distinct canary-space phrases found; "
@@ -142,9 +140,9 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
         "attributions": [
             {**r.as_json(), "served": [e for c in r.canaries for e in served.get(c, [])]}
             for r in results
-            if r.p_value < CHANCE
+            if r.p_value < SUGGESTIVE
         ],
-        "chance_matches": [r.as_json() for r in results if r.p_value >= CHANCE],
+        "chance_matches": [r.as_json() for r in results if r.p_value >= SUGGESTIVE],
     }
 
 
