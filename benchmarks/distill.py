@@ -193,7 +193,9 @@ def probe(args, name: str) -> None:
                    "--exposure-canaries", "8", "--canary-contexts", str(args.canary_contexts),
                    "--prose", str(args.prose), "--max-tokens", "300", "--rate", "1000",
                    "--concurrency", "2", "--temperature", str(args.temperature)]  # fmt: skip
-        subprocess.run(command, check=False, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+        probed = subprocess.run(command, check=False, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        if probed.returncode != 0:  # some answers failed; the transcript holds the rest (see errors.jsonl)
+            print(f"probe of {name} exited {probed.returncode}: {probed.stderr[-500:]}", file=sys.stderr)
         fresh = folder / "fresh-exposure.jsonl"
         if not fresh.exists():
             rows = asyncio.run(_fresh_exposures(args, url + "/v1", name, folder / "probe"))

@@ -53,7 +53,7 @@ class Training:
     parameters: int
     steps: int
     seconds: float
-    final_loss: float
+    final_loss: float | None
 
 
 class Student:
@@ -80,7 +80,7 @@ class Student:
         stream = torch.tensor([index.get(t, 0) for i in order for t in sequences[i]])
         model = _network(len(vocab))
         optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        started, steps, window, batch = time.monotonic(), 0, 64, 64
+        started, steps, window, batch, loss = time.monotonic(), 0, 64, 64, None
         generator = torch.Generator().manual_seed(seed)
         while time.monotonic() - started < seconds:
             starts = torch.randint(0, len(stream) - window - 1, (batch,), generator=generator)
@@ -94,8 +94,9 @@ class Student:
             optimiser.step()
             steps += 1
         parameters = sum(p.numel() for p in model.parameters())
+        final = None if loss is None else round(float(loss.detach()), 3)
         info = Training(len(sequences), len(stream), len(vocab), parameters, steps,
-                        round(time.monotonic() - started, 1), round(float(loss.detach()), 3))  # fmt: skip
+                        round(time.monotonic() - started, 1), final)  # fmt: skip
         return cls(vocab, model), info
 
     def save(self, path) -> None:
