@@ -9,10 +9,12 @@ from __future__ import annotations
 import gc
 import json
 import os
+from pathlib import Path
 
 from . import config, metrics
 from .admin import PREFIX as ADMIN_PREFIX
 from .admin import TierAdmin
+from .bias import SamplingBias, Vocabulary, VocabularyError, green_list
 from .canary import with_canaries
 from .demo import DemoModel
 from .evidence import keys_dir, open_recorder, origin_of
@@ -38,6 +40,21 @@ def open_transform(settings: config.Settings) -> Transform:
     return with_canaries(inner, settings, loaded.watermark, loaded.current_epoch)
 
 
+def open_bias(settings: config.Settings) -> SamplingBias | None:
+    """The sampling-bias mark, when enabled: the current epoch's green list of the upstream's tokens."""
+    chosen = settings.sampling_bias
+    if not chosen.enabled:
+        return None
+    try:
+        vocabulary = Vocabulary.load(Path(chosen.tokenizer))
+    except (OSError, VocabularyError) as e:
+        raise config.ConfigError(f"{settings.source}: [sampling_bias] tokenizer: {e}") from None
+    init_keys(keys_dir(settings), origin_of(settings))
+    loaded = Keys.load(keys_dir(settings))
+    green = green_list(loaded.watermark, loaded.current_epoch, vocabulary, chosen.size, chosen.bias)
+    return SamplingBias(green, vocabulary.digest, chosen.skip_models)
+
+
 def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
     """The stages the settings call for; `overrides` (upstream, transform, identifier, admitter, recorder)
     replace any of them, for the middleware (an in-process upstream), tests and benchmarks. A replaced
@@ -54,6 +71,7 @@ def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:
         "recorder": lambda: open_recorder(settings),
     }
     defaults["risk"] = lambda: open_risk(settings)
+    defaults["bias"] = lambda: open_bias(settings)
     unknown = set(overrides) - set(defaults)
     if unknown:
         raise TypeError(f"unknown stage(s): {', '.join(sorted(unknown))}")

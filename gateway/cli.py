@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import canary, config, evidence, ratelimit, watermark
+from . import bias, canary, config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.bundle import bundle_commitments, disclosed_keys
 from .evidence.bundle import export as export_bundle
@@ -26,6 +26,7 @@ from .evidence.verifier import VerificationError
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
+from .watermark.detect import adjusted
 from .witness.cli import add_commands as _witness_commands
 
 DEMO_IDENTITY = "demo"
@@ -361,14 +362,23 @@ def _detect(args) -> int:
         epochs = [watermark.LexicalKey(key, sets, epoch) for epoch, key in disclosed_keys(found)]
         if not epochs:
             raise config.ConfigError(f"{args.bundle}: no disclosed watermark key (export with --disclose-epoch N)")
+        greens = []
     else:
-        epochs = watermark.epoch_keys(keys.Keys.load(directory))
+        loaded = keys.Keys.load(directory)
+        epochs = watermark.epoch_keys(loaded)
         found = _logged_commitments(args)
-    findings = watermark.detect(items, epochs, sets)
+        greens = _green_lists(settings, loaded)
+
+    def findings_for(chosen: list[tuple[str, str]]):
+        """Every scheme's test, Holm-adjusted across schemes and key epochs."""
+        lexical = watermark.detect(chosen, epochs, sets)
+        return adjusted(lexical + bias.detect(chosen, greens[1], greens[0])) if greens else lexical
+
+    findings = findings_for(items)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
     doc["commitments"] = prior_commitments(found, epochs, sets.version)
     if args.per_text:
-        doc["per_text"] = [_by_scheme(watermark.detect([item], epochs, sets)) for item in items]
+        doc["per_text"] = [_by_scheme(findings_for([item])) for item in items]
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -394,6 +404,19 @@ def _logged_commitments(args) -> list[dict]:
         return commitments(_readers(args, all_by_default=True))
     except VerifyError:
         return []
+
+
+def _green_lists(settings: config.Settings, loaded: keys.Keys) -> tuple:
+    """(vocabulary, every epoch's green list) where the sampling-bias mark has a tokenizer; else ()."""
+    chosen = settings.sampling_bias
+    if not chosen.tokenizer:
+        return ()
+    try:
+        vocabulary = bias.Vocabulary.load(Path(chosen.tokenizer))
+    except bias.VocabularyError as e:
+        raise config.ConfigError(f"[sampling_bias] tokenizer: {e}") from None
+    epochs = sorted(loaded.masters)
+    return vocabulary, [bias.green_list(loaded.watermark, e, vocabulary, chosen.size, chosen.bias) for e in epochs]
 
 
 def _detection_items(path: Path) -> list[tuple[str, str]]:

@@ -74,6 +74,15 @@ tenants = []                     # tenants whose identities get one in every ans
 watch = 0.25
 suspect = 1.0
 
+[sampling_bias]
+enabled = false                  # ask the upstream to favour a keyed list of its tokens (logit_bias), where
+                                 # its API takes it; needs the upstream's tokenizer file
+tokenizer = ""                   # a tokenizers JSON file (or any JSON object of token -> id), read offline
+size = 300                       # tokens favoured (OpenAI allows 300 logit_bias entries)
+bias = 4.0                       # added to each one's logit (-100 to 100)
+skip_models = ["o1*", "o3*", "o4*", "gpt-5*"]  # reasoning models refuse logit_bias; others that do are
+                                 # found on their first refusal and skipped from then on
+
 [risk]
 mode = "enforce"                 # "enforce": the risk engine moves identities between normal, watch and
                                  # suspect; "shadow": it scores and records its decisions without applying
@@ -123,7 +132,17 @@ enforce = false
 headers = false
 """
 
-_TOP_LEVEL_SECTIONS = ("server", "upstream", "state", "evidence", "watermark", "canaries", "risk", "limits")
+_TOP_LEVEL_SECTIONS = (
+    "server",
+    "upstream",
+    "state",
+    "evidence",
+    "watermark",
+    "canaries",
+    "sampling_bias",
+    "risk",
+    "limits",
+)
 REQUIRED_TIERS = ("normal", "watch", "suspect", "blocked", "unlimited")
 
 
@@ -201,6 +220,15 @@ class CanarySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingBiasSettings:
+    enabled: bool = False
+    tokenizer: str = ""
+    size: int = 300
+    bias: float = 4.0
+    skip_models: tuple[str, ...] = ("o1*", "o3*", "o4*", "gpt-5*")
+
+
+@dataclass(frozen=True, slots=True)
 class RiskSettings:
     mode: str = "enforce"
 
@@ -257,6 +285,7 @@ class Settings:
     risk: RiskSettings = field(default_factory=RiskSettings)
     canaries: CanarySettings = field(default_factory=CanarySettings)
     watermark: WatermarkSettings = field(default_factory=WatermarkSettings)
+    sampling_bias: SamplingBiasSettings = field(default_factory=SamplingBiasSettings)
     limits: LimitSettings = field(default_factory=lambda: _DEFAULT_LIMITS)
     state_dir: Path = Path(".canarygate")
     source: str = "<defaults>"
@@ -339,6 +368,7 @@ def parse(raw: dict, source: str) -> Settings:
         watermark=_watermark(reader, raw),
         risk=_risk(reader, raw),
         canaries=_canaries(reader, raw),
+        sampling_bias=_sampling_bias(reader, raw),
         limits=_limits(reader, raw, _DEFAULT_LIMITS),
         state_dir=state_dir,
         source=source,
@@ -421,6 +451,28 @@ def _canaries(reader: _SectionReader, raw: dict) -> CanarySettings:
         raise ConfigError(f"{source}: [canaries.density] maps tiers to shares between 0 and 1, e.g. watch = 0.25")
     if not 1 <= settings.count <= 64:
         raise ConfigError(f"{source}: [canaries] count must be between 1 and 64")
+    return settings
+
+
+def _sampling_bias(reader: _SectionReader, raw: dict) -> SamplingBiasSettings:
+    table = reader.section(raw, "sampling_bias")
+    d = SamplingBiasSettings()
+    settings = SamplingBiasSettings(
+        enabled=reader.take(table, "sampling_bias", "enabled", bool, d.enabled),
+        tokenizer=reader.take(table, "sampling_bias", "tokenizer", str, d.tokenizer),
+        size=reader.take(table, "sampling_bias", "size", int, d.size),
+        bias=reader.take(table, "sampling_bias", "bias", float, d.bias),
+        skip_models=tuple(
+            str(m) for m in reader.take(table, "sampling_bias", "skip_models", list, list(d.skip_models))
+        ),
+    )
+    reader.reject_unknown(table, "sampling_bias")
+    if not 1 <= settings.size <= 300:
+        raise ConfigError(f"{reader.source}: [sampling_bias] size must be between 1 and 300")
+    if not -100 <= settings.bias <= 100:
+        raise ConfigError(f"{reader.source}: [sampling_bias] bias must be between -100 and 100")
+    if settings.enabled and not settings.tokenizer:
+        raise ConfigError(f"{reader.source}: [sampling_bias] enabled needs tokenizer, the upstream's tokenizer file")
     return settings
 
 

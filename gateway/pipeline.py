@@ -29,7 +29,7 @@ from .protocols.base import estimate_tokens, total_tokens, usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .risk import Decision, RiskEngine
-from .stages import Admitter, Identifier, Recorder, Transform, Upstream, UpstreamResponse
+from .stages import Admitter, Identifier, Recorder, RequestMark, Transform, Upstream, UpstreamResponse
 from .upstream import UpstreamError
 
 log = logging.getLogger("canarygate.pipeline")
@@ -64,6 +64,7 @@ class Pipeline:
         transform: Transform,
         recorder: Recorder,
         risk: RiskEngine | None = None,
+        bias: RequestMark | None = None,
     ) -> None:
         self._settings = settings
         self.stages = {"identify": identifier, "admit": admitter, "forward": upstream, "transform": transform,
@@ -74,6 +75,7 @@ class Pipeline:
         self._transform = transform
         self._record = recorder
         self._risk = risk
+        self._bias = bias
         if risk is not None:
             risk.on_decision = self._apply_decision
         self._upstream_key = settings.upstream.api_key()
@@ -82,7 +84,8 @@ class Pipeline:
 
     async def start(self) -> None:
         await self._record.start()
-        await self._record.commit(self._transform.commitments())  # on disk before the first answer is marked
+        marks = self._transform.commitments() + (self._bias.commitments() if self._bias else [])
+        await self._record.commit(marks)  # on disk before the first answer is marked
         if self._risk is not None:
             await self._risk.start()
         await self._admit.start()
@@ -140,10 +143,12 @@ class Pipeline:
             hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect)
             await self._admit.admit(exchange)
             exchange.admitted = True
+            marked = None
             if dialect is not None:
                 body = _fit(exchange, dialect, body, hide_logprobs)
+                marked = self._marked_request(exchange, dialect)
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
-            await self._forward_watching(exchange, scope, receive, reply, api, dialect, body)
+            await self._forward_watching(exchange, scope, receive, reply, api, dialect, (marked, body))
         except GatewayError as error:
             exchange.outcome = exchange.outcome or Outcome.REJECTED
             exchange.error = exchange.error or error.kind.value
@@ -237,9 +242,14 @@ class Pipeline:
             raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
         return asked
 
-    async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, body) -> None:
+    def _marked_request(self, exchange: Exchange, dialect: Dialect) -> bytes | None:
+        """The request body asking the upstream for the sampling-bias mark, where it can take it."""
+        marked = self._bias.request(exchange, dialect) if self._bias is not None else None
+        return None if marked is None else _encode_json(marked)
+
+    async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request."""
-        work = asyncio.ensure_future(self._forward(exchange, scope, reply, api, dialect, body))
+        work = asyncio.ensure_future(self._forward(exchange, scope, reply, api, dialect, bodies))
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -252,16 +262,17 @@ class Pipeline:
         if exchange.outcome is not Outcome.CLIENT_CANCELLED:
             work.result()
 
-    async def _forward(self, exchange, scope, reply, api: Api, dialect, body: bytes) -> None:
+    async def _forward(self, exchange, scope, reply, api: Api, dialect, bodies: tuple[bytes | None, bytes]) -> None:
+        """Send the request (`bodies`: with the sampling-bias mark, or None; without it) and relay the answer."""
         # the path as the client encoded it: decoding it here could turn %2F or %3F into structure upstream
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = self._upstream_headers(scope["headers"], api)
-        try:
-            response = await self._upstream.send(exchange.method, target, headers, body)
-        except UpstreamError as e:
-            raise _upstream_failure(exchange, e) from None
+        marked, plain = bodies
+        response = await self._send(exchange, target, headers, marked or plain)
+        if marked is not None and response.status == 400:
+            response = await self._unless_mark_refused(exchange, response, target, headers, plain)
         exchange.upstream_status = response.status
         completed = False
         try:
@@ -277,6 +288,24 @@ class Pipeline:
                 response.release()
             else:
                 response.close()
+
+    async def _send(self, exchange: Exchange, target: str, headers, body: bytes) -> UpstreamResponse:
+        try:
+            return await self._upstream.send(exchange.method, target, headers, body)
+        except UpstreamError as e:
+            raise _upstream_failure(exchange, e) from None
+
+    async def _unless_mark_refused(self, exchange, response: UpstreamResponse, target, headers, plain: bytes):
+        """A 400 to the marked request: if it refused the mark, the request again without it; if not, the
+        400 as it was (read here, so relayed from memory)."""
+        try:
+            refusal = await response.read(self._settings.server.max_response_bytes)
+        except UpstreamError as e:
+            raise _upstream_failure(exchange, e) from None
+        response.release()
+        if self._bias.refused(exchange, refusal):
+            return await self._send(exchange, target, headers, plain)
+        return _ReadResponse(response.status, response.headers, refusal)
 
     def _upstream_headers(self, headers, api: Api) -> list[tuple[str, str]]:
         dropped = _REQUEST_HEADERS_DROPPED
@@ -439,6 +468,25 @@ class _Reply:
         elif not self.started:
             body = json.dumps(api.error_body(error)).encode()
             await self.whole(error.status, body, "application/json", error.headers)
+
+
+class _ReadResponse:
+    """An upstream answer already read whole, relayed from memory."""
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status, self.headers, self._body = status, headers, body
+
+    async def chunks(self):
+        yield self._body
+
+    async def read(self, limit: int) -> bytes:
+        return self._body
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 def _fit(exchange: Exchange, dialect: Dialect, body: bytes, strip_logprobs: bool) -> bytes:

@@ -99,6 +99,19 @@ class Transform(Protocol):
         """A rewriter for one text part of the answer, or None to leave that part alone."""
 
 
+class RequestMark(Protocol):
+    """A mark the upstream applies as it samples (the sampling-bias mark): the transform stage's request side."""
+
+    def commitments(self) -> list[Commitment]:
+        """What the mark depends on, to be committed to in the evidence log before the first answer."""
+
+    def request(self, exchange: Exchange, dialect) -> dict | None:
+        """The upstream request asking for the mark, or None where the route or the model cannot take it."""
+
+    def refused(self, exchange: Exchange, body: bytes) -> bool:
+        """Whether the upstream's 400 (`body`) refused the mark; the request then goes again without it."""
+
+
 class Recorder(Protocol):
     async def start(self) -> None: ...
 

@@ -51,6 +51,7 @@ class Behaviour:
     hang: float = 0.0  # sleep before answering
     event_delay: float = 0.0
     die_after_events: int | None = None  # close the connection abruptly after this many events
+    refuse_logit_bias: bool = False  # answer 400 to requests that carry logit_bias, as reasoning models do
 
 
 class FakeUpstream:
@@ -89,6 +90,11 @@ class FakeUpstream:
                 raise
         if b.status is not None:
             await self._json(send, b.status, b.error_body, b.headers)
+            return
+        if b.refuse_logit_bias and b'"logit_bias"' in body:
+            refusal = {"error": {"message": "Unsupported parameter: 'logit_bias' is not supported with this model.",
+                                 "type": "invalid_request_error", "param": "logit_bias"}}  # fmt: skip
+            await self._json(send, 400, refusal, b.headers)
             return
         if scope["path"] not in ROUTES:  # a path the gateway passes through untouched
             await self._json(send, 200, {"echo": scope["path"], "body": body.decode("latin-1")}, b.headers)

@@ -76,6 +76,7 @@ class Dialect:
     streams = False  # whether `stream: true` is meaningful on this route
     method = "POST"
     output_fields: tuple[str, ...] = ()  # the request fields that limit output tokens; the first is the one set
+    takes_logit_bias = False  # whether the route's API accepts a per-token `logit_bias` (the sampling-bias mark)
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model")

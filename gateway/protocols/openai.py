@@ -115,6 +115,7 @@ _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomple
 class ChatCompletions(Dialect):
     api = API
     streams = True
+    takes_logit_bias = True
     # max_tokens is deprecated and refused by reasoning models; compatible servers ignore what they lack
     output_fields = ("max_completion_tokens", "max_tokens")
 
@@ -166,6 +167,7 @@ class ChatCompletions(Dialect):
 class Completions(Dialect):
     api = API
     streams = True
+    takes_logit_bias = True
     output_fields = ("max_tokens",)
 
     def ask_usage(self, body: dict[str, Any]) -> bool:

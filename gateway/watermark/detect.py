@@ -7,6 +7,7 @@ Text that also appears in an item's prompt is not scored.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .scheme import SCHEME, LexicalKey
@@ -45,6 +46,12 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def adjusted(findings: list[Finding]) -> list[Finding]:
+    """The findings of several schemes, Holm-adjusted together (from their raw p-values)."""
+    values = holm([f.raw_p_value for f in findings])
+    return [dataclasses.replace(f, p_value=p) for f, p in zip(findings, values, strict=True)]
 
 
 def detect(items: list[tuple[str, str]], keys: list[LexicalKey], sets: WordSets) -> list[Finding]:

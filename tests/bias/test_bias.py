@@ -1,0 +1,159 @@
+"""The sampling-bias mark: the green list, its exact detector, and the request side in a real gateway."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+from scipy import stats
+
+from gateway.app import create_app
+from gateway.bias import SCHEME, Vocabulary, green_list, green_test, hypergeometric_sf
+from gateway.bias.green import counted_words
+from gateway.config import SamplingBiasSettings
+from gateway.identity import Registry
+from gateway.watermark.scheme import reference_texts
+from tests.conftest import ServerThread, exchanges
+from tests.ratelimit.conftest import limited_settings
+from tests.watermark.test_detect import SAMPLE
+
+CHAT = "/v1/chat/completions"
+ROOMY = {"identity": {"requests": "100000/minute"}}
+
+
+def _vocabulary_file(folder: Path) -> Path:
+    """A byte-level BPE vocabulary in the `tokenizers` JSON layout: the reference text's words as word-initial
+    tokens (Ġword), plus pieces that are not words, so the pool must be picked out of it."""
+    words = sorted({w for t in reference_texts() for w in t.lower().split() if w.isalpha() and len(w) >= 3})
+    vocab = {tok: i for i, tok in enumerate(["<|endoftext|>", "ing", "Ġ", ".", "Ġ1", *[f"Ġ{w}" for w in words]])}
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vocabulary(tmp_path_factory) -> Vocabulary:
+    return Vocabulary.load(_vocabulary_file(tmp_path_factory.mktemp("vocab")))
+
+
+def test_the_green_list_is_a_keyed_subset_of_the_word_tokens(vocabulary):
+    green = green_list(b"k" * 32, 0, vocabulary, 300, 4.0)
+    assert len(green.words) == 300 and green.words <= vocabulary.ids.keys() and green.pool == len(vocabulary.ids)
+    assert {vocabulary.ids[w] for w in green.words} == {int(t) for t in green.bias}
+    assert set(green.bias.values()) == {4.0}
+    assert green_list(b"k" * 32, 0, vocabulary, 300, 4.0) == green  # a detector derives the same list
+    assert len(green.words & green_list(b"k" * 32, 1, vocabulary, 300, 4.0).words) < 60  # epochs differ
+    assert "ing" not in vocabulary.ids and "1" not in vocabulary.ids  # pieces and numbers are not words
+
+
+def test_the_hypergeometric_tail_is_exact():
+    for k, population, successes, draws in ((3, 1000, 300, 10), (20, 20000, 300, 150), (0, 50, 5, 5), (6, 50, 5, 5)):
+        expected = stats.hypergeom.sf(k - 1, population, successes, draws)
+        assert hypergeometric_sf(k, population, successes, draws) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_on_unmarked_text_the_p_values_are_calibrated_across_many_keys(vocabulary):
+    """The null is over the key: on real unmarked answers, under 400 random keys, the share of p-values at
+    or below alpha stays at or below alpha (within a 99% binomial bound)."""
+    items = [(row["output"], row["instruction"]) for row in SAMPLE]
+    rng = random.Random(5)
+    p_values = [
+        green_test(items[i % 24 : i % 24 + 3], green_list(rng.randbytes(32), 0, vocabulary, 300, 4.0), vocabulary)[0]
+        for i in range(400)
+    ]
+    for alpha in (0.05, 0.01):
+        assert sum(p <= alpha for p in p_values) <= stats.binom.ppf(0.995, 400, alpha)
+
+
+def test_text_that_uses_the_green_words_is_detected_and_the_prompt_is_not_counted(vocabulary):
+    green = green_list(b"k" * 32, 0, vocabulary, 300, 4.0)
+    chosen = sorted(green.words)[:25]
+    marked = "We talk about " + " and ".join(chosen) + " today."
+    p, counted, hits = green_test([(marked, "")], green, vocabulary)
+    assert hits >= 25 and counted == len(counted_words([(marked, "")], vocabulary.ids)) and p < 1e-15
+    assert green_test([(marked, marked)], green, vocabulary)[1:] == (0, 0)  # every word was in the prompt
+
+
+@pytest.fixture
+def biased(fake_upstream, tmp_path):
+    settings = limited_settings(tmp_path / "state", fake_upstream.url, ROOMY)
+    chosen = SamplingBiasSettings(enabled=True, tokenizer=str(_vocabulary_file(tmp_path)))
+    settings = dataclasses.replace(settings, sampling_bias=chosen)
+    key = Registry(settings.state_dir).add("caller")
+    with ServerThread(create_app(settings)) as server:
+        yield server.url, key, fake_upstream, settings.state_dir
+    fake_upstream.reset()
+
+
+def _post(url: str, key: str, path: str = CHAT, **body) -> httpx.Response:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there"}], **body}
+    headers = {"authorization": f"Bearer {key}"}
+    if path == "/v1/messages":
+        headers["anthropic-version"] = "2023-06-01"
+        body.setdefault("max_tokens", 50)
+    return httpx.post(url + path, json=body, headers=headers, timeout=10)
+
+
+def test_the_gateway_asks_for_the_bias_where_the_api_takes_it(biased):
+    url, key, upstream, _ = biased
+    assert _post(url, key).status_code == 200
+    sent = upstream.requests[-1].json()["logit_bias"]
+    assert len(sent) == 300 and set(sent.values()) == {4.0}
+    theirs = {"11": -100, next(iter(sent)): 2}  # the client's own entries win, and the total stays at 300
+    assert _post(url, key, logit_bias=theirs).status_code == 200
+    merged = upstream.requests[-1].json()["logit_bias"]
+    assert len(merged) == 300 and merged["11"] == -100 and merged[next(iter(sent))] == 2
+    json_output = {"response_format": {"type": "json_object"}}
+    for path, extra in (("/v1/messages", {}), (CHAT, {"model": "o3-mini"}), (CHAT, json_output)):
+        assert _post(url, key, path, **extra).status_code == 200
+        assert "logit_bias" not in upstream.requests[-1].json()
+
+
+def test_an_upstream_that_refuses_the_bias_is_asked_again_without_it_and_then_skipped(biased):
+    url, key, upstream, state = biased
+    upstream.behaviour.refuse_logit_bias = True
+    response = _post(url, key, model="some-reasoning-model")
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+    assert ["logit_bias" in r.json() for r in upstream.requests] == [True, False]
+    assert _post(url, key, model="some-reasoning-model").status_code == 200
+    assert "logit_bias" not in upstream.requests[-1].json() and len(upstream.requests) == 3
+    upstream.behaviour.refuse_logit_bias = False
+    upstream.behaviour.status = 400  # a 400 about something else passes through untouched, asked once
+    assert _post(url, key, model="other").status_code == 400 and len(upstream.requests) == 4
+    marks = [[m["scheme"] for m in r["marks"] if m["scheme"] == SCHEME] for r in exchanges(state)]
+    assert marks == [[], [], [SCHEME]]  # refused: the mark is not claimed; the other 400 was asked with it
+
+
+def test_off_by_default_and_then_no_request_is_changed(fake_upstream, tmp_path):
+    settings = limited_settings(tmp_path / "state", fake_upstream.url, ROOMY)
+    assert not settings.sampling_bias.enabled
+    key = Registry(settings.state_dir).add("caller")
+    settings = dataclasses.replace(settings, watermark=dataclasses.replace(settings.watermark, enabled=False))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}).encode()
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    with ServerThread(create_app(settings)) as server:
+        assert httpx.post(server.url + CHAT, content=body, headers=headers).status_code == 200
+    assert fake_upstream.requests[-1].body == body
+    fake_upstream.reset()
+
+
+def test_detect_tests_the_green_list_beside_the_word_sets(tmp_path):
+    from gateway.evidence.keys import Keys
+    from tests.test_cli import cli
+
+    _vocabulary_file(tmp_path)
+    (tmp_path / "canarygate.toml").write_text('[sampling_bias]\ntokenizer = "tokenizer.json"\n')
+    assert cli(tmp_path, "keys", "init").returncode == 0
+    vocabulary = Vocabulary.load(tmp_path / "tokenizer.json")
+    green = green_list(Keys.load(tmp_path / ".canarygate" / "keys").watermark, 0, vocabulary, 300, 4.0)
+    marked = "We talk about " + " and ".join(sorted(green.words)[:30]) + " today."
+    (tmp_path / "suspect.jsonl").write_text(json.dumps({"text": marked}) + "\n")
+    doc = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)
+    found = doc["schemes"][f"{SCHEME}@0"]
+    assert found["p_value"] < 1e-15 and found["hits"] >= 30 and found["key"] == green.fingerprint
+    assert found["p_value"] == pytest.approx(min(1.0, 2 * found["raw_p_value"]))  # Holm across the two schemes
+    assert "lexical" in "".join(doc["schemes"]) and len(doc["schemes"]) == 2
