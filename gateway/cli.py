@@ -376,7 +376,7 @@ def _detect(args) -> int:
 
     findings = findings_for(items)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
-    doc["commitments"] = prior_commitments(found, epochs, sets.version)
+    doc["commitments"] = prior_commitments(found, epochs, sets.version, greens[1] if greens else ())
     if args.per_text:
         doc["per_text"] = [_by_scheme(findings_for([item])) for item in items]
     if args.json:

@@ -11,9 +11,11 @@ def canary_owners(key: bytes, names: list[str], epochs: list[int], count: int) -
     return {(name, epoch): canary.canaries_of(key, name, epoch, count) for name in names for epoch in epochs}
 
 
-def prior_commitments(found: list[dict], epochs, sets_version: str) -> dict[str, dict | None]:
-    """For each thing a watermark detection used, the earliest commitment to it in `found` (or None)."""
+def prior_commitments(found: list[dict], epochs, sets_version: str, greens=()) -> dict[str, dict | None]:
+    """For each thing a watermark detection used (the lexical keys, and the sampling-bias green lists if
+    tested), the earliest commitment to it in `found` (or None)."""
     wanted = {f"watermark-key@{key.epoch}": ("watermark-key", "fingerprint", key.fingerprint) for key in epochs}
+    wanted |= {f"sampling-bias-key@{g.epoch}": ("sampling-bias-key", "fingerprint", g.fingerprint) for g in greens}
     wanted["word-sets"] = ("word-sets", "digest", sets_version)
     wanted["detector"] = ("detector", "digest", watermark.detector_digest())
     return {

@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.bias import SCHEME, Vocabulary, green_list, green_test, hypergeometric_sf
 from gateway.bias.green import counted_words
 from gateway.config import SamplingBiasSettings
+from gateway.evidence.reader import LogReader, commitments
 from gateway.identity import Registry
 from gateway.watermark.scheme import reference_texts
 from tests.conftest import ServerThread, exchanges
@@ -126,6 +127,8 @@ def test_an_upstream_that_refuses_the_bias_is_asked_again_without_it_and_then_sk
     assert _post(url, key, model="other").status_code == 400 and len(upstream.requests) == 4
     marks = [[m["scheme"] for m in r["marks"] if m["scheme"] == SCHEME] for r in exchanges(state)]
     assert marks == [[], [], [SCHEME]]  # refused: the mark is not claimed; the other 400 was asked with it
+    committed = [c for c in commitments([LogReader(state / "evidence" / "0")]) if c["subject"] == "sampling-bias-key"]
+    assert len(committed) == 1 and committed[0]["size"] == 300 and committed[0]["scheme"] == SCHEME
 
 
 def test_off_by_default_and_then_no_request_is_changed(fake_upstream, tmp_path):
@@ -157,3 +160,4 @@ def test_detect_tests_the_green_list_beside_the_word_sets(tmp_path):
     assert found["p_value"] < 1e-15 and found["hits"] >= 30 and found["key"] == green.fingerprint
     assert found["p_value"] == pytest.approx(min(1.0, 2 * found["raw_p_value"]))  # Holm across the two schemes
     assert "lexical" in "".join(doc["schemes"]) and len(doc["schemes"]) == 2
+    assert doc["commitments"]["sampling-bias-key@0"] is None  # no gateway ran: nothing committed to it
