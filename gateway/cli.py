@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from . import bias, canary, config, evidence, ratelimit, watermark
 from .evidence import keys
@@ -362,21 +363,21 @@ def _detect(args) -> int:
         epochs = [watermark.LexicalKey(key, sets, epoch) for epoch, key in disclosed_keys(found)]
         if not epochs:
             raise config.ConfigError(f"{args.bundle}: no disclosed watermark key (export with --disclose-epoch N)")
-        greens = []
+        greens = None
     else:
         loaded = keys.Keys.load(directory)
         epochs = watermark.epoch_keys(loaded)
         found = _logged_commitments(args)
-        greens = _green_lists(settings, loaded)
+        greens = _green_lists(settings, loaded, found)
 
     def findings_for(chosen: list[tuple[str, str]]):
         """Every scheme's test, Holm-adjusted across schemes and key epochs."""
         lexical = watermark.detect(chosen, epochs, sets)
-        return adjusted(lexical + bias.detect(chosen, greens[1], greens[0])) if greens else lexical
+        return adjusted(lexical + bias.detect(chosen, greens.lists, greens.vocabulary)) if greens else lexical
 
     findings = findings_for(items)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
-    doc["commitments"] = prior_commitments(found, epochs, sets.version, greens[1] if greens else ())
+    doc["commitments"] = prior_commitments(found, epochs, sets.version, greens.lists if greens else ())
     if args.per_text:
         doc["per_text"] = [_by_scheme(findings_for([item])) for item in items]
     if args.json:
@@ -406,17 +407,31 @@ def _logged_commitments(args) -> list[dict]:
         return []
 
 
-def _green_lists(settings: config.Settings, loaded: keys.Keys) -> tuple:
-    """(vocabulary, every epoch's green list) where the sampling-bias mark has a tokenizer; else ()."""
+class GreenLists(NamedTuple):
+    vocabulary: bias.Vocabulary
+    lists: list[bias.GreenList]
+
+
+def _green_lists(settings: config.Settings, loaded: keys.Keys, found: list[dict]) -> GreenLists | None:
+    """The green lists the gateway committed to in the log (each epoch's, with its size), where the sampling-
+    bias mark has a tokenizer; None where it has none or never served under one (then nothing is tested, so
+    the other scheme's p-values are not diluted)."""
     chosen = settings.sampling_bias
-    if not chosen.tokenizer:
-        return ()
+    committed = {
+        c["epoch"]: c for c in found if c.get("subject") == "sampling-bias-key" and c["epoch"] in loaded.masters
+    }
+    if not chosen.tokenizer or not committed:
+        return None
     try:
         vocabulary = bias.Vocabulary.load(Path(chosen.tokenizer))
     except bias.VocabularyError as e:
         raise config.ConfigError(f"[sampling_bias] tokenizer: {e}") from None
-    epochs = sorted(loaded.masters)
-    return vocabulary, [bias.green_list(loaded.watermark, e, vocabulary, chosen.size, chosen.bias) for e in epochs]
+    if vocabulary.digest not in {c.get("digest") for c in found if c.get("subject") == "tokenizer"}:
+        raise config.ConfigError(f"{chosen.tokenizer} is not the tokenizer file the gateway committed to")
+    lists = [
+        bias.green_list(loaded.watermark, e, vocabulary, c["size"], chosen.bias) for e, c in sorted(committed.items())
+    ]
+    return GreenLists(vocabulary, lists)
 
 
 def _detection_items(path: Path) -> list[tuple[str, str]]:

@@ -79,7 +79,7 @@ enabled = false                  # ask the upstream to favour a keyed list of it
                                  # its API takes it; needs the upstream's tokenizer file
 tokenizer = ""                   # a tokenizers JSON file (or any JSON object of token -> id), read offline
 size = 300                       # tokens favoured (OpenAI allows 300 logit_bias entries)
-bias = 4.0                       # added to each one's logit (-100 to 100)
+bias = 4.0                       # added to each one's logit (above 0, at most 10)
 skip_models = ["o1*", "o3*", "o4*", "gpt-5*"]  # reasoning models refuse logit_bias; others that do are
                                  # found on their first refusal and skipped from then on
 
@@ -469,8 +469,8 @@ def _sampling_bias(reader: _SectionReader, raw: dict) -> SamplingBiasSettings:
     reader.reject_unknown(table, "sampling_bias")
     if not 1 <= settings.size <= 300:
         raise ConfigError(f"{reader.source}: [sampling_bias] size must be between 1 and 300")
-    if not -100 <= settings.bias <= 100:
-        raise ConfigError(f"{reader.source}: [sampling_bias] bias must be between -100 and 100")
+    if not 0 < settings.bias <= 10:  # at or below 0 it marks nothing; far above, it forces words where they jar
+        raise ConfigError(f"{reader.source}: [sampling_bias] bias must be above 0 and at most 10")
     if settings.enabled and not settings.tokenizer:
         raise ConfigError(f"{reader.source}: [sampling_bias] enabled needs tokenizer, the upstream's tokenizer file")
     return settings

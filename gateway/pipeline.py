@@ -237,7 +237,8 @@ class Pipeline:
         """Log-probabilities would reveal the unmarked tokens of a marked answer: they are removed from
         the request, or, with `[watermark] logprobs = "refuse"`, the request is refused (before admission,
         like any invalid request)."""
-        asked = dialect.asks_logprobs(exchange.request) and self._transform.applies(exchange)
+        marked = self._transform.applies(exchange) or (self._bias is not None and self._bias.applies(exchange, dialect))
+        asked = dialect.asks_logprobs(exchange.request) and marked
         if asked and self._settings.watermark.logprobs == "refuse":
             raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
         return asked
@@ -296,16 +297,23 @@ class Pipeline:
             raise _upstream_failure(exchange, e) from None
 
     async def _unless_mark_refused(self, exchange, response: UpstreamResponse, target, headers, plain: bytes):
-        """A 400 to the marked request: if it refused the mark, the request again without it; if not, the
-        400 as it was (read here, so relayed from memory)."""
+        """A 400 to the marked request: if it refused the mark, the request again without it (and, if that is
+        accepted, the model skipped from now on); if not, the 400 as it was (read here, relayed from memory)."""
         try:
             refusal = await response.read(self._settings.server.max_response_bytes)
         except UpstreamError as e:
+            response.close()
             raise _upstream_failure(exchange, e) from None
+        except BaseException:  # cancelled: the client left
+            response.close()
+            raise
         response.release()
-        if self._bias.refused(exchange, refusal):
-            return await self._send(exchange, target, headers, plain)
-        return _ReadResponse(response.status, response.headers, refusal)
+        if not self._bias.is_refusal(exchange, refusal):
+            return _ReadResponse(response.status, response.headers, refusal)
+        again = await self._send(exchange, target, headers, plain)
+        if again.status < 400:
+            self._bias.note_refusal(exchange)
+        return again
 
     def _upstream_headers(self, headers, api: Api) -> list[tuple[str, str]]:
         dropped = _REQUEST_HEADERS_DROPPED

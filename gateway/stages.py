@@ -105,11 +105,17 @@ class RequestMark(Protocol):
     def commitments(self) -> list[Commitment]:
         """What the mark depends on, to be committed to in the evidence log before the first answer."""
 
+    def applies(self, exchange: Exchange, dialect) -> bool:
+        """Whether the exchange's request takes the mark (its log-probabilities are then hidden too)."""
+
     def request(self, exchange: Exchange, dialect) -> dict | None:
         """The upstream request asking for the mark, or None where the route or the model cannot take it."""
 
-    def refused(self, exchange: Exchange, body: bytes) -> bool:
+    def is_refusal(self, exchange: Exchange, body: bytes) -> bool:
         """Whether the upstream's 400 (`body`) refused the mark; the request then goes again without it."""
+
+    def note_refusal(self, exchange: Exchange) -> None:
+        """The upstream accepted the request without the mark: remember that the model refuses it."""
 
 
 class Recorder(Protocol):

@@ -5,7 +5,8 @@ APIs accept `logit_bias`, a bias per token id (OpenAI allows 300). The mark asks
 `size` tokens chosen with a key, so its answers use those words more than they otherwise would.
 
 The tokens: the vocabulary's word-initial, lower-case, alphabetic tokens of at least three letters (a
-space or its byte-level stand-in, then the word), the pool. Their ids come from the upstream's own
+space or its byte-level stand-in, then the word), less a public list of words that carry negation, truth
+values or quantity (NOT_IN_POOL), the pool. Their ids come from the upstream's own
 tokenizer file (a `tokenizers` JSON, or any JSON object of token -> id), read offline. The key ranks the
 pool with HMAC and the first `size` words are the epoch's green list: a uniformly random subset.
 
@@ -34,6 +35,12 @@ from ..watermark.detect import Finding
 SCHEME = "sampling-bias-v1"
 _POOL_TOKEN = re.compile(r"^(?:Ġ| |▁)([a-z]{3,})$")  # byte-level BPE marks a leading space with Ġ, SentencePiece with ▁
 _WORD = re.compile(r"(?:(?<=\s)|^)([a-z]{3,})\b")
+# Words whose favour could change what an answer says or a JSON value: never in the pool (a public rule, so
+# the null is unchanged: detection counts only pool words).
+NOT_IN_POOL = frozenset(
+    """not nor never none nothing nobody nowhere neither cannot without yes true false null
+    nan undefined all any every always only except unless""".split()  # noqa: SIM905 (a word list reads best as text)
+)
 
 
 class VocabularyError(ValueError):
@@ -51,7 +58,8 @@ class Vocabulary:
         try:
             data = json.loads(raw)
             vocab = data["model"]["vocab"] if "model" in data else data
-            ids = {m.group(1): int(i) for token, i in vocab.items() if (m := _POOL_TOKEN.match(token))}
+            ids = {m.group(1): int(i) for token, i in vocab.items()
+                   if (m := _POOL_TOKEN.match(token)) and m.group(1) not in NOT_IN_POOL}  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise VocabularyError(f"{path}: not a tokenizer file with a vocabulary ({e})") from None
         if len(ids) < 1000:

@@ -2,20 +2,24 @@
 
 Routes whose API takes `logit_bias` (OpenAI's chat completions and completions) get the epoch's green list
 merged into the request: the client's own entries win, and ours fill what remains of the 300 the API
-allows. Structured output is left alone (a bias could bend JSON), and so are models that refuse the
-parameter: reasoning models by name (`skip_models`), and any model whose upstream answers 400 about
-`logit_bias`, which is then asked again without it and skipped from then on. The request is never
-broken by the mark.
+allows. Structured output and tool calls are left alone (a bias could bend JSON), and so are models that
+refuse the parameter: reasoning models by name (`skip_models`), and any model whose upstream answers 400
+naming `logit_bias` as the offending parameter (when the client sent none of its own) and then accepts the
+request without it; the model is skipped from then on. The request is never broken by the mark.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from fnmatch import fnmatchcase
 
 from ..exchange import Exchange
 from .green import SCHEME, GreenList
 
 API_LIMIT = 300  # logit_bias entries OpenAI accepts
+MAX_REFUSING = 1000  # models remembered as refusing; model names come from clients, so the set is bounded
+log = logging.getLogger("canarygate.bias")
 
 
 class SamplingBias:
@@ -23,47 +27,53 @@ class SamplingBias:
         self._green = green
         self._vocabulary = vocabulary_digest
         self._skip = skip_models
-        self._refusing: set[str] = set()  # models whose upstream refused the parameter
+        self._refusing: set[str] = set()  # models whose upstream refused the parameter (at most MAX_REFUSING)
 
     def commitments(self) -> list[tuple[dict, dict[str, bytes]]]:
         green = self._green
-        return [
-            (
-                {
-                    "subject": "sampling-bias-key",
-                    "scheme": SCHEME,
-                    "epoch": green.epoch,
-                    "fingerprint": green.fingerprint,
-                    "size": len(green.words),
-                    "pool": green.pool,
-                },
-                {},
-            ),  # fmt: skip
-            ({"subject": "tokenizer", "scheme": SCHEME, "digest": self._vocabulary}, {}),
-        ]
+        key = {"subject": "sampling-bias-key", "scheme": SCHEME, "epoch": green.epoch,
+               "fingerprint": green.fingerprint, "size": len(green.words), "pool": green.pool}  # fmt: skip
+        return [(key, {}), ({"subject": "tokenizer", "scheme": SCHEME, "digest": self._vocabulary}, {})]
+
+    def applies(self, exchange: Exchange, dialect) -> bool:
+        """Whether this exchange's request takes the mark: its route's API accepts logit_bias, the answer is
+        prose (no structured output, no tools) and the model is not one that refuses the parameter."""
+        model = exchange.model or ""
+        request = exchange.request
+        if not dialect.takes_logit_bias or exchange.structured or request.get("tools") or request.get("functions"):
+            return False
+        return model not in self._refusing and not any(fnmatchcase(model, pattern) for pattern in self._skip)
 
     def request(self, exchange: Exchange, dialect) -> dict | None:
-        """The upstream request with the green list's bias, or None where the route or the model cannot take it."""
-        model = exchange.model or ""
-        if not dialect.takes_logit_bias or exchange.structured or model in self._refusing:
+        """The upstream request with the green list's bias, or None where it does not apply. The client's own
+        entries win; a client that fills all 300 leaves no room, which the evidence records (tokens 0)."""
+        if not self.applies(exchange, dialect):
             return None
-        if any(fnmatchcase(model, pattern) for pattern in self._skip):
-            return None
-        theirs = exchange.request.get("logit_bias")
-        if theirs is not None and not isinstance(theirs, dict):
+        theirs = exchange.request.get("logit_bias") or {}
+        if not isinstance(theirs, dict):
             return None  # malformed: the upstream will say so, about the client's own value
-        ours = [(token, bias) for token, bias in self._green.bias.items() if token not in (theirs or {})]
-        ours = ours[: max(0, API_LIMIT - len(theirs or {}))]
-        if not ours:
-            return None
+        ours = [(token, bias) for token, bias in self._green.bias.items() if token not in theirs]
+        ours = ours[: max(0, API_LIMIT - len(theirs))]
         exchange.marks.append({"scheme": SCHEME, "epoch": self._green.epoch, "tokens": len(ours)})
-        return {**exchange.request, "logit_bias": {**dict(ours), **(theirs or {})}}
+        return {**exchange.request, "logit_bias": {**dict(ours), **theirs}} if ours else None
 
-    def refused(self, exchange: Exchange, body: bytes) -> bool:
-        """Whether the upstream's 400 was about the bias: if so the model is skipped from now on, and the
-        exchange no longer claims the mark."""
-        if b"logit_bias" not in body and b"logit bias" not in body.lower():
+    def is_refusal(self, exchange: Exchange, body: bytes) -> bool:
+        """Whether the upstream's 400 refused the parameter itself: the client sent none of its own (else the
+        fault may be theirs), and the error names it as the offending parameter."""
+        if exchange.request.get("logit_bias"):
             return False
-        self._refusing.add(exchange.model or "")
+        try:
+            error = json.loads(body).get("error") or {}
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(error, dict) and (
+            error.get("param") == "logit_bias" or "'logit_bias'" in str(error.get("message", ""))
+        )
+
+    def note_refusal(self, exchange: Exchange) -> None:
+        """The request went through without the mark: skip the model from now on, and claim no mark."""
+        model = exchange.model or ""
+        if model not in self._refusing and len(self._refusing) < MAX_REFUSING:
+            self._refusing.add(model)
+            log.warning("the upstream refuses logit_bias for model %r: the sampling-bias mark is skipped for it", model)
         exchange.marks[:] = [m for m in exchange.marks if m.get("scheme") != SCHEME]
-        return True

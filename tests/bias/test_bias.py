@@ -144,20 +144,56 @@ def test_off_by_default_and_then_no_request_is_changed(fake_upstream, tmp_path):
     fake_upstream.reset()
 
 
-def test_detect_tests_the_green_list_beside_the_word_sets(tmp_path):
+def test_detect_tests_the_green_list_the_gateway_committed_to(fake_upstream, tmp_path):
     from gateway.evidence.keys import Keys
     from tests.test_cli import cli
 
-    _vocabulary_file(tmp_path)
+    tokenizer = _vocabulary_file(tmp_path)
     (tmp_path / "canarygate.toml").write_text('[sampling_bias]\ntokenizer = "tokenizer.json"\n')
     assert cli(tmp_path, "keys", "init").returncode == 0
-    vocabulary = Vocabulary.load(tmp_path / "tokenizer.json")
+    vocabulary = Vocabulary.load(tokenizer)
     green = green_list(Keys.load(tmp_path / ".canarygate" / "keys").watermark, 0, vocabulary, 300, 4.0)
     marked = "We talk about " + " and ".join(sorted(green.words)[:30]) + " today."
     (tmp_path / "suspect.jsonl").write_text(json.dumps({"text": marked}) + "\n")
+    before = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)
+    assert list(before["schemes"]) == ["lexical-v1"]  # never served with the mark: nothing to test
+    settings = limited_settings(tmp_path / ".canarygate", fake_upstream.url, ROOMY)
+    chosen = SamplingBiasSettings(enabled=True, tokenizer=str(tokenizer))
+    with ServerThread(create_app(dataclasses.replace(settings, sampling_bias=chosen))):
+        pass  # the gateway commits to the green list before it serves
     doc = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--json").stdout)
     found = doc["schemes"][f"{SCHEME}@0"]
     assert found["p_value"] < 1e-15 and found["hits"] >= 30 and found["key"] == green.fingerprint
     assert found["p_value"] == pytest.approx(min(1.0, 2 * found["raw_p_value"]))  # Holm across the two schemes
-    assert "lexical" in "".join(doc["schemes"]) and len(doc["schemes"]) == 2
-    assert doc["commitments"]["sampling-bias-key@0"] is None  # no gateway ran: nothing committed to it
+    assert doc["commitments"]["sampling-bias-key@0"] is not None and len(doc["schemes"]) == 2
+    (tmp_path / "tokenizer.json").write_text(tokenizer.read_text().replace("endoftext", "end"))
+    other = cli(tmp_path, "detect", "suspect.jsonl")
+    assert other.returncode == 2 and "not the tokenizer file the gateway committed to" in other.stderr
+
+
+def test_a_client_cannot_switch_the_mark_off_for_others(biased):
+    url, key, upstream, state = biased
+    upstream.behaviour.refuse_logit_bias = True  # the client's own logit_bias is refused: their fault, not ours
+    assert _post(url, key, logit_bias={"5": 500}).status_code == 400 and len(upstream.requests) == 1
+    upstream.behaviour.refuse_logit_bias = False
+    assert _post(url, key).status_code == 200 and "logit_bias" in upstream.requests[-1].json()
+    crowded = {str(i): 1 for i in range(10_000, 10_300)}  # all 300 slots: no room, and the log says so
+    assert _post(url, key, logit_bias=crowded).status_code == 200
+    assert upstream.requests[-1].json()["logit_bias"] == crowded
+    assert [m for m in exchanges(state)[-1]["marks"] if m["scheme"] == SCHEME][0]["tokens"] == 0
+
+
+def test_marked_requests_lose_their_logprobs_and_tool_calls_are_left_alone(fake_upstream, tmp_path):
+    settings = limited_settings(tmp_path / "state", fake_upstream.url, ROOMY)
+    chosen = SamplingBiasSettings(enabled=True, tokenizer=str(_vocabulary_file(tmp_path)))
+    settings = dataclasses.replace(settings, sampling_bias=chosen, watermark=dataclasses.replace(
+        settings.watermark, enabled=False))  # fmt: skip
+    key = Registry(settings.state_dir).add("caller")
+    with ServerThread(create_app(settings)) as server:
+        assert _post(server.url, key, logprobs=True, top_logprobs=5).status_code == 200
+        sent = fake_upstream.requests[-1].json()
+        assert "logit_bias" in sent and "logprobs" not in sent and "top_logprobs" not in sent
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        assert _post(server.url, key, tools=[tool]).status_code == 200
+        assert "logit_bias" not in fake_upstream.requests[-1].json()
+    fake_upstream.reset()
