@@ -7,6 +7,8 @@ import statistics
 
 from scipy import stats
 
+from gateway.forensics.claims import SUGGESTIVE
+
 
 def uniform_at(p_values: list[float], alpha: float) -> dict:
     """The share of p-values at or below alpha, and whether it lies within the 99% binomial bound of alpha."""
@@ -28,7 +30,12 @@ def summarise(name: str, result: dict) -> dict:
         "votes": mark["n"],
         "hits": mark["hits"],
         "uniform_under_wrong_keys": [uniform_at(result["wrong_keys"], a) for a in (0.05, 0.01)],
-        "attributed": [(a["identity"], a["p_value"], len(a["canaries"])) for a in result["attributions"]],
+        "attributed": [
+            (a["identity"], a["p_value"], len(a["canaries"]))
+            for a in result["attributions"]
+            if a["p_value"] < SUGGESTIVE
+        ],  # fmt: skip
+        "chance_matches": sum(a["p_value"] >= SUGGESTIVE for a in result["attributions"]),
         "served_exposure_median": statistics.median(served) if served else None,
         "fresh_exposure_median": statistics.median(fresh) if fresh else None,
         "served_at_p_0_001": sum(r["p_value"] <= 0.001 for r in result["exposure"]),
@@ -53,7 +60,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# Distillation: students trained on answers served through the gateway",
         "",
-        f"`{results['command']}` ({results['seconds'] / 60:.0f} min on this machine's 2 CPU cores).",
+        f"`{results['command']}`, on this machine's 2 CPU cores (stages are kept in `--work`, so a run that resumed "
+        f"took {results['seconds'] / 60:.0f} min for what was left; each student's training time is in the table).",
         "",
         f"{corpus['answers']} real answers (AlpacaEval outputs of {corpus['models']} models) were asked through a "
         f"running gateway by {corpus['accounts']} campaign accounts in the suspect tier (watermark and canaries on), "
@@ -66,10 +74,11 @@ def markdown(results: dict) -> str:
         "on the transcript, and each canary's exposure among "
         f"{results['candidates']:,} other phrases of the canary space.",
         "",
-        "| student | marked | steps | loss | probe words | watermark p (hits/votes) | wrong keys: share at 0.05, 0.01 "
+        "| student | marked | steps (s) | loss | probe words | watermark p (hits/votes) | reading mode p (hits/votes) "
+        "| wrong keys: share at 0.05, 0.01 "
         "| canaries attributed (p) | exposure served / fresh (median bits) | served canaries at p <= 0.001 "
         "| report proofs verified |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["summary"]:
         r, t = results["students"][s["student"]], results["students"][s["student"]]["training"]
@@ -77,9 +86,11 @@ def markdown(results: dict) -> str:
             f"{u['share']:.3f}{'' if u['within'] else ' (outside)'}" for u in s["uniform_under_wrong_keys"]
         )
         who = "; ".join(f"{i} ({p:.2g}, {n} canaries)" for i, p, n in s["attributed"]) or "none"
+        who += f" (and {s['chance_matches']} at chance, p >= {SUGGESTIVE})" if s["chance_matches"] else ""
         lines.append(
-            f"| {s['student']} | {t['marked_answers']} / {t['answers']} | {t['steps']} | {t['final_loss']} | "
-            f"{r['probe_words']:,} | {s['p_value']:.3g} ({s['hits']}/{s['votes']}) | {wrong} | {who} | "
+            f"| {s['student']} | {t['marked_answers']} / {t['answers']} | {t['steps']} ({t['seconds']:.0f}) | "
+            f"{t['final_loss']} | {r['probe_words']:,} | {s['p_value']:.3g} ({s['hits']}/{s['votes']}) | "
+            f"{_reading(r.get('reading'))} | {wrong} | {who} | "
             f"{_bits(s['served_exposure_median'])} / {_bits(s['fresh_exposure_median'])} | "
             f"{s['served_at_p_0_001']} of {s['served_scored']} (fresh: {s['fresh_at_p_0_001']}) | "
             f"{r['report']['proofs']} {'yes' if r['report']['proofs_verified'] else 'NO'} |"
@@ -98,6 +109,10 @@ def markdown(results: dict) -> str:
 
 def first_amounts(results: dict) -> list[dict]:
     return next(iter(results["students"].values()))["by_amount"]
+
+
+def _reading(reading: dict | None) -> str:
+    return "-" if reading is None else f"{reading['p_value']:.3g} ({reading['hits']}/{reading['n']})"
 
 
 def _bits(value) -> str:
