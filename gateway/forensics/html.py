@@ -29,6 +29,7 @@ def render(doc: dict) -> str:
         f"{suspect['texts']} answers, {suspect['words']:,} words. Report generated {e(doc['generated'])}.</p>",
         "<h2>Findings</h2>",
         *[_claim(c) for c in doc["claims"]],
+        _alternatives(doc["claims"]),
         _watermark(doc["watermark"]),
         _canaries(doc["canaries"]),
         _exposure(doc["exposure"]),
@@ -55,10 +56,20 @@ def _table(head: list[str], rows: list[list]) -> str:
 
 
 def _claim(claim: dict) -> str:
-    alternatives = [ALTERNATIVES[a] for a in claim["alternatives"]]
-    also = "<p>What else would explain it:</p>" + _ul(alternatives) if alternatives else ""
-    text = f"<p><b>{claim['about'].title()}:</b> {html.escape(claim['text'])}</p>"
-    return f"<div class='claim {claim['level']}'>{text}{also}</div>"
+    text = f"<b>{claim['about'].title()}:</b> {html.escape(claim['text'])}"
+    return f"<div class='claim {claim['level']}'><p>{text}</p></div>"
+
+
+def _alternatives(claims: list[dict]) -> str:
+    """What else would explain the findings, once for all of them, and which finding each bears on."""
+    named = sorted({a for c in claims for a in c["alternatives"]}, key=list(ALTERNATIVES).index)
+    if not named:
+        return ""
+    items = []
+    for name in named:
+        about = sorted({c["about"] for c in claims if name in c["alternatives"]})
+        items.append(f"{ALTERNATIVES[name]} (Bears on: {', '.join(about)}.)")
+    return "<h2>What else would explain these findings</h2>" + _ul(items)
 
 
 def _watermark(mark: dict) -> str:
