@@ -163,7 +163,8 @@ def write(args, result: dict, prompts, marked, unmarked) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     result["command"] = "python -m benchmarks.bias_bench " + " ".join(args.argv)
-    (out / "sampling-bias.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = f"sampling-bias-{args.bias:g}"  # one file per bias: the strength is the trade-off being measured
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     r = result
     lines = [
         "# Sampling-bias mark on a real model server",
@@ -213,7 +214,7 @@ def write(args, result: dict, prompts, marked, unmarked) -> None:
         key.append(f"{i + 1}: A is {pair[0][0]}")
         lines += [f"### {i + 1}. {prompts[i]}", "", "**A**", "", pair[0][1], "", "**B**", "", pair[1][1], ""]
     lines += ["Key: " + "; ".join(key) + ".", ""]
-    (out / "sampling-bias.md").write_text("\n".join(lines))
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines[:20]))
 
 
