@@ -14,19 +14,26 @@ from importlib import resources
 from redis.exceptions import NoScriptError
 
 from .features import Observation
-from .signals import DAY, MAX_SKELETONS, REBASE_AT, SWEPT_BY, TAU, Signals
+from .signals import DAY, MAX_SKELETONS, QUIET_HOURS, REBASE_AT, SWEPT_BY, TAU, Signals
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 IDENTITY_TTL = 30 * 86400
-FIELDS = 12
+FIELDS = 13
 
 
 class RedisSignals:
     def __init__(self, client, prefix: str = "{cg-risk}") -> None:
         self._client = client
         self._prefix = prefix
-        self._head = [repr(TAU), str(MAX_SKELETONS), str(SWEPT_BY), str(IDENTITY_TTL), repr(REBASE_AT)]
+        self._head = [
+            repr(TAU),
+            str(MAX_SKELETONS),
+            str(SWEPT_BY),
+            str(IDENTITY_TTL),
+            repr(REBASE_AT),
+            str(QUIET_HOURS),
+        ]
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -59,4 +66,5 @@ def _signals(v: list[float]) -> Signals:
         length_spread=v[9],
         timing_spread=math.inf if v[10] < 0 else v[10],
         network_accounts=int(v[11]),
+        quiet_share=v[12],
     )

@@ -19,6 +19,7 @@ LADDER = ("normal", "watch", "suspect")
 ENTER = {"watch": 0.5, "suspect": 0.8}
 LEAVE = {"watch": 0.3, "suspect": 0.6}  # below these, an identity steps down one tier
 MIN_REQUESTS = 20  # shares and spreads of fewer (decayed) requests say little
+ROUND_THE_CLOCK_MIN = 40  # requests (decayed) before the hours of the day they fall in say anything
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -44,6 +45,10 @@ def strengths(s: Signals) -> dict[str, float]:
         "machine_timing": 0.6 * _ramp(0.6 - s.timing_spread, 0.0, 0.3) if enough else 0.0,
         # people's prompts vary in length; a template's do not
         "uniform_prompts": 0.5 * _ramp(0.35 - s.length_spread, 0.0, 0.15) if enough else 0.0,
+        # people sleep, in whatever time zone: an account whose requests fill every hour of the day for days
+        # (a third of them in its quietest eight hours, as a script's would) never rests. Apps that serve
+        # users round the clock do this too, so alone it reaches watch and no further.
+        "round_the_clock": 0.6 * _ramp(s.quiet_share, 0.12, 0.25) if s.requests >= ROUND_THE_CLOCK_MIN else 0.0,
         # many accounts behind one network, this one templated
         "shared_network": 0.4 * _ramp(s.network_accounts, 10, 40) if s.concentration >= 0.4 else 0.0,
     }

@@ -4,14 +4,15 @@
 -- here (about 1% error) where memory keeps exact sets.
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
--- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, then per observation
+-- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, quiet hours, then per observation
 --       nine fields: identity, time, prefix hash, suffix hash, words, reasoning, probe, unmarked, network.
--- Returns per observation twelve strings: requests, concentration, swept share, swept requests,
+-- Returns per observation thirteen strings: requests, concentration, swept share, swept requests,
 --   template accounts, template variants, reasoning share, probes, unmarked share, length spread,
---   timing spread (-1: fewer than two gaps), network accounts.
+--   timing spread (-1: fewer than two gaps), network accounts, quiet share.
 
 local root, tau, max_skeletons = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local swept_by, ttl, rebase_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local quiet_hours = tonumber(ARGV[6])
 local DAY = 86400
 local out = {}
 
@@ -41,7 +42,25 @@ local function add(kind, day, key, member)
   end
 end
 
-for i = 6, #ARGV, 9 do
+local HOURS = {}
+for h = 0, 23 do HOURS[h + 1] = 'h' .. h end
+
+-- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
+-- signals.quiet_share, which sums in the same order)
+local function quiet_share(hours)
+  local total, window = 0, 0
+  for h = 1, 24 do total = total + hours[h] end
+  if total <= 0 then return 0 end
+  for h = 1, quiet_hours do window = window + hours[h] end
+  local least = window
+  for start = 1, 23 do
+    window = window + hours[(start + quiet_hours - 1) % 24 + 1] - hours[start]
+    least = math.min(least, window)
+  end
+  return math.max(least, 0) / total
+end
+
+for i = 7, #ARGV, 9 do
   local id, t = ARGV[i], tonumber(ARGV[i + 1])
   local pre, suf = ARGV[i + 2], ARGV[i + 3]
   local words, reasoning, probe, unmarked = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
@@ -64,13 +83,22 @@ for i = 6, #ARGV, 9 do
   rs, pr, um = rs * factor + reasoning, pr * factor + probe, um * factor + unmarked
 
   -- this identity's counts per skeleton, on a growing scale (see MemorySignals._count_skeletons)
-  if redis.call('EXISTS', kk) == 0 then base, top = t, 0 end
+  -- and per hour of the day on the same scale, in the identity's own hash
+  if redis.call('EXISTS', kk) == 0 then
+    base, top = t, 0
+    redis.call('HDEL', ik, unpack(HOURS))
+  end
   local grow = math.exp((t - base) / tau)
   if grow > rebase_at then
     local flat = redis.call('HGETALL', kk)
     for j = 1, #flat, 2 do redis.call('HSET', kk, flat[j], fmt(tonumber(flat[j + 1]) / grow)) end
+    local old = redis.call('HMGET', ik, unpack(HOURS))
+    for h = 1, 24 do redis.call('HSET', ik, HOURS[h], fmt(num(old[h]) / grow)) end
     top, base, grow = top / grow, t, 1
   end
+  redis.call('HINCRBYFLOAT', ik, HOURS[math.floor(t / 3600) % 24 + 1], fmt(grow))
+  local hours = {}
+  for h, v in ipairs(redis.call('HMGET', ik, unpack(HOURS))) do hours[h] = num(v) end
   for _, key in ipairs({'p' .. pre, 's' .. suf}) do
     top = math.max(top, tonumber(redis.call('HINCRBYFLOAT', kk, key, fmt(grow))))
   end
@@ -106,7 +134,7 @@ for i = 6, #ARGV, 9 do
   local gaps = -1
   if gn >= 2 then gaps = math.sqrt(math.max(gv, 0)) end
   local row = {n, top / grow / n, sw / n, sw, accounts, others, rs / n, pr, um / n, math.sqrt(math.max(lv, 0)), gaps,
-    network_accounts}
+    network_accounts, quiet_share(hours)}
   for _, v in ipairs(row) do out[#out + 1] = fmt(v) end
 end
 return out

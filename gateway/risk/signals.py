@@ -5,7 +5,9 @@ what it does next, not on last month), and four running statistics are kept with
 the share of requests that ask for reasoning, that probe for the system prompt, whose answers avoided
 prose; the spread of prompt lengths and of the gaps between requests (both on a log scale, so that they
 measure regularity whatever the scale: a person's gaps spread over orders of magnitude, a script's do not);
-and decayed counts per skeleton, whose largest share is the identity's template concentration.
+and decayed counts per skeleton, whose largest share is the identity's template concentration; and
+decayed counts per hour of the day (UTC), whose quietest stretch of QUIET_HOURS says whether the identity
+ever rests: people sleep, in whatever time zone, and a script need not.
 
 Across identities, per day: which accounts used each skeleton and with how many distinct other ends, and
 which accounts came from each network. A campaign spread over many accounts shows up there: many accounts
@@ -37,6 +39,7 @@ REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 be
 # tail, but with a few other ends (the templates), not a new one each. People who happen to share a
 # six-word opening each use it for a small share of their requests, which `swept_share` measures.
 SWEPT_BY = 10
+QUIET_HOURS = 8  # the stretch of the day a person's requests mostly leave empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class Signals:
     length_spread: float  # standard deviation of log prompt length
     timing_spread: float  # standard deviation of log gap between requests
     network_accounts: int  # accounts seen from the identity's network today and yesterday
+    quiet_share: float  # share of requests in the identity's quietest QUIET_HOURS of the day
 
     def as_json(self) -> dict:
         """Plain JSON (an infinite spread, for too few gaps, is null: evidence entries must parse anywhere)."""
@@ -94,6 +98,7 @@ class _Identity:
     skeletons: dict[str, float] = field(default_factory=dict)  # on a growing scale: see _count_skeletons
     base: float = 0.0  # the time at which the scale is 1
     top: float = 0.0  # the largest count, on that scale
+    hours: list[float] = field(default_factory=lambda: [0.0] * 24)  # counts per hour of the day, on that scale
 
 
 class MemorySignals:
@@ -158,11 +163,12 @@ class MemorySignals:
             length_spread=state.lengths.spread,
             timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
             network_accounts=network,
+            quiet_share=quiet_share(state.hours),
         )
 
     @staticmethod
     def _count_skeletons(state: _Identity, obs: Observation) -> float:
-        """Count this request's two skeletons; returns the largest decayed count.
+        """Count this request's two skeletons and its hour of the day; returns the largest decayed skeleton count.
 
         Counts are kept on a growing scale (an increment at time t weighs exp((t - base) / TAU)), so that
         decaying them all is one division at read time, not a pass over every count; their order is the
@@ -175,8 +181,10 @@ class MemorySignals:
         if grow > REBASE_AT:
             for key in counts:
                 counts[key] /= grow
+            state.hours = [count / grow for count in state.hours]
             state.top /= grow
             state.base, grow = obs.time, 1.0
+        state.hours[int(obs.time // 3600) % 24] += grow  # hour counts share the scale: their shares are decayed
         for skeleton in ("p" + obs.prefix, "s" + obs.suffix):
             counts[skeleton] = counts.get(skeleton, 0.0) + grow
             state.top = max(state.top, counts[skeleton])
@@ -200,3 +208,17 @@ def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
         if sets:
             best = [max(b, len(s)) for b, s in zip(best, sets, strict=True)]
     return tuple(best)
+
+
+def quiet_share(hours: list[float]) -> float:
+    """The share of the counts in the quietest QUIET_HOURS consecutive hours (the day wraps around); a sliding
+    sum, in the same order as signals.lua's, so that both give the same number."""
+    total = sum(hours)
+    if total <= 0:
+        return 0.0
+    window = sum(hours[:QUIET_HOURS])
+    least = window
+    for start in range(1, 24):
+        window += hours[(start + QUIET_HOURS - 1) % 24] - hours[start - 1]
+        least = min(least, window)
+    return max(least, 0.0) / total  # a sliding sum can end a rounding error below zero

@@ -72,6 +72,20 @@ def test_signals_decay_and_measure_regularity():
     assert later.requests < 2 + 200 * math.exp(-5)  # ten days idle: the past weighs e^-5
 
 
+def test_an_account_that_never_rests_is_told_from_people_who_sleep():
+    """A script spread evenly over the day puts a third of its requests in its quietest eight hours; a person
+    awake from 7 to 23 (in any time zone) puts none there. Alone, never resting reaches watch, not suspect."""
+    store, rng = MemorySignals(), random.Random(4)
+    for day in range(3):
+        for t in sorted(day * DAY + rng.uniform(0, DAY) for _ in range(30)):  # a script: 30 a day, at any hour
+            script = store.update(_obs("script", t, rng.choice(SAMPLE)["instruction"]))
+        for hour in sorted(rng.uniform(7, 23) for _ in range(30)):  # a person nine time zones away, awake 7 to 23
+            person = store.update(_obs("person", day * DAY + (hour + 9) * 3600, rng.choice(SAMPLE)["instruction"]))
+    assert 0.2 < script.quiet_share < 0.4 and person.quiet_share < 1e-9
+    assert strengths(script)["round_the_clock"] > 0.5 and "round_the_clock" not in strengths(person)
+    assert next_tier("normal", score({"round_the_clock": 0.6})) == "watch"
+
+
 def test_tiers_move_with_hysteresis_along_the_ladder():
     assert [next_tier("normal", v) for v in (0.2, 0.5, 0.8)] == ["normal", "watch", "suspect"]
     assert next_tier("suspect", 0.7) == "suspect" and next_tier("suspect", 0.55) == "watch"

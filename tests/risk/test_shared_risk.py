@@ -60,7 +60,8 @@ def test_redis_signals_match_memory_signals():
             return got
 
         got = asyncio.run(run())
-    exact = ("requests", "concentration", "swept_requests", "reasoning", "probes", "unmarked", "length_spread")
+    exact = ("requests", "concentration", "swept_requests", "reasoning", "probes", "unmarked", "length_spread",
+             "quiet_share")  # fmt: skip
     tiers = {"memory": {}, "redis": {}}
     for obs, a, b in zip(traffic, expected, got, strict=True):
         for name in exact:
