@@ -114,7 +114,7 @@ def perplexities(gguf: Path, prompts: list[str], answers: list[str]) -> list[flo
     for prompt, answer in zip(prompts, answers, strict=True):
         head = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         context = llama.tokenize(head.encode(), add_bos=False, special=True)
-        tokens = context + llama.tokenize(answer.encode(), add_bos=False, special=False)
+        tokens = (context + llama.tokenize(answer.encode(), add_bos=False, special=False))[: llama.n_ctx()]
         llama.reset()
         llama.eval(tokens)
         logits = np.asarray(llama.scores[len(context) - 1 : len(tokens) - 1], dtype=np.float64)
