@@ -115,29 +115,6 @@ def _served(args, settings_of, readers_of) -> list:
     return list(itertools.islice(every, args.canary_contexts))
 
 
-async def _readings(target, limits, out) -> str:
-    from ..watermark import default_sets
-    from .probe import TRANSCRIPT, Failed, Session, Transcript, read_rows, write_rows
-    from .reading import passages, read
-
-    saved = out / "reading-set.jsonl"
-    if not saved.exists():  # fixed by the first run, so that a resumed one reads the same passages
-        texts = [row["text"] for row in read_rows(out / TRANSCRIPT)]
-        write_rows(saved, passages(default_sets(), texts))
-    results = Transcript(out / "reading.jsonl")
-    async with Session(target, limits) as session:
-        for passage in read_rows(saved):
-            if passage["id"] in results.done:
-                continue
-            try:
-                results.append(await read(session, passage))
-            except Failed as e:
-                if e.final:
-                    return f"word choices not read: the endpoint refused to score text ({e}); does it return logprobs?"
-                return f"reading stopped: {e}; run again to resume"
-    return f"word choices read at {len(results.done)} passages into {out / 'reading.jsonl'}"
-
-
 def _report(args, settings_of, readers_of) -> int:
     need_extra("matplotlib")
     from ..identity import Registry
@@ -184,21 +161,47 @@ async def _run_with_progress(target, limits, items, out) -> dict:
 
 async def _exposures(target, limits, items, out, count, most) -> str:
     from .exposure import exposure
-    from .probe import Failed, Session, Transcript
+    from .probe import Transcript
 
-    results = Transcript(out / "exposure.jsonl")
     wanted: dict[str, dict] = {}  # each canary once, in the first context it was served in
     for item in items:
         if item["kind"] == "canary" and (item["canary"] in wanted or len(wanted) < most):
             wanted.setdefault(item["canary"], item)
+    results = Transcript(out / "exposure.jsonl")
+    stopped = await _score_each(
+        target, limits, list(wanted.items()), results, lambda session, item: exposure(session, item, count)
+    )
+    return f"exposure: {stopped}" if stopped else f"exposure of {len(wanted)} canaries in {results.path}"
+
+
+async def _readings(target, limits, out) -> str:
+    from ..watermark import default_sets
+    from .probe import TRANSCRIPT, Transcript, read_rows, write_rows
+    from .reading import passages, read
+
+    saved = out / "reading-set.jsonl"
+    if not saved.exists():  # fixed by the first run, so that a resumed one reads the same passages
+        texts = [row["text"] for row in read_rows(out / TRANSCRIPT)]
+        write_rows(saved, passages(default_sets(), texts))
+    results = Transcript(out / "reading.jsonl")
+    jobs = [(passage["id"], passage) for passage in read_rows(saved)]
+    stopped = await _score_each(target, limits, jobs, results, read)
+    return f"word choices: {stopped}" if stopped else f"word choices read at {len(jobs)} passages into {results.path}"
+
+
+async def _score_each(target, limits, jobs: list[tuple[str, dict]], results, score) -> str | None:
+    """Score each (id, item) that `results` (a Transcript) lacks, appending each as it is scored; None when
+    all are done, else why it stopped (a re-run resumes)."""
+    from .probe import Failed, Session
+
     async with Session(target, limits) as session:
-        for item in wanted.values():
-            if item["canary"] in results.done:
+        for key, item in jobs:
+            if key in results.done:
                 continue
             try:
-                results.append(await exposure(session, item, count))
+                results.append(await score(session, item))
             except Failed as e:
                 if e.final:
-                    return f"exposure not scored: the endpoint refused to score text ({e}); does it return logprobs?"
-                return f"exposure stopped: {e}; run again to resume"
-    return f"exposure of {len(wanted)} canaries in {out / 'exposure.jsonl'}"
+                    return f"the endpoint refused to score text ({e}); does it return logprobs?"
+                return f"stopped ({e}); run again to resume"
+    return None

@@ -12,13 +12,12 @@ uniform. Ties count against the canary. No verbatim reproduction is needed, only
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import random
 
 from ..canary.phrases import SPACE, phrase, phrases_in
-from .probe import AttemptFailed, Session
+from .echo import scored
+from .probe import Session
 
 # The end of the served answer before a canary: what bears on the next line, while the echo of every token
 # of every candidate stays small (about 0.5 MB per 100 candidates).
@@ -41,11 +40,7 @@ async def exposure(session: Session, item: dict, count: int, batch: int = 100) -
     scores: list[float] = []
     for start in range(0, len(phrases), batch):
         texts = [context + SEPARATOR + phrase(i) for i in phrases[start : start + batch]]
-        body = {"model": session.target.model, "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0}
-        found, _ = await session.call(
-            "/completions", body, functools.partial(_continuation_scores, expected=len(texts))
-        )
-        scores.extend(found)
+        scores += await scored(session, texts, lambda text: text.rfind(SEPARATOR))
     position = phrases.index(index)
     own, others = scores[position], scores[:position] + scores[position + 1 :]
     rank, p_value, exposure_bits = ranked(own, others)
@@ -76,40 +71,3 @@ def _tail(context: str) -> str:
         return context
     cut = context[-CONTEXT_CHARS:]
     return cut[cut.find(" ") + 1 :]
-
-
-def _continuation_scores(data: bytes, *, expected: int) -> list[float]:
-    """Per prompt of a completions answer with echo, the summed log-probability of the text after the context."""
-    try:
-        choices = sorted(json.loads(data)["choices"], key=lambda c: c.get("index", 0))
-        rows = [(str(c["text"]), c["logprobs"]) for c in choices]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise AttemptFailed(f"malformed answer (no echoed log-probabilities): {data[:120]!r}", True) from None
-    if len(rows) != expected:
-        raise AttemptFailed(f"asked to score {expected} texts, got {len(rows)} back", True)
-    return [_phrase_score(text, logprobs) for text, logprobs in rows]
-
-
-def _phrase_score(text: str, logprobs: dict) -> float:
-    """Every token that reaches past the end of the context counts, the one that straddles it included (a
-    tokenizer may join the separator to the phrase's first word)."""
-    start = text.rfind(SEPARATOR)
-    try:
-        offsets, scores = list(logprobs["text_offset"]), list(logprobs["token_logprobs"])
-        if len(offsets) != len(scores):
-            raise ValueError
-        ends = [*offsets[1:], len(text)]
-        return finite_sum(lp for end, lp in zip(ends, scores, strict=True) if end > start and lp is not None)
-    except (KeyError, TypeError, ValueError):
-        raise AttemptFailed("malformed log-probabilities (need text_offset and token_logprobs)", True) from None
-
-
-def finite_sum(logprobs) -> float:
-    """The sum of log-probabilities, each a finite number at most 0: a NaN or an infinity would rank a phrase
-    first or last for no reason, and a positive one is no probability."""
-    total = 0.0
-    for value in logprobs:
-        if not isinstance(value, int | float) or not math.isfinite(value) or value > 1e-6:
-            raise ValueError(f"not a log-probability: {value!r}")
-        total += value
-    return total

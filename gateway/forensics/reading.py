@@ -18,15 +18,12 @@ sets the reference does not); neither depends on the key, so neither can bias th
 
 from __future__ import annotations
 
-import functools
-import json
-
 from ..watermark.scheme import LexicalKey, reference_texts
 from ..watermark.scoring import poisson_binomial_sf
 from ..watermark.sites import Scanner
 from ..watermark.wordsets import WordSets
-from .exposure import finite_sum
-from .probe import AttemptFailed, Session
+from .echo import scored
+from .probe import Session
 
 BEFORE_CHARS = 300  # of the passage before the site: enough context for the next word
 AFTER_CHARS = 40  # after the site: the words a member choice changes the probability of
@@ -86,28 +83,8 @@ def _common_prefix(texts: list[str]) -> str:
 
 async def read(session: Session, passage: dict) -> dict:
     """The suspect's log-probability of each version of one passage, from the site on."""
-    body = {"model": session.target.model, "prompt": passage["texts"], "max_tokens": 0, "echo": True, "logprobs": 0}
-    scores, _ = await session.call("/completions", body, functools.partial(_scores, start=passage["start"],
-                                                                          expected=len(passage["texts"])))  # fmt: skip
+    scores = await scored(session, passage["texts"], lambda _: passage["start"])
     return {"id": passage["id"], "set": passage["set"], "scores": scores}
-
-
-def _scores(data: bytes, *, start: int, expected: int) -> list[float]:
-    try:
-        choices = sorted(json.loads(data)["choices"], key=lambda c: c.get("index", 0))
-        rows = [(str(c["text"]), c["logprobs"]["text_offset"], c["logprobs"]["token_logprobs"]) for c in choices]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise AttemptFailed(f"malformed answer (no echoed log-probabilities): {data[:120]!r}", True) from None
-    if len(rows) != expected:
-        raise AttemptFailed(f"asked to score {expected} texts, got {len(rows)} back", True)
-    out = []
-    for text, offsets, logprobs in rows:
-        ends = [*offsets[1:], len(text)]
-        try:
-            out.append(finite_sum(lp for end, lp in zip(ends, logprobs, strict=True) if end > start and lp is not None))
-        except (TypeError, ValueError):
-            raise AttemptFailed("malformed log-probabilities (need text_offset and token_logprobs)", True) from None
-    return out
 
 
 def reading_test(rows: list[dict], key: LexicalKey) -> tuple[float, int, int]:
