@@ -140,13 +140,14 @@ class Pipeline:
             self._check_route(exchange, dialect)
             await self._identify_or_count(exchange, headers)
             body = await self._read_request(exchange, scope, receive, dialect)
-            hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect)
+            biased = dialect is not None and self._bias is not None and self._bias.applies(exchange, dialect)
+            hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect, biased)
             await self._admit.admit(exchange)
             exchange.admitted = True
             marked = None
             if dialect is not None:
                 body = _fit(exchange, dialect, body, hide_logprobs)
-                marked = self._marked_request(exchange, dialect)
+                marked = self._marked_request(exchange) if biased else None
             await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, (marked, body))
         except GatewayError as error:
@@ -233,19 +234,18 @@ class Pipeline:
             exchange.structured = dialect.structured_output(exchange.request)
         return body
 
-    def _logprobs_hidden(self, exchange: Exchange, dialect: Dialect) -> bool:
-        """Log-probabilities would reveal the unmarked tokens of a marked answer: they are removed from
-        the request, or, with `[watermark] logprobs = "refuse"`, the request is refused (before admission,
-        like any invalid request)."""
-        marked = self._transform.applies(exchange) or (self._bias is not None and self._bias.applies(exchange, dialect))
-        asked = dialect.asks_logprobs(exchange.request) and marked
+    def _logprobs_hidden(self, exchange: Exchange, dialect: Dialect, biased: bool) -> bool:
+        """Log-probabilities would reveal the unmarked tokens of a marked answer (or, under the sampling-bias
+        mark, the favoured ones): they are removed from the request, or, with `[watermark] logprobs =
+        "refuse"`, the request is refused (before admission, like any invalid request)."""
+        asked = dialect.asks_logprobs(exchange.request) and (biased or self._transform.applies(exchange))
         if asked and self._settings.watermark.logprobs == "refuse":
             raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
         return asked
 
-    def _marked_request(self, exchange: Exchange, dialect: Dialect) -> bytes | None:
-        """The request body asking the upstream for the sampling-bias mark, where it can take it."""
-        marked = self._bias.request(exchange, dialect) if self._bias is not None else None
+    def _marked_request(self, exchange: Exchange) -> bytes | None:
+        """The request body asking the upstream for the sampling-bias mark (None if no slot is left for it)."""
+        marked = self._bias.request(exchange)
         return None if marked is None else _encode_json(marked)
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:

@@ -108,8 +108,8 @@ class RequestMark(Protocol):
     def applies(self, exchange: Exchange, dialect) -> bool:
         """Whether the exchange's request takes the mark (its log-probabilities are then hidden too)."""
 
-    def request(self, exchange: Exchange, dialect) -> dict | None:
-        """The upstream request asking for the mark, or None where the route or the model cannot take it."""
+    def request(self, exchange: Exchange) -> dict | None:
+        """For an exchange the mark applies to: the upstream request asking for it (None if it has no room)."""
 
     def is_refusal(self, exchange: Exchange, body: bytes) -> bool:
         """Whether the upstream's 400 (`body`) refused the mark; the request then goes again without it."""

@@ -10,9 +10,10 @@ request without it; the model is skipped from then on. The request is never brok
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
-from fnmatch import fnmatchcase
+import re
 
 from ..exchange import Exchange
 from .green import SCHEME, GreenList
@@ -26,7 +27,7 @@ class SamplingBias:
     def __init__(self, green: GreenList, vocabulary_digest: str, skip_models: tuple[str, ...]) -> None:
         self._green = green
         self._vocabulary = vocabulary_digest
-        self._skip = skip_models
+        self._skip = re.compile("|".join(fnmatch.translate(p) for p in skip_models) or "(?!)")  # one match per request
         self._refusing: set[str] = set()  # models whose upstream refused the parameter (at most MAX_REFUSING)
 
     def commitments(self) -> list[tuple[dict, dict[str, bytes]]]:
@@ -42,13 +43,11 @@ class SamplingBias:
         request = exchange.request
         if not dialect.takes_logit_bias or exchange.structured or request.get("tools") or request.get("functions"):
             return False
-        return model not in self._refusing and not any(fnmatchcase(model, pattern) for pattern in self._skip)
+        return model not in self._refusing and not self._skip.match(model)
 
-    def request(self, exchange: Exchange, dialect) -> dict | None:
-        """The upstream request with the green list's bias, or None where it does not apply. The client's own
-        entries win; a client that fills all 300 leaves no room, which the evidence records (tokens 0)."""
-        if not self.applies(exchange, dialect):
-            return None
+    def request(self, exchange: Exchange) -> dict | None:
+        """The upstream request of an exchange the mark `applies` to, with the green list's bias. The client's
+        own entries win; a client that fills all 300 leaves no room (None), which the evidence records."""
         theirs = exchange.request.get("logit_bias") or {}
         if not isinstance(theirs, dict):
             return None  # malformed: the upstream will say so, about the client's own value
