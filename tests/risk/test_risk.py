@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 from pathlib import Path
 
 import httpx
@@ -112,11 +113,28 @@ def test_a_popular_prompt_from_many_accounts_is_not_a_campaign_but_a_swept_templ
 
 
 class Clock:
+    """The engine's clock, moved by the test. The engine reads it when a request ends, which can be after
+    the client has its answer: `settle` waits for that read, so the next move cannot race it."""
+
     def __init__(self) -> None:
         self.now = 1_800_000_000.0
+        self._observed = threading.Semaphore(0)
 
     def __call__(self) -> float:
         return self.now
+
+    def watch(self, engine: RiskEngine) -> RiskEngine:
+        observe = engine.observe
+
+        def observed(exchange) -> None:
+            observe(exchange)
+            self._observed.release()
+
+        engine.observe = observed
+        return engine
+
+    def settle(self) -> None:
+        assert self._observed.acquire(timeout=10), "the engine never observed the request"
 
 
 @pytest.fixture
@@ -136,7 +154,7 @@ def risky(tmp_path, fake_upstream):
     clock = Clock()
 
     def start(mode: str = "enforce"):
-        engine = RiskEngine(MemorySignals(), mode, clock)
+        engine = clock.watch(RiskEngine(MemorySignals(), mode, clock))
         return engine, ServerThread(create_app(settings, risk=engine))
 
     yield state, clock, start
@@ -153,6 +171,7 @@ def _sweep(url: str, key: str, clock: Clock, count: int) -> None:
         assert _send(
             url, key, f"Write a complete, detailed tutorial about topic number {i} for experts in the field"
         ).is_success
+        clock.settle()
 
 
 def test_a_template_sweeping_script_is_moved_to_suspect_and_the_reasons_are_recorded(risky, tmp_path):
@@ -165,6 +184,7 @@ def test_a_template_sweeping_script_is_moved_to_suspect_and_the_reasons_are_reco
         for row in rng.sample(SAMPLE, min(len(SAMPLE), 30)):
             clock.now += rng.expovariate(1 / 900)
             assert _send(server.url, person, row["instruction"]).is_success
+            clock.settle()
         _sweep(server.url, bot, clock, 60)
         _sweep(server.url, bot, clock, 1)  # admitted under the tier decided so far
     tiers = {r["identity"]: r for r in exchanges(state)}
