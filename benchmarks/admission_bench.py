@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import platform
 import statistics
@@ -20,6 +21,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvloop
 
@@ -80,8 +82,10 @@ async def _measure(storage: str, requests: int, concurrency: int) -> dict:
 
 
 async def _floor(url: str, requests: int) -> dict:
-    """What any call to this Redis costs from this client: a PING's median round trip, and the server's
-    own time per script call (INFO commandstats), to read the admission's numbers against."""
+    """What any call to this Redis costs: a PING's median round trip from this client, from a bare asyncio
+    socket (no client library: the least any Python client could pay), and from redis-benchmark (C, a
+    blocking socket: the loopback itself); and the server's own time per script call (INFO commandstats).
+    An admission cannot cost less than the bare round trip plus the script's time."""
     client = connect(url, 1.0)
     times = []
     for _ in range(requests):
@@ -93,8 +97,36 @@ async def _floor(url: str, requests: int) -> dict:
     evalsha = stats.get("cmdstat_evalsha", {})
     return {
         "ping_median_us": round(statistics.median(times) * 1e6, 1),
+        "bare_socket_ping_median_us": await _bare_ping(url, requests),
+        "c_client_ping_median_us": _c_ping(url, requests),
         "script_server_us_per_call": evalsha.get("usec_per_call"),
     }
+
+
+async def _bare_ping(url: str, requests: int) -> float:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 6379)
+    times = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        writer.write(b"*1\r\n$4\r\nPING\r\n")
+        await reader.readline()
+        times.append(time.perf_counter() - started)
+    writer.close()
+    return round(statistics.median(times) * 1e6, 1)
+
+
+def _c_ping(url: str, requests: int) -> float | None:
+    """redis-benchmark's median PING at one connection, or None where the tool is missing."""
+    parts = urlsplit(url)
+    argv = ["redis-benchmark", "-h", parts.hostname, "-p", str(parts.port or 6379), "-c", "1", "-n", str(requests),
+            "-t", "ping", "--csv"]  # fmt: skip
+    try:
+        found = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = list(csv.DictReader(found))
+    return round(float(rows[-1]["p50_latency_ms"]) * 1000, 1) if rows else None
 
 
 def run(args) -> dict:
@@ -160,9 +192,12 @@ def write(results: dict, args, out: Path) -> None:
         )
     lines += [
         "",
-        f"Floor, same Redis, same client: a PING round trip takes {floor['ping_median_us']} µs at the median; the "
-        f"server spends {floor['script_server_us_per_call']} µs per script call (admission and settlement, "
-        "from INFO commandstats). The rest of an admission is the client (redis-py) and the stage itself.",
+        f"Floor, same Redis: a PING round trip takes {floor['ping_median_us']} µs at the median through redis-py "
+        f"as the gateway uses it, {floor['bare_socket_ping_median_us']} µs through a bare asyncio socket (no client "
+        f"library) and {floor['c_client_ping_median_us']} µs from redis-benchmark (C); the server spends "
+        f"{floor['script_server_us_per_call']} µs per script call (admission and settlement, from INFO "
+        "commandstats). No admission from Python can cost less than the bare round trip plus the script; the rest "
+        "is the client (redis-py) and the stage itself.",
     ]
     results["redis_floor"] = floor
     (out / "admission.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

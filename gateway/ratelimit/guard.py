@@ -40,8 +40,9 @@ class StorageGuard:
             if now < self._probe_at:
                 raise StorageDown(self.failure)
             self._probe_at = now + self._cooldown  # this call probes; the others keep the policy meanwhile
-        try:
-            result = await asyncio.wait_for(make(), self._timeout)
+        try:  # asyncio.timeout, not wait_for: wait_for wraps every call in a new task
+            async with asyncio.timeout(self._timeout):
+                result = await make()
         except STORAGE_ERRORS as e:
             self._trip(e)
             raise StorageDown(self.failure) from None
