@@ -216,6 +216,7 @@ async def _redis_cost(requests: list[Request], url: str, batch: int) -> dict:
     store = RedisSignals(connect(url, 5.0), "{cg-risk-bench}")
     engine = RiskEngine(MemorySignals(), "shadow", clock=time.time)
     exchanges, timings = _exchanges(requests), []
+    server_before = await _script_server_us(url)
     for i in range(0, len(exchanges), batch):
         chunk = list(zip(exchanges[i : i + batch], requests[i : i + batch], strict=True))
         start = time.perf_counter()
@@ -223,12 +224,23 @@ async def _redis_cost(requests: list[Request], url: str, batch: int) -> dict:
         for f, (exchange, _), signals in zip(found, chunk, await store.update_many(found), strict=True):
             engine.decide(f, exchange.identity, signals)
         timings.append((time.perf_counter() - start) * 1e6 / len(found))
+    server_us = (await _script_server_us(url) - server_before) / len(exchanges)
     client = connect(url, 5.0)  # leave the benchmark's keys nowhere behind
     async for key in client.scan_iter(match="{cg-risk-bench}*", count=1000):
         await client.delete(key)
     await client.aclose()
     await store.close()
-    return _quantiles(timings) | {"batch": batch}
+    return _quantiles(timings) | {"batch": batch, "server_us_per_observation": round(server_us, 1)}
+
+
+async def _script_server_us(url: str) -> float:
+    """The Redis server's total time in script calls so far (INFO commandstats), in microseconds."""
+    from gateway.redis_client import connect
+
+    client = connect(url, 5.0)
+    stats = await client.info("commandstats")
+    await client.aclose()
+    return sum(stats.get(f"cmdstat_{name}", {}).get("usec", 0) for name in ("evalsha", "eval"))
 
 
 def _quantiles(timings: list[float]) -> dict:
@@ -304,7 +316,8 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
         shared = cost["redis"]
         lines.append(
             f"With the signals on Redis, in batches of {shared['batch']} as the engine sends them: median "
-            f"{shared['median_us']} us, p99 {shared['p99_us']} us per request (one local Redis)."
+            f"{shared['median_us']} us, p99 {shared['p99_us']} us per request (one local Redis), of which the "
+            f"Redis server's script time is {shared['server_us_per_observation']} us per request (INFO commandstats)."
         )
     lines += ["", "![time to suspect](risk-time-to-suspect.png)"]
     (out / "risk.md").write_text("\n".join(lines) + "\n")

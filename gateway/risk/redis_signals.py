@@ -1,25 +1,27 @@
 """The risk signals on Redis, shared by every replica: one script call per batch of observations.
 
-The arithmetic is MemorySignals' (signals.py), in signals.lua; cross-account sets are HyperLogLogs (a few
-kilobytes each however many accounts, about 1% error). Every key carries one hash tag, so a Cluster keeps
-them in one slot. Identity state expires after `IDENTITY_TTL` idle seconds, when it has decayed to nothing.
+The arithmetic is MemorySignals' (signals.py), in signals.lua, with the same exact cross-account sets, capped
+at the same size (Redis does not cap how many sets a day makes: each expires after three days). Every key
+carries one hash tag, so a Cluster keeps them in one slot. Identity state expires after `IDENTITY_TTL` idle
+seconds, when it has decayed to nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from importlib import resources
 
 from redis.exceptions import NoScriptError
 
 from .features import Observation
-from .signals import DAY, MAX_SKELETONS, QUIET_HOURS, REBASE_AT, SWEPT_BY, TAU, Signals
+from .signals import DAY, MAX_MEMBERS, MAX_SKELETONS, QUIET_HOURS, REBASE_AT, SWEPT_BY, TAU, Signals
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 IDENTITY_TTL = 30 * 86400
-FIELDS = 13
+ROW = struct.Struct("<13d")  # one observation's signals, as the script packs them
 
 
 class RedisSignals:
@@ -33,6 +35,7 @@ class RedisSignals:
             str(IDENTITY_TTL),
             repr(REBASE_AT),
             str(QUIET_HOURS),
+            str(MAX_MEMBERS),
         ]
 
     async def close(self) -> None:
@@ -47,11 +50,10 @@ class RedisSignals:
             raw = await self._client.evalsha(_SHA, 1, self._prefix, *args)
         except NoScriptError:
             raw = await self._client.eval(_SCRIPT, 1, self._prefix, *args)
-        values = [float(v) for v in raw]
-        return [_signals(values[i : i + FIELDS]) for i in range(0, len(values), FIELDS)]
+        return [_signals(ROW.unpack(row)) for row in raw]
 
 
-def _signals(v: list[float]) -> Signals:
+def _signals(v: tuple[float, ...]) -> Signals:
     return Signals(
         requests=v[0],
         per_day=v[0] * DAY / TAU,

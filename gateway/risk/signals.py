@@ -27,8 +27,8 @@ from .features import Observation
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
 MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond twice this
-# Memory bounds for the cross-account sketches of one day (Redis keeps HyperLogLogs of a few KB instead):
-# beyond them a day's new skeletons are not tracked, and a set stops growing once far past every threshold.
+# Memory bounds for the cross-account sets of one day: beyond them a day's new skeletons are not tracked, and a
+# set stops growing once far past every threshold (Redis caps the sets alike, and expires them instead).
 MAX_SKETCHES = 500_000
 MAX_MEMBERS = 10_000
 REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
@@ -202,12 +202,12 @@ class MemorySignals:
 def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
     """The sizes of `key`'s sets over today and yesterday, each the larger of the two days' (a lower bound
     of the union, in constant time; a campaign that keeps going fills both days)."""
-    best = [0] * width
-    for each in (day - 1, day):
-        sets = table.get(each, {}).get(key)
-        if sets:
-            best = [max(b, len(s)) for b, s in zip(best, sets, strict=True)]
-    return tuple(best)
+    today, yesterday = table.get(day, {}).get(key), table.get(day - 1, {}).get(key)
+    if yesterday is None:
+        return tuple(len(s) for s in today) if today else (0,) * width
+    if today is None:
+        return tuple(len(s) for s in yesterday)
+    return tuple(max(len(a), len(b)) for a, b in zip(today, yesterday, strict=True))
 
 
 def quiet_share(hours: list[float]) -> float:
@@ -220,5 +220,6 @@ def quiet_share(hours: list[float]) -> float:
     least = window
     for start in range(1, 24):
         window += hours[(start + QUIET_HOURS - 1) % 24] - hours[start - 1]
-        least = min(least, window)
+        if window < least:
+            least = window
     return max(least, 0.0) / total  # a sliding sum can end a rounding error below zero
