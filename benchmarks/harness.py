@@ -17,7 +17,9 @@ import argparse
 import gzip
 import json
 import platform
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,7 @@ def run(args) -> dict:
                 finally:
                     if system is not upstream:
                         system.stop()
+        budget_runs = {} if args.quick or args.systems else measure_budget(workdir, upstream, state, key, working, args)
     finally:
         upstream.stop()
         if redis is not None:
@@ -137,10 +140,33 @@ def run(args) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     return {
         "systems": results,
+        "budget_runs": budget_runs,
         "stages_measured": working,
         "answers": len(answers),
         "answer_bytes_median": sorted(len(a.encode()) for a in answers)[len(answers) // 2],
     }
+
+
+def measure_budget(workdir, upstream, state, key, stages: list[str], args) -> dict[str, list[float]]:
+    """CPU µs per request (32 connections) of the bare passthrough, the gateway, and the gateway with each
+    stage off, in `args.budget_rounds` rounds that take the systems in a new random order each time: a
+    stage's cost is a difference of two such numbers, and on a noisy machine one run of each can even
+    make it negative. The budget uses each system's median."""
+    started = [systems.start_bare(workdir, upstream), systems.start_gateway(workdir, upstream, state, key)]
+    try:
+        started += [systems.start_gateway(workdir, upstream, state, key, (stage,)) for stage in stages]
+        runs: dict[str, list[float]] = {system.name: [] for system in started}
+        order = random.Random(0)
+        with Progress(console=console) as progress:
+            task = progress.add_task("per-stage budget", total=args.budget_rounds * len(started))
+            for _ in range(args.budget_rounds):
+                for system in order.sample(started, len(started)):
+                    runs[system.name].append(measure.wrk(system, 32, args.budget_duration).cpu_us_per_request)
+                    progress.advance(task)
+        return runs
+    finally:
+        for system in started:
+            system.stop()
 
 
 def _start(kind, off, workdir, upstream, state, key, args):
@@ -197,17 +223,20 @@ def evaluate(report: dict) -> list[dict]:
 
 
 def budget(report: dict) -> list[dict]:
-    """CPU microseconds per request (32 connections, whole answers), split by stage; rows sum to the total."""
-    s = report["systems"]
-    if "gateway" not in s or "bare" not in s:
+    """CPU microseconds per request (32 connections, whole answers), split by stage; rows sum to the total.
+    From the interleaved rounds' medians where they were run, else from the single runs in the table."""
+    runs = report.get("budget_runs") or {}
+    if runs:
+        cpu = {name: statistics.median(values) for name, values in runs.items()}
+    else:
+        cpu = {name: r["c32"]["cpu_us_per_request"] for name, r in report["systems"].items()}
+    if "gateway" not in cpu or "bare" not in cpu:
         return []
-    total = s["gateway"]["c32"]["cpu_us_per_request"]
-    floor = s["bare"]["c32"]["cpu_us_per_request"]
-    rows = [{"part": "forward: HTTP server + client (the bare passthrough's own cost)", "us": floor}]
+    total = cpu["gateway"]
+    rows = [{"part": "forward: HTTP server + client (the bare passthrough's own cost)", "us": cpu["bare"]}]
     for stage in report["stages_measured"]:
-        name = f"gateway-no-{stage}"
-        if name in s:
-            rows.append({"part": stage, "us": total - s[name]["c32"]["cpu_us_per_request"]})
+        if f"gateway-no-{stage}" in cpu:
+            rows.append({"part": stage, "us": total - cpu[f"gateway-no-{stage}"]})
     rows.append(
         {
             "part": "pipeline core (routing, parsing, hygiene, SSE framing, metrics)",
@@ -302,7 +331,13 @@ def markdown(report: dict) -> str:
             "",
             "Each stage's cost is the gateway's CPU per request minus the same with that stage switched off "
             "(benchmarks/variants.py); stages that are pass-through today are not listed. Rows sum to the "
-            "total.",
+            "total. "
+            + (
+                f"Each number is the median of {len(next(iter(report['budget_runs'].values())))} interleaved runs "
+                f"of {report['budget_duration']:g} s per system (runs in perf.json), not the single runs above."
+                if report.get("budget_runs")
+                else "From the single runs above."
+            ),
             "",
             "| part | µs/request |",
             "| --- | --- |",
@@ -348,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm-venv", default=str(ROOT / "benchmarks" / ".litellm-venv"))
     parser.add_argument("--quick", action="store_true", help="a tiny load: 1-second runs, fewer systems")
     parser.add_argument("--systems", help="only these, e.g. upstream,gateway (for a soak)")
+    parser.add_argument("--budget-rounds", type=int, default=5, help="interleaved runs per system for the budget")
+    parser.add_argument("--budget-duration", type=float, default=5.0, help="seconds per budget run")
     parser.add_argument("--redis", action="store_true", help="also the gateway with its limits on a Redis it starts")
     args = parser.parse_args(argv)
     if args.quick:
@@ -359,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(
         command="python -m benchmarks.harness " + " ".join(argv if argv is not None else sys.argv[1:]),
         duration=args.duration,
+        budget_duration=args.budget_duration,
         streams=args.streams,
         environment=environment(),
     )
