@@ -26,22 +26,32 @@ _SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")
 _NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _MARKS = re.compile(r"(?P<tick>`+)|(?P<quote>[\"“”])")
 _TAIL = 80
+# Read backwards: a word (of the scanner's), or a sentence end (what sets a sentence start).
+_BACKWARDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]|[.!?:\n]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def _last_words(chunk: str) -> list[str]:
-    """The chunk's last two word tokens (fewer if it has fewer). Read from its tail first: the first word
-    there may be cut, so the tail is enough when it holds three."""
-    words = _WORDS.findall(chunk[-_TAIL:]) if len(chunk) > _TAIL else []
-    if len(words) < 3:
-        words = _WORDS.findall(chunk)
-    found = []
-    for word in reversed(words):
-        if word[0].isalpha():
-            found.append(word)
-            if len(found) == 2:
+def _read_back(chunk: str) -> tuple[list[str], str]:
+    """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""), in
+    one pass over its tail read backwards: the word pattern reads the same both ways, so the words found
+    backwards are the scanner's. A word touching the tail's start may be cut, and the tail may hold no
+    letter: then the whole chunk is read."""
+    tail = chunk[-_TAIL:][::-1]
+    cut = len(chunk) > _TAIL
+    words, signal = [], ""
+    for match in _BACKWARDS.finditer(tail):
+        token = match.group()
+        signal = signal or token[0]  # the first found: a letter or a sentence end
+        if token[0].isalpha():
+            if cut and match.end() == len(tail):
                 break
-    return found[::-1]
+            words.append(token[::-1])
+            if len(words) == 2:
+                return words[::-1], signal
+    if not cut:
+        return words[::-1], signal
+    found = [w for w in _WORDS.findall(chunk) if w[0].isalpha()][-2:]
+    return found, signal or next((m.group() for m in _SIGNAL.finditer(chunk[::-1])), "")
 
 
 def _word_edge_before(text: str, start: int) -> bool:
@@ -119,16 +129,12 @@ class WholeText:
             if start > at:
                 chunk = text[at:start]
                 out.append(chunk)
-                words = _last_words(chunk)
+                words, signal = _read_back(chunk)
                 if words:
                     last_word = words[-1].lower()
                     context = [*context, *(_normal(w) for w in words)][-2:]
-                if not (fence or inline):
-                    for signal in _SIGNAL.finditer(chunk[::-1]):  # usually found within a few characters
-                        mark = signal.group()
-                        if mark.isalpha() or mark in ".!?:\n":
-                            sentence_start = not mark.isalpha()
-                            break
+                if signal and not (fence or inline):
+                    sentence_start = not signal.isalpha()
             at = end
             token = text[start:at]
             if kind == "tick":
