@@ -329,7 +329,8 @@ def _command(args) -> str:
     command += f" --seed {args.seed}"
     if args.campaign_days != CAMPAIGN_DAYS:
         command += f" --campaign-days {args.campaign_days}"
-    return command + (f" --campaigns {args.campaigns}" if args.campaigns else "")
+    command += f" --campaigns {args.campaigns}" if args.campaigns else ""
+    return command + (f" --redis {args.redis}" if args.redis else "")
 
 
 def main() -> None:
