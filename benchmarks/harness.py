@@ -235,8 +235,13 @@ def budget(report: dict) -> list[dict]:
     total = cpu["gateway"]
     rows = [{"part": "forward: HTTP server + client (the bare passthrough's own cost)", "us": cpu["bare"]}]
     for stage in report["stages_measured"]:
-        if f"gateway-no-{stage}" in cpu:
-            rows.append({"part": stage, "us": total - cpu[f"gateway-no-{stage}"]})
+        off = f"gateway-no-{stage}"
+        if off in cpu:
+            row = {"part": stage, "us": total - cpu[off]}
+            if runs:  # the same difference within each round: how far noise moves it
+                each = [on - without for on, without in zip(runs["gateway"], runs[off], strict=True)]
+                row["range"] = [min(each), max(each)]
+            rows.append(row)
     rows.append(
         {
             "part": "pipeline core (routing, parsing, hygiene, SSE framing, metrics)",
@@ -339,10 +344,17 @@ def markdown(report: dict) -> str:
                 else "From the single runs above."
             ),
             "",
-            "| part | µs/request |",
-            "| --- | --- |",
+            "A stage cheaper than the noise can come out below zero: the range column gives the same difference "
+            "within each round.",
+            "",
+            "| part | µs/request | range over rounds |",
+            "| --- | --- | --- |",
         ]
-        lines += [f"| {r['part']} | {r['us']:.1f} |" for r in report["budget"]]
+        lines += [
+            f"| {r['part']} | {r['us']:.1f} | "
+            + (f"{r['range'][0]:.0f} to {r['range'][1]:.0f} |" if "range" in r else " |")
+            for r in report["budget"]
+        ]
     lines += [
         "",
         "CPU µs/req counts every process of the system (all workers), user and system time, divided by "

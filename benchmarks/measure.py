@@ -172,9 +172,16 @@ def _one_stream(client: httpx.Client, url: str, body: str, headers: dict, until_
 
 
 def memory_per_stream(system: Running, streams: int) -> float:
-    """Bytes of resident memory the system's processes hold per open stream (bench-hold streams)."""
-    pids = system.pids()
-    before = rss_bytes(pids)
+    """Bytes of resident memory the system's processes hold per open stream (bench-hold streams). The streams
+    are held twice and the second hold is measured: the first warms the allocator's pools and lets garbage
+    left by earlier load be collected, which could otherwise shrink the process while streams are open."""
+    _hold_streams(system, streams)
+    return _hold_streams(system, streams) / streams
+
+
+def _hold_streams(system: Running, streams: int) -> int:
+    """Hold `streams` streams open at once; returns how much resident memory grew while they were open."""
+    before = rss_bytes(system.pids())
     body = request_body("bench-hold", stream=True)
     headers = {"Content-Type": "application/json", **system.headers}
     opened = threading.Barrier(streams + 1, timeout=60)
@@ -198,7 +205,7 @@ def memory_per_stream(system: Running, streams: int) -> float:
     release.set()
     for t in threads:
         t.join(10)
-    return (during - before) / streams
+    return during - before
 
 
 def soak(system: Running, seconds: float, connections: int, sample_every: float, progress=None) -> list[tuple]:
