@@ -152,9 +152,11 @@ def measure_budget(workdir, upstream, state, key, stages: list[str], args) -> di
     stage off, in `args.budget_rounds` rounds that take the systems in a new random order each time: a
     stage's cost is a difference of two such numbers, and on a noisy machine one run of each can even
     make it negative. The budget uses each system's median."""
-    started = [systems.start_bare(workdir, upstream), systems.start_gateway(workdir, upstream, state, key)]
-    try:
-        started += [systems.start_gateway(workdir, upstream, state, key, (stage,)) for stage in stages]
+    started = []
+    try:  # each system joins `started` as it starts, so that a failed start still stops the others
+        started.append(systems.start_bare(workdir, upstream))
+        for off in [(), *((stage,) for stage in stages)]:
+            started.append(systems.start_gateway(workdir, upstream, state, key, off))
         runs: dict[str, list[float]] = {system.name: [] for system in started}
         order = random.Random(0)
         with Progress(console=console) as progress:
@@ -359,7 +361,8 @@ def markdown(report: dict) -> str:
         "",
         "CPU µs/req counts every process of the system (all workers), user and system time, divided by "
         "the requests wrk completed. Memory per stream: resident memory with "
-        f"{report['streams']} streams held open, minus before, divided by {report['streams']}.",
+        f"{2 * report['streams']} streams held open minus with {report['streams']}, divided by {report['streams']} "
+        "(after a first hold that warms the allocator).",
         "",
     ]
     return "\n".join(lines)

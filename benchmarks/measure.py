@@ -172,22 +172,23 @@ def _one_stream(client: httpx.Client, url: str, body: str, headers: dict, until_
 
 
 def memory_per_stream(system: Running, streams: int) -> float:
-    """Bytes of resident memory the system's processes hold per open stream (bench-hold streams). The streams
-    are held twice and the second hold is measured: the first warms the allocator's pools and lets garbage
-    left by earlier load be collected, which could otherwise shrink the process while streams are open."""
-    _hold_streams(system, streams)
-    return _hold_streams(system, streams) / streams
+    """Bytes of resident memory the system's processes hold per open stream (bench-hold streams): the growth
+    from `streams` open to twice as many, divided by `streams`. A first hold warms the allocator's pools; the
+    difference between two levels of one hold cancels what a single before-and-after would also count
+    (garbage from earlier load collected meanwhile, memory the allocator keeps)."""
+    _hold_streams(system, [streams])
+    low, high = _hold_streams(system, [streams, streams])
+    return (high - low) / streams
 
 
-def _hold_streams(system: Running, streams: int) -> int:
-    """Hold `streams` streams open at once; returns how much resident memory grew while they were open."""
-    before = rss_bytes(system.pids())
+def _hold_streams(system: Running, waves: list[int]) -> list[int]:
+    """Open the streams of each wave (adding to those already open) and read the resident memory after each;
+    then close them all."""
     body = request_body("bench-hold", stream=True)
     headers = {"Content-Type": "application/json", **system.headers}
-    opened = threading.Barrier(streams + 1, timeout=60)
     release = threading.Event()
 
-    def hold():
+    def hold(opened: threading.Barrier) -> None:
         with (
             httpx.Client(timeout=60) as client,
             client.stream("POST", system.url + "/v1/chat/completions", content=body, headers=headers) as r,
@@ -196,16 +197,22 @@ def _hold_streams(system: Running, streams: int) -> int:
             opened.wait()
             release.wait(60)
 
-    threads = [threading.Thread(target=hold, daemon=True) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    opened.wait()
-    time.sleep(0.5)
-    during = rss_bytes(system.pids())
-    release.set()
-    for t in threads:
-        t.join(10)
-    return during - before
+    threads, readings = [], []
+    try:
+        for count in waves:
+            opened = threading.Barrier(count + 1, timeout=60)
+            wave = [threading.Thread(target=hold, args=(opened,), daemon=True) for _ in range(count)]
+            for t in wave:
+                t.start()
+            threads += wave
+            opened.wait()
+            time.sleep(0.5)
+            readings.append(rss_bytes(system.pids()))
+    finally:
+        release.set()
+        for t in threads:
+            t.join(10)
+    return readings
 
 
 def soak(system: Running, seconds: float, connections: int, sample_every: float, progress=None) -> list[tuple]:

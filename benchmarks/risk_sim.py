@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from rich.console import Console
@@ -216,25 +217,28 @@ async def _redis_cost(requests: list[Request], url: str, batch: int) -> dict:
     store = RedisSignals(connect(url, 5.0), "{cg-risk-bench}")
     engine = RiskEngine(MemorySignals(), "shadow", clock=time.time)
     exchanges, timings = _exchanges(requests), []
-    server_before = await _script_server_us(url)
-    for i in range(0, len(exchanges), batch):
-        chunk = list(zip(exchanges[i : i + batch], requests[i : i + batch], strict=True))
-        start = time.perf_counter()
-        found = [observe(exchange, EPOCH + request.time) for exchange, request in chunk]
-        for f, (exchange, _), signals in zip(found, chunk, await store.update_many(found), strict=True):
-            engine.decide(f, exchange.identity, signals)
-        timings.append((time.perf_counter() - start) * 1e6 / len(found))
-    server_us = (await _script_server_us(url) - server_before) / len(exchanges)
-    client = connect(url, 5.0)  # leave the benchmark's keys nowhere behind
-    async for key in client.scan_iter(match="{cg-risk-bench}*", count=1000):
-        await client.delete(key)
-    await client.aclose()
-    await store.close()
+    try:
+        server_before = await _script_server_us(url)
+        for i in range(0, len(exchanges), batch):
+            chunk = list(zip(exchanges[i : i + batch], requests[i : i + batch], strict=True))
+            start = time.perf_counter()
+            found = [observe(exchange, EPOCH + request.time) for exchange, request in chunk]
+            for f, (exchange, _), signals in zip(found, chunk, await store.update_many(found), strict=True):
+                engine.decide(f, exchange.identity, signals)
+            timings.append((time.perf_counter() - start) * 1e6 / len(found))
+        server_us = (await _script_server_us(url) - server_before) / len(exchanges)
+    finally:
+        client = connect(url, 5.0)  # leave the benchmark's keys nowhere behind
+        async for key in client.scan_iter(match="{cg-risk-bench}*", count=1000):
+            await client.delete(key)
+        await client.aclose()
+        await store.close()
     return _quantiles(timings) | {"batch": batch, "server_us_per_observation": round(server_us, 1)}
 
 
 async def _script_server_us(url: str) -> float:
-    """The Redis server's total time in script calls so far (INFO commandstats), in microseconds."""
+    """The Redis server's total time in script calls so far (INFO commandstats), in microseconds: one
+    standalone server, which the benchmark should have to itself (other clients' scripts would count)."""
     from gateway.redis_client import connect
 
     client = connect(url, 5.0)
@@ -330,7 +334,16 @@ def _command(args) -> str:
     if args.campaign_days != CAMPAIGN_DAYS:
         command += f" --campaign-days {args.campaign_days}"
     command += f" --campaigns {args.campaigns}" if args.campaigns else ""
-    return command + (f" --redis {args.redis}" if args.redis else "")
+    return command + (f" --redis {_without_password(args.redis)}" if args.redis else "")
+
+
+def _without_password(url: str) -> str:
+    """The URL as the results may show it: a password is replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def main() -> None:

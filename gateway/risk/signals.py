@@ -189,7 +189,8 @@ class MemorySignals:
             counts[skeleton] = counts.get(skeleton, 0.0) + grow
             state.top = max(state.top, counts[skeleton])
         if len(counts) > 2 * MAX_SKELETONS:
-            for key in sorted(counts, key=counts.get)[: len(counts) - MAX_SKELETONS]:
+            # the smallest go; equal counts (a request's two skeletons share one) by name, as signals.lua does
+            for key in sorted(counts, key=lambda k: (counts[k], k))[: len(counts) - MAX_SKELETONS]:
                 del counts[key]
         return state.top / grow
 

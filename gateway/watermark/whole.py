@@ -20,7 +20,7 @@ from .wordsets import WordSets
 
 # The scanner's word tokens, and what sets or clears a sentence start (a letter, an end, a newline). The
 # scanner calls a character a word when str.isalpha() says so; these classes also take numerals such as
-# "²" (alphanumeric but not alphabetic), which the loops below skip.
+# "²" (alphanumeric but not alphabetic), which the readers below skip.
 _WORDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]")
 _SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")
 _NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
@@ -33,24 +33,35 @@ _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 def _read_back(chunk: str) -> tuple[list[str], str]:
     """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""), in
     one pass over its tail read backwards: the word pattern reads the same both ways, so the words found
-    backwards are the scanner's. A word touching the tail's start may be cut, and the tail may hold no
-    letter: then the whole chunk is read."""
+    backwards are the scanner's. A word the tail's start cuts (through its letters, or at an apostrophe or
+    hyphen), or a tail with no letter, sends the reading to the whole chunk."""
     tail = chunk[-_TAIL:][::-1]
     cut = len(chunk) > _TAIL
     words, signal = [], ""
     for match in _BACKWARDS.finditer(tail):
         token = match.group()
-        signal = signal or token[0]  # the first found: a letter or a sentence end
-        if token[0].isalpha():
-            if cut and match.end() == len(tail):
-                break
-            words.append(token[::-1])
-            if len(words) == 2:
-                return words[::-1], signal
+        if not token[0].isalpha():
+            if not token.isalnum():  # a sentence end; numerals such as "²" are neither word nor end
+                signal = signal or token
+            continue
+        signal = signal or token[0]
+        if cut and not _word_edge_before(chunk, len(chunk) - match.end()):
+            break
+        words.append(token[::-1])
+        if len(words) == 2:
+            return words[::-1], signal
     if not cut:
         return words[::-1], signal
     found = [w for w in _WORDS.findall(chunk) if w[0].isalpha()][-2:]
-    return found, signal or next((m.group() for m in _SIGNAL.finditer(chunk[::-1])), "")
+    return found, signal or _last_signal(chunk)
+
+
+def _last_signal(chunk: str) -> str:
+    """The chunk's last letter or sentence end, or ""."""
+    for match in _SIGNAL.finditer(chunk[::-1]):
+        if match.group().isalpha() or match.group() in ".!?:\n":
+            return match.group()
+    return ""
 
 
 def _marks(text: str) -> list[tuple[int, int, str]]:

@@ -48,9 +48,11 @@ def _long_lived(seed: int = 6) -> list:
     """What two days of traffic do not reach: an identity with more skeletons than are kept (they are cut
     back), and one that stays active for 120 days (its counts' growing scale is rebased)."""
     rng, words, out = random.Random(seed), [s["instruction"] for s in SAMPLE], []
-    for i in range(150):
-        prompt = " ".join(rng.sample(" ".join(words).split(), 14))
-        out.append(_obs("wanderer", 100.0 + 600 * i, prompt, "10.9.0.0/24"))
+    head = []
+    for i in range(150):  # every third prompt keeps the last one's opening: one new skeleton, an odd count
+        fresh = rng.sample(" ".join(words).split(), 14)
+        head = head if i % 3 == 2 else fresh[:6]
+        out.append(_obs("wanderer", 100.0 + 600 * i, " ".join(head + fresh[6:]), "10.9.0.0/24"))
     for day in range(120):
         for k in range(3):
             out.append(_obs("regular", day * 86400.0 + 3600 * (9 + 4 * k), rng.choice(words), "10.8.0.0/24"))

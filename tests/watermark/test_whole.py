@@ -47,3 +47,15 @@ def test_any_text_gives_the_same_result_both_ways(pieces, prompt):
 @given(st.lists(st.sampled_from(PIECES), max_size=30).map(" ".join))
 def test_spaced_text_gives_the_same_result_both_ways(text):
     both(text, "the dog is large")
+
+
+def test_long_stretches_and_numerals_give_the_same_result_both_ways():
+    """The whole path reads the last 80 characters before a member backwards: words the window's start cuts
+    (through letters, at a hyphen or an apostrophe), windows with no letter, and numerals such as "²"
+    (neither word nor sentence end) must read as the scanner reads them."""
+    for gap in range(60, 100):
+        for before in ("alpha well-known", "alpha don't", "Done.", "x ²", "x²"):
+            text = before + " " * gap + "large dog. Large dog"
+            both(text, before + " large")
+    for text in ("x ² Large big", "x² Large dog", "end. ² Large dog", "it is ½ Large, and big"):
+        both(text)
