@@ -54,7 +54,8 @@ end
 
 -- An identity's running state and hour counts: 38 doubles packed in one string (struct, in C), read with
 -- one GET and written with one SET; its skeleton counts are a hash beside it.
-local STATE, STATE_BYTES = '<' .. string.rep('d', 38), 38 * 8
+local STATE_SIZE = 38
+local STATE = '<' .. string.rep('d', STATE_SIZE)
 local ROW = '<' .. string.rep('d', 13)
 
 -- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
@@ -99,10 +100,11 @@ for i = 8, #ARGV, 9 do
   local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local packed = redis.call('GET', ik)
   local st = {}
-  if packed and #packed == STATE_BYTES then
+  if packed and #packed == 8 * STATE_SIZE then
     st = {struct.unpack(STATE, packed)}
   else  -- new, expired, or written in another layout: start afresh, skeleton counts included
-    for j = 1, 38 do st[j] = 0 end
+    for j = 1, STATE_SIZE do st[j] = 0 end
+    st[12] = t  -- the skeleton counts' scale is 1 now
     redis.call('DEL', kk)
   end
   local last, n, rs, pr, um, sw = st[1], st[2], st[3], st[4], st[5], st[6]
@@ -123,7 +125,6 @@ for i = 8, #ARGV, 9 do
   local hours = {}
   for h = 1, 24 do hours[h] = st[14 + h] end
   local counts = redis.call('HMGET', kk, prefix_field, suffix_field)
-  if kept == 0 then base, top = t, 0 end  -- no skeletons yet: a new identity, or one whose state expired
   local p_count, s_count = num(counts[1]), num(counts[2])
   local grow = math.exp((t - base) / tau)
   if grow > rebase_at then

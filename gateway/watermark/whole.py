@@ -18,50 +18,40 @@ import ahocorasick
 from .sites import Site, _normal, _styled, is_site
 from .wordsets import WordSets
 
-# The scanner's word tokens, and what sets or clears a sentence start (a letter, an end, a newline). The
-# scanner calls a character a word when str.isalpha() says so; these classes also take numerals such as
-# "²" (alphanumeric but not alphabetic), which the readers below skip.
-_WORDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]")
-_SIGNAL = re.compile(r"[^\W\d_]|[.!?:\n]")
 _NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _TAIL = 80
-# Read backwards: a word (of the scanner's), or a sentence end (what sets a sentence start).
+# Read backwards: the scanner's word tokens, and what sets a sentence start (a sentence end or a newline;
+# a letter clears it). The scanner calls a character a word when str.isalpha() says so; the class of single
+# characters also takes numerals such as "²" (alphanumeric but not alphabetic), which the reader skips.
 _BACKWARDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]|[.!?:\n]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _read_back(chunk: str) -> tuple[list[str], str]:
-    """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""), in
-    one pass over its tail read backwards: the word pattern reads the same both ways, so the words found
-    backwards are the scanner's. A word the tail's start cuts (through its letters, or at an apostrophe or
-    hyphen), or a tail with no letter, sends the reading to the whole chunk."""
-    tail = chunk[-_TAIL:][::-1]
-    cut = len(chunk) > _TAIL
+    """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""),
+    read backwards from its last _TAIL characters, or from all of it where they cannot tell."""
+    found = _read_backwards(chunk, len(chunk) - _TAIL) if len(chunk) > _TAIL else None
+    return found if found is not None else _read_backwards(chunk, 0)
+
+
+def _read_backwards(chunk: str, start: int) -> tuple[list[str], str] | None:
+    """`_read_back` over chunk[start:] in one backward pass: the word pattern reads the same both ways, so
+    the words found backwards are the scanner's. None when a window that starts inside the chunk cannot
+    tell: it cuts a word (through its letters, or at an apostrophe or hyphen), or holds fewer than two."""
     words, signal = [], ""
-    for match in _BACKWARDS.finditer(tail):
+    for match in _BACKWARDS.finditer(chunk[start:][::-1]):
         token = match.group()
         if not token[0].isalpha():
             if not token.isalnum():  # a sentence end; numerals such as "²" are neither word nor end
                 signal = signal or token
             continue
+        if start and not _word_edge_before(chunk, len(chunk) - match.end()):
+            return None
         signal = signal or token[0]
-        if cut and not _word_edge_before(chunk, len(chunk) - match.end()):
-            break
         words.append(token[::-1])
         if len(words) == 2:
             return words[::-1], signal
-    if not cut:
-        return words[::-1], signal
-    found = [w for w in _WORDS.findall(chunk) if w[0].isalpha()][-2:]
-    return found, signal or _last_signal(chunk)
-
-
-def _last_signal(chunk: str) -> str:
-    """The chunk's last letter or sentence end, or ""."""
-    for match in _SIGNAL.finditer(chunk[::-1]):
-        if match.group().isalpha() or match.group() in ".!?:\n":
-            return match.group()
-    return ""
+    return None if start else (words[::-1], signal)
 
 
 def _marks(text: str) -> list[tuple[int, int, str]]:
