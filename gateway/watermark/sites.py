@@ -7,7 +7,7 @@ set starting there (up to three words, joined by single spaces) and decides whet
 - not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space
   and a word, or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
 - not a name (capitalised other than at the start of a sentence) nor written in capitals;
-- not right after a negation;
+- not right after a negation, nor right after "a" or "an" where the set's members take different articles;
 - a connector set ("@comma") only where a comma follows, a contraction only before a following word, and
   never a "'s" that could stand for "has" ("it's been");
 - not where its two preceding words and itself, with set members read as their set, appear so in the
@@ -258,6 +258,8 @@ def is_site(
     if any(w[0].isupper() for w in words[1:]):
         return False
     if last_word in _NEGATORS or last_word.endswith("n't"):
+        return False
+    if word_set.articled and last_word in ("a", "an"):  # the article is sent already: it cannot follow
         return False
     return (context[0], context[1], f"§{word_set.index}") not in prompt
 

@@ -21,6 +21,7 @@ class WordSet:
     members: tuple[tuple[str, ...], ...]
     comma: bool  # used only where a comma follows (sentence connectors)
     contraction: bool  # has a member with an apostrophe: used only before a following word
+    articled: bool  # members differ in taking "a" or "an": no site right after either article
 
     @property
     def name(self) -> str:
@@ -55,8 +56,21 @@ class WordSets:
             if len(members) < 2 or any(not m or len(m) > MAX_WORDS for m in members):
                 raise ValueError(f"bad word set line: {line!r}")
             contraction = any("'" in word for member in members for word in member)
-            sets.append(WordSet(len(sets), members, comma, contraction))
+            articled = len({takes_an(member[0]) for member in members}) > 1
+            sets.append(WordSet(len(sets), members, comma, contraction, articled))
         return cls(tuple(sets), hashlib.sha256(text.encode()).hexdigest())
+
+
+# Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").
+_CONSONANT_SOUND = ("one", "once", "unic", "unif", "unio", "uniq", "unit", "univ", "use", "usu", "uti", "eu", "ewe")
+_VOWEL_SOUND = ("hour", "honest", "honor", "honour", "heir")
+
+
+def takes_an(word: str) -> bool:
+    """Whether "an" goes before the word (by its spelling, with the common exceptions)."""
+    if word.startswith(_VOWEL_SOUND):
+        return True
+    return word[:1] in "aeiou" and not word.startswith(_CONSONANT_SOUND)
 
 
 @cache

@@ -81,6 +81,13 @@ def test_nothing_right_after_a_negation():
     )
 
 
+def test_no_site_right_after_an_article_the_other_members_would_not_take():
+    assert SETS.sets[SETS.lookup[("appropriate",)][0]].articled
+    assert mark("It is an appropriate and a suitable choice.") == "It's an appropriate and a suitable choice."
+    # large and big take one article, especially and particularly do not
+    assert mark("It is a large and an especially calm dog.") == "It's a big and an especially calm dog."
+
+
 def test_a_prompt_span_is_left_as_the_client_wrote_it_but_listing_members_does_not_switch_off():
     prompt = "Explain why the dog is large."
     assert mark("I think the dog is large and calm.", prompt) == "I think the dog is large and calm."
