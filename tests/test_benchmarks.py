@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,17 @@ def test_risk_simulation_runs_on_a_short_day_of_two_campaigns(tmp_path):
     assert set(doc["groups"]) == {"benign", "sweeper", "harvester"} and doc["non_200"] == 0
     assert doc["groups"]["sweeper"]["ever_suspect"] == 1  # a script sweeping one template, 1,500 a day
     assert doc["scoring_cost"]["memory"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0
+
+
+def test_wordset_coverage_counts_more_sites_with_more_sets(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sample = (Path(__file__).parent / "data" / "alpaca_eval_sample.jsonl").read_bytes()
+    (data / "sample.jsonl.gz").write_bytes(gzip.compress(sample))
+    review = tmp_path / "review.tsv"
+    review.write_text("proposal\tverdict\nthe | a\tDROP\nlarge | huge\tDROP\n")  # the second is taken already
+    run_benchmark("wordset_coverage", "--data", str(data), "--proposals", str(review), out=tmp_path)
+    report = json.loads((tmp_path / "wordset-coverage.json").read_text())
+    shipped, more = report["shipped"], report["shipped_and_every_proposal"]
+    assert more["sets"] == shipped["sets"] + 1
+    assert more["sites_per_100_words"] > shipped["sites_per_100_words"] > 0
