@@ -22,14 +22,31 @@ from dataclasses import dataclass
 from ..exchange import Exchange, Identity
 
 _WORD = re.compile(r"[a-z0-9']+")
-_REASONING = re.compile(
+
+
+class _Phrases:
+    """A pattern of phrases, searched only in text holding one of `needed`: every match of the pattern
+    contains one of them (a test checks each alternative). `in` runs at memchr speed; the pattern's
+    alternation is tried at every position, which made it most of the features' time (10 µs a prompt)."""
+
+    def __init__(self, pattern: str, needed: tuple[str, ...]) -> None:
+        self.pattern = re.compile(pattern)
+        self.needed = needed
+
+    def search(self, text: str) -> bool:
+        return any(word in text for word in self.needed) and self.pattern.search(text) is not None
+
+
+_REASONING = _Phrases(
     r"step[- ]by[- ]step|chain[- ]of[- ]thought|show (?:me )?your (?:work|reasoning|thinking)|"
     r"explain your reasoning|reasoning (?:process|trace|steps)|think (?:it )?through|<think",
+    ("step", "chain", "your", "reasoning", "think"),
 )
-_PROBE = re.compile(
+_PROBE = _Phrases(
     r"system prompt|ignore (?:all |any )?(?:the )?(?:previous|prior|above) instructions|"
     r"(?:repeat|print|reveal|show) (?:me )?(?:the |your )?(?:text|words|instructions|prompt) above|"
     r"your (?:initial|original|hidden) (?:instructions|prompt)|developer message",
+    ("prompt", "instructions", "above", "developer message"),
 )
 _REASONING_FIELDS = ("reasoning_effort", "reasoning", "thinking", "include_reasoning")
 UNMARKED_MIN_BYTES = 600  # an answer this long with no watermark site avoided prose
@@ -91,8 +108,8 @@ def features(found: Seen) -> Observation:
         prefix=_hash(head),
         suffix=_hash(tail),
         words=len(words),
-        reasoning=found.reasoning_asked or bool(_REASONING.search(text)),
-        probe=bool(_PROBE.search(text)),
+        reasoning=found.reasoning_asked or _REASONING.search(text),
+        probe=_PROBE.search(text),
         unmarked=found.unmarked,
         network=network_of(found.client_ip),
     )

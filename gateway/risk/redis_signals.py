@@ -22,6 +22,8 @@ _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 IDENTITY_TTL = 30 * 86400
 ROW = struct.Struct("<13d")  # one observation's signals, as the script packs them
+_LENGTH = struct.Struct("<I")
+_TAIL = struct.Struct("<dIBBB")  # time, words, reasoning, probe, unmarked
 
 
 class RedisSignals:
@@ -42,15 +44,22 @@ class RedisSignals:
         await self._client.aclose()
 
     async def update_many(self, observations: list[Observation]) -> list[Signals]:
-        args = list(self._head)
-        for o in observations:
-            args += [o.identity, repr(o.time), o.prefix, o.suffix, str(o.words), str(int(o.reasoning)),
-                     str(int(o.probe)), str(int(o.unmarked)), o.network]  # fmt: skip
+        args = [*self._head, b"".join(map(_record, observations))]
         try:  # the prefix is the one declared key: a Cluster client routes the call to its slot
             raw = await self._client.evalsha(_SHA, 1, self._prefix, *args)
         except NoScriptError:
             raw = await self._client.eval(_SCRIPT, 1, self._prefix, *args)
         return [_signals(ROW.unpack(row)) for row in raw]
+
+
+def _record(o: Observation) -> bytes:
+    """One observation as signals.lua's RECORD reads it."""
+    parts = []
+    for text in (o.identity, o.prefix, o.suffix, o.network):
+        raw = text.encode()
+        parts += (_LENGTH.pack(len(raw)), raw)
+    parts.append(_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked))
+    return b"".join(parts)
 
 
 def _signals(v: tuple[float, ...]) -> Signals:

@@ -8,8 +8,8 @@
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, quiet hours, max set members,
---       then per observation nine fields: identity, time, prefix hash, suffix hash, words, reasoning, probe,
---       unmarked, network.
+--       then the observations packed in one string (see RECORD): one argument, not nine per observation,
+--       because the client spent more time encoding arguments than the script spent reading them.
 -- Returns per observation thirteen little-endian doubles packed in one string: requests, concentration, swept
 --   share, swept requests, template accounts, template variants, reasoning share, probes, unmarked share,
 --   length spread, timing spread (-1: fewer than two gaps), network accounts, quiet share.
@@ -38,7 +38,7 @@ end
 -- Add `member` to today's set and return its size; a set stops growing at max_members, far past every
 -- threshold (as MemorySignals' sets do). A new set lives through tomorrow's window.
 local function add(kind, day, key, member)
-  local name = root .. ':' .. kind .. ':' .. day .. ':' .. key
+  local name = root .. kind .. day .. key
   local size = redis.call('SCARD', name)
   if size < max_members and redis.call('SADD', name, member) == 1 then
     size = size + 1
@@ -48,8 +48,8 @@ local function add(kind, day, key, member)
 end
 
 -- the size over today and yesterday: the larger of the two days' (a lower bound of the union)
-local function window(kind, day, key, today)
-  return math.max(today, redis.call('SCARD', root .. ':' .. kind .. ':' .. (day - 1) .. ':' .. key))
+local function window(kind, yesterday, key, today)
+  return math.max(today, redis.call('SCARD', root .. kind .. yesterday .. key))
 end
 
 -- An identity's running state and hour counts: 38 doubles packed in one string (struct, in C), read with
@@ -57,6 +57,9 @@ end
 local STATE_SIZE = 38
 local STATE = '<' .. string.rep('d', STATE_SIZE)
 local ROW = '<' .. string.rep('d', 13)
+-- one observation: identity, prefix hash, suffix hash, network (each a 4-byte length and its bytes), time,
+-- words, and the reasoning, probe and unmarked flags (redis_signals.py packs it)
+local RECORD = '<I4c0I4c0I4c0I4c0dI4BBB'
 
 -- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
 -- signals.quiet_share, which sums in the same order)
@@ -91,11 +94,10 @@ local function trim(kk)
   return math.min(#names, max_skeletons)
 end
 
-for i = 8, #ARGV, 9 do
-  local id, t = ARGV[i], tonumber(ARGV[i + 1])
-  local pre, suf = ARGV[i + 2], ARGV[i + 3]
-  local words, reasoning, probe, unmarked = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
-  local network = ARGV[i + 8]
+local batch, at = ARGV[8], 1
+while at <= #batch do
+  local id, pre, suf, network, t, words, reasoning, probe, unmarked
+  id, pre, suf, network, t, words, reasoning, probe, unmarked, at = struct.unpack(RECORD, batch, at)
   local ik, kk = root .. ':st:' .. id, root .. ':sk:' .. id
   local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local packed = redis.call('GET', ik)
@@ -141,17 +143,19 @@ for i = 8, #ARGV, 9 do
   top = math.max(top, p_count, s_count)
 
   -- across accounts: who used each skeleton, with which other ends; who came from the network
-  local day = floor_div(t, DAY)
+  -- key names are root .. ':kind:' .. day .. ':' .. key; the day parts are made once per observation
+  local day_number = floor_div(t, DAY)
+  local day, yesterday = ':' .. day_number .. ':', ':' .. (day_number - 1) .. ':'
   local ends = {{'p' .. pre, suf}, {'s' .. suf, pre}}
   local accounts, others, swept = 0, 0, 0
   for _, e in ipairs(ends) do
-    local a = window('acct', day, e[1], add('acct', day, e[1], id))
-    local o = window('ends', day, e[1], add('ends', day, e[1], e[2]))
+    local a = window(':acct', yesterday, e[1], add(':acct', day, e[1], id))
+    local o = window(':ends', yesterday, e[1], add(':ends', day, e[1], e[2]))
     if a >= swept_by and 2 * o >= a then swept = 1 end
     if a > accounts or (a == accounts and o > others) then accounts, others = a, o end
   end
   sw = sw * factor + swept
-  local network_accounts = window('net', day, network, add('net', day, network, id))
+  local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
 
   redis.call('HSET', kk, prefix_field, fmt(p_count), suffix_field, fmt(s_count))
   if kept > 2 * max_skeletons then kept = trim(kk) end

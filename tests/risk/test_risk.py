@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import threading
 from pathlib import Path
+from re import _constants as sre
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ from gateway import config
 from gateway.app import create_app
 from gateway.exchange import Exchange, Identity
 from gateway.identity import Registry
-from gateway.risk import RiskEngine
+from gateway.risk import RiskEngine, features
 from gateway.risk.features import Observation, network_of, observe
 from gateway.risk.score import next_tier, score, strengths
 from gateway.risk.signals import MemorySignals
@@ -31,6 +33,36 @@ def _exchange(prompt: str, identity: str = "alice", request: dict | None = None)
     exchange = Exchange("req_1", "POST", CHAT, "openai", CHAT, "198.51.100.7", identity=Identity(identity, "normal"))
     exchange.admitted, exchange.prompt_text, exchange.request = True, prompt, request or {}
     return exchange
+
+
+def _language(items) -> set[str]:
+    """Every string a finite pattern (literals, classes of literals, alternatives, optional parts) matches."""
+    out = {""}
+    for op, arg in items:
+        if op is sre.LITERAL:
+            options = {chr(arg)}
+        elif op is sre.IN:
+            assert all(kind is sre.LITERAL for kind, _ in arg)
+            options = {chr(code) for _, code in arg}
+        elif op is sre.BRANCH:
+            options = set().union(*(_language(branch) for branch in arg[1]))
+        elif op is sre.SUBPATTERN:
+            options = _language(arg[-1])
+        else:
+            assert op is sre.MAX_REPEAT and arg[:2] == (0, 1), f"not a finite pattern: {op}"
+            options = {""} | _language(arg[2])
+        out = {a + b for a in out for b in options}
+    return out
+
+
+@pytest.mark.parametrize("phrases", [features._REASONING, features._PROBE])
+def test_a_phrase_search_skips_only_text_its_pattern_cannot_match(phrases):
+    matched = _language(re._parser.parse(phrases.pattern.pattern))
+    assert len(matched) > 20
+    for text in matched:
+        assert any(word in text for word in phrases.needed), text
+        assert phrases.search(f"so {text} now")
+    assert not phrases.search("write a poem about the sea")
 
 
 def test_features_tell_a_swept_template_from_a_popular_prompt():
