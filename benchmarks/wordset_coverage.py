@@ -7,7 +7,8 @@ Per response the detector counts one vote per distinct set (gateway/watermark/sc
 two members a response needs 20 votes for p < 1e-6 (2^-20). This reads every response through the
 watermark's own site rules and reports sites per 100 words and distinct sets per 300 words, for the
 shipped sets and, with --proposals, for the shipped sets plus every proposal of a review file, kept or
-not: an upper bound on what more sets of that kind could give.
+not (a proposal sharing a member with a set already there is left out whole): about what accepting every
+proposal of that kind would give.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def coverage(sets: WordSets, texts: list[str]) -> dict:
         sites, total = sites + len(scanner.sites), total + n
         if n >= MIN_WORDS:
             distinct.append(300 * len(found) / n)
+    if not distinct:
+        raise SystemExit(f"no response of {MIN_WORDS} words or more to measure")
     return {
         "sets": len(sets.sets),
         "sets_used": len(used),

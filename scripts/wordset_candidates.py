@@ -1,7 +1,8 @@
 """Propose candidate word sets for the lexical watermark from WordNet, for review by hand.
 
-This is how the WordNet part of gateway/watermark/wordsets.txt was proposed; every proposal was then
-read and kept or dropped by a person (the file's header says by which rules). Nothing here runs in the
+This proposed the second round of WordNet sets in gateway/watermark/wordsets.txt (its last section); every
+proposal was then read and kept or dropped by hand (the file's header says by which rules, and
+benchmarks/results/wordset-review.tsv holds the verdicts). Nothing here runs in the
 gateway. Needs Debian's `wordnet-base` (WordNet 3.0, in /usr/share/wordnet) and `pip install wordfreq`
 (general English word frequencies, so that the filter does not depend on any text we mark or test on).
 
@@ -15,7 +16,7 @@ A set is proposed from one synset when at least two of its lemmas pass every fil
   and the members' frequencies are within --zipf-spread of each other (a rare synonym changes register).
 Nouns also give a plural set, verbs a third-person set and, when every member's past tense and past
 participle are regular (so they coincide), a past set; inflected forms must be common too (Zipf at least
---min-zipf less half a point). A set with a word that another proposal also has is not proposed.
+--min-zipf less half a point). A proposal sharing a member with another proposal is left out.
 
 Usage: python scripts/wordset_candidates.py [--exclude gateway/watermark/wordsets.txt] > candidates.tsv
 Output: one proposal per line, tab-separated: the set line, part of speech, the synset's gloss, Zipf values.
@@ -78,6 +79,9 @@ def read_exceptions(pos: str) -> dict[str, list[str]]:
     return forms
 
 
+_IRREGULAR_S = {"be": "is", "have": "has", "do": "does", "go": "goes"}  # third person of the verbs not regular
+
+
 def s_form(word: str) -> str:
     if re.search(r"(s|x|z|ch|sh)$", word):
         return word + "es"
@@ -137,7 +141,10 @@ class Lexicon:
         at = len(words) - 1 if pos == "n" else 0
         if pos == "n" and self.exceptions[pos].get(words[at]):
             return None
-        head = regular(words[at])
+        if pos == "v" and regular is s_form and words[at] in _IRREGULAR_S:
+            head = _IRREGULAR_S[words[at]]
+        else:
+            head = regular(words[at])
         return None if head is None else " ".join([*words[:at], head, *words[at + 1 :]])
 
 
@@ -170,7 +177,7 @@ def main() -> None:
     excluded = set()
     if args.exclude:
         for line in args.exclude.read_text().splitlines():
-            line = line.split("#", 1)[0].removesuffix("@comma").strip()
+            line = line.split("#", 1)[0].strip().removesuffix("@comma")
             excluded.update(m.strip() for m in line.split("|") if m.strip())
     found = list(proposals(Lexicon(), args, excluded))
     seen = defaultdict(int)

@@ -22,8 +22,8 @@ _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 IDENTITY_TTL = 30 * 86400
 ROW = struct.Struct("<13d")  # one observation's signals, as the script packs them
-_LENGTH = struct.Struct("<I")
-_TAIL = struct.Struct("<dIBBB")  # time, words, reasoning, probe, unmarked
+_LENGTH = struct.Struct("<I")  # of each string of the record, in bytes (the script's I4 before c0)
+_TAIL = struct.Struct("<dIBBB")  # time, words, reasoning, probe, unmarked (the script's dI4BBB)
 
 
 class RedisSignals:

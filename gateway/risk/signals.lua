@@ -36,7 +36,8 @@ local function running(mean, var, value, weight)
 end
 
 -- Add `member` to today's set and return its size; a set stops growing at max_members, far past every
--- threshold (as MemorySignals' sets do). A new set lives through tomorrow's window.
+-- threshold (as MemorySignals' sets do). A new set lives through tomorrow's window. A set's name is
+-- root .. kind .. day .. key, where kind (':acct') and day (':20400:') carry their colons: made once.
 local function add(kind, day, key, member)
   local name = root .. kind .. day .. key
   local size = redis.call('SCARD', name)

@@ -62,7 +62,10 @@ class WordSets:
 
 
 # Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").
-_CONSONANT_SOUND = ("one", "once", "unic", "unif", "unio", "uniq", "unit", "univ", "use", "usu", "uti", "eu", "ewe")
+_CONSONANT_SOUND = (
+    *("once", "oneself", "unan", "unic", "unif", "unil", "unio", "uniq", "unis", "unit", "univ"),
+    *("usa", "use", "usu", "ute", "uti", "uto", "ubi", "eu", "ewe"),
+)
 _VOWEL_SOUND = ("hour", "honest", "honor", "honour", "heir")
 
 
@@ -70,7 +73,7 @@ def takes_an(word: str) -> bool:
     """Whether "an" goes before the word (by its spelling, with the common exceptions)."""
     if word.startswith(_VOWEL_SOUND):
         return True
-    return word[:1] in "aeiou" and not word.startswith(_CONSONANT_SOUND)
+    return word[:1] in "aeiou" and word != "one" and not word.startswith(_CONSONANT_SOUND)
 
 
 @cache

@@ -41,6 +41,8 @@ def _traffic(seed: int = 5) -> list:
         for _ in range(12):
             t += rng.uniform(300, 900)
             out.append(_obs(f"acct{account}", t, TEMPLATE.format(x=rng.random()), "192.0.2.0/24"))
+    for i in range(10):  # a name outside ASCII, and no network (as Redis reads each from its byte length)
+        out.append(_obs("zoë·東京", 500.0 + 700 * i, rng.choice(SAMPLE)["instruction"], ""))
     return sorted(out, key=lambda o: o.time)
 
 

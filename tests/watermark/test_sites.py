@@ -1,5 +1,6 @@
 """Where the watermark writes: the same decisions for a stream in any pieces as for the whole text, a
-bounded hold-back, and never in code, quotations, URLs, data, names, negations or the prompt's spans."""
+bounded hold-back, and never in code, quotations, URLs, data, names, negations, after an article another
+member would not take, or in the prompt's spans."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / 
 PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However", "quickly", "for", "example",
           "all", "of", "the", "them", "don't", "don’t", "it's", "been", "not", "colors", "I", "am", "in", "addition",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
-          "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½"]  # fmt: skip
+          "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½", "a", "an",
+          "An", "appropriate", "suitable"]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
@@ -59,3 +60,4 @@ def test_long_stretches_and_numerals_give_the_same_result_both_ways():
             both(text, before + " large")
     for text in ("x ² Large big", "x² Large dog", "end. ² Large dog", "it is ½ Large, and big"):
         both(text)
+    both("It is an appropriate and a suitable, an especially calm and a large dog. An appropriate one.")
