@@ -2,9 +2,10 @@
 
 HTTP/1.1 keep-alive on a raw asyncio protocol (no framework), so that it costs the benchmark as little
 as possible. A request whose body contains `"stream": true` gets the answer as OpenAI chat chunks (one
-word per event); any other request gets the whole answer. Events follow each other at once, except for
-the model `bench-slow` (`--event-delay` seconds apart, for timing streams) and `bench-hold` (one second
-apart, to hold streams open).
+word per event, with the space before it, as OpenAI's tokens come: a proxy that must see a word end
+before it decides waits for the next event); any other request gets the whole answer. Events follow
+each other at once, except for the model `bench-slow` (`--event-delay` seconds apart, for timing
+streams) and `bench-hold` (one second apart, to hold streams open).
 
     python -m benchmarks.upstream --port 9000 --answers answers.json [--event-delay 0.005]
 """
@@ -20,7 +21,7 @@ from gateway import demo
 
 def _words(text: str) -> list[str]:
     words = text.split(" ")
-    return [w + " " for w in words[:-1]] + words[-1:]
+    return words[:1] + [" " + w for w in words[1:]]
 
 
 class Answers:

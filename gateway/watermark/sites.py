@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .wordsets import WordSets
 
 _TOKEN = re.compile(r"`+|[A-Za-z]+(?:['’-][A-Za-z]+)*|\s+|.", re.S)
+_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
 _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
@@ -82,6 +83,7 @@ class Scanner:
         self.sites: list[Site] = []
         self.changed = 0  # sites whose member was exchanged (marking)
         self._buffer = ""  # text not yet cut into complete tokens
+        self._sent = 0  # how much of the buffer went out already (a word no member begins)
         self._tokens: deque[str] = deque()  # complete tokens not yet decided
         self._final = False
         # what has been read so far
@@ -95,7 +97,7 @@ class Scanner:
 
     @property
     def holding(self) -> bool:
-        return bool(self._buffer or self._tokens)
+        return bool(self._tokens) or len(self._buffer) > self._sent
 
     def feed(self, text: str) -> str:
         self._buffer += text
@@ -103,20 +105,35 @@ class Scanner:
         keep = _incomplete_tail(tokens)
         self._buffer = "".join(tokens[len(tokens) - keep :]) if keep else ""
         self._tokens.extend(tokens[: len(tokens) - keep])
-        out = self._drain()
+        out = self._unsent(self._drain(), completed=len(tokens) > keep)
         if not self._tokens and self._buffer.isspace():
             # Trailing space may go on, but with no word waiting for what follows it, how it ends changes
             # no decision: send it now, so that a stream of "word " pieces flows through unshifted.
             out += self._buffer
             self._after(self._buffer)
             self._buffer = ""
+        elif not self._tokens and _WORD.fullmatch(self._buffer) and _normal(self._buffer) not in self._sets.starts:
+            # A word still being typed (" people", the next piece may go on "...'s") that no member begins
+            # is sent as it comes: whatever follows, it goes out as written, so a stream of " word" pieces
+            # flows through unshifted too. What it is decides later words; that waits until it is complete.
+            out += self._buffer[self._sent :]
+            self._sent = len(self._buffer)
         return out
 
     def flush(self) -> str:
         self._final = True
         self._tokens.extend(_TOKEN.findall(self._buffer))
+        completed = bool(self._buffer)
         self._buffer = ""
-        return self._drain()
+        return self._unsent(self._drain(), completed)
+
+    def _unsent(self, out: str, completed: bool) -> str:
+        """`out` less the part of a word sent early, once that word has left the buffer: it was the only
+        token and no member, so the drain sent it first and unchanged."""
+        if not (self._sent and completed):
+            return out
+        sent, self._sent = self._sent, 0
+        return out[sent:]
 
     # --- deciding, token by token ---
 

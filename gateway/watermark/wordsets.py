@@ -43,6 +43,10 @@ class WordSets:
                 prefixes.update(member[:n] for n in range(1, len(member)))
         object.__setattr__(self, "lookup", lookup)  # member words -> (set index, member index)
         object.__setattr__(self, "prefixes", frozenset(prefixes))  # proper prefixes of multi-word members
+        # every beginning of a member's first word ("l", "la", ... "large"): a word being typed that is none
+        # of these can become no member, whatever follows
+        starts = {first[:n] for first, *_ in lookup for n in range(1, len(first) + 1)}
+        object.__setattr__(self, "starts", frozenset(starts))
 
     @classmethod
     def parse(cls, text: str) -> WordSets:

@@ -5,6 +5,7 @@ member would not take, or in the prompt's spans."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,22 @@ def test_a_stream_in_any_pieces_gives_the_whole_text_result(index, cuts):
         at += size
     pieces.append(text[at:])
     assert mark(text, pieces=pieces) == mark(text)
+
+
+@pytest.mark.parametrize("piece", [r"\S+\s*", r"\s*\S+"])  # "word " pieces, and " word" as OpenAI sends them
+def test_word_by_word_streams_give_the_whole_text_result(piece):
+    for row in SAMPLE:
+        text = row["output"]
+        assert mark(text, pieces=re.findall(piece, text)) == mark(text)
+
+
+def test_a_word_no_member_begins_goes_out_while_it_is_being_typed():
+    scanner = Scanner(SETS, frozenset(), flip)
+    pieces = ["Many", " people", " visit", " museums", "'s", " halls"]  # as OpenAI streams words
+    assert [scanner.feed(p) for p in pieces] == pieces
+    assert not scanner.holding and scanner.flush() == ""
+    scanner = Scanner(SETS, frozenset(), flip)
+    assert [scanner.feed(p) for p in ["Many", " large", " dogs", " run"]] == ["Many", " ", "", "big dogs run"]
 
 
 def test_hold_back_is_at_most_three_words_and_what_decides_them():
