@@ -16,7 +16,8 @@ set starting there (up to three words, joined by single spaces) and decides whet
 When marking, `choose(site)` names the member to write; the scanner writes it in the case and apostrophe
 style of what it replaces. It holds back at most one incomplete token plus three words and the two tokens
 after them, so a stream is delayed by at most three words, and its output is the same whatever the split
-of the text into pieces (the tokens, and so every decision, do not depend on where pieces end).
+of the text into pieces (the tokens, and so every decision, do not depend on where pieces end). An
+incomplete word that no member begins, with nothing held before it, is not held: it goes out as it comes.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Scanner:
         self._choose = choose
         self.sites: list[Site] = []
         self.changed = 0  # sites whose member was exchanged (marking)
-        self._buffer = ""  # text not yet cut into complete tokens
+        self._buffer = ""  # text not yet cut into complete tokens (its first `_sent` characters are out)
         self._sent = 0  # how much of the buffer went out already (a word no member begins)
         self._tokens: deque[str] = deque()  # complete tokens not yet decided
         self._final = False
@@ -113,9 +114,10 @@ class Scanner:
             self._after(self._buffer)
             self._buffer = ""
         elif not self._tokens and _WORD.fullmatch(self._buffer) and _normal(self._buffer) not in self._sets.starts:
-            # A word still being typed (" people", the next piece may go on "...'s") that no member begins
-            # is sent as it comes: whatever follows, it goes out as written, so a stream of " word" pieces
-            # flows through unshifted too. What it is decides later words; that waits until it is complete.
+            # A word still being typed ("people", which the next piece may go on as "people's") that no
+            # member begins is sent as it comes: whatever follows, it goes out as written, so a stream of
+            # " word" pieces flows through unshifted too. What it is decides later words: that waits until
+            # it is complete. Only with nothing held before it, so that it is the next thing out.
             out += self._buffer[self._sent :]
             self._sent = len(self._buffer)
         return out
@@ -128,8 +130,8 @@ class Scanner:
         return self._unsent(self._drain(), completed)
 
     def _unsent(self, out: str, completed: bool) -> str:
-        """`out` less the part of a word sent early, once that word has left the buffer: it was the only
-        token and no member, so the drain sent it first and unchanged."""
+        """`out` less the part of a word sent early, once that word has left the buffer: nothing was held
+        before it and it is no member, so the drain sent it first and unchanged."""
         if not (self._sent and completed):
             return out
         sent, self._sent = self._sent, 0

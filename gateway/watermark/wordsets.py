@@ -44,7 +44,8 @@ class WordSets:
         object.__setattr__(self, "lookup", lookup)  # member words -> (set index, member index)
         object.__setattr__(self, "prefixes", frozenset(prefixes))  # proper prefixes of multi-word members
         # every beginning of a member's first word ("l", "la", ... "large"): a word being typed that is none
-        # of these can become no member, whatever follows
+        # of these can begin no member, whatever follows (a later word of a member, such as "summary" of "in
+        # summary", may be none of these: the scanner sends such a word early only with nothing held before it)
         starts = {first[:n] for first, *_ in lookup for n in range(1, len(first) + 1)}
         object.__setattr__(self, "starts", frozenset(starts))
 
