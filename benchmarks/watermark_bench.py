@@ -395,7 +395,8 @@ def write(report: dict, out: Path) -> None:
         ),
         "",
         "An event not out on its own push waits for later ones while the mark looks ahead (at most three words); "
-        "an event whose text changed is encoded again, which is most of the rewriter's own cost.",
+        "an event whose text changed is encoded again, and with the space before each word more events change "
+        "(text that waits moves to a later event).",
         "",
         "Blind side-by-side samples (original and marked, in random order) are in `watermark-samples.md`.",
     ]
