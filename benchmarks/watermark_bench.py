@@ -260,9 +260,10 @@ def cost(corpora, key: LexicalKey) -> dict:
         marking.append(time.perf_counter() - started)
         for style, pattern in PIECE_STYLES.items():
             events = demo.chat_events("m", [re.findall(pattern, text)])
-            event[style].append(_per_event(events, dialect, lambda part: mark.rewriter(exchange, part)))
-            parsed[style].append(_per_event(events, dialect, lambda part: None))
-            on_time[style] += _on_time(events, StreamRewrite(dialect, lambda part: mark.rewriter(exchange, part)))
+            seconds, on_own_push = _stream(events, dialect, lambda part: mark.rewriter(exchange, part))
+            event[style].append(seconds)
+            parsed[style].append(_stream(events, dialect, lambda part: None)[0])
+            on_time[style] += on_own_push
             sent[style] += len(events)
     return {
         "answers": len(texts),
@@ -280,23 +281,17 @@ def cost(corpora, key: LexicalKey) -> dict:
 PIECE_STYLES = {"word and space after": r"\S+\s*", "space and word (OpenAI)": r"\s*\S+"}
 
 
-def _on_time(events: list[bytes], stream: StreamRewrite) -> int:
-    """How many events leave on their own push: the rest wait for later events (the mark's look-ahead)."""
+def _stream(events: list[bytes], dialect, open_rewriter) -> tuple[float, int]:
+    """(seconds per event, how many events left on their own push) through a stream rewriter that opens its
+    parts' rewriters with `open_rewriter`; the rest waited for later events (the mark's look-ahead)."""
     released = on_time = 0
+    started = time.perf_counter()
+    stream = StreamRewrite(dialect, open_rewriter)
     for pushed, raw in enumerate(events, 1):
         released += len(stream.push(raw))
         on_time += released >= pushed
-    return on_time
-
-
-def _per_event(events: list[bytes], dialect, open_rewriter) -> float:
-    """Seconds per event through a stream rewriter that opens its parts' rewriters with `open_rewriter`."""
-    started = time.perf_counter()
-    stream = StreamRewrite(dialect, open_rewriter)
-    for raw in events:
-        stream.push(raw)
     stream.close()
-    return (time.perf_counter() - started) / len(events)
+    return (time.perf_counter() - started) / len(events), on_time
 
 
 def samples(corpora, key: LexicalKey, rng: random.Random, n: int = 8) -> list[dict]:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from importlib import resources
 from pathlib import Path
 
 from benchmarks.watermark_bench import load, words
-from gateway.watermark.sites import Scanner
-from gateway.watermark.wordsets import WordSets, default_sets
+from gateway.watermark.scoring import vote_counts
+from gateway.watermark.wordsets import WordSets, default_sets, default_text
 
 MIN_WORDS = 150  # shorter responses say little about a rate per 300 words
 
@@ -30,13 +29,10 @@ def coverage(sets: WordSets, texts: list[str]) -> dict:
     sites = total = 0
     distinct, used = [], set()
     for text in texts:
-        scanner = Scanner(sets)
-        scanner.feed(text)
-        scanner.flush()
-        found = {site.set_index for site in scanner.sites}
-        used |= found
+        found = vote_counts([(text, "")], sets)  # per set, how often each member stood at a site
+        used |= found.keys()
         n = words(text)
-        sites, total = sites + len(scanner.sites), total + n
+        sites, total = sites + sum(sum(c.values()) for c in found.values()), total + n
         if n >= MIN_WORDS:
             distinct.append(300 * len(found) / n)
     if not distinct:
@@ -51,15 +47,14 @@ def coverage(sets: WordSets, texts: list[str]) -> dict:
 
 def with_proposals(review: Path) -> WordSets:
     """The shipped sets plus every proposal whose members are all new (a member may be in one set only)."""
-    text = resources.files("gateway.watermark").joinpath("wordsets.txt").read_text()
-    taken = {" ".join(member) for s in default_sets().sets for member in s.members}
+    taken = {" ".join(member) for member in default_sets().lookup}
     lines = []
     for row in review.read_text().splitlines()[1:]:
         members = [m.strip() for m in row.split("\t")[0].split("|")]
         if not taken.intersection(members) and all(len(m.split()) <= 3 for m in members):
             taken.update(members)
             lines.append(" | ".join(members))
-    return WordSets.parse(text + "\n" + "\n".join(lines) + "\n")
+    return WordSets.parse(default_text() + "\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from gateway.watermark.wordsets import WordSets
+
 WORDNET = Path("/usr/share/wordnet")
 POS = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 SS_TYPE = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}
@@ -174,11 +176,9 @@ def main() -> None:
     parser.add_argument("--min-zipf", type=float, default=3.0)
     parser.add_argument("--zipf-spread", type=float, default=1.5)
     args = parser.parse_args()
-    excluded = set()
-    if args.exclude:
-        for line in args.exclude.read_text().splitlines():
-            line = line.split("#", 1)[0].strip().removesuffix("@comma")
-            excluded.update(m.strip() for m in line.split("|") if m.strip())
+    excluded = (
+        {" ".join(member) for member in WordSets.parse(args.exclude.read_text()).lookup} if args.exclude else set()
+    )
     found = list(proposals(Lexicon(), args, excluded))
     seen = defaultdict(int)
     for members, *_ in found:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from .wordsets import WordSets
 
-_TOKEN = re.compile(r"`+|[A-Za-z]+(?:['’-][A-Za-z]+)*|\s+|.", re.S)
-_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
+_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")  # a word: letters, joined by an apostrophe or hyphen
+_TOKEN = re.compile(rf"`+|{_WORD.pattern}|\s+|.", re.S)
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
 _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})

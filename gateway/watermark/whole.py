@@ -15,15 +15,14 @@ from collections.abc import Callable
 
 import ahocorasick
 
-from .sites import Site, _normal, _styled, is_site
+from .sites import _WORD, Site, _normal, _styled, is_site
 from .wordsets import WordSets
 
-_NEXT_WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _TAIL = 80
 # Read backwards: the scanner's word tokens, and what sets a sentence start (a sentence end or a newline;
 # a letter clears it). The scanner calls a character a word when str.isalpha() says so; the class of single
 # characters also takes numerals such as "²" (alphanumeric but not alphabetic), which the reader skips.
-_BACKWARDS = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|[^\W\d_A-Za-z]|[.!?:\n]")
+_BACKWARDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]|[.!?:\n]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -199,7 +198,7 @@ class WholeText:
 
     def _eligible(self, text, start, end, words, found, sentence_start, last_word, context, prompt) -> bool:
         then = text[end + 1 : end + 2]
-        following = _NEXT_WORD.match(text, end + 1) if then.isalpha() else None
+        following = _WORD.match(text, end + 1) if then.isalpha() else None
         return is_site(
             self._sets.sets[found[0]],
             words,

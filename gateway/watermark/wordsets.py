@@ -81,6 +81,11 @@ def takes_an(word: str) -> bool:
     return word[:1] in "aeiou" and word != "one" and not word.startswith(_CONSONANT_SOUND)
 
 
+def default_text() -> str:
+    """The shipped word-set file."""
+    return resources.files(__package__).joinpath("wordsets.txt").read_text()
+
+
 @cache
 def default_sets() -> WordSets:
-    return WordSets.parse(resources.files(__package__).joinpath("wordsets.txt").read_text())
+    return WordSets.parse(default_text())
