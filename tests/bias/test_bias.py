@@ -104,10 +104,11 @@ def test_the_gateway_asks_for_the_bias_where_the_api_takes_it(biased):
     assert _post(url, key).status_code == 200
     sent = upstream.requests[-1].json()["logit_bias"]
     assert len(sent) == 300 and set(sent.values()) == {4.0}
-    theirs = {"11": -100, next(iter(sent)): 2}  # the client's own entries win, and the total stays at 300
+    outside = next(str(token) for token in range(1000) if str(token) not in sent)  # the list is keyed: random
+    theirs = {outside: -100, next(iter(sent)): 2}  # the client's own entries win, and the total stays at 300
     assert _post(url, key, logit_bias=theirs).status_code == 200
     merged = upstream.requests[-1].json()["logit_bias"]
-    assert len(merged) == 300 and merged["11"] == -100 and merged[next(iter(sent))] == 2
+    assert len(merged) == 300 and merged[outside] == -100 and merged[next(iter(sent))] == 2
     json_output = {"response_format": {"type": "json_object"}}
     for path, extra in (("/v1/messages", {}), (CHAT, {"model": "o3-mini"}), (CHAT, json_output)):
         assert _post(url, key, path, **extra).status_code == 200

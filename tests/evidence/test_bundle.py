@@ -163,7 +163,7 @@ def _move_the_start_of_a_prompt_into_its_salt(bundle: Path) -> None:
     "tamper, reason",
     [
         (_flip_a_byte, "inclusion proof does not lead to the root"),
-        (_swap_checkpoints, "consistency proof 1 is for other sizes"),
+        (_swap_checkpoints, "is for other sizes"),  # which proof depends on how many checkpoints the run made
         (_drop_a_cosignature, "missing: witness.test/w2"),
         (_open_to_another_key, "'watermark_key' does not match its commitment"),
         (_move_the_start_of_a_prompt_into_its_salt, "has a salt of 41 bytes, not 32"),
