@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from . import metrics
+from . import jsonio, metrics
 from .body import read_body
 from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
@@ -246,7 +246,7 @@ class Pipeline:
     def _marked_request(self, exchange: Exchange) -> bytes | None:
         """The request body asking the upstream for the sampling-bias mark (None if no slot is left for it)."""
         marked = self._bias.request(exchange)
-        return None if marked is None else _encode_json(marked)
+        return None if marked is None else jsonio.dumps(marked)
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request."""
@@ -336,9 +336,9 @@ class Pipeline:
             and content_type == "application/json"
             and self._transform.applies(exchange)
         ):
-            data = json.loads(body)
+            data = jsonio.loads(body)
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
-                body = json.dumps(data, ensure_ascii=False).encode()
+                body = jsonio.dumps(data)
         exchange.outcome = Outcome.COMPLETED
         await reply.whole(response.status, body, _passed_content_type(response.headers))
 
@@ -508,14 +508,7 @@ def _fit(exchange: Exchange, dialect: Dialect, body: bytes, strip_logprobs: bool
     if strip_logprobs:
         dialect.strip_logprobs(request)
         changed = True
-    return _encode_json(request) if changed else body
-
-
-def _encode_json(data: dict) -> bytes:
-    try:
-        return json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:  # a lone surrogate, which JSON allows as an escape: keep it escaped
-        return json.dumps(data).encode()
+    return jsonio.dumps(request) if changed else body
 
 
 def _strip_usage(exchange: Exchange, dialect: Dialect, events: list[bytes]) -> list[bytes]:
@@ -563,13 +556,13 @@ async def _read_body(scope, receive, limit: int) -> bytes:
 
 def _parse_json(body: bytes) -> dict:
     try:
-        text = body.decode("utf-8")
+        data = jsonio.loads(body)
     except UnicodeDecodeError as e:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"malformed JSON in request body: {e.msg} at {e.pos}") from None
+    except ValueError as e:  # NaN, Infinity, a number too large for a float
+        raise GatewayError(ErrorKind.INVALID_REQUEST, f"malformed JSON in request body: {e}") from None
     if not isinstance(data, dict):
         raise GatewayError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
     return data

@@ -10,11 +10,11 @@ nothing back (or no transform at all), nothing is ever held.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from . import jsonio
 from .protocols import Dialect, Slot, SlotKind
 from .protocols.sse import SSEEvent
 from .stages import TextRewriter
@@ -53,7 +53,7 @@ class _Pending:
     def encode(self) -> bytes:
         if not self.dirty:
             return self.raw
-        self.event.data = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
+        self.event.data = jsonio.dumps(self.data).decode()
         return self.event.encode()
 
 
@@ -84,7 +84,7 @@ class StreamRewrite:
     def _rewrite(self, raw: bytes) -> _Pending:
         event = SSEEvent.parse(raw)
         try:
-            data = json.loads(event.data)
+            data = jsonio.loads(event.data)
         except ValueError:
             return _Pending(raw)  # "[DONE]", comments, keep-alives
         pending = _Pending(raw, event, data)

@@ -47,6 +47,14 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
     assert "| gateway |" in (tmp_path / "perf.md").read_text()
 
 
+def test_json_benchmark_runs_on_the_sample_answers(tmp_path):
+    sample = Path(__file__).parent / "data" / "alpaca_eval_sample.jsonl"
+    run_benchmark("jsonio_bench", "--data", str(sample), out=tmp_path)
+    rows = json.loads((tmp_path / "jsonio.json").read_text())["rows"]
+    assert {(r["document"], r["operation"]) for r in rows} >= {("stream chunk", "round trip")}
+    assert all(r["json_us"] > 0 and r["jsonio_us"] > 0 for r in rows)
+
+
 def test_evidence_benchmark_runs_on_a_few_entries(tmp_path):
     run_benchmark("evidence_bench", "--entries", "400", "--tenants", "7", out=tmp_path)
     rows = json.loads((tmp_path / "evidence.json").read_text())

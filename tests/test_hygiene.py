@@ -49,7 +49,13 @@ def post_raw(gw, content: bytes, path: str = CHAT, **headers: str) -> httpx.Resp
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b'{"model": "m", "messages": [', "malformed JSON"), (b'{"model": "\xff\xfe"}', "UTF-8"), (b"[1, 2]", "object")],
+    [
+        (b'{"model": "m", "messages": [', "malformed JSON"),
+        (b'{"model": "\xff\xfe"}', "UTF-8"),
+        (b"[1, 2]", "object"),
+        (b'{"model": "m", "messages": [], "temperature": NaN}', "NaN is not valid JSON"),
+        (b'{"model": "m", "messages": [], "temperature": 1e999}', "1e999 is not valid JSON"),
+    ],
 )
 def test_bad_json_is_400(gw, content, message):
     error = assert_openai_error(post_raw(gw, content), 400, "invalid_request")

@@ -49,10 +49,13 @@ class SSEEvent:
 
     @classmethod
     def parse(cls, raw: bytes) -> SSEEvent:
+        text = raw.decode("utf-8")
+        if text.startswith("data: ") and text.find("\n") == len(text) - 2:
+            return cls(None, text[6:-2], [])  # one data line: most events of a stream, read in one step
         name = None
         data_lines = []
         other = []
-        for line in raw.decode("utf-8").split("\n"):
+        for line in text.split("\n"):
             if not line:
                 continue
             field, sep, value = line.partition(":")
@@ -67,6 +70,8 @@ class SSEEvent:
         return cls(name, "\n".join(data_lines), other)
 
     def encode(self) -> bytes:
+        if self.name is None and not self.other and "\n" not in self.data:
+            return f"data: {self.data}\n\n".encode()
         lines = [f"event: {self.name}"] if self.name is not None else []
         lines.extend(self.other)
         lines.extend(f"data: {line}" for line in self.data.split("\n"))
