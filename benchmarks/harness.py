@@ -34,7 +34,7 @@ from rich.table import Table
 
 from tests.redis_servers import RedisProcess
 
-from . import measure, systems
+from . import measure, profile, systems
 from .variants import OFF
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,8 @@ def run(args) -> dict:
                     if system is not upstream:
                         system.stop()
         budget_runs = {} if args.quick or args.systems else measure_budget(workdir, upstream, state, key, working, args)
+        profiled = args.profile_seconds and not args.systems
+        profiles = profile_gateway(workdir, upstream, state, key, args) if profiled else []
     finally:
         upstream.stop()
         if redis is not None:
@@ -141,6 +143,7 @@ def run(args) -> dict:
     return {
         "systems": results,
         "budget_runs": budget_runs,
+        "profiles": profiles,
         "stages_measured": working,
         "answers": len(answers),
         "answer_bytes_median": sorted(len(a.encode()) for a in answers)[len(answers) // 2],
@@ -169,6 +172,18 @@ def measure_budget(workdir, upstream, state, key, stages: list[str], args) -> di
     finally:
         for system in started:
             system.stop()
+
+
+def profile_gateway(workdir, upstream, state, key, args) -> list[dict]:
+    """py-spy's view of the gateway, everything on, under load of whole answers and of streams."""
+    if profile.py_spy() is None:
+        console.print("[yellow]py-spy is not installed (pip install py-spy): no profile")
+        return []
+    gateway = systems.start_gateway(workdir, upstream, state, key)
+    try:
+        return [profile.profile(gateway, args.profile_seconds, stream) for stream in (False, True)]
+    finally:
+        gateway.stop()
 
 
 def _start(kind, off, workdir, upstream, state, key, args):
@@ -357,6 +372,8 @@ def markdown(report: dict) -> str:
             + (f"{r['range'][0]:.0f} to {r['range'][1]:.0f} |" if "range" in r else " |")
             for r in report["budget"]
         ]
+    if report.get("profiles"):
+        lines += ["", *profile.markdown(report["profiles"])]
     lines += [
         "",
         "CPU µs/req counts every process of the system (all workers), user and system time, divided by "
@@ -401,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-rounds", type=int, default=5, help="interleaved runs per system for the budget")
     parser.add_argument("--budget-duration", type=float, default=5.0, help="seconds per budget run")
     parser.add_argument("--redis", action="store_true", help="also the gateway with its limits on a Redis it starts")
+    parser.add_argument("--profile-seconds", type=float, default=10.0, help="py-spy's load runs (0: no profile)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.stream_samples, args.streams = min(args.duration, 1.0), 3, 10
+        args.profile_seconds = 0
     if shutil.which("wrk") is None:
         console.print("wrk is needed: apt-get install wrk")
         return 2

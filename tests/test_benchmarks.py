@@ -47,6 +47,29 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
     assert "| gateway |" in (tmp_path / "perf.md").read_text()
 
 
+def test_the_profile_counts_each_sample_once_in_the_part_of_its_innermost_known_frame():
+    from benchmarks.profile import OTHER, summarise
+
+    raw = "\n".join(
+        [
+            "run (asyncio/runners.py:1);_forward (gateway/pipeline.py:2);scan (gateway/watermark/whole.py:3) 6",
+            "run (asyncio/runners.py:1);end (gateway/evidence/recorder.py:4);iterencode (json/encoder.py:5) 3",
+            "run (asyncio/runners.py:1);_forward (gateway/pipeline.py:2);send (aiohttp/client.py:6) 2",
+            "run (asyncio/runners.py:1);select (selectors.py:7) 1",
+        ]
+    )
+    summary = summarise(raw)
+    parts = {row["part"]: row["percent"] for row in summary["parts"]}
+    assert summary["samples"] == 12
+    assert parts == {
+        "transform: watermark": 50.0,
+        "record: evidence log": 25.0,
+        "forward: upstream client (aiohttp)": 16.7,
+        OTHER: 8.3,
+    }
+    assert summary["functions"][0] == {"function": "scan (gateway/watermark/whole.py)", "percent": 50.0}
+
+
 def test_json_benchmark_runs_on_the_sample_answers(tmp_path):
     sample = Path(__file__).parent / "data" / "alpaca_eval_sample.jsonl"
     run_benchmark("jsonio_bench", "--data", str(sample), out=tmp_path)

@@ -2,8 +2,9 @@
 
 `append()` queues an entry and returns a future that resolves to the entry's index once the entry is on
 disk (its segment fsynced). One writer task takes whatever is queued, every `batch_interval` seconds at
-most, seals and writes it as one batch on the event loop (a few microseconds an entry), then waits for
-one fsync in a helper thread (group commit), so the loop never blocks on the disk. With durability
+most (entries that nobody waits for are always given that long to gather), seals and writes it as one
+batch on the event loop (a few microseconds an entry), then waits for one fsync in a helper thread (group
+commit), so the loop never blocks on the disk. With durability
 "batch" callers do not wait: an entry reaches disk within about `batch_interval` plus one fsync, which is
 the window a power loss can take. With "fsync" the pipeline waits for it where it matters (see recorder.py).
 
@@ -129,9 +130,15 @@ class EvidenceLog:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        behind = False  # entries came while the last batch was written
         while not (self._closing and not self._queue) and not self.failure:
             with contextlib.suppress(TimeoutError):  # time-based checkpoints need a wake-up when idle
                 await asyncio.wait_for(self._wake.wait(), self._checkpoint_interval)
+            if self._queue and not self._closing and (behind or not self._waited_for()):
+                # Let the batch gather, to be written and fsynced once (group commit). Entries nobody waits
+                # for (durability "batch") always gather: at one request at a time, a request's begin and
+                # end then share one batch instead of taking one each.
+                await asyncio.sleep(self._batch_interval)
             self._wake.clear()
             batch, self._queue = self._queue, []
             try:
@@ -154,8 +161,10 @@ class EvidenceLog:
                 for *_, future in batch:
                     if future is not None and not future.done():
                         future.set_exception(error)
-            if not self._closing and self._queue:
-                await asyncio.sleep(self._batch_interval)  # let the next batch gather
+            behind = bool(self._queue)
+
+    def _waited_for(self) -> bool:
+        return any(future is not None for *_, future in self._queue)
 
     def _tenant_keys_for(self, tenants: set[str]) -> dict[str, tuple[str, bytes]]:
         """Each tenant's key for today (made if missing: a file write, so in the writer thread)."""
