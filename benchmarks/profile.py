@@ -9,6 +9,7 @@ evidence log counts as the evidence log, and aiohttp called by the pipeline as f
 from __future__ import annotations
 
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ PARTS = (
     ("pipeline core", "gateway/"),
 )
 OTHER = "event loop, interpreter and other"
+_LINE = re.compile(r":\d+\)$")  # "name (file.py:12)" -> "name (file.py)"
 
 
 def py_spy() -> str | None:
@@ -65,7 +67,7 @@ def summarise(raw: str, top: int = 15) -> dict:
         frames = stack.split(";")
         total += int(count)
         parts[_part(frames)] += int(count)
-        functions[frames[-1].rsplit(":", 1)[0] + ")"] += int(count)
+        functions[_LINE.sub(")", frames[-1])] += int(count)
     share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0.0)
     return {
         "samples": total,
@@ -81,7 +83,7 @@ def profile(system: Running, seconds: float, stream: bool, connections: int = 32
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
         argv = [binary, "record", "--pid", str(system.process.pid), "--gil", "--format", "raw", "--rate", str(rate)]
-        argv += ["--duration", str(round(seconds)), "--output", out.name, "--nonblocking"]
+        argv += ["--duration", str(max(1, round(seconds))), "--output", out.name, "--nonblocking"]
         spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         load = measure.wrk(system, connections, seconds, stream=stream)
         _, errors = spy.communicate(timeout=seconds + 60)

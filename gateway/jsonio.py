@@ -2,24 +2,29 @@
 
 Every request, every answer and every streamed event is decoded, and many are encoded again. With orjson a
 decode takes half the time of the json module's, a decode and encode a quarter (benchmarks/results/jsonio.md,
-the check below included). orjson reads the same documents to the same values, with three exceptions, each
-sent to the json module instead:
+the check below included). orjson reads the same documents to the same values, except:
 
-- integers beyond 64 bits, which orjson would read as floats: a document holding a run of 19 digits;
-- escaped lone surrogates ("\\ud800"), which JSON allows and orjson refuses: json reads them, and `dumps`
-  writes them escaped again;
-- NaN and Infinity, which JSON does not allow but the json module reads, and numbers too large for a
-  float (1e400, which it reads as infinity): here they are refused, as orjson and the model APIs refuse
-  them, so that no value is read that would be written back as null.
+- integers beyond 64 bits, which orjson reads as floats: a document holding a run of 19 digits goes to the
+  json module;
+- documents orjson refuses and the json module reads: escaped lone surrogates ("\\ud800"), NaN and
+  Infinity (which JSON does not allow), numbers too large for a float (1e400), a byte-order mark, UTF-16,
+  nesting deeper than 1024.
 
-Writing is compact (no spaces) and UTF-8, as `json.dumps(..., ensure_ascii=False, separators=(",", ":"))`
-writes it; integers beyond 64 bits and lone surrogates fall back to the json module.
+A client's request is read with `loads`, which refuses NaN, Infinity and overflowing numbers (as orjson and
+the model APIs refuse them) and reads the rest as the json module does. An upstream's answer is read with
+`read`, which accepts whatever the json module accepts and returns the function that writes the value
+back: `dumps` when orjson read it, the json module when it did not (so that NaN stays NaN).
+
+`dumps` writes compact UTF-8 (`json.dumps(value, ensure_ascii=False, separators=(",", ":"))` gives the same
+values, though floats may be spelt differently: 1e-7 for 1e-07). It is for values `loads` or `read` gave
+and values the gateway builds: orjson writes a NaN or an infinity as null.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,8 +33,6 @@ import orjson
 # to a space: bytes.translate and a substring search, measured 4 to 8 times faster than a regular expression
 _DIGITS_AS_ZEROS = bytes(b"0"[0] if b"0"[0] <= byte <= b"9"[0] else b" "[0] for byte in range(256))
 _LONG_NUMBER = b"0" * 19
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _refuse(name: str):
@@ -43,28 +46,53 @@ def _finite(text: str) -> float:
     return number
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse, parse_float=_finite)
+_STRICT = json.JSONDecoder(parse_constant=_refuse, parse_float=_finite)
+
+
+def _orjson_reads(document: bytes | str) -> tuple[bool, Any]:
+    """(True, the value) where orjson reads the document as the json module would; (False, None) if not."""
+    raw = document.encode("utf-8", "surrogatepass") if isinstance(document, str) else document
+    if _LONG_NUMBER in raw.translate(_DIGITS_AS_ZEROS):
+        return False, None
+    try:
+        return True, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False, None
 
 
 def loads(document: bytes | str) -> Any:
-    """The document's value. Raises ValueError (json.JSONDecodeError, with the json module's message and
-    position, where the text is not JSON; UnicodeDecodeError for bytes that are not UTF-8)."""
-    raw = document.encode("utf-8", "surrogatepass") if isinstance(document, str) else document
-    if _LONG_NUMBER not in raw.translate(_DIGITS_AS_ZEROS):
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass  # a lone surrogate, a non-JSON constant, or not JSON: the json module says which
-    text = document if isinstance(document, str) else document.decode("utf-8")
-    return _DECODER.decode(text)
+    """A client's document. Raises ValueError where it is not JSON (json.JSONDecodeError with the json
+    module's message and position; UnicodeDecodeError for bytes that are not UTF-8), holds NaN, Infinity
+    or a number too large for a float, or is nested too deeply."""
+    done, value = _orjson_reads(document)
+    if done:
+        return value
+    try:
+        return _STRICT.decode(document if isinstance(document, str) else document.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read(document: bytes | str) -> tuple[Any, Callable[[Any], bytes]]:
+    """An upstream's document, read as the json module reads it, and the function that writes it back.
+    Raises what json.loads raises."""
+    done, value = _orjson_reads(document)
+    if done:
+        return value, dumps
+    return json.loads(document), _stdlib_dumps
 
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON of `value`."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # an integer beyond 64 bits, or a string with a lone surrogate (kept escaped)
-        try:
-            return _ENCODER.encode(value).encode()
-        except UnicodeEncodeError:
-            return _ASCII_ENCODER.encode(value).encode()
+    except TypeError:  # what orjson does not write (an integer beyond 64 bits, a lone surrogate, deep nesting)
+        return _stdlib_dumps(value)
+
+
+def _stdlib_dumps(value: Any) -> bytes:
+    """The json module's compact UTF-8, lone surrogates kept escaped."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()

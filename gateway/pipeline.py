@@ -51,6 +51,7 @@ _UPSTREAM_REASONS = {
     "timeout": (ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API did not answer in time"),
     "broken": (ErrorKind.UPSTREAM_FAILED, "the upstream model API failed while answering"),
     "too_large": (ErrorKind.UPSTREAM_FAILED, "the upstream model API's answer was too large"),
+    "malformed": (ErrorKind.UPSTREAM_FAILED, "the upstream model API's answer was not valid JSON"),
 }
 
 
@@ -336,9 +337,12 @@ class Pipeline:
             and content_type == "application/json"
             and self._transform.applies(exchange)
         ):
-            data = jsonio.loads(body)
+            try:
+                data, write = jsonio.read(body)
+            except (ValueError, RecursionError):
+                raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
-                body = jsonio.dumps(data)
+                body = write(data)
         exchange.outcome = Outcome.COMPLETED
         await reply.whole(response.status, body, _passed_content_type(response.headers))
 
@@ -561,7 +565,7 @@ def _parse_json(body: bytes) -> dict:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"malformed JSON in request body: {e.msg} at {e.pos}") from None
-    except ValueError as e:  # NaN, Infinity, a number too large for a float
+    except ValueError as e:  # NaN, Infinity, a number too large for a float, nesting too deep
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"malformed JSON in request body: {e}") from None
     if not isinstance(data, dict):
         raise GatewayError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")

@@ -40,12 +40,13 @@ def rewrite_body(dialect: Dialect, body: dict[str, Any], open_rewriter: Rewriter
 class _Pending:
     """An event waiting to be sent: unparsed bytes, or a decoded event whose slots may still change."""
 
-    __slots__ = ("raw", "event", "data", "open_parts", "carriers", "dirty")
+    __slots__ = ("raw", "event", "data", "write", "open_parts", "carriers", "dirty")
 
-    def __init__(self, raw: bytes, event: SSEEvent | None = None, data: Any = None) -> None:
+    def __init__(self, raw: bytes, event: SSEEvent | None = None, data: Any = None, write=jsonio.dumps) -> None:
         self.raw = raw
         self.event = event
         self.data = data
+        self.write = write  # how the data is written back as it was read (jsonio.read)
         self.open_parts: set[tuple] = set()
         self.carriers: dict[tuple, Slot] = {}
         self.dirty = False
@@ -53,7 +54,7 @@ class _Pending:
     def encode(self) -> bytes:
         if not self.dirty:
             return self.raw
-        self.event.data = jsonio.dumps(self.data).decode()
+        self.event.data = self.write(self.data).decode()
         return self.event.encode()
 
 
@@ -84,10 +85,10 @@ class StreamRewrite:
     def _rewrite(self, raw: bytes) -> _Pending:
         event = SSEEvent.parse(raw)
         try:
-            data = jsonio.loads(event.data)
-        except ValueError:
-            return _Pending(raw)  # "[DONE]", comments, keep-alives
-        pending = _Pending(raw, event, data)
+            data, write = jsonio.read(event.data)
+        except (ValueError, RecursionError):
+            return _Pending(raw)  # "[DONE]", comments, keep-alives: nothing to rewrite
+        pending = _Pending(raw, event, data, write)
         for slot in self._dialect.event_slots(self._state, event.name, data):
             if slot.kind is SlotKind.DELTA:
                 self._delta(slot, pending)

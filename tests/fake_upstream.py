@@ -52,6 +52,7 @@ class Behaviour:
     event_delay: float = 0.0
     die_after_events: int | None = None  # close the connection abruptly after this many events
     refuse_logit_bias: bool = False  # answer 400 to requests that carry logit_bias, as reasoning models do
+    patch: object = None  # rewrites the bytes of each whole answer and each event before they are sent
 
 
 class FakeUpstream:
@@ -135,7 +136,10 @@ class FakeUpstream:
     async def _json(self, send, status: int, payload, headers) -> None:
         out = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in headers]
         await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+        body = json.dumps(payload).encode()
+        if self.behaviour.patch is not None and status == 200:
+            body = self.behaviour.patch(body)
+        await send({"type": "http.response.body", "body": body})
 
     async def _stream(self, receive, send, events: list[bytes]) -> None:
         b = self.behaviour
@@ -145,6 +149,8 @@ class FakeUpstream:
             if b.die_after_events is not None and i == b.die_after_events:
                 gone.cancel()
                 raise RuntimeError("fake upstream dies mid-stream")
+            if b.patch is not None:
+                event = b.patch(event)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             if b.event_delay:
                 await asyncio.wait({gone}, timeout=b.event_delay)

@@ -2,7 +2,7 @@
 
 `append()` queues an entry and returns a future that resolves to the entry's index once the entry is on
 disk (its segment fsynced). One writer task takes whatever is queued, every `batch_interval` seconds at
-most (entries that nobody waits for are always given that long to gather), seals and writes it as one
+most (entries that nobody waits for are given that long to gather), seals and writes it as one
 batch on the event loop (a few microseconds an entry), then waits for one fsync in a helper thread (group
 commit), so the loop never blocks on the disk. With durability
 "batch" callers do not wait: an entry reaches disk within about `batch_interval` plus one fsync, which is
@@ -55,6 +55,7 @@ class EvidenceLog:
         self._tenant_keys = TenantKeys(keys.directory)
         self._tenant_sealers: dict[str, entry.Sealer] = {}
         self._wake = asyncio.Event()
+        self._waiter = asyncio.Event()  # set when an entry that is waited for is queued
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-writer")
         self._writer: asyncio.Task | None = None
         self._last_checkpoint: note.Checkpoint | None = None
@@ -126,6 +127,8 @@ class EvidenceLog:
         future = asyncio.get_running_loop().create_future() if wait else None
         self._queue.append((leaf, openings, identity, tenant, future))
         self._wake.set()
+        if wait:
+            self._waiter.set()  # ends a gathering that only entries nobody waits for began
         return future
 
     async def _run(self) -> None:
@@ -134,11 +137,8 @@ class EvidenceLog:
         while not (self._closing and not self._queue) and not self.failure:
             with contextlib.suppress(TimeoutError):  # time-based checkpoints need a wake-up when idle
                 await asyncio.wait_for(self._wake.wait(), self._checkpoint_interval)
-            if self._queue and not self._closing and (behind or not self._waited_for()):
-                # Let the batch gather, to be written and fsynced once (group commit). Entries nobody waits
-                # for (durability "batch") always gather: at one request at a time, a request's begin and
-                # end then share one batch instead of taking one each.
-                await asyncio.sleep(self._batch_interval)
+            if self._queue and not self._closing:
+                await self._gather(behind)
             self._wake.clear()
             batch, self._queue = self._queue, []
             try:
@@ -162,9 +162,26 @@ class EvidenceLog:
                     if future is not None and not future.done():
                         future.set_exception(error)
             behind = bool(self._queue)
+        self._fail_queued()
 
-    def _waited_for(self) -> bool:
-        return any(future is not None for *_, future in self._queue)
+    async def _gather(self, behind: bool) -> None:
+        """Let the batch gather, to be written and fsynced once (group commit): for batch_interval behind a
+        batch just written; and, when no entry in it is waited for (durability "batch"), until an entry that
+        is waited for comes or batch_interval has passed, so that at one request at a time a request's begin
+        and end share one batch instead of taking one each."""
+        if behind:
+            await asyncio.sleep(self._batch_interval)
+            return
+        self._waiter.clear()
+        if not any(future is not None for *_, future in self._queue):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waiter.wait(), self._batch_interval)
+
+    def _fail_queued(self) -> None:
+        """After a failed write, what was queued since will never be written: say so to whoever waits."""
+        for *_, future in self._queue:
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(self.failure or "the evidence log is closed"))
 
     def _tenant_keys_for(self, tenants: set[str]) -> dict[str, tuple[str, bytes]]:
         """Each tenant's key for today (made if missing: a file write, so in the writer thread)."""
@@ -215,6 +232,7 @@ class EvidenceLog:
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
+        self._waiter.set()
         if self._writer is not None:
             await self._writer
         if not self.failure:

@@ -50,7 +50,7 @@ class SSEEvent:
     @classmethod
     def parse(cls, raw: bytes) -> SSEEvent:
         text = raw.decode("utf-8")
-        if text.startswith("data: ") and text.find("\n") == len(text) - 2:
+        if text.startswith("data: ") and text.find("\n") == len(text) - 2 and text.endswith("\n\n"):
             return cls(None, text[6:-2], [])  # one data line: most events of a stream, read in one step
         name = None
         data_lines = []

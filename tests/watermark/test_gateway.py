@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +44,32 @@ def test_every_choice_is_marked_and_the_marks_are_recorded(marked):
     marks = marked.records()[-1]["marks"]
     assert [m["part"] for m in marks] == [["choice", 0], ["choice", 1]]
     assert all(m["scheme"] == "lexical-v1" and m["key"] == MARK.key.fingerprint and m["sites"] > 0 for m in marks)
+
+
+def test_an_answer_holding_what_python_writes_but_json_forbids_is_marked_and_passed_on_as_it_came(marked):
+    """An upstream written in Python may send -Infinity (a log-probability of zero) or NaN."""
+    marked.upstream.behaviour.patch = lambda raw: raw.replace(
+        b'"finish_reason"', b'"score": -Infinity, "finish_reason"'
+    )
+    expected = MARK.mark(PROSE, PROMPT)
+    body = {"model": "m", "messages": MESSAGES}
+    with marked.client() as http:
+        whole = http.post("/v1/chat/completions", headers=marked.headers(), json=body)
+        streamed = http.post("/v1/chat/completions", headers=marked.headers(), json={**body, "stream": True})
+    (choice,) = json.loads(whole.content)["choices"]
+    assert whole.status_code == 200 and choice["message"]["content"] == expected and choice["score"] == -math.inf
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert "".join(c["delta"].get("content") or "" for c in choices) == expected
+    assert all(c["score"] == -math.inf for c in choices)
+
+
+def test_an_answer_that_is_not_json_is_a_bad_gateway_in_the_api_shape(marked):
+    marked.upstream.behaviour.patch = lambda raw: raw[:-1]
+    with marked.client() as http:
+        answer = http.post("/v1/chat/completions", headers=marked.headers(), json={"model": "m", "messages": MESSAGES})
+    assert answer.status_code == 502 and "not valid JSON" in answer.json()["error"]["message"]
+    assert marked.records()[-1]["outcome"] == "upstream_failed"
 
 
 def test_thinking_tool_use_and_code_stay_byte_identical(marked):
