@@ -42,11 +42,23 @@ def test_a_stream_in_any_pieces_gives_the_whole_text_result(index, cuts):
     assert mark(text, pieces=pieces) == mark(text)
 
 
+def scan(text: str, pieces: list[str]) -> tuple[str, list]:
+    scanner = Scanner(SETS, frozenset(), flip)
+    return "".join(scanner.feed(p) for p in pieces) + scanner.flush(), scanner.sites
+
+
+# members right after a negation, capitalised in mid-sentence, after each article: what the words read
+# before a member decide
+RULES = " ".join(
+    f"They do not {m} it. We saw the {m.title()} one, an {m} and a {m}, {m} indeed."
+    for m in (" ".join(s.members[0]) for s in SETS.sets[:300])
+)
+
+
 @pytest.mark.parametrize("piece", [r"\S+\s*", r"\s*\S+"])  # "word " pieces, and " word" as OpenAI sends them
 def test_word_by_word_streams_give_the_whole_text_result(piece):
-    for row in SAMPLE:
-        text = row["output"]
-        assert mark(text, pieces=re.findall(piece, text)) == mark(text)
+    for text in [row["output"] for row in SAMPLE] + [RULES]:
+        assert scan(text, re.findall(piece, text)) == scan(text, [text])  # the same text, sites and contexts
 
 
 def test_a_word_no_member_begins_goes_out_while_it_is_being_typed():
