@@ -1,7 +1,7 @@
 """JSON on the request path: orjson, and the standard library wherever orjson would change the data.
 
 Every request, every answer and every streamed event is decoded, and many are encoded again. With orjson a
-decode takes half the time of the json module's, a decode and encode a quarter (benchmarks/results/jsonio.md,
+decode takes about 60% of the json module's time, a decode and encode about a quarter (results/jsonio.md,
 the check below included). orjson reads the same documents to the same values, except:
 
 - integers beyond 64 bits, which orjson reads as floats: a document holding a run of 19 digits goes to the
