@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 import uvicorn
 
@@ -21,6 +23,12 @@ from tests.fake_upstream import FakeUpstream
 from tests.transforms import SwitchableTransform
 
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+
+# In CI, property tests draw the same examples every run (a failure is then the code's, and reproducible) and
+# no example is held to a deadline (CI machines are shared and slow); elsewhere they explore as usual.
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, database=None)
+if os.environ.get("CANARYGATE_CI"):
+    hypothesis.settings.load_profile("ci")
 
 
 class ServerThread:

@@ -141,7 +141,9 @@ def test_the_attribute_command_names_the_identity(tmp_path):
     for i in range(50):
         registry.add(f"acct{i}")
     key = canary_key(Keys.load(tmp_path / ".canarygate" / "keys").watermark)
-    served = canaries_of(key, "acct31", 0, 8)
+    # the key is new each run: leave out a canary another account happens to share (1 run in 130 would)
+    others = {c.index for i in range(50) if i != 31 for c in canaries_of(key, f"acct{i}", 0, 8)}
+    served = [c for c in canaries_of(key, "acct31", 0, 8) if c.index not in others]
     rows = [{"text": row["output"]} for row in SAMPLE] + [{"text": f"Sure.\n\n{c.text}"} for c in served[:2]]
     (tmp_path / "suspect.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = cli(tmp_path, "canaries", "attribute", "suspect.jsonl", "--json")

@@ -75,9 +75,13 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     assert doc["watermark"]["best"]["p_value"] < 1e-6 and doc["claims"][0]["level"] == "strong"
     assert doc["watermark"]["commitments"]["watermark-key@0"] is not None
     wrong = doc["watermark"]["wrong_keys"]["p_values"]
-    assert len(wrong) == 100 and sum(p <= 0.05 for p in wrong) <= 13  # the 99% binomial bound for 100 keys at 0.05
+    # the wrong keys are drawn afresh each run: a bound the null exceeds once in 100,000 runs (binomial, 100 at 0.05)
+    assert len(wrong) == 100 and sum(p <= 0.05 for p in wrong) <= 16
     attributions = doc["canaries"]["attributions"]
-    assert [a["identity"] for a in attributions] == [name] and attributions[0]["p_value"] < 1e-6
+    # a bystander may share one canary with the served ones by chance (its p-value is then far from strong)
+    strong = [a for a in attributions if a["p_value"] < 1e-4]
+    assert [a["identity"] for a in strong] == [name] == [attributions[0]["identity"]]
+    assert attributions[0]["p_value"] < 1e-6
     assert doc["canaries"]["identities_tested"] == 6
     proofs = json.loads((folder / "student-report" / "proofs.json").read_text())
     assert len(proofs) == len(attributions[0]["served"]) >= len(attributions[0]["canaries"])

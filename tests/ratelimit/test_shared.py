@@ -125,7 +125,8 @@ def test_streams_overshoot_a_token_budget_by_at_most_one_reservation(fake_upstre
     fake_upstream.behaviour.event_delay = 0.02  # slow streams: all fifty are in flight together
     body = {**CHAT, "stream": True, "max_tokens": 20, "stream_options": {"include_usage": True}}
     with redis_servers.standalone() as server:
-        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url, tokens="600/day"))
+        # fail-closed with a generous deadline: a slow call must not fall back to local limits here
+        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url, "closed", 2000, tokens="600/day"))
         key = pair.add("streamer")
         with pair:
             used = asyncio.run(_streams(pair.urls, key, body, 50))
@@ -152,7 +153,7 @@ async def _streams(urls, key, body, n) -> list[int | None]:
 def test_a_tier_change_reaches_every_replica_on_the_next_request(fake_upstream, tmp_path):
     fake_upstream.reset()
     with redis_servers.standalone() as server:
-        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url))
+        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url, "closed", 2000))
         key = pair.add("mover")
         with pair, httpx.Client(headers={"authorization": f"Bearer {key}"}) as http:
             assert all(http.post(u + "/v1/chat/completions", json=CHAT).status_code == 200 for u in pair.urls)
@@ -223,7 +224,8 @@ def test_redis_failure_under_load_never_holds_a_request_past_the_timeout(fault, 
             statuses = hammer(pair.urls, fresh, total=40, concurrency=4)
     assert len(during) > 20, "too few requests ran while Redis was down"
     slowest = max(latency for _, latency, _ in during)
-    assert slowest < TIMEOUT_MS / 1000 + 0.25, slowest  # the deadline, plus an ordinary request's time
+    # the deadline plus an ordinary request's time on a loaded machine: far below the 1.5 s fault
+    assert slowest < TIMEOUT_MS / 1000 + 0.75, slowest
     expected = {200} if policy == "open" else {503}
     assert {status for _, _, status in during[2:]} == expected  # the first may have been on its way already
     # fail-open still serves (ready, degraded); fail-closed is taken out of rotation
@@ -264,6 +266,6 @@ def test_sentinel_failover_under_load(fake_upstream, tmp_path):
             _wait_ready(pair)
             during = load.between(failed_at, time.monotonic())
             statuses = hammer(pair.urls, fresh, total=40, concurrency=4)
-    assert max(latency for _, latency, _ in during) < TIMEOUT_MS / 1000 + 0.25
+    assert max(latency for _, latency, _ in during) < TIMEOUT_MS / 1000 + 0.75
     assert {status for _, _, status in during} == {200}  # fail-open: local limits while the master is gone
     assert statuses.count(200) == 20  # the promoted replica holds the one shared limit
