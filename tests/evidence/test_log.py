@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,35 @@ def test_copy_of_a_log_verifies_elsewhere(written, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
     assert LogReader(copy).verify([vkey]).entries == 300
+
+
+def test_after_a_failed_write_every_entry_waiting_for_the_disk_is_told(tmp_path):
+    """Fail-stop: the entry whose write failed gets the error, and one queued while it was being written gets
+    an error too, instead of waiting for ever."""
+    keys.init_keys(tmp_path / "keys", ORIGIN)
+    evidence = EvidenceLog(tmp_path / "log", keys.Keys.load(tmp_path / "keys"), ORIGIN)
+    writing, queued = threading.Event(), threading.Event()
+
+    def failing_sync() -> None:
+        writing.set()
+        queued.wait(5)
+        raise OSError("the disk is gone")
+
+    def an_entry(i: int) -> tuple[bytes, bytes]:
+        commitments, openings = entry.commit({"prompt": f"prompt {i}".encode()})
+        return entry.canonical({"v": 1, "kind": "begin", "id": f"req_{i}", "commit": commitments}), openings
+
+    async def run() -> list:
+        await evidence.start()
+        evidence.store.sync = failing_sync
+        first = evidence.append(*an_entry(0), "user")
+        await asyncio.to_thread(writing.wait, 5)  # the writer is waiting for the disk with the first entry
+        second = evidence.append(*an_entry(1), "user")
+        queued.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
+        await evidence.close()
+        return outcomes
+
+    first, second = asyncio.run(run())
+    assert isinstance(first, OSError) and isinstance(second, RuntimeError) and "failed" in str(second)
+    assert evidence.failure == "evidence log write failed: OSError"
