@@ -75,11 +75,14 @@ def loads(document: bytes | str) -> Any:
 
 def read(document: bytes | str) -> tuple[Any, Callable[[Any], bytes]]:
     """An upstream's document, read as the json module reads it, and the function that writes it back.
-    Raises what json.loads raises."""
+    Raises ValueError where the json module cannot read it (nesting too deep included)."""
     done, value = _orjson_reads(document)
     if done:
         return value, dumps
-    return json.loads(document), _stdlib_dumps
+    try:
+        return json.loads(document), _stdlib_dumps
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dumps(value: Any) -> bytes:

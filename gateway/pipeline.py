@@ -339,7 +339,7 @@ class Pipeline:
         ):
             try:
                 data, write = jsonio.read(body)
-            except (ValueError, RecursionError):
+            except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
                 body = write(data)

@@ -42,7 +42,7 @@ class _Pending:
 
     __slots__ = ("raw", "event", "data", "write", "open_parts", "carriers", "dirty")
 
-    def __init__(self, raw: bytes, event: SSEEvent | None = None, data: Any = None, write=jsonio.dumps) -> None:
+    def __init__(self, raw: bytes, event: SSEEvent | None = None, data: Any = None, write=None) -> None:
         self.raw = raw
         self.event = event
         self.data = data
@@ -86,7 +86,7 @@ class StreamRewrite:
         event = SSEEvent.parse(raw)
         try:
             data, write = jsonio.read(event.data)
-        except (ValueError, RecursionError):
+        except ValueError:
             return _Pending(raw)  # "[DONE]", comments, keep-alives: nothing to rewrite
         pending = _Pending(raw, event, data, write)
         for slot in self._dialect.event_slots(self._state, event.name, data):

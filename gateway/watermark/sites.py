@@ -117,29 +117,34 @@ class Scanner:
             out += self._buffer
             self._after(self._buffer)
             self._buffer = ""
-        elif not self._tokens and _WORD.fullmatch(self._buffer) and _normal(self._buffer) not in self._sets.starts:
-            # A word still being typed ("people", which the next piece may go on as "people's") that no
-            # member begins is sent as it comes: whatever follows, it goes out as written, so a stream of
-            # " word" pieces flows through unshifted too. What it is decides later words: that waits until
-            # it is complete. Only with nothing held before it, so that it is the next thing out.
-            out += self._buffer[self._sent :]
-            self._sent = len(self._buffer)
+        elif not self._tokens:
+            out += self._typed_word_out()
+        return out
+
+    def _typed_word_out(self) -> str:
+        """The part not yet sent of a word still being typed (the buffer) that no member begins, or "".
+
+        Such a word ("people", which the next piece may go on as "people's") is sent as it comes: whatever
+        follows, it goes out as written, so a stream of " word" pieces flows through unshifted. What it is
+        decides later words: that waits until it is complete. Only with nothing held before it (the caller's
+        part), so that it is the next thing out."""
+        if not _WORD.fullmatch(self._buffer) or _normal(self._buffer) in self._sets.starts:
+            return ""
+        out, self._sent = self._buffer[self._sent :], len(self._buffer)
         return out
 
     def _plain_word(self, text: str) -> str | None:
         """A piece that is one plain word and a space (" word" or "word "), with nothing held: what `feed`
         would give, in fewer steps, or None for any other piece. A word that no member begins is no site and
         changes nothing but what has been read; one that a member may begin waits, as in `feed`."""
-        starts = self._sets.starts
         if text[:1] == " " and text[1:].isalpha():  # OpenAI's way: the word goes on in the next piece or not
             if self._buffer:  # the word sent early is complete: no member begins with it
                 self._after(self._buffer)
             self._after(" ")
-            word = self._buffer = text[1:]
-            self._sent = 0 if word.lower() in starts else len(word)
-            return text[: 1 + self._sent]
+            self._buffer, self._sent = text[1:], 0
+            return " " + self._typed_word_out()
         word = text[:-1]
-        if not self._buffer and text[-1:] == " " and word.isalpha() and word.lower() not in starts:
+        if not self._buffer and text[-1:] == " " and word.isalpha() and word.lower() not in self._sets.starts:
             self._after(word)
             self._after(" ")
             return text
