@@ -1,7 +1,7 @@
 """The whole-answer path: the scanner's decisions, taken at C speed where nothing can happen.
 
 A non-streamed answer is marked in one call, so it need not be read token by token: an Aho-Corasick
-automaton of every set member, and a search for backtick runs and double quotes, find the few places
+automaton of every set member (compiled to a DFA), and a search for backtick runs and double quotes, find the few places
 where something happens, and the ordinary text between them is summarised with a few more searches (its
 last two words, and whether a word or a sentence end came last). The decisions are the scanner's, by construction
 and by test: tests/watermark/test_whole.py runs both on the same texts and requires the same output, so a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import ahocorasick
+import ahocorasick_rs
 
 from .sites import _WORD, Site, _normal, _styled, is_site
 from .wordsets import WordSets
@@ -107,23 +107,23 @@ def _ascii_lower(text: str) -> str:
 class WholeText:
     def __init__(self, sets: WordSets) -> None:
         self._sets = sets
-        self._members = ahocorasick.Automaton()
+        spellings = set()
         for words in sets.lookup:
             member = " ".join(words)
-            for spelling in {member, member.replace("'", "’")}:
-                self._members.add_word(spelling, len(spelling))
-        self._members.make_automaton()
+            spellings.update((member, member.replace("'", "’")))
+        # A DFA: 9 µs a 1.5 KB answer against 23 µs for the default NFA and 35 µs for pyahocorasick (measured)
+        self._members = ahocorasick_rs.AhoCorasick(sorted(spellings), implementation=ahocorasick_rs.Implementation.DFA)
 
     def _events(self, lowered: str) -> list[tuple[int, int, str]]:
         """(start, end, kind) of every backtick run, double quote and member, in order. Members are found
-        with an Aho-Corasick automaton (one pass in C; measured five times faster than one regular
+        with an Aho-Corasick automaton (one compiled pass; measured five times faster than one regular
         expression of all members) and kept where they stand as whole words, leftmost and longest first,
-        without overlapping: the scanner's reading."""
+        without overlapping: the scanner's reading. Every match is asked for (overlapping), so that one
+        inside a word cannot hide a whole-word member it overlaps."""
         found = []
-        for last, length in self._members.iter(lowered):
-            start, end = last - length + 1, last + 1
+        for _, start, end in self._members.find_matches_as_indexes(lowered, overlapping=True):
             if _word_edge_before(lowered, start) and _word_edge_after(lowered, end):
-                found.append((start, -length))
+                found.append((start, start - end))
         found.sort()
         events, reach = [], 0
         for start, negative_length in found:
