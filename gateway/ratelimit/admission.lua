@@ -11,6 +11,9 @@
 -- Returns {status, tier, reserved tokens, output cap, retry ms, failed check, then per check: remaining, reset ms}
 -- status: 0 admitted, 1 limited, 2 blocked, 3 larger than the whole budget.
 
+-- a difference this small is the float error of epoch milliseconds and of TATs stored to 0.001 ms, no wait
+-- (budget.SLACK_MS)
+local SLACK_MS = 0.001
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
@@ -59,7 +62,7 @@ for i = 1, g do
   if cost * interval > span then
     if enforce == 1 then status, failed = 3, i end
     new_tat = tat
-  elseif wait > 0 then
+  elseif wait > SLACK_MS then
     if enforce == 1 and status ~= 3 and wait > retry then status, retry, failed = 1, wait, i end
     new_tat = math.min(new_tat, now + span)
   end
@@ -76,7 +79,7 @@ end
 for i = 1, g do
   local new_tat, span, interval, tat = unpack(tats[i])
   if status ~= 0 then new_tat = tat end
-  out[i] = {math.max(math.floor((now + span - new_tat) / interval), 0), math.ceil(new_tat - now)}
+  out[i] = {math.max(math.floor((now + span - new_tat + SLACK_MS) / interval), 0), math.ceil(new_tat - now)}
   if status == 0 and new_tat > now then
     redis.call('SET', KEYS[1 + i], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
   end

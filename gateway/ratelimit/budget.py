@@ -19,6 +19,11 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+# Times are epoch milliseconds and TATs are stored to 0.001 ms: a float there is off by up to 0.00024 ms, the
+# rounding by 0.0005. Differences that small are no wait, so that 3 per 2 s admits its third request at the
+# same instant and says how many are left as whole numbers (admission.lua forgives the same).
+SLACK_MS = 0.001
+
 
 class Status(Enum):
     ADMITTED = 0
@@ -135,6 +140,11 @@ def span_of(check: Check, interval: float) -> float:
     return max(check.period_ms, interval) if check.unit == "requests" else check.period_ms
 
 
+def units_left(room_ms: float, interval: float) -> int:
+    """Whole units that fit in `room_ms`, forgiving SLACK_MS (2000 - 666.67 ms must be 2 units of 666.67 ms)."""
+    return max(math.floor((room_ms + SLACK_MS) / interval), 0)
+
+
 def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float]]:
     """(key, ms per token) of each token budget, at the scale the admission ran under."""
     scale = ask.tiers[verdict.tier].scale / divisor
@@ -197,7 +207,7 @@ class MemoryBudget:
                 if terms.enforce:
                     status, failed = Status.TOO_LARGE, i
                 new_tat = tat
-            elif wait > 0:
+            elif wait > SLACK_MS:
                 if terms.enforce and status is not Status.TOO_LARGE and wait > retry:
                     status, retry, failed = Status.LIMITED, wait, i
                 new_tat = min(new_tat, now + span)
@@ -214,7 +224,7 @@ class MemoryBudget:
         for span, new_tat, interval, tat, key in planned:
             if status is not Status.ADMITTED:
                 new_tat = tat
-            remaining.append(max(math.floor((now + span - new_tat) / interval), 0))
+            remaining.append(units_left(now + span - new_tat, interval))
             reset.append(math.ceil(new_tat - now))
             if status is Status.ADMITTED and new_tat > now:
                 self._tats[key] = round(new_tat, 3)

@@ -33,10 +33,10 @@ def test_an_answer_carries_the_limits_in_force_in_openai_headers(limited):
     assert response.status_code == 200
     h = response.headers
     assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
-    assert h["x-ratelimit-reset-requests"].endswith("ms")  # one request back every 333 ms
+    assert h["x-ratelimit-reset-requests"].endswith("ms")  # one request back every 667 ms
     assert h["x-ratelimit-limit-tokens"] == "20000"
-    assert '"requests-1s";q=3;w=1' in h["ratelimit-policy"] and '"concurrency";q=2' in h["ratelimit-policy"]
-    assert '"requests-1s";r=2;t=1' in h["ratelimit"]
+    assert '"requests-2s";q=3;w=2' in h["ratelimit-policy"] and '"concurrency";q=2' in h["ratelimit-policy"]
+    assert '"requests-2s";r=2;t=1' in h["ratelimit"]
 
 
 def test_the_request_over_the_limit_gets_429_in_openai_shape_and_may_retry_when_told(limited):
@@ -47,9 +47,9 @@ def test_the_request_over_the_limit_gets_429_in_openai_shape_and_may_retry_when_
         assert statuses == [200, 200, 200] and refused.status_code == 429
         error = refused.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
-        assert "requests per second" in error["message"]
+        assert "requests per 2 seconds (limit 3)" in error["message"]
         wait_ms = int(refused.headers["retry-after-ms"])
-        assert 0 < wait_ms <= 334 and refused.headers["retry-after"] == "1"
+        assert 0 < wait_ms <= 667 and refused.headers["retry-after"] == "1"
         assert refused.headers["x-ratelimit-remaining-requests"] == "0"
         time.sleep(wait_ms / 1000)
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
@@ -163,9 +163,9 @@ def test_tarpit_delays_a_suspect_and_tells_it_nothing(limited):
         elapsed = time.perf_counter() - started
     assert response.status_code == 200 and elapsed >= 0.3
     assert not any("tarpit" in k or "tier" in k or "suspect" in v for k, v in response.headers.items())
-    # the limits told are the ones in force: 3 per second at scale 0.1 is one request per 4 (3.33) seconds
+    # the limits told are the ones in force: 3 per 2 seconds at scale 0.1 is one request per 7 (6.67) seconds
     assert response.headers["x-ratelimit-limit-requests"] == "1"
-    assert '"requests-4s";q=1;w=4' in response.headers["ratelimit-policy"]
+    assert '"requests-7s";q=1;w=7' in response.headers["ratelimit-policy"]
 
 
 def test_concurrency_is_limited_and_released(limited, clean_upstream):

@@ -142,6 +142,26 @@ async def _compare(url: str) -> None:
         await client.aclose()
 
 
+def test_remaining_counts_whole_units_where_the_interval_is_not_a_whole_number_of_ms():
+    """3 per 2 s is one request every 666.67 ms: at epoch milliseconds, 2000 - 666.67 ms is 1.9999999 intervals
+    in floats. Both engines must still say 2 left (they said 1)."""
+    checks = (Check("{k}:r:2000", "requests", 3, 2000), Check("{k}:r:60000", "requests", 7, 60000))
+    now = 1_764_300_000_123.0
+    expected = [(2, 6), (1, 5), (0, 4)]
+    local = MemoryBudget()
+    assert [local.decide(ask(checks=checks, lease=str(i)), now=now).remaining for i in range(3)] == expected
+    with redis_servers.standalone() as server:
+
+        async def run():
+            client = connect(server.url, timeout=1.0)
+            budget = RedisBudget(client)
+            verdicts = [await budget.admit(ask(checks=checks, lease=str(i)), now_ms=now) for i in range(3)]
+            await client.aclose()
+            return [v.remaining for v in verdicts]
+
+        assert asyncio.run(run()) == expected
+
+
 @pytest.mark.parametrize("blocked", [True, False])
 def test_redis_tier_override_is_read_by_the_script(blocked):
     with redis_servers.standalone() as server:
