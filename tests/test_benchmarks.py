@@ -107,6 +107,18 @@ def test_risk_simulation_runs_on_a_short_day_of_two_campaigns(tmp_path):
     assert doc["scoring_cost"]["memory"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0
 
 
+def test_risk_seeds_replays_each_seed_and_tables_them(tmp_path):
+    run_benchmark(
+        "risk_seeds", *("--seeds", "1-2", "--days", "2", "--users", "20", "--campaign-days", "1"), out=tmp_path
+    )
+    seeds = json.loads((tmp_path / "risk-seeds.json").read_text())["seeds"]
+    assert set(seeds) == {"1", "2"} and seeds["1"]["sweeper"]["ever_suspect"] == 1
+    people = seeds["2"]["benign"]["accounts"]  # 20, and the heavy users
+    assert (
+        seeds["1"]["paraphrase"]["accounts"] == 100 and f"| 2 | {people} |" in (tmp_path / "risk-seeds.md").read_text()
+    )
+
+
 def test_wordset_coverage_counts_more_sites_with_more_sets(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

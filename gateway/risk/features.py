@@ -6,6 +6,8 @@ Nothing here keeps state or reads a clock. The prompt is reduced to:
   essay about X", "X: explain it to a child in simple words") keeps one of the two while the slot changes,
   and six words are more than the common openings people share ("write a poem about");
 - its length in words (machine-made prompts vary little in length; people's vary a lot);
+- the words of its opening and of its closing (six each, as 16-bit hashes): a template reworded from a few
+  interchangeable parts keeps drawing both ends from the same few words, where a person's bring new ones;
 - whether it asks for the model's reasoning, or probes for the system prompt;
 and the answer to whether it carried prose the watermark could mark (an account that only ever asks for
 code, JSON or quotations avoids the marks).
@@ -17,6 +19,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+import zlib
 from dataclasses import dataclass
 
 from ..exchange import Exchange, Identity
@@ -50,6 +53,7 @@ _PROBE = _Phrases(
 )
 _REASONING_FIELDS = ("reasoning_effort", "reasoning", "thinking", "include_reasoning")
 UNMARKED_MIN_BYTES = 600  # an answer this long with no watermark site avoided prose
+END_WORDS = 6  # words of a prompt's opening and of its closing that are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,8 @@ class Observation:
     probe: bool
     unmarked: bool
     network: str  # the client's /24 (IPv4) or /48 (IPv6): where accounts behind one proxy meet
+    opening: tuple[int, ...]  # END_WORDS hashes of its first words, padded with 0 (no word)
+    closing: tuple[int, ...]  # of its last words
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,8 @@ def features(found: Seen) -> Observation:
         probe=_PROBE.search(text),
         unmarked=found.unmarked,
         network=network_of(found.client_ip),
+        opening=_word_hashes(words[:END_WORDS]),
+        closing=_word_hashes(words[-END_WORDS:]),
     )
 
 
@@ -119,6 +127,12 @@ def observe(exchange: Exchange, now: float) -> Observation | None:
     """The exchange's features at once (`seen`, then `features`)."""
     found = seen(exchange, now)
     return None if found is None else features(found)
+
+
+def _word_hashes(words: list[str]) -> tuple[int, ...]:
+    """Each word as a number in 1..65535 (CRC-32: the same in every process, unlike hash()), padded with 0."""
+    found = tuple(zlib.crc32(word.encode()) % 65535 + 1 for word in words)
+    return found + (0,) * (END_WORDS - len(found))
 
 
 def _hash(words: list[str]) -> str:

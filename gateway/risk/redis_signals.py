@@ -15,15 +15,15 @@ from importlib import resources
 
 from redis.exceptions import NoScriptError
 
-from .features import Observation
-from .signals import DAY, MAX_MEMBERS, MAX_SKELETONS, QUIET_HOURS, REBASE_AT, SWEPT_BY, TAU, Signals
+from .features import END_WORDS, Observation
+from .signals import DAY, MAX_MEMBERS, MAX_SKELETONS, POPULAR_BY, QUIET_HOURS, REBASE_AT, RECENT, SWEPT_BY, TAU, Signals
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 IDENTITY_TTL = 30 * 86400
-ROW = struct.Struct("<13d")  # one observation's signals, as the script packs them
+ROW = struct.Struct("<14d")  # one observation's signals, as the script packs them
 _LENGTH = struct.Struct("<I")  # of each string of the record, in bytes (the script's I4 before c0)
-_TAIL = struct.Struct("<dIBBB")  # time, words, reasoning, probe, unmarked (the script's dI4BBB)
+_TAIL = struct.Struct(f"<dIBBB{2 * END_WORDS}H")  # time, words, the three flags, the ends' word hashes
 
 
 class RedisSignals:
@@ -38,6 +38,8 @@ class RedisSignals:
             repr(REBASE_AT),
             str(QUIET_HOURS),
             str(MAX_MEMBERS),
+            str(POPULAR_BY),
+            str(RECENT),
         ]
 
     async def close(self) -> None:
@@ -58,7 +60,7 @@ def _record(o: Observation) -> bytes:
     for text in (o.identity, o.prefix, o.suffix, o.network):
         raw = text.encode()
         parts += (_LENGTH.pack(len(raw)), raw)
-    parts.append(_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked))
+    parts.append(_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked, *o.opening, *o.closing))
     return b"".join(parts)
 
 
@@ -78,4 +80,5 @@ def _signals(v: tuple[float, ...]) -> Signals:
         timing_spread=math.inf if v[10] < 0 else v[10],
         network_accounts=int(v[11]),
         quiet_share=v[12],
+        variety=v[13],
     )

@@ -32,12 +32,16 @@ def strengths(s: Signals) -> dict[str, float]:
     found = {
         # a person reads at most a few hundred long answers a day
         "volume": 0.6 * _ramp(s.per_day, 300, 1000),
-        # one skeleton for most requests: a template being swept
-        "template": 0.6 * _ramp(s.concentration, 0.5, 0.8) if enough else 0.0,
+        # one skeleton for most requests: a template being swept; or, reworded, its recent openings or closings
+        # drawn from a few words (a person's begin or end with their topic: over AlpacaEval's instructions,
+        # 16 random ones have 61% or more of their opening words distinct in 99 draws of 100; a template
+        # reworded from interchangeable parts, about a third). One behaviour: the stronger reading counts.
+        "template": 0.6 * max(_ramp(s.concentration, 0.5, 0.8) if enough else 0.0, _ramp(0.5 - s.variety, 0.0, 0.15)),
         # most of its requests on templates that many accounts are sweeping: a campaign spread over accounts.
-        # Real prompt collections hold templates too (people ask "how many X are there? Try to explain
-        # your answer" in many forms), so a few such requests are not enough: it takes half a dozen.
-        "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) * _ramp(s.swept_requests, 2, 6),
+        # One such request can be chance (a question of one's own whose end a campaign happens to sweep);
+        # four cannot. People's popular questions never count (signals.POPULAR_BY): over 5 simulated months
+        # of 1,000 people, none had more than one such request (benchmarks/results/risk.md).
+        "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) * _ramp(s.swept_requests, 1, 4),
         "reasoning": 0.6 * _ramp(s.reasoning, 0.5, 0.8) if enough else 0.0,
         "system_prompt_probes": 0.9 * _ramp(s.probes, 1, 4),
         "avoids_marks": 0.5 * _ramp(s.unmarked, 0.7, 0.9) if enough else 0.0,

@@ -8,15 +8,17 @@
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, quiet hours, max set members,
---       then the observations packed in one string (see RECORD): one argument, not nine per observation,
---       because the client spent more time encoding arguments than the script spent reading them.
--- Returns per observation thirteen little-endian doubles packed in one string: requests, concentration, swept
+--       popular-by accounts, recent prompts kept, then the observations packed in one string (see RECORD): one
+--       argument, not eleven per observation, because the client spent more time encoding arguments than the
+--       script spent reading them.
+-- Returns per observation fourteen little-endian doubles packed in one string: requests, concentration, swept
 --   share, swept requests, template accounts, template variants, reasoning share, probes, unmarked share,
---   length spread, timing spread (-1: fewer than two gaps), network accounts, quiet share.
+--   length spread, timing spread (-1: fewer than two gaps), network accounts, quiet share, variety.
 
 local root, tau, max_skeletons = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local swept_by, ttl, rebase_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local quiet_hours, max_members = tonumber(ARGV[6]), tonumber(ARGV[7])
+local popular_by, recent = tonumber(ARGV[8]), tonumber(ARGV[9])
 local DAY = 86400
 local out = {}
 
@@ -53,14 +55,18 @@ local function window(kind, yesterday, key, today)
   return math.max(today, redis.call('SCARD', root .. kind .. yesterday .. key))
 end
 
--- An identity's running state and hour counts: 38 doubles packed in one string (struct, in C), read with
--- one GET and written with one SET; its skeleton counts are a hash beside it.
-local STATE_SIZE = 38
-local STATE = '<' .. string.rep('d', STATE_SIZE)
-local ROW = '<' .. string.rep('d', 13)
+-- An identity's running state, hour counts and recent prompts' ends: 39 doubles and then, per recent prompt
+-- (oldest first), its opening's and closing's word hashes (END_WORDS each, 16 bits), packed in one string
+-- (struct, in C), read with one GET and written with one SET; its skeleton counts are a hash beside it.
+local STATE_SIZE, END_WORDS = 39, 6
+local ENDS = 2 * END_WORDS  -- word hashes per recent prompt
+local STATE = '<' .. string.rep('d', STATE_SIZE) .. string.rep('H', recent * ENDS)
+local STATE_BYTES = 8 * STATE_SIZE + 2 * recent * ENDS
+local ROW = '<' .. string.rep('d', 14)
 -- one observation: identity, prefix hash, suffix hash, network (each a 4-byte length and its bytes), time,
--- words, and the reasoning, probe and unmarked flags (redis_signals.py packs it)
-local RECORD = '<I4c0I4c0I4c0I4c0dI4BBB'
+-- words, the reasoning, probe and unmarked flags, and its opening's and closing's word hashes (redis_signals.py
+-- packs it)
+local RECORD = '<I4c0I4c0I4c0I4c0dI4BBB' .. string.rep('H', ENDS)
 
 -- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
 -- signals.quiet_share, which sums in the same order)
@@ -75,6 +81,23 @@ local function quiet_share(hours)
     least = math.min(least, window)
   end
   return math.max(least, 0) / total
+end
+
+-- The share of distinct words among the recent prompts' openings (side 0) or closings (side 1); 0 is no word.
+-- As signals._distinct_share, the same division of the same two counts.
+local function distinct_share(ends, kept, side)
+  local seen, distinct, total = {}, 0, 0
+  for j = 0, kept - 1 do
+    for w = j * ENDS + side * END_WORDS + 1, j * ENDS + (side + 1) * END_WORDS do
+      local h = ends[w]
+      if h ~= 0 then
+        total = total + 1
+        if not seen[h] then seen[h], distinct = true, distinct + 1 end
+      end
+    end
+  end
+  if total == 0 then return 1 end
+  return distinct / total
 end
 
 -- Bring the skeleton counts back to scale 1 before they overflow.
@@ -95,24 +118,25 @@ local function trim(kk)
   return math.min(#names, max_skeletons)
 end
 
-local batch, at = ARGV[8], 1
+local batch, at = ARGV[10], 1
 while at <= #batch do
-  local id, pre, suf, network, t, words, reasoning, probe, unmarked
-  id, pre, suf, network, t, words, reasoning, probe, unmarked, at = struct.unpack(RECORD, batch, at)
+  local record = {struct.unpack(RECORD, batch, at)}
+  local id, pre, suf, network, t, words, reasoning, probe, unmarked = unpack(record, 1, 9)
+  at = record[10 + ENDS]
   local ik, kk = root .. ':st:' .. id, root .. ':sk:' .. id
   local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local packed = redis.call('GET', ik)
   local st = {}
-  if packed and #packed == 8 * STATE_SIZE then
+  if packed and #packed == STATE_BYTES then
     st = {struct.unpack(STATE, packed)}
   else  -- new, expired, or written in another layout: start afresh, skeleton counts included
-    for j = 1, STATE_SIZE do st[j] = 0 end
+    for j = 1, STATE_SIZE + recent * ENDS do st[j] = 0 end
     st[12] = t  -- the skeleton counts' scale is 1 now
     redis.call('DEL', kk)
   end
   local last, n, rs, pr, um, sw = st[1], st[2], st[3], st[4], st[5], st[6]
   local lm, lv, gm, gv, gn = st[7], st[8], st[9], st[10], st[11]
-  local base, top, kept = st[12], st[13], st[14]
+  local base, top, kept, recent_kept = st[12], st[13], st[14], st[39]
   local factor = 1
   if n > 0 then
     factor = math.exp(-math.max(t - last, 0) / tau)
@@ -155,17 +179,36 @@ while at <= #batch do
     if a >= swept_by and 2 * o >= a then swept = 1 end
     if a > accounts or (a == accounts and o > others) then accounts, others = a, o end
   end
-  sw = sw * factor + swept
   local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
+  local pair = pre .. suf  -- both ends: the prompt word for word, as far as the engine reads it
+  local asked_by = window(':ask', yesterday, pair, add(':ask', day, pair, id))
+  if asked_by >= popular_by then swept = 0 end  -- a popular prompt: no sweep's fill
+  sw = sw * factor + swept
+
+  -- the recent prompts' ends, oldest first: this one's join, the oldest goes beyond `recent`
+  local recent_ends, first = {}, 0
+  if recent_kept >= recent then first = 1 end
+  for j = first, recent_kept - 1 do
+    for w = 1, ENDS do recent_ends[#recent_ends + 1] = st[STATE_SIZE + j * ENDS + w] end
+  end
+  for w = 1, ENDS do recent_ends[#recent_ends + 1] = record[9 + w] end
+  recent_kept = math.min(recent_kept + 1, recent)
+  local variety = 1
+  if recent_kept >= recent then
+    variety = math.min(distinct_share(recent_ends, recent_kept, 0), distinct_share(recent_ends, recent_kept, 1))
+  end
 
   redis.call('HSET', kk, prefix_field, fmt(p_count), suffix_field, fmt(s_count))
   if kept > 2 * max_skeletons then kept = trim(kk) end
   redis.call('EXPIRE', kk, ttl)
-  redis.call('SET', ik, struct.pack(STATE, t, n, rs, pr, um, sw, lm, lv, gm, gv, gn, base, top, kept, unpack(hours)),
-    'EX', ttl)
+  local values = {t, n, rs, pr, um, sw, lm, lv, gm, gv, gn, base, top, kept}
+  for h = 1, 24 do values[14 + h] = hours[h] end
+  values[STATE_SIZE] = recent_kept
+  for j = 1, recent * ENDS do values[STATE_SIZE + j] = recent_ends[j] or 0 end
+  redis.call('SET', ik, struct.pack(STATE, unpack(values)), 'EX', ttl)
   local gaps = -1
   if gn >= 2 then gaps = math.sqrt(math.max(gv, 0)) end
   out[#out + 1] = struct.pack(ROW, n, top / grow / n, sw / n, sw, accounts, others, rs / n, pr, um / n,
-    math.sqrt(math.max(lv, 0)), gaps, network_accounts, quiet_share(hours))
+    math.sqrt(math.max(lv, 0)), gaps, network_accounts, quiet_share(hours), variety)
 end
 return out

@@ -7,11 +7,15 @@ prose; the spread of prompt lengths and of the gaps between requests (both on a 
 measure regularity whatever the scale: a person's gaps spread over orders of magnitude, a script's do not);
 and decayed counts per skeleton, whose largest share is the identity's template concentration; and
 decayed counts per hour of the day (UTC), whose quietest stretch of QUIET_HOURS says whether the identity
-ever rests: people sleep, in whatever time zone, and a script need not.
+ever rests: people sleep, in whatever time zone, and a script need not. And the opening and closing words of
+its last RECENT prompts, whose variety (the share of distinct words, at the end that has fewer) says whether
+it keeps rewording one template: a person's prompts begin and end with their topic, new words each time.
 
-Across identities, per day: which accounts used each skeleton and with how many distinct other ends, and
-which accounts came from each network. A campaign spread over many accounts shows up there: many accounts
-sweeping one template with many slot values. A popular prompt does not: many accounts, one prompt.
+Across identities, per day: which accounts used each skeleton and with how many distinct other ends, which
+accounts came from each network, and which accounts sent each prompt word for word (both skeletons). A
+campaign spread over many accounts shows up there: many accounts sweeping one template with many slot
+values. A popular prompt does not: many accounts, one prompt; nor do its askers when a campaign wraps it in
+ever new words, which makes its tail look swept (POPULAR_BY).
 
 `MemorySignals` keeps all of it in this process (the embedded default, and what tests compare with).
 """
@@ -19,7 +23,7 @@ sweeping one template with many slot values. A popular prompt does not: many acc
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .features import Observation
@@ -39,7 +43,12 @@ REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 be
 # tail, but with a few other ends (the templates), not a new one each. People who happen to share a
 # six-word opening each use it for a small share of their requests, which `swept_share` measures.
 SWEPT_BY = 10
+# A prompt that this many accounts send word for word (both ends the same) is a popular one: its requests are
+# no sweep's fills, even when a campaign sweeps one of its ends (a campaign that wraps a popular question in
+# ever new words makes its tail look swept; the people asking the question itself are not part of that).
+POPULAR_BY = 3
 QUIET_HOURS = 8  # the stretch of the day a person's requests mostly leave empty
+RECENT = 16  # prompts whose opening and closing words are kept per identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,7 @@ class Signals:
     timing_spread: float  # standard deviation of log gap between requests
     network_accounts: int  # accounts seen from the identity's network today and yesterday
     quiet_share: float  # share of requests in the identity's quietest QUIET_HOURS of the day
+    variety: float  # distinct words over words in the last RECENT openings, or closings (the lower); 1 before
 
     def as_json(self) -> dict:
         """Plain JSON (an infinite spread, for too few gaps, is null: evidence entries must parse anywhere)."""
@@ -99,6 +109,7 @@ class _Identity:
     base: float = 0.0  # the time at which the scale is 1
     top: float = 0.0  # the largest count, on that scale
     hours: list[float] = field(default_factory=lambda: [0.0] * 24)  # counts per hour of the day, on that scale
+    ends: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # (opening, closing) of recent prompts
 
 
 class MemorySignals:
@@ -106,6 +117,7 @@ class MemorySignals:
         self._identities: dict[str, _Identity] = {}
         self._skeletons: dict[int, dict[str, tuple[set, set]]] = defaultdict(dict)  # day -> skeleton -> sets
         self._networks: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> network -> (accounts,)
+        self._prompts: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> both ends -> (accounts,)
 
     async def update_many(self, observations: list[Observation]) -> list[Signals]:
         return [self.update(o) for o in observations]
@@ -139,16 +151,12 @@ class MemorySignals:
                 seen[0].add(obs.identity)
             if seen is not None and len(seen[1]) < MAX_MEMBERS:
                 seen[1].add(other)
-        network = self._networks[day].get(obs.network)
-        if network is None and len(self._networks[day]) < MAX_SKETCHES:
-            network = self._networks[day][obs.network] = (set(),)
-        if network is not None and len(network[0]) < MAX_MEMBERS:
-            network[0].add(obs.identity)
+        network = self._add(self._networks, day, obs.network, obs.identity)
+        asked_by = self._add(self._prompts, day, obs.prefix + obs.suffix, obs.identity)
         shared = [_window(self._skeletons, day, skeleton, 2) for skeleton, _ in ends]
-        swept = any(accounts >= SWEPT_BY and 2 * others >= accounts for accounts, others in shared)
+        swept = asked_by < POPULAR_BY and any(a >= SWEPT_BY and 2 * others >= a for a, others in shared)
         state.swept = state.swept * factor + swept
         accounts, fills = max(shared)
-        (network,) = _window(self._networks, day, obs.network, 1)
         return Signals(
             requests=state.n,
             per_day=state.n * DAY / TAU,
@@ -164,7 +172,19 @@ class MemorySignals:
             timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
             network_accounts=network,
             quiet_share=quiet_share(state.hours),
+            variety=_variety(state.ends, obs),
         )
+
+    @staticmethod
+    def _add(table: dict, day: int, key: str, member: str) -> int:
+        """Add `member` to today's set of `key` (within the caps); the set's size over today and yesterday."""
+        today = table[day]
+        members = today.get(key)
+        if members is None and len(today) < MAX_SKETCHES:
+            members = today[key] = (set(),)
+        if members is not None and len(members[0]) < MAX_MEMBERS:
+            members[0].add(member)
+        return _window(table, day, key, 1)[0]
 
     @staticmethod
     def _count_skeletons(state: _Identity, obs: Observation) -> float:
@@ -195,7 +215,7 @@ class MemorySignals:
         return state.top / grow
 
     def _prune(self, day: int) -> None:
-        for table in (self._skeletons, self._networks):
+        for table in (self._skeletons, self._networks, self._prompts):
             for old in [d for d in table if d < day - 1]:
                 del table[old]
 
@@ -209,6 +229,20 @@ def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
     if today is None:
         return tuple(len(s) for s in yesterday)
     return tuple(max(len(a), len(b)) for a, b in zip(today, yesterday, strict=True))
+
+
+def _variety(ends: deque, obs: Observation) -> float:
+    """Add this prompt's ends; then the share of distinct words among the words of the recent openings, or
+    closings, whichever is lower; 1.0 until RECENT prompts are kept."""
+    ends.append((obs.opening, obs.closing))
+    if len(ends) < RECENT:
+        return 1.0
+    return min(_distinct_share([end[side] for end in ends]) for side in (0, 1))
+
+
+def _distinct_share(groups: list[tuple[int, ...]]) -> float:
+    words = [word for group in groups for word in group if word]
+    return len(set(words)) / len(words) if words else 1.0
 
 
 def quiet_share(hours: list[float]) -> float:

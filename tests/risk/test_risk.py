@@ -120,6 +120,42 @@ def test_an_account_that_never_rests_is_told_from_people_who_sleep():
     assert next_tier("normal", score({"round_the_clock": 0.6})) == "watch"
 
 
+def test_a_template_reworded_from_interchangeable_parts_is_still_a_template():
+    """Its openings keep drawing on the same few words, so their variety is low, where a person's questions
+    begin with their topic; the skeleton's concentration misses it (every opening differs)."""
+    store, rng = MemorySignals(), random.Random(2)
+    parts = [("please", "kindly", "now"), ("write", "give", "draft"), ("a full", "a thorough", "an exact")]
+    parts += [("answer", "reply", "account"), ("for", "on", "covering")]
+    for i, row in enumerate(rng.sample(SAMPLE, 16)):
+        opening = " ".join(rng.choice(words) for words in parts)
+        reworded = store.update(_obs("rewording", 600.0 * i, f"{opening} the following. {row['instruction']}"))
+        person = store.update(_obs("person", 600.0 * i, row["instruction"]))
+    assert reworded.variety < 0.4 and reworded.concentration < 0.5 and person.variety > 0.6
+    assert strengths(reworded)["template"] > 0.5 and "template" not in strengths(person)
+    before = store.update(_obs("newcomer", 0.0, "Please write a full answer for the following question."))
+    assert before.variety == 1.0  # too few prompts to tell
+
+
+def test_people_asking_a_question_a_campaign_wraps_in_ever_new_words_are_not_implicated():
+    """A campaign rewording its wrapper around one question gives the question's tail a new other end with every
+    account, as a sweep does; the people asking the question word for word are not its fills. Three of them
+    make the question popular; one alone could be chance, and counts."""
+    question = "How do volcanoes form and why do some of them erupt more violently than others?"
+    rng = random.Random(5)
+
+    def asked_by(people: int):
+        store, t = MemorySignals(), 0.0
+        for account in range(30):
+            t += 30
+            opening = " ".join(rng.choice(("please", "kindly", "now", "go on and", "quickly")) for _ in range(4))
+            store.update(_obs(f"acct{account}", t, f"{opening} {account} answer this: {question}"))
+        return [store.update(_obs(f"person{p}", t + p, question)) for p in range(people)]
+
+    alone, popular = asked_by(1)[-1], asked_by(3)[-1]
+    assert alone.template_accounts >= 30 and 2 * alone.template_variants >= alone.template_accounts
+    assert alone.swept_requests == 1 and popular.swept_requests == 0
+
+
 def test_tiers_move_with_hysteresis_along_the_ladder():
     assert [next_tier("normal", v) for v in (0.2, 0.5, 0.8)] == ["normal", "watch", "suspect"]
     assert next_tier("suspect", 0.7) == "suspect" and next_tier("suspect", 0.55) == "watch"
@@ -267,11 +303,12 @@ def test_a_pinned_identity_is_never_moved_and_a_pin_clears_the_engines_tier(risk
     with server:
         _sweep(server.url, bot, clock, 60)
         assert _begins(state, "bot")[-1]["tier"] != "normal"
+        decided = _risk_entries(state)
         registry.set_tier("bot", "normal", pin="our nightly batch job")
         _sweep(server.url, bot, clock, 3)
         _sweep(server.url, bot, clock, 60)
     assert _begins(state, "bot")[-1]["tier"] == "normal"
-    assert not [d for d in _risk_entries(state)[-3:] if d["to"] != "suspect" and d["from"] == "normal"]
+    assert decided and _risk_entries(state) == decided  # scored, never moved again
 
 
 def test_people_asking_a_question_a_campaign_wraps_in_templates_are_not_implicated():

@@ -22,6 +22,7 @@ from tests.risk.test_risk import _obs
 from tests.watermark.test_detect import SAMPLE
 
 TEMPLATE = "You are a careful expert: give a complete, structured and thorough answer to the question {x}"
+REWORDINGS = [("please", "kindly"), ("write", "give"), ("a full", "a complete"), ("answer", "reply"), ("to", "for")]
 
 
 def _traffic(seed: int = 5) -> list:
@@ -41,6 +42,11 @@ def _traffic(seed: int = 5) -> list:
         for _ in range(12):
             t += rng.uniform(300, 900)
             out.append(_obs(f"acct{account}", t, TEMPLATE.format(x=rng.random()), "192.0.2.0/24"))
+    question = "Why is the sky blue during the day but red and orange at sunset?"
+    for i in range(40):  # a question wrapped in ever new words by one group, asked word for word by others
+        opening = " ".join(rng.choice(pair) for pair in REWORDINGS)
+        out.append(_obs(f"wrapper{i % 8}", 900.0 + 60 * i, f"{opening} the following. {question}"))
+        out.append(_obs(f"asker{i % 2}", 930.0 + 60 * i, question if i % 4 else "And why is that?"))  # short
     for i in range(10):  # a name outside ASCII, and no network (as Redis reads each from its byte length)
         out.append(_obs("zoë·東京", 500.0 + 700 * i, rng.choice(SAMPLE)["instruction"], ""))
     return sorted(out, key=lambda o: o.time)
@@ -77,8 +83,9 @@ def test_redis_signals_match_memory_signals():
             return got
 
         got = asyncio.run(run())
-    exact = ("requests", "concentration", "swept_requests", "reasoning", "probes", "unmarked", "length_spread",
-             "quiet_share", "template_accounts", "template_variants", "network_accounts")  # fmt: skip
+    exact = ("requests", "concentration", "swept_share", "swept_requests", "reasoning", "probes", "unmarked",
+             "length_spread", "quiet_share", "template_accounts", "template_variants", "network_accounts",
+             "variety")  # fmt: skip
     tiers = {"memory": {}, "redis": {}}
     for obs, a, b in zip(traffic, expected, got, strict=True):
         for name in exact:
@@ -89,6 +96,7 @@ def test_redis_signals_match_memory_signals():
     assert tiers["memory"] == tiers["redis"]
     assert tiers["memory"]["script"] == "suspect" and all(tiers["memory"][f"acct{a}"] == "suspect" for a in range(25))
     assert {tiers["memory"][f"person{p}"] for p in range(15)} == {"normal"}
+    assert {a.variety for a in expected if a.variety < 1} and max(a.swept_requests for a in expected) >= 4
 
 
 def _tiers_seen(folder, identity: str) -> list[str]:
