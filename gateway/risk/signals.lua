@@ -56,17 +56,22 @@ local function window(kind, yesterday, key, today)
 end
 
 -- An identity's running state, hour counts and recent prompts' ends: 39 doubles and then, per recent prompt
--- (oldest first), its opening's and closing's word hashes (END_WORDS each, 16 bits), packed in one string
--- (struct, in C), read with one GET and written with one SET; its skeleton counts are a hash beside it.
+-- (oldest first, as many as the 39th says), its opening's and closing's word hashes (END_WORDS each, 16
+-- bits), in one string read with one GET and written with one SET; its skeleton counts are a hash beside it.
+-- The ends stay bytes: a prompt's come in the record as bytes and are appended, the oldest cut off; only
+-- the count of distinct words reads them as numbers (unpacking and repacking them all took as long as the
+-- rest of the script).
 local STATE_SIZE, END_WORDS = 39, 6
 local ENDS = 2 * END_WORDS  -- word hashes per recent prompt
-local STATE = '<' .. string.rep('d', STATE_SIZE) .. string.rep('H', recent * ENDS)
-local STATE_BYTES = 8 * STATE_SIZE + 2 * recent * ENDS
+local ENDS_BYTES = 2 * ENDS
+local STATE = '<' .. string.rep('d', STATE_SIZE)
+local STATE_BYTES = 8 * STATE_SIZE
+local RING = '<' .. string.rep('H', recent * ENDS)
 local ROW = '<' .. string.rep('d', 14)
 -- one observation: identity, prefix hash, suffix hash, network (each a 4-byte length and its bytes), time,
 -- words, the reasoning, probe and unmarked flags, and its opening's and closing's word hashes (redis_signals.py
 -- packs it)
-local RECORD = '<I4c0I4c0I4c0I4c0dI4BBB' .. string.rep('H', ENDS)
+local RECORD = '<I4c0I4c0I4c0I4c0dI4BBBc' .. ENDS_BYTES
 
 -- the share of the counts in the quietest `quiet_hours` consecutive hours, as a sliding sum (see
 -- signals.quiet_share, which sums in the same order)
@@ -84,15 +89,18 @@ local function quiet_share(hours)
 end
 
 -- The share of distinct words among the recent prompts' openings (side 0) or closings (side 1); 0 is no word.
--- As signals._distinct_share, the same division of the same two counts.
-local function distinct_share(ends, kept, side)
-  local seen, distinct, total = {}, 0, 0
-  for j = 0, kept - 1 do
+-- As signals._distinct_share, the same division of the same two counts. `seen` is one table for the whole
+-- batch, marked with a new stamp for each count (a fresh table per count grew and rehashed every time).
+local seen, stamp = {}, 0
+local function distinct_share(ends, side)
+  local distinct, total = 0, 0
+  stamp = stamp + 1
+  for j = 0, recent - 1 do
     for w = j * ENDS + side * END_WORDS + 1, j * ENDS + (side + 1) * END_WORDS do
       local h = ends[w]
       if h ~= 0 then
         total = total + 1
-        if not seen[h] then seen[h], distinct = true, distinct + 1 end
+        if seen[h] ~= stamp then seen[h], distinct = stamp, distinct + 1 end
       end
     end
   end
@@ -120,17 +128,20 @@ end
 
 local batch, at = ARGV[10], 1
 while at <= #batch do
-  local record = {struct.unpack(RECORD, batch, at)}
-  local id, pre, suf, network, t, words, reasoning, probe, unmarked = unpack(record, 1, 9)
-  at = record[10 + ENDS]
+  local id, pre, suf, network, t, words, reasoning, probe, unmarked, new_ends
+  id, pre, suf, network, t, words, reasoning, probe, unmarked, new_ends, at = struct.unpack(RECORD, batch, at)
   local ik, kk = root .. ':st:' .. id, root .. ':sk:' .. id
   local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local packed = redis.call('GET', ik)
   local st = {}
-  if packed and #packed == STATE_BYTES then
+  local recent_ends = ''
+  if packed and #packed >= STATE_BYTES then
     st = {struct.unpack(STATE, packed)}
-  else  -- new, expired, or written in another layout: start afresh, skeleton counts included
-    for j = 1, STATE_SIZE + recent * ENDS do st[j] = 0 end
+    recent_ends = string.sub(packed, STATE_BYTES + 1)
+  end
+  if not st[STATE_SIZE] or #recent_ends ~= st[STATE_SIZE] * ENDS_BYTES then
+    st, recent_ends = {}, ''  -- new, expired, or written in another layout: start afresh, skeleton counts included
+    for j = 1, STATE_SIZE do st[j] = 0 end
     st[12] = t  -- the skeleton counts' scale is 1 now
     redis.call('DEL', kk)
   end
@@ -186,16 +197,16 @@ while at <= #batch do
   sw = sw * factor + swept
 
   -- the recent prompts' ends, oldest first: this one's join, the oldest goes beyond `recent`
-  local recent_ends, first = {}, 0
-  if recent_kept >= recent then first = 1 end
-  for j = first, recent_kept - 1 do
-    for w = 1, ENDS do recent_ends[#recent_ends + 1] = st[STATE_SIZE + j * ENDS + w] end
+  recent_ends = recent_ends .. new_ends
+  if recent_kept >= recent then
+    recent_ends = string.sub(recent_ends, ENDS_BYTES + 1)
+  else
+    recent_kept = recent_kept + 1
   end
-  for w = 1, ENDS do recent_ends[#recent_ends + 1] = record[9 + w] end
-  recent_kept = math.min(recent_kept + 1, recent)
   local variety = 1
   if recent_kept >= recent then
-    variety = math.min(distinct_share(recent_ends, recent_kept, 0), distinct_share(recent_ends, recent_kept, 1))
+    local hashes = {struct.unpack(RING, recent_ends)}
+    variety = math.min(distinct_share(hashes, 0), distinct_share(hashes, 1))
   end
 
   redis.call('HSET', kk, prefix_field, fmt(p_count), suffix_field, fmt(s_count))
@@ -204,8 +215,7 @@ while at <= #batch do
   local values = {t, n, rs, pr, um, sw, lm, lv, gm, gv, gn, base, top, kept}
   for h = 1, 24 do values[14 + h] = hours[h] end
   values[STATE_SIZE] = recent_kept
-  for j = 1, recent * ENDS do values[STATE_SIZE + j] = recent_ends[j] or 0 end
-  redis.call('SET', ik, struct.pack(STATE, unpack(values)), 'EX', ttl)
+  redis.call('SET', ik, struct.pack(STATE, unpack(values)) .. recent_ends, 'EX', ttl)
   local gaps = -1
   if gn >= 2 then gaps = math.sqrt(math.max(gv, 0)) end
   out[#out + 1] = struct.pack(ROW, n, top / grow / n, sw / n, sw, accounts, others, rs / n, pr, um / n,

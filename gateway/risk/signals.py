@@ -94,6 +94,42 @@ class _Running:
         return math.sqrt(max(self.var, 0.0))
 
 
+class _RecentEnds:
+    """The word hashes of the last RECENT prompts' openings and closings, with each side's count of every word
+    kept as prompts come and go, so that the share of distinct words is read in constant time (signals.lua
+    counts them afresh, to the same two numbers)."""
+
+    __slots__ = ("prompts", "counts", "totals")
+
+    def __init__(self) -> None:
+        self.prompts: deque[tuple[tuple[int, ...], ...]] = deque()
+        self.counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.totals = [0, 0]
+
+    def add(self, opening: tuple[int, ...], closing: tuple[int, ...]) -> float:
+        """Keep this prompt's ends (the oldest goes beyond RECENT); then the share of distinct words among the
+        recent openings', or closings', whichever is lower: 1.0 until RECENT prompts are kept."""
+        if len(self.prompts) == RECENT:
+            self._count(self.prompts.popleft(), -1)
+        self.prompts.append((opening, closing))
+        self._count((opening, closing), 1)
+        if len(self.prompts) < RECENT:
+            return 1.0
+        return min(len(c) / t if t else 1.0 for c, t in zip(self.counts, self.totals, strict=True))
+
+    def _count(self, ends: tuple[tuple[int, ...], ...], step: int) -> None:
+        for side, words in enumerate(ends):
+            counts = self.counts[side]
+            for word in words:
+                if word:  # 0 pads an end of fewer words
+                    left = counts.get(word, 0) + step
+                    if left:
+                        counts[word] = left
+                    else:
+                        del counts[word]
+                    self.totals[side] += step
+
+
 @dataclass(slots=True)
 class _Identity:
     last: float = 0.0
@@ -109,7 +145,7 @@ class _Identity:
     base: float = 0.0  # the time at which the scale is 1
     top: float = 0.0  # the largest count, on that scale
     hours: list[float] = field(default_factory=lambda: [0.0] * 24)  # counts per hour of the day, on that scale
-    ends: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # (opening, closing) of recent prompts
+    ends: _RecentEnds = field(default_factory=lambda: _RecentEnds())
 
 
 class MemorySignals:
@@ -172,7 +208,7 @@ class MemorySignals:
             timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
             network_accounts=network,
             quiet_share=quiet_share(state.hours),
-            variety=_variety(state.ends, obs),
+            variety=state.ends.add(obs.opening, obs.closing),
         )
 
     @staticmethod
@@ -229,20 +265,6 @@ def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
     if today is None:
         return tuple(len(s) for s in yesterday)
     return tuple(max(len(a), len(b)) for a, b in zip(today, yesterday, strict=True))
-
-
-def _variety(ends: deque, obs: Observation) -> float:
-    """Add this prompt's ends; then the share of distinct words among the words of the recent openings, or
-    closings, whichever is lower; 1.0 until RECENT prompts are kept."""
-    ends.append((obs.opening, obs.closing))
-    if len(ends) < RECENT:
-        return 1.0
-    return min(_distinct_share([end[side] for end in ends]) for side in (0, 1))
-
-
-def _distinct_share(groups: list[tuple[int, ...]]) -> float:
-    words = [word for group in groups for word in group if word]
-    return len(set(words)) / len(words) if words else 1.0
 
 
 def quiet_share(hours: list[float]) -> float:
