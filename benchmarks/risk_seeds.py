@@ -1,10 +1,11 @@
 """The risk engine over several draws of the simulated traffic, replayed in this process: is one run luck?
 
-`risk_sim` drives one draw of the traffic (one seed) through a real gateway, which takes ten minutes. The
-engine's decisions do not depend on the gateway around it, so here each seed's traffic goes straight through
-the engine's own parts (features, MemorySignals, the engine in shadow mode), about a minute a seed: other
-popular questions, other campaign start days, other account pacing. Every request counts as answered (no
-tarpit or limit acts), so the answers before suspect are the requests sent before it, as in `risk_sim`.
+`risk_sim` drives one draw of the traffic (one seed) through a real gateway, which takes ten minutes. Here each
+seed's traffic goes straight through the engine's own parts (features, MemorySignals, the engine in shadow
+mode), about a minute a seed: other popular questions, other campaign start days, other account pacing. What
+the gateway adds is left out: no request asks for reasoning in a field or gets an answer without prose (the
+simulated ones do neither), no tarpit or limit acts, and every request counts as answered, so the answers
+before suspect are the requests sent before it, as `risk_sim` counts answers.
 
     python -m benchmarks.risk_seeds --data ../shared/data/alpaca_eval [--seeds 1-5] [--days 30] [--users 1000]
         [--campaign-days 10]
@@ -34,7 +35,8 @@ console = Console(stderr=True)
 
 def replay(requests: list[Request], progress, task) -> dict[str, list[dict]]:
     """Each account's tier moves (as the evidence log would hold them), from its requests in time order."""
-    store, engine = MemorySignals(), RiskEngine(MemorySignals(), "shadow")
+    store = MemorySignals()
+    engine = RiskEngine(store, "shadow")
     moves: dict[str, list[dict]] = defaultdict(list)
     for i, r in enumerate(requests):
         identity = Identity(r.account, "normal")

@@ -16,11 +16,22 @@ from importlib import resources
 from redis.exceptions import NoScriptError
 
 from .features import END_WORDS, Observation
-from .signals import DAY, MAX_MEMBERS, MAX_SKELETONS, POPULAR_BY, QUIET_HOURS, REBASE_AT, RECENT, SWEPT_BY, TAU, Signals
+from .signals import (
+    DAY,
+    IDENTITY_TTL,
+    MAX_MEMBERS,
+    MAX_SKELETONS,
+    POPULAR_BY,
+    QUIET_HOURS,
+    REBASE_AT,
+    RECENT,
+    SWEPT_BY,
+    TAU,
+    Signals,
+)
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
-IDENTITY_TTL = 30 * 86400
 ROW = struct.Struct("<14d")  # one observation's signals, as the script packs them
 _LENGTH = struct.Struct("<I")  # of each string of the record, in bytes (the script's I4 before c0)
 _TAIL = struct.Struct(f"<dIBBB{2 * END_WORDS}H")  # time, words, the three flags, the ends' word hashes
@@ -40,6 +51,7 @@ class RedisSignals:
             str(MAX_MEMBERS),
             str(POPULAR_BY),
             str(RECENT),
+            str(END_WORDS),
         ]
 
     async def close(self) -> None:

@@ -33,14 +33,16 @@ def strengths(s: Signals) -> dict[str, float]:
         # a person reads at most a few hundred long answers a day
         "volume": 0.6 * _ramp(s.per_day, 300, 1000),
         # one skeleton for most requests: a template being swept; or, reworded, its recent openings or closings
-        # drawn from a few words (a person's begin or end with their topic: over AlpacaEval's instructions,
-        # 16 random ones have 61% or more of their opening words distinct in 99 draws of 100; a template
-        # reworded from interchangeable parts, about a third). One behaviour: the stronger reading counts.
-        "template": 0.6 * max(_ramp(s.concentration, 0.5, 0.8) if enough else 0.0, _ramp(0.5 - s.variety, 0.0, 0.15)),
+        # drawn from a few words (a person's begin and end with their topic: of 16 random AlpacaEval
+        # instructions, 61% or more of the opening words are distinct, and 72% of the closing words, in 99
+        # draws of 100; of a template reworded from interchangeable parts, about a third). One behaviour: the
+        # stronger reading counts. Like the skeletons, the ends are read from the prompt text the gateway
+        # records (every message), so a fixed system prompt or a long conversation reads as a template too.
+        "template": 0.6 * max(_ramp(s.concentration, 0.5, 0.8), _ramp(0.5 - s.variety, 0.0, 0.15)) if enough else 0.0,
         # most of its requests on templates that many accounts are sweeping: a campaign spread over accounts.
         # One such request can be chance (a question of one's own whose end a campaign happens to sweep);
         # four cannot. People's popular questions never count (signals.POPULAR_BY): over 5 simulated months
-        # of 1,000 people, none had more than one such request (benchmarks/results/risk.md).
+        # of 1,000 people, none had more than one such request (benchmarks/risk_seeds.py).
         "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) * _ramp(s.swept_requests, 1, 4),
         "reasoning": 0.6 * _ramp(s.reasoning, 0.5, 0.8) if enough else 0.0,
         "system_prompt_probes": 0.9 * _ramp(s.probes, 1, 4),

@@ -8,7 +8,7 @@
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, quiet hours, max set members,
---       popular-by accounts, recent prompts kept, then the observations packed in one string (see RECORD): one
+--       popular-by accounts, recent prompts kept, words per end, then the observations packed in one string (see RECORD): one
 --       argument, not eleven per observation, because the client spent more time encoding arguments than the
 --       script spent reading them.
 -- Returns per observation fourteen little-endian doubles packed in one string: requests, concentration, swept
@@ -18,7 +18,7 @@
 local root, tau, max_skeletons = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local swept_by, ttl, rebase_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local quiet_hours, max_members = tonumber(ARGV[6]), tonumber(ARGV[7])
-local popular_by, recent = tonumber(ARGV[8]), tonumber(ARGV[9])
+local popular_by, recent, end_words = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local DAY = 86400
 local out = {}
 
@@ -37,13 +37,13 @@ local function running(mean, var, value, weight)
   return mean, var
 end
 
--- Add `member` to today's set and return its size; a set stops growing at max_members, far past every
--- threshold (as MemorySignals' sets do). A new set lives through tomorrow's window. A set's name is
--- root .. kind .. day .. key, where kind (':acct') and day (':20400:') carry their colons: made once.
-local function add(kind, day, key, member)
+-- Add `member` to today's set and return its size; a set stops growing at `cap` (max_members unless given),
+-- far past every threshold (as MemorySignals' sets do). A new set lives through tomorrow's window. A set's
+-- name is root .. kind .. day .. key, where kind (':acct') and day (':20400:') carry their colons: made once.
+local function add(kind, day, key, member, cap)
   local name = root .. kind .. day .. key
   local size = redis.call('SCARD', name)
-  if size < max_members and redis.call('SADD', name, member) == 1 then
+  if size < (cap or max_members) and redis.call('SADD', name, member) == 1 then
     size = size + 1
     if size == 1 then redis.call('EXPIRE', name, 3 * DAY) end
   end
@@ -61,7 +61,7 @@ end
 -- The ends stay bytes: a prompt's come in the record as bytes and are appended, the oldest cut off; only
 -- the count of distinct words reads them as numbers (unpacking and repacking them all took as long as the
 -- rest of the script).
-local STATE_SIZE, END_WORDS = 39, 6
+local STATE_SIZE, END_WORDS = 39, end_words
 local ENDS = 2 * END_WORDS  -- word hashes per recent prompt
 local ENDS_BYTES = 2 * ENDS
 local STATE = '<' .. string.rep('d', STATE_SIZE)
@@ -89,7 +89,7 @@ local function quiet_share(hours)
 end
 
 -- The share of distinct words among the recent prompts' openings (side 0) or closings (side 1); 0 is no word.
--- As signals._distinct_share, the same division of the same two counts. `seen` is one table for the whole
+-- signals._RecentEnds keeps the same two counts as prompts come and go. `seen` is one table for the whole
 -- batch, marked with a new stamp for each count (a fresh table per count grew and rehashed every time).
 local seen, stamp = {}, 0
 local function distinct_share(ends, side)
@@ -126,7 +126,7 @@ local function trim(kk)
   return math.min(#names, max_skeletons)
 end
 
-local batch, at = ARGV[10], 1
+local batch, at = ARGV[11], 1
 while at <= #batch do
   local id, pre, suf, network, t, words, reasoning, probe, unmarked, new_ends
   id, pre, suf, network, t, words, reasoning, probe, unmarked, new_ends, at = struct.unpack(RECORD, batch, at)
@@ -139,8 +139,11 @@ while at <= #batch do
     st = {struct.unpack(STATE, packed)}
     recent_ends = string.sub(packed, STATE_BYTES + 1)
   end
-  if not st[STATE_SIZE] or #recent_ends ~= st[STATE_SIZE] * ENDS_BYTES then
-    st, recent_ends = {}, ''  -- new, expired, or written in another layout: start afresh, skeleton counts included
+  -- new, idle for ttl (by the observations' clock, as MemorySignals; Redis expires it by its own), or written
+  -- in another layout: start afresh, skeleton counts included
+  local kept_ends = st[STATE_SIZE]
+  if not kept_ends or t - st[1] > ttl or kept_ends > recent or #recent_ends ~= kept_ends * ENDS_BYTES then
+    st, recent_ends = {}, ''
     for j = 1, STATE_SIZE do st[j] = 0 end
     st[12] = t  -- the skeleton counts' scale is 1 now
     redis.call('DEL', kk)
@@ -192,7 +195,7 @@ while at <= #batch do
   end
   local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
   local pair = pre .. suf  -- both ends: the prompt word for word, as far as the engine reads it
-  local asked_by = window(':ask', yesterday, pair, add(':ask', day, pair, id))
+  local asked_by = window(':ask', yesterday, pair, add(':ask', day, pair, id, popular_by))
   if asked_by >= popular_by then swept = 0 end  -- a popular prompt: no sweep's fill
   sw = sw * factor + swept
 

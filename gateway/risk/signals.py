@@ -31,8 +31,10 @@ from .features import Observation
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
 MAX_SKELETONS = 64  # per identity: the smallest decayed counts are forgotten beyond twice this
-# Memory bounds for the cross-account sets of one day: beyond them a day's new skeletons are not tracked, and a
-# set stops growing once far past every threshold (Redis caps the sets alike, and expires them instead).
+IDENTITY_TTL = 30 * 86400  # an identity idle this long starts afresh (Redis expires its state then)
+# Memory bounds for the cross-account sets of one day: beyond them a day's new skeletons, networks and prompts are
+# not tracked, and a set stops growing once far past every threshold (Redis caps the sets alike, and expires them
+# instead). The sets of a prompt's accounts stop at POPULAR_BY, all that is ever asked of them.
 MAX_SKETCHES = 500_000
 MAX_MEMBERS = 10_000
 REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
@@ -162,7 +164,9 @@ class MemorySignals:
         """Nothing to close."""
 
     def update(self, obs: Observation) -> Signals:
-        state = self._identities.setdefault(obs.identity, _Identity(last=obs.time))
+        state = self._identities.get(obs.identity)
+        if state is None or obs.time - state.last > IDENTITY_TTL:
+            state = self._identities[obs.identity] = _Identity(last=obs.time)
         factor = math.exp(-max(obs.time - state.last, 0.0) / TAU) if state.n else 1.0
         past = state.n * factor
         if state.n:
@@ -188,7 +192,7 @@ class MemorySignals:
             if seen is not None and len(seen[1]) < MAX_MEMBERS:
                 seen[1].add(other)
         network = self._add(self._networks, day, obs.network, obs.identity)
-        asked_by = self._add(self._prompts, day, obs.prefix + obs.suffix, obs.identity)
+        asked_by = self._add(self._prompts, day, obs.prefix + obs.suffix, obs.identity, POPULAR_BY)
         shared = [_window(self._skeletons, day, skeleton, 2) for skeleton, _ in ends]
         swept = asked_by < POPULAR_BY and any(a >= SWEPT_BY and 2 * others >= a for a, others in shared)
         state.swept = state.swept * factor + swept
@@ -212,13 +216,13 @@ class MemorySignals:
         )
 
     @staticmethod
-    def _add(table: dict, day: int, key: str, member: str) -> int:
+    def _add(table: dict, day: int, key: str, member: str, cap: int = MAX_MEMBERS) -> int:
         """Add `member` to today's set of `key` (within the caps); the set's size over today and yesterday."""
         today = table[day]
         members = today.get(key)
         if members is None and len(today) < MAX_SKETCHES:
             members = today[key] = (set(),)
-        if members is not None and len(members[0]) < MAX_MEMBERS:
+        if members is not None and len(members[0]) < cap:
             members[0].add(member)
         return _window(table, day, key, 1)[0]
 

@@ -126,7 +126,7 @@ def test_a_template_reworded_from_interchangeable_parts_is_still_a_template():
     store, rng = MemorySignals(), random.Random(2)
     parts = [("please", "kindly", "now"), ("write", "give", "draft"), ("a full", "a thorough", "an exact")]
     parts += [("answer", "reply", "account"), ("for", "on", "covering")]
-    for i, row in enumerate(rng.sample(SAMPLE, 16)):
+    for i, row in enumerate(rng.sample(SAMPLE, 24)):  # the last 16 are read, once 20 (decayed) were sent
         opening = " ".join(rng.choice(words) for words in parts)
         reworded = store.update(_obs("rewording", 600.0 * i, f"{opening} the following. {row['instruction']}"))
         person = store.update(_obs("person", 600.0 * i, row["instruction"]))
@@ -303,12 +303,13 @@ def test_a_pinned_identity_is_never_moved_and_a_pin_clears_the_engines_tier(risk
     with server:
         _sweep(server.url, bot, clock, 60)
         assert _begins(state, "bot")[-1]["tier"] != "normal"
-        decided = _risk_entries(state)
         registry.set_tier("bot", "normal", pin="our nightly batch job")
+        pinned_at = clock.now
         _sweep(server.url, bot, clock, 3)
         _sweep(server.url, bot, clock, 60)
     assert _begins(state, "bot")[-1]["tier"] == "normal"
-    assert decided and _risk_entries(state) == decided  # scored, never moved again
+    moves = [d["observed_at"] for d in _risk_entries(state) if d["identity"] == "bot"]
+    assert moves and max(moves) <= pinned_at  # scored after the pin, never moved again
 
 
 def test_people_asking_a_question_a_campaign_wraps_in_templates_are_not_implicated():

@@ -43,10 +43,10 @@ def _traffic(seed: int = 5) -> list:
             t += rng.uniform(300, 900)
             out.append(_obs(f"acct{account}", t, TEMPLATE.format(x=rng.random()), "192.0.2.0/24"))
     question = "Why is the sky blue during the day but red and orange at sunset?"
-    for i in range(40):  # a question wrapped in ever new words by one group, asked word for word by others
+    for i in range(80):  # a question wrapped in ever new words by one group, asked word for word by others
         opening = " ".join(rng.choice(pair) for pair in REWORDINGS)
         out.append(_obs(f"wrapper{i % 8}", 900.0 + 60 * i, f"{opening} the following. {question}"))
-        out.append(_obs(f"asker{i % 2}", 930.0 + 60 * i, question if i % 4 else "And why is that?"))  # short
+        out.append(_obs(f"asker{i % 4}", 930.0 + 60 * i, question if i % 8 else "And why is that?"))  # short
     for i in range(10):  # a name outside ASCII, and no network (as Redis reads each from its byte length)
         out.append(_obs("zoë·東京", 500.0 + 700 * i, rng.choice(SAMPLE)["instruction"], ""))
     return sorted(out, key=lambda o: o.time)
