@@ -153,9 +153,11 @@ class _Identity:
 class MemorySignals:
     def __init__(self) -> None:
         self._identities: dict[str, _Identity] = {}
-        self._skeletons: dict[int, dict[str, tuple[set, set]]] = defaultdict(dict)  # day -> skeleton -> sets
-        self._networks: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> network -> (accounts,)
-        self._prompts: dict[int, dict[str, tuple[set]]] = defaultdict(dict)  # day -> both ends -> (accounts,)
+        # day -> key -> the set of what was seen with it that day
+        self._accounts: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> accounts
+        self._fills: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> its other ends
+        self._networks: dict[int, dict[str, set]] = defaultdict(dict)  # network -> accounts
+        self._prompts: dict[int, dict[str, set]] = defaultdict(dict)  # both ends -> accounts
 
     async def update_many(self, observations: list[Observation]) -> list[Signals]:
         return [self.update(o) for o in observations]
@@ -182,18 +184,12 @@ class MemorySignals:
         day = int(obs.time // DAY)
         self._prune(day)
         ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))  # each skeleton, and its other end
-        today = self._skeletons[day]
-        for skeleton, other in ends:
-            seen = today.get(skeleton)
-            if seen is None and len(today) < MAX_SKETCHES:  # beyond the cap, only skeletons already seen count
-                seen = today[skeleton] = (set(), set())
-            if seen is not None and len(seen[0]) < MAX_MEMBERS:
-                seen[0].add(obs.identity)
-            if seen is not None and len(seen[1]) < MAX_MEMBERS:
-                seen[1].add(other)
+        shared = [
+            (self._add(self._accounts, day, skeleton, obs.identity), self._add(self._fills, day, skeleton, other))
+            for skeleton, other in ends
+        ]
         network = self._add(self._networks, day, obs.network, obs.identity)
         asked_by = self._add(self._prompts, day, obs.prefix + obs.suffix, obs.identity, POPULAR_BY)
-        shared = [_window(self._skeletons, day, skeleton, 2) for skeleton, _ in ends]
         swept = asked_by < POPULAR_BY and any(a >= SWEPT_BY and 2 * others >= a for a, others in shared)
         state.swept = state.swept * factor + swept
         accounts, fills = max(shared)
@@ -220,11 +216,11 @@ class MemorySignals:
         """Add `member` to today's set of `key` (within the caps); the set's size over today and yesterday."""
         today = table[day]
         members = today.get(key)
-        if members is None and len(today) < MAX_SKETCHES:
-            members = today[key] = (set(),)
-        if members is not None and len(members[0]) < cap:
-            members[0].add(member)
-        return _window(table, day, key, 1)[0]
+        if members is None and len(today) < MAX_SKETCHES:  # beyond the cap, only keys already seen count
+            members = today[key] = set()
+        if members is not None and len(members) < cap:
+            members.add(member)
+        return _window(table, day, key)
 
     @staticmethod
     def _count_skeletons(state: _Identity, obs: Observation) -> float:
@@ -255,20 +251,15 @@ class MemorySignals:
         return state.top / grow
 
     def _prune(self, day: int) -> None:
-        for table in (self._skeletons, self._networks, self._prompts):
+        for table in (self._accounts, self._fills, self._networks, self._prompts):
             for old in [d for d in table if d < day - 1]:
                 del table[old]
 
 
-def _window(table: dict, day: int, key: str, width: int) -> tuple[int, ...]:
-    """The sizes of `key`'s sets over today and yesterday, each the larger of the two days' (a lower bound
-    of the union, in constant time; a campaign that keeps going fills both days)."""
-    today, yesterday = table.get(day, {}).get(key), table.get(day - 1, {}).get(key)
-    if yesterday is None:
-        return tuple(len(s) for s in today) if today else (0,) * width
-    if today is None:
-        return tuple(len(s) for s in yesterday)
-    return tuple(max(len(a), len(b)) for a, b in zip(today, yesterday, strict=True))
+def _window(table: dict, day: int, key: str) -> int:
+    """The size of `key`'s set over today and yesterday: the larger of the two days' (a lower bound of the
+    union, in constant time; a campaign that keeps going fills both days)."""
+    return max(len(table.get(day, {}).get(key, ())), len(table.get(day - 1, {}).get(key, ())))
 
 
 def quiet_share(hours: list[float]) -> float:
