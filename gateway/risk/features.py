@@ -54,6 +54,7 @@ _PROBE = _Phrases(
 _REASONING_FIELDS = ("reasoning_effort", "reasoning", "thinking", "include_reasoning")
 UNMARKED_MIN_BYTES = 600  # an answer this long with no watermark site avoided prose
 END_WORDS = 6  # words of a prompt's opening and of its closing that are kept
+END_BYTES = 2 * END_WORDS  # an end's word hashes, packed (_word_hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,8 @@ class Observation:
     probe: bool
     unmarked: bool
     network: str  # the client's /24 (IPv4) or /48 (IPv6): where accounts behind one proxy meet
-    opening: tuple[int, ...]  # END_WORDS hashes of its first words, padded with 0 (no word)
-    closing: tuple[int, ...]  # of its last words
+    opening: bytes  # its first END_WORDS words, two bytes each (_word_hashes), padded with zero bytes
+    closing: bytes  # of its last words
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +130,17 @@ def observe(exchange: Exchange, now: float) -> Observation | None:
     return None if found is None else features(found)
 
 
-def _word_hashes(words: list[str]) -> tuple[int, ...]:
-    """Each word as a number in 1..65535 (CRC-32: the same in every process, unlike hash()), padded with 0."""
-    found = tuple(zlib.crc32(word.encode()) % 65535 + 1 for word in words)
-    return found + (0,) * (END_WORDS - len(found))
+def _word_hashes(words: list[str]) -> bytes:
+    """Each word as two bytes (a 16-bit hash), padded with zero bytes (no word). Only which are equal is asked of
+    them, so their byte order does not matter; no byte of a word's hash is 0, so that the padding words are
+    the only two zero bytes in a row and `bytes.count` finds them (signals.variety)."""
+    return b"".join(map(_word_hash, words)).ljust(END_BYTES, b"\0")
+
+
+@functools.lru_cache(maxsize=65536)  # words recur
+def _word_hash(word: str) -> bytes:
+    crc = zlib.crc32(word.encode())  # CRC-32: the same in every process, unlike hash()
+    return bytes((crc % 255 + 1, (crc >> 8) % 255 + 1))  # two bytes, neither 0
 
 
 def _hash(words: list[str]) -> str:

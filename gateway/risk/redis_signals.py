@@ -15,26 +15,30 @@ from importlib import resources
 
 from redis.exceptions import NoScriptError
 
-from .features import END_WORDS, Observation
+from .features import END_BYTES, END_WORDS, Observation
 from .signals import (
     DAY,
     IDENTITY_TTL,
     MAX_MEMBERS,
     MAX_SKELETONS,
     POPULAR_BY,
-    QUIET_HOURS,
     REBASE_AT,
     RECENT,
     SWEPT_BY,
     TAU,
     Signals,
+    quiet_share,
+    variety,
 )
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
-ROW = struct.Struct("<14d")  # one observation's signals, as the script packs them
+ROW = struct.Struct("<12d")  # one observation's signals that the script computes, as it packs them
+STATE = struct.Struct("<39d")  # an identity's state as the script stores it (after ROW in its answer)
+HOURS = slice(14, 38)  # the state's counts per hour of the day
+KEPT = 38  # the state's number of recent prompts whose ends follow it
 _LENGTH = struct.Struct("<I")  # of each string of the record, in bytes (the script's I4 before c0)
-_TAIL = struct.Struct(f"<dIBBB{2 * END_WORDS}H")  # time, words, the three flags, the ends' word hashes
+_TAIL = struct.Struct("<dIBBB")  # time, words, the three flags (the ends' word hashes follow, as bytes)
 
 
 class RedisSignals:
@@ -47,7 +51,6 @@ class RedisSignals:
             str(SWEPT_BY),
             str(IDENTITY_TTL),
             repr(REBASE_AT),
-            str(QUIET_HOURS),
             str(MAX_MEMBERS),
             str(POPULAR_BY),
             str(RECENT),
@@ -63,7 +66,7 @@ class RedisSignals:
             raw = await self._client.evalsha(_SHA, 1, self._prefix, *args)
         except NoScriptError:
             raw = await self._client.eval(_SCRIPT, 1, self._prefix, *args)
-        return [_signals(ROW.unpack(row)) for row in raw]
+        return list(map(_signals, raw))
 
 
 def _record(o: Observation) -> bytes:
@@ -72,11 +75,16 @@ def _record(o: Observation) -> bytes:
     for text in (o.identity, o.prefix, o.suffix, o.network):
         raw = text.encode()
         parts += (_LENGTH.pack(len(raw)), raw)
-    parts.append(_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked, *o.opening, *o.closing))
+    parts += (_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked), o.opening, o.closing)
     return b"".join(parts)
 
 
-def _signals(v: tuple[float, ...]) -> Signals:
+def _signals(answer: bytes) -> Signals:
+    """One observation's signals from the script's answer: its twelve, and two read from the state."""
+    v = ROW.unpack_from(answer)
+    state = STATE.unpack_from(answer, ROW.size)
+    ends = answer[ROW.size + STATE.size :]
+    split = int(state[KEPT]) * END_BYTES  # the openings', before the closings
     return Signals(
         requests=v[0],
         per_day=v[0] * DAY / TAU,
@@ -91,6 +99,6 @@ def _signals(v: tuple[float, ...]) -> Signals:
         length_spread=v[9],
         timing_spread=math.inf if v[10] < 0 else v[10],
         network_accounts=int(v[11]),
-        quiet_share=v[12],
-        variety=v[13],
+        quiet_share=quiet_share(state[HOURS]),
+        variety=variety(ends[:split], ends[split:]),
     )

@@ -20,7 +20,7 @@ from gateway.identity import Registry
 from gateway.risk import RiskEngine, features
 from gateway.risk.features import Observation, network_of, observe
 from gateway.risk.score import next_tier, score, strengths
-from gateway.risk.signals import MemorySignals
+from gateway.risk.signals import RECENT, MemorySignals, variety
 from tests.conftest import STATE_DIRS, ServerThread, exchanges
 from tests.test_cli import cli
 from tests.watermark.test_detect import SAMPLE
@@ -134,6 +134,20 @@ def test_a_template_reworded_from_interchangeable_parts_is_still_a_template():
     assert strengths(reworded)["template"] > 0.5 and "template" not in strengths(person)
     before = store.update(_obs("newcomer", 0.0, "Please write a full answer for the following question."))
     assert before.variety == 1.0  # too few prompts to tell
+
+
+def test_variety_counts_the_distinct_words_of_the_recent_ends_exactly():
+    """The share is read from the packed ends by counting zero pairs and a set: exact only if no word's hash
+    holds a zero byte, so check it against a plain count, over prompts shorter than an end too."""
+    rng = random.Random(5)
+    vocabulary = [f"{rng.random():.6f}"[2:] for _ in range(5000)]  # enough words that every byte value occurs
+    assert all(0 not in features._word_hash(word) for word in vocabulary)
+    for _ in range(200):
+        prompts = [[rng.choice(vocabulary[:40]) for _ in range(rng.choice((1, 3, 6, 6, 6)))] for _ in range(RECENT)]
+        openings = b"".join(features._word_hashes(words) for words in prompts)
+        words = [w for p in prompts for w in p]
+        assert variety(openings, openings) == len(set(words)) / len(words)
+    assert variety(openings[: -features.END_BYTES], openings[: -features.END_BYTES]) == 1.0  # too few to tell
 
 
 def test_people_asking_a_question_a_campaign_wraps_in_ever_new_words_are_not_implicated():
