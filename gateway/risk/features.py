@@ -6,7 +6,7 @@ Nothing here keeps state or reads a clock. The prompt is reduced to:
   essay about X", "X: explain it to a child in simple words") keeps one of the two while the slot changes,
   and six words are more than the common openings people share ("write a poem about");
 - its length in words (machine-made prompts vary little in length; people's vary a lot);
-- the words of its opening and of its closing (six each, as 16-bit hashes): a template reworded from a few
+- the words of its opening and of its closing (six each, as two-byte hashes): a template reworded from a few
   interchangeable parts keeps drawing both ends from the same few words, where a person's bring new ones;
 - whether it asks for the model's reasoning, or probes for the system prompt;
 and the answer to whether it carried prose the watermark could mark (an account that only ever asks for

@@ -1,9 +1,12 @@
 """The risk signals on Redis, shared by every replica: one script call per batch of observations.
 
-The arithmetic is MemorySignals' (signals.py), in signals.lua, with the same exact cross-account sets, capped
-at the same size (Redis does not cap how many sets a day makes: each expires after three days). Every key
-carries one hash tag, so a Cluster keeps them in one slot. Identity state expires after `IDENTITY_TTL` idle
-seconds, when it has decayed to nothing.
+The arithmetic is MemorySignals' (signals.py): signals.lua updates each identity's state and the same exact
+cross-account sets, capped at the same size (Redis does not cap how many sets a day makes: each expires after
+three days), and returns the state; the quiet share and the variety are read from it here, by the functions
+MemorySignals uses. Every key carries one hash tag, so a Cluster keeps them in one slot. Identity state expires
+after `IDENTITY_TTL` idle seconds, when it has decayed to nothing. A change of the state's layout renames its
+key, so every identity's signals start afresh on upgrade (tiers already applied stay where admission keeps
+them); until every replica runs the new script, old and new ones each see part of an identity's traffic.
 """
 
 from __future__ import annotations

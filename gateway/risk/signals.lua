@@ -4,8 +4,9 @@
 --
 -- A call into Redis costs a script one or two microseconds, so the script makes few: an identity's state
 -- (running statistics, hour counts, recent ends: one packed string) and its skeleton counts are one hash,
--- read with one HMGET and written with one HSET, and each cross-account set is added to and counted in three
--- or four calls.
+-- read with one HMGET and written with one HSET and an EXPIRE, and each cross-account set is added to and
+-- counted in three or four calls. What reads one identity's state alone (its quiet share, its variety) is
+-- left to the replicas, which are many, where the script runs on one server.
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, max set members,
@@ -15,8 +16,7 @@
 -- Returns per observation one string: twelve little-endian doubles (requests, concentration, swept share, swept
 --   requests, template accounts, template variants, reasoning share, probes, unmarked share, length spread,
 --   timing spread (-1: fewer than two gaps), network accounts), then the identity's state as stored, whose
---   hour counts and recent ends redis_signals.py reads the quiet share and the variety from: what only
---   reads one identity's state is left to the replicas, which are many, where the script runs on one server.
+--   hour counts and recent ends redis_signals.py reads the quiet share and the variety from.
 
 local root, tau, max_skeletons = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local swept_by, ttl, rebase_at = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -61,7 +61,9 @@ end
 -- An identity's hash holds its skeleton counts (fields 'p' or 's' and the skeleton's hash) and, in field
 -- STATE_FIELD, its running state, hour counts and recent prompts' ends: 39 doubles, then the recent prompts'
 -- openings (oldest first, as many as the 39th says), then their closings. The script never reads the ends:
--- each prompt's come in the record as bytes (END_WORDS 16-bit word hashes) and are appended, the oldest cut off.
+-- each prompt's come in the record as bytes (END_WORDS two-byte word hashes) and are appended, the oldest cut
+-- off. One hash, not a string beside a hash: about 11% less script time and 8% more memory on the
+-- benchmark's traffic (a state of over 64 bytes takes the hash out of Redis's compact encoding).
 local STATE_FIELD = '='
 local STATE_SIZE = 39
 local END_BYTES = 2 * end_words
@@ -102,7 +104,8 @@ local batch, at = ARGV[10], 1
 while at <= #batch do
   local id, pre, suf, network, t, words, reasoning, probe, unmarked, opening, closing
   id, pre, suf, network, t, words, reasoning, probe, unmarked, opening, closing, at = struct.unpack(RECORD, batch, at)
-  -- ':id:' holds the layout above (':st:' and ':sk:', an earlier one, expire unread)
+  -- the key names the layout: ':st:' and ':sk:', an earlier one (whose ring interleaved the two ends), are
+  -- never read and expire; a new layout needs a new name, since the length check below cannot tell all apart
   local key = root .. ':id:' .. id
   local prefix_field, suffix_field = 'p' .. pre, 's' .. suf
   local stored = redis.call('HMGET', key, STATE_FIELD, prefix_field, suffix_field)
@@ -113,8 +116,8 @@ while at <= #batch do
     st = {struct.unpack(STATE, packed)}
     ends = string.sub(packed, STATE_BYTES + 1)
   end
-  -- new, idle for ttl (by the observations' clock, as MemorySignals; Redis expires it by its own), or written
-  -- in another layout: start afresh, skeleton counts included
+  -- new, idle for ttl (by the observations' clock, as MemorySignals; Redis expires it by its own), or not
+  -- whole: start afresh, skeleton counts included
   local kept_ends = st[STATE_SIZE]
   if not kept_ends or t - st[1] > ttl or kept_ends > recent or #ends ~= 2 * kept_ends * END_BYTES then
     st, ends = {}, ''

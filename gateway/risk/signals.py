@@ -79,6 +79,25 @@ class Signals:
         return {name: None if math.isinf(v) else round(v, 4) for name, v in values.items()}
 
 
+@dataclass(slots=True)
+class _Running:
+    """A decayed weighted mean and variance (West's update with a decaying weight for the past)."""
+
+    mean: float = 0.0
+    var: float = 0.0
+
+    def add(self, value: float, weight: float) -> None:
+        """`weight`: the past's decayed weight before this observation."""
+        total = weight + 1.0
+        delta = value - self.mean
+        self.mean += delta / total
+        self.var = weight * (self.var + delta * delta / total) / total
+
+    @property
+    def spread(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+
 class _RecentEnds:
     """The word hashes of the last RECENT prompts' openings and closings, with each side's count of every word
     kept as prompts come and go, so that the share of distinct words is read in constant time: the same two
@@ -113,25 +132,6 @@ class _RecentEnds:
                     else:
                         del counts[word]
                     self.totals[side] += step
-
-
-@dataclass(slots=True)
-class _Running:
-    """A decayed weighted mean and variance (West's update with a decaying weight for the past)."""
-
-    mean: float = 0.0
-    var: float = 0.0
-
-    def add(self, value: float, weight: float) -> None:
-        """`weight`: the past's decayed weight before this observation."""
-        total = weight + 1.0
-        delta = value - self.mean
-        self.mean += delta / total
-        self.var = weight * (self.var + delta * delta / total) / total
-
-    @property
-    def spread(self) -> float:
-        return math.sqrt(max(self.var, 0.0))
 
 
 @dataclass(slots=True)
