@@ -23,12 +23,13 @@ ever new words, which makes its tail look swept (POPULAR_BY).
 from __future__ import annotations
 
 import math
+import struct
 from array import array
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .features import END_BYTES, Observation
+from .features import END_BYTES, END_WORDS, Observation
 
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
@@ -53,6 +54,7 @@ SWEPT_BY = 10
 POPULAR_BY = 3
 QUIET_HOURS = 8  # the stretch of the day a person's requests mostly leave empty
 RECENT = 16  # prompts whose opening and closing words are kept per identity
+_WORDS = struct.Struct(f"={END_WORDS}H")  # an end's word hashes as numbers (the byte order does not matter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,7 @@ class _RecentEnds:
     def _count(self, ends: tuple[bytes, bytes], step: int) -> None:
         for side, end in enumerate(ends):
             counts = self.counts[side]
-            for word in array("H", end).tolist():
+            for word in _WORDS.unpack(end):
                 if word:  # 0 pads an end of fewer words
                     left = counts.get(word, 0) + step
                     if left:
@@ -160,6 +162,7 @@ class MemorySignals:
         self._fills: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> its other ends
         self._networks: dict[int, dict[str, set]] = defaultdict(dict)  # network -> accounts
         self._prompts: dict[int, dict[str, set]] = defaultdict(dict)  # both ends -> accounts
+        self._pruned = -1  # the day the tables were last pruned for
 
     async def update_many(self, observations: list[Observation]) -> list[Signals]:
         return [self.update(o) for o in observations]
@@ -253,6 +256,10 @@ class MemorySignals:
         return state.top / grow
 
     def _prune(self, day: int) -> None:
+        """Forget the days before yesterday, once a day."""
+        if day <= self._pruned:
+            return
+        self._pruned = day
         for table in (self._accounts, self._fills, self._networks, self._prompts):
             for old in [d for d in table if d < day - 1]:
                 del table[old]
