@@ -57,7 +57,9 @@ END_WORDS = 6  # words of a prompt's opening and of its closing that are kept
 END_BYTES = 2 * END_WORDS  # an end's word hashes, packed (_word_hashes)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like Seen and signals.Signals: one of each is made per request, and a frozen dataclass takes
+# about three times as long to make (3.1 against 1.1 µs for fifteen fields here).
+@dataclass(slots=True)
 class Observation:
     identity: str
     tenant: str
@@ -73,7 +75,7 @@ class Observation:
     closing: bytes  # of its last words
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Seen:
     """What `features` needs of an exchange, taken in constant time on the request path; the text work
     (words, hashes, patterns, the network) is left to the engine's background task."""

@@ -57,7 +57,7 @@ RECENT = 16  # prompts whose opening and closing words are kept per identity
 _WORDS = struct.Struct(f"={END_WORDS}H")  # an end's word hashes as numbers (the byte order does not matter)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Signals:
     requests: float  # decayed count: about the requests of the last TAU
     per_day: float  # the request rate this implies
