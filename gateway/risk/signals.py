@@ -23,13 +23,12 @@ ever new words, which makes its tail look swept (POPULAR_BY).
 from __future__ import annotations
 
 import math
-import struct
 from array import array
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .features import END_BYTES, END_WORDS, Observation
+from .features import END_BYTES, Observation
 
 TAU = 2 * 86400.0  # seconds: decayed counts forget with this time constant
 DAY = 86400
@@ -54,7 +53,6 @@ SWEPT_BY = 10
 POPULAR_BY = 3
 QUIET_HOURS = 8  # the stretch of the day a person's requests mostly leave empty
 RECENT = 16  # prompts whose opening and closing words are kept per identity
-_WORDS = struct.Struct(f"={END_WORDS}H")  # an end's word hashes as numbers (the byte order does not matter)
 
 
 @dataclass(slots=True)
@@ -100,42 +98,6 @@ class _Running:
         return math.sqrt(max(self.var, 0.0))
 
 
-class _RecentEnds:
-    """The word hashes of the last RECENT prompts' openings and closings, with each side's count of every word
-    kept as prompts come and go, so that the share of distinct words is read in constant time: the same two
-    numbers as `variety` counts afresh from the ends that signals.lua keeps (the parity test compares them)."""
-
-    __slots__ = ("prompts", "counts", "totals")
-
-    def __init__(self) -> None:
-        self.prompts: deque[tuple[bytes, bytes]] = deque()
-        self.counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
-        self.totals = [0, 0]
-
-    def add(self, opening: bytes, closing: bytes) -> float:
-        """Keep this prompt's ends (the oldest goes beyond RECENT); then the share of distinct words among the
-        recent openings', or closings', whichever is lower: 1.0 until RECENT prompts are kept."""
-        if len(self.prompts) == RECENT:
-            self._count(self.prompts.popleft(), -1)
-        self.prompts.append((opening, closing))
-        self._count((opening, closing), 1)
-        if len(self.prompts) < RECENT:
-            return 1.0
-        return min(len(c) / t if t else 1.0 for c, t in zip(self.counts, self.totals, strict=True))
-
-    def _count(self, ends: tuple[bytes, bytes], step: int) -> None:
-        for side, end in enumerate(ends):
-            counts = self.counts[side]
-            for word in _WORDS.unpack(end):
-                if word:  # 0 pads an end of fewer words
-                    left = counts.get(word, 0) + step
-                    if left:
-                        counts[word] = left
-                    else:
-                        del counts[word]
-                    self.totals[side] += step
-
-
 @dataclass(slots=True)
 class _Identity:
     last: float = 0.0
@@ -151,7 +113,8 @@ class _Identity:
     base: float = 0.0  # the time at which the scale is 1
     top: float = 0.0  # the largest count, on that scale
     hours: list[float] = field(default_factory=lambda: [0.0] * 24)  # counts per hour of the day, on that scale
-    ends: _RecentEnds = field(default_factory=lambda: _RecentEnds())
+    openings: bytes = b""  # the last RECENT prompts' opening word hashes, oldest first, as signals.lua keeps them
+    closings: bytes = b""
 
 
 class MemorySignals:
@@ -186,6 +149,8 @@ class MemorySignals:
         state.unmarked = state.unmarked * factor + obs.unmarked
         state.last = obs.time
         top = self._count_skeletons(state, obs)
+        state.openings = (state.openings + obs.opening)[-RECENT * END_BYTES :]  # the oldest goes beyond RECENT
+        state.closings = (state.closings + obs.closing)[-RECENT * END_BYTES :]
         day = int(obs.time // DAY)
         self._prune(day)
         ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))  # each skeleton, and its other end
@@ -213,7 +178,7 @@ class MemorySignals:
             timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
             network_accounts=network,
             quiet_share=quiet_share(state.hours),
-            variety=state.ends.add(obs.opening, obs.closing),
+            variety=variety(state.openings, state.closings),
         )
 
     @staticmethod
@@ -288,8 +253,8 @@ def quiet_share(hours: Sequence[float]) -> float:
 
 def variety(openings: bytes, closings: bytes) -> float:
     """The share of distinct words among the recent prompts' openings, or closings, whichever is lower (0 pads
-    an end of fewer words); 1.0 until RECENT prompts are kept. RedisSignals reads it here from the ends the
-    script keeps: a set in C, where counting them in the script took a quarter of its time."""
+    an end of fewer words); 1.0 until RECENT prompts are kept. Both stores read it here, RedisSignals from the
+    ends the script keeps: a set in C, where counting them in the script took a quarter of its time."""
     if len(openings) < RECENT * END_BYTES:
         return 1.0
     return min(_distinct_share(openings), _distinct_share(closings))
