@@ -180,7 +180,9 @@ def start_gateway(
     off: tuple[str, ...] = (),
     workers: int = 1,
     limits_storage: str = "memory",
+    tree: Path = ROOT,
 ) -> Running:
+    """The gateway (benchmarks.variants) with `off` stages switched off, its code taken from the checkout `tree`."""
     port = free_port()
     config = workdir / "canarygate.toml"
     config.write_text(
@@ -191,12 +193,13 @@ def start_gateway(
     env = {
         "CANARYGATE_SETTINGS": json.dumps({"config": str(config), "overrides": {}, "log_level": "warning"}),
         "CANARYGATE_BENCH_OFF": ",".join(off),
+        "PYTHONPATH": str(tree),  # ahead of the installed package, which is this checkout's
     }
     if workers > 1:
         metrics_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="metrics-"))
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     argv = _uvicorn("benchmarks.variants:app", port, "--factory", "--no-proxy-headers", "--workers", str(workers))
-    process, log = _spawn(name, argv, workdir, env)
+    process, log = _spawn(name, argv, workdir, env, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, process, log, "/healthz")
     return Running(name, url, process, {"Authorization": f"Bearer {key}"}, log)

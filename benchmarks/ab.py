@@ -1,0 +1,123 @@
+"""The gateway at two commits, side by side: is a change cheaper per request, and by how much?
+
+This machine's speed drifts by up to 2x over minutes, so two harness runs minutes apart cannot tell a 5%
+change from the drift. Here both gateways run at once, the baseline from a git worktree of `--baseline` and
+the other from this checkout as it is (uncommitted changes included), in front of one upstream; wrk loads
+them in turn, in rounds that take the two in a new random order each time. Each round gives a ratio of the
+two, taken minutes or less apart, and the result is the median of those ratios beside each side's median.
+
+    python -m benchmarks.ab --baseline HEAD [--rounds 8] [--duration 5] [--data ../shared/data/alpaca_eval]
+        [--off record,...] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import measure, systems
+from .harness import DEFAULT_DATA, load_answers
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(stderr=True)
+# what each round measures: (name, connections, the field of wrk's result); CPU and throughput loaded, latency not
+MEASURES = (("cpu_us_c32", 32, "cpu_us_per_request"), ("rps_c32", 32, "rps"), ("p50_ms_c1", 1, "p50_ms"))
+
+
+def worktree(commit: str, folder: Path) -> Path:
+    """A checkout of `commit` (a detached git worktree of this repository) in `folder`."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True,
+                   capture_output=True)  # fmt: skip
+    return folder
+
+
+def start(name: str, tree: Path, upstream, workdir: Path, off: tuple[str, ...]):
+    """A gateway from `tree`, in a folder (config, state, evidence log) of its own."""
+    folder = workdir / name
+    folder.mkdir()
+    state, key = systems.prepare_gateway_state(folder)
+    return systems.start_gateway(folder, upstream, state, key, off, tree=tree)
+
+
+def compare(gateways: dict, rounds: int, duration: float, progress) -> dict[str, dict[str, list[float]]]:
+    """Each measure of each gateway, one value per round."""
+    runs = {name: {m: [] for m, _, _ in MEASURES} for name in gateways}
+    order = random.Random(0)
+    task = progress.add_task("rounds", total=rounds * len(gateways))
+    for _ in range(rounds):
+        for name in order.sample(sorted(gateways), len(gateways)):
+            for measure_name, connections, field in MEASURES:
+                seconds = duration if connections > 1 else max(1.0, duration / 2)
+                result = measure.wrk(gateways[name], connections, seconds)
+                if result.errors:
+                    raise RuntimeError(f"{name}: {result.errors} failed requests")
+                runs[name][measure_name].append(getattr(result, field))
+            progress.advance(task)
+    return runs
+
+
+def summarise(runs: dict[str, dict[str, list[float]]]) -> list[dict]:
+    rows = []
+    for measure_name, _, _ in MEASURES:
+        base, new = runs["baseline"][measure_name], runs["this"][measure_name]
+        rows.append({
+            "measure": measure_name,
+            "baseline_median": round(statistics.median(base), 3),
+            "this_median": round(statistics.median(new), 3),
+            "median_ratio": round(statistics.median(n / b for b, n in zip(base, new, strict=True)), 4),
+            "rounds_this_lower": sum(n < b for b, n in zip(base, new, strict=True)),
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="HEAD", help="the commit to compare this checkout with")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per loaded run")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--off", default="", help="stages switched off on both sides (benchmarks.variants)")
+    parser.add_argument("--out", help="write the runs and the summary here (JSON)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="canarygate-ab-"))
+    (workdir / "answers.json").write_text(json.dumps(load_answers(Path(args.data))))
+    baseline = worktree(args.baseline, workdir / "baseline-tree")
+    off = tuple(s for s in args.off.split(",") if s)
+    upstream = systems.start_upstream(workdir, workdir / "answers.json", 0.0)
+    gateways = {}
+    try:
+        gateways["baseline"] = start("baseline", baseline, upstream, workdir, off)
+        gateways["this"] = start("this", ROOT, upstream, workdir, off)
+        with Progress(console=console) as progress:
+            runs = compare(gateways, args.rounds, args.duration, progress)
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
+        upstream.stop()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False)
+    rows = summarise(runs)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    table = Table(title=f"this checkout against {args.baseline} ({commit}), {args.rounds} rounds")
+    for column in ("measure", "baseline median", "this median", "median ratio", "rounds this lower"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    if args.out:
+        doc = {"baseline": args.baseline, "commit": commit, "rounds": args.rounds, "duration": args.duration,
+               "off": list(off), "summary": rows, "runs": runs}  # fmt: skip
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
