@@ -52,14 +52,27 @@ LIMIT_STORAGE_UP = Gauge(
 
 def observe(exchange: Exchange) -> None:
     route = exchange.route or "other"
-    REQUESTS.labels(route, str(exchange.status), exchange.tier or "none").inc()
-    LATENCY.labels(route).observe(exchange.elapsed())
+    _child(REQUESTS, route, str(exchange.status), exchange.tier or "none").inc()
+    _child(LATENCY, route).observe(exchange.elapsed())
     if exchange.first_byte_at is not None:
-        FIRST_BYTE.labels(route).observe(exchange.first_byte_at - exchange.started)
+        _child(FIRST_BYTE, route).observe(exchange.first_byte_at - exchange.started)
     if exchange.outcome is Outcome.CLIENT_CANCELLED and exchange.stream:
         STREAM_CANCELLATIONS.labels(route).inc()
     if exchange.outcome is Outcome.UPSTREAM_FAILED:
         UPSTREAM_ERRORS.labels(exchange.error or "unknown").inc()
+
+
+_children: dict[tuple, object] = {}  # (metric, *labels) -> the metric's child for those labels
+
+
+def _child(metric, *labels: str):
+    """The metric's child for `labels`, found once: labels() validates and locks on every call, which cost
+    more than the observation itself, for the few label values every request uses (routes, statuses, tiers)."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def exposition() -> tuple[bytes, str]:

@@ -250,19 +250,26 @@ class Pipeline:
         return None if marked is None else jsonio.dumps(marked)
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:
-        """Forward while watching for the client to leave; if it does, cancel the upstream request."""
-        work = asyncio.ensure_future(self._forward(exchange, scope, reply, api, dialect, bodies))
-        watch = asyncio.ensure_future(_disconnected(receive))
+        """Forward while watching for the client to leave; if it does, cancel the upstream request. The forwarding
+        runs in this task and a watch beside it cancels this one: one task a request, not two and a wait."""
+        forwarding, left = asyncio.current_task(), []
+
+        async def watch() -> None:
+            await _disconnected(receive)
+            left.append(True)
+            forwarding.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+            await self._forward(exchange, scope, reply, api, dialect, bodies)
+        except asyncio.CancelledError:
+            if not left:  # cancelled from outside (shutdown): not the client leaving
+                raise
         finally:
-            if not work.done():
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-                exchange.outcome = Outcome.CLIENT_CANCELLED
-            watch.cancel()
-        if exchange.outcome is not Outcome.CLIENT_CANCELLED:
-            work.result()
+            watcher.cancel()
+        if left:  # the watch's cancellation reached the forwarding, or something in it swallowed it
+            forwarding.uncancel()
+            exchange.outcome = Outcome.CLIENT_CANCELLED
 
     async def _forward(self, exchange, scope, reply, api: Api, dialect, bodies: tuple[bytes | None, bytes]) -> None:
         """Send the request (`bodies`: with the sampling-bias mark, or None; without it) and relay the answer."""
