@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.watermark.scheme import LexicalKey
-from gateway.watermark.sites import Scanner, prompt_trigrams
+from gateway.watermark.sites import _TOKEN, _WORDS, Scanner, _is_word, canonical_words, prompt_trigrams
 from gateway.watermark.wordsets import MAX_WORDS, WordSets, default_sets
 
 SETS = default_sets()
@@ -40,6 +40,32 @@ def test_a_stream_in_any_pieces_gives_the_whole_text_result(index, cuts):
         at += size
     pieces.append(text[at:])
     assert mark(text, pieces=pieces) == mark(text)
+
+
+# letters of several kinds, joiners, numerals that are alphanumeric but not letters, marks, spaces, backticks
+_TRICKY = "aZq'’-`_ 9²½éßİ\u0301\u00adçΩж中😀\n.,!?\"“”"
+
+
+@given(st.text(alphabet=_TRICKY, max_size=80))
+def test_the_word_pattern_finds_the_words_the_tokens_hold(text):
+    """canonical_words reads words with _WORDS, not _TOKEN: the same words, in the same order."""
+    assert [t for t in _WORDS.findall(text) if _is_word(t)] == [t for t in _TOKEN.findall(text) if _is_word(t)]
+
+
+def test_canonical_words_reads_the_longest_member_at_each_word():
+    words = [" ".join(member) for member in SETS.lookup]
+    phrase = next(w for w in words if w.count(" ") == 2)  # a three-word member
+    first_word = phrase.split()[0]
+    text = f"Oh {phrase} and {first_word} alone."
+    index = SETS.lookup[tuple(phrase.split())][0]
+    expected_first = SETS.lookup.get((first_word,))
+    assert canonical_words(text, SETS) == [
+        "oh",
+        f"§{index}",
+        "and",
+        first_word if expected_first is None else f"§{expected_first[0]}",
+        "alone",
+    ]
 
 
 def scan(text: str, pieces: list[str]) -> tuple[str, list]:
