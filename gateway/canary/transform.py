@@ -60,11 +60,12 @@ class CanaryTransform:
 
     def _chosen(self, exchange: Exchange) -> Canary | None:
         identity = exchange.identity
-        if identity is None or exchange.structured or SOMBRE.search(exchange.prompt_text.lower()):
+        if identity is None or exchange.structured:
             return None
         share = 1.0 if identity.name in self._identities or identity.tenant in self._tenants else 0.0
         share = max(share, self._density.get(identity.tier, 0.0))
-        if share <= 0:
+        # the prompt is searched only for those who may get a canary: most may not, and it is every message
+        if share <= 0 or SOMBRE.search(exchange.prompt_text.lower()):
             return None
         coin = hmac.new(self._key, exchange.id.encode(), hashlib.sha256).digest()
         if int.from_bytes(coin[:8], "big") >= share * 2**64:
