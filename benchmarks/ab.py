@@ -29,8 +29,10 @@ from .harness import DEFAULT_DATA, load_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
-# what each round measures: (name, connections, the field of wrk's result); CPU and throughput loaded, latency not
-MEASURES = (("cpu_us_c32", 32, "cpu_us_per_request"), ("rps_c32", 32, "rps"), ("p50_ms_c1", 1, "p50_ms"))
+# what each round's wrk runs give, by connections: (name, the field of wrk's result); CPU and throughput loaded,
+# latency not
+MEASURES = {32: (("cpu_us_c32", "cpu_us_per_request"), ("rps_c32", "rps")), 1: (("p50_ms_c1", "p50_ms"),)}
+NAMES = [name for fields in MEASURES.values() for name, _ in fields]
 
 
 def worktree(commit: str, folder: Path) -> Path:
@@ -50,24 +52,25 @@ def start(name: str, tree: Path, upstream, workdir: Path, off: tuple[str, ...]):
 
 def compare(gateways: dict, rounds: int, duration: float, progress) -> dict[str, dict[str, list[float]]]:
     """Each measure of each gateway, one value per round."""
-    runs = {name: {m: [] for m, _, _ in MEASURES} for name in gateways}
+    runs = {name: {m: [] for m in NAMES} for name in gateways}
     order = random.Random(0)
     task = progress.add_task("rounds", total=rounds * len(gateways))
     for _ in range(rounds):
         for name in order.sample(sorted(gateways), len(gateways)):
-            for measure_name, connections, field in MEASURES:
+            for connections, fields in MEASURES.items():
                 seconds = duration if connections > 1 else max(1.0, duration / 2)
                 result = measure.wrk(gateways[name], connections, seconds)
                 if result.errors:
                     raise RuntimeError(f"{name}: {result.errors} failed requests")
-                runs[name][measure_name].append(getattr(result, field))
+                for measure_name, field in fields:
+                    runs[name][measure_name].append(getattr(result, field))
             progress.advance(task)
     return runs
 
 
 def summarise(runs: dict[str, dict[str, list[float]]]) -> list[dict]:
     rows = []
-    for measure_name, _, _ in MEASURES:
+    for measure_name in NAMES:
         base, new = runs["baseline"][measure_name], runs["this"][measure_name]
         rows.append({
             "measure": measure_name,
