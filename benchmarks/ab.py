@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -35,11 +36,31 @@ MEASURES = {32: (("cpu_us_c32", "cpu_us_per_request"), ("rps_c32", "rps")), 1: (
 NAMES = [name for fields in MEASURES.values() for name, _ in fields]
 
 
-def worktree(commit: str, folder: Path) -> Path:
+def worktree(commit: str, folder: Path) -> None:
     """A checkout of `commit` (a detached git worktree of this repository) in `folder`."""
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True,
-                   capture_output=True)  # fmt: skip
-    return folder
+    made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode != 0:
+        raise SystemExit(f"no worktree of {commit}: {made.stderr.strip()}")
+
+
+def measure_both(commit: str, answers: Path, workdir: Path, off: tuple[str, ...], rounds: int, duration: float):
+    """Both gateways' runs (compare); whatever fails, everything started is stopped and the worktree removed."""
+    baseline, started = workdir / "baseline-tree", []
+    try:
+        worktree(commit, baseline)
+        upstream = systems.start_upstream(workdir, answers, 0.0)
+        started.append(upstream)
+        gateways = {}
+        for name, tree in (("baseline", baseline), ("this", ROOT)):
+            gateways[name] = start(name, tree, upstream, workdir, off)
+            started.append(gateways[name])
+        with Progress(console=console) as progress:
+            return compare(gateways, rounds, duration, progress)
+    finally:
+        for system in reversed(started):
+            system.stop()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
 
 
 def start(name: str, tree: Path, upstream, workdir: Path, off: tuple[str, ...]):
@@ -91,22 +112,14 @@ def main() -> None:
     parser.add_argument("--off", default="", help="stages switched off on both sides (benchmarks.variants)")
     parser.add_argument("--out", help="write the runs and the summary here (JSON)")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="canarygate-ab-"))
-    (workdir / "answers.json").write_text(json.dumps(load_answers(Path(args.data))))
-    baseline = worktree(args.baseline, workdir / "baseline-tree")
     off = tuple(s for s in args.off.split(",") if s)
-    upstream = systems.start_upstream(workdir, workdir / "answers.json", 0.0)
-    gateways = {}
+    workdir = Path(tempfile.mkdtemp(prefix="canarygate-ab-"))
     try:
-        gateways["baseline"] = start("baseline", baseline, upstream, workdir, off)
-        gateways["this"] = start("this", ROOT, upstream, workdir, off)
-        with Progress(console=console) as progress:
-            runs = compare(gateways, args.rounds, args.duration, progress)
+        answers = workdir / "answers.json"
+        answers.write_text(json.dumps(load_answers(Path(args.data))))
+        runs = measure_both(args.baseline, answers, workdir, off, args.rounds, args.duration)
     finally:
-        for gateway in gateways.values():
-            gateway.stop()
-        upstream.stop()
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
     rows = summarise(runs)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip

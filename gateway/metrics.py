@@ -57,9 +57,9 @@ def observe(exchange: Exchange) -> None:
     if exchange.first_byte_at is not None:
         _child(FIRST_BYTE, route).observe(exchange.first_byte_at - exchange.started)
     if exchange.outcome is Outcome.CLIENT_CANCELLED and exchange.stream:
-        STREAM_CANCELLATIONS.labels(route).inc()
+        _child(STREAM_CANCELLATIONS, route).inc()
     if exchange.outcome is Outcome.UPSTREAM_FAILED:
-        UPSTREAM_ERRORS.labels(exchange.error or "unknown").inc()
+        _child(UPSTREAM_ERRORS, exchange.error or "unknown").inc()
 
 
 _children: dict[tuple, object] = {}  # (metric, *labels) -> the metric's child for those labels

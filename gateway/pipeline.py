@@ -252,24 +252,28 @@ class Pipeline:
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request. The forwarding
         runs in this task and a watch beside it cancels this one: one task a request, not two and a wait."""
-        forwarding, left = asyncio.current_task(), []
+        forwarding, left = asyncio.current_task(), False
+        before = forwarding.cancelling()  # cancellations already asked for from outside
 
         async def watch() -> None:
+            nonlocal left
             await _disconnected(receive)
-            left.append(True)
-            forwarding.cancel()
+            left = True
+            forwarding.cancel("the client left")
 
         watcher = asyncio.ensure_future(watch())
         try:
             await self._forward(exchange, scope, reply, api, dialect, bodies)
         except asyncio.CancelledError:
-            if not left:  # cancelled from outside (shutdown): not the client leaving
+            # the client's leaving ends here; one from outside as well (a shutdown) goes on
+            if not left or forwarding.cancelling() > before + 1:
                 raise
         finally:
             watcher.cancel()
-        if left:  # the watch's cancellation reached the forwarding, or something in it swallowed it
-            forwarding.uncancel()
-            exchange.outcome = Outcome.CLIENT_CANCELLED
+            if left:  # the watch's cancellation is spent, however the forwarding ended
+                forwarding.uncancel()
+                if not reply.ended:  # an answer sent in full stays answered
+                    exchange.outcome = Outcome.CLIENT_CANCELLED
 
     async def _forward(self, exchange, scope, reply, api: Api, dialect, bodies: tuple[bytes | None, bytes]) -> None:
         """Send the request (`bodies`: with the sampling-bias mark, or None; without it) and relay the answer."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import config
+from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
+from gateway.pipeline import Pipeline
 from gateway.protocols.sse import SSEEvent, SSEFramer
 
 EVENTS = [b'event: a\ndata: {"x": 1}\n\n', b"data: two\ndata: lines\n\n", b": comment\nid: 7\ndata: [DONE]\n\n"]
@@ -62,3 +66,65 @@ def test_registry_keys(tmp_path):
     registry.revoke("erin")
     assert Registry(tmp_path).lookup(key) is None
     assert Registry(tmp_path).lookup(registry.add("erin")) is not None  # the name is free again
+
+
+class _Forwarding:
+    """What Pipeline._forward_watching needs of a pipeline: a `_forward` that waits, then does `then`."""
+
+    def __init__(self, then=None) -> None:
+        self.started = asyncio.Event()
+        self._then = then
+
+    async def _forward(self, *args) -> None:
+        self.started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if self._then is None:
+                raise
+            self._then()  # something in the forwarding turns the cancellation into its own error
+
+
+async def _watched(forwarding: _Forwarding, outside_cancel: bool = False):
+    """Forward under a watch whose client leaves once the forwarding has started (and, with `outside_cancel`,
+    a cancellation from outside in the same instant): the exchange, the task's cancellations left, and the
+    gateway error it ended with, if any."""
+    leaves = asyncio.Event()
+
+    async def receive() -> dict:
+        await leaves.wait()
+        return {"type": "http.disconnect"}
+
+    exchange = SimpleNamespace(outcome=None)
+    reply = SimpleNamespace(ended=False)
+    task = asyncio.ensure_future(
+        Pipeline._forward_watching(forwarding, exchange, {}, receive, reply, None, None, (None, b""))
+    )
+    await forwarding.started.wait()
+    leaves.set()
+    if outside_cancel:
+        await asyncio.sleep(0)  # the watch has woken and cancelled the forwarding: a shutdown comes too
+        task.cancel()
+    try:
+        await task
+    except GatewayError as error:
+        return exchange, task.cancelling(), error
+    return exchange, task.cancelling(), None
+
+
+def test_a_client_leaving_cancels_the_forwarding_and_nothing_else():
+    exchange, left, error = asyncio.run(_watched(_Forwarding()))
+    assert exchange.outcome is Outcome.CLIENT_CANCELLED and left == 0 and error is None
+
+
+def test_a_cancellation_from_outside_is_never_taken_for_the_client_leaving():
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_watched(_Forwarding(), outside_cancel=True))
+
+
+def test_a_forwarding_that_fails_as_the_client_leaves_leaves_no_cancellation_behind():
+    def fail():
+        raise GatewayError(ErrorKind.INTERNAL, "failed while cancelled")
+
+    exchange, left, error = asyncio.run(_watched(_Forwarding(then=fail)))
+    assert isinstance(error, GatewayError) and left == 0 and exchange.outcome is Outcome.CLIENT_CANCELLED

@@ -64,7 +64,7 @@ class CanaryTransform:
             return None
         share = 1.0 if identity.name in self._identities or identity.tenant in self._tenants else 0.0
         share = max(share, self._density.get(identity.tier, 0.0))
-        # the prompt is searched only for those who may get a canary: most may not, and it is every message
+        # the prompt (all its messages, so it can be long) is searched only for those who may get a canary
         if share <= 0 or SOMBRE.search(exchange.prompt_text.lower()):
             return None
         coin = hmac.new(self._key, exchange.id.encode(), hashlib.sha256).digest()
