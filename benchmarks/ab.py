@@ -18,6 +18,7 @@ import random
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import measure, systems
-from .harness import DEFAULT_DATA, load_answers
+from .harness import DEFAULT_DATA, cpu_model, load_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
@@ -123,16 +124,24 @@ def main() -> None:
     rows = summarise(runs)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
-    table = Table(title=f"this checkout against {args.baseline} ({commit}), {args.rounds} rounds")
+    table = Table(title=f"this checkout against {args.baseline} ({commit}), {args.rounds} rounds, {cpu_model()}")
     for column in ("measure", "baseline median", "this median", "median ratio", "rounds this lower"):
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
     if args.out:
-        doc = {"baseline": args.baseline, "commit": commit, "rounds": args.rounds, "duration": args.duration,
-               "off": list(off), "summary": rows, "runs": runs}  # fmt: skip
+        doc = {"command": "python -m benchmarks.ab " + " ".join(sys.argv[1:]), "this": _this_checkout(),
+               "baseline": args.baseline, "commit": commit, "cpu": cpu_model(), "rounds": args.rounds,
+               "duration": args.duration, "off": list(off), "summary": rows, "runs": runs}  # fmt: skip
         Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+def _this_checkout() -> str:
+    """This checkout's commit, and "+ changes" when it has uncommitted ones."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+    return head.stdout.strip() + (" + changes" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":

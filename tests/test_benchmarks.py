@@ -55,6 +55,7 @@ def test_ab_compares_this_checkout_with_a_commit_on_a_tiny_load(tmp_path):
     run_benchmark("ab", "--rounds", "1", "--duration", "1", out=tmp_path / "ab.json", timeout=180)
     doc = json.loads((tmp_path / "ab.json").read_text())
     assert [row["measure"] for row in doc["summary"]] == ["cpu_us_c32", "rps_c32", "p50_ms_c1"]
+    assert doc["command"].startswith("python -m benchmarks.ab --rounds 1") and doc["cpu"] and doc["this"]
     assert sorted(doc["runs"]) == ["baseline", "this"]
     assert all(value > 0 for side in doc["runs"].values() for values in side.values() for value in values)
     assert subprocess.run(listed, capture_output=True, text=True, check=True).stdout == before
