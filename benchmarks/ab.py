@@ -1,10 +1,11 @@
 """The gateway at two commits, side by side: is a change cheaper per request, and by how much?
 
-This machine's speed drifts by up to 2x over minutes, so two harness runs minutes apart cannot tell a 5%
-change from the drift. Here both gateways run at once, the baseline from a git worktree of `--baseline` and
-the other from this checkout as it is (uncommitted changes included), in front of one upstream; wrk loads
-them in turn, in rounds that take the two in a new random order each time. Each round gives a ratio of the
-two, taken minutes or less apart, and the result is the median of those ratios beside each side's median.
+This machine's speed drifts over minutes, so two harness runs minutes apart cannot tell a 5% change from the
+drift. Here the baseline runs from a git worktree of `--baseline` and the other gateway from this checkout as it
+is (uncommitted changes included), in front of one upstream, in rounds: each round starts both afresh (one
+pair of processes of the same code kept a 6% difference in CPU per request over ten rounds) and wrk loads
+them in turn, in a new random order. Each round gives a ratio of the two, taken seconds apart, and the result
+is the median of those ratios beside each side's median.
 
     python -m benchmarks.ab --baseline HEAD [--rounds 8] [--duration 5] [--data ../shared/data/alpaca_eval]
         [--off record,...] [--out FILE.json]
@@ -46,48 +47,51 @@ def worktree(commit: str, folder: Path) -> None:
 
 
 def measure_both(commit: str, answers: Path, workdir: Path, off: tuple[str, ...], rounds: int, duration: float):
-    """Both gateways' runs (compare); whatever fails, everything started is stopped and the worktree removed."""
-    baseline, started = workdir / "baseline-tree", []
+    """Each measure of each gateway, one value per round; whatever fails, everything started is stopped and the
+    worktree removed."""
+    baseline, upstream = workdir / "baseline-tree", None
+    trees = {"baseline": baseline, "this": ROOT}
     try:
         worktree(commit, baseline)
         upstream = systems.start_upstream(workdir, answers, 0.0)
-        started.append(upstream)
-        gateways = {}
-        for name, tree in (("baseline", baseline), ("this", ROOT)):
-            gateways[name] = start(name, tree, upstream, workdir, off)
-            started.append(gateways[name])
+        states = {name: _state(workdir / name) for name in trees}
+        runs = {name: {m: [] for m in NAMES} for name in trees}
+        order = random.Random(0)
         with Progress(console=console) as progress:
-            return compare(gateways, rounds, duration, progress)
+            task = progress.add_task("rounds", total=rounds)
+            for _ in range(rounds):
+                gateways = {}
+                try:  # new processes every round: a process keeps its own speed (its hash seed, its memory layout)
+                    for name, tree in trees.items():  # and one pair of processes can differ by 6% (A/A, 10 rounds)
+                        gateways[name] = systems.start_gateway(workdir / name, upstream, *states[name], off, tree=tree)
+                    for name in order.sample(sorted(gateways), len(gateways)):
+                        _measure(gateways[name], duration, runs[name])
+                finally:
+                    for gateway in gateways.values():
+                        gateway.stop()
+                progress.advance(task)
+        return runs
     finally:
-        for system in reversed(started):
-            system.stop()
+        if upstream is not None:
+            upstream.stop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
 
 
-def start(name: str, tree: Path, upstream, workdir: Path, off: tuple[str, ...]):
-    """A gateway from `tree`, in a folder (config, state, evidence log) of its own."""
-    folder = workdir / name
+def _state(folder: Path) -> tuple[Path, str]:
+    """A gateway's own folder (config, state, evidence log), and its benchmark identity's key."""
     folder.mkdir()
-    state, key = systems.prepare_gateway_state(folder)
-    return systems.start_gateway(folder, upstream, state, key, off, tree=tree)
+    return systems.prepare_gateway_state(folder)
 
 
-def compare(gateways: dict, rounds: int, duration: float, progress) -> dict[str, dict[str, list[float]]]:
-    """Each measure of each gateway, one value per round."""
-    runs = {name: {m: [] for m in NAMES} for name in gateways}
-    order = random.Random(0)
-    task = progress.add_task("rounds", total=rounds * len(gateways))
-    for _ in range(rounds):
-        for name in order.sample(sorted(gateways), len(gateways)):
-            for connections, fields in MEASURES.items():
-                seconds = duration if connections > 1 else max(1.0, duration / 2)
-                result = measure.wrk(gateways[name], connections, seconds)
-                if result.errors:
-                    raise RuntimeError(f"{name}: {result.errors} failed requests")
-                for measure_name, field in fields:
-                    runs[name][measure_name].append(getattr(result, field))
-            progress.advance(task)
-    return runs
+def _measure(gateway, duration: float, runs: dict[str, list[float]]) -> None:
+    """One round's wrk runs of one gateway, appended to its `runs`."""
+    for connections, fields in MEASURES.items():
+        seconds = duration if connections > 1 else max(1.0, duration / 2)
+        result = measure.wrk(gateway, connections, seconds)
+        if result.errors:
+            raise RuntimeError(f"{gateway.name}: {result.errors} failed requests")
+        for measure_name, field in fields:
+            runs[measure_name].append(getattr(result, field))
 
 
 def summarise(runs: dict[str, dict[str, list[float]]]) -> list[dict]:
