@@ -60,21 +60,27 @@ def measure_both(commit: str, answers: Path, workdir: Path, off: tuple[str, ...]
         with Progress(console=console) as progress:
             task = progress.add_task("rounds", total=rounds)
             for _ in range(rounds):
-                gateways = {}
-                try:  # new processes every round: a process keeps its own speed (its hash seed, its memory layout)
-                    for name, tree in trees.items():  # and one pair of processes can differ by 6% (A/A, 10 rounds)
-                        gateways[name] = systems.start_gateway(workdir / name, upstream, *states[name], off, tree=tree)
-                    for name in order.sample(sorted(gateways), len(gateways)):
-                        _measure(gateways[name], duration, runs[name])
-                finally:
-                    for gateway in gateways.values():
-                        gateway.stop()
+                _round(trees, states, upstream, off, order.sample(sorted(trees), len(trees)), workdir, duration, runs)
                 progress.advance(task)
         return runs
     finally:
         if upstream is not None:
             upstream.stop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
+
+
+def _round(trees: dict, states: dict, upstream, off, order: list[str], workdir: Path, duration: float, runs) -> None:
+    """One round: each gateway started afresh (a process keeps its own speed: its hash seed, its memory
+    layout), measured in `order`, and stopped."""
+    gateways = {}
+    try:
+        for name, tree in trees.items():
+            gateways[name] = systems.start_gateway(workdir / name, upstream, *states[name], off, tree=tree)
+        for name in order:
+            _measure(gateways[name], duration, runs[name])
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
 
 
 def _state(folder: Path) -> tuple[Path, str]:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .wordsets import WordSets
+from .wordsets import MAX_WORDS, WordSets
 
 _WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")  # a word: letters, joined by an apostrophe or hyphen
 _TOKEN = re.compile(rf"`+|{_WORD.pattern}|\s+|.", re.S)
@@ -65,7 +65,7 @@ def canonical_words(text: str, sets: WordSets) -> list[str]:
     while i < count:
         found, n = lookup.get((words[i],)), 1
         if (words[i],) in prefixes:
-            for longer in (3, 2):
+            for longer in range(MAX_WORDS, 1, -1):
                 phrase = lookup.get(tuple(words[i : i + longer])) if i + longer <= count else None
                 if phrase is not None:
                     found, n = phrase, longer
