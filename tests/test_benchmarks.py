@@ -121,6 +121,16 @@ def test_risk_simulation_runs_on_a_short_day_of_two_campaigns(tmp_path):
     assert doc["scoring_cost"]["memory"]["median_us"] > 0 and (tmp_path / "risk-time-to-suspect.png").stat().st_size > 0
 
 
+def test_risk_script_ab_runs_the_script_at_a_commit_against_this_checkouts(tmp_path):
+    redis_servers.require_redis()
+    with redis_servers.standalone() as server:
+        args = ("--baseline", "HEAD", "--redis", server.url, "--observations", "300", "--rounds", "2")
+        run_benchmark("risk_script_ab", *args, out=tmp_path / "ab.json")
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    assert doc["rounds"] == 2 and all(len(runs) == 2 and min(runs) > 0 for runs in doc["runs"].values())
+    assert doc["ratio_median"] > 0 and doc["command"].startswith("python -m benchmarks.risk_script_ab --baseline HEAD")
+
+
 def test_risk_seeds_replays_each_seed_and_tables_them(tmp_path):
     run_benchmark(
         "risk_seeds", *("--seeds", "1-2", "--days", "2", "--users", "20", "--campaign-days", "1"), out=tmp_path

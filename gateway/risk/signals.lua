@@ -4,9 +4,9 @@
 --
 -- A call into Redis costs a script one or two microseconds, so the script makes few: an identity's state
 -- (running statistics, hour counts, recent ends: one packed string) and its skeleton counts are one hash,
--- read with one HMGET and written with one HSET and an EXPIRE, and each cross-account set is added to and
--- counted in three or four calls. What reads one identity's state alone (its quiet share, its variety) is
--- left to the replicas, which are many, where the script runs on one server.
+-- read with one HMGET and written with one HSET (and, once a day, an EXPIRE), and each cross-account set
+-- is added to and counted in two to four calls. What reads one identity's state alone (its quiet share,
+-- its variety) is left to the replicas, which are many, where the script runs on one server.
 --
 -- Every key starts with KEYS[1], a prefix carrying one hash tag, so on a Cluster all live in its slot.
 -- ARGV: tau seconds, max skeletons, swept-by accounts, identity ttl seconds, rebase-at, max set members,
@@ -129,6 +129,9 @@ while at <= #batch do
   local last, n, rs, pr, um, sw = st[1], st[2], st[3], st[4], st[5], st[6]
   local lm, lv, gm, gv, gn = st[7], st[8], st[9], st[10], st[11]
   local base, top, kept, recent_kept = st[12], st[13], st[14], st[39]
+  -- its expiry is renewed on the identity's first write of a day (a new state's included), not on every
+  -- write, where it took 7% of the script's time; a day past ttl, so that it outlives its last write by ttl
+  local renew = n == 0 or floor_div(t, DAY) ~= floor_div(last, DAY)
   local factor = 1
   if n > 0 then
     factor = math.exp(-math.max(t - last, 0) / tau)
@@ -171,9 +174,11 @@ while at <= #batch do
     if a > accounts or (a == accounts and o > others) then accounts, others = a, o end
   end
   local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
-  local pair = pre .. suf  -- both ends: the prompt word for word, as far as the engine reads it
-  local asked_by = window(':ask', yesterday, pair, add(':ask', day, pair, id, popular_by))
-  if asked_by >= popular_by then swept = 0 end  -- a popular prompt: no sweep's fill
+  -- who sent the prompt word for word (both ends), which matters only to a sweep's fill: a popular prompt
+  -- is none. Yesterday's askers are read only then (an eighth of the script's time went to this set).
+  local pair = pre .. suf
+  local asked_by = add(':ask', day, pair, id, popular_by)
+  if swept == 1 and window(':ask', yesterday, pair, asked_by) >= popular_by then swept = 0 end
   sw = sw * factor + swept
 
   -- the recent prompts' openings and closings, oldest first: this one's join, the oldest go beyond `recent`
@@ -194,7 +199,7 @@ while at <= #batch do
   st[11], st[12], st[13], st[14], st[STATE_SIZE] = gn, base, top, kept, recent_kept
   local state = struct.pack(STATE, unpack(st, 1, STATE_SIZE)) .. openings .. closings
   redis.call('HSET', key, STATE_FIELD, state, unpack(counts))
-  redis.call('EXPIRE', key, ttl)
+  if renew then redis.call('EXPIRE', key, ttl + DAY) end
   local gaps = -1
   if gn >= 2 then gaps = math.sqrt(math.max(gv, 0)) end
   out[#out + 1] = struct.pack(ROW, n, top / grow / n, sw / n, sw, accounts, others, rs / n, pr, um / n,

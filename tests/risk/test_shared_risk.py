@@ -15,7 +15,7 @@ from gateway.evidence.reader import LogReader
 from gateway.redis_client import connect
 from gateway.risk.redis_signals import RedisSignals
 from gateway.risk.score import next_tier, score, strengths
-from gateway.risk.signals import MemorySignals
+from gateway.risk.signals import DAY, IDENTITY_TTL, MemorySignals
 from tests import redis_servers
 from tests.ratelimit.test_shared import Pair, write_config
 from tests.risk.test_risk import _obs
@@ -97,6 +97,28 @@ def test_redis_signals_match_memory_signals():
     assert tiers["memory"]["script"] == "suspect" and all(tiers["memory"][f"acct{a}"] == "suspect" for a in range(25))
     assert {tiers["memory"][f"person{p}"] for p in range(15)} == {"normal"}
     assert {a.variety for a in expected if a.variety < 1} and max(a.swept_requests for a in expected) >= 4
+
+
+def test_an_identitys_state_outlives_its_last_write_by_the_ttl_and_is_pushed_back_once_a_day():
+    """The script renews the state's expiry on the identity's first write of a day, a day past the ttl,
+    instead of on every write."""
+    redis_servers.require_redis()
+    with redis_servers.standalone() as server:
+
+        async def run():
+            client = connect(server.url, 2.0)
+            store, key, ttls = RedisSignals(client, "{ttl}"), "{ttl}:id:x", []
+            for t in (1000.0, 2000.0, 1000.0 + DAY):
+                await store.update_many([_obs("x", t, f"Tell me something about the number {t}")])
+                ttls.append(await client.ttl(key))
+                await client.expire(key, 100)  # so that a renewal shows
+            await store.close()
+            return ttls
+
+        first, same_day, next_day = asyncio.run(run())
+    assert IDENTITY_TTL + DAY - 5 <= first <= IDENTITY_TTL + DAY
+    assert same_day <= 100
+    assert IDENTITY_TTL + DAY - 5 <= next_day <= IDENTITY_TTL + DAY
 
 
 def _tiers_seen(folder, identity: str) -> list[str]:
