@@ -183,7 +183,8 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return max(n, 1)
 
 
-def _network(vocabulary: int):
+def _network(vocabulary: int, embedding: int = 128, hidden: int = 384):
+    """The CPU students' sizes by default; benchmarks/distill_gpu.py trains larger ones."""
     from torch import nn
 
     class GRULanguageModel(nn.Module):
@@ -191,9 +192,9 @@ def _network(vocabulary: int):
 
         def __init__(self) -> None:
             super().__init__()
-            self.embed = nn.Embedding(vocabulary, 128)
-            self.rnn = nn.GRU(128, 384, batch_first=True)
-            self.out = nn.AdaptiveLogSoftmaxWithLoss(384, vocabulary, cutoffs=[1000, 4000], div_value=4.0)
+            self.embed = nn.Embedding(vocabulary, embedding)
+            self.rnn = nn.GRU(embedding, hidden, batch_first=True)
+            self.out = nn.AdaptiveLogSoftmaxWithLoss(hidden, vocabulary, cutoffs=[1000, 4000], div_value=4.0)
 
         def hidden(self, x, state=None):
             return self.rnn(self.embed(x), state)
