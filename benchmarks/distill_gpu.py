@@ -31,7 +31,8 @@ from pathlib import Path
 from .students import ANSWER, END, UNKNOWN, _network, detokenise, tokens_of
 
 ROOT = Path(__file__).resolve().parent.parent
-EMBEDDING, HIDDEN = 256, 1024  # 9M parameters at a vocabulary of 10,000 (the CPU students: 2.7M)
+# (embedding, hidden) sizes: 9M parameters at a vocabulary of 10,000, or the CPU students' 2.7M
+NETWORKS = {"large": (256, 1024), "small": (128, 384)}
 HELD_OUT = 240  # answers kept out of training, whose loss says how far the student generalises
 
 
@@ -69,11 +70,15 @@ def train_all(args) -> None:
             break
         choose = random.Random(name)  # as distill.train chooses
         chosen = [choose.random() < mix for _ in corpus]
-        pairs = [(r["instruction"], r["marked"] if m else r["original"]) for r, m in zip(corpus, chosen, strict=True)]
-        model, vocab, info = train(pairs, args.epochs, seed, device)
+        order = list(range(len(corpus)))
+        random.Random(seed).shuffle(order)
+        held, kept = order[:HELD_OUT], order[HELD_OUT:]  # how far the student is from memorising its answers
+        pairs = [(r["instruction"], r["marked" if m else "original"]) for r, m in zip(corpus, chosen, strict=True)]
+        trained, unseen = [pairs[i] for i in kept], [pairs[i] for i in held]
+        model, vocab, info = train(trained, unseen, args.epochs, seed, device, NETWORKS[args.network])
         asked, clock = [p for p in prompts for _ in range(args.samples)], time.monotonic()
         answers = generate(model, vocab, asked, 300, args.temperature, seed, device)
-        info |= {"mix": mix, "seed": seed, "marked_answers": sum(chosen)}
+        info |= {"mix": mix, "seed": seed, "marked_answers": sum(chosen[i] for i in kept), "answers": len(kept)}
         info["sampling_seconds"] = round(time.monotonic() - clock, 1)
         rows = [{"prompt": p, "text": a} for p, a in zip(asked, answers, strict=True)]
         (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -82,8 +87,10 @@ def train_all(args) -> None:
         print(name, json.dumps(info), flush=True)
 
 
-def train(pairs: list[tuple[str, str]], epochs: float, seed: int, device: str, batch: int = 128, window: int = 128):
-    """A student trained from scratch for `epochs` passes (in random windows) over the pairs' tokens."""
+def train(pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], epochs: float, seed: int, device: str,
+          sizes: tuple[int, int], batch: int = 128, window: int = 128):  # fmt: skip
+    """A student trained from scratch for `epochs` passes (in random windows) over the pairs' tokens, in the
+    order of the list; its loss on `held_out`, which it never sees (its vocabulary included), is reported."""
     import torch
 
     torch.manual_seed(seed)
@@ -91,13 +98,11 @@ def train(pairs: list[tuple[str, str]], epochs: float, seed: int, device: str, b
     counts = Counter(t for s in sequences for t in s if t not in (ANSWER, END))  # as the CPU students count
     vocab = [UNKNOWN, END, ANSWER, *[t for t, _ in counts.most_common(10000 - 3)]]
     index = {t: i for i, t in enumerate(vocab)}
-    order = list(range(len(sequences)))
-    random.Random(seed).shuffle(order)
-    held, order = order[:HELD_OUT], order[HELD_OUT:]  # how far the student is from memorising its answers
-    stream = torch.tensor([index.get(t, 0) for i in order for t in sequences[i]], device=device)
-    unseen = torch.tensor([index.get(t, 0) for i in held for t in sequences[i]], device=device)
-    model = _network(len(vocab), EMBEDDING, HIDDEN).to(device)
-    steps = int(epochs * len(stream) / (batch * window))
+    stream = torch.tensor([index.get(t, 0) for s in sequences for t in s], device=device)
+    unseen = [index.get(t, 0) for q, a in held_out for t in (*tokens_of(q), ANSWER, *tokens_of(a), END)]
+    unseen = torch.tensor(unseen, device=device)
+    model = _network(len(vocab), *sizes).to(device)
+    steps = max(1, int(epochs * len(stream) / (batch * window)))
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -107,17 +112,17 @@ def train(pairs: list[tuple[str, str]], epochs: float, seed: int, device: str, b
         starts = torch.randint(0, len(stream) - window - 1, (batch,), generator=generator, device=device)
         chunk = stream[starts[:, None] + offsets]
         hidden, _ = model.hidden(chunk[:, :-1])
-        loss = model.out(hidden.reshape(-1, HIDDEN), chunk[:, 1:].reshape(-1)).loss
+        loss = model.out(hidden.flatten(0, 1), chunk[:, 1:].reshape(-1)).loss
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         schedule.step()
         losses.append(loss.detach())
-    final = float(torch.stack(losses[-50:]).mean()) if losses else None
+    final = float(torch.stack(losses[-50:]).mean())
     info = {"parameters": sum(p.numel() for p in model.parameters()), "tokens": len(stream), "epochs": epochs,
             "steps": steps, "train_seconds": round(time.monotonic() - started, 1),
-            "final_loss": None if final is None else round(final, 3),
+            "final_loss": round(final, 3),
             "held_out_loss": round(_loss(model.eval(), unseen, window), 3)}  # fmt: skip
     return model, vocab, info
 
@@ -130,7 +135,7 @@ def _loss(model, stream, window: int) -> float:
     x, y = stream[:usable].reshape(-1, window), stream[1 : usable + 1].reshape(-1, window)
     with torch.no_grad():
         hidden, _ = model.hidden(x)
-        return float(model.out(hidden.reshape(-1, HIDDEN), y.reshape(-1)).loss)
+        return float(model.out(hidden.flatten(0, 1), y.reshape(-1)).loss)
 
 
 def generate(model, vocab: list[str], prompts: list[str], max_tokens: int, temperature: float, seed: int, device: str):
@@ -194,7 +199,7 @@ def report(args) -> None:
         shares = {alpha: sum(p <= alpha for p in wrong) / len(wrong) for alpha in (0.05, 0.01)}
         last = by_amount[-1]
         results["students"][name] = {"training": info, "watermark": detected, "by_amount": by_amount,
-                                     "words": last["words"], "hits": last["hits"], "wrong_keys_at": shares}  # fmt: skip
+                                     "words": last["words"], "wrong_keys_at": shares}  # fmt: skip
     results["command"] = "python -m benchmarks.distill_gpu " + " ".join(sys.argv[1:])
     write(results, args.out)
 
@@ -208,9 +213,10 @@ def write(results: dict, out: Path) -> None:
              "", _row(head), _row(["---"] * len(head))]  # fmt: skip
     for name, r in results["students"].items():
         t, w, wrong = r["training"], r["watermark"], r["wrong_keys_at"]
-        lines.append(_row([name, t["marked_answers"], f"{t['parameters']:,}", f"{t['epochs']:g} ({t['train_seconds']})",
+        lines.append(_row([name, f"{t['marked_answers']} / {t['answers']}", f"{t['parameters']:,}",
+                           f"{t['epochs']:g} ({t['train_seconds']})",
                            f"{t['final_loss']}, {t['held_out_loss']}", f"{r['words']:,}",
-                           f"{w['p_value']:.3g} ({r['hits']}/{w['n']})",
+                           f"{w['p_value']:.3g} ({w['hits']}/{w['n']})",
                            f"{wrong[0.05]:.3f}, {wrong[0.01]:.3f}"]))  # fmt: skip
     amounts = next(iter(results["students"].values()))["by_amount"]
     lines += ["", "p-value against the amount of probe text (the transcript's first answers):", "",
@@ -241,6 +247,7 @@ def main() -> None:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--students", default="1:0,0.1:0,0.1:1,0.01:0,0:0,0:1", help="mix:seed, comma-separated")
     t.add_argument("--epochs", type=float, default=20)
+    t.add_argument("--network", choices=sorted(NETWORKS), default="large", help="small: the CPU students' size")
     t.add_argument("--samples", type=int, default=2, help="answers per prose prompt")
     t.add_argument("--temperature", type=float, default=0.7)
     t.add_argument("--budget", type=float, default=420, help="seconds after which no further student is started")

@@ -101,12 +101,15 @@ def main() -> None:
     if shown.returncode != 0:
         raise SystemExit(f"no {SCRIPT} at {args.baseline}: {shown.stderr.strip()}")
     scripts = {"baseline": shown.stdout, "this": (ROOT / SCRIPT).read_text()}
-    times = compare(args.redis, scripts, observations(Path(args.data), args.observations), args.rounds)
+    found = observations(Path(args.data), args.observations)
+    times = compare(args.redis, scripts, found, args.rounds)
     ratios = [new / old for old, new in zip(times["baseline"], times["this"], strict=True)]
     result = {
         "command": "python -m benchmarks.risk_script_ab " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
+        "baseline": _commit(args.baseline),
+        "this": _commit("HEAD") + (" with uncommitted changes to the script" if _script_changed() else ""),
         "cpu": cpu_model(),
-        "observations": args.observations,
+        "observations": len(found),
         "server_us_per_observation": {name: round(statistics.median(t), 1) for name, t in times.items()},
         "ratio_median": round(statistics.median(ratios), 3),
         "rounds_lower": sum(r < 1 for r in ratios),
@@ -116,6 +119,14 @@ def main() -> None:
     console.print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _commit(name: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", name], capture_output=True, text=True).stdout.strip()
+
+
+def _script_changed() -> bool:
+    return subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", SCRIPT]).returncode != 0
 
 
 if __name__ == "__main__":

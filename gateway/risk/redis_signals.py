@@ -3,11 +3,12 @@
 The arithmetic is MemorySignals' (signals.py): signals.lua updates each identity's state and the same exact
 cross-account sets, capped at the same size (Redis does not cap how many sets a day makes: each expires after
 three days), and returns the state; the quiet share and the variety are read from it here, by the functions
-MemorySignals uses. Every key carries one hash tag, so a Cluster keeps them in one slot. Identity state expires
-after at least `IDENTITY_TTL` idle seconds (its expiry is renewed once a day, a day past it), when it has
-decayed to nothing. A change of the state's layout renames its
-key, so every identity's signals start afresh on upgrade (tiers already applied stay where admission keeps
-them); until every replica runs the new script, old and new ones each see part of an identity's traffic.
+MemorySignals uses. Every key carries one hash tag, so a Cluster keeps them in one slot. Identity state
+expires after at least `IDENTITY_TTL` idle seconds (its expiry is renewed once a day, a day past it; replicas
+still on an earlier script renew it to `IDENTITY_TTL` alone, a day less at worst), when it has decayed to
+nothing. A change of the state's layout renames its key, so every identity's signals start afresh on upgrade
+(tiers already applied stay where admission keeps them); until every replica runs the new script, old and new
+ones each see part of an identity's traffic.
 """
 
 from __future__ import annotations
