@@ -1,21 +1,24 @@
-"""Distillation at GPU scale: larger students, trained for many epochs, on the answers the gateway served.
+"""Distillation with students larger, or trained longer, than distill.py's: does the mark reach them at 10%?
 
-The CPU benchmark (benchmarks/distill.py) trains 2.7M-parameter students for 200 s, about two passes over
-the answers: enough for the mark at full dose, not at 10%. Whether that is the student's size and training
-or the mark is what this asks, with students three times larger trained for `--epochs` passes on a GPU.
-Training and sampling run where the GPU is; the test runs here, with the gateway's key.
+The distillation benchmark (benchmarks/distill.py) trains 2.7M-parameter students for 200 s on the CPU, about
+two passes over the answers: enough for the mark at full dose, not at 10%. Whether that is the students' size
+and training or the mark is what this asks: students of 9M parameters (`--network large`, for a GPU) or of
+the same size (`small`), trained for `--epochs` passes with a one-cycle schedule. Training and sampling need
+torch alone and run where it is fast; the test runs here, with the gateway's key.
 
 1. prepare (here): the answers served through a gateway by distill.py's collect stage (kept in its --work
    folder, and reused from there), and the probe's built-in prose prompts, into one folder to carry;
-2. train (on the GPU machine; needs torch alone): per student, the same mix of marked and unmarked
-   answers as distill.py's student of that name, a GRU word model trained from scratch, then its answers
-   to every prose prompt (`--samples` each), written as a transcript ({"prompt", "text"} lines);
+2. train: per student (mix:seed), the same marked and unmarked answers as distill.py's student of that
+   name, less HELD_OUT answers whose loss is reported beside the training loss, a GRU word model trained from
+   scratch, then its answers to every prose prompt (`--samples` each), sampled in one batch, written as a
+   transcript ({"prompt", "text"} lines) with training.json;
 3. report (here): `canarygate detect` on each transcript with the gateway's key, the test under 200 random
    keys (their p-values should be uniform), and the p-value against the amount of text.
 
     python -m benchmarks.distill_gpu prepare --data ../shared/data/alpaca_eval --work /tmp/distill --to gpu-input
-    python3 -m benchmarks.distill_gpu train --input gpu-input --out $OUT [--epochs 20] [--mixes 1,0.1,0.01,0]
-    python -m benchmarks.distill_gpu report --work /tmp/distill --transcripts DIR
+    python3 -m benchmarks.distill_gpu train --input gpu-input --out DIR [--students 1:0,0.1:0,0:0] [--epochs 20]
+        [--network large|small] [--batch 128] [--window 128] [--lr 2e-3]
+    python -m benchmarks.distill_gpu report --work /tmp/distill --transcripts DIR [DIR ...] [--out results/NAME]
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def train_all(args) -> None:
         held, kept = order[:HELD_OUT], order[HELD_OUT:]  # how far the student is from memorising its answers
         pairs = [(r["instruction"], r["marked" if m else "original"]) for r, m in zip(corpus, chosen, strict=True)]
         trained, unseen = [pairs[i] for i in kept], [pairs[i] for i in held]
-        model, vocab, info = train(trained, unseen, args.epochs, seed, device, NETWORKS[args.network])
+        recipe = {"batch": args.batch, "window": args.window, "lr": args.lr}
+        model, vocab, info = train(trained, unseen, args.epochs, seed, device, NETWORKS[args.network], **recipe)
         asked, clock = [p for p in prompts for _ in range(args.samples)], time.monotonic()
         answers = generate(model, vocab, asked, 300, args.temperature, seed, device)
         info |= {"mix": mix, "seed": seed, "marked_answers": sum(chosen[i] for i in kept), "answers": len(kept)}
@@ -88,7 +92,7 @@ def train_all(args) -> None:
 
 
 def train(pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], epochs: float, seed: int, device: str,
-          sizes: tuple[int, int], batch: int = 128, window: int = 128):  # fmt: skip
+          sizes: tuple[int, int], batch: int, window: int, lr: float):  # fmt: skip
     """A student trained from scratch for `epochs` passes (in random windows) over the pairs' tokens, in the
     order of the list; its loss on `held_out`, which it never sees (its vocabulary included), is reported."""
     import torch
@@ -103,8 +107,8 @@ def train(pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], epochs:
     unseen = torch.tensor(unseen, device=device)
     model = _network(len(vocab), *sizes).to(device)
     steps = max(1, int(epochs * len(stream) / (batch * window)))
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator(device=device).manual_seed(seed)
     offsets = torch.arange(window + 1, device=device)
     started, losses = time.monotonic(), []
@@ -121,6 +125,7 @@ def train(pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], epochs:
         losses.append(loss.detach())
     final = float(torch.stack(losses[-50:]).mean())
     info = {"parameters": sum(p.numel() for p in model.parameters()), "tokens": len(stream), "epochs": epochs,
+            "batch": batch, "window": window, "lr": lr,
             "steps": steps, "train_seconds": round(time.monotonic() - started, 1),
             "final_loss": round(final, 3),
             "held_out_loss": round(_loss(model.eval(), unseen, window), 3)}  # fmt: skip
@@ -174,47 +179,61 @@ def generate(model, vocab: list[str], prompts: list[str], max_tokens: int, tempe
 
 def report(args) -> None:
     from gateway.evidence.keys import Keys
-    from gateway.watermark import LexicalKey, default_sets, epoch_keys
+    from gateway.watermark import default_sets, epoch_keys
+
+    cfg = args.work / "gateway" / "canarygate.toml"
+    key = epoch_keys(Keys.load(args.work / "gateway" / "state" / "keys"))[0]
+    sets, devices, students = default_sets(), set(), {}
+    for folder in args.transcripts:  # a student's row is named by its folder too when there are several
+        training = json.loads((folder / "training.json").read_text())
+        devices.add(training.pop("device"))
+        for name, info in training.items():
+            row = name if len(args.transcripts) == 1 else f"{name} ({folder.name})"
+            tested = test_student(cfg, key, sets, folder / f"{name}.jsonl", args.wrong_keys)
+            students[row] = {"training": info, **tested}
+    command = "python -m benchmarks.distill_gpu " + " ".join(sys.argv[1:])
+    write({"command": command, "device": ", ".join(sorted(devices)), "students": students}, args.out)
+
+
+def test_student(cfg: Path, key, sets, transcript: Path, wrong_keys: int) -> dict:
+    """`canarygate detect` on the transcript; the same test under random keys; p against the amount of text."""
+    from gateway.watermark import LexicalKey
     from gateway.watermark.scoring import fixed_scheme_p, vote_counts
 
     from .distill import _cli_json
 
-    cfg = args.work / "gateway" / "canarygate.toml"
-    key = epoch_keys(Keys.load(args.work / "gateway" / "state" / "keys"))[0]
-    training = json.loads((args.transcripts / "training.json").read_text())
-    sets, results = default_sets(), {"device": training.pop("device"), "students": {}}
-    for name, info in training.items():
-        transcript = args.transcripts / f"{name}.jsonl"
-        detected = next(iter(_cli_json(cfg, "detect", str(transcript), "--json")["schemes"].values()))
-        items = [(r["text"], r["prompt"]) for r in map(json.loads, transcript.read_text().splitlines())]
-        rng = random.Random(f"wrong keys {name}")
-        counts = vote_counts(items, sets)
-        wrong = [fixed_scheme_p(counts, LexicalKey(rng.randbytes(32), sets))[0] for _ in range(args.wrong_keys)]
-        by_amount = []
-        for share in (0.1, 0.25, 0.5, 1.0):
-            part = items[: max(1, int(len(items) * share))]
-            p, n, hits, _ = fixed_scheme_p(vote_counts(part, sets), key)
-            words = sum(len(t.split()) for t, _ in part)
-            by_amount.append({"texts": len(part), "words": words, "p_value": p, "votes": n, "hits": hits})
-        shares = {alpha: sum(p <= alpha for p in wrong) / len(wrong) for alpha in (0.05, 0.01)}
-        last = by_amount[-1]
-        results["students"][name] = {"training": info, "watermark": detected, "by_amount": by_amount,
-                                     "words": last["words"], "wrong_keys_at": shares}  # fmt: skip
-    results["command"] = "python -m benchmarks.distill_gpu " + " ".join(sys.argv[1:])
-    write(results, args.out)
+    detected = next(iter(_cli_json(cfg, "detect", str(transcript), "--json")["schemes"].values()))
+    items = [(r["text"], r["prompt"]) for r in map(json.loads, transcript.read_text().splitlines())]
+    rng = random.Random(f"wrong keys {transcript.stem}")
+    counts = vote_counts(items, sets)
+    wrong = [fixed_scheme_p(counts, LexicalKey(rng.randbytes(32), sets))[0] for _ in range(wrong_keys)]
+    by_amount = []
+    for share in (0.1, 0.25, 0.5, 1.0):
+        part = items[: max(1, int(len(items) * share))]
+        p, n, hits, _ = fixed_scheme_p(vote_counts(part, sets), key)
+        words = sum(len(t.split()) for t, _ in part)
+        by_amount.append({"texts": len(part), "words": words, "p_value": p, "votes": n, "hits": hits})
+    return {
+        "watermark": detected,
+        "by_amount": by_amount,
+        "words": by_amount[-1]["words"],
+        "wrong_keys_at": {alpha: sum(p <= alpha for p in wrong) / len(wrong) for alpha in (0.05, 0.01)},
+    }
 
 
 def write(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill-gpu.json").write_text(json.dumps(results, indent=1))
-    head = ["student", "marked answers", "parameters", "epochs (s)", "loss, held-out loss", "probe words",
-            "watermark p (hits/votes)", "wrong keys: share at 0.05, 0.01"]  # fmt: skip
-    lines = ["# Distillation at GPU scale", "", f"`{results['command']}`; students trained on {results['device']}.",
+    """`out`.json and `out`.md."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    head = ["student", "marked answers", "parameters", "epochs, windows x tokens, peak lr (s)", "loss, held-out loss",
+            "probe words", "watermark p (hits/votes)", "wrong keys: share at 0.05, 0.01"]  # fmt: skip
+    title = "# Distillation: students larger or trained longer than distill.py's"
+    lines = [title, "", f"`{results['command']}`; students trained on {results['device']}.",
              "", _row(head), _row(["---"] * len(head))]  # fmt: skip
     for name, r in results["students"].items():
         t, w, wrong = r["training"], r["watermark"], r["wrong_keys_at"]
         lines.append(_row([name, f"{t['marked_answers']} / {t['answers']}", f"{t['parameters']:,}",
-                           f"{t['epochs']:g} ({t['train_seconds']})",
+                           f"{t['epochs']:g}, {t['batch']} x {t['window']}, {t['lr']:g} ({t['train_seconds']})",
                            f"{t['final_loss']}, {t['held_out_loss']}", f"{r['words']:,}",
                            f"{w['p_value']:.3g} ({w['hits']}/{w['n']})",
                            f"{wrong[0.05]:.3f}, {wrong[0.01]:.3f}"]))  # fmt: skip
@@ -224,7 +243,7 @@ def write(results: dict, out: Path) -> None:
               _row(["---"] * (len(amounts) + 1))]  # fmt: skip
     for name, r in results["students"].items():
         lines.append(_row([name, *(f"{a['p_value']:.2g} ({a['words']:,} words)" for a in r["by_amount"])]))
-    (out / "distill-gpu.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def _row(cells) -> str:
@@ -248,14 +267,21 @@ def main() -> None:
     t.add_argument("--students", default="1:0,0.1:0,0.1:1,0.01:0,0:0,0:1", help="mix:seed, comma-separated")
     t.add_argument("--epochs", type=float, default=20)
     t.add_argument("--network", choices=sorted(NETWORKS), default="large", help="small: the CPU students' size")
+    t.add_argument("--batch", type=int, default=128, help="windows per step (the CPU students: 64)")
+    t.add_argument("--window", type=int, default=128, help="tokens per window (the CPU students: 64)")
+    t.add_argument(
+        "--lr", type=float, default=2e-3, help="the one-cycle schedule's peak (the CPU students: 3e-3, flat)"
+    )
     t.add_argument("--samples", type=int, default=2, help="answers per prose prompt")
     t.add_argument("--temperature", type=float, default=0.7)
     t.add_argument("--budget", type=float, default=420, help="seconds after which no further student is started")
     r = verbs.add_parser("report")
     r.add_argument("--work", type=Path, required=True)
-    r.add_argument("--transcripts", type=Path, required=True)
+    r.add_argument("--transcripts", type=Path, nargs="+", required=True, help="train's --out folders")
     r.add_argument("--wrong-keys", type=int, default=200)
-    r.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    r.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill-gpu", help="writes OUT.md, OUT.json"
+    )
     args = parser.parse_args()
     {"prepare": prepare, "train": train_all, "report": report}[args.verb](args)
 
