@@ -130,7 +130,7 @@ while at <= #batch do
   local lm, lv, gm, gv, gn = st[7], st[8], st[9], st[10], st[11]
   local base, top, kept, recent_kept = st[12], st[13], st[14], st[39]
   -- its expiry is renewed on the identity's first write of a day (a new state's included), not on every
-  -- write, where it took 7% of the script's time; a day past ttl, so that it outlives its last write by ttl
+  -- write (a call saved per observation); a day past ttl, so that it outlives its last write by ttl
   local renew = n == 0 or floor_div(t, DAY) ~= floor_div(last, DAY)
   local factor = 1
   if n > 0 then
@@ -175,7 +175,7 @@ while at <= #batch do
   end
   local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
   -- who sent the prompt word for word (both ends), which matters only to a sweep's fill: a popular prompt
-  -- is none. Yesterday's askers are read only then (an eighth of the script's time went to this set).
+  -- is none. Yesterday's askers are read only then (a call saved for most observations).
   local pair = pre .. suf
   local asked_by = add(':ask', day, pair, id, popular_by)
   if swept == 1 and window(':ask', yesterday, pair, asked_by) >= popular_by then swept = 0 end
