@@ -50,7 +50,7 @@ from gateway.identity import Registry
 from gateway.watermark import LexicalKey, default_sets, epoch_keys
 from gateway.watermark.scoring import fixed_scheme_p, vote_counts
 
-from .students import Student, server_app
+from .students import Student, server_app, student_name
 from .systems import _spawn, _wait_ready, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,11 +158,7 @@ async def _campaign(url: str, accounts: dict[str, str], rows: list[dict]) -> lis
 
 
 def student_names(args) -> list[tuple[str, float, int]]:
-    return [(_name(mix, seed), mix, seed) for mix in args.mixes for seed in range(args.seeds)]
-
-
-def _name(mix: float, seed: int) -> str:
-    return f"control-seed{seed}" if mix == 0 else f"marked-{mix * 100:g}pct-seed{seed}"
+    return [(student_name(mix, seed), mix, seed) for mix in args.mixes for seed in range(args.seeds)]
 
 
 def train(args, corpus: list[dict], name: str, mix: float, seed: int) -> dict:
@@ -222,15 +218,9 @@ def test(args, name: str) -> dict:
     rows = read_rows(transcript)
     items = [(r["text"], r["prompt"]) for r in rows]
     sets = default_sets()
-    counts = vote_counts(items, sets)
-    rng = random.Random(f"wrong keys {name}")
-    wrong = [fixed_scheme_p(counts, LexicalKey(rng.randbytes(32), sets))[0] for _ in range(args.wrong_keys)]
+    wrong = wrong_keys(items, sets, name, args.wrong_keys)
     key = epoch_keys(Keys.load(args.work / "gateway" / "state" / "keys"))[0]
-    by_amount = []
-    for share in (0.05, 0.1, 0.25, 0.5, 1.0):
-        part = items[: max(1, int(len(items) * share))]
-        p, n, hits, _ = fixed_scheme_p(vote_counts(part, sets), key)
-        by_amount.append({"texts": len(part), "words": sum(len(t.split()) for t, _ in part), "p_value": p, "votes": n})
+    by_amount = by_share(items, sets, key, (0.05, 0.1, 0.25, 0.5, 1.0))
     exposures = read_rows(folder / "probe" / "exposure.jsonl")
     fresh = read_rows(folder / "fresh-exposure.jsonl")
     reading = json.loads((folder / "report" / "report.json").read_text()).get("reading")
@@ -253,6 +243,24 @@ def test(args, name: str) -> dict:
         "exposure": [{k: r[k] for k in ("canary", "identity", "rank", "p_value", "exposure")} for r in exposures],
         "fresh_exposure": [{k: r[k] for k in ("canary", "rank", "p_value", "exposure")} for r in fresh],
     }
+
+
+def wrong_keys(items: list[tuple[str, str]], sets, name: str, count: int) -> list[float]:
+    """The watermark test's p-values under `count` random keys, drawn from the student's name: uniform if
+    the test holds its size."""
+    counts, rng = vote_counts(items, sets), random.Random(f"wrong keys {name}")
+    return [fixed_scheme_p(counts, LexicalKey(rng.randbytes(32), sets))[0] for _ in range(count)]
+
+
+def by_share(items: list[tuple[str, str]], sets, key: LexicalKey, shares: tuple[float, ...]) -> list[dict]:
+    """The watermark test under `key` on the transcript's first texts, for each share of it."""
+    out = []
+    for share in shares:
+        part = items[: max(1, int(len(items) * share))]
+        p, n, hits, _ = fixed_scheme_p(vote_counts(part, sets), key)
+        words = sum(len(t.split()) for t, _ in part)
+        out.append({"texts": len(part), "words": words, "p_value": p, "votes": n, "hits": hits})
+    return out
 
 
 def report(args, name: str) -> dict:

@@ -28,10 +28,9 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-from .students import ANSWER, END, UNKNOWN, _network, detokenise, tokens_of
+from .students import ANSWER, _network, detokenise, sequence_of, student_name, tokens_of, vocabulary_of
 
 ROOT = Path(__file__).resolve().parent.parent
 # (embedding, hidden) sizes: 9M parameters at a vocabulary of 10,000, or the CPU students' 2.7M
@@ -49,11 +48,6 @@ def prepare(args) -> None:
     rows = [{k: r[k] for k in ("instruction", "original", "marked")} for r in corpus]
     (args.to / "corpus.json").write_text(json.dumps(rows))
     (args.to / "prompts.json").write_text(json.dumps(prose_prompts(args.prose)))
-
-
-def student_name(mix: float, seed: int) -> str:
-    """distill.py's name for a student of this mix and seed (and so its choice of marked answers)."""
-    return f"control-seed{seed}" if mix == 0 else f"marked-{mix * 100:g}pct-seed{seed}"
 
 
 def train_all(args) -> None:
@@ -98,13 +92,11 @@ def train(pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], epochs:
     import torch
 
     torch.manual_seed(seed)
-    sequences = [[*tokens_of(q), ANSWER, *tokens_of(a), END] for q, a in pairs]
-    counts = Counter(t for s in sequences for t in s if t not in (ANSWER, END))  # as the CPU students count
-    vocab = [UNKNOWN, END, ANSWER, *[t for t, _ in counts.most_common(10000 - 3)]]
+    sequences = list(map(sequence_of, pairs))
+    vocab = vocabulary_of(sequences, 10000)  # as the CPU students'
     index = {t: i for i, t in enumerate(vocab)}
     stream = torch.tensor([index.get(t, 0) for s in sequences for t in s], device=device)
-    unseen = [index.get(t, 0) for q, a in held_out for t in (*tokens_of(q), ANSWER, *tokens_of(a), END)]
-    unseen = torch.tensor(unseen, device=device)
+    unseen = torch.tensor([index.get(t, 0) for pair in held_out for t in sequence_of(pair)], device=device)
     model = _network(len(vocab), *sizes).to(device)
     steps = max(1, int(epochs * len(stream) / (batch * window)))
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -195,28 +187,18 @@ def report(args) -> None:
     write({"command": command, "device": ", ".join(sorted(devices)), "students": students}, args.out)
 
 
-def test_student(cfg: Path, key, sets, transcript: Path, wrong_keys: int) -> dict:
+def test_student(cfg: Path, key, sets, transcript: Path, count: int) -> dict:
     """`canarygate detect` on the transcript; the same test under random keys; p against the amount of text."""
-    from gateway.watermark import LexicalKey
-    from gateway.watermark.scoring import fixed_scheme_p, vote_counts
-
-    from .distill import _cli_json
+    from .distill import _cli_json, by_share, wrong_keys
 
     detected = next(iter(_cli_json(cfg, "detect", str(transcript), "--json")["schemes"].values()))
     items = [(r["text"], r["prompt"]) for r in map(json.loads, transcript.read_text().splitlines())]
-    rng = random.Random(f"wrong keys {transcript.stem}")
-    counts = vote_counts(items, sets)
-    wrong = [fixed_scheme_p(counts, LexicalKey(rng.randbytes(32), sets))[0] for _ in range(wrong_keys)]
-    by_amount = []
-    for share in (0.1, 0.25, 0.5, 1.0):
-        part = items[: max(1, int(len(items) * share))]
-        p, n, hits, _ = fixed_scheme_p(vote_counts(part, sets), key)
-        words = sum(len(t.split()) for t, _ in part)
-        by_amount.append({"texts": len(part), "words": words, "p_value": p, "votes": n, "hits": hits})
+    wrong = wrong_keys(items, sets, transcript.stem, count)
+    amounts = by_share(items, sets, key, (0.1, 0.25, 0.5, 1.0))
     return {
         "watermark": detected,
-        "by_amount": by_amount,
-        "words": by_amount[-1]["words"],
+        "by_amount": amounts,
+        "words": amounts[-1]["words"],
         "wrong_keys_at": {alpha: sum(p <= alpha for p in wrong) / len(wrong) for alpha in (0.05, 0.01)},
     }
 

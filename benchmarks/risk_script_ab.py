@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import random
 import statistics
 import subprocess
 from pathlib import Path
@@ -34,7 +33,7 @@ from gateway.risk.features import Observation, observe
 
 from .harness import cpu_model
 from .risk_sim import EPOCH, _exchanges, _script_server_us, load
-from .risk_traffic import CAMPAIGN_DAYS, benign, campaigns
+from .risk_traffic import CAMPAIGN_DAYS, in_time_order, simulated
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "gateway/risk/signals.lua"
@@ -46,22 +45,19 @@ console = Console(stderr=True)
 def observations(data: Path, count: int, seed: int = 1) -> list[Observation]:
     """The first `count` observations of risk_sim's traffic (1000 people and every campaign, over 30 days)."""
     instructions, _ = load(data)
-    rng = random.Random(seed)
-    groups = {"benign": benign(rng, instructions, 1000, 30)} | campaigns(rng, instructions, 30, CAMPAIGN_DAYS)
-    requests = sorted((r for g in groups.values() for r in g), key=lambda r: r.time)[:count]
+    requests = in_time_order(simulated(seed, instructions, 1000, 30, CAMPAIGN_DAYS))[:count]
     return [observe(e, EPOCH + r.time) for e, r in zip(_exchanges(requests), requests, strict=True)]
 
 
 async def run_script(url: str, script: str, found: list[Observation]) -> tuple[float, str]:
     """(server microseconds per observation, a digest of every answer) of one pass over `found`."""
     client = connect(url, 10.0)
-    head = redis_signals.RedisSignals(client, PREFIX)._head  # the arguments the engine sends
+    store = redis_signals.RedisSignals(client, PREFIX)  # to encode the batches as the engine sends them
     try:
         sha = await client.script_load(script)
         before, answers = await _script_server_us(url), hashlib.sha256()
         for i in range(0, len(found), BATCH):
-            batch = b"".join(map(redis_signals._record, found[i : i + BATCH]))
-            for answer in await client.evalsha(sha, 1, PREFIX, *head, batch):
+            for answer in await client.evalsha(sha, 1, PREFIX, *store.arguments(found[i : i + BATCH])):
                 answers.update(answer)
         spent = (await _script_server_us(url) - before) / len(found)
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from gateway.risk.features import Seen, features
 from gateway.risk.signals import MemorySignals
 
 from .risk_sim import EPOCH, ROOT, load, summarise
-from .risk_traffic import CAMPAIGN_DAYS, Request, benign, campaigns
+from .risk_traffic import CAMPAIGN_DAYS, Request, in_time_order, simulated
 
 console = Console(stderr=True)
 
@@ -50,10 +49,9 @@ def replay(requests: list[Request], progress, task) -> dict[str, list[dict]]:
 
 
 def run_seed(seed: int, instructions: list[str], args, progress) -> dict:
-    rng = random.Random(seed)  # drawn as risk_sim draws them: seed 1 here is risk_sim's --seed 1
-    groups = {"benign": benign(rng, instructions, args.users, args.days)}
-    groups |= campaigns(rng, instructions, args.days, args.campaign_days)
-    requests = sorted((r for g in groups.values() for r in g), key=lambda r: r.time)
+    # drawn as risk_sim draws them: seed 1 here is risk_sim's --seed 1
+    groups = simulated(seed, instructions, args.users, args.days, args.campaign_days)
+    requests = in_time_order(groups)
     task = progress.add_task(f"seed {seed}", total=len(requests))
     moves = replay(requests, progress, task)
     progress.update(task, completed=len(requests))

@@ -23,7 +23,6 @@ import contextvars
 import gzip
 import json
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ from gateway.risk import RiskEngine
 from gateway.risk.features import observe
 from gateway.risk.signals import MemorySignals
 
-from .risk_traffic import CAMPAIGN_DAYS, Request, benign, campaigns
+from .risk_traffic import CAMPAIGN_DAYS, Request, in_time_order, simulated
 from .systems import _spawn, _uvicorn, _wait_ready, free_port, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,12 +365,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     instructions, answers = load(Path(args.data))
-    rng = random.Random(args.seed)
-    groups = {"benign": benign(rng, instructions, args.users, args.days)}
-    groups |= campaigns(rng, instructions, args.days, args.campaign_days)
+    groups = simulated(args.seed, instructions, args.users, args.days, args.campaign_days)
     if args.campaigns:
         groups = {name: g for name, g in groups.items() if name == "benign" or name in args.campaigns.split(",")}
-    requests = sorted((r for g in groups.values() for r in g), key=lambda r: r.time)
+    requests = in_time_order(groups)
     workdir = Path(tempfile.mkdtemp(prefix="canarygate-risk-"))
     (workdir / "answers.json").write_text(json.dumps(answers))
     upstream = start_upstream(workdir, workdir / "answers.json", 0.0)

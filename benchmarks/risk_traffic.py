@@ -189,3 +189,16 @@ def campaigns(
         ]
     out["paraphrase"] = requests
     return out
+
+
+def simulated(
+    seed: int, instructions: list[str], users: int, days: int, campaign_days: int
+) -> dict[str, list[Request]]:
+    """The benign users ("benign") and every campaign, by group, drawn from `seed`: risk_sim, risk_seeds and
+    risk_script_ab draw the same traffic from the same seed."""
+    rng = random.Random(seed)
+    return {"benign": benign(rng, instructions, users, days)} | campaigns(rng, instructions, days, campaign_days)
+
+
+def in_time_order(groups: dict[str, list[Request]]) -> list[Request]:
+    return sorted((r for g in groups.values() for r in g), key=lambda r: r.time)

@@ -45,6 +45,23 @@ def detokenise(tokens: list[str]) -> str:
     return "".join(out)
 
 
+def student_name(mix: float, seed: int) -> str:
+    """A student's name, which also seeds its choice of marked answers (benchmarks/distill.py)."""
+    return f"control-seed{seed}" if mix == 0 else f"marked-{mix * 100:g}pct-seed{seed}"
+
+
+def sequence_of(pair: tuple[str, str]) -> list[str]:
+    """An (instruction, answer) pair as the student reads it: the instruction, <answer>, the answer, </s>."""
+    question, answer = pair
+    return [*tokens_of(question), ANSWER, *tokens_of(answer), END]
+
+
+def vocabulary_of(sequences: list[list[str]], size: int) -> list[str]:
+    """The special tokens, then the commonest words of `sequences`, `size` in all."""
+    counts = Counter(t for s in sequences for t in s if t not in (ANSWER, END))
+    return [UNKNOWN, END, ANSWER, *[t for t, _ in counts.most_common(size - 3)]]
+
+
 @dataclass
 class Training:
     sequences: int
@@ -71,9 +88,8 @@ class Student:
         import torch
 
         torch.manual_seed(seed)
-        sequences = [[*tokens_of(q), ANSWER, *tokens_of(a), END] for q, a in pairs]
-        counts = Counter(t for s in sequences for t in s if t not in (ANSWER, END))
-        vocab = [UNKNOWN, END, ANSWER, *[t for t, _ in counts.most_common(vocabulary - 3)]]
+        sequences = list(map(sequence_of, pairs))
+        vocab = vocabulary_of(sequences, vocabulary)
         index = {t: i for i, t in enumerate(vocab)}
         order = list(range(len(sequences)))
         random.Random(seed).shuffle(order)

@@ -65,8 +65,12 @@ class RedisSignals:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def arguments(self, observations: list[Observation]) -> list:
+        """The script's ARGV for a batch of observations (benchmarks/risk_script_ab.py sends it to two scripts)."""
+        return [*self._head, b"".join(map(_record, observations))]
+
     async def update_many(self, observations: list[Observation]) -> list[Signals]:
-        args = [*self._head, b"".join(map(_record, observations))]
+        args = self.arguments(observations)
         try:  # the prefix is the one declared key: a Cluster client routes the call to its slot
             raw = await self._client.evalsha(_SHA, 1, self._prefix, *args)
         except NoScriptError:
