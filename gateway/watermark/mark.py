@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..exchange import Exchange
 from .scheme import SCHEME, LexicalKey, detector_digest
-from .sites import Scanner, prompt_trigrams
+from .sites import Scanner
 from .whole import WholeText
 
 GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
@@ -51,7 +51,7 @@ class LexicalWatermark:
         return self._whole.scan(text, self._trigrams(prompt), self._choose)
 
     def _trigrams(self, prompt: str) -> frozenset:
-        return prompt_trigrams(prompt, self._sets) if prompt else frozenset()
+        return self._whole.prompt_trigrams(prompt) if prompt else frozenset()
 
     def _scanner(self, prompt: str) -> Scanner:
         return Scanner(self._sets, self._trigrams(prompt), self._choose)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .wordsets import MAX_WORDS, WordSets
 
@@ -40,8 +40,7 @@ _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
 _HAS_WORDS = frozenset({"been", "got"})  # after "'s", which then means "has"
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
+class Site(NamedTuple):  # a tuple: made twice per site when marking, in half a frozen dataclass's time (measured)
     set_index: int
     member: int  # the member found in the text
     context: str  # the word before it (lower case), for context-keyed schemes
@@ -56,28 +55,41 @@ def _normal(word: str) -> str:
 
 
 def canonical_words(text: str, sets: WordSets) -> list[str]:
-    """The text's words, lower case, with each set member (phrases included) read as its set's name: at each
-    word the longest member first. Only a word that begins a phrase is tried for one (most begin none): a
-    prompt is every message, so it can be long."""
-    words = [_normal(t) for t in _WORDS.findall(text) if _is_word(t)]
-    lookup, prefixes = sets.lookup, sets.prefixes
-    out, i, count = [], 0, len(words)
-    while i < count:
-        found, n = lookup.get((words[i],)), 1
-        if (words[i],) in prefixes:
-            for longer in range(MAX_WORDS, 1, -1):
-                phrase = lookup.get(tuple(words[i : i + longer])) if i + longer <= count else None
-                if phrase is not None:
-                    found, n = phrase, longer
-                    break
-        out.append(words[i] if found is None else f"§{found[0]}")
-        i += n
-    return out
+    """The text's words, lower case, with each set member read as its set's name: at each word the longest
+    member first, a phrase only where its words are joined by single spaces (as the scanner reads text)."""
+    return _canonical(text, sets)[0]
 
 
 def prompt_trigrams(prompt: str, sets: WordSets) -> frozenset[tuple[str, str, str]]:
-    words = canonical_words(prompt, sets)
-    return frozenset(zip(words, words[1:], words[2:], strict=False))
+    """The prompt's trigrams of canonical words that end in a member: the only ones a site asks about (is_site).
+    The definition; the marks read it faster, from the members alone (whole.WholeText.prompt_trigrams)."""
+    words, members = _canonical(prompt, sets)
+    return frozenset((words[k - 2], words[k - 1], words[k]) for k in members if k >= 2)
+
+
+def _canonical(text: str, sets: WordSets) -> tuple[list[str], list[int]]:
+    """(canonical_words, the positions in it of members). Only a word that begins a phrase is tried for one
+    (most begin none)."""
+    spans = [(m.start(), m.end()) for m in _WORDS.finditer(text) if text[m.start()].isalpha()]
+    words = [_normal(text[start:end]) for start, end in spans]
+    lookup, single, heads = sets.lookup, sets.single, sets.heads
+    out, members, i, count = [], [], 0, len(words)
+    while i < count:
+        found, n = single.get(words[i]), 1
+        if words[i] in heads:
+            for longer in range(min(MAX_WORDS, count - i), 1, -1):
+                joined = all(text[spans[j - 1][1] : spans[j][0]] == " " for j in range(i + 1, i + longer))
+                phrase = lookup.get(tuple(words[i : i + longer])) if joined else None
+                if phrase is not None:
+                    found, n = phrase, longer
+                    break
+        if found is None:
+            out.append(words[i])
+        else:
+            members.append(len(out))
+            out.append(f"§{found[0]}")
+        i += n
+    return out, members
 
 
 class Scanner:
@@ -107,7 +119,7 @@ class Scanner:
         return bool(self._tokens) or len(self._buffer) > self._sent
 
     def feed(self, text: str) -> str:
-        if not self._tokens and self._sent == len(self._buffer) and text.isascii():
+        if not self._tokens and text.isascii():
             plain = self._plain_word(text)
             if plain is not None:
                 return plain
@@ -140,21 +152,39 @@ class Scanner:
         return out
 
     def _plain_word(self, text: str) -> str | None:
-        """A piece that is one plain word and a space (" word" or "word "), with nothing held: what `feed`
-        would give, in fewer steps, or None for any other piece. A word that no member begins is no site and
-        changes nothing but what has been read; one that a member may begin waits, as in `feed`."""
+        """A piece that is one plain word and a space (" word" or "word "), with nothing held before the word
+        being typed: what `feed` would give, in fewer steps, or None for any other piece. A word that no member
+        begins is no site and changes nothing but what has been read; one that a member may begin waits, as
+        in `feed`."""
         if text[:1] == " " and text[1:].isalpha():  # OpenAI's way: the word goes on in the next piece or not
-            if self._buffer:  # the word sent early is complete: no member begins with it
-                self._after(self._buffer)
+            out = self._completed_word()
+            if out is None:
+                return None
             self._after(" ")
             self._buffer, self._sent = text[1:], 0
-            return " " + self._typed_word_out()
+            return out + " " + self._typed_word_out()
         word = text[:-1]
-        if not self._buffer and text[-1:] == " " and word.isalpha() and word.lower() not in self._sets.starts:
+        if not self._buffer and text[-1:] == " " and word.isalpha() and not self._begins_a_member(word.lower()):
             self._after(word)
             self._after(" ")
             return text
         return None
+
+    def _completed_word(self) -> str | None:
+        """The word being typed, complete now that a space follows it: read, and what of it is still to be
+        sent; None where a member may begin with it (then `feed` decides it)."""
+        word = self._buffer
+        if not word:
+            return ""
+        held = self._sent < len(word)  # not sent early (as a word no member begins is): one may begin with it
+        if held and (not (word.isascii() and word.isalpha()) or self._begins_a_member(word.lower())):
+            return None
+        self._after(word)
+        return word[self._sent :]
+
+    def _begins_a_member(self, word: str) -> bool:
+        """Whether a member begins with this whole word (the word is complete: a space follows it)."""
+        return word in self._sets.single or word in self._sets.heads
 
     def flush(self) -> str:
         self._final = True
@@ -304,11 +334,15 @@ def is_site(
             return False
     elif word_set.contraction or after not in (",", ";") or not then[:1].isspace():
         return False
-    if any(len(w) > 1 and w.isupper() for w in words):
-        return False
-    if words[0][0].isupper() and not sentence_start and _normal(words[0]) not in ("i", "i'm", "i'll"):
-        return False
-    if any(w[0].isupper() for w in words[1:]):
+    first = words[0]
+    if len(words) == 1:  # most members: the checks below for one word, without a generator each
+        if len(first) > 1 and first.isupper():
+            return False
+    else:
+        for i, word in enumerate(words):
+            if (len(word) > 1 and word.isupper()) or (i and word[0].isupper()):
+                return False
+    if first[0].isupper() and not sentence_start and _normal(first) not in ("i", "i'm", "i'll"):
         return False
     if last_word in _NEGATORS or last_word.endswith("n't"):
         return False

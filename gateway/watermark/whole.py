@@ -26,9 +26,23 @@ _BACKWARDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]|[.!?:\n]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
+# What most chunks end in (", the " or "end. " before a member): two plain words with ASCII marks, spaces or
+# digits around them, read from the reversed chunk with one anchored match: what _read_backwards finds there
+# (the first sentence end after the last word, if any, is its signal). The word before must end where it
+# appears to (no letter, apostrophe or hyphen before it); an apostrophe or a hyphen anywhere else, or any
+# character beyond ASCII, leaves the chunk to _read_backwards.
+_MARK = r"[^A-Za-z'’\-\x80-\U0010ffff]"  # ASCII, not a letter, an apostrophe or a hyphen
+_PLAIN_MARK = r"[^A-Za-z'’\-\x80-\U0010ffff.!?:\n]"  # nor a sentence end
+_TWO_WORDS_BACK = re.compile(rf"(?:{_PLAIN_MARK}*([.!?:\n]))?{_MARK}*([A-Za-z]+){_MARK}+([A-Za-z]+)(?![A-Za-z'’-])")
+
+
 def _read_back(chunk: str) -> tuple[list[str], str]:
     """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""),
     read backwards from its last _TAIL characters, or from all of it where they cannot tell."""
+    plain = _TWO_WORDS_BACK.match(chunk[::-1])
+    if plain is not None:
+        end, last, before = plain.groups()
+        return [before[::-1], last[::-1]], end or last[0]
     found = _read_backwards(chunk, len(chunk) - _TAIL) if len(chunk) > _TAIL else None
     return found if found is not None else _read_backwards(chunk, 0)
 
@@ -149,9 +163,12 @@ class WholeText:
                 chunk = text[at:start]
                 out.append(chunk)
                 words, signal = _read_back(chunk)
-                if words:
-                    last_word = words[-1].lower()
-                    context = [*context, *(_normal(w) for w in words)][-2:]
+                if len(words) == 2:
+                    last_word = words[1].lower()
+                    context = [_normal(words[0]), _normal(words[1])]
+                elif words:
+                    last_word = words[0].lower()
+                    context = [context[1], _normal(words[0])]
                 if signal and not (fence or inline):
                     sentence_start = not signal.isalpha()
             at = end
@@ -177,7 +194,7 @@ class WholeText:
                     sentence_start = False
                 out.append(token)
                 continue
-            found = lookup[tuple(_normal(w) for w in words)]
+            found = lookup[(_normal(token),) if len(words) == 1 else tuple(map(_normal, words))]
             replacement = token
             if self._eligible(text, start, at, words, found, sentence_start, last_word, context, prompt):
                 site = Site(found[0], found[1], context[1])
@@ -195,6 +212,25 @@ class WholeText:
             sentence_start = False
         out.append(text[at:])
         return "".join(out), sites, changed
+
+    def prompt_trigrams(self, prompt: str) -> frozenset[tuple[str, str, str]]:
+        """sites.prompt_trigrams (the canonical trigrams that end in a member), from the members found at C
+        speed and the two words read back before each, not from every word (a prompt is every message of a
+        conversation: thousands of words, where the definition reads each in Python). A test holds the two equal."""
+        lookup, found, context, units, at = self._sets.lookup, set(), ["", ""], 0, 0
+        for start, end, kind in self._events(_ascii_lower(prompt)):
+            if kind != "member":
+                continue  # backticks and quotes are neither words nor members here: read back as marks
+            words = _read_back(prompt[at:start])[0]
+            if len(words) == 2:
+                context = [_normal(words[0]), _normal(words[1])]
+            elif words:
+                context = [context[1], _normal(words[0])]
+            member = f"§{lookup[tuple(map(_normal, prompt[start:end].split(' ')))][0]}"
+            if units + len(words) >= 2:
+                found.add((context[0], context[1], member))
+            context, units, at = [context[1], member], units + len(words) + 1, end
+        return frozenset(found)
 
     def _eligible(self, text, start, end, words, found, sentence_start, last_word, context, prompt) -> bool:
         then = text[end + 1 : end + 2]

@@ -43,6 +43,9 @@ class WordSets:
                 prefixes.update(member[:n] for n in range(1, len(member)))
         object.__setattr__(self, "lookup", lookup)  # member words -> (set index, member index)
         object.__setattr__(self, "prefixes", frozenset(prefixes))  # proper prefixes of multi-word members
+        # the same for reading word by word without a tuple each: one-word members, and first words of phrases
+        object.__setattr__(self, "single", {member[0]: found for member, found in lookup.items() if len(member) == 1})
+        object.__setattr__(self, "heads", frozenset(prefix[0] for prefix in prefixes))
         # every beginning of a member's first word ("l", "la", ... "large"): a word being typed that is none
         # of these can begin no member, whatever follows (a later word of a member, such as "summary" of "in
         # summary", may be none of these: the scanner sends such a word early only with nothing held before it)

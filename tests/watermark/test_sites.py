@@ -13,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.watermark.scheme import LexicalKey
-from gateway.watermark.sites import _TOKEN, _WORDS, Scanner, _is_word, canonical_words, prompt_trigrams
+from gateway.watermark.sites import _TOKEN, _WORDS, Scanner, _is_word, _normal, canonical_words, prompt_trigrams
+from gateway.watermark.whole import WholeText
 from gateway.watermark.wordsets import MAX_WORDS, WordSets, default_sets
 
 SETS = default_sets()
+WHOLE = WholeText(SETS)
 SAMPLE = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "alpaca_eval_sample.jsonl").open()]
 
 
@@ -66,6 +68,42 @@ def test_canonical_words_reads_the_longest_member_at_each_word():
         first_word if expected_first is None else f"§{expected_first[0]}",
         "alone",
     ]
+
+
+def _canonical_by_definition(text: str) -> list[str]:
+    """canonical_words as its docstring defines it, word by word: the oracle."""
+    tokens = [m for m in _WORDS.finditer(text) if _is_word(m.group())]
+    words = [_normal(m.group()) for m in tokens]
+    out, i = [], 0
+    while i < len(words):
+        n = 1
+        for longer in range(MAX_WORDS, 1, -1):
+            span = tokens[i : i + longer]
+            spaced = all(text[a.end() : b.start()] == " " for a, b in zip(span, span[1:], strict=False))
+            if len(span) == longer and spaced and tuple(words[i : i + longer]) in SETS.lookup:
+                n = longer
+                break
+        found = SETS.lookup.get(tuple(words[i : i + n]))
+        out.append(words[i] if found is None else f"§{found[0]}")
+        i += n
+    return out
+
+
+_MEMBER_WORDS = sorted({word for member in SETS.lookup for word in member})
+_PIECES = st.one_of(st.sampled_from(_MEMBER_WORDS), st.sampled_from(["The", "NOT", "a", "well-known", "it’s"]))
+_SEPARATORS = st.sampled_from([" ", " ", " ", "  ", ", ", ". ", "\n", "-", "'", "’", " 9 ", "é", " İ ", "`", '"', "“"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_PIECES, _SEPARATORS), max_size=30), st.text(alphabet=_TRICKY, max_size=20))
+def test_canonical_words_and_trigrams_are_what_they_are_defined_to_be(pieces, tail):
+    """The definition's words, and of its trigrams exactly those that end in a member, both from the
+    definition (which detection reads) and from the members alone (which the marks read)."""
+    for text in ("".join(a + b for a, b in pieces), "".join(a + b for a, b in pieces) + tail):
+        words = _canonical_by_definition(text)
+        assert canonical_words(text, SETS) == words
+        ending_in_a_member = {t for t in zip(words, words[1:], words[2:], strict=False) if t[2].startswith("§")}
+        assert prompt_trigrams(text, SETS) == ending_in_a_member == WHOLE.prompt_trigrams(text)
 
 
 def scan(text: str, pieces: list[str]) -> tuple[str, list]:

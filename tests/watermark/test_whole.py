@@ -9,6 +9,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.watermark import whole
 from gateway.watermark.sites import Scanner, prompt_trigrams
 from gateway.watermark.whole import WholeText
 from gateway.watermark.wordsets import default_sets
@@ -61,3 +62,24 @@ def test_long_stretches_and_numerals_give_the_same_result_both_ways():
     for text in ("x ² Large big", "x² Large dog", "end. ² Large dog", "it is ½ Large, and big"):
         both(text)
     both("It is an appropriate and a suitable, an especially calm and a large dog. An appropriate one.")
+
+
+def test_a_joined_word_two_before_a_member_is_read_whole():
+    """The whole path reads the two words before a member from the end of the text before it; a word joined
+    by a hyphen or an apostrophe must be read whole there ("well-known", not "known"), or a prompt that
+    holds the same three words would not keep the member from being marked."""
+    for joined in ("well-known", "x'large", "don’t", "e-mail"):
+        for text in (f"We saw a {joined} the large dog.", f"{joined} the large dog", f"a {joined}, the large one"):
+            both(text, f"{joined} the large")
+
+
+_CHUNK_PIECES = ["the", "large", "Dog", "x", " ", "  ", ", ", ". ", "! ", ": ", "\n", "(", ")", "*", "#", "3", "_",
+                 "-", "'", "’", "well-known", "don't", "é", "naïve", "²", "İ", "\u212a", "\t"]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_CHUNK_PIECES), max_size=12).map("".join))
+def test_reading_back_a_chunk_takes_the_shortcut_only_where_it_gives_the_same(chunk):
+    """The text before a member is read back in one match where it ends in two plain words: what reading
+    every token backwards gives (the words, and the signal of a sentence start)."""
+    assert whole._read_back(chunk) == whole._read_backwards(chunk, 0)
