@@ -160,13 +160,11 @@ class Scanner:
             out = self._completed_word()
             if out is None:
                 return None
-            self._after(" ")
             self._buffer, self._sent = text[1:], 0
             return out + " " + self._typed_word_out()
         word = text[:-1]
         if not self._buffer and text[-1:] == " " and word.isalpha() and not self._begins_a_member(word.lower()):
-            self._after(word)
-            self._after(" ")
+            self._after_plain_word(word)
             return text
         return None
 
@@ -174,13 +172,26 @@ class Scanner:
         """The word being typed, complete now that a space follows it: read, and what of it is still to be
         sent; None where a member may begin with it (then `feed` decides it)."""
         word = self._buffer
-        if not word:
-            return ""
-        held = self._sent < len(word)  # not sent early (as a word no member begins is): one may begin with it
-        if held and (not (word.isascii() and word.isalpha()) or self._begins_a_member(word.lower())):
-            return None
-        self._after(word)
+        plain = word.isascii() and word.isalpha()
+        if self._sent < len(word) and (not plain or self._begins_a_member(word.lower())):
+            return None  # held, not sent early as a word no member begins is: a member may begin with it
+        if plain:
+            self._after_plain_word(word)
+        else:  # nothing, or a word sent early that is not plain ("people's")
+            if word:
+                self._after(word)
+            self._after(" ")
         return word[self._sent :]
+
+    def _after_plain_word(self, word: str) -> None:
+        """`_after` of a plain ASCII word and of the space after it, in one step (most pieces of a stream)."""
+        if not self._started:
+            self._started, self._data = True, False
+        if not self._fence and not self._inline:
+            self._sentence_start = False
+        self._last_word = lower = word.lower()
+        self._context = [self._context[1], lower]
+        self._previous = " "
 
     def _begins_a_member(self, word: str) -> bool:
         """Whether a member begins with this whole word (the word is complete: a space follows it)."""

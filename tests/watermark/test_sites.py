@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.watermark.scheme import LexicalKey
@@ -202,3 +202,20 @@ def test_a_key_prefers_one_member_per_set_and_keys_differ():
     a, b = LexicalKey(b"a" * 32, SETS), LexicalKey(b"b" * 32, SETS)
     assert all(0 <= p < len(s.members) for p, s in zip(a.preferred, SETS.sets, strict=True))
     assert a.preferred != b.preferred and a.fingerprint != b.fingerprint
+
+
+_STREAM_WORDS = ["We", "saw", "dogs", "Large", "large", "big", "It", "is", "not", "end.", "(see", "x.y", "the", "a",
+                 "an", "however,", "However,", "Then", "```", "`code`", '"quote"', "people's", "don't",
+                 "\n1."]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_STREAM_WORDS), max_size=25), st.sampled_from([r"^\s+|\S+\s*", r"\s*\S+"]))
+@example(["x.y", "large", "dogs"], r"\s*\S+")  # the token before a member: "y", then the space the shortcut reads
+def test_streams_of_whole_words_give_the_whole_text_result(words, piece):
+    """Word by word, as models stream, plain words take a shortcut through the scanner: what they leave read
+    (sentence start, the word before, the context) must be what the full reading leaves."""
+    text = " ".join(words)
+    pieces = re.findall(piece, text)
+    assert "".join(pieces) == text
+    assert scan(text, pieces) == scan(text, [text])
