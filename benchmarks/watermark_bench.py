@@ -44,6 +44,8 @@ from gateway.watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote
 from gateway.watermark.sites import Scanner
 from gateway.watermark.wordsets import default_sets
 
+from .harness import cpu_model
+
 console = Console(stderr=True)
 SETS = default_sets()
 ALPHAS = (0.05, 0.01, 0.001)
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     report["samples"] = samples(corpora, key, rng)
     report.update(
         command="python -m benchmarks.watermark_bench " + " ".join(argv or __import__("sys").argv[1:]),
-        machine=f"{platform.node()} ({len(os.sched_getaffinity(0))} CPUs)",
+        machine=f"{platform.node()} ({len(os.sched_getaffinity(0))} CPUs, {cpu_model()})",  # costs differ by CPU
         word_sets=SETS.version,
         sets=len(SETS.sets),
         responses=sum(len(v) for v in corpora.values()),
