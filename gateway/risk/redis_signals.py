@@ -2,8 +2,8 @@
 
 The arithmetic is MemorySignals' (signals.py): signals.lua updates each identity's state and the same exact
 cross-account sets, capped at the same size (Redis does not cap how many sets a day makes: each expires after
-three days), and returns the state; the quiet share and the variety are read from it here, by the functions
-MemorySignals uses. Every key carries one hash tag, so a Cluster keeps them in one slot. Identity state
+three days), and returns the state, from which the quiet share and the variety are read (Signals) as
+MemorySignals' are. Every key carries one hash tag, so a Cluster keeps them in one slot. Identity state
 expires after at least `IDENTITY_TTL` idle seconds (its expiry is renewed once a day, a day past it; replicas
 still on an earlier script renew it to `IDENTITY_TTL` alone, a day less at worst), when it has decayed to
 nothing. A change of the state's layout renames its key, so every identity's signals start afresh on upgrade
@@ -32,8 +32,6 @@ from .signals import (
     SWEPT_BY,
     TAU,
     Signals,
-    quiet_share,
-    variety,
 )
 
 _SCRIPT = resources.files(__package__).joinpath("signals.lua").read_text()
@@ -108,6 +106,7 @@ def _signals(answer: bytes) -> Signals:
         length_spread=v[9],
         timing_spread=math.inf if v[10] < 0 else v[10],
         network_accounts=int(v[11]),
-        quiet_share=quiet_share(state[HOURS]),
-        variety=variety(ends[:split], ends[split:]),
+        hours=state[HOURS],
+        openings=ends[:split],
+        closings=ends[split:],
     )

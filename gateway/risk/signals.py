@@ -70,13 +70,31 @@ class Signals:
     length_spread: float  # standard deviation of log prompt length
     timing_spread: float  # standard deviation of log gap between requests
     network_accounts: int  # accounts seen from the identity's network today and yesterday
-    quiet_share: float  # share of requests in the identity's quietest QUIET_HOURS of the day
-    variety: float  # distinct words over words in the last RECENT openings, or closings (the lower); 1 before
+    # what quiet_share and variety are read from, when asked: the score asks only of an identity with enough
+    # requests (a third of the benchmark's observations have too few), and reading them takes about 10 us
+    hours: Sequence[float]  # decayed counts per hour of the day, on any one scale
+    openings: bytes  # the last RECENT prompts' opening word hashes (features._word_hashes), oldest first
+    closings: bytes
+
+    @property
+    def quiet_share(self) -> float:
+        """Share of requests in the identity's quietest QUIET_HOURS of the day."""
+        return quiet_share(self.hours)
+
+    @property
+    def variety(self) -> float:
+        """Distinct words over words in the last RECENT openings, or closings (the lower); 1 before."""
+        return variety(self.openings, self.closings)
 
     def as_json(self) -> dict:
         """Plain JSON (an infinite spread, for too few gaps, is null: evidence entries must parse anywhere)."""
-        values = {name: getattr(self, name) for name in self.__slots__}
+        values = {name: getattr(self, name) for name in REPORTED}
         return {name: None if math.isinf(v) else round(v, 4) for name, v in values.items()}
+
+
+# the signals as evidence and `risk show` report them: every field but what two are read from, and those two
+REPORTED = (*(name for name in Signals.__slots__ if name not in ("hours", "openings", "closings")), "quiet_share",
+            "variety")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -177,8 +195,9 @@ class MemorySignals:
             length_spread=state.lengths.spread,
             timing_spread=state.gaps.spread if state.gaps_n >= 2 else math.inf,
             network_accounts=network,
-            quiet_share=quiet_share(state.hours),
-            variety=variety(state.openings, state.closings),
+            hours=tuple(state.hours),  # a copy: the state's go on changing
+            openings=state.openings,
+            closings=state.closings,
         )
 
     @staticmethod
