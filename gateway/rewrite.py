@@ -54,16 +54,17 @@ class _Pending:
     def encode(self) -> bytes:
         if not self.dirty:
             return self.raw
-        if self.event is None:  # one data line (_decoded): JSON written compact holds no line break
+        if self.event is None:  # one data line read from its bytes (_decoded): compact JSON holds no line break
             return b"data: " + self.write(self.data) + b"\n\n"
         self.event.data = self.write(self.data).decode()
         return self.event.encode()
 
 
 def _decoded(raw: bytes) -> _Pending | None:
-    """The event with its JSON data read, or None when its data is no JSON ("[DONE]", comments, keep-alives).
-    Most events are one `data:` line of JSON that orjson reads: that is read from the bytes, with no SSEEvent
-    (decoding the event to text and its data back to bytes took a third of the stream parser's time)."""
+    """The event with its JSON data read, or None when its data is no JSON ("[DONE]", comments, keep-alives);
+    bytes that are not UTF-8 raise UnicodeDecodeError, as SSEEvent.parse does. Most events are one `data:` line
+    of JSON that orjson reads: that is read from the bytes, with no SSEEvent (decoding the event to text and its
+    data back to bytes took a third of the stream parser's time)."""
     if raw.startswith(b"data: {") and raw.find(b"\n") == len(raw) - 2 and raw.endswith(b"\n\n"):
         data = jsonio.read_plain(raw[6:-2])
         if data is not jsonio.NO_VALUE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 from types import SimpleNamespace
 
@@ -10,11 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import config
+from gateway import config, jsonio
 from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
 from gateway.pipeline import Pipeline
 from gateway.protocols.sse import SSEEvent, SSEFramer
+from gateway.rewrite import _decoded
 
 EVENTS = [b'event: a\ndata: {"x": 1}\n\n', b"data: two\ndata: lines\n\n", b": comment\nid: 7\ndata: [DONE]\n\n"]
 
@@ -37,6 +39,43 @@ def test_event_parse_and_encode_keep_every_field():
     assert (event.name, event.data, event.other) == (None, "[DONE]", [": comment", "id: 7"])
     assert SSEEvent.parse(EVENTS[1]).data == "two\nlines"
     assert SSEEvent.parse(event.encode()) == event
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n',
+        b'data: {"a": "\\u00e9\\n", "b": [1, 2.5, null, true]}\n\n',
+        b'data:{"a": 1}\n\n',  # no space after the colon
+        b'event: e\ndata: {"a": 1}\n\n',
+        b'id: 7\ndata: {"a": 1}\n\n',
+        b'data: {"a": NaN, "b": -Infinity}\n\n',  # what orjson leaves to the json module
+        b'data: {"seed": 123456789012345678901234567890}\n\n',
+        b'data: {"a": "\\ud800"}\n\n',
+        b"data: [DONE]\n\n",
+        b": keep-alive\n\n",
+    ],
+)
+def test_an_event_read_from_its_bytes_is_what_the_general_reading_gives(raw):
+    """rewrite._decoded reads one-line JSON events from their bytes: the same value, and the same bytes when
+    written back changed, as SSEEvent.parse and jsonio.read give."""
+    event = SSEEvent.parse(raw)
+    try:
+        value, write = jsonio.read(event.data)
+    except ValueError:
+        assert _decoded(raw) is None
+        return
+    pending = _decoded(raw)
+    assert json.dumps(pending.data) == json.dumps(value)
+    pending.dirty = True
+    event.data = write(value).decode()
+    assert pending.encode() == event.encode()
+
+
+def test_bytes_that_are_not_utf8_are_refused_by_either_reading():
+    for raw in (b'data: {"a": "\xff"}\n\n', b'event: e\ndata: {"a": "\xff"}\n\n'):
+        with pytest.raises(UnicodeDecodeError):
+            _decoded(raw)
 
 
 def test_init_file_parses_to_the_defaults():

@@ -87,7 +87,8 @@ def _record(o: Observation) -> bytes:
 
 
 def _signals(answer: bytes) -> Signals:
-    """One observation's signals from the script's answer: its twelve, and two read from the state."""
+    """One observation's signals from the script's answer: its twelve, and from the state the hour counts and
+    the recent ends that the quiet share and the variety are read from when asked."""
     v = ROW.unpack_from(answer)
     state = STATE.unpack_from(answer, ROW.size)
     ends = answer[ROW.size + STATE.size :]

@@ -257,7 +257,7 @@ def _window(table: dict, day: int, key: str) -> int:
 
 def quiet_share(hours: Sequence[float]) -> float:
     """The share of the counts in the quietest QUIET_HOURS consecutive hours (the day wraps around), as a sliding
-    sum (both stores read it here, MemorySignals from its hours, RedisSignals from the state the script stores)."""
+    sum (Signals.quiet_share, from the hours either store gives: MemorySignals' own, or the script's state)."""
     total = sum(hours)
     if total <= 0:
         return 0.0
@@ -272,8 +272,8 @@ def quiet_share(hours: Sequence[float]) -> float:
 
 def variety(openings: bytes, closings: bytes) -> float:
     """The share of distinct words among the recent prompts' openings, or closings, whichever is lower (0 pads
-    an end of fewer words); 1.0 until RECENT prompts are kept. Both stores read it here, RedisSignals from the
-    ends the script keeps: a set in C, where counting them in the script took a quarter of its time."""
+    an end of fewer words); 1.0 until RECENT prompts are kept. Signals.variety reads it here from the ends either
+    store gives (the script keeps them, but counting them there took a quarter of its time: a set in C here)."""
     if len(openings) < RECENT * END_BYTES:
         return 1.0
     return min(_distinct_share(openings), _distinct_share(closings))

@@ -26,19 +26,21 @@ _BACKWARDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]|[.!?:\n]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-# What most chunks end in (", the " or "end. " before a member): two plain words with ASCII marks, spaces or
-# digits around them, read from the reversed chunk with one anchored match: what _read_backwards finds there
-# (the first sentence end after the last word, if any, is its signal). The word before must end where it
-# appears to (no letter, apostrophe or hyphen before it); an apostrophe or a hyphen anywhere else, or any
-# character beyond ASCII, leaves the chunk to _read_backwards.
+# What most chunks end in (", the " or "end. " before a member): two plain ASCII words with ASCII marks, spaces
+# or digits after each, read from the reversed chunk with one anchored match: what _read_backwards finds there
+# (the first sentence end after the last word, if any, is its signal). The word before the last must begin
+# where it appears to (no letter, apostrophe or hyphen just before it); where the end of the chunk is not of
+# that shape (an apostrophe, a hyphen or a character beyond ASCII among the last two words or after them), it
+# is left to _read_backwards. A test holds the two equal on random chunks.
 _MARK = r"[^A-Za-z'’\-\x80-\U0010ffff]"  # ASCII, not a letter, an apostrophe or a hyphen
 _PLAIN_MARK = r"[^A-Za-z'’\-\x80-\U0010ffff.!?:\n]"  # nor a sentence end
 _TWO_WORDS_BACK = re.compile(rf"(?:{_PLAIN_MARK}*([.!?:\n]))?{_MARK}*([A-Za-z]+){_MARK}+([A-Za-z]+)(?![A-Za-z'’-])")
 
 
 def _read_back(chunk: str) -> tuple[list[str], str]:
-    """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""),
-    read backwards from its last _TAIL characters, or from all of it where they cannot tell."""
+    """(the chunk's last two word tokens, fewer if it has fewer; its last letter or sentence end, or ""), in
+    one match where the chunk ends in two plain words, else read backwards from its last _TAIL characters, or
+    from all of it where they cannot tell."""
     plain = _TWO_WORDS_BACK.match(chunk[::-1])
     if plain is not None:
         end, last, before = plain.groups()
@@ -129,11 +131,20 @@ class WholeText:
         self._members = ahocorasick_rs.AhoCorasick(sorted(spellings), implementation=ahocorasick_rs.Implementation.DFA)
 
     def _events(self, lowered: str) -> list[tuple[int, int, str]]:
-        """(start, end, kind) of every backtick run, double quote and member, in order. Members are found
-        with an Aho-Corasick automaton (one compiled pass; measured five times faster than one regular
-        expression of all members) and kept where they stand as whole words, leftmost and longest first,
-        without overlapping: the scanner's reading. Every match is asked for (overlapping), so that one
-        inside a word cannot hide a whole-word member it overlaps."""
+        """(start, end, kind) of every backtick run, double quote and member, in order."""
+        events = self._member_events(lowered)
+        marks = _marks(lowered)
+        if marks:
+            events += marks
+            events.sort()
+        return events
+
+    def _member_events(self, lowered: str) -> list[tuple[int, int, str]]:
+        """(start, end, "member") of every member, in order. Members are found with an Aho-Corasick automaton
+        (one compiled pass; measured five times faster than one regular expression of all members) and kept
+        where they stand as whole words, leftmost and longest first, without overlapping: the scanner's
+        reading. Every match is asked for (overlapping), so that one inside a word cannot hide a whole-word
+        member it overlaps."""
         found = []
         for _, start, end in self._members.find_matches_as_indexes(lowered, overlapping=True):
             if _word_edge_before(lowered, start) and _word_edge_after(lowered, end):
@@ -144,10 +155,6 @@ class WholeText:
             if start >= reach:
                 reach = start - negative_length
                 events.append((start, reach, "member"))
-        marks = _marks(lowered)
-        if marks:
-            events += marks
-            events.sort()
         return events
 
     def scan(self, text: str, prompt: frozenset, choose: Callable[[Site], int] | None) -> tuple[str, list, int]:
@@ -218,9 +225,7 @@ class WholeText:
         speed and the two words read back before each, not from every word (a prompt is every message of a
         conversation: thousands of words, where the definition reads each in Python). A test holds the two equal."""
         lookup, found, context, units, at = self._sets.lookup, set(), ["", ""], 0, 0
-        for start, end, kind in self._events(_ascii_lower(prompt)):
-            if kind != "member":
-                continue  # backticks and quotes are neither words nor members here: read back as marks
+        for start, end, _ in self._member_events(_ascii_lower(prompt)):  # backticks and quotes: read as marks
             words = _read_back(prompt[at:start])[0]
             if len(words) == 2:
                 context = [_normal(words[0]), _normal(words[1])]
