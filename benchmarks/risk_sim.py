@@ -41,6 +41,7 @@ from gateway.risk import RiskEngine
 from gateway.risk.features import observe
 from gateway.risk.signals import MemorySignals
 
+from .harness import cpu_model
 from .risk_traffic import CAMPAIGN_DAYS, Request, in_time_order, simulated
 from .systems import _spawn, _uvicorn, _wait_ready, free_port, start_upstream
 
@@ -288,14 +289,15 @@ def plot(result: dict, groups: dict, moves: dict, out: Path) -> None:
 
 
 def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: int) -> None:
-    doc = {"command": _command(args), "days": args.days, "users": args.users, "seed": args.seed, "groups": result,
-           "scoring_cost": cost, "wall_seconds": round(elapsed), "non_200": failures}  # fmt: skip
+    doc = {"command": _command(args), "cpu": cpu_model(), "days": args.days, "users": args.users, "seed": args.seed,
+           "groups": result, "scoring_cost": cost, "wall_seconds": round(elapsed), "non_200": failures}  # fmt: skip
     (out / "risk.json").write_text(json.dumps(doc, indent=1))
     b = result["benign"]
     lines = [
         "# Risk engine: simulated benign users and campaigns",
         "",
-        f"Command: `{_command(args)}` ({round(elapsed)} s of wall time, {failures} answers other than 200).",
+        f"Command: `{_command(args)}` ({round(elapsed)} s of wall time, {failures} answers other than 200), "
+        f"on {doc['cpu']} (costs differ by CPU).",
         "",
         f"Benign: {b['accounts']} users, {b['requests']} requests; ever in watch: {b['ever_watch']} "
         f"({100 * b['ever_watch'] / b['accounts']:.1f}%); ever in suspect: {b['ever_suspect']} "
