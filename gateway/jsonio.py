@@ -49,7 +49,7 @@ def _finite(text: str) -> float:
 _STRICT = json.JSONDecoder(parse_constant=_refuse, parse_float=_finite)
 
 
-def _orjson_reads(document: bytes | str) -> tuple[bool, Any]:
+def orjson_reads(document: bytes | str) -> tuple[bool, Any]:
     """(True, the value) where orjson reads the document as the json module would; (False, None) if not."""
     raw = document.encode("utf-8", "surrogatepass") if isinstance(document, str) else document
     if _LONG_NUMBER in raw.translate(_DIGITS_AS_ZEROS):
@@ -64,7 +64,7 @@ def loads(document: bytes | str) -> Any:
     """A client's document. Raises ValueError where it is not JSON (json.JSONDecodeError with the json
     module's message and position; UnicodeDecodeError for bytes that are not UTF-8), holds NaN, Infinity
     or a number too large for a float, or is nested too deeply."""
-    done, value = _orjson_reads(document)
+    done, value = orjson_reads(document)
     if done:
         return value
     try:
@@ -76,23 +76,13 @@ def loads(document: bytes | str) -> Any:
 def read(document: bytes | str) -> tuple[Any, Callable[[Any], bytes]]:
     """An upstream's document, read as the json module reads it, and the function that writes it back.
     Raises ValueError where the json module cannot read it (nesting too deep included)."""
-    done, value = _orjson_reads(document)
+    done, value = orjson_reads(document)
     if done:
         return value, dumps
     try:
         return json.loads(document), _stdlib_dumps
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-
-
-NO_VALUE = object()  # read_plain's answer where orjson alone cannot tell
-
-
-def read_plain(document: bytes) -> Any:
-    """What `read` gives where orjson reads the document as the json module would (`dumps` writes it back),
-    or NO_VALUE where `read` would have to decide: for a hot path that has the bytes and a slower way for the rest."""
-    done, value = _orjson_reads(document)
-    return value if done else NO_VALUE
 
 
 def dumps(value: Any) -> bytes:

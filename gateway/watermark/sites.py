@@ -70,7 +70,7 @@ def prompt_trigrams(prompt: str, sets: WordSets) -> frozenset[tuple[str, str, st
 def _canonical(text: str, sets: WordSets) -> tuple[list[str], list[int]]:
     """(canonical_words, the positions in it of members). Only a word that begins a phrase is tried for one
     (most begin none)."""
-    spans = [(m.start(), m.end()) for m in _WORDS.finditer(text) if text[m.start()].isalpha()]
+    spans = [m.span() for m in _WORDS.finditer(text) if _is_word(m.group())]
     words = [_normal(text[start:end]) for start, end in spans]
     lookup, single, heads = sets.lookup, sets.single, sets.heads
     out, members, i, count = [], [], 0, len(words)
@@ -163,7 +163,7 @@ class Scanner:
             self._buffer, self._sent = text[1:], 0
             return out + " " + self._typed_word_out()
         word = text[:-1]
-        if not self._buffer and text[-1:] == " " and word.isalpha() and not self._begins_a_member(word.lower()):
+        if not self._buffer and text[-1:] == " " and self._plain_non_member(word):
             self._after_plain_word(word)
             return text
         return None
@@ -172,12 +172,11 @@ class Scanner:
         """The word being typed, complete now that a space follows it: read, and what of it is still to be
         sent; None where a member may begin with it (then `feed` decides it)."""
         word = self._buffer
-        plain = word.isascii() and word.isalpha()
-        if self._sent < len(word) and (not plain or self._begins_a_member(word.lower())):
-            return None  # held, not sent early as a word no member begins is: a member may begin with it
-        if plain:
+        if self._plain_non_member(word):
             self._after_plain_word(word)
-        else:  # nothing, or a word sent early that is not plain ("people's")
+        elif self._sent < len(word):
+            return None  # held, for a member may begin with it
+        else:  # nothing, or a word sent early (no member begins it) that is not plain ("people's")
             if word:
                 self._after(word)
             self._after(" ")
@@ -193,9 +192,12 @@ class Scanner:
         self._context = [self._context[1], lower]
         self._previous = " "
 
-    def _begins_a_member(self, word: str) -> bool:
-        """Whether a member begins with this whole word (the word is complete: a space follows it)."""
-        return word in self._sets.single or word in self._sets.heads
+    def _plain_non_member(self, word: str) -> bool:
+        """A complete word (a space follows it) of ASCII letters only, which no member begins."""
+        if not (word.isascii() and word.isalpha()):
+            return False
+        lower = word.lower()
+        return lower not in self._sets.single and lower not in self._sets.heads
 
     def flush(self) -> str:
         self._final = True
