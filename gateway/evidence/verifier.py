@@ -59,9 +59,17 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
+def _check_sizes(*numbers: object) -> None:
+    """Indexes and sizes are integers (JSON gives 2.0 or "2" or true as readily): anything else is refused."""
+    for number in numbers:
+        if type(number) is not int:
+            raise ProofError(f"{number!r} is not an integer index or size")
+
+
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
     """Raises ProofError unless `proof` shows leaf hash `leaf` at `index` in the tree of `size` with `root`
     (RFC 9162 section 2.1.3.2)."""
+    _check_sizes(index, size)
     if index >= size or index < 0:
         raise ProofError(f"leaf index {index} is beyond the tree size {size}")
     for value in (leaf, root, *proof):
@@ -87,6 +95,7 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
 def verify_consistency(size1: int, size2: int, root1: bytes, root2: bytes, proof: Sequence[bytes]) -> None:
     """Raises ProofError unless `proof` shows the tree (size1, root1) is a prefix of (size2, root2)
     (RFC 9162 section 2.1.4.2)."""
+    _check_sizes(size1, size2)
     if size2 < size1:
         raise ProofError(f"size1 {size1} is greater than size2 {size2}")
     if size1 == 0:  # every tree extends the empty one: such a proof proves nothing, so none is accepted
@@ -310,6 +319,17 @@ def check_openings(public: dict, openings: dict) -> None:
 
 # --- bundles ---
 
+# What a bundle that is not what it claims raises as it is read: a fault found (VerificationError, ProofError),
+# or JSON of the wrong shape (a list where an object goes, a string for an index, nesting too deep to parse).
+# Each is a rejection with its reason, never a traceback: the bundle is the verifier's untrusted input.
+MALFORMED = (VerificationError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, VerificationError | ValueError):
+        return str(error)
+    return f"malformed bundle ({type(error).__name__}: {str(error)[:200]})"
+
 
 @dataclass
 class Trust:
@@ -389,8 +409,8 @@ def _check_entries(folder: Path, last: Checkpoint) -> tuple[int, list[dict]]:
                     raise VerificationError("the leaf is not canonical JSON")
                 verify_inclusion(item["leaf_index"], last.size, leaf_hash(leaf), proof, last.root)
                 check_openings(public, item.get("openings", {}))
-            except (VerificationError, ValueError, KeyError, TypeError) as e:
-                raise VerificationError(f"{where}: {e}") from None
+            except MALFORMED as e:
+                raise VerificationError(f"{where}: {_reason(e)}") from None
             count += 1
             if public.get("kind") == "commitment":
                 opened = sorted(item.get("openings", {}))
@@ -434,8 +454,9 @@ def load_trust(bundle: Path, log_keys: list[str], witnesses: list[str], quorum: 
     if not log_keys:
         log_keys = [line for f in sorted(bundle.glob("log-*/vkeys")) for line in f.read_text().split()]
         from_bundle.append("log keys")
-    if not witnesses and (bundle / "witnesses").exists():
-        witnesses = (bundle / "witnesses").read_text().split()
+    if not witnesses:  # the bundle's list, or its lack of one: either way the bundle chose which cosign
+        listed = bundle / "witnesses"
+        witnesses = listed.read_text().split() if listed.exists() else []
         from_bundle.append("witness keys")
     parsed = [NoteKey.parse(w) for w in witnesses]
     return Trust([NoteKey.parse(k) for k in log_keys], parsed, len(parsed) if quorum is None else quorum, from_bundle)
@@ -461,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if not folders:
             raise VerificationError(f"{bundle}: no log-* folder; not a canarygate bundle")
         results = [verify_log(folder, trust, gossip) for folder in folders]
-    except (VerificationError, OSError, ValueError, KeyError) as e:
-        print(f"REJECTED: {e}", file=sys.stderr)
+    except (*MALFORMED, OSError) as e:
+        print(f"REJECTED: {_reason(e)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"ok": True, "trusted_from_bundle": trust.from_bundle, "logs": results}, indent=1))

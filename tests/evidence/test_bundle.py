@@ -159,10 +159,38 @@ def _move_the_start_of_a_prompt_into_its_salt(bundle: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _openings_as_a_list(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[4]["openings"] = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _index_as_a_float(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[4]["leaf_index"] = float(rows[4]["leaf_index"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _nest_too_deep(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    path.write_text("[" * 100_000 + "\n" + path.read_text())
+
+
+def _checkpoint_as_a_number(bundle: Path) -> None:
+    (bundle / "log-0" / "checkpoints.json").write_text("[1]")
+
+
 @pytest.mark.parametrize(
     "tamper, reason",
     [
         (_flip_a_byte, "inclusion proof does not lead to the root"),
+        # JSON of the wrong shape is a rejection with a reason, not a traceback
+        (_openings_as_a_list, "line 5: malformed bundle (AttributeError"),
+        (_index_as_a_float, "line 5: 4.0 is not an integer index or size"),
+        (_nest_too_deep, "line 1: malformed bundle (RecursionError"),
+        (_checkpoint_as_a_number, "malformed bundle (AttributeError"),
         (_swap_checkpoints, "is for other sizes"),  # which proof depends on how many checkpoints the run made
         (_drop_a_cosignature, "missing: witness.test/w2"),
         (_open_to_another_key, "'watermark_key' does not match its commitment"),
@@ -175,6 +203,19 @@ def test_the_standalone_verifier_rejects_tampering(served, tmp_path, tamper, rea
     tamper(bundle)
     result = _verify(served, bundle)
     assert result.returncode == 1 and "REJECTED" in result.stderr and reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bundle_without_its_witness_list_is_no_quiet_pass(served, tmp_path):
+    """Dropping the list leaves no witness to ask for: the verifier says that the bundle chose that."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served[0] / "bundle", bundle)
+    (bundle / "witnesses").unlink()
+    result = subprocess.run(
+        [str(served[1]), "verify.py", ".", "--log-key", served[2]], cwd=bundle, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "cosigned by no witness" in result.stdout
+    assert "the witness keys came from the bundle itself" in result.stdout
 
 
 def test_a_quorum_below_every_witness_accepts_a_missing_cosignature(served, tmp_path):
