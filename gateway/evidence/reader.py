@@ -10,6 +10,8 @@ opening decrypts and matches its commitment.
 from __future__ import annotations
 
 import base64
+import calendar
+import datetime
 import json
 import os
 import struct
@@ -20,7 +22,7 @@ from pathlib import Path
 from . import entry, merkle, note, verifier
 from .keys import Keys
 from .store import HASH, CorruptLog, Segment, frames, read_entry
-from .tenants import Erased, TenantKeys
+from .tenants import DAY, REFERENCE, Erased, TenantKeys, tenant_id
 
 
 class VerifyError(Exception):
@@ -111,10 +113,11 @@ class LogReader:
         tree = merkle.CompactRange()
         leaves: list[bytes] = []
         opened = erased = 0
+        tenants: dict[str, str] = {}  # exchange id -> its tenant, from its begin entry, for its end entry's
         for item in self.entries():
             self._check_entry(item)
             if self.keys is not None:
-                if self._check_openings(item):
+                if self._check_openings(item, tenants):
                     opened += 1
                 else:
                     erased += 1
@@ -155,12 +158,18 @@ class LogReader:
         if entry.canonical(public) != item.leaf or public.get("v") != entry.SCHEMA_VERSION:
             raise VerifyError(f"entry {item.index}: not a canonical version-{entry.SCHEMA_VERSION} entry")
 
-    def _check_openings(self, item: Entry) -> bool:
+    def _check_openings(self, item: Entry, tenants: dict[str, str]) -> bool:
         """Whether the entry's sealed fields open and match their commitments (False: erased)."""
+        public = item.public
+        kind, exchange = public.get("kind"), public.get("id")
+        if kind == "begin":
+            tenants[exchange] = public.get("tenant") or ""
         try:
-            openings = self.open_all(item)
+            openings = self.open_all(item, tenants.pop(exchange, None) if kind == "end" else None)
         except Erased:
             return False
+        except VerifyError:
+            raise
         except Exception:
             raise VerifyError(
                 f"entry {item.index}: sealed values do not decrypt for this entry (moved, changed "
@@ -220,16 +229,19 @@ class LogReader:
         except (IndexError, CorruptLog) as e:
             raise VerifyError(str(e)) from None
 
-    def open_all(self, item: Entry) -> dict:
+    def open_all(self, item: Entry, tenant: str | None = None) -> dict:
+        """Every sealed field of the entry; raises Erased when its tenant's key was shredded or expired.
+        `tenant`: whose entry it is, where the entry itself does not say (an end entry's is its begin's)."""
         if self.keys is None:
             raise VerifyError("the keys are needed to open sealed values")
-        """Every sealed field of the entry; raises Erased when its tenant's key was shredded or expired."""
         segment = Segment(self.dir / f"segment-{item.segment:06d}.log")
         log_key = entry.data_key(self.keys.masters[segment.key_epoch], self.origin(), item.segment)
         identity = item.public.get("identity")
         if segment.version == 1:
             return entry.Sealer(log_key).unseal(item.index, identity, item.sealed)
         reference, sealed, context = entry.split_sealed(item.sealed)
+        if reference:
+            _check_sealed_by(item, reference, tenant)
         key = TenantKeys(self.keys.directory).load(reference) if reference else log_key
         return entry.Sealer(key).unseal(item.index, identity, sealed, context)
 
@@ -276,6 +288,36 @@ class LogReader:
         if len(data) != HASH:
             raise VerifyError(f"stored tree level {level} has no node {index} yet; try again in a moment")
         return data
+
+
+def _check_sealed_by(item: Entry, reference: str, tenant: str | None) -> None:
+    """The tenant key a sealed part names must be one that sealed entries like this one: well formed, of the
+    entry's tenant (where it is known) and of the day it was written. The sealed part lies outside the tree,
+    so that erasing a key erases the contents and leaves every proof intact; without this check, replacing it
+    with one that names a key that does not exist would pass for an erasure. What is left: a sealed part
+    replaced by one naming an erased key of the same tenant and day reads as erased, as that entry would be."""
+    public = item.public
+    if public.get("kind") == "commitment":  # the gateway's own entries: under the log's key, never erased
+        raise VerifyError(f"entry {item.index}: a commitment's sealed part names a tenant key (it was replaced)")
+    if not REFERENCE.fullmatch(reference):
+        raise VerifyError(f"entry {item.index}: its sealed part names no tenant key ({reference[:40]!r})")
+    if "tenant" in public or public.get("kind") == "summary":
+        tenant = public.get("tenant") or ""
+    named, day = reference.split("/")[0], int(reference.split("/")[1].split("-")[0])
+    if tenant is not None and named != tenant_id(tenant):
+        raise VerifyError(f"entry {item.index}: sealed under another tenant's key (its sealed part was replaced)")
+    written = _day_of(public.get("time"))
+    if written is not None and day not in (written, written + 1):  # sealed when written, a moment after
+        raise VerifyError(f"entry {item.index}: sealed under a key of day {day}, not of its own ({written})")
+
+
+def _day_of(time_text: object) -> int | None:
+    """The day number (as tenant keys count days) of an entry's ISO time, or None."""
+    try:
+        when = datetime.datetime.strptime(str(time_text)[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    return calendar.timegm(when.timetuple()) // DAY
 
 
 def _memory_subtree(leaves: list[bytes]):

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import stat
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
-from gateway.evidence import entry, keys
+from gateway.evidence import entry, keys, store
 from gateway.evidence.keys import address_hash
 from gateway.evidence.log import EvidenceLog
-from gateway.evidence.reader import LogReader
-from gateway.evidence.tenants import DAY, TenantKeys
+from gateway.evidence.reader import LogReader, VerifyError
+from gateway.evidence.tenants import DAY, TenantKeys, tenant_id
 from tests.evidence.test_cli_log import BODY, _setup
 from tests.test_cli import Running, cli
 
@@ -127,3 +130,72 @@ def test_shred_says_when_older_segments_keep_the_tenants_bodies(tmp_path, fake_u
     data = segment.read_bytes()
     segment.write_bytes(data.replace(MAGIC, MAGIC_V1, 1))  # as a log written by the previous version
     assert "written before per-tenant keys" in cli(tmp_path, "log", "shred", "--tenant", "acme").stdout
+
+
+def _sealed_parts_named(log: Path, references: dict[int, str]) -> None:
+    """Rewrite entries' sealed parts to name other keys (their length kept, the record's CRC made anew), as
+    someone with write access to the log could: the sealed part lies outside the tree."""
+    path = next(log.glob("segment-*.log"))
+    data = bytearray(path.read_bytes())
+    for index, (offset, leaf, sealed, _) in enumerate(store.Segment(path).records()):
+        if index in references:
+            name = references[index].encode()
+            forged = (bytes([len(name)]) + name + sealed[1:])[: len(sealed)]
+            header = store.RECORD_HEADER.pack(
+                len(leaf), len(forged), store.record_crc(len(leaf), len(forged), leaf + forged)
+            )
+            data[offset : offset + store.RECORD_HEADER.size + len(leaf) + len(forged)] = header + leaf + forged
+    path.write_bytes(bytes(data))
+
+
+def _commitment_and_tenant_entries(tmp_path) -> tuple[Path, keys.Keys, str]:
+    """A log of one commitment (the log's own key) and two begin entries of tenant acme, written today."""
+    keys.init_keys(tmp_path / "keys", ORIGIN)
+    evidence = EvidenceLog(tmp_path / "log", keys.Keys.load(tmp_path / "keys"), ORIGIN)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+    async def run():
+        await evidence.start()
+        commitments, openings = entry.commit({"watermark_key": bytes(32)})
+        public = {"v": 1, "kind": "commitment", "subject": "watermark-key", "time": now, "commit": commitments}
+        await evidence.append(entry.canonical(public), openings, None, tenant=None)
+        for i in range(2):
+            commitments, openings = entry.commit({"prompt": f"acme prompt {i}".encode()})
+            public = {"v": 1, "kind": "begin", "id": f"req_{i}", "identity": "u", "tenant": "acme", "time": now,
+                      "commit": commitments}  # fmt: skip
+            await evidence.append(entry.canonical(public), openings, "u", tenant="acme")
+        await evidence.close()
+
+    asyncio.run(run())
+    tenants = tmp_path / "keys" / "tenants"
+    (reference,) = [str(path.relative_to(tenants).with_suffix("")) for path in tenants.rglob("*.key")]
+    return tmp_path / "log", keys.Keys.load(tmp_path / "keys"), reference
+
+
+TODAY = int(time.time() // DAY)
+
+
+@pytest.mark.parametrize(
+    "forged, reason",
+    [
+        ({0: f"{tenant_id('acme')}/{TODAY}-00000000"}, "a commitment's sealed part names a tenant key"),
+        ({1: "x"}, "its sealed part names no tenant key"),
+        ({1: f"{tenant_id('globex')}/{TODAY}-00000000"}, "sealed under another tenant's key"),
+        ({1: f"{tenant_id('acme')}/{TODAY - 400}-00000000"}, f"sealed under a key of day {TODAY - 400}"),
+    ],
+    ids=["commitment", "malformed", "other tenant", "other day"],
+)
+def test_a_sealed_part_replaced_to_name_a_missing_key_is_no_erasure(tmp_path, forged, reason):
+    """Erasure deletes keys; a sealed part rewritten to name a key that never sealed such an entry is tampering."""
+    log, log_keys, _ = _commitment_and_tenant_entries(tmp_path)
+    assert LogReader(log, log_keys).verify().opened == 3
+    _sealed_parts_named(log, forged)
+    with pytest.raises(VerifyError, match=re.escape(reason)):
+        LogReader(log, log_keys).verify()
+
+
+def test_an_entry_sealed_under_an_erased_key_of_its_tenant_and_day_reads_as_erased(tmp_path):
+    log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
+    _sealed_parts_named(log, {1: acme.replace(acme[-8:], "00000000")})  # a key of acme's, today, since deleted
+    report = LogReader(log, log_keys).verify()
+    assert (report.opened, report.erased) == (2, 1)
