@@ -197,7 +197,13 @@ class Pipeline:
             except Exception:
                 log.exception("could not record the start of exchange %s", exchange.id)
         if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
-            exchange.usage = usage_of(exchange.answer()) or exchange.usage
+            try:
+                streamed = exchange.events > 0  # relayed as events (an upstream may answer a stream request whole)
+                found = usage_of(exchange.answer(), streamed, ROUTES[exchange.route])
+            except Exception:  # whatever the answer holds, the exchange is recorded (without its usage)
+                log.exception("could not read the usage of exchange %s", exchange.id)
+                found = None
+            exchange.usage = found or exchange.usage
             exchange.tokens_used = total_tokens(exchange.usage)
         try:
             await self._record.end(exchange)
@@ -531,7 +537,7 @@ def _strip_usage(exchange: Exchange, dialect: Dialect, events: list[bytes]) -> l
     kept = []
     for event in events:
         if dialect.is_usage_only(event):
-            exchange.usage = usage_of(event)
+            exchange.usage = usage_of(event, True, dialect)
         else:
             kept.append(event)
     return kept

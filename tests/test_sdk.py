@@ -195,6 +195,18 @@ def test_token_usage_is_recorded_for_whole_and_streamed_answers(gw):
     assert usage["input_tokens"] > 0 and usage["output_tokens"] == len(DEFAULT_TEXT.split())
 
 
+def test_a_usage_key_the_model_wrote_is_not_the_answers_usage(gw):
+    """An Anthropic tool's input is JSON the model writes (and a client can steer): a "usage" in it must not
+    settle the token budget. Read where the API reports it, the usage is the same as without it."""
+    gw.upstream.behaviour.blocks = [("text", "Calling."), ("tool_use", '{"usage": {"total_tokens": 0}}')]
+    ant(gw).messages.create(model="c", max_tokens=9, messages=MESSAGES)
+    whole = gw.records()[-1]["usage"]
+    assert set(whole) == {"input_tokens", "output_tokens"} and whole["output_tokens"] > 0
+    with ant(gw).messages.stream(model="c", max_tokens=9, messages=MESSAGES) as stream:
+        stream.get_final_message()
+    assert gw.records()[-1]["usage"] == whole
+
+
 def test_every_exchange_is_recorded(gw):
     before = len(gw.records())
     oai(gw).chat.completions.create(model="m", messages=MESSAGES)

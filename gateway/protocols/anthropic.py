@@ -64,6 +64,7 @@ class Messages(Dialect):
     api = API
     streams = True
     output_fields = ("max_tokens",)
+    usage_holders = ("message",)
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in (b"message_stop", b"error")

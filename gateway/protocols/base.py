@@ -7,14 +7,15 @@ an answer, whole or streamed, as `Slot`s that a transform may rewrite in place.
 
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .. import jsonio
 from ..exchange import ErrorKind, GatewayError, Quota
+from .sse import SSEEvent, SSEFramer
 
 
 class SlotKind(Enum):
@@ -77,6 +78,10 @@ class Dialect:
     method = "POST"
     output_fields: tuple[str, ...] = ()  # the request fields that limit output tokens; the first is the one set
     takes_logit_bias = False  # whether the route's API accepts a per-token `logit_bias` (the sampling-bias mark)
+    # Where an answer's token usage is: the `usage` of the body or of a streamed event's data, and of these of
+    # its top-level objects (OpenAI chat and completions: the body, or the last chunk; Responses: `response`
+    # in response.completed; Anthropic: `message` in message_start, and message_delta's own). Never deeper.
+    usage_holders: tuple[str, ...] = ()
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model")
@@ -165,26 +170,28 @@ def text_of(content: Any) -> str:
 
 
 _USAGE_KEY = b'"usage"'
-_DECODER = json.JSONDecoder()
 
 
-def usage_of(body: bytes) -> dict[str, Any] | None:
-    """Token usage reported in an answer, whole or streamed, of either API, merged in order of appearance.
-
-    Both APIs report it as a `"usage": {...}` object (OpenAI chat once, in the body or the last chunk;
-    Responses in response.completed; Anthropic in message_start and again, for output, in message_delta),
-    so the objects are decoded where they stand rather than parsing the whole answer."""
+def usage_of(answer: bytes, stream: bool, dialect: Dialect) -> dict[str, Any] | None:
+    """Token usage an answer reports, whole or streamed, merged in order of appearance, read only where its
+    API puts it (`Dialect.usage_holders`): model-written JSON, such as an Anthropic tool's input, may hold a
+    `usage` key of its own, which must not settle the caller's token budget. Only the documents (the body,
+    or the streamed events) that hold a `usage` key are decoded."""
+    if _USAGE_KEY not in answer:
+        return None
+    if stream:
+        documents = [SSEEvent.parse(raw).data for raw in SSEFramer().feed(answer) if _USAGE_KEY in raw]
+    else:
+        documents = [answer]
     usage: dict[str, Any] = {}
-    start = 0
-    while (at := body.find(_USAGE_KEY, start)) >= 0:
-        start = at + len(_USAGE_KEY)
-        colon = body.find(b":", start)
+    for document in documents:
         try:
-            value, _ = _DECODER.raw_decode(body[colon + 1 : colon + 4096].decode("utf-8", "replace").lstrip())
-        except ValueError:
+            data = jsonio.read(document)[0]
+        except ValueError:  # not JSON, or nested too deeply to read: no usage from it
             continue
-        if isinstance(value, dict):
-            usage.update(value)
+        for holder in (data, *(data.get(name) for name in dialect.usage_holders)) if isinstance(data, dict) else ():
+            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+                usage.update(holder["usage"])
     return usage or None
 
 

@@ -208,6 +208,7 @@ class Responses(Dialect):
     api = API
     streams = True
     output_fields = ("max_output_tokens",)
+    usage_holders = ("response",)
 
     def structured_output(self, body: dict[str, Any]) -> bool:
         text = body.get("text")
