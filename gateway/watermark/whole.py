@@ -23,6 +23,7 @@ _TAIL = 80
 # a letter clears it). The scanner calls a character a word when str.isalpha() says so; the class of single
 # characters also takes numerals such as "²" (alphanumeric but not alphabetic), which the reader skips.
 _BACKWARDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]|[.!?:\n]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -152,8 +153,14 @@ class WholeText:
         where they stand as whole words, leftmost and longest first, without overlapping: the scanner's
         reading. Every match is asked for (overlapping), so that one inside a word cannot hide a whole-word
         member it overlaps."""
+        # A lone surrogate (JSON allows them) has no UTF-8, which the automaton needs: such a text is searched
+        # with U+FFFD in its place, like it one code point and no letter, so every offset and word edge stays.
+        try:
+            matches = self._members.find_matches_as_indexes(lowered, overlapping=True)
+        except UnicodeEncodeError:
+            matches = self._members.find_matches_as_indexes(_SURROGATE.sub("\ufffd", lowered), overlapping=True)
         found = []
-        for _, start, end in self._members.find_matches_as_indexes(lowered, overlapping=True):
+        for _, start, end in matches:
             if _word_edge_before(lowered, start) and _word_edge_after(lowered, end):
                 found.append((start, start - end))
         found.sort()

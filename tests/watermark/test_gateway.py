@@ -64,6 +64,21 @@ def test_an_answer_holding_what_python_writes_but_json_forbids_is_marked_and_pas
     assert all(c["score"] == -math.inf for c in choices)
 
 
+def test_a_prompt_with_a_lone_surrogate_is_marked_whole_and_streamed(marked):
+    """JSON allows an escaped lone surrogate, which has no UTF-8: the mark reads the prompt all the same."""
+    prompt = "Is it large? \ud800 It is large."
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+    expected = MARK.mark(PROSE, prompt)
+    with marked.client() as http:
+        whole = http.post("/v1/chat/completions", headers=marked.headers(), content=json.dumps(body))
+        streamed = http.post(
+            "/v1/chat/completions", headers=marked.headers(), content=json.dumps({**body, "stream": True})
+        )
+    assert whole.status_code == 200 and json.loads(whole.content)["choices"][0]["message"]["content"] == expected
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"]) == expected
+
+
 def test_an_answer_that_is_not_json_is_a_bad_gateway_in_the_api_shape(marked):
     marked.upstream.behaviour.patch = lambda raw: raw[:-1]
     with marked.client() as http:
