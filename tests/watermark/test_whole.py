@@ -21,7 +21,7 @@ PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However",
           "all", "of", "the", "them", "don't", "don’t", "it's", "been", "not", "colors", "I", "am", "in", "addition",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
           "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½", "a", "an",
-          "An", "appropriate", "suitable", "\ud800"]  # fmt: skip (a lone surrogate: JSON allows one)
+          "An", "appropriate", "suitable", "\ud800"]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
