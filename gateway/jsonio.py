@@ -86,7 +86,7 @@ def read(document: bytes | str) -> tuple[Any, Callable[[Any], bytes]]:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON of `value`."""
+    """Compact UTF-8 JSON of `value`; ValueError where it is nested too deeply to write."""
     try:
         return orjson.dumps(value)
     except TypeError:  # what orjson does not write (an integer beyond 64 bits, a lone surrogate, deep nesting)
@@ -94,8 +94,12 @@ def dumps(value: Any) -> bytes:
 
 
 def _stdlib_dumps(value: Any) -> bytes:
-    """The json module's compact UTF-8, lone surrogates kept escaped."""
+    """The json module's compact UTF-8, lone surrogates kept escaped. Raises ValueError for nesting deeper
+    than it writes (about 1,000 levels: orjson reads up to 1,024)."""
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode()
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":")).encode()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to write") from None

@@ -145,11 +145,13 @@ class Pipeline:
             hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect, biased)
             await self._admit.admit(exchange)
             exchange.admitted = True
+            # at once, so that a request refused after admission (one too deep to re-encode) has its begin too;
+            # with durability "fsync", on disk before anything goes upstream
+            await self._record.begin(exchange)
             marked = None
             if dialect is not None:
                 body = _fit(exchange, dialect, body, hide_logprobs)
                 marked = self._marked_request(exchange) if biased else None
-            await self._record.begin(exchange)  # with durability "fsync", on disk before anything goes upstream
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, (marked, body))
         except GatewayError as error:
             exchange.outcome = exchange.outcome or Outcome.REJECTED
@@ -359,7 +361,10 @@ class Pipeline:
             except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
-                body = write(data)
+                try:
+                    body = write(data)
+                except ValueError:
+                    raise _upstream_failure(exchange, UpstreamError("malformed", "answer nested too deeply")) from None
         exchange.outcome = Outcome.COMPLETED
         await reply.whole(response.status, body, _passed_content_type(response.headers))
 
@@ -529,7 +534,12 @@ def _fit(exchange: Exchange, dialect: Dialect, body: bytes, strip_logprobs: bool
     if strip_logprobs:
         dialect.strip_logprobs(request)
         changed = True
-    return jsonio.dumps(request) if changed else body
+    if not changed:
+        return body
+    try:
+        return jsonio.dumps(request)
+    except ValueError:  # read (orjson reads 1,024 levels), but too deep to write again
+        raise GatewayError(ErrorKind.INVALID_REQUEST, "malformed JSON in request body: nested too deeply") from None
 
 
 def _strip_usage(exchange: Exchange, dialect: Dialect, events: list[bytes]) -> list[bytes]:

@@ -55,6 +55,8 @@ def post_raw(gw, content: bytes, path: str = CHAT, **headers: str) -> httpx.Resp
         (b"[1, 2]", "object"),
         (b'{"model": "m", "messages": [], "temperature": NaN}', "NaN is not valid JSON"),
         (b'{"model": "m", "messages": [], "temperature": 1e999}', "1e999 is not valid JSON"),
+        # read, but too deep to write again (a stream asks for its usage: the request is re-encoded)
+        (b'{"model": "m", "stream": true, "messages": [], "x": ' + b"[" * 1020 + b"]" * 1020 + b"}", "too deeply"),
     ],
 )
 def test_bad_json_is_400(gw, content, message):
