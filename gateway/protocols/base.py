@@ -70,6 +70,11 @@ class Api(ABC):
         """The limits in force, in this API's own headers and the IETF RateLimit fields."""
 
 
+# The largest output limit a request may set: the limits count tokens in doubles (in memory and in Redis's
+# script), exact to 2**53; a larger integer (JSON allows a thousand digits) is no token count.
+MAX_TOKEN_COUNT = 2**53
+
+
 class Dialect:
     """One route of one API. Subclasses override what their shapes need."""
 
@@ -100,8 +105,8 @@ class Dialect:
             value = body.get(name)
             if value is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be a non-negative integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKEN_COUNT:
+                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from 0 to 2**53")
             limits.append(value)
         return min(limits) if limits else None
 

@@ -131,6 +131,16 @@ def test_too_large_a_request_for_the_whole_budget_is_refused_for_good(limited):
     assert refused.json()["error"]["code"] == "request_too_large" and "retry-after" not in refused.headers
 
 
+def test_an_output_limit_beyond_any_token_count_is_a_bad_request(limited):
+    """JSON allows an integer of a thousand digits; the limits' arithmetic (doubles) would overflow on it."""
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        chat = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10**400})
+        message = http.post("/v1/messages", json={"model": "c", "max_tokens": 10**400, "messages": CHAT["messages"]})
+    assert chat.status_code == 400 and "from 0 to 2**53" in chat.json()["error"]["message"]
+    assert message.status_code == 400 and message.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_blocked_identities_are_refused_and_unlimited_ones_never_are(limited):
     _, blocked = limited.identity("blocked")
     _, unlimited = limited.identity("unlimited")
