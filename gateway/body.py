@@ -30,7 +30,7 @@ async def read_body(receive, content_length: str | None, content_encoding: str |
         raise GatewayError(
             ErrorKind.UNSUPPORTED_MEDIA, f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
         )
-    inflater = zlib.decompressobj(_WBITS[encoding]) if encoding in _WBITS else None
+    inflater = _Inflater(encoding) if encoding in _WBITS else None
     parts, size = [], 0
     more = True
     while more:
@@ -40,14 +40,40 @@ async def read_body(receive, content_length: str | None, content_encoding: str |
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
         if inflater is not None:
-            chunk = _inflate(inflater, chunk, limit - size, limit)
+            chunk = inflater.feed(chunk, limit - size, limit)
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         parts.append(chunk)
-    if inflater is not None and not inflater.eof:
+    if inflater is not None and not inflater.complete:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"the {encoding} body is truncated")
     return b"".join(parts)
+
+
+class _Inflater:
+    """A compressed body, decompressed as it comes. Gzip may hold several members one after another (RFC
+    1952), as `gzip.decompress` reads them: each is read in turn. Anything else after the end is refused,
+    not dropped: what the gateway forwards must be all that the client sent."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        self._stream = zlib.decompressobj(_WBITS[encoding])
+
+    @property
+    def complete(self) -> bool:
+        return self._stream.eof
+
+    def feed(self, chunk: bytes, room: int, limit: int) -> bytes:
+        out = []
+        while True:
+            out.append(_inflate(self._stream, chunk, room, limit))
+            room -= len(out[-1])
+            chunk = self._stream.unused_data
+            if not chunk:
+                return b"".join(out)
+            if self._encoding == "deflate":
+                raise GatewayError(ErrorKind.INVALID_REQUEST, "data after the end of the deflate body")
+            self._stream = zlib.decompressobj(_WBITS[self._encoding])  # the next gzip member
 
 
 def _inflate(inflater, chunk: bytes, room: int, limit: int) -> bytes:
