@@ -136,7 +136,7 @@ class Pipeline:
             route=path if dialect is not None else None,
             client_ip=self._client_ip(scope),
         )
-        reply = _Reply(send, exchange, api, self._finish)
+        reply = _Reply(send, exchange, api, dialect, self._finish)
         try:
             self._check_route(exchange, dialect)
             await self._identify_or_count(exchange, headers)
@@ -387,7 +387,7 @@ class Pipeline:
                 if exchange.strip_usage:
                     events = _strip_usage(exchange, dialect, events)
                 if rewrite is not None:
-                    events = [out for event in events for out in rewrite.push(event)]
+                    events = _rewritten(rewrite, events)
                 if held or not events:
                     held += events
                     continue
@@ -397,14 +397,13 @@ class Pipeline:
             tail = framer.remainder()
             if tail.strip():  # an event the upstream never terminated: complete it
                 tail += b"\n\n"
-                held += rewrite.push(tail) if rewrite is not None else [tail]
+                held += _rewritten(rewrite, [tail]) if rewrite is not None else [tail]
             if rewrite is not None:
                 held += rewrite.close()
         except UpstreamError as e:
             error = _upstream_failure(exchange, e)
             closing = rewrite.close() if rewrite is not None else []
-            error_event = dialect.stream_error_event(api, error) if dialect else api.stream_error_event(error)
-            await reply.events([*held, *closing, error_event], last=True)
+            await reply.events([*held, *closing, _stream_error_event(dialect, api, error)], last=True)
             return
         exchange.outcome = Outcome.COMPLETED
         await reply.events(held, last=True)
@@ -439,12 +438,13 @@ class _Reply:
     has the whole answer.
     """
 
-    __slots__ = ("_send", "_exchange", "_api", "_on_end", "started", "streaming", "ended")
+    __slots__ = ("_send", "_exchange", "_api", "_dialect", "_on_end", "started", "streaming", "ended")
 
-    def __init__(self, send, exchange: Exchange, api: Api, on_end) -> None:
+    def __init__(self, send, exchange: Exchange, api: Api, dialect: Dialect | None, on_end) -> None:
         self._send = send
         self._exchange = exchange
         self._api = api
+        self._dialect = dialect
         self._on_end = on_end
         self.started = False
         self.streaming = False
@@ -498,7 +498,7 @@ class _Reply:
 
     async def error(self, api: Api, error: GatewayError) -> None:
         if self.streaming:  # headers are gone: end the stream with an error event instead
-            await self.events([api.stream_error_event(error)], last=True)
+            await self.events([_stream_error_event(self._dialect, api, error)], last=True)
         elif not self.started:
             body = json.dumps(api.error_body(error)).encode()
             await self.whole(error.status, body, "application/json", error.headers)
@@ -521,6 +521,18 @@ class _ReadResponse:
 
     def release(self) -> None:
         pass
+
+
+def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
+    try:
+        return [out for event in events for out in rewrite.push(event)]
+    except UnicodeDecodeError:  # an event the transform cannot read: the upstream's fault, not the gateway's
+        raise UpstreamError("malformed", "a streamed event is not UTF-8") from None
+
+
+def _stream_error_event(dialect: Dialect | None, api: Api, error: GatewayError) -> bytes:
+    """An error once a stream has begun, in its route's shape (the Responses API has an error event of its own)."""
+    return dialect.stream_error_event(api, error) if dialect is not None else api.stream_error_event(error)
 
 
 def _fit(exchange: Exchange, dialect: Dialect, body: bytes, strip_logprobs: bool) -> bytes:

@@ -4,8 +4,10 @@ upstream, and that the next request still succeeds."""
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 import time
+import zlib
 
 import anthropic
 import httpx
@@ -17,6 +19,7 @@ from gateway.app import create_app
 from gateway.evidence.keys import Keys, address_hash
 from gateway.identity import Registry
 from tests.conftest import UPSTREAM_KEY, ServerThread, _settings, exchanges
+from tests.transforms import WordCaps
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -96,6 +99,20 @@ def test_gzip_bomb_is_413_and_honest_gzip_is_forwarded(gw):
     assert post_raw(gw, honest, **{"content-encoding": "gzip"}).status_code == 200
     assert gw.upstream.requests[-1].json()["messages"][0]["content"] == "zip"
     assert "content-encoding" not in gw.upstream.requests[-1].headers
+
+
+def test_gzip_members_are_read_in_turn_and_data_after_the_end_is_refused(gw):
+    """RFC 1952 allows several members (gzip.decompress reads them all); what follows the end is no body."""
+    whole = b'{"model": "m", "messages": [{"role": "user", "content": "two members"}]}'
+    members = gzip.compress(whole[:20]) + gzip.compress(whole[20:])
+    assert post_raw(gw, members, **{"content-encoding": "gzip"}).status_code == 200
+    assert gw.upstream.requests[-1].json()["messages"][0]["content"] == "two members"
+    sent = len(gw.upstream.requests)
+    error = assert_openai_error(post_raw(gw, gzip.compress(whole) + b"junk", **{"content-encoding": "gzip"}), 400)
+    assert "corrupt" in error["message"]
+    deflated = zlib.compress(whole) + b"junk"
+    error = assert_openai_error(post_raw(gw, deflated, **{"content-encoding": "deflate"}), 400)
+    assert "after the end" in error["message"] and len(gw.upstream.requests) == sent
 
 
 def test_wrong_content_type_is_415(gw):
@@ -228,6 +245,41 @@ def test_endless_stream_is_cut_at_the_response_limit(tmp_path, fake_upstream):
         r = http.post(CHAT, headers={"authorization": f"Bearer {key}"}, json={**BODY, "stream": True})
         assert r.status_code == 200 and len(r.content) < 8192
         assert b'"code": "upstream_error"' in r.content.splitlines()[-2]  # ends with an error event
+
+
+class _FailingOnFox(WordCaps):
+    def feed(self, text: str) -> str:
+        if "fox" in text:
+            raise RuntimeError("a fault inside the gateway, mid-stream")
+        return super().feed(text)
+
+
+@pytest.mark.parametrize(
+    "path, body, error_event",
+    [
+        (CHAT, BODY, lambda event: json.loads(event.removeprefix("data: "))["error"]["code"] == "internal_error"),
+        ("/v1/responses", {"model": "m", "input": "hi"}, lambda event: event.startswith("event: error\n")),
+    ],
+    ids=["chat", "responses"],
+)
+def test_a_fault_mid_stream_ends_it_with_an_error_event_of_the_routes_shape(gw, monkeypatch, path, body, error_event):
+    gw.transform.enabled = True
+    monkeypatch.setattr(gw.transform, "rewriter", lambda exchange, part: _FailingOnFox())
+    with gw.client() as http:
+        r = http.post(path, headers=gw.headers(), json={**body, "stream": True})
+    last = r.text.strip().split("\n\n")[-1]
+    assert r.status_code == 200 and error_event(last), last
+    assert gw.records()[-1]["outcome"] == "internal_error"
+
+
+def test_an_upstream_event_that_is_not_utf8_is_an_upstream_failure(gw):
+    gw.transform.enabled = True  # the transform reads each event's text
+    gw.upstream.behaviour.patch = lambda raw: raw.replace(b"fox", b"f\xffx")
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    last = r.content.strip().split(b"\n\n")[-1]
+    assert r.status_code == 200 and json.loads(last.removeprefix(b"data: "))["error"]["code"] == "upstream_error"
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
 
 
 def test_upstream_timeout_is_504(gw):
