@@ -166,7 +166,7 @@ def _keys_commands(commands) -> None:
     sub = keys.add_subparsers(title="key commands")
     sub.add_parser("init", help="create missing keys (files 0600); never overwrites").set_defaults(run=_keys_init)
     sub.add_parser(
-        "public", help="print the log's verifier key(s); the current one alone on the last line"
+        "public", help="print the log's verifier keys, retired ones included; the current one alone on the last line"
     ).set_defaults(run=_keys_public)
     sub.add_parser(
         "rotate", help="new encryption epoch and signing key; old ones stay for reading and verifying"
@@ -461,19 +461,27 @@ def _keys_init(args) -> int:
 
 
 def _keys_public(args) -> int:
-    settings = _settings(args)
-    loaded = keys.Keys.load(evidence.keys_dir(settings))
-    origin = evidence.origin_of(settings)
-    slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
-    lines = [loaded.verifiers(evidence.slot_origin(origin, slot))[0].vkey() for slot in sorted(slots, reverse=True)]
-    print("\n".join(lines))
+    retired, current = _verifier_keys(_settings(args))
+    print("\n".join([*retired, *current]))
     return 0
 
 
+def _verifier_keys(settings) -> tuple[list[str], list[str]]:
+    """(retired, current) verifier keys of every log slot, named for the slot's log (slot 0 last). After `keys
+    rotate` the old checkpoints stay under the retired keys, so a verifier pinned to the current key alone
+    would refuse the log's own history."""
+    loaded = keys.Keys.load(evidence.keys_dir(settings))
+    origin = evidence.origin_of(settings)
+    slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
+    named = [loaded.verifiers(evidence.slot_origin(origin, slot)) for slot in sorted(slots, reverse=True)]
+    return [key.vkey() for of_slot in named for key in of_slot[1:]], [of_slot[0].vkey() for of_slot in named]
+
+
 def _keys_rotate(args) -> int:
-    epoch, vkey = keys.rotate(evidence.keys_dir(_settings(args)))
+    settings = _settings(args)
+    epoch = keys.rotate(evidence.keys_dir(settings))
     print(f"encryption epoch {epoch} and a new signing key; restart the gateway to use them. New key:")
-    print(vkey)
+    print("\n".join(_verifier_keys(settings)[1]))  # named for the log, as `keys public` names it
     return 0
 
 

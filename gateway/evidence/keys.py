@@ -64,8 +64,9 @@ def _create_missing(directory: Path, origin: str) -> list[str]:
     return created
 
 
-def rotate(directory: Path) -> tuple[int, str]:
-    """A new encryption epoch and a new signing key; the old ones stay for reading and verifying."""
+def rotate(directory: Path) -> int:
+    """A new encryption epoch and a new signing key (returns the epoch); the old ones stay for reading and
+    verifying. The key's verifier is named for each log it signs (Keys.verifiers), not here."""
     keys = Keys.load(directory)
     epoch = keys.current_epoch + 1
     write_atomically(_master_path(directory, epoch), base64.b64encode(secrets.token_bytes(32)) + b"\n")
@@ -73,7 +74,7 @@ def rotate(directory: Path) -> tuple[int, str]:
     os.replace(directory / SIGNING, directory / f"log-signing.{retired}.key")
     fresh = Signer(keys.signer.name, secrets.token_bytes(32))
     write_atomically(directory / SIGNING, (fresh.skey() + "\n").encode())
-    return epoch, fresh.verifier.vkey()
+    return epoch
 
 
 @dataclass(frozen=True)

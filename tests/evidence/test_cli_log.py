@@ -66,6 +66,22 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
         verify_proof({**json.loads(line), "checkpoint": checkpoint}, vkey)
 
 
+def test_after_a_rotation_the_published_keys_verify_the_whole_history(tmp_path, fake_upstream):
+    """Checkpoints signed before `keys rotate` stay under the retired key: `keys public` lists it too, and
+    with every key it lists the log verifies; with the current key alone, the old checkpoints do not."""
+    key = _setup(tmp_path, fake_upstream)
+    for _ in range(2):  # a run, a rotation, another run
+        with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
+            assert http.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"}).is_success
+        if not (tmp_path / ".canarygate" / "keys" / "master-1.key").exists():
+            new = cli(tmp_path, "keys", "rotate").stdout.split()[-1]
+    published = cli(tmp_path, "keys", "public").stdout.split()
+    assert len(published) == 2 and published[-1] == new
+    assert cli(tmp_path, "log", "verify", *(a for k in published for a in ("--vkey", k))).returncode == 0
+    refused = cli(tmp_path, "log", "verify", "--vkey", new)
+    assert refused.returncode != 0 and "signature does not verify" in refused.stdout + refused.stderr
+
+
 def test_verify_fails_naming_the_entry_after_tampering(tmp_path, fake_upstream):
     key = _setup(tmp_path, fake_upstream)
     with Running(tmp_path, "serve", "--upstream", fake_upstream.url) as gw, httpx.Client(base_url=gw.url) as http:
