@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import entry, merkle, note, verifier
 from .keys import Keys
-from .store import HASH, CorruptLog, Segment, frames, read_entry
+from .store import HASH, INDEX_ENTRY, CorruptLog, Segment, frames, read_entry
 from .tenants import DAY, REFERENCE, Erased, TenantKeys, tenant_id
 
 
@@ -35,6 +35,7 @@ class Entry:
     leaf: bytes
     sealed: bytes
     segment: int
+    offset: int  # of its record in the segment
 
     @property
     def public(self) -> dict:
@@ -77,7 +78,7 @@ class LogReader:
                         return
                     where = "torn last record" if position == len(segments) - 1 else "damaged record"
                     raise VerifyError(f"entry {index}: {where} in {path.name} at byte {offset}")
-                yield Entry(index, leaf, sealed, segment.number)
+                yield Entry(index, leaf, sealed, segment.number, offset)
                 index += 1
 
     def cosigned(self) -> list[str]:
@@ -112,6 +113,7 @@ class LogReader:
         wanted = {c.size: c for c in checkpoints}
         tree = merkle.CompactRange()
         leaves: list[bytes] = []
+        places: list[tuple[int, int]] = []  # (segment, offset) of each entry, as the index should say
         opened = erased = 0
         tenants: dict[str, str] = {}  # exchange id -> its tenant, from its begin entry, for its end entry's
         for item in self.entries():
@@ -122,6 +124,7 @@ class LogReader:
                 else:
                     erased += 1
             leaves.append(merkle.leaf_hash(item.leaf))
+            places.append((item.segment, item.offset))
             tree.append(leaves[-1])
             checkpoint = wanted.get(tree.size)
             if checkpoint is not None and tree.root() != checkpoint.root:
@@ -131,6 +134,7 @@ class LogReader:
                 )
         self._check_checkpoint_chain(checkpoints, leaves)
         self._check_stored_tree(leaves)
+        self._check_stored_index(places)
         report = VerifyReport(
             checkpoints[-1].origin if checkpoints else "",
             len(leaves),
@@ -220,6 +224,15 @@ class LogReader:
                 if data[i * HASH : (i + 1) * HASH] != nodes[i]:
                     raise VerifyError(f"stored tree level {level} node {i} differs from the entries")
             level += 1
+
+    def _check_stored_index(self, places: list[tuple[int, int]]) -> None:
+        """The index, which `prove`, `open` and `export` find entries through, must point at each entry's
+        record (entries it does not reach yet, written after it, are rebuilt at the gateway's next start)."""
+        path = self.dir / "index.bin"
+        stored = path.read_bytes() if path.exists() else b""
+        for index, place in enumerate(places[: len(stored) // INDEX_ENTRY.size]):
+            if INDEX_ENTRY.unpack_from(stored, index * INDEX_ENTRY.size) != place:
+                raise VerifyError(f"entry {index}: the stored index points elsewhere than its record")
 
     # --- single entries ---
 

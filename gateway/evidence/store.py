@@ -91,8 +91,8 @@ def _cut_torn_frame(fd: int) -> None:
         os.fsync(fd)
 
 
-def read_entry(directory: Path, index: int) -> tuple[bytes, bytes, int]:
-    """(leaf, sealed, segment number) of entry `index`, found through the index; read-only."""
+def read_entry(directory: Path, index: int) -> tuple[bytes, bytes, int, int]:
+    """(leaf, sealed, segment number, offset in it) of entry `index`, found through the index; read-only."""
     raw = b""
     if index >= 0:
         with open(directory / "index.bin", "rb") as f:
@@ -107,7 +107,7 @@ def read_entry(directory: Path, index: int) -> tuple[bytes, bytes, int]:
         body = f.read(leaf_len + sealed_len)
     if record_crc(leaf_len, sealed_len, body) != crc:
         raise CorruptLog(f"entry {index} in {path.name} is damaged")
-    return body[:leaf_len], body[leaf_len:], number
+    return body[:leaf_len], body[leaf_len:], number, offset
 
 
 class Segment:

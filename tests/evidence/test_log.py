@@ -16,7 +16,7 @@ import pytest
 from gateway.evidence import entry, keys, merkle
 from gateway.evidence.log import EvidenceLog
 from gateway.evidence.reader import LogReader, VerifyError, verify_proof
-from gateway.evidence.store import SEGMENT_HEADER
+from gateway.evidence.store import INDEX_ENTRY, SEGMENT_HEADER
 
 ORIGIN = "canarygate.test/log"
 
@@ -152,7 +152,16 @@ TAMPERING = {
     "truncate the log": lambda d: [os.remove(p) for p in sorted(d.glob("segment-*.log"))[-1:]],
     "cut the last segment short": lambda d: os.truncate(sorted(d.glob("segment-*.log"))[-1], 500),
     "replace a checkpoint": lambda d: _replace_checkpoint(d),
+    "point the index at another record": lambda d: _point_index(d, 2, 3),
 }
+
+
+def _point_index(directory: Path, index: int, other: int) -> None:
+    """Make the index send entry `index` to the record of entry `other` (proofs would then fail)."""
+    data = bytearray((directory / "index.bin").read_bytes())
+    size = INDEX_ENTRY.size
+    data[index * size : (index + 1) * size] = data[other * size : (other + 1) * size]
+    (directory / "index.bin").write_bytes(bytes(data))
 
 
 def _replace_checkpoint(directory: Path) -> None:
