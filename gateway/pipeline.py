@@ -118,8 +118,9 @@ class Pipeline:
 
     def _is_passthrough(self, path: str) -> bool:
         """A configured prefix, matched on whole path segments, in a path without dot segments (which the
-        HTTP client would resolve into another endpoint, reached with the gateway's upstream key)."""
-        if any(segment in (".", "..") for segment in path.split("/")):
+        HTTP client would resolve into another endpoint, reached with the gateway's upstream key), nor
+        backslashes (which some servers take for a slash, and so for more dot segments)."""
+        if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
             return False
         return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in self._passthrough)
 

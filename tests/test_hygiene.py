@@ -428,7 +428,8 @@ def test_passthrough_cannot_climb_out_of_its_prefix(passthrough, fake_upstream):
     url, key = passthrough
     fake_upstream.reset()
     with httpx.Client(base_url=url) as http:
-        for path in ("/v1/files/%2e%2e/organization/admin_api_keys", "/v1/files/../x", "/v1/files-x"):
+        for path in ("/v1/files/%2e%2e/organization/admin_api_keys", "/v1/files/../x", "/v1/files-x",
+                     "/v1/files/..%5c..%5cv1/organization"):  # fmt: skip
             r = http.get(path, headers={"authorization": f"Bearer {key}"})
             assert r.status_code == 404, path
     assert fake_upstream.requests == []
