@@ -25,7 +25,7 @@ from .body import read_body
 from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
-from .protocols.base import estimate_tokens, total_tokens, usage_of
+from .protocols.base import estimate_tokens, total_tokens, usage_in, usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .risk import Decision, RiskEngine
@@ -200,13 +200,12 @@ class Pipeline:
             except Exception:
                 log.exception("could not record the start of exchange %s", exchange.id)
         if exchange.route is not None and 200 <= (exchange.upstream_status or 0) < 300:
-            try:
-                streamed = exchange.events > 0  # relayed as events (an upstream may answer a stream request whole)
-                found = usage_of(exchange.answer(), streamed, ROUTES[exchange.route])
-            except Exception:  # whatever the answer holds, the exchange is recorded (without its usage)
-                log.exception("could not read the usage of exchange %s", exchange.id)
-                found = None
-            exchange.usage = found or exchange.usage
+            streamed = exchange.events > 0  # relayed as events (an upstream may answer a stream request whole)
+            if streamed or exchange.usage is None:  # a whole answer the transform decoded has its usage read
+                try:
+                    exchange.usage = usage_of(exchange.answer(), streamed, ROUTES[exchange.route]) or exchange.usage
+                except Exception:  # whatever the answer holds, the exchange is recorded (without its usage)
+                    log.exception("could not read the usage of exchange %s", exchange.id)
             exchange.tokens_used = total_tokens(exchange.usage)
         try:
             await self._record.end(exchange)
@@ -361,6 +360,7 @@ class Pipeline:
                 data, write = jsonio.read(body)
             except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
+            exchange.usage = usage_in(data, dialect)  # read here, where the answer is decoded anyway
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
                 try:
                     body = write(data)

@@ -15,6 +15,8 @@ from gateway import config, jsonio
 from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
 from gateway.pipeline import Pipeline
+from gateway.protocols import ROUTES
+from gateway.protocols.base import usage_of
 from gateway.protocols.sse import SSEEvent, SSEFramer
 from gateway.rewrite import _decoded
 
@@ -167,3 +169,30 @@ def test_a_forwarding_that_fails_as_the_client_leaves_leaves_no_cancellation_beh
 
     exchange, left, error = asyncio.run(_watched(_Forwarding(then=fail)))
     assert isinstance(error, GatewayError) and left == 0 and exchange.outcome is Outcome.CLIENT_CANCELLED
+
+
+_USAGE_EVENTS = st.sampled_from(
+    [
+        b'data: {"choices": [], "usage": null}\n\n',  # what every chunk of an OpenAI stream that asks carries
+        b'data: {"choices": [{"delta": {"content": "a \\"usage\\": {"}}]}\n\n',  # the text of one
+        b'event: message_start\ndata: {"message": {"usage": {"input_tokens": 3}}}\n\n',
+        b'event: message_delta\ndata: {"usage" : {"output_tokens": 5}}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 2, "total_tokens": 9}}\n\n',
+        b"data: [DONE]\n\n",
+        b": keep-alive\n\n",
+    ]
+)
+
+
+@given(st.lists(_USAGE_EVENTS, max_size=10), st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_a_streams_usage_is_what_reading_every_event_gives(events, line_end):
+    """usage_of finds the usage events without cutting the stream into events (C-speed searches): the same
+    usage as decoding every event SSEFramer gives, whatever the line ends."""
+    stream = b"".join(events).replace(b"\n", line_end)
+    usage = {}
+    for raw in SSEFramer().feed(stream + b"\n\n"):  # the end: a lone CR may wait for an LF
+        data = SSEEvent.parse(raw).data
+        document = json.loads(data) if data.startswith("{") else {}
+        for holder in (document, document.get("message") or {}):
+            usage.update(holder.get("usage") or {})
+    assert usage_of(stream, True, ROUTES["/v1/messages"]) == (usage or None)

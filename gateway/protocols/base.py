@@ -8,6 +8,7 @@ an answer, whole or streamed, as `Slot`s that a transform may rewrite in place.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -15,7 +16,7 @@ from typing import Any
 
 from .. import jsonio
 from ..exchange import ErrorKind, GatewayError, Quota
-from .sse import SSEEvent, SSEFramer
+from .sse import SSEEvent
 
 
 class SlotKind(Enum):
@@ -175,6 +176,8 @@ def text_of(content: Any) -> str:
 
 
 _USAGE_KEY = b'"usage"'
+# a usage object, not `"usage": null` (which every chunk of an OpenAI stream that asks for usage carries)
+_USAGE_OBJECT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 
 
 def usage_of(answer: bytes, stream: bool, dialect: Dialect) -> dict[str, Any] | None:
@@ -182,22 +185,44 @@ def usage_of(answer: bytes, stream: bool, dialect: Dialect) -> dict[str, Any] | 
     API puts it (`Dialect.usage_holders`): model-written JSON, such as an Anthropic tool's input, may hold a
     `usage` key of its own, which must not settle the caller's token budget. Only the documents (the body,
     or the streamed events) that hold a `usage` key are decoded."""
-    if _USAGE_KEY not in answer:
-        return None
     if stream:
-        documents = [SSEEvent.parse(raw).data for raw in SSEFramer().feed(answer) if _USAGE_KEY in raw]
+        documents = [SSEEvent.parse(raw).data for raw in _events_holding(answer, _USAGE_OBJECT)]
     else:
-        documents = [answer]
+        documents = [answer] if _USAGE_KEY in answer else []
     usage: dict[str, Any] = {}
     for document in documents:
         try:
             data = jsonio.read(document)[0]
         except ValueError:  # not JSON, or nested too deeply to read: no usage from it
             continue
-        for holder in (data, *(data.get(name) for name in dialect.usage_holders)) if isinstance(data, dict) else ():
-            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
-                usage.update(holder["usage"])
+        usage.update(usage_in(data, dialect) or {})
     return usage or None
+
+
+def usage_in(data: Any, dialect: Dialect) -> dict[str, Any] | None:
+    """The usage one decoded answer (or one event's data) reports, where its route puts it."""
+    found: dict[str, Any] = {}
+    for holder in (data, *(data.get(name) for name in dialect.usage_holders)) if isinstance(data, dict) else ():
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            found.update(holder["usage"])
+    return found or None
+
+
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # what ends an SSE event, whatever its line ends
+
+
+def _events_holding(stream: bytes, key: re.Pattern) -> list[bytes]:
+    """The events of an SSE stream in which `key` occurs, found around each occurrence with searches at C speed
+    (cutting a 300-event answer into events first took 280 µs), their line ends made LF as SSEFramer makes them."""
+    blanks = (b"\n\n", b"\r\n\r\n", b"\r\r") if b"\r" in stream else (b"\n\n",)
+    events, end = [], 0
+    while (found := key.search(stream, end)) is not None:
+        at = found.start()
+        start = max((blank + len(b) for b in blanks if (blank := stream.rfind(b, 0, at)) >= 0), default=0)
+        after = _BLANK_LINE.search(stream, at)
+        end = after.end() if after is not None else len(stream)
+        events.append(stream[start:end].replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+    return events
 
 
 def estimate_tokens(text: str) -> int:
