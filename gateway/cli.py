@@ -252,7 +252,7 @@ def _init(args) -> int:
 
 
 def _identities_add(args) -> int:
-    registry = Registry(_settings(args).state_dir)
+    registry = Registry(_settings_with_tier(args).state_dir)  # an unknown tier would be served as normal
     key = registry.add(args.name, tier=args.tier, tenant=args.tenant)
     print(f"registered {args.name} (tier {args.tier}); its key is shown once, below:")
     print(key)

@@ -8,6 +8,7 @@ environment variable that holds it.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -361,7 +362,7 @@ def parse(raw: dict, source: str) -> Settings:
     state_raw = reader.section(raw, "state")
     state_dir = Path(reader.take(state_raw, "state", "dir", str, ".canarygate"))
     reader.reject_unknown(state_raw, "state")
-    return Settings(
+    settings = Settings(
         server=server,
         upstream=upstream,
         evidence=_evidence(reader, raw),
@@ -373,6 +374,11 @@ def parse(raw: dict, source: str) -> Settings:
         state_dir=state_dir,
         source=source,
     )
+    unknown = sorted({tier for tier, _ in settings.canaries.density} - set(settings.limits.tiers))
+    if unknown:  # a misspelt tier would quietly never carry canaries
+        raise ConfigError(f"{source}: [canaries.density] names no tier {', '.join(unknown)}; the tiers are "
+                          f"{', '.join(settings.limits.tiers)}")  # fmt: skip
+    return settings
 
 
 def _evidence(reader: _SectionReader, raw: dict) -> EvidenceSettings:
@@ -505,6 +511,8 @@ def rates(text: str) -> tuple[Rate, ...]:
         items = limits.parse_many(text)
     except ValueError:
         raise ValueError(f'{text!r} is not a list of rates such as "600/minute; 20000/day"') from None
+    if any(item.amount < 1 for item in items):  # a rate of nothing: to refuse everyone, a tier has scale = 0
+        raise ValueError(f"{text!r}: a rate allows at least 1 per period (a tier with scale = 0 refuses all)")
     return tuple(Rate(item.amount, int(item.get_expiry() * 1000), str(item)) for item in items)
 
 
@@ -612,6 +620,8 @@ class _SectionReader:
             raise ConfigError(
                 f"{self.source}: [{section}] {key} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
             )
+        if kind is float and not math.isfinite(value):  # TOML allows nan and inf; no setting means them
+            raise ConfigError(f"{self.source}: [{section}] {key} must be a finite number, got {value!r}")
         return value
 
     def reject_unknown(self, table: dict, section: str) -> None:
@@ -625,8 +635,8 @@ def _check_server(server: ServerSettings, source: str) -> None:
         raise ConfigError(f"{source}: [server] port must be between 1 and 65535, got {server.port}")
     if server.workers < 1:
         raise ConfigError(f"{source}: [server] workers must be at least 1, got {server.workers}")
-    if server.max_body_bytes < 1024:
-        raise ConfigError(f"{source}: [server] max_body_bytes must be at least 1024")
+    if server.max_body_bytes < 1024 or server.max_response_bytes < 1024:
+        raise ConfigError(f"{source}: [server] max_body_bytes and max_response_bytes must be at least 1024")
     if server.shutdown_timeout < 0:
         raise ConfigError(f"{source}: [server] shutdown_timeout must not be negative")
 

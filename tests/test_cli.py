@@ -139,6 +139,13 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
         ("[sever]\n", "unknown section [sever]"),
         ("[upstream]\ntimeout = 3\n", "unknown key(s): timeout"),
         ("[server\n", "not valid TOML"),
+        # accepted before, then a crash or a hang at run time
+        ("[limits]\nlease_seconds = inf\n", "[limits] lease_seconds must be a finite number, got inf"),
+        ("[limits.tiers.normal]\nscale = nan\n", "scale must be a finite number, got nan"),
+        ("[limits.tiers.suspect]\ntarpit_ms = inf\n", "tarpit_ms must be a finite number"),
+        ('[limits.identity]\nrequests = "0/minute"\n', "a rate allows at least 1 per period"),
+        ("[server]\nmax_response_bytes = -1\n", "max_response_bytes must be at least 1024"),
+        ("[canaries.density]\nwtach = 0.5\n", "[canaries.density] names no tier wtach"),
     ],
 )
 def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expected):
@@ -148,6 +155,13 @@ def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expect
     line = result.stderr.strip()
     assert line.startswith("canarygate: canarygate.toml: ") and expected in line, line
     assert len(line.splitlines()) == 1
+
+
+def test_an_identity_is_added_only_to_a_known_tier(tmp_path):
+    assert cli(tmp_path, "init").returncode == 0
+    refused = cli(tmp_path, "identities", "add", "typo", "--tier", "Suspect")
+    assert refused.returncode == 2 and "unknown tier 'Suspect'" in refused.stderr
+    assert "typo" not in cli(tmp_path, "identities", "list").stdout
 
 
 def test_missing_config_file_says_what_to_do(tmp_path):
