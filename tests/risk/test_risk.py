@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from gateway.app import create_app
 from gateway.exchange import Exchange, Identity
 from gateway.identity import Registry
 from gateway.risk import RiskEngine, features
+from gateway.risk.engine import MAX_BATCH
 from gateway.risk.features import Observation, network_of, observe
 from gateway.risk.score import next_tier, score, strengths
 from gateway.risk.signals import RECENT, MemorySignals, variety
@@ -336,3 +338,34 @@ def test_people_asking_a_question_a_campaign_wraps_in_templates_are_not_implicat
         store.update(_obs(f"acct{account}", t, rng.choice(templates).format(x=question)))
     asked = [store.update(_obs("person", t + i, question)) for i in range(3)]
     assert asked[-1].template_accounts >= 40 and asked[-1].swept_share == 0
+
+
+def test_a_backlog_is_scored_in_bounded_calls_to_the_storage():
+    """A Redis script runs alone: a backlog (storage slow or down for a while) sent in one call would hold
+    every other client of that Redis, admission included, for as long as it takes."""
+
+    class CountingStore(MemorySignals):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[int] = []
+
+        async def update_many(self, observations):
+            self.calls.append(len(observations))
+            return await super().update_many(observations)
+
+    async def run() -> list[int]:
+        store = CountingStore()
+        engine = RiskEngine(store, "shadow", clock=lambda: 1.8e9)
+        await engine.start()
+        exchange = Exchange("r", "POST", CHAT, "openai", CHAT, "198.51.100.7")
+        exchange.identity, exchange.admitted, exchange.prompt_text = Identity("u", "normal"), True, "hello there"
+        for _ in range(300):
+            engine.observe(exchange)
+        for _ in range(500):  # at most 5 s
+            if sum(store.calls) >= 300:
+                break
+            await asyncio.sleep(0.01)
+        await engine.close()
+        return store.calls
+
+    assert asyncio.run(run()) == [MAX_BATCH, MAX_BATCH, 300 - 2 * MAX_BATCH]
