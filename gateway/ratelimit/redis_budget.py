@@ -63,6 +63,8 @@ class RedisBudget:
         async with self.client.pipeline(transaction=False) as pipe:
             for key, lease in leases:
                 pipe.zadd(key, {lease: expiry}, xx=True)
+            for key in {key for key, _ in leases}:  # the set too: each admission renews it, but none may come
+                pipe.pexpire(key, ttl_ms)
             await pipe.execute()
 
     async def set_tier(self, tier_key: str, tier: str | None) -> None:

@@ -89,6 +89,36 @@ def test_concurrency_leases_are_released_and_lapse():
     assert budget.decide(ask(lease="l5"), now=30001 + 1000).status is Status.ADMITTED
 
 
+def test_a_lease_kept_alive_by_its_heartbeat_holds_its_slot_in_both_engines():
+    """A request longer than the lease's ttl (a long stream) keeps its slot while its heartbeat runs, even when
+    no other admission renews the lease set (on Redis the set's own expiry lapsed and took the lease with it)."""
+    slots = plan("{a}:tier", (Check("{a}:c", "concurrent", 1, 0),))
+
+    def one_second_lease(lease: str) -> Ask:
+        return Ask(slots, "normal", TIERS, lease, 1000, 10, None, 100)
+
+    async def run(budget) -> list[Status]:
+        assert (await budget.admit(one_second_lease("long"))).status is Status.ADMITTED
+        statuses = []
+        for _ in range(4):
+            await asyncio.sleep(0.4)
+            await budget.extend([("{a}:c", "long")], 1000)  # every ttl / 2.5; the ttl itself passes twice
+            statuses.append((await budget.admit(one_second_lease("other"))).status)
+        return statuses
+
+    assert asyncio.run(run(MemoryBudget())) == [Status.LIMITED] * 4
+    with redis_servers.standalone() as server:
+
+        async def remote() -> list[Status]:
+            client = connect(server.url, timeout=1.0)
+            try:
+                return await run(RedisBudget(client))
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(remote()) == [Status.LIMITED] * 4
+
+
 def test_memory_share_divides_every_limit():
     budget = MemoryBudget(divisor=5)
     check = (Check("k", "requests", 10, 1000),)
