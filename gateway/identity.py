@@ -26,6 +26,7 @@ from .exchange import ErrorKind, Exchange, GatewayError, Identity
 
 FILE_NAME = "identities.json"
 DEFAULT_TIER = "normal"
+_REVOKED = "#revoked-"  # joins a revoked record's name and key id in the file ("#" is in no name)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
 
@@ -89,7 +90,10 @@ class Registry:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        return {name: Record(name=name, **fields) for name, fields in raw.get("identities", {}).items()}
+        # a revoked key is kept under "name#revoked-<key id>" (the name is free again); its record keeps the name
+        # it was served under, which is what its canaries and the evidence were made for
+        stored = raw.get("identities", {})
+        return {key: Record(name=key.partition(_REVOKED)[0], **fields) for key, fields in stored.items()}
 
     # --- changing (CLI) ---
 
@@ -129,7 +133,7 @@ class Registry:
                 raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
             records.pop(name)
             # The name is freed for reuse; the revoked key stays listed so its id is never looked up again.
-            records[f"{name}#revoked-{record.key_id}"] = Record(
+            records[f"{name}{_REVOKED}{record.key_id}"] = Record(
                 name,
                 record.key_id,
                 record.key_hash,

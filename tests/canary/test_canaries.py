@@ -140,6 +140,7 @@ def test_the_attribute_command_names_the_identity(tmp_path):
     registry = Registry(tmp_path / ".canarygate")
     for i in range(50):
         registry.add(f"acct{i}")
+    registry.revoke("acct31")  # the account that leaked is often closed by then: it is tested under its name
     key = canary_key(Keys.load(tmp_path / ".canarygate" / "keys").watermark)
     # the key is new each run: leave out a canary another account happens to share (1 run in 130 would)
     others = {c.index for i in range(50) if i != 31 for c in canaries_of(key, f"acct{i}", 0, 8)}
@@ -149,6 +150,7 @@ def test_the_attribute_command_names_the_identity(tmp_path):
     result = cli(tmp_path, "canaries", "attribute", "suspect.jsonl", "--json")
     doc = json.loads(result.stdout)
     assert [a["identity"] for a in doc["attributions"]] == ["acct31"] and doc["attributions"][0]["p_value"] < 1e-5
+    assert doc["identities_tested"] == 50  # no name tested twice, nor under its revoked key's label
     assert "acct31 (epoch 0): 2 of its canaries" in cli(tmp_path, "canaries", "attribute", "suspect.jsonl").stdout
 
 
