@@ -126,9 +126,9 @@ def _canaries_attribute(args) -> int:
     key = canary.canary_key(loaded.watermark)
     names = sorted({record.name for record in Registry(settings.state_dir).all()})
     owners = canary_owners(key, names, sorted(loaded.masters), settings.canaries.count)
-    items = _detection_items(Path(args.file))
-    texts = [text for text, _ in items]
-    results, found = canary.attribute(texts, owners, [prompt for _, prompt in items])
+    rows = _detection_items(Path(args.file))
+    texts = [row.text for row in rows]
+    results, found = canary.attribute(texts, owners, [row.prompt for row in rows])
     doc = {"texts": len(texts), "identities_tested": len(owners), "phrases_found": found,
            "attributions": [r.as_json() for r in results]}  # fmt: skip
     if args.json:
@@ -356,7 +356,8 @@ def _tier_show(args) -> int:
 def _detect(args) -> int:
     settings = _settings(args)
     directory = Path(args.keys) if args.keys else evidence.keys_dir(settings)
-    items = _detection_items(Path(args.file))
+    rows = _detection_items(Path(args.file))
+    items = [(row.text, row.prompt) for row in rows]
     sets = watermark.default_sets()
     if args.bundle:  # an expert's run: the keys disclosed in an evidence bundle, its commitments as the record
         found = bundle_commitments(Path(args.bundle))
@@ -379,7 +380,10 @@ def _detect(args) -> int:
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
     doc["commitments"] = prior_commitments(found, epochs, sets.version, greens.lists if greens else ())
     if args.per_text:
-        doc["per_text"] = [_by_scheme(findings_for([item])) for item in items]
+        doc["per_text"] = [
+            {"line": row.line, "schemes": _by_scheme(findings_for([item]))}
+            for row, item in zip(rows, items, strict=True)
+        ]
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -394,9 +398,9 @@ def _detect(args) -> int:
             print(f"  {subject}: NO PRIOR COMMITMENT in the evidence log; nothing shows it was fixed in advance")
         else:
             print(f"  {subject}: committed at {found['time']} ({found['log']} entry {found['index']})")
-    for i, per_text in enumerate(doc.get("per_text", [])):
-        best = min(per_text.values(), key=lambda r: r["p_value"])
-        print(f"  line {i + 1}: p = {best['p_value']:.3g} from {best['n']} votes")
+    for per_text in doc.get("per_text", []):
+        best = min(per_text["schemes"].values(), key=lambda r: r["p_value"])
+        print(f"  line {per_text['line']}: p = {best['p_value']:.3g} from {best['n']} votes")
     return 0
 
 
@@ -434,17 +438,34 @@ def _green_lists(settings: config.Settings, loaded: keys.Keys, found: list[dict]
     return GreenLists(vocabulary, lists)
 
 
-def _detection_items(path: Path) -> list[tuple[str, str]]:
-    items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+class _Row(NamedTuple):
+    line: int  # in the file, from 1 (blank lines count)
+    text: str
+    prompt: str
+
+
+def _detection_items(path: Path) -> list[_Row]:
+    """The file's JSON lines. Lines end at LF alone: JSON allows U+2028 and its kin raw inside a string (a probe's
+    transcript holds them), which str.splitlines would cut the line at."""
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise config.ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            items.append((str(row["text"]), str(row.get("prompt") or "")))
-        except (ValueError, KeyError, TypeError):
-            raise config.ConfigError(f'{path}:{number}: expected a JSON object with "text"') from None
-    return items
+            text, prompt = row["text"], row.get("prompt") or ""
+            if not isinstance(text, str) or not isinstance(prompt, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise config.ConfigError(
+                f'{path}:{number}: expected a JSON object with "text" (and "prompt") as strings'
+            ) from None
+        rows.append(_Row(number, text, prompt))
+    return rows
 
 
 def _by_scheme(findings) -> dict:

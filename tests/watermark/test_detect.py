@@ -79,18 +79,25 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     keys = epoch_keys(Keys.load(tmp_path / ".canarygate" / "keys"))
     mark = LexicalWatermark(keys[-1])
     rows = [{"text": mark.mark(r["output"], r["instruction"]), "prompt": r["instruction"]} for r in SAMPLE[:12]]
-    (tmp_path / "suspect.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rows[0]["text"] += "\u2028It is large."  # JSON allows it raw in a string: no line ends there
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    (tmp_path / "suspect.jsonl").write_text("\n".join(lines[:6] + [""] + lines[6:]) + "\n")  # a blank line
     result = cli(tmp_path, "detect", "suspect.jsonl", "--json", "--per-text")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     scheme = doc["schemes"]["lexical-v1"]
     assert scheme["p_value"] < 1e-6 and scheme["n"] == scheme["hits"] > 20
-    assert len(doc["per_text"]) == 12 and all("lexical-v1" in t for t in doc["per_text"])
+    assert [t["line"] for t in doc["per_text"]] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13]  # the file's lines
+    assert all("lexical-v1" in t["schemes"] for t in doc["per_text"])
     readable = cli(tmp_path, "detect", "suspect.jsonl")
     assert "lexical-v1: p = " in readable.stdout
-    (tmp_path / "bad.jsonl").write_text("not json\n")
+    for bad_lines in (b"not json\n", b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b"[" * 100_000):
+        (tmp_path / "bad.jsonl").write_bytes(b"\n" + bad_lines)
+        bad = cli(tmp_path, "detect", "bad.jsonl")
+        assert bad.returncode == 2 and "bad.jsonl:2: expected a JSON object" in bad.stderr, bad.stderr
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\n")
     bad = cli(tmp_path, "detect", "bad.jsonl")
-    assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr
+    assert bad.returncode == 2 and "not UTF-8 (byte 0)" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_detection_says_whether_its_key_was_committed_before_use(tmp_path):
