@@ -16,7 +16,7 @@ from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
 from gateway.pipeline import Pipeline
 from gateway.protocols import ROUTES
-from gateway.protocols.base import usage_of
+from gateway.protocols.base import MAX_TOKEN_COUNT, total_tokens, usage_of
 from gateway.protocols.sse import SSEEvent, SSEFramer
 from gateway.rewrite import _decoded
 
@@ -196,3 +196,19 @@ def test_a_streams_usage_is_what_reading_every_event_gives(events, line_end):
         for holder in (document, document.get("message") or {}):
             usage.update(holder.get("usage") or {})
     assert usage_of(stream, True, ROUTES["/v1/messages"]) == (usage or None)
+
+
+@pytest.mark.parametrize(
+    "usage, expected",
+    [
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, 7),
+        ({"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 2}, 9),
+        ({"total_tokens": -1_000_000, "input_tokens": 3, "output_tokens": 4}, 7),  # no refund past the reservation
+        ({"total_tokens": True, "input_tokens": 3}, 3),  # a bool is no count
+        ({"total_tokens": 10**30}, None),  # past what the limits' doubles hold (Redis refused it: out of range)
+        ({"input_tokens": 2**53, "output_tokens": 2**53}, MAX_TOKEN_COUNT),
+        ({"output_tokens": "5"}, None),
+    ],
+)
+def test_token_counts_an_upstream_reports_are_taken_only_when_they_can_be_counts(usage, expected):
+    assert total_tokens(usage) == expected

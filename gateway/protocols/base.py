@@ -236,12 +236,18 @@ def total_tokens(usage: dict[str, Any] | None) -> int | None:
     """Prompt plus completion tokens, in either API's usage shape (Anthropic counts cached input apart)."""
     if not usage:
         return None
-    if isinstance(usage.get("total_tokens"), int):
+    if _is_count(usage.get("total_tokens")):
         return usage["total_tokens"]
     names = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
              "cache_creation_input_tokens", "cache_read_input_tokens")  # fmt: skip
-    counts = [usage[name] for name in names if isinstance(usage.get(name), int)]
-    return sum(counts) if counts else None
+    counts = [usage[name] for name in names if _is_count(usage.get(name))]
+    return min(sum(counts), MAX_TOKEN_COUNT) if counts else None
+
+
+def _is_count(value: Any) -> bool:
+    """A token count an upstream could mean: a whole number from 0 to MAX_TOKEN_COUNT (not a bool, nor a negative
+    count, which would refund beyond the reservation, nor one past what the limits' doubles hold)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT
 
 
 def binding_quota(quotas: tuple[Quota, ...], unit: str) -> Quota | None:
