@@ -26,7 +26,7 @@ from gateway.evidence.reader import LogReader
 ANSWER = ("The sea is a vast body of salt water that covers most of the planet. " * 22).encode()[:1500]
 
 
-def _entry(i: int) -> tuple[dict, dict]:
+def _entry(i: int, tenants: int = 0) -> tuple[dict, dict]:
     if i % 2 == 0:
         fields = {
             "prompt": b'{"model":"m","messages":[{"role":"user","content":"Tell me about the sea."}]}',
@@ -37,6 +37,7 @@ def _entry(i: int) -> tuple[dict, dict]:
             "kind": "begin",
             "id": f"req_{i // 2}",
             "identity": "bench",
+            "tenant": _tenant(i, tenants),  # as the gateway's begin entries say it
             "tier": "unlimited",
             "route": "/v1/chat/completions",
             "model": "m",
@@ -67,7 +68,7 @@ def _tenant(i: int, tenants: int) -> str | None:
 async def _batch(evidence: EvidenceLog, count: int, tenants: int) -> None:
     futures = []
     for i in range(count):
-        public, openings = _entry(i)
+        public, openings = _entry(i, tenants)
         futures.append(evidence.append(entry.canonical(public), openings, "bench", tenant=_tenant(i, tenants)))
         if i % 256 == 0:
             await asyncio.sleep(0)  # let the writer run, as a serving event loop would
@@ -77,7 +78,7 @@ async def _batch(evidence: EvidenceLog, count: int, tenants: int) -> None:
 async def _fsync(evidence: EvidenceLog, count: int, concurrency: int, tenants: int) -> None:
     async def producer(start: int):
         for i in range(start, count, concurrency):
-            public, openings = _entry(i)
+            public, openings = _entry(i, tenants)
             await evidence.append(entry.canonical(public), openings, "bench", tenant=_tenant(i, tenants))
 
     await asyncio.gather(*(producer(k) for k in range(concurrency)))

@@ -166,8 +166,8 @@ class LogReader:
         """Whether the entry's sealed fields open and match their commitments (False: erased)."""
         public = item.public
         kind, exchange = public.get("kind"), public.get("id")
-        if kind == "begin":
-            tenants[exchange] = public.get("tenant") or ""
+        if kind == "begin" and "tenant" in public:  # the gateway's begin entries say whose the exchange is
+            tenants[exchange] = public["tenant"] or ""
         try:
             openings = self.open_all(item, tenants.pop(exchange, None) if kind == "end" else None)
         except Erased:
