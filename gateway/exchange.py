@@ -119,6 +119,7 @@ class Exchange:
     structured: bool = False  # the request asks for structured output (JSON mode, a schema): never rewritten
     prompt_tokens: int = 0  # estimated at admission, from the prompt's text
     requested_output: int | None = 0  # the output token limit the request set; None: none, on a route that generates
+    choices: int = 1  # answers the upstream writes (n, best_of), each up to the output limit
     output_cap: int | None = None  # set by admission: the output limit the upstream request must carry
     quotas: tuple[Quota, ...] = ()  # set by admission: the limits in force, for the response headers
     strip_usage: bool = False  # the gateway asked the upstream for usage the client did not ask for

@@ -237,7 +237,7 @@ class Pipeline:
             facts = dialect.facts(exchange.request)
             exchange.model, exchange.stream = facts.model, facts.stream
             if dialect.output_fields:
-                exchange.requested_output = facts.max_output
+                exchange.requested_output, exchange.choices = facts.max_output, facts.choices
             exchange.prompt_text = dialect.prompt_text(exchange.request)
             exchange.prompt_tokens = estimate_tokens(exchange.prompt_text)
             exchange.structured = dialect.structured_output(exchange.request)

@@ -48,7 +48,8 @@ class Slot:
 class RequestFacts:
     model: str | None
     stream: bool
-    max_output: int | None = None  # the output token limit the request sets, if any
+    max_output: int | None = None  # the output token limit the request sets, if any (per choice)
+    choices: int = 1  # answers the upstream writes for it (n, best_of): each up to max_output
 
 
 class Api(ABC):
@@ -74,6 +75,7 @@ class Api(ABC):
 # The largest output limit a request may set: the limits count tokens in doubles (in memory and in Redis's
 # script), exact to 2**53; a larger integer (JSON allows a thousand digits) is no token count.
 MAX_TOKEN_COUNT = 2**53
+MAX_CHOICES = 128  # n, as OpenAI allows it
 
 
 class Dialect:
@@ -88,6 +90,7 @@ class Dialect:
     # its top-level objects (OpenAI chat and completions: the body, or the last chunk; Responses: `response`
     # in response.completed; Anthropic: `message` in message_start, and message_delta's own). Never deeper.
     usage_holders: tuple[str, ...] = ()
+    choice_fields: tuple[str, ...] = ()  # the request fields that ask for several answers (n, best_of)
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model")
@@ -98,7 +101,20 @@ class Dialect:
             stream = False
         if not isinstance(stream, bool):
             raise GatewayError(ErrorKind.INVALID_REQUEST, "'stream' must be true or false")
-        return RequestFacts(model, stream and self.streams, self._max_output(body))
+        return RequestFacts(model, stream and self.streams, self._max_output(body), self._choices(body))
+
+    def _choices(self, body: dict[str, Any]) -> int:
+        """How many answers the request makes the upstream write: the largest of its choice fields (best_of
+        writes that many and returns n of them), each as long as the output limit allows."""
+        choices = 1
+        for name in self.choice_fields:
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHOICES:
+                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from 1 to {MAX_CHOICES}")
+            choices = max(choices, value)
+        return choices
 
     def _max_output(self, body: dict[str, Any]) -> int | None:
         limits = []

@@ -116,6 +116,7 @@ class ChatCompletions(Dialect):
     api = API
     streams = True
     takes_logit_bias = True
+    choice_fields = ("n",)
     # max_tokens is deprecated and refused by reasoning models; compatible servers ignore what they lack
     output_fields = ("max_completion_tokens", "max_tokens")
 
@@ -168,6 +169,7 @@ class Completions(Dialect):
     api = API
     streams = True
     takes_logit_bias = True
+    choice_fields = ("n", "best_of")
     output_fields = ("max_tokens",)
 
     def ask_usage(self, body: dict[str, Any]) -> bool:

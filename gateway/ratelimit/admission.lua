@@ -7,7 +7,7 @@
 -- ARGV: now_ms (-1: the server's clock), default tier, tier table ("name scale enforce cap;" ...),
 --       checks ("limit period unit;" for each key after the first; unit r, t or c: requests, tokens,
 --       concurrency, whose period is 0), lease id, lease ttl ms, prompt tokens, requested output (-1: none),
---       default output.
+--       default output, choices (answers written, each up to the output: the reservation counts them all).
 -- Returns {status, tier, reserved tokens, output cap, retry ms, failed check, then per check: remaining, reset ms}
 -- status: 0 admitted, 1 limited, 2 blocked, 3 larger than the whole budget.
 
@@ -38,7 +38,7 @@ if scale == 0 then return {2, tier, 0, 0, 0, 0} end
 local output = tonumber(ARGV[8])
 if output < 0 then output = tonumber(ARGV[9]) end
 if cap > 0 and output > cap then output = cap end
-local tokens = tonumber(ARGV[7]) + output
+local tokens = tonumber(ARGV[7]) + tonumber(ARGV[10]) * output
 
 local limits, periods, units = {}, {}, {}
 local g = 0

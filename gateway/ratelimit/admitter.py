@@ -96,6 +96,7 @@ class LimitAdmitter:
             exchange.prompt_tokens,
             exchange.requested_output,
             self._settings.default_max_tokens,
+            exchange.choices,
         )
         verdict, engine, where = await self._decide(ask)
         if identity.pinned and verdict.tier != identity.tier:  # an operator pinned it since: their tier wins

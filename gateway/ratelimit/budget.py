@@ -90,6 +90,7 @@ class Ask:
     prompt_tokens: int
     requested_output: int | None
     default_output: int
+    choices: int = 1  # answers written, each up to the output limit: the reservation is prompt + choices x output
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +194,7 @@ class MemoryBudget:
         output = ask.default_output if ask.requested_output is None else ask.requested_output
         if terms.output_cap > 0 and output > terms.output_cap:
             output = terms.output_cap
-        tokens = ask.prompt_tokens + output
+        tokens = ask.prompt_tokens + ask.choices * output
         status, retry, failed = Status.ADMITTED, 0.0, 0
         planned = []
         for i, check in enumerate(ask.plan.budgets, 1):

@@ -46,6 +46,7 @@ class RedisBudget:
             ask.prompt_tokens,
             requested,
             ask.default_output,
+            ask.choices,
         )
         return Verdict.from_reply(await self._run(_ADMISSION, ask.plan.keys, args))
 

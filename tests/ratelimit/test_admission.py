@@ -131,6 +131,17 @@ def test_too_large_a_request_for_the_whole_budget_is_refused_for_good(limited):
     assert refused.json()["error"]["code"] == "request_too_large" and "retry-after" not in refused.headers
 
 
+def test_a_request_for_several_answers_reserves_each_one(limited):
+    """n answers of up to max_tokens each: the reservation, and the check against the whole budget, count all."""
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        one = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8000})
+        three = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8000, "n": 3})
+        bad = http.post("/v1/chat/completions", json={**CHAT, "n": 0})
+    assert one.status_code == 200 and three.status_code == 413  # 24,000 tokens: more than the budget of 20,000
+    assert bad.status_code == 400 and "'n' must be an integer from 1 to 128" in bad.json()["error"]["message"]
+
+
 def test_an_output_limit_beyond_any_token_count_is_a_bad_request(limited):
     """JSON allows an integer of a thousand digits; the limits' arithmetic (doubles) would overflow on it."""
     _, key = limited.identity()

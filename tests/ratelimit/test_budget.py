@@ -20,14 +20,14 @@ TIERS = TierTable(
 )
 
 
-def ask(name="a", tier="normal", prompt=10, output=None, lease="l1", checks=None) -> Ask:
+def ask(name="a", tier="normal", prompt=10, output=None, lease="l1", checks=None, choices=1) -> Ask:
     checks = checks or (
         Check(f"{{{name}}}:r:1000", "requests", 5, 1000),
         Check(f"{{{name}}}:r:60000", "requests", 20, 60000),
         Check(f"{{{name}}}:t:60000", "tokens", 2000, 60000),
         Check(f"{{{name}}}:c", "concurrent", 3),
     )
-    return Ask(plan(f"{{{name}}}:tier", checks), tier, TIERS, lease, 30000, prompt, output, 100)
+    return Ask(plan(f"{{{name}}}:tier", checks), tier, TIERS, lease, 30000, prompt, output, 100, choices)
 
 
 def plan(tier_key: str, checks) -> Plan:
@@ -162,6 +162,7 @@ async def _compare(url: str) -> None:
                     prompt=rng.randint(0, 400),
                     output=rng.choice([None, 0, 50, 250, 900]),
                     lease=f"l{step}",
+                    choices=rng.choice([1, 1, 1, 2, 5]),
                 )
                 expected = local.decide(a, now=now)
                 got = await remote.admit(a, now_ms=now)
