@@ -101,31 +101,11 @@ class Dialect:
             stream = False
         if not isinstance(stream, bool):
             raise GatewayError(ErrorKind.INVALID_REQUEST, "'stream' must be true or false")
-        return RequestFacts(model, stream and self.streams, self._max_output(body), self._choices(body))
-
-    def _choices(self, body: dict[str, Any]) -> int:
-        """How many answers the request makes the upstream write: the largest of its choice fields (best_of
-        writes that many and returns n of them), each as long as the output limit allows."""
-        choices = 1
-        for name in self.choice_fields:
-            value = body.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHOICES:
-                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from 1 to {MAX_CHOICES}")
-            choices = max(choices, value)
-        return choices
-
-    def _max_output(self, body: dict[str, Any]) -> int | None:
-        limits = []
-        for name in self.output_fields:
-            value = body.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKEN_COUNT:
-                raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from 0 to 2**53")
-            limits.append(value)
-        return min(limits) if limits else None
+        # the output limit (per answer: the smallest of the fields that set one) and how many answers the
+        # upstream writes (the largest: best_of writes that many and returns n of them)
+        limits = _integers(body, self.output_fields, 0, MAX_TOKEN_COUNT, "2**53")
+        choices = _integers(body, self.choice_fields, 1, MAX_CHOICES, str(MAX_CHOICES))
+        return RequestFacts(model, stream and self.streams, min(limits, default=None), max(choices, default=1))
 
     def cap_output(self, body: dict[str, Any], cap: int) -> bool:
         """Make the request ask for at most `cap` output tokens; whether the body changed."""
@@ -178,6 +158,19 @@ class Dialect:
 
     def stream_error_event(self, api: Api, error: GatewayError) -> bytes:
         return api.stream_error_event(error)
+
+
+def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int, spelt: str) -> list[int]:
+    """The values the request sets of `names`, each an integer from `low` to `high` (`spelt` so), else a 400."""
+    values = []
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from {low} to {spelt}")
+        values.append(value)
+    return values
 
 
 def text_of(content: Any) -> str:
