@@ -95,6 +95,7 @@ class Identity:
     tier: str
     tenant: str | None = None
     pinned: bool = False  # an operator fixed the tier: the risk engine does not move it
+    tier_set: float = 0.0  # when its tier was last set by an operator (or it was registered): see LimitAdmitter
 
 
 @dataclass(slots=True)

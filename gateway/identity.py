@@ -26,6 +26,7 @@ from .exchange import ErrorKind, Exchange, GatewayError, Identity
 
 FILE_NAME = "identities.json"
 DEFAULT_TIER = "normal"
+_STORED = ("key_id", "key_hash", "tier", "created", "tenant", "revoked", "pin", "tier_set")  # a record's fields
 _REVOKED = "#revoked-"  # joins a revoked record's name and key id in the file ("#" is in no name)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
@@ -44,9 +45,10 @@ class Record:
     tenant: str | None = None
     revoked: float | None = None
     pin: str | None = None  # an operator's note: the tier is theirs, the risk engine leaves it alone
+    tier_set: float = 0.0  # when an operator last set the tier (0: never since it was added)
 
     def identity(self) -> Identity:
-        return Identity(self.name, self.tier, self.tenant, self.pin is not None)
+        return Identity(self.name, self.tier, self.tenant, self.pin is not None, self.tier_set or self.created)
 
 
 def _hash(key: str) -> str:
@@ -118,7 +120,7 @@ class Registry:
             record = records.get(name)
             if record is None:
                 raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
-            records[name] = replace(record, tier=tier, pin=pin)
+            records[name] = replace(record, tier=tier, pin=pin, tier_set=time.time())
 
     def get(self, name: str) -> Record:
         record = self._read().get(name)
@@ -142,6 +144,7 @@ class Registry:
                 record.tenant,
                 time.time(),
                 record.pin,
+                record.tier_set,
             )
 
     @contextlib.contextmanager
@@ -156,10 +159,7 @@ class Registry:
     def _write(self, records: dict[str, Record]) -> None:
         doc = {
             "version": 1,
-            "identities": {
-                key: {f: getattr(r, f) for f in ("key_id", "key_hash", "tier", "created", "tenant", "revoked", "pin")}
-                for key, r in records.items()
-            },
+            "identities": {key: {f: getattr(r, f) for f in _STORED} for key, r in records.items()},
         }
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

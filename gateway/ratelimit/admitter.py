@@ -54,6 +54,7 @@ class LimitAdmitter:
         self._prefix = prefix
         self._terms = TierTable((n, TierTerms(t.scale, t.enforce, t.max_tokens)) for n, t in settings.tiers.items())
         self._plans: dict[Identity, Plan] = {}
+        self._tier_set: dict[str, float] = {}  # identity -> when its registry tier was last set, as last seen
         self._decisions: dict[tuple[Status, str], object] = {}  # metric children, looked up once
         self._held: dict[str, _Held] = {}
         self._ttl_ms = int(settings.lease_seconds * 1000)
@@ -87,6 +88,9 @@ class LimitAdmitter:
             await self._addresses.check(exchange.client_group)
             return
         plan = self._plans.get(identity) or self._plan(identity)  # built once per identity and tier
+        if self._tier_set.get(identity.name, identity.tier_set) != identity.tier_set:
+            await self._operator_set_tier(identity)
+        self._tier_set[identity.name] = identity.tier_set
         ask = Ask(
             plan,
             identity.tier if identity.tier in self._terms else "normal",
@@ -134,6 +138,14 @@ class LimitAdmitter:
             await self._on(held.engine, lambda: held.engine.settle(held.ask, held.verdict, correction))
 
     # --- tiers ---
+
+    async def _operator_set_tier(self, identity: Identity) -> None:
+        """An operator set the identity's tier (or its name was registered anew) since this worker last saw it:
+        their tier is in force, so a tier the risk engine moved it to before is dropped. In memory that move
+        lives in this worker, where the CLI cannot reach; on Redis `tier set` writes the operator's tier where
+        every replica reads it (the memory fallback's copy is dropped here too)."""
+        if self._local is not None:
+            await self._local.set_tier(tier_key(identity, self._prefix), None)
 
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
         """Override an identity's tier (None: back to its registry tier) where every replica reads it."""

@@ -8,6 +8,7 @@ import math
 import random
 import re
 import threading
+import time
 from pathlib import Path
 from re import _constants as sre
 
@@ -326,6 +327,36 @@ def test_a_pinned_identity_is_never_moved_and_a_pin_clears_the_engines_tier(risk
     assert _begins(state, "bot")[-1]["tier"] == "normal"
     moves = [d["observed_at"] for d in _risk_entries(state) if d["identity"] == "bot"]
     assert moves and max(moves) <= pinned_at  # scored after the pin, never moved again
+
+
+def test_an_operators_tier_and_a_new_holder_of_a_name_end_the_engines_move(risky):
+    """With memory storage the engine's move lives in the worker, where `tier set` (the registry) cannot reach:
+    the worker drops it when it sees the operator's change, even back to the tier the registry already held."""
+    state, clock, start = risky
+    registry = Registry(state)
+    bot = registry.add("bot")
+    engine, server = start()
+
+    def next_request(key: str) -> tuple[int, str]:
+        time.sleep(0.3)  # workers re-read the registry every 0.25 s
+        clock.now += 30
+        status = _send(server.url, key, "hello there, how are you").status_code
+        if status == 200:  # the engine observes admitted requests only
+            clock.settle()
+        return status, _begins(state, "bot")[-1]["tier"]
+
+    with server:
+        _sweep(server.url, bot, clock, 60)
+        assert _begins(state, "bot")[-1]["tier"] == "suspect"
+        registry.set_tier("bot", "blocked")  # what `canarygate tier set bot blocked` does
+        assert next_request(bot) == (403, "blocked")
+        registry.set_tier("bot", "normal")  # the tier the registry held all along
+        assert next_request(bot) == (200, "normal")
+        _sweep(server.url, bot, clock, 60)
+        assert _begins(state, "bot")[-1]["tier"] == "suspect"
+        registry.revoke("bot")
+        fresh = registry.add("bot")  # a new customer given the freed name
+        assert next_request(fresh) == (200, "normal")
 
 
 def test_people_asking_a_question_a_campaign_wraps_in_templates_are_not_implicated():
