@@ -12,7 +12,7 @@ class AllowAll:
     async def close(self) -> None:
         """Nothing to close."""
 
-    def ready(self) -> str | None:
+    async def ready(self) -> str | None:
         return None
 
     async def admit(self, exchange: Exchange) -> None:

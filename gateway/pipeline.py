@@ -105,7 +105,7 @@ class Pipeline:
         """Each backend's state: "ok" or why not ("degraded: ..." still serves)."""
         return {
             "upstream": await self._upstream.ready() or "ok",
-            "limits": self._admit.ready() or "ok",
+            "limits": await self._admit.ready() or "ok",
             "record": self._record.ready() or "ok",
         }
 

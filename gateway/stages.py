@@ -23,7 +23,7 @@ class Admitter(Protocol):
 
     async def close(self) -> None: ...
 
-    def ready(self) -> str | None:
+    async def ready(self) -> str | None:
         """None when admission decides normally, else its state ("degraded: ..." still serves)."""
 
     async def admit(self, exchange: Exchange) -> None:

@@ -72,8 +72,14 @@ class LimitAdmitter:
             await self._shared.close()
         await self._addresses.close()
 
-    def ready(self) -> str | None:
-        """None when limits are decided normally; else the state (fail-open still serves: "degraded")."""
+    async def ready(self) -> str | None:
+        """None when limits are decided normally; else the state (fail-open still serves: "degraded"). Asked,
+        it tries the shared storage itself (a PING within the deadline, as the breaker allows): a load balancer
+        that stopped sending traffic on a failure must see the storage come back without any, and a storage
+        that is down before any request must not read as ready."""
+        if self._shared is not None and self._guard is not None:
+            with contextlib.suppress(StorageDown):
+                await self._guard.call(self._shared.ping)
         if self._guard is None or self._guard.failure is None:
             return None
         if self._local is not None:

@@ -235,14 +235,33 @@ def test_redis_failure_under_load_never_holds_a_request_past_the_timeout(fault, 
     assert statuses.count(200) == 20  # one shared limit again: 20 per hour across both replicas
 
 
+def test_readiness_asks_the_limit_storage_itself(fake_upstream, tmp_path):
+    """Before any request, and after a failure with no traffic since (a replica taken out of rotation gets
+    none), /readyz tells the storage's state: it used to report only what the last admission had found."""
+    redis_servers.require_redis()
+    fake_upstream.reset()
+    with redis_servers.standalone() as server:
+        pair = Pair(tmp_path, write_config(tmp_path, server.url, fake_upstream.url, "closed"))
+        with pair:
+            server.kill()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # no request at all
+                readiness = [httpx.get(u + "/readyz") for u in pair.urls]
+                if all(r.status_code == 503 for r in readiness):
+                    break
+                time.sleep(0.2)
+            assert all("limit storage unavailable" in r.json()["checks"]["limits"] for r in readiness)
+            server.start()
+            _wait_ready(pair)  # and still none
+
+
 def _wait_ready(pair: Pair) -> None:
+    """With no traffic at all: a load balancer that took a replica out of rotation sends it none, so its
+    readiness must find the storage back by itself."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if all(httpx.get(u + "/readyz").json()["checks"]["limits"] == "ok" for u in pair.urls):
             return
-        # readiness only changes when an admission probes the storage: keep a trickle of traffic
-        for u in pair.urls:
-            httpx.post(u + "/v1/chat/completions", json=CHAT)
         time.sleep(0.2)
     raise AssertionError("limits did not recover")
 
