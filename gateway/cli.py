@@ -323,9 +323,13 @@ def _risk_show(args) -> int:
     """An identity's tier and pin, and every risk decision about it in the evidence log, with its reasons."""
     settings = _settings(args)
     record = Registry(settings.state_dir).get(args.name)
+    try:
+        readers = _readers(args, all_by_default=True)
+    except VerifyError:  # a gateway that has not served yet has no log: no decision either
+        readers = []
     decisions = [
         {"log": reader.origin(), "index": item.index, "time": item.public["time"], **item.public["decision"]}
-        for reader in _readers(args, all_by_default=True)
+        for reader in readers
         for item in reader.entries(strict=False)
         if item.public.get("kind") == "risk" and item.public.get("identity") == args.name
     ]

@@ -159,6 +159,9 @@ def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expect
 
 def test_an_identity_is_added_only_to_a_known_tier(tmp_path):
     assert cli(tmp_path, "init").returncode == 0
+    assert cli(tmp_path, "identities", "add", "new", "--tier", "watch").returncode == 0
+    shown = cli(tmp_path, "risk", "show", "new")  # before the gateway served: no log, so no decision
+    assert shown.returncode == 0 and "new: registry tier watch" in shown.stdout and "no risk decisions" in shown.stdout
     refused = cli(tmp_path, "identities", "add", "typo", "--tier", "Suspect")
     assert refused.returncode == 2 and "unknown tier 'Suspect'" in refused.stderr
     assert "typo" not in cli(tmp_path, "identities", "list").stdout
