@@ -39,6 +39,7 @@ local output = tonumber(ARGV[8])
 if output < 0 then output = tonumber(ARGV[9]) end
 if cap > 0 and output > cap then output = cap end
 local tokens = tonumber(ARGV[7]) + tonumber(ARGV[10]) * output
+if enforce == 0 then tokens = 0 end  -- reserves nothing: its usage is debited once known (budget.py)
 
 local limits, periods, units = {}, {}, {}
 local g = 0

@@ -194,7 +194,10 @@ class MemoryBudget:
         output = ask.default_output if ask.requested_output is None else ask.requested_output
         if terms.output_cap > 0 and output > terms.output_cap:
             output = terms.output_cap
-        tokens = ask.prompt_tokens + ask.choices * output
+        # A tier that does not enforce (unlimited) reserves nothing: it never had to fit a reservation, so
+        # refunding one would give back tokens that were never taken from a shared (tenant) budget; its
+        # usage is debited once it is known.
+        tokens = ask.prompt_tokens + ask.choices * output if terms.enforce else 0
         status, retry, failed = Status.ADMITTED, 0.0, 0
         planned = []
         for i, check in enumerate(ask.plan.budgets, 1):

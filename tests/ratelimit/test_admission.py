@@ -3,6 +3,7 @@ reservations and settlement, tiers, tarpits, concurrency, and unauthenticated fl
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import time
@@ -150,6 +151,37 @@ def test_an_output_limit_beyond_any_token_count_is_a_bad_request(limited):
         message = http.post("/v1/messages", json={"model": "c", "max_tokens": 10**400, "messages": CHAT["messages"]})
     assert chat.status_code == 400 and "from 0 to 2**53" in chat.json()["error"]["message"]
     assert message.status_code == 400 and message.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unlimited_identity_cannot_give_its_tenant_tokens_back():
+    """A tier that does not enforce reserves nothing (its usage is debited once known): a reservation it never
+    had to fit, refunded, gave back tokens never taken, and reset the budget its tenant's others share."""
+    from gateway import config
+    from gateway.exchange import Exchange, GatewayError, Identity
+    from gateway.ratelimit import open_admitter
+
+    limits = {"identity": {"requests": "1000/minute"}, "tenant": {"tokens": "1000/day"}}
+    settings = config.parse({"limits": limits}, "t")
+    admitter = open_admitter(settings)
+    alice, ci = Identity("alice", "normal", "acme"), Identity("ci", "unlimited", "acme")
+
+    async def request(identity: Identity, max_tokens: int, used: int) -> int:
+        exchange = Exchange(f"r{id(object())}", "POST", "/v1/chat/completions", "openai", None, "192.0.2.1")
+        exchange.identity, exchange.prompt_tokens, exchange.requested_output = identity, 10, max_tokens
+        try:
+            await admitter.admit(exchange)
+        except GatewayError as refused:
+            return refused.status
+        exchange.upstream_status, exchange.tokens_used = 200, used
+        await admitter.release(exchange)
+        return 200
+
+    async def run() -> tuple[list[int], int, list[int]]:
+        first = [await request(alice, 490, 500) for _ in range(3)]
+        unlimited = await request(ci, 10**6, 20)
+        return first, unlimited, [await request(alice, 490, 500) for _ in range(2)]
+
+    assert asyncio.run(run()) == ([200, 200, 429], 200, [429, 429])
 
 
 def test_blocked_identities_are_refused_and_unlimited_ones_never_are(limited):
