@@ -150,3 +150,22 @@ def test_the_report_renders_in_a_real_browser(served, tmp_path):
     assert (pixels[..., 0] > 0.6).mean() < 0.999 and (
         (pixels[..., 0] > 0.55) & (pixels[..., 1] < 0.2)
     ).any()  # red: the plots
+
+
+def test_the_amount_curve_is_the_whole_tests_p_value_at_each_amount():
+    """The report's p-value against text: each point is the finding the report would give on that much text
+    (every epoch, Holm-adjusted), not the best key's raw p-value, which could cross a line the finding does not."""
+    from gateway.forensics.report import _by_amount
+    from gateway.watermark import default_sets
+    from gateway.watermark.detect import detect
+    from gateway.watermark.mark import LexicalWatermark
+    from gateway.watermark.scheme import LexicalKey
+
+    sets = default_sets()
+    epochs = [LexicalKey(bytes([epoch + 1]) * 32, sets, epoch) for epoch in range(3)]
+    mark = LexicalWatermark(epochs[1])
+    items = [(mark.mark(row["output"], row["instruction"]), row["instruction"]) for row in SAMPLE[:12]]
+    best = min(detect(items, epochs, sets), key=lambda finding: finding.p_value)
+    curve = _by_amount(items, epochs, sets)
+    assert curve[-1]["p_value"] == best.p_value == 3 * best.raw_p_value  # three epochs tested
+    assert [point["texts"] for point in curve] == sorted(point["texts"] for point in curve)
