@@ -190,8 +190,9 @@ class Pipeline:
             await self._admit.admit(exchange)
             raise
 
-    async def _finish(self, exchange: Exchange) -> None:
+    async def _finish(self, exchange: Exchange) -> bool:
         """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned).
+        Whether it is on record: where not (the evidence log failed), the answer must not go out.
 
         An admitted exchange's begin entry was written at admission; a rejected one gets it here, first."""
         if not exchange.admitted:
@@ -207,11 +208,14 @@ class Pipeline:
                 except Exception:  # whatever the answer holds, the exchange is recorded (without its usage)
                     log.exception("could not read the usage of exchange %s", exchange.id)
             exchange.tokens_used = total_tokens(exchange.usage)
+        recorded = True
         try:
             await self._record.end(exchange)
         except Exception:
-            log.exception("could not record exchange %s", exchange.id)
+            log.exception("could not record exchange %s; its answer is withheld", exchange.id)
+            recorded = False
         metrics.observe(exchange)
+        return recorded
 
     def _check_route(self, exchange: Exchange, dialect: Dialect | None) -> None:
         if dialect is None:
@@ -436,6 +440,7 @@ class _Reply:
     """Sends the answer over ASGI and notes on the exchange what was sent.
 
     `on_end` runs before the last message goes out, so that an exchange is on record before the client
+    has the whole answer; where it could not be recorded, the client gets an error in its place.
     has the whole answer.
     """
 
@@ -469,7 +474,14 @@ class _Reply:
         self._exchange.status = status
         self._exchange.delivered.append(body)
         self.ended = True
-        await self._on_end(self._exchange)  # recorded before a byte of the answer goes out
+        if not await self._on_end(self._exchange):  # recorded before a byte of the answer goes out, or not sent
+            status, body, content_type, extra = (
+                _UNRECORDED.status,
+                self._error_body(_UNRECORDED),
+                "application/json",
+                None,
+            )
+            self._exchange.status = status
         await self._start(status, self._headers(content_type, extra) + [(b"content-length", str(len(body)).encode())])
         self._note_first_byte(body)
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
@@ -494,15 +506,18 @@ class _Reply:
             self._exchange.delivered.append(data)
         if not more:
             self.ended = True
-            await self._on_end(self._exchange)
+            if not await self._on_end(self._exchange):  # the stream's end is withheld: an error event instead
+                data = _stream_error_event(self._dialect, self._api, _UNRECORDED)
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def error(self, api: Api, error: GatewayError) -> None:
         if self.streaming:  # headers are gone: end the stream with an error event instead
             await self.events([_stream_error_event(self._dialect, api, error)], last=True)
         elif not self.started:
-            body = json.dumps(api.error_body(error)).encode()
-            await self.whole(error.status, body, "application/json", error.headers)
+            await self.whole(error.status, self._error_body(error), "application/json", error.headers)
+
+    def _error_body(self, error: GatewayError) -> bytes:
+        return json.dumps(self._api.error_body(error)).encode()
 
 
 class _ReadResponse:
@@ -529,6 +544,10 @@ def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
         return [out for event in events for out in rewrite.push(event)]
     except UnicodeDecodeError:  # an event the transform cannot read: the upstream's fault, not the gateway's
         raise UpstreamError("malformed", "a streamed event is not UTF-8") from None
+
+
+# the answer of an exchange the evidence log could not record (it fails-stop, and /readyz says so)
+_UNRECORDED = GatewayError(ErrorKind.INTERNAL, "the gateway could not record this exchange; nothing was sent")
 
 
 def _stream_error_event(dialect: Dialect | None, api: Api, error: GatewayError) -> bytes:

@@ -87,3 +87,40 @@ def test_entries_are_durable_before_forwarding_and_before_the_last_byte(instrume
         assert durable_before(last, entries[(rid, "end")]), f"exchange {n}: last byte before its end entry's fsync"
         if n < 4:
             assert durable_before(upstream_seen[n], entries[(rid, "begin")]), f"exchange {n} forwarded too early"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_whose_end_entry_cannot_be_written_is_withheld(tmp_path, monkeypatch, stream):
+    """The disk fails as the end entry is written (durability fsync): the log fails-stop, and the client gets
+    an error instead of an answer that would then be on no record (a whole 200 went out before)."""
+    from tests.conftest import STATE_DIRS
+
+    ending = {"written": False}
+    append, sync = LogStore.append, LogStore.sync
+
+    def append_noting_ends(self, records, sync=True):
+        ending["written"] |= any(b'"kind":"end"' in leaf for leaf, _ in records)
+        return append(self, records, sync)
+
+    def failing_sync(self):
+        if ending["written"]:
+            raise OSError(5, "input/output error (simulated)")
+        return sync(self)
+
+    monkeypatch.setattr(LogStore, "append", append_noting_ends)
+    monkeypatch.setattr(LogStore, "sync", failing_sync)
+    state = tmp_path / "state"
+    key = Registry(state).add("olga")
+    with ServerThread(FakeUpstream()) as upstream:
+        settings = _settings(state, upstream.url)
+        STATE_DIRS.remove(state)  # its log is failed on purpose: the suite's audit of every log leaves it out
+        with ServerThread(create_app(settings)) as gw, httpx.Client(base_url=gw.url) as http:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+            answer = http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+            ready = http.get("/readyz")
+    if stream:
+        last = answer.text.strip().split("\n\n")[-1]
+        assert '"code": "internal_error"' in last and "could not record" in last and "[DONE]" not in answer.text
+    else:
+        assert answer.status_code == 500 and "could not record" in answer.json()["error"]["message"]
+    assert ready.status_code == 503 and "evidence log write failed" in ready.json()["checks"]["record"]
