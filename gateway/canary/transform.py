@@ -3,7 +3,8 @@
 Who gets canaries: identities in the tiers of `[canaries] density` (a share of their answers, higher for
 higher tiers) and those listed by name or tenant (every answer). Which answers: a keyed coin on the
 request id. Where: after the last text of the answer's first text part, on a line of its own, and never
-when that text ends inside a code block, nor after a question about death, grief, illness or harm (a
+when that part has no text (a tool call's message), nor when it ends inside a code block (a fence of
+backticks or tildes), nor after a question about death, grief, illness or harm (a
 cheerful line there would do harm); structured output (JSON mode, schemas), tool calls and thinking
 blocks are never text parts, so they never carry one. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
@@ -23,7 +24,7 @@ from ..exchange import Exchange
 from ..stages import Commitment, TextRewriter, Transform
 from .phrases import Canary, canaries_of
 
-FENCE = "```"
+_FENCE_RUNS = re.compile(r"`+|~+")  # a fence is three or more backticks or tildes (CommonMark)
 # A cheerful closing line would be out of place, even hurtful, after these: such answers carry no canary.
 SOMBRE = re.compile(
     r"\b(?:die[ds]?|dying|death|dead|funeral|grie(?:f|ving|ve)|mourn\w*|ashes|bereave\w*|condolence\w*|"
@@ -77,7 +78,7 @@ class CanaryTransform:
 
 
 class _CanaryRewriter:
-    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_tail")
+    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_prose")
 
     def __init__(self, inner: TextRewriter | None, canary: Canary, exchange: Exchange, part: tuple) -> None:
         self._inner = inner
@@ -85,8 +86,8 @@ class _CanaryRewriter:
         self._exchange = exchange
         self._part = part
         self._held = ""
-        self._fences = 0  # code fences seen in the text so far: odd means inside a code block
-        self._tail = ""  # the last two characters, for a fence split across pieces
+        self._fences = _Fences()
+        self._prose = False  # whether the part has any text but spaces (a tool call's message has none)
 
     def feed(self, text: str) -> str:
         out = self._inner.feed(text) if self._inner is not None else text
@@ -115,12 +116,11 @@ class _CanaryRewriter:
         return bool(self._held) or (self._inner is not None and self._inner.holding)
 
     def _count_fences(self, text: str) -> None:
-        joined = self._tail + text
-        self._fences += joined.count(FENCE) - self._tail.count(FENCE)
-        self._tail = joined[-2:]
+        self._fences.feed(text)
+        self._prose = self._prose or not text.isspace() and bool(text)
 
     def _suffix(self) -> str:
-        if self._fences % 2:  # inside a code block: no canary
+        if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: no canary
             self._settle(None)
             return ""
         self._settle(self._canary)
@@ -131,3 +131,30 @@ class _CanaryRewriter:
         records[:] = [c for c in records if not c.get("pending")]
         if canary is not None:
             records.append({"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)})
+
+
+class _Fences:
+    """Whether the text so far ends inside a fenced code block, counted alike whether it comes whole or in
+    pieces: a run of n backticks (or tildes) holds n // 3 fence marks however it is split, as str.count("```")
+    counts them in the whole text, and an odd count of either kind is inside a block."""
+
+    __slots__ = ("_marks", "_char", "_length")
+
+    def __init__(self) -> None:
+        self._marks = {"`": 0, "~": 0}
+        self._char, self._length = "", 0  # the run of fence characters the text so far ends in, if any
+
+    @property
+    def inside(self) -> bool:
+        return any(count % 2 for count in self._marks.values())
+
+    def feed(self, text: str) -> None:
+        ends_in_run = False
+        for match in _FENCE_RUNS.finditer(text):
+            run = match.group()
+            before = self._length if match.start() == 0 and run[0] == self._char else 0  # goes on from before
+            self._marks[run[0]] += (before + len(run)) // 3 - before // 3
+            self._char, self._length = run[0], before + len(run)
+            ends_in_run = match.end() == len(text)
+        if text and not ends_in_run:
+            self._char, self._length = "", 0

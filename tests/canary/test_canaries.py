@@ -163,3 +163,50 @@ def test_no_canary_follows_a_question_about_grief_or_harm(canaried, fake_upstrea
             answer = http.post(CHAT, json=body).json()["choices"][0]["message"]["content"]
         assert not phrases_in(answer)
     assert phrases_in(_ask(canaried, key).json()["choices"][0]["message"]["content"])  # an ordinary one does
+
+
+def _rewriter():
+    from gateway.canary.transform import _CanaryRewriter
+    from gateway.exchange import Exchange
+
+    exchange = Exchange("r", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", "192.0.2.1")
+    canary = canaries_of(bytes(32), "bob", 0, 1)[0]
+    return _CanaryRewriter(None, canary, exchange, ("choice", 0)), exchange, canary
+
+
+def _through(pieces: list[str]) -> tuple[str, list]:
+    rewriter, exchange, _ = _rewriter()
+    return "".join(rewriter.feed(p) for p in pieces) + rewriter.flush(), exchange.canaries
+
+
+_PIECES = ["Run:", "\n", "```", "``", "`", "~~~", "~", "sh", " rm -rf build", "\n\n", "Done.", " ", ""]
+
+
+@pytest.mark.parametrize(
+    "text, carries",
+    [
+        ("", False),  # a tool call's message: no text for a canary to follow
+        ("  \n", False),
+        ("Run:\n````sh\nrm -rf build\n", False),  # inside a fence of four backticks
+        ("Run:\n````sh\nrm -rf build\n````\nDone.", True),
+        ("x\n~~~\ncode", False),  # inside a tilde fence
+        ("x\n~~~\ncode\n~~~\nDone.", True),
+    ],
+)
+def test_a_canary_follows_prose_only_and_the_same_in_any_pieces(text, carries):
+    rewriter, exchange, canary = _rewriter()
+    whole = rewriter.whole(text)
+    assert (canary.text in whole) == carries and bool(exchange.canaries) == carries
+    cuts = sorted(random.Random(len(text)).sample(range(len(text) + 1), min(len(text) + 1, 4)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    for split in (pieces, list(text)):  # a few pieces, and one character at a time
+        assert _through(split) == (whole, exchange.canaries)
+
+
+def test_random_fenced_texts_give_the_same_answer_whole_and_streamed():
+    rng = random.Random(3)
+    for _ in range(400):
+        pieces = [rng.choice(_PIECES) for _ in range(rng.randrange(1, 14))]
+        rewriter, exchange, _ = _rewriter()
+        whole = rewriter.whole("".join(pieces))
+        assert _through(pieces) == (whole, exchange.canaries), pieces
