@@ -25,7 +25,7 @@ from .body import read_body
 from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
-from .protocols.base import estimate_tokens, total_tokens, usage_in, usage_of
+from .protocols.base import estimate_tokens, total_tokens, usage_of
 from .protocols.sse import SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .risk import Decision, RiskEngine
@@ -364,7 +364,7 @@ class Pipeline:
                 data, write = jsonio.read(body)
             except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
-            exchange.usage = usage_in(data, dialect)  # read here, where the answer is decoded anyway
+            exchange.usage = dialect.usage(data)  # read here, where the answer is decoded anyway
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
                 try:
                     body = write(data)
@@ -441,7 +441,6 @@ class _Reply:
 
     `on_end` runs before the last message goes out, so that an exchange is on record before the client
     has the whole answer; where it could not be recorded, the client gets an error in its place.
-    has the whole answer.
     """
 
     __slots__ = ("_send", "_exchange", "_api", "_dialect", "_on_end", "started", "streaming", "ended")
@@ -475,13 +474,8 @@ class _Reply:
         self._exchange.delivered.append(body)
         self.ended = True
         if not await self._on_end(self._exchange):  # recorded before a byte of the answer goes out, or not sent
-            status, body, content_type, extra = (
-                _UNRECORDED.status,
-                self._error_body(_UNRECORDED),
-                "application/json",
-                None,
-            )
-            self._exchange.status = status
+            self._exchange.status = status = _UNRECORDED.status
+            body, content_type, extra = self._error_body(_UNRECORDED), "application/json", None
         await self._start(status, self._headers(content_type, extra) + [(b"content-length", str(len(body)).encode())])
         self._note_first_byte(body)
         await self._send({"type": "http.response.body", "body": body, "more_body": False})

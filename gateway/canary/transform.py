@@ -117,7 +117,7 @@ class _CanaryRewriter:
 
     def _count_fences(self, text: str) -> None:
         self._fences.feed(text)
-        self._prose = self._prose or not text.isspace() and bool(text)
+        self._prose = self._prose or bool(text.strip())
 
     def _suffix(self) -> str:
         if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: no canary

@@ -10,7 +10,6 @@ opening decrypts and matches its commitment.
 from __future__ import annotations
 
 import base64
-import calendar
 import datetime
 import json
 import os
@@ -316,7 +315,8 @@ def _check_sealed_by(item: Entry, reference: str, tenant: str | None) -> None:
         raise VerifyError(f"entry {item.index}: its sealed part names no tenant key ({reference[:40]!r})")
     if "tenant" in public or public.get("kind") == "summary":
         tenant = public.get("tenant") or ""
-    named, day = reference.split("/")[0], int(reference.split("/")[1].split("-")[0])
+    named, day_and_key = reference.split("/")
+    day = int(day_and_key.split("-")[0])
     if tenant is not None and named != tenant_id(tenant):
         raise VerifyError(f"entry {item.index}: sealed under another tenant's key (its sealed part was replaced)")
     written = _day_of(public.get("time"))
@@ -327,10 +327,9 @@ def _check_sealed_by(item: Entry, reference: str, tenant: str | None) -> None:
 def _day_of(time_text: object) -> int | None:
     """The day number (as tenant keys count days) of an entry's ISO time, or None."""
     try:
-        when = datetime.datetime.strptime(str(time_text)[:19], "%Y-%m-%dT%H:%M:%S")
+        return int(datetime.datetime.fromisoformat(str(time_text)).timestamp() // DAY)  # entries' times end in Z
     except ValueError:
         return None
-    return calendar.timegm(when.timetuple()) // DAY
 
 
 def _memory_subtree(leaves: list[bytes]):

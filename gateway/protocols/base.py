@@ -107,6 +107,14 @@ class Dialect:
         choices = _integers(body, self.choice_fields, 1, MAX_CHOICES, str(MAX_CHOICES))
         return RequestFacts(model, stream and self.streams, min(limits, default=None), max(choices, default=1))
 
+    def usage(self, data: Any) -> dict[str, Any] | None:
+        """The usage one decoded answer (or one event's data) reports, where this route puts it."""
+        found: dict[str, Any] = {}
+        for holder in (data, *(data.get(name) for name in self.usage_holders)) if isinstance(data, dict) else ():
+            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+                found.update(holder["usage"])
+        return found or None
+
     def cap_output(self, body: dict[str, Any], cap: int) -> bool:
         """Make the request ask for at most `cap` output tokens; whether the body changed."""
         present = [name for name in self.output_fields if body.get(name) is not None]
@@ -204,17 +212,8 @@ def usage_of(answer: bytes, stream: bool, dialect: Dialect) -> dict[str, Any] | 
             data = jsonio.read(document)[0]
         except ValueError:  # not JSON, or nested too deeply to read: no usage from it
             continue
-        usage.update(usage_in(data, dialect) or {})
+        usage.update(dialect.usage(data) or {})
     return usage or None
-
-
-def usage_in(data: Any, dialect: Dialect) -> dict[str, Any] | None:
-    """The usage one decoded answer (or one event's data) reports, where its route puts it."""
-    found: dict[str, Any] = {}
-    for holder in (data, *(data.get(name) for name in dialect.usage_holders)) if isinstance(data, dict) else ():
-        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
-            found.update(holder["usage"])
-    return found or None
 
 
 _BLANK_LINE = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # what ends an SSE event, whatever its line ends
