@@ -1,11 +1,14 @@
 """With durability "fsync", nothing that depends on an entry happens before the entry is on disk.
 
-An instrumented file layer notes each fsynced append; instrumented servers note when the upstream receives
-a request and when the gateway sends the last message of each answer. The begin entry must be durable
-before the request goes upstream, the end entry before the answer's last byte.
+An instrumented file layer notes each fsync of a segment and what it made durable (a write alone, as the
+log's appends are, is not); instrumented servers note when the upstream receives a request and when the
+gateway sends the last message of each answer. The begin entry must be durable before the request goes
+upstream, the end entry before the answer's last byte.
 """
 
 from __future__ import annotations
+
+import os
 
 import httpx
 import pytest
@@ -46,14 +49,20 @@ class Recording:
 @pytest.fixture
 def instrumented(tmp_path, monkeypatch):
     events: list = []
-    original = LogStore.append
+    written: dict[int, int] = {}  # a segment's descriptor: the log's size once what is written to it is on disk
+    append, fsync = LogStore.append, os.fsync
 
-    def durable_append(self, records, sync=True):
-        size = original(self, records, sync)
-        events.append(("durable", size))  # after the segment's fsync
-        return size
+    def noting_append(self, records, sync=True):
+        written[self._segment_fd] = self.size + len(records)
+        return append(self, records, sync)
 
-    monkeypatch.setattr(LogStore, "append", durable_append)
+    def noting_fsync(fd):
+        fsync(fd)
+        if fd in written:
+            events.append(("durable", written[fd]))
+
+    monkeypatch.setattr(LogStore, "append", noting_append)
+    monkeypatch.setattr(os, "fsync", noting_fsync)
     upstream = FakeUpstream()
     with ServerThread(Recording(upstream, events, "upstream")) as up:
         state = tmp_path / "state"
