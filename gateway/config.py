@@ -434,6 +434,8 @@ def _witnesses(source: str, items: list) -> tuple[WitnessSettings, ...]:
             raise ConfigError(f"{source}: [evidence] witnesses: {e}") from None
         if key.algorithm != ALG_COSIGNATURE_V1:
             raise ConfigError(f"{source}: [evidence] witnesses: {key.name} is not a cosignature (0x04) key")
+        if any(NoteKey.parse(w.vkey).name == key.name for w in witnesses):  # cosignatures are told apart by name
+            raise ConfigError(f"{source}: [evidence] witnesses: two witnesses are named {key.name}")
         witnesses.append(WitnessSettings(_check_url(source, str(item["url"]), "[evidence] witnesses url"), key.vkey()))
     return tuple(witnesses)
 

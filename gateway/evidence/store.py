@@ -151,6 +151,7 @@ class LogStore:
         self._segment_end = 0
         self._index_fd: int | None = None
         self._checkpoint_fd: int | None = None
+        self._cosigned_fd: int | None = None
 
     # --- opening and recovery ---
 
@@ -166,7 +167,9 @@ class LogStore:
         records = self._count_and_cut(segments[-1]) if segments else 0
         self._index_fd = os.open(self.dir / "index.bin", os.O_RDWR | os.O_CREAT, 0o600)
         self._checkpoint_fd = os.open(self.dir / "checkpoints.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        _cut_torn_frame(self._checkpoint_fd)
+        self._cosigned_fd = os.open(self.dir / "cosignatures.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        for fd in (self._checkpoint_fd, self._cosigned_fd):  # a frame after a torn one would be swallowed by it
+            _cut_torn_frame(fd)
         for level in range(max(records, 1).bit_length()):
             self._level_fd(level)
         self._resync(records, trusted)
@@ -340,19 +343,21 @@ class LogStore:
 
     def add_cosigned(self, note: str) -> None:
         """Keep a checkpoint with a witness's cosignature (`cosignatures.log`, frames like checkpoints)."""
-        fd = os.open(self.dir / "cosignatures.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        data = note.encode()
+        end = os.fstat(self._cosigned_fd).st_size
         try:
-            data = note.encode()
-            write_all(fd, struct.pack(">I", len(data)) + data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            write_all(self._cosigned_fd, struct.pack(">I", len(data)) + data)
+            os.fsync(self._cosigned_fd)
+        except OSError:
+            os.ftruncate(self._cosigned_fd, end)  # no torn frame: the witness retries, and its frame must be read
+            raise
 
     def checkpoints(self) -> list[str]:
         return [note.decode() for note in frames((self.dir / "checkpoints.log").read_bytes())]
 
     def close(self) -> None:
-        for fd in [self._segment_fd, self._index_fd, self._checkpoint_fd, *self._levels]:
+        for fd in [self._segment_fd, self._index_fd, self._checkpoint_fd, self._cosigned_fd, *self._levels]:
             if fd is not None:
                 os.close(fd)
-        self._levels, self._segment_fd, self._index_fd, self._checkpoint_fd = [], None, None, None
+        self._levels, self._segment_fd, self._index_fd = [], None, None
+        self._checkpoint_fd = self._cosigned_fd = None

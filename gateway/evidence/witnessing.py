@@ -62,7 +62,8 @@ def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], str]:
     if not sep or not lines[0].startswith("old "):
         raise BadRequest("expected an `old <size>` line, proof lines, a blank line and a checkpoint")
     size = lines[0][4:]
-    if not (size.isascii() and size.isdigit()) or str(int(size)) != size:
+    # at most 20 digits (a tree's size is 64 bits), which also keeps int() under Python's digit limit
+    if not (size.isascii() and size.isdigit() and len(size) <= 20) or str(int(size)) != size:
         raise BadRequest("the old size must be a decimal number without leading zeroes")
     if len(lines) - 1 > MAX_PROOF_LINES:
         raise BadRequest(f"more than {MAX_PROOF_LINES} consistency proof lines")
@@ -156,7 +157,7 @@ class Witnesses:
                 self.conflicts.append(str(e))
                 log.error("witness %s: %s", witness.name, e)
                 retry = None  # the next checkpoint tries again; this one cannot succeed
-            except (httpx.HTTPError, NoteError, ValueError) as e:
+            except (httpx.HTTPError, NoteError, ValueError, OSError) as e:  # OSError: keeping its cosignature
                 self._failing.add(witness.name)
                 WITNESS_FAILURES.labels(witness.name, "unreachable_or_refused").inc()
                 log.warning("witness %s: checkpoint %d not cosigned: %s", witness.name, checkpoint.size, e)

@@ -70,7 +70,11 @@ def _check(args) -> int:
     key = NoteKey.parse(args.log)
     notes = []
     for url in args.urls:
-        response = httpx.get(url.rstrip("/") + "/checkpoint", params={"origin": key.name}, timeout=10)
+        try:
+            response = httpx.get(url.rstrip("/") + "/checkpoint", params={"origin": key.name}, timeout=10)
+        except httpx.HTTPError as e:  # one witness down: the others may still show a fork
+            print(f"{url}: unreachable ({type(e).__name__}: {e})")
+            continue
         if response.status_code != 200:
             print(f"{url}: no checkpoint of {key.name} ({response.status_code})")
             continue

@@ -11,6 +11,7 @@ failed consistency proof is not kept: anyone can send one.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evidence.note import ALG_COSIGNATURE_V1, Checkpoint, NoteError, NoteKey, Signer, cosign, open_checkpoint
-from ..evidence.store import write_atomically
-from ..evidence.verifier import ProofError, split_note, verify_consistency
+from ..evidence.store import fsync_dir, write_atomically
+from ..evidence.verifier import ProofError, signed_by, split_note, verify_consistency
 from ..evidence.witnessing import SIZE_CONTENT_TYPE
 
 KEY_FILE = "witness.key"
@@ -61,8 +62,9 @@ class WitnessState:
         self._logs: dict[str, list[NoteKey]] = {}
         for key in logs:
             self._logs.setdefault(key.name, []).append(key)
-        (directory / "logs").mkdir(mode=0o700, exist_ok=True)
-        (directory / "conflicts").mkdir(mode=0o700, exist_ok=True)
+        for folder in ("logs", "conflicts"):
+            (directory / folder).mkdir(mode=0o700, exist_ok=True)
+        fsync_dir(directory)  # the folders' entries too: a witness that lost `logs` would trust anything shown
         self._lock_fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:  # one process per state folder: two would each check against a state the other is changing
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,10 +116,24 @@ class WitnessState:
                 verify_consistency(old, checkpoint.size, stored.root, checkpoint.root, proof)
             except ProofError as e:  # a bad proof proves nothing (anyone can send one): nothing is kept
                 return Answer(422, f"inconsistent with the checkpoint held: {e}\n")
+            if checkpoint.size == held:  # the one held, again: its cosignature stands (no write for a replay)
+                return Answer(200, stored_note[stored_note.rindex("\n", 0, -1) + 1 :])
+        note = self._signed_by_log(note, origin)
         cosignature = cosign(note, self.cosigner, int(time.time()))
         record = note + cosignature
         await asyncio.get_running_loop().run_in_executor(None, write_atomically, self._path(origin), record.encode())
         return Answer(200, cosignature)
+
+    def _signed_by_log(self, note: str, origin: str) -> str:
+        """The note with only the log's valid signature lines: what else a submitter attached is not this
+        witness's to serve (a planted line under its name would make its own cosignature look forged)."""
+        text, _ = split_note(note)
+        kept = []
+        for line in note[len(text) + 1 :].splitlines(keepends=True):
+            with contextlib.suppress(NoteError):
+                if any(signed_by(text + "\n" + line, key) is not None for key in self._logs[origin]):
+                    kept.append(line)
+        return text + "\n" + "".join(kept)
 
     async def _keep_conflict(self, held: str, offered: str) -> None:
         """Keep the two signed checkpoints, once per pair, up to MAX_CONFLICTS files."""

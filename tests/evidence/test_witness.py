@@ -199,3 +199,125 @@ def test_a_witness_answer_cannot_plant_lines_that_break_other_cosignatures(tmp_p
 
     asyncio.run(run())
     assert cosigners(kept[0], [mine.verifier, other.verifier]) == {"witness.test/mine": 7}
+
+
+def test_a_submitter_cannot_plant_lines_in_what_the_witness_serves(tmp_path):
+    """The witness keeps the log's valid signature and its own cosignature, nothing else a submitter sent; the
+    checkpoint it holds, sent again, gets the cosignature it holds (no new write)."""
+    log_signer = note.Signer(ORIGIN, bytes(32))
+    signed = note.sign_checkpoint(note.Checkpoint(ORIGIN, 5, bytes(32)), log_signer)
+    me = init_witness(tmp_path / "w", "witness.test/w").verifier
+    planted = "\u2014 witness.test/w " + base64.b64encode(me.key_id + bytes(72)).decode() + "\n"
+    junk = "\u2014 junk " + base64.b64encode(bytes(40)).decode() + "\n"
+    with TestClient(witness_app(tmp_path / "w", [log_signer.verifier])) as client:
+
+        def served():
+            return client.get("/checkpoint", params={"origin": ORIGIN}).text
+
+        first = client.post("/add-checkpoint", content=add_checkpoint_body(0, [], signed + junk + planted))
+        assert first.status_code == 200
+        assert served() == signed + first.text and set(cosigners(served(), [me])) == {me.name}
+        held = (tmp_path / "w" / "logs").iterdir().__next__()
+        written = held.stat().st_mtime_ns
+        again = client.post("/add-checkpoint", content=add_checkpoint_body(5, [], signed + planted))
+        assert (again.status_code, again.text) == (200, first.text)
+        assert served() == signed + first.text and held.stat().st_mtime_ns == written
+
+
+def test_an_old_size_of_many_digits_is_a_bad_request(tmp_path, log_key):
+    init_witness(tmp_path / "w", "witness.test/w")
+    with TestClient(witness_app(tmp_path / "w", [log_key]), raise_server_exceptions=False) as client:
+        answer = client.post("/add-checkpoint", content=b"old " + b"9" * 5000 + b"\n\nx\n\n")
+    assert answer.status_code == 400 and "decimal" in answer.text
+
+
+def test_witness_check_reports_an_unreachable_witness_and_checks_the_others(tmp_path, log_key):
+    k1, w1 = _witness(tmp_path, "w1", log_key)
+    with w1:
+        _write(tmp_path, "log", 50, witnesses=[Witness(w1.url, k1)])
+        check = subprocess.run(
+            [CANARYGATE, "witness", "check", "--log", log_key.vkey(), "http://127.0.0.1:9", w1.url],
+            capture_output=True,
+            text=True,
+        )
+    assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr
+    assert "http://127.0.0.1:9: unreachable" in check.stdout and f"{w1.url}: size 50" in check.stdout
+
+
+def test_a_failure_to_keep_a_cosignature_is_retried(tmp_path, monkeypatch):
+    """A full disk while keeping one cosignature is a failed attempt like any other: the witness's task goes
+    on: it tries again, and the next checkpoint is cosigned and kept too."""
+    import asyncio
+
+    from gateway.evidence import witnessing
+    from gateway.evidence.witnessing import Witnesses
+
+    log_signer = note.Signer(ORIGIN, bytes(32))
+    mine = note.Signer("witness.test/mine", bytes(range(32)), note.ALG_COSIGNATURE_V1)
+    monkeypatch.setattr(witnessing, "RETRY_SECONDS", 0.05)
+    kept, full = [], [True]
+
+    def cosigning(request):
+        text = request.content.decode().partition("\n\n")[2]
+        return httpx.Response(200, text=note.cosign(text, mine, 7))
+
+    async def run():
+        async def keep(text):
+            if full.pop() if full else False:
+                raise OSError(28, "No space left on device")
+            kept.append(text)
+
+        witnesses = Witnesses([Witness("http://witness.test", mine.verifier)], lambda a, b: [], keep)
+        witnesses._client = httpx.AsyncClient(transport=httpx.MockTransport(cosigning))
+        for size in (10, 20):
+            checkpoint = note.Checkpoint(ORIGIN, size, bytes(32))
+            witnesses.submit(note.sign_checkpoint(checkpoint, log_signer), checkpoint)
+            for _ in range(100):  # flush does not wait for a witness whose last attempt failed
+                await asyncio.sleep(0.02)
+                if witnesses.cosigned[mine.name] == size:
+                    break
+        await witnesses.close(0)
+        return witnesses.cosigned
+
+    assert asyncio.run(run()) == {"witness.test/mine": 20}
+    assert [split_note(k)[0].split("\n")[1] for k in kept] == ["10", "20"]  # 10 again, once the disk had room
+
+
+def test_a_cosignature_torn_by_a_crash_is_cut_and_later_ones_are_read(tmp_path):
+    """A crash mid-write leaves half a frame in cosignatures.log; reopening cuts it, as it cuts
+    checkpoints.log's, so later frames are not read as part of it."""
+    from gateway.evidence.store import LogStore
+
+    log_signer = note.Signer(ORIGIN, bytes(32))
+    mine = note.Signer("witness.test/mine", bytes(range(32)), note.ALG_COSIGNATURE_V1)
+
+    def cosigned(size):
+        signed = note.sign_checkpoint(note.Checkpoint(ORIGIN, size, bytes(32)), log_signer)
+        return signed + note.cosign(signed, mine, 7)
+
+    store = LogStore(tmp_path / "log")
+    store.open(1)
+    store.add_cosigned(cosigned(3))
+    torn = cosigned(5).encode()
+    with open(tmp_path / "log" / "cosignatures.log", "ab") as f:
+        f.write(len(torn).to_bytes(4, "big") + torn[:20])
+    store.close()
+    store.open(1)
+    for size in (8, 10):
+        store.add_cosigned(cosigned(size))
+    store.close()
+    assert LogReader(tmp_path / "log").cosigned() == [cosigned(3), cosigned(8), cosigned(10)]
+
+
+def test_two_witnesses_of_one_name_are_refused_in_the_config(tmp_path):
+    """Cosignatures are told apart by the witness's name: a second witness of the same name would never be
+    contacted, and its cosignatures would count for the first."""
+    import tomllib
+
+    from gateway import config
+
+    vkeys = [note.Signer("witness.test/w", bytes([i]) * 32, note.ALG_COSIGNATURE_V1).verifier.vkey() for i in (1, 2)]
+    listed = ", ".join(f'{{url = "http://127.0.0.1:{7000 + i}", vkey = "{v}"}}' for i, v in enumerate(vkeys))
+    text = config.DEFAULT_TOML.replace("witnesses = []", f"witnesses = [{listed}]")
+    with pytest.raises(config.ConfigError, match="two witnesses are named witness.test/w"):
+        config.parse(tomllib.loads(text), "x")
