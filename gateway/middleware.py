@@ -1,9 +1,12 @@
 """canarygate inside a model server: ASGI middleware running the same pipeline with no network hop.
 
-The API namespace (/v1/...) and configured passthrough prefixes go through identify, admit, forward,
-transform and record, where "forward" calls the wrapped app in-process; an unknown /v1/ path gets the API's
-404. Every other path (a health check, docs) reaches the wrapped app untouched. The pipeline's resources
-open and close with the host server's lifespan.
+Fail closed: every request goes through identify, admit, forward, transform and record (where "forward"
+calls the wrapped app in-process), except those to the few public paths a model server serves to anyone
+(health checks, its metrics, its docs: `PUBLIC_PATHS`, or the host's own list), which reach the wrapped app
+untouched. So a model route the gateway does not know (a server's own /generate) gets the API's 404 unless
+it is listed in `[upstream] passthrough`, and is then guarded like the API; it is never open by accident.
+A websocket cannot be marked or recorded: one to a guarded path is refused (403). The pipeline's resources
+open and close with the host server's lifespan, which the middleware runs itself for an app that has none.
 
     app = CanarygateMiddleware(model_server_app, settings=config.load("canarygate.toml"))
 """
@@ -11,55 +14,112 @@ open and close with the host server's lifespan.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from . import config
 from .app import build_pipeline
 from .stages import Transform
-from .upstream import ASGIUpstream
+from .upstream import HOST_SCOPE, ASGIUpstream
+
+PUBLIC_PATHS = (
+    "/health",
+    "/healthz",
+    "/ready",
+    "/readyz",
+    "/live",
+    "/livez",
+    "/ping",
+    "/version",
+    "/metrics",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+)
 
 
 class CanarygateMiddleware:
-    def __init__(self, app, settings: config.Settings | None = None, transform: Transform | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        settings: config.Settings | None = None,
+        transform: Transform | None = None,
+        public_paths: Sequence[str] = PUBLIC_PATHS,
+    ) -> None:
         self.app = app
         settings = settings or config.load()
         self.pipeline = build_pipeline(
             settings, upstream=ASGIUpstream(app, settings.upstream.read_timeout), transform=transform
         )
+        self._public = tuple(p.rstrip("/") for p in public_paths)
         self._started = False
         self._starting = asyncio.Lock()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.pipeline.handles(_below_root(scope)["path"]):
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif scope["type"] not in ("http", "websocket") or self._is_public(_below_root(scope)["path"]):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # before accepting: the client gets a 403
+        else:
             if not self._started:  # a host that runs no lifespan: open on first use
                 await self._start()
-            await self.pipeline(_below_root(scope), receive, send)
-        elif scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
-        else:
-            await self.app(scope, receive, send)
+            token = HOST_SCOPE.set(scope)  # what the wrapped app would have seen of the connection
+            try:
+                await self.pipeline(_below_root(scope), receive, send)
+            finally:
+                HOST_SCOPE.reset(token)
 
-    def _lifespan_receive(self, receive):
-        async def wrapped():
+    def _is_public(self, path: str) -> bool:
+        """One of the public paths, matched on whole segments, in a path without dot segments or backslashes
+        (which a router that normalises paths could resolve into a guarded route)."""
+        if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
+            return False
+        return any(path == p or path.startswith(p + "/") for p in self._public)
+
+    async def _lifespan(self, scope, receive, send) -> None:
+        """The host's lifespan, passed to the app, with the pipeline opened at startup and closed at shutdown;
+        for an app that does not speak it (it fails before answering the startup), answered alone."""
+        seen = []  # the lifespan messages the app read and sent
+
+        async def reading():
             message = await receive()
+            seen.append(message["type"])
             if message["type"] == "lifespan.startup" and not self._started:
                 await self._start()
             return message
 
-        return wrapped
+        async def answering(message):
+            seen.append(message["type"])
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.pipeline.close()
+            await send(message)
+
+        try:
+            await self.app(scope, reading, answering)
+        except Exception:
+            if any(kind.startswith("lifespan.startup.") for kind in seen):  # it speaks lifespan: its failure
+                raise
+            await self._lifespan_alone(receive, send, startup_read="lifespan.startup" in seen)
+
+    async def _lifespan_alone(self, receive, send, startup_read: bool) -> None:
+        if not startup_read:
+            await receive()
+        try:
+            await self._start()
+        except Exception as e:
+            await send({"type": "lifespan.startup.failed", "message": f"canarygate: {type(e).__name__}: {e}"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # the shutdown: the only message after the startup
+        await self.pipeline.close()
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _start(self) -> None:
         async with self._starting:  # concurrent first requests start it once; a failed start is retried
             if not self._started:
                 await self.pipeline.start()
                 self._started = True
-
-    def _lifespan_send(self, send):
-        async def wrapped(message):
-            if message["type"] == "lifespan.shutdown.complete":
-                await self.pipeline.close()
-            await send(message)
-
-        return wrapped
 
 
 def _below_root(scope) -> dict:

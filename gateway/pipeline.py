@@ -109,13 +109,6 @@ class Pipeline:
             "record": self._record.ready() or "ok",
         }
 
-    def handles(self, path: str) -> bool:
-        """Whether a path is the gateway's to serve: the whole API namespace, and configured passthroughs.
-
-        Unknown paths under /v1/ get the API's 404 rather than reaching an app unguarded.
-        """
-        return path.startswith("/v1/") or self._is_passthrough(path)
-
     def _is_passthrough(self, path: str) -> bool:
         """A configured prefix, matched on whole path segments, in a path without dot segments (which the
         HTTP client would resolve into another endpoint, reached with the gateway's upstream key), nor

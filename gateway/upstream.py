@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -157,6 +158,12 @@ class _ASGIResponse:
         """The app finished; there is no connection to return."""
 
 
+# The request's scope as the host server gave it (middleware.py sets it): the app called in-process sees the
+# connection it would have seen without the gateway (client, server, scheme, Host) and its lifespan state.
+HOST_SCOPE: ContextVar[dict | None] = ContextVar("canarygate_host_scope", default=None)
+_FROM_HOST = ("client", "server", "scheme", "http_version", "state")
+
+
 class ASGIUpstream:
     """Calls an ASGI app in-process as if it were the model API behind the gateway."""
 
@@ -189,6 +196,10 @@ class ASGIUpstream:
             "client": ("127.0.0.1", 0),
             "server": ("canarygate", 0),
         }
+        host = HOST_SCOPE.get()
+        if host is not None:
+            scope |= {name: host[name] for name in _FROM_HOST if name in host}
+            scope["headers"] += [(k, v) for k, v in host["headers"] if k == b"host"]
         messages: asyncio.Queue = asyncio.Queue()
         request = [{"type": "http.request", "body": body, "more_body": False}]
         disconnect = asyncio.Event()

@@ -1,0 +1,132 @@
+"""The middleware fails closed: only public paths reach the wrapped app unguarded, websockets to the rest are
+refused, the app sees the connection as the host gave it, and the pipeline closes with an app of no lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from gateway.identity import Registry
+from gateway.middleware import CanarygateMiddleware
+from tests.conftest import ServerThread, _settings
+from tests.test_hygiene import BODY, CHAT, assert_openai_error
+
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+}
+
+
+def _model(seen: list):
+    """A model server with a chat route, its own /generate, a health check and a websocket, that notes what
+    it saw of each request."""
+
+    async def answer(request: Request):
+        seen.append(
+            {
+                "path": request.url.path,
+                "host": request.headers.get("host"),
+                "client": request.client.host if request.client else None,
+                "state": getattr(request.state, "model", None),
+            }
+        )
+        return JSONResponse(ANSWER)
+
+    async def socket(websocket):
+        seen.append({"path": websocket.url.path})
+        await websocket.accept()
+        await websocket.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield {"model": "loaded at startup"}
+
+    routes = [
+        Route(CHAT, answer, methods=["POST"]),
+        Route("/generate", answer, methods=["POST"]),
+        Route("/healthz", answer),
+        WebSocketRoute("/v1/realtime", socket),
+        WebSocketRoute("/healthz/ws", socket),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _middleware(tmp_path, app, passthrough=()):
+    settings = _settings(tmp_path / "state", "http://unused.invalid")
+    settings = replace(settings, upstream=replace(settings.upstream, passthrough=passthrough))
+    return CanarygateMiddleware(app, settings=settings), Registry(tmp_path / "state").add("ada")
+
+
+def test_a_model_route_the_gateway_does_not_know_is_closed_unless_listed(tmp_path):
+    seen = []
+    guarded, key = _middleware(tmp_path / "a", _model(seen))
+    listed, listed_key = _middleware(tmp_path / "b", _model(seen), passthrough=("/generate",))
+    with ServerThread(guarded) as a, ServerThread(listed) as b:
+        assert_openai_error(httpx.post(a.url + "/generate", json=BODY, headers={"authorization": f"Bearer {key}"}), 404)
+        assert_openai_error(httpx.post(b.url + "/generate", json=BODY), 401)
+        assert httpx.post(b.url + "/generate", json=BODY, headers={"authorization": f"Bearer {listed_key}"}).is_success
+        assert httpx.get(a.url + "/healthz").is_success  # public: no key
+        assert_openai_error(httpx.get(a.url + "/healthz/../generate"), 404)  # a dot segment is never public
+    assert [s["path"] for s in seen] == ["/generate", "/healthz"]
+
+
+def test_a_websocket_to_a_guarded_path_is_refused(tmp_path):
+    seen = []
+    app, _ = _middleware(tmp_path, _model(seen))
+
+    async def connect(path: str) -> str:
+        scope = {"type": "websocket", "path": path, "raw_path": path.encode(), "root_path": "", "headers": []}
+        scope |= {"query_string": b"", "scheme": "ws", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        sent = []
+        incoming = [{"type": "websocket.connect"}]
+
+        async def receive():
+            return incoming.pop() if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["type"]
+
+    assert asyncio.run(connect("/v1/realtime")) == "websocket.close"
+    assert asyncio.run(connect("/healthz/ws")) == "websocket.accept"
+    assert [s["path"] for s in seen] == ["/healthz/ws"]
+
+
+def test_the_app_sees_the_connection_and_its_lifespan_state(tmp_path):
+    seen = []
+    app, key = _middleware(tmp_path, _model(seen))
+    with ServerThread(app) as server:
+        headers = {"authorization": f"Bearer {key}", "host": "models.example"}
+        assert httpx.post(server.url + CHAT, json=BODY, headers=headers).is_success
+    assert seen == [{"path": CHAT, "host": "models.example", "client": "127.0.0.1", "state": "loaded at startup"}]
+
+
+def test_the_pipeline_closes_at_shutdown_with_an_app_that_has_no_lifespan(tmp_path):
+    async def bare(scope, receive, send):  # http alone, as a bare ASGI app may be
+        assert scope["type"] == "http"
+        await JSONResponse(ANSWER)(scope, receive, send)
+
+    app, key = _middleware(tmp_path, bare)
+    closed = []
+    close = app.pipeline.close
+
+    async def noting_close():
+        closed.append(True)
+        await close()
+
+    app.pipeline.close = noting_close
+    with ServerThread(app) as server:
+        assert httpx.post(server.url + CHAT, json=BODY, headers={"authorization": f"Bearer {key}"}).is_success
+    assert closed == [True]
