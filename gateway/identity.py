@@ -117,22 +117,15 @@ class Registry:
     def set_tier(self, name: str, tier: str, pin: str | None = None) -> None:
         """Set `name`'s tier; with `pin` (the operator's reason), the risk engine no longer moves it."""
         with self._locked() as records:
-            record = records.get(name)
-            if record is None:
-                raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+            record = _live(records, name)
             records[name] = replace(record, tier=tier, pin=pin, tier_set=time.time())
 
     def get(self, name: str) -> Record:
-        record = self._read().get(name)
-        if record is None:
-            raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
-        return record
+        return _live(self._read(), name)
 
     def revoke(self, name: str) -> None:
         with self._locked() as records:
-            record = records.get(name)
-            if record is None:
-                raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+            record = _live(records, name)
             records.pop(name)
             # The name is freed for reuse; the revoked key stays listed so its id is never looked up again.
             records[f"{name}{_REVOKED}{record.key_id}"] = Record(
@@ -183,3 +176,12 @@ class KeyIdentifier:
         if record is None:
             raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key")
         return record.identity()
+
+
+def _live(records: dict[str, Record], name: str) -> Record:
+    """The identity now registered under `name`; a revoked one's stored key ("name#revoked-id") is none: a
+    tier set on it would reach the live identity of that name in admission, not the registry."""
+    record = None if _REVOKED in name else records.get(name)
+    if record is None:
+        raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
+    return record

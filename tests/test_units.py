@@ -106,6 +106,10 @@ def test_registry_keys(tmp_path):
         registry.add("bad name!")
     registry.revoke("erin")
     assert Registry(tmp_path).lookup(key) is None
+    revoked = next(f"erin#revoked-{r.key_id}" for r in registry.all() if r.revoked)
+    for change in (registry.get, registry.revoke, lambda name: registry.set_tier(name, "suspect")):
+        with pytest.raises(IdentityError):  # a revoked record is no identity: its tier would reach erin's
+            change(revoked)
     assert Registry(tmp_path).lookup(registry.add("erin")) is not None  # the name is free again
 
 
