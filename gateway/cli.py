@@ -570,9 +570,11 @@ def _log_show(args) -> int:
             if args.json:
                 print(json.dumps(row, ensure_ascii=False))
             else:
-                status = public.get("status", public.get("decision"))
+                status = public.get("status", public.get("decision", ""))  # commitments have no id, no status
+                if public["kind"] == "risk":  # nor a risk decision: its move says what it was
+                    status = f"{public['decision']['from']} -> {public['decision']['to']}"
                 print(
-                    f"{item.index:>8} {public['time']} {public['kind']:<5} {public['id']} "
+                    f"{item.index:>8} {public.get('time', '-')} {public['kind']:<5} {public.get('id', '-')} "
                     f"{public.get('identity') or '-':<16} {status}"
                 )
                 for key, value in row.get("revealed", {}).items():
@@ -583,9 +585,9 @@ def _log_show(args) -> int:
 def _matches(public: dict, args) -> bool:
     if args.identity and public.get("identity") != args.identity:
         return False
-    if args.since and public["time"] < args.since:
+    if args.since and public.get("time", "") < args.since:
         return False
-    if args.until and public["time"] > args.until:
+    if args.until and public.get("time", "") > args.until:
         return False
     return not args.canary or any(c.get("id") == args.canary for c in public.get("canaries") or [])
 

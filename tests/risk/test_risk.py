@@ -283,6 +283,8 @@ def test_a_template_sweeping_script_is_moved_to_suspect_and_the_reasons_are_reco
     assert moves[-1][1] == "suspect" and all(d["applied"] for d in shown["decisions"])
     assert {"template", "machine_timing"} <= set(shown["decisions"][-1]["strengths"])
     assert "signals" in shown["decisions"][-1] and tiers
+    listed = cli(cli_state, "log", "show", "--identity", "bot")  # as text, risk entries among the exchanges
+    assert listed.returncode == 0 and f" risk  - {'bot':<16} {moves[-1][0]} -> suspect" in listed.stdout, listed.stdout
 
 
 def _begins(state: Path, identity: str) -> list[dict]:
