@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .exchange import ErrorKind, Exchange, GatewayError, Identity
+
+log = logging.getLogger("canarygate.identity")
 
 FILE_NAME = "identities.json"
 DEFAULT_TIER = "normal"
@@ -84,18 +87,23 @@ class Registry:
             return
         seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         if seen != self._seen:
-            self._records = {r.key_id: r for r in self._read().values()}
             self._seen = seen
+            try:
+                self._records = {r.key_id: r for r in self._read().values()}
+            except IdentityError as e:  # a file edited in place, half saved: serve on with what was read last
+                log.error("%s; keeping the identities read before it", e)
 
     def _read(self) -> dict[str, Record]:
         try:
-            raw = json.loads(self.path.read_text())
+            raw = json.loads(self.path.read_bytes())
+            # a revoked key is kept under "name#revoked-<key id>" (the name is free again); its record keeps the
+            # name it was served under, which is what its canaries and the evidence were made for
+            stored = raw.get("identities", {})
+            return {key: Record(name=key.partition(_REVOKED)[0], **fields) for key, fields in stored.items()}
         except FileNotFoundError:
             return {}
-        # a revoked key is kept under "name#revoked-<key id>" (the name is free again); its record keeps the name
-        # it was served under, which is what its canaries and the evidence were made for
-        stored = raw.get("identities", {})
-        return {key: Record(name=key.partition(_REVOKED)[0], **fields) for key, fields in stored.items()}
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not the records' shape
+            raise IdentityError(f"{self.path} is not a valid identities file ({type(e).__name__})") from None
 
     # --- changing (CLI) ---
 
@@ -142,8 +150,8 @@ class Registry:
 
     @contextlib.contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             records = self._read()
             yield records
@@ -156,11 +164,17 @@ class Registry:
         }
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode otherwise, and the registry takes it
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:  # the rename too: a key `identities add` printed must work after a power loss
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 class KeyIdentifier:

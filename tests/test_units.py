@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 from types import SimpleNamespace
 
@@ -111,6 +112,30 @@ def test_registry_keys(tmp_path):
         with pytest.raises(IdentityError):  # a revoked record is no identity: its tier would reach erin's
             change(revoked)
     assert Registry(tmp_path).lookup(registry.add("erin")) is not None  # the name is free again
+
+
+def test_a_registry_file_that_is_not_valid_keeps_the_identities_read_before(tmp_path):
+    """A file edited in place and saved half-way: workers serve on with what they read last, and the CLI
+    says what is wrong in one line."""
+    registry = Registry(tmp_path)
+    key = registry.add("fay")
+    assert registry.lookup(key) is not None
+    for broken in (b'{"identities": {', b"[]", b"\xff", b'{"identities": {"x": {"comment": 1}}}'):
+        (tmp_path / "identities.json").write_bytes(broken)
+        assert registry.lookup(key) is not None
+        with pytest.raises(IdentityError, match="not a valid identities file"):
+            Registry(tmp_path).all()
+
+
+def test_the_registry_stays_private_whatever_was_left_beside_it(tmp_path):
+    (tmp_path / "state").mkdir(mode=0o755)
+    (tmp_path / "state" / "identities.tmp").write_text("left by a crash")
+    os.chmod(tmp_path / "state" / "identities.tmp", 0o644)
+    Registry(tmp_path / "state").add("gus")
+    assert stat.S_IMODE((tmp_path / "state" / "identities.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state" / "identities.lock").stat().st_mode) == 0o600
+    Registry(tmp_path / "new").add("hal")
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
 
 
 class _Forwarding:
