@@ -14,6 +14,7 @@ Nothing here ever logs or prints a secret; only `public()` output leaves the dir
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -25,7 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .note import ALG_ED25519, NoteKey, Signer
+from .note import ALG_ED25519, NoteError, NoteKey, Signer
 from .store import write_atomically
 
 SIGNING = "log-signing.key"
@@ -42,12 +43,20 @@ def _master_path(directory: Path, epoch: int) -> Path:
 
 def init_keys(directory: Path, origin: str) -> list[str]:
     """Create whatever keys are missing; returns the names of files created. Never overwrites."""
+    with _locked(directory):  # workers starting together create one set of keys
+        return _create_missing(directory, origin)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """The key folder's lock, which every change takes: a start that finds no signing key while a rotation
+    is between keys would make one that the rotation then overwrites."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+") as lock:  # workers starting together create one set of keys
+    with os.fdopen(fd, "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _create_missing(directory, origin)
+        yield
 
 
 def _create_missing(directory: Path, origin: str) -> list[str]:
@@ -55,7 +64,7 @@ def _create_missing(directory: Path, origin: str) -> list[str]:
     if not (directory / SIGNING).exists():
         write_atomically(directory / SIGNING, (Signer(origin, secrets.token_bytes(32)).skey() + "\n").encode())
         created.append(SIGNING)
-    if not list(directory.glob("master-*.key")):
+    if not _numbered(directory, "master-*.key"):
         write_atomically(_master_path(directory, 0), base64.b64encode(secrets.token_bytes(32)) + b"\n")
         created.append(_master_path(directory, 0).name)
     if not (directory / WATERMARK).exists():
@@ -67,14 +76,27 @@ def _create_missing(directory: Path, origin: str) -> list[str]:
 def rotate(directory: Path) -> int:
     """A new encryption epoch and a new signing key (returns the epoch); the old ones stay for reading and
     verifying. The key's verifier is named for each log it signs (Keys.verifiers), not here."""
-    keys = Keys.load(directory)
-    epoch = keys.current_epoch + 1
-    write_atomically(_master_path(directory, epoch), base64.b64encode(secrets.token_bytes(32)) + b"\n")
-    retired = len(list(directory.glob("log-signing.*.key")))
-    os.replace(directory / SIGNING, directory / f"log-signing.{retired}.key")
-    fresh = Signer(keys.signer.name, secrets.token_bytes(32))
-    write_atomically(directory / SIGNING, (fresh.skey() + "\n").encode())
-    return epoch
+    with _locked(directory):
+        keys = Keys.load(directory)
+        epoch = keys.current_epoch + 1
+        write_atomically(_master_path(directory, epoch), base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        retired = max(_numbered(directory, "log-signing.*.key"), default=-1) + 1
+        os.replace(directory / SIGNING, directory / f"log-signing.{retired}.key")
+        fresh = Signer(keys.signer.name, secrets.token_bytes(32))
+        write_atomically(directory / SIGNING, (fresh.skey() + "\n").encode())
+        return epoch
+
+
+def _numbered(directory: Path, pattern: str) -> dict[int, Path]:
+    """The files matching `pattern` whose `*` is a number, by number; others (a copy named `master-old.key`)
+    are not keys of this folder's scheme and are left alone."""
+    prefix, _, suffix = pattern.partition("*")
+    found = {}
+    for path in directory.glob(pattern):
+        number = path.name[len(prefix) : len(path.name) - len(suffix)]
+        if number.isascii() and number.isdigit():
+            found[int(number)] = path
+    return found
 
 
 @dataclass(frozen=True)
@@ -104,16 +126,22 @@ class Keys:
     def load(cls, directory: Path) -> Keys:
         if not (directory / SIGNING).exists():
             raise KeysError(f"{directory}: no {SIGNING}; run `canarygate keys init`")
-        masters = {int(p.stem.split("-")[1]): _secret(p) for p in directory.glob("master-*.key")}
+        masters = {epoch: _secret(path) for epoch, path in _numbered(directory, "master-*.key").items()}
         if not masters:
             raise KeysError(f"{directory}: no master-*.key; run `canarygate keys init`")
-        retired = tuple(Signer.parse(p.read_text().strip()) for p in sorted(directory.glob("log-signing.*.key")))
-        signer = Signer.parse((directory / SIGNING).read_text().strip())
-        return cls(signer, masters, _secret(directory / WATERMARK), retired, directory)
+        retired = tuple(_signer(path) for _, path in sorted(_numbered(directory, "log-signing.*.key").items()))
+        return cls(_signer(directory / SIGNING), masters, _secret(directory / WATERMARK), retired, directory)
 
 
 def address_hash(key: bytes, address: str) -> str:
     return "hmac-sha256:" + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _signer(path: Path) -> Signer:
+    try:
+        return Signer.parse(path.read_text().strip())
+    except NoteError as e:
+        raise KeysError(f"{path}: {e}") from None
 
 
 def _secret(path: Path) -> bytes:

@@ -235,3 +235,31 @@ def test_after_a_failed_write_every_entry_waiting_for_the_disk_is_told(tmp_path)
     first, second = asyncio.run(run())
     assert isinstance(first, OSError) and isinstance(second, RuntimeError) and "failed" in str(second)
     assert evidence.failure == "evidence log write failed: OSError"
+
+
+def test_a_rotation_waits_for_the_key_folder_lock(tmp_path):
+    """A worker starting (init_keys, under the folder's lock) never sees the moment a rotation is between
+    signing keys: the rotation takes the same lock."""
+    import fcntl
+
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ORIGIN)
+    before = keys.Keys.load(keydir).signer
+    with open(keydir / ".lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rotation = threading.Thread(target=keys.rotate, args=(keydir,))
+        rotation.start()
+        rotation.join(0.3)
+        assert rotation.is_alive() and keys.Keys.load(keydir).signer == before
+    rotation.join(5)
+    assert keys.Keys.load(keydir).retired_signers == (before,)
+
+
+def test_key_files_outside_the_naming_scheme_are_left_alone_and_bad_ones_are_named(tmp_path):
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ORIGIN)
+    shutil.copy(keydir / "master-0.key", keydir / "master-backup.key")
+    assert sorted(keys.Keys.load(keydir).masters) == [0]
+    (keydir / "log-signing.key").write_text("PRIVATE+KEY+not+a+key\n")
+    with pytest.raises(keys.KeysError, match="log-signing.key"):
+        keys.Keys.load(keydir)
