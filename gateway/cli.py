@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from redis.exceptions import RedisError
+
 from . import bias, canary, config, evidence, ratelimit, watermark
 from .evidence import keys
 from .evidence.bundle import bundle_commitments, disclosed_keys
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, VerificationError, Erased, OSError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
+        return 2
+    except (RedisError, TimeoutError) as e:  # redis-py leaves passwords out of its messages
+        print(
+            f"canarygate: the shared storage ([limits] storage) did not answer: {e or type(e).__name__}",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -294,9 +302,10 @@ def _settings_with_tier(args) -> config.Settings:
 def _tier_set(args) -> int:
     settings = _settings_with_tier(args)
     registry = Registry(settings.state_dir)
-    registry.set_tier(args.name, args.tier)
-    if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage
+    if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage;
+        # first, so that storage that cannot be reached leaves the registry as it was
         asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), args.tier))
+    registry.set_tier(args.name, args.tier)
     print(f"{args.name} is now in tier {args.tier}")
     return 0
 
@@ -304,9 +313,9 @@ def _tier_set(args) -> int:
 def _risk_pin(args) -> int:
     settings = _settings_with_tier(args)
     registry = Registry(settings.state_dir)
-    registry.set_tier(args.name, args.tier, pin=args.note)
-    if settings.limits.storage != "memory":
+    if settings.limits.storage != "memory":  # first, as in `tier set`
         asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), None))
+    registry.set_tier(args.name, args.tier, pin=args.note)
     print(f"{args.name} is pinned to tier {args.tier}; the risk engine will not move it ({args.note})")
     return 0
 
@@ -630,11 +639,14 @@ def _serve(args) -> int:
     settings = _settings(args).with_overrides(
         upstream=args.upstream, host=args.host, port=args.port, workers=args.workers
     )
-    if not settings.upstream.is_demo and not settings.upstream.api_key():
+    key = settings.upstream.api_key()
+    if not settings.upstream.is_demo and not key:
         print(
             f"canarygate: warning: ${settings.upstream.api_key_env} is not set; requests go upstream without a key",
             file=sys.stderr,
         )
+    if key and not (key.isascii() and key.isprintable() and " " not in key):  # it goes into a header as it is
+        raise config.ConfigError(f"${settings.upstream.api_key_env} holds a space or a control character")
     overrides = {"upstream": args.upstream, "host": args.host, "port": args.port, "workers": args.workers}
     return _run(settings, args, {k: v for k, v in overrides.items() if v is not None})
 

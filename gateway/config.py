@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,7 @@ max_connections = 1000
 passthrough = []                 # extra path prefixes forwarded as-is to authenticated callers
 
 [state]
-dir = ".canarygate"              # identities, keys, the evidence log, metrics of worker processes
+dir = ".canarygate"              # identities, keys, the evidence log, worker metrics; relative: to this file
 
 [evidence]
 origin = ""                      # the log's name in its checkpoints; "" means canarygate.local/<hostname>
@@ -320,7 +321,12 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(raw, str(path))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
+    settings = parse(raw, str(path))
+    # beside the file that names it, wherever the command runs: a server started from another folder must
+    # find the same identities and keys
+    return replace(settings, state_dir=Path(path).parent / settings.state_dir)
 
 
 def parse(raw: dict, source: str) -> Settings:
@@ -353,6 +359,8 @@ def parse(raw: dict, source: str) -> Settings:
         passthrough=tuple(_prefixes(source, reader.take(up_raw, "upstream", "passthrough", list, []))),
     )
     reader.reject_unknown(up_raw, "upstream")
+    _check_variable_name(source, "[upstream] api_key_env", upstream.api_key_env)
+    _check_variable_name(source, "[server] admin_token_env", server.admin_token_env)
     for key in ("connect_timeout", "read_timeout"):
         if getattr(upstream, key) <= 0:
             raise ConfigError(f"{source}: [upstream] {key} must be a positive number of seconds")
@@ -360,8 +368,11 @@ def parse(raw: dict, source: str) -> Settings:
         raise ConfigError(f"{source}: [upstream] max_connections must be at least 1")
 
     state_raw = reader.section(raw, "state")
-    state_dir = Path(reader.take(state_raw, "state", "dir", str, ".canarygate"))
+    state_dir = reader.take(state_raw, "state", "dir", str, ".canarygate")
     reader.reject_unknown(state_raw, "state")
+    if not state_dir:
+        raise ConfigError(f"{source}: [state] dir must name a folder")
+    state_dir = Path(state_dir).expanduser()
     settings = Settings(
         server=server,
         upstream=upstream,
@@ -427,7 +438,8 @@ def _witnesses(source: str, items: list) -> tuple[WitnessSettings, ...]:
     witnesses = []
     for item in items:
         if not isinstance(item, dict) or set(item) != {"url", "vkey"}:
-            raise ConfigError(f"{source}: [evidence] witnesses: each is {{url = ..., vkey = ...}}, got {item!r}")
+            got = f"keys {sorted(item)}" if isinstance(item, dict) else type(item).__name__  # a URL may hold a token
+            raise ConfigError(f"{source}: [evidence] witnesses: each is {{url = ..., vkey = ...}}, got {got}")
         try:
             key = NoteKey.parse(str(item["vkey"]))
         except NoteError as e:
@@ -559,7 +571,7 @@ def _limits(reader: _SectionReader, raw: dict, defaults: LimitSettings | None) -
         tiers=_tiers(reader, table, d.tiers),
     )
     reader.reject_unknown(table, "limits")
-    if settings.storage != "memory" and urlsplit(settings.storage).scheme not in _REDIS_SCHEMES:
+    if settings.storage != "memory" and not _is_redis_url(settings.storage):
         raise ConfigError(f'{source}: [limits] storage must be "memory" or a Redis URL '
                           f"({', '.join(s + '://' for s in _REDIS_SCHEMES)})")  # fmt: skip
     if settings.on_storage_error not in ("open", "closed"):
@@ -572,6 +584,20 @@ def _limits(reader: _SectionReader, raw: dict, defaults: LimitSettings | None) -
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+
+
+def _is_redis_url(url: str) -> bool:
+    """A Redis URL redis_client.connect reads, every port in it a number from 1 to 65535."""
+    parts = urlsplit(url)
+    if parts.scheme not in _REDIS_SCHEMES:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    for host in parts.netloc.rpartition("@")[2].split(","):  # cluster and sentinel URLs list several
+        _, colon, port = host.rpartition(":")
+        if colon and "]" not in port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            return False
+    return True
 
 
 def _tiers(reader: _SectionReader, table: dict, defaults: dict[str, Tier]) -> dict[str, Tier]:
@@ -643,15 +669,28 @@ def _check_server(server: ServerSettings, source: str) -> None:
         raise ConfigError(f"{source}: [server] shutdown_timeout must not be negative")
 
 
+def _check_variable_name(source: str, where: str, name: str) -> None:
+    """An environment variable's name; never echoed, as it may be the secret itself pasted by mistake."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConfigError(f"{source}: {where} must name an environment variable (letters, digits, _), not hold a key")
+
+
 def _check_url(source: str, url: str, where: str) -> str:
     if url == "demo":
         return url
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _has_valid_port(parts):
         raise ConfigError(f'{source}: {where} must be an http(s) URL such as https://api.openai.com, or "demo"')
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}: {where} must not carry a query or fragment")
     return url.rstrip("/")
+
+
+def _has_valid_port(parts) -> bool:
+    try:
+        return parts.port != 0
+    except ValueError:  # not a number, or out of range
+        return False
 
 
 def _networks(source: str, values: list) -> tuple:

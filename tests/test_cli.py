@@ -146,15 +146,66 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
         ('[limits.identity]\nrequests = "0/minute"\n', "a rate allows at least 1 per period"),
         ("[server]\nmax_response_bytes = -1\n", "max_response_bytes must be at least 1024"),
         ("[canaries.density]\nwtach = 0.5\n", "[canaries.density] names no tier wtach"),
+        ('[upstream]\nurl = "http://127.0.0.1:99999"\n', "[upstream] url must be an http(s) URL"),
+        ('[limits]\nstorage = "redis://127.0.0.1:notaport/0"\n', "[limits] storage must be"),
+        ('[limits]\nstorage = "redis+cluster://h1:7000,h2:x"\n', "[limits] storage must be"),
+        ('[state]\ndir = ""\n', "[state] dir must name a folder"),
+        (b"\xff\xfe[server]\n", "not valid TOML: not UTF-8"),
     ],
 )
 def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expected):
-    (tmp_path / "canarygate.toml").write_text(toml)
+    (tmp_path / "canarygate.toml").write_bytes(toml if isinstance(toml, bytes) else toml.encode())
     result = cli(tmp_path, "serve", "--upstream", "http://127.0.0.1:9")
     assert result.returncode == 2
     line = result.stderr.strip()
     assert line.startswith("canarygate: canarygate.toml: ") and expected in line, line
     assert len(line.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('[upstream]\napi_key_env = "sk-proj-LIVESECRET123"\n', "must name an environment variable"),
+        ('[server]\nadmin_token_env = "LIVESECRET 123"\n', "must name an environment variable"),
+        ('[evidence]\nwitnesses = [{url = "https://u:LIVESECRET@w.example"}]\n', "got keys ['url']"),
+    ],
+)
+def test_a_secret_put_where_a_name_goes_is_not_echoed(tmp_path, toml, expected):
+    (tmp_path / "canarygate.toml").write_text(toml)
+    result = cli(tmp_path, "serve", "--upstream", "http://127.0.0.1:9")
+    assert result.returncode == 2 and expected in result.stderr and "LIVESECRET" not in result.stderr
+
+
+def test_an_upstream_key_that_cannot_go_in_a_header_is_refused_at_start(tmp_path):
+    result = subprocess.run(
+        [CANARYGATE, "serve", "--upstream", "http://127.0.0.1:9"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "CANARYGATE_UPSTREAM_API_KEY": "sk-LIVESECRET\nX-Injected: 1"},
+    )
+    assert result.returncode == 2 and "control character" in result.stderr and "LIVESECRET" not in result.stderr
+
+
+def test_the_state_folder_is_found_beside_the_config_file_from_anywhere(tmp_path):
+    for folder in ("etc", "a", "b"):
+        (tmp_path / folder).mkdir()
+    config_file = str(tmp_path / "etc" / "canarygate.toml")
+    assert cli(tmp_path / "a", "--config", config_file, "init").returncode == 0
+    assert cli(tmp_path / "a", "--config", config_file, "identities", "add", "alice").returncode == 0
+    assert "alice" in cli(tmp_path / "b", "--config", config_file, "identities", "list").stdout
+    assert (tmp_path / "etc" / ".canarygate" / "identities.json").exists()
+
+
+def test_a_tier_set_that_cannot_reach_the_shared_storage_changes_nothing(tmp_path):
+    (tmp_path / "canarygate.toml").write_text('[limits]\nstorage = "redis://:LIVESECRET@127.0.0.1:1/0"\n')
+    assert cli(tmp_path, "identities", "add", "bob").returncode == 0
+    for command in (("tier", "set", "bob", "blocked"), ("risk", "pin", "bob", "blocked", "--note", "n")):
+        result = cli(tmp_path, *command)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "did not answer" in result.stderr and "LIVESECRET" not in result.stderr
+    assert "blocked" not in cli(tmp_path, "identities", "list").stdout
 
 
 def test_an_identity_is_added_only_to_a_known_tier(tmp_path):
