@@ -252,7 +252,11 @@ class Pipeline:
     def _marked_request(self, exchange: Exchange) -> bytes | None:
         """The request body asking the upstream for the sampling-bias mark (None if no slot is left for it)."""
         marked = self._bias.request(exchange)
-        return None if marked is None else jsonio.dumps(marked)
+        try:
+            return None if marked is None else jsonio.dumps(marked)
+        except ValueError:  # nested too deeply to write again: the client's own bytes go as they came
+            self._bias.withdraw(exchange)
+            return None
 
     async def _forward_watching(self, exchange, scope, receive, reply, api, dialect, bodies) -> None:
         """Forward while watching for the client to leave; if it does, cancel the upstream request. The forwarding
@@ -289,7 +293,7 @@ class Pipeline:
         headers = self._upstream_headers(scope["headers"], api)
         marked, plain = bodies
         response = await self._send(exchange, target, headers, marked or plain)
-        if marked is not None and response.status == 400:
+        if marked is not None and response.status in (400, 422):
             response = await self._unless_mark_refused(exchange, response, target, headers, plain)
         exchange.upstream_status = response.status
         completed = False
@@ -314,8 +318,9 @@ class Pipeline:
             raise _upstream_failure(exchange, e) from None
 
     async def _unless_mark_refused(self, exchange, response: UpstreamResponse, target, headers, plain: bytes):
-        """A 400 to the marked request: if it refused the mark, the request again without it (and, if that is
-        accepted, the model skipped from now on); if not, the 400 as it was (read here, relayed from memory)."""
+        """A 400 or 422 to the marked request: the client's own request, whose answer the client gets. The
+        marked request's error is never relayed (an upstream that echoes the request would show the green
+        list); if it refused the mark and the plain request went through, the model is skipped from now on."""
         try:
             refusal = await response.read(self._settings.server.max_response_bytes)
         except UpstreamError as e:
@@ -325,10 +330,9 @@ class Pipeline:
             response.close()
             raise
         response.release()
-        if not self._bias.is_refusal(exchange, refusal):
-            return _ReadResponse(response.status, response.headers, refusal)
+        self._bias.withdraw(exchange)
         again = await self._send(exchange, target, headers, plain)
-        if again.status < 400:
+        if again.status < 400 and self._bias.is_refusal(exchange, refusal):
             self._bias.note_refusal(exchange)
         return again
 
@@ -505,25 +509,6 @@ class _Reply:
 
     def _error_body(self, error: GatewayError) -> bytes:
         return json.dumps(self._api.error_body(error)).encode()
-
-
-class _ReadResponse:
-    """An upstream answer already read whole, relayed from memory."""
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.status, self.headers, self._body = status, headers, body
-
-    async def chunks(self):
-        yield self._body
-
-    async def read(self, limit: int) -> bytes:
-        return self._body
-
-    def close(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
 
 
 def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:

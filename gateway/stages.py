@@ -112,10 +112,13 @@ class RequestMark(Protocol):
         """For an exchange the mark applies to: the upstream request asking for it (None if it has no room)."""
 
     def is_refusal(self, exchange: Exchange, body: bytes) -> bool:
-        """Whether the upstream's 400 (`body`) refused the mark; the request then goes again without it."""
+        """Whether the upstream's 400 (`body`) to the marked request refused the mark itself."""
+
+    def withdraw(self, exchange: Exchange) -> None:
+        """The request went upstream without the mark: the exchange claims none."""
 
     def note_refusal(self, exchange: Exchange) -> None:
-        """The upstream accepted the request without the mark: remember that the model refuses it."""
+        """The upstream refused the mark and accepted the request without it: remember that the model refuses it."""
 
 
 class Recorder(Protocol):

@@ -46,12 +46,15 @@ class Behaviour:
     splitter: object = words
     blocks: list[tuple[str, str]] | None = None  # Anthropic content blocks, (type, text)
     status: int | None = None  # answer this status with `error_body` instead
-    error_body: dict = field(default_factory=lambda: {"error": {"message": "upstream says no", "type": "x"}})
+    # or a function of the request body, for an upstream that echoes the request in its errors
+    error_body: object = field(default_factory=lambda: {"error": {"message": "upstream says no", "type": "x"}})
     headers: list[tuple[str, str]] = field(default_factory=list)
     hang: float = 0.0  # sleep before answering
     event_delay: float = 0.0
     die_after_events: int | None = None  # close the connection abruptly after this many events
-    refuse_logit_bias: bool = False  # answer 400 to requests that carry logit_bias, as reasoning models do
+    refuse_logit_bias: bool = False  # answer 400 (`refusal`) to requests that carry logit_bias, as reasoning models do
+    refusal: dict = field(default_factory=lambda: {"error": {"message": "Unsupported parameter: 'logit_bias' is not "
+        "supported with this model.", "type": "invalid_request_error", "param": "logit_bias"}})  # fmt: skip
     patch: object = None  # rewrites the bytes of each whole answer and each event before they are sent
 
 
@@ -90,12 +93,10 @@ class FakeUpstream:
                 self.cancelled.set()
                 raise
         if b.status is not None:
-            await self._json(send, b.status, b.error_body, b.headers)
+            await self._json(send, b.status, b.error_body(body) if callable(b.error_body) else b.error_body, b.headers)
             return
         if b.refuse_logit_bias and b'"logit_bias"' in body:
-            refusal = {"error": {"message": "Unsupported parameter: 'logit_bias' is not supported with this model.",
-                                 "type": "invalid_request_error", "param": "logit_bias"}}  # fmt: skip
-            await self._json(send, 400, refusal, b.headers)
+            await self._json(send, 400, b.refusal, b.headers)
             return
         if scope["path"] not in ROUTES:  # a path the gateway passes through untouched
             await self._json(send, 200, {"echo": scope["path"], "body": body.decode("latin-1")}, b.headers)

@@ -59,10 +59,12 @@ class Vocabulary:
             data = json.loads(raw)
             # a tokenizers file, or a plain map (where "model" may well be a token)
             vocab = data["model"]["vocab"] if isinstance(data.get("model"), dict) else data
-            ids = {m.group(1): int(i) for token, i in vocab.items()
+            ids = {m.group(1): i for token, i in vocab.items()
                    if (m := _POOL_TOKEN.match(token)) and m.group(1) not in NOT_IN_POOL}  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise VocabularyError(f"{path}: not a tokenizer file with a vocabulary ({e})") from None
+        if not all(type(i) is int and 0 <= i < 2**31 for i in ids.values()):  # they go upstream as token ids
+            raise VocabularyError(f"{path}: token ids must be whole numbers from 0")
         if len(ids) < 1000:
             raise VocabularyError(f"{path}: only {len(ids)} word tokens; is this the upstream's tokenizer?")
         return cls(ids, hashlib.sha256(raw).hexdigest())

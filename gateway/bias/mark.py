@@ -1,11 +1,13 @@
 """Asking the upstream for the sampling-bias mark: the request side of the transform stage.
 
 Routes whose API takes `logit_bias` (OpenAI's chat completions and completions) get the epoch's green list
-merged into the request: the client's own entries win, and ours fill what remains of the 300 the API
-allows. Structured output and tool calls are left alone (a bias could bend JSON), and so are models that
-refuse the parameter: reasoning models by name (`skip_models`), and any model whose upstream answers 400
-naming `logit_bias` as the offending parameter (when the client sent none of its own) and then accepts the
-request without it; the model is skipped from then on. The request is never broken by the mark.
+merged into the request: the client's own entries win (those of bias 0, which change nothing, are dropped, so
+that they take no room), and ours fill what remains of the 300 the API allows. Structured output and tool
+calls are left alone (a bias could bend JSON), and so are models that refuse the parameter: reasoning models
+by name (`skip_models`), and any model whose upstream refused it. The request is never broken by the mark: a
+400 or 422 to the marked request sends the client's own request, whose answer the client gets; the model is
+skipped from then on if that went through and the refusal named `logit_bias` (and the client sent none of its
+own: a client must not be able to switch the mark off for others).
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ class SamplingBias:
     def request(self, exchange: Exchange) -> dict | None:
         """The upstream request of an exchange the mark `applies` to, with the green list's bias. The client's
         own entries win; a client that fills all 300 leaves no room (None), which the evidence records."""
-        theirs = exchange.request.get("logit_bias") or {}
+        theirs = exchange.request.get("logit_bias")
+        if theirs is None:
+            theirs = {}
         if not isinstance(theirs, dict):
             return None  # malformed: the upstream will say so, about the client's own value
+        theirs = {token: bias for token, bias in theirs.items() if not (type(bias) in (int, float) and bias == 0)}
         ours = [(token, bias) for token, bias in self._green.bias.items() if token not in theirs]
         ours = ours[: max(0, API_LIMIT - len(theirs))]
         exchange.marks.append({"scheme": SCHEME, "epoch": self._green.epoch, "tokens": len(ours)})
@@ -58,21 +63,26 @@ class SamplingBias:
 
     def is_refusal(self, exchange: Exchange, body: bytes) -> bool:
         """Whether the upstream's 400 refused the parameter itself: the client sent none of its own (else the
-        fault may be theirs), and the error names it as the offending parameter."""
+        fault may be theirs), and the error names it, in whatever shape (OpenAI nests it under "error", vLLM's
+        older servers do not; some name it only in the message)."""
         if exchange.request.get("logit_bias"):
             return False
         try:
-            error = json.loads(body).get("error") or {}
-        except (ValueError, AttributeError):
+            error = json.loads(body)
+        except ValueError:
             return False
+        error = error.get("error", error) if isinstance(error, dict) else None
         return isinstance(error, dict) and (
-            error.get("param") == "logit_bias" or "'logit_bias'" in str(error.get("message", ""))
+            error.get("param") == "logit_bias" or "logit_bias" in str(error.get("message", ""))
         )
 
+    def withdraw(self, exchange: Exchange) -> None:
+        """The request went upstream without the mark after all: claim none."""
+        exchange.marks[:] = [m for m in exchange.marks if m.get("scheme") != SCHEME]
+
     def note_refusal(self, exchange: Exchange) -> None:
-        """The request went through without the mark: skip the model from now on, and claim no mark."""
+        """The upstream refused the mark and accepted the request without it: skip the model from now on."""
         model = exchange.model or ""
         if model not in self._refusing and len(self._refusing) < MAX_REFUSING:
             self._refusing.add(model)
             log.warning("the upstream refuses logit_bias for model %r: the sampling-bias mark is skipped for it", model)
-        exchange.marks[:] = [m for m in exchange.marks if m.get("scheme") != SCHEME]

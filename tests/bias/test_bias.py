@@ -13,7 +13,7 @@ from scipy import stats
 
 from gateway.app import create_app
 from gateway.bias import SCHEME, Vocabulary, green_list, green_test, hypergeometric_sf
-from gateway.bias.green import counted_words
+from gateway.bias.green import VocabularyError, counted_words
 from gateway.config import SamplingBiasSettings
 from gateway.evidence.reader import LogReader, commitments
 from gateway.identity import Registry
@@ -124,10 +124,13 @@ def test_an_upstream_that_refuses_the_bias_is_asked_again_without_it_and_then_sk
     assert _post(url, key, model="some-reasoning-model").status_code == 200
     assert "logit_bias" not in upstream.requests[-1].json() and len(upstream.requests) == 3
     upstream.behaviour.refuse_logit_bias = False
-    upstream.behaviour.status = 400  # a 400 about something else passes through untouched, asked once
-    assert _post(url, key, model="other").status_code == 400 and len(upstream.requests) == 4
+    upstream.behaviour.status = 400  # a 400 about something else: asked again without the mark, that 400 relayed
+    assert _post(url, key, model="other").status_code == 400 and len(upstream.requests) == 5
+    assert "logit_bias" not in upstream.requests[-1].json()
+    upstream.behaviour.status = 200
+    assert _post(url, key, model="other").status_code == 200 and "logit_bias" in upstream.requests[-1].json()
     marks = [[m["scheme"] for m in r["marks"] if m["scheme"] == SCHEME] for r in exchanges(state)]
-    assert marks == [[], [], [SCHEME]]  # refused: the mark is not claimed; the other 400 was asked with it
+    assert marks == [[], [], [], [SCHEME]]  # whatever went upstream unmarked claims no mark; "other" not skipped
     committed = [c for c in commitments([LogReader(state / "evidence" / "0")]) if c["subject"] == "sampling-bias-key"]
     assert len(committed) == 1 and committed[0]["size"] == 300 and committed[0]["scheme"] == SCHEME
 
@@ -175,7 +178,7 @@ def test_detect_tests_the_green_list_the_gateway_committed_to(fake_upstream, tmp
 def test_a_client_cannot_switch_the_mark_off_for_others(biased):
     url, key, upstream, state = biased
     upstream.behaviour.refuse_logit_bias = True  # the client's own logit_bias is refused: their fault, not ours
-    assert _post(url, key, logit_bias={"5": 500}).status_code == 400 and len(upstream.requests) == 1
+    assert _post(url, key, logit_bias={"5": 500}).status_code == 400 and len(upstream.requests) == 2
     upstream.behaviour.refuse_logit_bias = False
     assert _post(url, key).status_code == 200 and "logit_bias" in upstream.requests[-1].json()
     crowded = {str(i): 1 for i in range(10_000, 10_300)}  # all 300 slots: no room, and the log says so
@@ -198,3 +201,62 @@ def test_marked_requests_lose_their_logprobs_and_tool_calls_are_left_alone(fake_
         assert _post(server.url, key, tools=[tool]).status_code == 200
         assert "logit_bias" not in fake_upstream.requests[-1].json()
     fake_upstream.reset()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [  # vLLM: at the top level, and a message that names it among others with no param
+        {"object": "error", "message": "logit_bias is not supported", "type": "BadRequestError", "param": "logit_bias"},
+        {"error": {"message": "The min_p and logit_bias sampling parameters are not yet supported with speculative "
+                   "decoding.", "type": "BadRequestError", "param": None}},
+    ],
+)  # fmt: skip
+def test_a_refusal_in_another_shape_is_still_a_refusal(biased, refusal):
+    url, key, upstream, _ = biased
+    upstream.behaviour.refuse_logit_bias, upstream.behaviour.refusal = True, refusal
+    assert _post(url, key, model="vllm-model").status_code == 200
+    assert _post(url, key, model="vllm-model").status_code == 200
+    assert ["logit_bias" in r.json() for r in upstream.requests] == [True, False, False]  # then skipped
+
+
+def test_the_marked_request_is_never_shown_to_the_client(biased):
+    """An upstream that echoes the request in its errors: what the client sees is its own request's error."""
+    url, key, upstream, _ = biased
+    upstream.behaviour.status = 400
+    upstream.behaviour.error_body = lambda body: {"error": {"message": "temperature too high", "input": body.decode()}}
+    for theirs in ({}, {"logit_bias": {"7": 1}}):
+        answer = _post(url, key, temperature=3, **theirs)
+        assert answer.status_code == 400 and json.loads(answer.json()["error"]["input"]) == upstream.requests[-1].json()
+        assert len(json.loads(answer.json()["error"]["input"]).get("logit_bias", {})) == len(theirs)
+
+
+def test_entries_of_bias_zero_take_no_room_and_other_values_are_the_clients_own(biased):
+    url, key, upstream, state = biased
+    assert _post(url, key, logit_bias={str(i): 0 for i in range(300)}).status_code == 200
+    sent = upstream.requests[-1].json()["logit_bias"]
+    assert len(sent) == 300 and set(sent.values()) == {4.0}
+    assert [m["tokens"] for m in exchanges(state)[-1]["marks"] if m["scheme"] == SCHEME] == [300]
+    for malformed in ([], False, 0, ""):  # the upstream says what is wrong with it, as without the gateway
+        _post(url, key, logit_bias=malformed)
+        assert upstream.requests[-1].json()["logit_bias"] == malformed
+
+
+def test_a_request_too_deep_to_write_again_goes_unmarked(biased):
+    url, key, upstream, state = biased
+    body = '{"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50, "metadata": '
+    body += '{"x": ' * 1000 + "{}" + "}" * 1000 + "}"  # too deep for the json module to write, or httpx
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    httpx.post(url + CHAT, content=body, headers=headers, timeout=10)  # the fake upstream cannot read it either
+    assert upstream.requests[-1].body == body.encode()  # as it came, not a 500 from the gateway
+    assert exchanges(state)[-1]["outcome"] != "internal_error"
+    assert not [m for m in exchanges(state)[-1]["marks"] if m["scheme"] == SCHEME]
+
+
+@pytest.mark.parametrize("bad", ["Infinity", "1e400", "-5", "2.5", '"7"'])
+def test_a_tokenizer_with_ids_that_are_not_token_ids_is_refused(tmp_path, bad):
+    path = _vocabulary_file(tmp_path)
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["\u0120zzzword"] = "BAD"
+    path.write_text(json.dumps(data).replace('"BAD"', bad))
+    with pytest.raises(VocabularyError):
+        Vocabulary.load(path)
