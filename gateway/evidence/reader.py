@@ -21,7 +21,7 @@ from pathlib import Path
 from . import entry, merkle, note, verifier
 from .keys import Keys
 from .store import HASH, INDEX_ENTRY, CorruptLog, Segment, frames, read_entry
-from .tenants import DAY, REFERENCE, Erased, TenantKeys, tenant_id
+from .tenants import DAY, REFERENCE, Erased, MissingKey, TenantKeys, tenant_id
 
 
 class VerifyError(Exception):
@@ -168,7 +168,7 @@ class LogReader:
         if kind == "begin" and "tenant" in public:  # the gateway's begin entries say whose the exchange is
             tenants[exchange] = public["tenant"] or ""
         try:
-            openings = self.open_all(item, tenants.pop(exchange, None) if kind == "end" else None)
+            self.open_all(item, tenants.pop(exchange, None) if kind == "end" else None)
         except Erased:
             return False
         except VerifyError:
@@ -178,10 +178,6 @@ class LogReader:
                 f"entry {item.index}: sealed values do not decrypt for this entry (moved, changed "
                 "or under an unknown key)"
             ) from None
-        try:
-            verifier.check_openings(item.public, openings)
-        except verifier.VerificationError as e:
-            raise VerifyError(f"entry {item.index}: {e}") from None
         return True
 
     def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes]) -> None:
@@ -242,8 +238,18 @@ class LogReader:
             raise VerifyError(str(e)) from None
 
     def open_all(self, item: Entry, tenant: str | None = None) -> dict:
-        """Every sealed field of the entry; raises Erased when its tenant's key was shredded or expired.
-        `tenant`: whose entry it is, where the entry itself does not say (an end entry's is its begin's)."""
+        """Every sealed field of the entry, each checked against its commitment in the leaf (a sealed part
+        copied from another log's entry of the same index and tenant key would open too); raises Erased when
+        its tenant's key was shredded or expired. `tenant`: whose entry it is, where the entry itself does
+        not say (an end entry's is its begin's)."""
+        openings = self._unsealed(item, tenant)
+        try:
+            verifier.check_openings(item.public, openings)
+        except verifier.VerificationError as e:
+            raise VerifyError(f"entry {item.index}: {e}") from None
+        return openings
+
+    def _unsealed(self, item: Entry, tenant: str | None) -> dict:
         if self.keys is None:
             raise VerifyError("the keys are needed to open sealed values")
         segment = Segment(self.dir / f"segment-{item.segment:06d}.log")
@@ -254,7 +260,10 @@ class LogReader:
         reference, sealed, context = entry.split_sealed(item.sealed)
         if reference:
             _check_sealed_by(item, reference, tenant)
-        key = TenantKeys(self.keys.directory).load(reference) if reference else log_key
+        try:
+            key = TenantKeys(self.keys.directory).load(reference) if reference else log_key
+        except MissingKey as e:
+            raise VerifyError(f"entry {item.index}: its sealed part {e} (it was replaced)") from None
         return entry.Sealer(key).unseal(item.index, identity, sealed, context)
 
     def open_field(self, index: int, name: str) -> dict:
@@ -306,8 +315,8 @@ def _check_sealed_by(item: Entry, reference: str, tenant: str | None) -> None:
     """The tenant key a sealed part names must be one that sealed entries like this one: well formed, of the
     entry's tenant (where it is known) and of the day it was written. The sealed part lies outside the tree,
     so that erasing a key erases the contents and leaves every proof intact; without this check, replacing it
-    with one that names a key that does not exist would pass for an erasure. What is left: a sealed part
-    replaced by one naming an erased key of the same tenant and day reads as erased, as that entry would be."""
+    with one that names a key that does not exist would pass for an erasure. A key of the right tenant and day
+    that is missing reads as erased only where a shred or retention recorded deleting it (TenantKeys.load)."""
     public = item.public
     if public.get("kind") == "commitment":  # the gateway's own entries: under the log's key, never erased
         raise VerifyError(f"entry {item.index}: a commitment's sealed part names a tenant key (it was replaced)")

@@ -31,6 +31,11 @@ class Erased(Exception):
     """The key that sealed an entry was deleted: its contents are erased."""
 
 
+class MissingKey(Exception):
+    """The key a sealed part names is gone, and no erasure took it: the sealed part was replaced (or the key
+    lost). Erasures leave a record (`erasures/`): a shred the day it ran, retention the first day it keeps."""
+
+
 def tenant_id(tenant: str) -> str:
     return hashlib.sha256(b"canarygate tenant\x00" + tenant.encode()).hexdigest()[:32]
 
@@ -58,20 +63,30 @@ class TenantKeys:
 
     def load(self, reference: str) -> bytes:
         path = self.dir / f"{reference}.key"
-        if not REFERENCE.fullmatch(reference) or not path.exists():
+        if not REFERENCE.fullmatch(reference):
+            raise MissingKey(f"names no tenant key ({reference[:40]!r})")
+        if path.exists():
+            return path.read_bytes()
+        tenant, day_and_key = reference.split("/")
+        day = int(day_and_key.split("-")[0])
+        # a tenant folder gone entirely was shredded before erasures were recorded
+        if day <= self._recorded(tenant) or day < self._recorded("retention") or not (self.dir / tenant).exists():
             raise Erased(f"erased: its tenant key {reference} was deleted (shredded, or past retention)")
-        return path.read_bytes()
+        raise MissingKey(f"names tenant key {reference}, which no shred or retention deleted")
 
     def shred(self, tenant: str) -> int:
-        """Delete every key of `tenant`; returns how many there were."""
+        """Delete every key of `tenant`; returns how many there were. The shred is recorded first (its day),
+        so that entries under the keys it deletes read as erased, and a key missing otherwise as tampering."""
         folder = self.dir / tenant_id(tenant)
         count = len(list(folder.glob("*.key"))) if folder.exists() else 0
+        self._record(tenant_id(tenant), int(time.time() // DAY))
         shutil.rmtree(folder, ignore_errors=True)
         return count
 
     def expire(self, retention_days: int, now: float | None = None) -> int:
         """Delete the keys of days that ended more than `retention_days` ago; returns how many."""
         oldest_kept = int((time.time() if now is None else now) // DAY) - retention_days
+        self._record("retention", oldest_kept)
         count = 0
         for path in self.dir.glob("*/*.key"):
             day = path.name.split("-")[0]
@@ -80,3 +95,13 @@ class TenantKeys:
                     os.unlink(path)
                     count += 1
         return count
+
+    def _recorded(self, name: str) -> int:
+        """The day an erasure recorded under `name` reached (-1: none)."""
+        path = self.dir / "erasures" / name
+        return int(path.read_text()) if path.exists() else -1
+
+    def _record(self, name: str, day: int) -> None:
+        if day > self._recorded(name):
+            (self.dir / "erasures").mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(self.dir / "erasures" / name, str(day).encode())

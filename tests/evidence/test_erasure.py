@@ -153,6 +153,8 @@ def _commitment_and_tenant_entries(tmp_path) -> tuple[Path, keys.Keys, str]:
     keys.init_keys(tmp_path / "keys", ORIGIN)
     evidence = EvidenceLog(tmp_path / "log", keys.Keys.load(tmp_path / "keys"), ORIGIN)
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    tenants = tmp_path / "keys" / "tenants"
+    before = set(tenants.rglob("*.key"))
 
     async def run():
         await evidence.start()
@@ -167,8 +169,7 @@ def _commitment_and_tenant_entries(tmp_path) -> tuple[Path, keys.Keys, str]:
         await evidence.close()
 
     asyncio.run(run())
-    tenants = tmp_path / "keys" / "tenants"
-    (reference,) = [str(path.relative_to(tenants).with_suffix("")) for path in tenants.rglob("*.key")]
+    (reference,) = [str(path.relative_to(tenants).with_suffix("")) for path in set(tenants.rglob("*.key")) - before]
     return tmp_path / "log", keys.Keys.load(tmp_path / "keys"), reference
 
 
@@ -194,8 +195,45 @@ def test_a_sealed_part_replaced_to_name_a_missing_key_is_no_erasure(tmp_path, fo
         LogReader(log, log_keys).verify()
 
 
-def test_an_entry_sealed_under_an_erased_key_of_its_tenant_and_day_reads_as_erased(tmp_path):
+def test_a_missing_key_of_its_tenant_and_day_reads_as_erased_only_once_an_erasure_deleted_it(tmp_path):
+    """A sealed part rewritten to name a key of the same tenant and day that does not exist is tampering while
+    acme's keys stand; after acme is shredded (or its days expire) the same entry reads as erased."""
     log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
-    _sealed_parts_named(log, {1: acme.replace(acme[-8:], "00000000")})  # a key of acme's, today, since deleted
+    _sealed_parts_named(log, {1: acme.replace(acme[-8:], "00000000")})
+    with pytest.raises(VerifyError, match="which no shred or retention deleted"):
+        LogReader(log, log_keys).verify()
+    with pytest.raises(VerifyError, match="which no shred or retention deleted"):
+        LogReader(log, log_keys).open_all(LogReader(log, log_keys).get(1))
+    TenantKeys(tmp_path / "keys").shred("acme")
     report = LogReader(log, log_keys).verify()
-    assert (report.opened, report.erased) == (2, 1)
+    assert (report.opened, report.erased) == (1, 2)
+
+
+def test_retention_records_what_it_erased(tmp_path):
+    log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
+    TenantKeys(tmp_path / "keys").expire(0, now=time.time() + DAY)  # today's keys: past a retention of 0 days
+    report = LogReader(log, log_keys).verify()
+    assert (report.opened, report.erased) == (1, 2)
+
+
+def test_a_sealed_part_copied_from_another_log_does_not_open_there(tmp_path):
+    """Two workers' logs hold entries of one index, identity, tenant and day; the sealed part of one, copied
+    into the other, decrypts, but what it opens is not what the leaf committed to."""
+    log, log_keys, _ = _commitment_and_tenant_entries(tmp_path / "a")
+    other = tmp_path / "b"
+    other.mkdir()
+    (other / "keys").symlink_to(tmp_path / "a" / "keys")
+    second, _, _ = _commitment_and_tenant_entries(other)
+    records = {path: list(store.Segment(next(path.glob("segment-*.log"))).records()) for path in (log, second)}
+    _, leaf, _, _ = records[log][1]
+    _, _, sealed, _ = records[second][1]
+    path = next(log.glob("segment-*.log"))
+    offset = records[log][1][0]
+    data = bytearray(path.read_bytes())
+    old_length = store.RECORD_HEADER.size + len(leaf) + len(records[log][1][2])
+    header = store.RECORD_HEADER.pack(len(leaf), len(sealed), store.record_crc(len(leaf), len(sealed), leaf + sealed))
+    data[offset : offset + old_length] = header + leaf + sealed
+    path.write_bytes(bytes(data))
+    reader = LogReader(log, log_keys)
+    with pytest.raises(VerifyError, match="does not match its commitment"):
+        reader.open_field(1, "prompt")
