@@ -54,7 +54,9 @@ def export(
     settings: Settings,
     disclose_epochs: list[int] = (),
 ) -> tuple[int, list[str]]:
-    """Write the bundle; returns the number of entries written and warnings."""
+    """Write the bundle into a new or empty folder; returns the number of entries written and warnings."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an earlier bundle's logs would ship too
+        raise FileExistsError(f"{out} exists and is not an empty folder: export into a new one")
     out.mkdir(mode=0o700, parents=True, exist_ok=True)  # revealed fields are plaintext prompts and answers
     os.umask(0o077)
     (out / "README.md").write_text(README)

@@ -329,7 +329,8 @@ def _check_sealed_by(item: Entry, reference: str, tenant: str | None) -> None:
     if tenant is not None and named != tenant_id(tenant):
         raise VerifyError(f"entry {item.index}: sealed under another tenant's key (its sealed part was replaced)")
     written = _day_of(public.get("time"))
-    if written is not None and day not in (written, written + 1):  # sealed when written, a moment after
+    # sealed when written, a moment after (or before, by a clock stepped back across midnight)
+    if written is not None and day not in (written - 1, written, written + 1):
         raise VerifyError(f"entry {item.index}: sealed under a key of day {day}, not of its own ({written})")
 
 

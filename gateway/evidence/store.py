@@ -72,11 +72,12 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def frames(data: bytes) -> list[bytes]:
-    """The complete `u32 length | bytes` frames of a file; a torn last frame is left out."""
+    """The complete `u32 length | bytes` frames of a file; a torn last frame is left out, and so is a run of
+    zeros (a file grown by a crash whose data never reached the disk): no frame is empty."""
     frames, offset = [], 0
     while offset + 4 <= len(data):
         (length,) = struct.unpack_from(">I", data, offset)
-        if offset + 4 + length > len(data):
+        if length == 0 or offset + 4 + length > len(data):
             break
         frames.append(data[offset + 4 : offset + 4 + length])
         offset += 4 + length

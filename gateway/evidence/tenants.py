@@ -56,8 +56,14 @@ class TenantKeys:
         reference = f"{tenant_id(tenant)}/{day}-{secrets.token_hex(4)}"
         key = secrets.token_bytes(32)
         path = self.dir / f"{reference}.key"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, key)
+        for attempt in range(2):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                write_atomically(path, key)
+                break
+            except FileNotFoundError:  # a shred removed the folder between the two: make it again, once
+                if attempt:
+                    raise
         self._current[tenant] = (day, reference, key)
         return reference, key
 

@@ -394,7 +394,7 @@ def _check_chain(folder: Path, checkpoints: list[Checkpoint]) -> None:
 
 
 def _check_entries(folder: Path, last: Checkpoint) -> tuple[int, list[dict]]:
-    count, commitments = 0, []
+    count, commitments, previous = 0, [], -1
     with open(folder / "entries.jsonl") as lines:
         for number, line in enumerate(lines, 1):
             where = f"{folder.name}/entries.jsonl line {number}"
@@ -409,9 +409,11 @@ def _check_entries(folder: Path, last: Checkpoint) -> tuple[int, list[dict]]:
                     raise VerificationError("the leaf is not canonical JSON")
                 verify_inclusion(item["leaf_index"], last.size, leaf_hash(leaf), proof, last.root)
                 check_openings(public, item.get("openings", {}))
+                if item["leaf_index"] <= previous:  # each entry once: a count of entries means what it says
+                    raise VerificationError("entries must be listed once each, in the order of the log")
             except MALFORMED as e:
                 raise VerificationError(f"{where}: {_reason(e)}") from None
-            count += 1
+            count, previous = count + 1, item["leaf_index"]
             if public.get("kind") == "commitment":
                 opened = sorted(item.get("openings", {}))
                 commitments.append({"index": item["leaf_index"], **_without(public, "commit"), "opened": opened})

@@ -178,6 +178,12 @@ def _nest_too_deep(bundle: Path) -> None:
     path.write_text("[" * 100_000 + "\n" + path.read_text())
 
 
+def _list_an_entry_twice(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5] + lines[4:]))
+
+
 def _checkpoint_as_a_number(bundle: Path) -> None:
     (bundle / "log-0" / "checkpoints.json").write_text("[1]")
 
@@ -191,6 +197,7 @@ def _checkpoint_as_a_number(bundle: Path) -> None:
         (_index_as_a_float, "line 5: 4.0 is not an integer index or size"),
         (_nest_too_deep, "line 1: malformed bundle (RecursionError"),
         (_checkpoint_as_a_number, "malformed bundle (AttributeError"),
+        (_list_an_entry_twice, "line 6: entries must be listed once each"),
         (_swap_checkpoints, "is for other sizes"),  # which proof depends on how many checkpoints the run made
         (_drop_a_cosignature, "missing: witness.test/w2"),
         (_open_to_another_key, "'watermark_key' does not match its commitment"),

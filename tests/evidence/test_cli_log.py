@@ -63,6 +63,8 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     assert len(shown) == 10 and "evidence please" in shown[0]
     export = cli(tmp_path, "log", "export", str(tmp_path / "bundle"), "--reveal", "prompt")
     assert export.returncode == 0, export.stderr
+    again = cli(tmp_path, "log", "export", str(tmp_path / "bundle"), "--identity", "nobody")  # would keep the rest
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
     lines = (tmp_path / "bundle" / "log-0" / "entries.jsonl").read_text().splitlines()
     checkpoint = json.loads((tmp_path / "bundle" / "log-0" / "checkpoints.json").read_text())[-1]
     for line in lines:

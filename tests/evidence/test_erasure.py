@@ -237,3 +237,47 @@ def test_a_sealed_part_copied_from_another_log_does_not_open_there(tmp_path):
     reader = LogReader(log, log_keys)
     with pytest.raises(VerifyError, match="does not match its commitment"):
         reader.open_field(1, "prompt")
+
+
+def test_a_shred_racing_the_making_of_a_key_does_not_stop_the_log(tmp_path, monkeypatch):
+    """The shred removes the tenant's folder between the writer's mkdir and its write: the writer makes the
+    folder again (the log would fail-stop for every tenant otherwise)."""
+    from gateway.evidence import tenants
+
+    made = TenantKeys(tmp_path)
+    write = tenants.write_atomically
+    raced = []
+
+    def shred_first(path, data):
+        if path.suffix == ".key" and not raced:
+            raced.append(True)
+            TenantKeys(tmp_path).shred("acme")
+        write(path, data)
+
+    monkeypatch.setattr(tenants, "write_atomically", shred_first)
+    reference, key = made.current("acme")
+    assert raced and made.load(reference) == key
+
+
+def test_a_clock_stepped_back_across_midnight_leaves_the_log_verifiable(tmp_path, monkeypatch):
+    """An entry stamped just after midnight, sealed after the clock stepped back a moment: a key of the day
+    before its own."""
+    from gateway.evidence import tenants
+    from gateway.evidence.recorder import _iso
+
+    keys.init_keys(tmp_path / "keys", ORIGIN)
+    evidence = EvidenceLog(tmp_path / "log", keys.Keys.load(tmp_path / "keys"), ORIGIN)
+    midnight = (time.time() // DAY) * DAY
+
+    async def run():
+        await evidence.start()
+        commitments, openings = entry.commit({"prompt": b"just after midnight"})
+        public = {"v": 1, "kind": "begin", "id": "req_0", "identity": "u", "tenant": "acme",
+                  "time": _iso(midnight + 0.5), "commit": commitments}  # fmt: skip
+        monkeypatch.setattr(tenants.time, "time", lambda: midnight - 1.0)
+        await evidence.append(entry.canonical(public), openings, "u", tenant="acme")
+        monkeypatch.undo()
+        await evidence.close()
+
+    asyncio.run(run())
+    assert LogReader(tmp_path / "log", keys.Keys.load(tmp_path / "keys")).verify().opened == 1

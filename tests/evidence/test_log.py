@@ -90,6 +90,9 @@ def test_reopen_after_a_power_loss_that_left_zeros(written, tmp_path):
     directory, loaded, _ = written
     with open(sorted(directory.glob("segment-*.log"))[-1], "ab") as f:
         f.write(bytes(120))  # the file grew but its data never reached the disk
+    for name in ("checkpoints.log", "cosignatures.log"):  # and so did these
+        with open(directory / name, "ab") as f:
+            f.write(bytes(4096))
     write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
     report = LogReader(directory, loaded).verify()
     assert (report.entries, report.covered) == (305, 305)
