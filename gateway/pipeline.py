@@ -26,7 +26,7 @@ from .config import Settings
 from .exchange import ErrorKind, Exchange, GatewayError, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
 from .protocols.base import estimate_tokens, total_tokens, usage_of
-from .protocols.sse import SSEFramer
+from .protocols.sse import SSEEvent, SSEFramer
 from .rewrite import StreamRewrite, rewrite_body
 from .risk import Decision, RiskEngine
 from .stages import Admitter, Identifier, Recorder, RequestMark, Transform, Upstream, UpstreamResponse
@@ -46,6 +46,7 @@ _REQUEST_HEADERS_DROPPED = frozenset(
         "x-forwarded-prefix", "x-real-ip", "true-client-ip", "cf-connecting-ip", "via",
     )
 )  # fmt: skip
+DRAIN_SECONDS = 1.0  # the most a complete stream's end waits for the upstream to end its body
 _UPSTREAM_REASONS = {
     "refused": (ErrorKind.UPSTREAM_UNAVAILABLE, "the upstream model API could not be reached"),
     "timeout": (ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API did not answer in time"),
@@ -378,7 +379,7 @@ class Pipeline:
         if dialect is not None and self._transform.applies(exchange):
             rewrite = StreamRewrite(dialect, lambda part: self._transform.rewriter(exchange, part))
         await reply.start_stream(response.status)
-        held: list[bytes] = []  # the terminal event, once seen: sent when the upstream's body ends
+        held: list[bytes] = []  # from the terminal event on: sent last, once the exchange is recorded
         received, limit = 0, self._settings.server.max_response_bytes
         try:
             async for chunk in response.chunks():
@@ -390,22 +391,21 @@ class Pipeline:
                     events = _strip_usage(exchange, dialect, events)
                 if rewrite is not None:
                     events = _rewritten(rewrite, events)
-                if held or not events:
-                    held += events
-                    continue
                 end = _terminal_at(dialect, events)
                 await reply.events(events[:end])
-                held = events[end:]
-            tail = framer.remainder()
-            if tail.strip():  # an event the upstream never terminated: complete it
-                tail += b"\n\n"
-                held += _rewritten(rewrite, [tail]) if rewrite is not None else [tail]
+                if end < len(events):  # the answer is complete: whatever the upstream does next changes nothing
+                    held = events[end:]
+                    await _drain(response)
+                    break
+            else:
+                held = _completed_tail(framer.remainder(), rewrite)
             if rewrite is not None:
                 held += rewrite.close()
         except UpstreamError as e:
             error = _upstream_failure(exchange, e)
             closing = rewrite.close() if rewrite is not None else []
-            await reply.events([*held, *closing, _stream_error_event(dialect, api, error)], last=True)
+            released = e.released if isinstance(e, _Malformed) else []
+            await reply.events([*released, *held, *closing, _stream_error_event(dialect, api, error)], last=True)
             return
         exchange.outcome = Outcome.COMPLETED
         await reply.events(held, last=True)
@@ -511,11 +511,51 @@ class _Reply:
         return json.dumps(self._api.error_body(error)).encode()
 
 
-def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
+async def _drain(response: UpstreamResponse) -> None:
+    """Read the upstream's body to its end after the terminal event (it is usually there at once), so that
+    its connection can be used again; an upstream that does not end it within DRAIN_SECONDS, or that fails
+    then, has its connection closed, and the client's complete answer is not held up nor turned into an error."""
     try:
-        return [out for event in events for out in rewrite.push(event)]
-    except UnicodeDecodeError:  # an event the transform cannot read: the upstream's fault, not the gateway's
-        raise UpstreamError("malformed", "a streamed event is not UTF-8") from None
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in response.chunks():
+                pass
+    except (UpstreamError, TimeoutError):
+        response.close()
+
+
+class _Malformed(UpstreamError):
+    """An upstream event the transform cannot read; `released`: the events before it, ready to go out."""
+
+    def __init__(self, message: str, released: list[bytes]) -> None:
+        super().__init__("malformed", message)
+        self.released = released
+
+
+def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    try:
+        for event in events:
+            out += rewrite.push(event)
+    # the upstream's fault, not the gateway's: bytes that are not UTF-8, or JSON of another shape (an index
+    # that is a list, a delta that is a string)
+    except (UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise _Malformed(f"a streamed event the gateway cannot read ({type(e).__name__})", out) from None
+    return out
+
+
+def _completed_tail(tail: bytes, rewrite: StreamRewrite | None) -> list[bytes]:
+    """What the upstream sent after its last complete event, when its body ended without a terminal event:
+    an event it only failed to end with a blank line is completed; one cut off in the middle is a failure."""
+    if not tail.strip():
+        return []
+    try:
+        data = SSEEvent.parse(tail + b"\n\n").data
+        if data.strip() != "[DONE]":
+            jsonio.read(data)
+    except ValueError:  # UnicodeDecodeError too
+        raise UpstreamError("broken", "the stream ended inside an event") from None
+    tail += b"\n\n"
+    return _rewritten(rewrite, [tail]) if rewrite is not None else [tail]
 
 
 # the answer of an exchange the evidence log could not record (it fails-stop, and /readyz says so)

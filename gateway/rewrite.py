@@ -156,6 +156,8 @@ class StreamRewrite:
         self._delivered[part].append(rest)
 
     def _aggregate(self, slot: Slot, pending: _Pending) -> None:
+        if self._rewriters.get(slot.part) is not None:  # a part no event ended (an upstream that sends no
+            self._end(slot.part, None)  # *.done): ended here, so that the aggregate holds all of its text
         delivered = self._delivered.get(slot.part)
         if delivered is None:
             return

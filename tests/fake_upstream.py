@@ -52,6 +52,7 @@ class Behaviour:
     hang: float = 0.0  # sleep before answering
     event_delay: float = 0.0
     die_after_events: int | None = None  # close the connection abruptly after this many events
+    after_events: str | None = None  # "hang": keep the body open after the last event; "die": then fail
     refuse_logit_bias: bool = False  # answer 400 (`refusal`) to requests that carry logit_bias, as reasoning models do
     refusal: dict = field(default_factory=lambda: {"error": {"message": "Unsupported parameter: 'logit_bias' is not "
         "supported with this model.", "type": "invalid_request_error", "param": "logit_bias"}})  # fmt: skip
@@ -158,6 +159,11 @@ class FakeUpstream:
             if gone.done() and gone.result()["type"] == "http.disconnect":
                 self.cancelled.set()
                 return
+        if b.after_events == "hang":  # until the gateway hangs up
+            await asyncio.wait({gone}, timeout=30)
+            return
         gone.cancel()
+        if b.after_events == "die":
+            raise RuntimeError("fake upstream dies after its last event")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.completed_streams += 1

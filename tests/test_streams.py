@@ -1,0 +1,81 @@
+"""A stream is judged by its events, not by how the upstream's body ends: a complete answer stays complete
+whatever the upstream does after it, an answer cut inside an event is a failure, and what was ready before
+an event the gateway cannot read still reaches the client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_hygiene import BODY, CHAT
+
+
+def _events(text: str) -> list[str]:
+    return [e for e in text.strip().split("\n\n") if e]
+
+
+def _content(events: list[str]) -> str:
+    out = ""
+    for event in events:
+        data = event.removeprefix("data: ")
+        if data != "[DONE]":
+            out += "".join(c["delta"].get("content") or "" for c in json.loads(data).get("choices", []))
+    return out
+
+
+@pytest.mark.parametrize("after", ["hang", "die"])
+def test_a_complete_stream_stays_complete_whatever_the_upstream_does_after_it(gw, after):
+    gw.transform.enabled = True
+    gw.upstream.behaviour.after_events = after
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    events = _events(r.text)
+    assert r.status_code == 200 and events[-1] == "data: [DONE]" and '"error"' not in r.text, r.text
+    assert _content(events) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
+    assert gw.records()[-1]["outcome"] == "completed"
+
+
+def test_a_stream_that_ends_inside_an_event_is_a_failure(gw):
+    gw.upstream.behaviour.patch = lambda raw: b'data: {"choices": [{"inde' if b"[DONE]" in raw else raw
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    last = json.loads(_events(r.text)[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "upstream_error" and '"inde\n' not in r.text
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
+def test_an_event_of_another_shape_fails_the_stream_after_what_came_before_it(gw):
+    """An upstream chunk whose choice index is a list: an upstream failure, not the gateway's, and the text
+    of the chunks before it reaches the client, even where both come in one read."""
+    gw.transform.enabled = True
+    seen = []
+
+    def patch(raw: bytes) -> bytes:
+        seen.append(raw)
+        return raw.replace(b'"index": 0', b'"index": [0]') if len(seen) == 4 else raw
+
+    gw.upstream.behaviour.patch = patch
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    events = _events(r.text)
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_error"
+    assert _content(events[:-1]).startswith("THE quick")
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
+def test_a_responses_stream_without_done_events_gets_its_whole_text_in_the_final_event(gw):
+    gw.transform.enabled = True
+    gw.upstream.behaviour.text = "Hello the world"  # ends in a word: held until the part ends
+    done = (b"response.output_text.done", b"response.content_part.done", b"response.output_item.done")
+    gw.upstream.behaviour.patch = lambda raw: b"" if any(name in raw for name in done) else raw
+    with gw.client() as http:
+        r = http.post("/v1/responses", headers=gw.headers(), json={"model": "m", "input": "hi", "stream": True})
+    deltas, final = "", None
+    for event in _events(r.text):
+        data = json.loads(event.split("data: ", 1)[1])
+        if data["type"] == "response.output_text.delta":
+            deltas += data["delta"]
+        elif data["type"] == "response.completed":
+            final = data["response"]["output"][0]["content"][0]["text"]
+    assert final == deltas == "HELLO THE world"
