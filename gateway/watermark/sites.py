@@ -6,10 +6,13 @@ set starting there (up to three words, joined by single spaces) and decides whet
 - not inside fenced or inline code, quotations, or a part that is structured data (it starts with { or [);
 - not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space
   and a word, or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
-- not a name (capitalised other than at the start of a sentence) nor written in capitals;
-- not right after a negation, nor right after "a" or "an" where the set's members take different articles;
+- not a name (capitalised other than at the start of a sentence, or there before another capital) nor
+  written in capitals;
+- not right after a negation, nor right after "a" or "an" where the set's members take different articles,
+  nor after a determiner where a member begins with an article ("the various", never "the a variety of");
 - a connector set ("@comma") only where a comma follows, a contraction only before a following word, and
-  never a "'s" that could stand for "has" ("it's been");
+  never a "'s" that could stand for "has" ("it's been"), nor a negative one before a subject ("isn't it");
+- never before a literal of code ("x is not None": code outside a fence, which "isn't" would break);
 - not where its two preceding words and itself, with set members read as their set, appear so in the
   prompt (a prompt that lists members cannot switch the mark off, but a quoted phrase is kept).
 
@@ -37,7 +40,16 @@ _WORDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]")
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
 _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
-_HAS_WORDS = frozenset({"been", "got"})  # after "'s", which then means "has"
+_HAS_WORDS = frozenset({"been", "got", "become", "happened", "had"})  # after "'s", which then means "has"
+# "Isn't it", "why don't you": expanded before its subject, a question reads "is not it"
+_SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this", "one"})
+# "the various": "a variety of" cannot follow these
+_DETERMINERS = frozenset(
+    {"the", "these", "those", "this", "that", "my", "your", "his", "her", "its", "our", "their", "such", "quite",
+     "what", "rather", "many", "several", "some", "any", "all", "no", "each", "every"}
+)  # fmt: skip
+# code's literals: "x is not None" is code, where "isn't" would break it, even outside a fence
+_CODE_WORDS = frozenset({"None", "True", "False", "null", "nil", "undefined", "NULL", "nullptr", "NaN"})
 
 
 class Site(NamedTuple):  # a tuple: made twice per site when marking, in half a frozen dataclass's time (measured)
@@ -343,7 +355,10 @@ def is_site(
         if not (after == "," and then[:1].isspace()):
             return False
     elif after == " " and then[:1].isalpha():
-        if word_set.contraction and _normal(words[-1]).endswith("'s") and next_word.lower() in _HAS_WORDS:
+        following = next_word.lower()
+        if next_word in _CODE_WORDS or (word_set.negative and following in _SUBJECTS):
+            return False
+        if word_set.contraction and _normal(words[-1]).endswith("'s") and following in _HAS_WORDS:
             return False
     elif word_set.contraction or after not in (",", ";") or not then[:1].isspace():
         return False
@@ -355,9 +370,15 @@ def is_site(
         for i, word in enumerate(words):
             if (len(word) > 1 and word.isupper()) or (i and word[0].isupper()):
                 return False
-    if first[0].isupper() and not sentence_start and _normal(first) not in ("i", "i'm", "i'll"):
+    # a capital is a name's, but at the start of a sentence; there, one followed by another is a title's or a
+    # name's too ("Large Language Models")
+    if (first[0].isupper() and _normal(first) not in ("i", "i'm", "i'll")) and (
+        not sentence_start or (next_word[:1].isupper() and next_word != "I" and not next_word.startswith("I'"))
+    ):
         return False
     if last_word in _NEGATORS or last_word.endswith("n't"):
+        return False
+    if word_set.article_inside and last_word in _DETERMINERS:
         return False
     if word_set.articled and last_word in ("a", "an"):  # the article is sent already: it cannot follow
         return False

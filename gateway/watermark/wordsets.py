@@ -22,6 +22,8 @@ class WordSet:
     comma: bool  # used only where a comma follows (sentence connectors)
     contraction: bool  # has a member with an apostrophe: used only before a following word
     articled: bool  # members differ in taking "a" or "an": no site right after either article
+    article_inside: bool  # a member begins with "a" or "an" where another does not: no site after a determiner
+    negative: bool  # a negative contraction ("isn't"): no site before a subject, where a question inverts it
 
     @property
     def name(self) -> str:
@@ -65,7 +67,9 @@ class WordSets:
                 raise ValueError(f"bad word set line: {line!r}")
             contraction = any("'" in word for member in members for word in member)
             articled = len({takes_an(member[0]) for member in members}) > 1
-            sets.append(WordSet(len(sets), members, comma, contraction, articled))
+            article_inside = len({member[0] in ("a", "an") for member in members}) > 1
+            negative = contraction and any(word.endswith("n't") for member in members for word in member)
+            sets.append(WordSet(len(sets), members, comma, contraction, articled, article_inside, negative))
         return cls(tuple(sets), hashlib.sha256(text.encode()).hexdigest())
 
 

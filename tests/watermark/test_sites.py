@@ -219,3 +219,25 @@ def test_streams_of_whole_words_give_the_whole_text_result(words, piece):
     pieces = re.findall(piece, text)
     assert "".join(pieces) == text
     assert scan(text, pieces) == scan(text, [text])
+
+
+@pytest.mark.parametrize(
+    "text, kept",
+    [
+        ("    if node is not None:\n        return node.value\n", "is not None"),  # code outside a fence
+        ("We compared the various options and these various tools.", "the various"),
+        ("Quite a lot of people came.", "Quite a lot of"),
+        ("Isn't it great? Why don't you come? It's nice, isn't it?", "Isn't it"),
+        ("Why don't you come?", "don't you"),
+        ("It's become clear. What's happened here?", "It's become"),
+        ("What's happened here?", "What's happened"),
+        ("Large Language Models are useful.", "Large Language"),
+    ],
+)
+def test_no_member_is_written_where_it_would_break_the_text(text, kept):
+    """Whichever member a key prefers: a site there would make code invalid or English ungrammatical."""
+    for choice in range(3):
+        scanner = Scanner(SETS, frozenset(), lambda site: choice % len(SETS.sets[site.set_index].members))
+        out = scanner.feed(text) + scanner.flush()
+        assert kept in out, (choice, out)
+        assert WHOLE.scan(text, frozenset(), lambda site: choice % len(SETS.sets[site.set_index].members))[0] == out
