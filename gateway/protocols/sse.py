@@ -11,32 +11,47 @@ from dataclasses import dataclass
 
 
 class SSEFramer:
-    """Accumulates chunks and returns complete events (each ending in a blank line), in order."""
+    """Accumulates chunks and returns complete events (each ending in a blank line), in order.
 
-    __slots__ = ("_buffer",)
+    An event not yet ended is kept in pieces, each searched once for the blank line (with the byte before
+    it): joining and searching the whole of it at every chunk made a large event arriving in small chunks
+    cost time quadratic in its size."""
+
+    __slots__ = ("_pending", "_cr")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._pending: list[bytes] = []  # the event begun and not ended, in pieces (line ends made LF)
+        self._cr = b""  # a CR that ended the last chunk: it may pair with an LF still to come
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = self._buffer + chunk if self._buffer else chunk
-        held = b""
-        if b"\r" in data:
-            # CRLF and lone CR end lines too; a CR at the very end may pair with an LF still to come.
-            if data.endswith(b"\r"):
-                data, held = data[:-1], b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._cr:
+            chunk, self._cr = self._cr + chunk, b""
+        if b"\r" in chunk:  # CRLF and lone CR end lines too
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        pending = self._pending
+        if pending:
+            if pending[-1][-1:] + chunk[:1] != b"\n\n" and b"\n\n" not in chunk:
+                if chunk:
+                    pending.append(chunk)
+                return []
+            data = b"".join(pending) + chunk
+            pending.clear()
+        else:
+            data = chunk
         events = []
         start = 0
         while (end := data.find(b"\n\n", start)) >= 0:
             events.append(data[start : end + 2])
             start = end + 2
-        self._buffer = data[start:] + held
+        if start < len(data):
+            pending.append(data[start:])
         return events
 
     def remainder(self) -> bytes:
         """Bytes of an event that never ended (a stream cut mid-event)."""
-        return self._buffer
+        return b"".join(self._pending) + self._cr
 
 
 @dataclass(slots=True)
