@@ -198,7 +198,9 @@ class Pipeline:
             streamed = exchange.events > 0  # relayed as events (an upstream may answer a stream request whole)
             if streamed or exchange.usage is None:  # a whole answer the transform decoded has its usage read
                 try:
-                    exchange.usage = usage_of(exchange.answer(), streamed, ROUTES[exchange.route]) or exchange.usage
+                    found = usage_of(exchange.answer(), streamed, ROUTES[exchange.route])
+                    # merged with a usage event kept out of the stream, which came last
+                    exchange.usage = {**(found or {}), **(exchange.usage or {})} or None
                 except Exception:  # whatever the answer holds, the exchange is recorded (without its usage)
                     log.exception("could not read the usage of exchange %s", exchange.id)
             exchange.tokens_used = total_tokens(exchange.usage)
@@ -398,7 +400,11 @@ class Pipeline:
                     await _drain(response)
                     break
             else:
-                held = _completed_tail(framer.remainder(), rewrite)
+                held = _completed_tail(framer.remainder())
+                if exchange.strip_usage:
+                    held = _strip_usage(exchange, dialect, held)
+                if rewrite is not None:
+                    held = _rewritten(rewrite, held)
             if rewrite is not None:
                 held += rewrite.close()
         except UpstreamError as e:
@@ -543,7 +549,7 @@ def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
     return out
 
 
-def _completed_tail(tail: bytes, rewrite: StreamRewrite | None) -> list[bytes]:
+def _completed_tail(tail: bytes) -> list[bytes]:
     """What the upstream sent after its last complete event, when its body ended without a terminal event:
     an event it only failed to end with a blank line is completed; one cut off in the middle is a failure."""
     if not tail.strip():
@@ -554,8 +560,7 @@ def _completed_tail(tail: bytes, rewrite: StreamRewrite | None) -> list[bytes]:
             jsonio.read(data)
     except ValueError:  # UnicodeDecodeError too
         raise UpstreamError("broken", "the stream ended inside an event") from None
-    tail += b"\n\n"
-    return _rewritten(rewrite, [tail]) if rewrite is not None else [tail]
+    return [tail + b"\n\n"]
 
 
 # the answer of an exchange the evidence log could not record (it fails-stop, and /readyz says so)

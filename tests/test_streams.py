@@ -79,3 +79,21 @@ def test_a_responses_stream_without_done_events_gets_its_whole_text_in_the_final
         elif data["type"] == "response.completed":
             final = data["response"]["output"][0]["content"][0]["text"]
     assert final == deltas == "HELLO THE world"
+
+
+def test_usage_in_a_content_chunk_does_not_hide_the_usage_event_that_came_last(gw):
+    """The usage event the gateway asked for (and keeps out of the client's stream) is the stream's final
+    count; a content chunk that also carries usage must not replace it."""
+    seen = []
+
+    def patch(raw: bytes) -> bytes:
+        seen.append(raw)
+        early = b'"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "choices"'
+        return raw.replace(b'"choices"', early, 1) if len(seen) == 2 else raw
+
+    gw.upstream.behaviour.patch = patch
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    assert r.status_code == 200 and '"total_tokens": 2' in r.text  # the client sees the early one
+    last_usage = json.loads(seen[-2].removeprefix(b"data: "))["usage"]  # the usage event, before [DONE]
+    assert gw.records()[-1]["usage"]["total_tokens"] == last_usage["total_tokens"] > 2
