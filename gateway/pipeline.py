@@ -303,7 +303,11 @@ class Pipeline:
         try:
             _check_status(exchange, response.status)
             content_type = _content_type(response.headers)
-            if content_type == "text/event-stream":
+            # a stream asked for, and answered under another label (text/plain, x-ndjson): read as one, so that it
+            # is marked and its usage read; only a JSON answer to it is taken as whole
+            if content_type == "text/event-stream" or (
+                exchange.stream and dialect is not None and content_type != "application/json"
+            ):
                 await self._relay_stream(exchange, response, reply, api, dialect)
             else:
                 await self._relay_whole(exchange, response, reply, dialect, content_type)

@@ -53,6 +53,7 @@ class Behaviour:
     event_delay: float = 0.0
     die_after_events: int | None = None  # close the connection abruptly after this many events
     after_events: str | None = None  # "hang": keep the body open after the last event; "die": then fail
+    stream_type: str = "text/event-stream"  # the Content-Type of a streamed answer
     refuse_logit_bias: bool = False  # answer 400 (`refusal`) to requests that carry logit_bias, as reasoning models do
     refusal: dict = field(default_factory=lambda: {"error": {"message": "Unsupported parameter: 'logit_bias' is not "
         "supported with this model.", "type": "invalid_request_error", "param": "logit_bias"}})  # fmt: skip
@@ -145,7 +146,9 @@ class FakeUpstream:
 
     async def _stream(self, receive, send, events: list[bytes]) -> None:
         b = self.behaviour
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b.stream_type.encode())]}
+        )
         gone = asyncio.ensure_future(receive())
         for i, event in enumerate(events):
             if b.die_after_events is not None and i == b.die_after_events:

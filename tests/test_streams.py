@@ -15,6 +15,16 @@ def _events(text: str) -> list[str]:
     return [e for e in text.strip().split("\n\n") if e]
 
 
+def _streamed(gw, **behaviour) -> tuple[object, list[str]]:
+    """A chat stream through the gateway, its text transformed, from an upstream of this `behaviour`."""
+    gw.transform.enabled = True
+    for name, value in behaviour.items():
+        setattr(gw.upstream.behaviour, name, value)
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
+    return r, _events(r.text)
+
+
 def _content(events: list[str]) -> str:
     out = ""
     for event in events:
@@ -26,11 +36,7 @@ def _content(events: list[str]) -> str:
 
 @pytest.mark.parametrize("after", ["hang", "die"])
 def test_a_complete_stream_stays_complete_whatever_the_upstream_does_after_it(gw, after):
-    gw.transform.enabled = True
-    gw.upstream.behaviour.after_events = after
-    with gw.client() as http:
-        r = http.post(CHAT, headers=gw.headers(), json={**BODY, "stream": True})
-    events = _events(r.text)
+    r, events = _streamed(gw, after_events=after)
     assert r.status_code == 200 and events[-1] == "data: [DONE]" and '"error"' not in r.text, r.text
     assert _content(events) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
     assert gw.records()[-1]["outcome"] == "completed"
@@ -97,3 +103,11 @@ def test_usage_in_a_content_chunk_does_not_hide_the_usage_event_that_came_last(g
     assert r.status_code == 200 and '"total_tokens": 2' in r.text  # the client sees the early one
     last_usage = json.loads(seen[-2].removeprefix(b"data: "))["usage"]  # the usage event, before [DONE]
     assert gw.records()[-1]["usage"]["total_tokens"] == last_usage["total_tokens"] > 2
+
+
+@pytest.mark.parametrize("label", ["text/plain", "application/x-ndjson", ""])
+def test_a_stream_under_another_label_is_read_as_a_stream(gw, label):
+    r, events = _streamed(gw, stream_type=label)
+    assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+    assert _content(events).startswith("THE quick") and '"usage"' not in r.text  # marked; usage kept out
+    assert gw.records()[-1]["usage"]["total_tokens"] > 0
