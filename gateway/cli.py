@@ -461,7 +461,7 @@ def _detection_items(path: Path) -> list[_Row]:
     """The file's JSON lines. Lines end at LF alone: JSON allows U+2028 and its kin raw inside a string (a probe's
     transcript holds them), which str.splitlines would cut the line at."""
     try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
+        lines = path.read_bytes().decode("utf-8-sig").split("\n")  # a byte order mark, as Windows tools write
     except UnicodeDecodeError as e:
         raise config.ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
     rows = []

@@ -91,6 +91,9 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     assert all("lexical-v1" in t["schemes"] for t in doc["per_text"])
     readable = cli(tmp_path, "detect", "suspect.jsonl")
     assert "lexical-v1: p = " in readable.stdout
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "suspect.jsonl").read_bytes())
+    with_bom = json.loads(cli(tmp_path, "detect", "bom.jsonl", "--json").stdout)  # as Windows tools write it
+    assert with_bom["schemes"]["lexical-v1"] == scheme
     for bad_lines in (b"not json\n", b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b"[" * 100_000):
         (tmp_path / "bad.jsonl").write_bytes(b"\n" + bad_lines)
         bad = cli(tmp_path, "detect", "bad.jsonl")
