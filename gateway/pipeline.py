@@ -402,6 +402,8 @@ class Pipeline:
                 if end < len(events):  # the answer is complete: whatever the upstream does next changes nothing
                     held = events[end:]
                     await _drain(response)
+                    if dialect.is_failure(events[end]):  # the upstream's own error event: no completed answer
+                        exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
                     break
             else:
                 held = _completed_tail(framer.remainder())
@@ -417,7 +419,7 @@ class Pipeline:
             released = e.released if isinstance(e, _Malformed) else []
             await reply.events([*released, *held, *closing, _stream_error_event(dialect, api, error)], last=True)
             return
-        exchange.outcome = Outcome.COMPLETED
+        exchange.outcome = exchange.outcome or Outcome.COMPLETED
         await reply.events(held, last=True)
 
     def _client_ip(self, scope) -> str:

@@ -111,3 +111,10 @@ def test_a_stream_under_another_label_is_read_as_a_stream(gw, label):
     assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
     assert _content(events).startswith("THE quick") and '"usage"' not in r.text  # marked; usage kept out
     assert gw.records()[-1]["usage"]["total_tokens"] > 0
+
+
+def test_an_error_event_from_the_upstream_is_no_completed_answer(gw):
+    error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
+    _, events = _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["message"] == "overloaded"  # relayed as sent
+    assert gw.records()[-1]["outcome"] == "upstream_failed"

@@ -69,6 +69,9 @@ class Messages(Dialect):
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in (b"message_stop", b"error")
 
+    def is_failure(self, raw: bytes) -> bool:
+        return event_name(raw) == b"error"
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         parts = [text_of(body.get("system"))]
         messages = body.get("messages")

@@ -164,6 +164,10 @@ class Dialect:
         """Whether this raw event ends the stream (the gateway records the exchange before sending it)."""
         return False
 
+    def is_failure(self, raw: bytes) -> bool:
+        """Whether this terminal event is the upstream's report that it failed (the exchange did not complete)."""
+        return False
+
     def stream_error_event(self, api: Api, error: GatewayError) -> bytes:
         return api.stream_error_event(error)
 

@@ -106,7 +106,11 @@ def _json_format(spec: Any) -> bool:
 
 def _data_terminal(raw: bytes) -> bool:
     """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
-    return raw.startswith((b"data: [DONE]", b"data:[DONE]", b'data: {"error"', b'data:{"error"'))
+    return raw.startswith((b"data: [DONE]", b"data:[DONE]")) or _data_error(raw)
+
+
+def _data_error(raw: bytes) -> bool:
+    return raw.startswith((b'data: {"error"', b'data:{"error"'))
 
 
 _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")
@@ -138,6 +142,9 @@ class ChatCompletions(Dialect):
 
     def is_terminal(self, raw: bytes) -> bool:
         return _data_terminal(raw)
+
+    def is_failure(self, raw: bytes) -> bool:
+        return _data_error(raw)
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
@@ -187,6 +194,9 @@ class Completions(Dialect):
     def is_terminal(self, raw: bytes) -> bool:
         return _data_terminal(raw)
 
+    def is_failure(self, raw: bytes) -> bool:
+        return _data_error(raw)
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         prompt = body.get("prompt")
         if isinstance(prompt, list):
@@ -229,6 +239,9 @@ class Responses(Dialect):
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in _RESPONSE_ENDS
+
+    def is_failure(self, raw: bytes) -> bool:
+        return event_name(raw) in (b"response.failed", b"error")
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         parts = [body["instructions"]] if isinstance(body.get("instructions"), str) else []
