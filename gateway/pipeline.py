@@ -306,7 +306,7 @@ class Pipeline:
             # a stream asked for, and answered under another label (text/plain, x-ndjson): read as one, so that it
             # is marked and its usage read; only a JSON answer to it is taken as whole
             if content_type == "text/event-stream" or (
-                exchange.stream and dialect is not None and content_type != "application/json"
+                exchange.stream and dialect is not None and response.status < 300 and content_type != "application/json"
             ):
                 await self._relay_stream(exchange, response, reply, api, dialect)
             else:
@@ -396,7 +396,10 @@ class Pipeline:
                 if exchange.strip_usage:
                     events = _strip_usage(exchange, dialect, events)
                 if rewrite is not None:
+                    ended = _terminal_at(dialect, events) < len(events)
                     events = _rewritten(rewrite, events)
+                    if ended:  # the rewriter may hold the terminal event behind text it holds: release all
+                        events += rewrite.close()
                 end = _terminal_at(dialect, events)
                 await reply.events(events[:end])
                 if end < len(events):  # the answer is complete: whatever the upstream does next changes nothing
@@ -406,11 +409,12 @@ class Pipeline:
                         exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
                     break
             else:
-                held = _completed_tail(framer.remainder())
+                tail = _completed_tail(framer.remainder(), dialect)
                 if exchange.strip_usage:
-                    held = _strip_usage(exchange, dialect, held)
-                if rewrite is not None:
-                    held = _rewritten(rewrite, held)
+                    tail = _strip_usage(exchange, dialect, tail)
+                if tail and dialect is not None and dialect.is_failure(tail[-1]):
+                    exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
+                held = _rewritten(rewrite, tail) if rewrite is not None else tail
             if rewrite is not None:
                 held += rewrite.close()
         except UpstreamError as e:
@@ -555,17 +559,19 @@ def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
     return out
 
 
-def _completed_tail(tail: bytes) -> list[bytes]:
+def _completed_tail(tail: bytes, dialect: Dialect | None) -> list[bytes]:
     """What the upstream sent after its last complete event, when its body ended without a terminal event:
-    an event it only failed to end with a blank line is completed; one cut off in the middle is a failure."""
+    an event it only failed to end with a blank line is completed; on an API's route, one whose data is cut
+    off in the middle (not JSON) is a failure. A passthrough route's events are not the gateway's to read."""
     if not tail.strip():
         return []
-    try:
-        data = SSEEvent.parse(tail + b"\n\n").data
-        if data.strip() != "[DONE]":
-            jsonio.read(data)
-    except ValueError:  # UnicodeDecodeError too
-        raise UpstreamError("broken", "the stream ended inside an event") from None
+    if dialect is not None:
+        try:
+            data = SSEEvent.parse(tail + b"\n\n").data.strip()
+            if data and data != "[DONE]":
+                jsonio.read(data)
+        except ValueError:  # UnicodeDecodeError too
+            raise UpstreamError("broken", "the stream ended inside an event") from None
     return [tail + b"\n\n"]
 
 

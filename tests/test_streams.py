@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from tests.test_hygiene import BODY, CHAT
@@ -118,3 +119,61 @@ def test_an_error_event_from_the_upstream_is_no_completed_answer(gw):
     _, events = _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)
     assert json.loads(events[-1].removeprefix("data: "))["error"]["message"] == "overloaded"  # relayed as sent
     assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
+def test_a_terminal_event_behind_held_text_ends_the_stream(gw):
+    """No chunk ends the part (no finish_reason) and the last word is held by the rewriter, with [DONE] behind
+    it: the stream still ends at [DONE], without waiting for the upstream to close its body."""
+    finish = b'"finish_reason": "stop"'
+    r, events = _streamed(
+        gw, text="Hello the world", after_events="hang", patch=lambda raw: b"" if finish in raw else raw
+    )
+    assert events[-1] == "data: [DONE]" and _content(events) == "HELLO THE world", r.text
+    assert gw.records()[-1]["outcome"] == "completed"
+
+
+def test_an_unreadable_last_event_is_withheld_and_what_came_before_goes_out_in_order(gw):
+    bad = b'data: {"choices": [{"index": [0], "delta": {"content": " UNREAD"}}]}'  # and no blank line after
+    _, events = _streamed(gw, patch=lambda raw: bad if b"[DONE]" in raw else raw)
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_error"
+    assert _content(events[:-1]) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
+
+
+def test_an_error_event_with_no_blank_line_after_it_is_no_completed_answer(gw):
+    error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}'
+    _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
+def test_a_tail_is_read_as_json_only_on_an_api_route():
+    from gateway.pipeline import _completed_tail
+    from gateway.protocols import ROUTES
+    from gateway.upstream import UpstreamError
+
+    chat = ROUTES[CHAT]
+    assert _completed_tail(b"data: world", None) == [b"data: world\n\n"]  # a passthrough route's own format
+    for whole in (b": keep-alive", b"event: ping", b"data: [DONE]", b'data: {"a": 1}'):
+        assert _completed_tail(whole, chat) == [whole + b"\n\n"]
+    with pytest.raises(UpstreamError):
+        _completed_tail(b'data: {"choices": [{"inde', chat)
+
+
+def test_an_error_status_to_a_stream_request_passes_through_as_the_upstream_sent_it(tmp_path):
+    from gateway.app import create_app
+    from gateway.identity import Registry
+    from tests.conftest import ServerThread, _settings
+
+    async def refusing(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Bad Request: no"})
+
+    with ServerThread(refusing) as upstream:
+        settings = _settings(tmp_path / "state", upstream.url)
+        key = Registry(tmp_path / "state").add("ann")
+        with ServerThread(create_app(settings)) as gateway:
+            r = httpx.post(
+                gateway.url + CHAT, json={**BODY, "stream": True}, headers={"authorization": f"Bearer {key}"}
+            )
+    assert (r.status_code, r.headers["content-type"], r.text) == (400, "text/plain", "Bad Request: no")
