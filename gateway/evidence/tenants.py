@@ -33,7 +33,9 @@ class Erased(Exception):
 
 class MissingKey(Exception):
     """The key a sealed part names is gone, and no erasure took it: the sealed part was replaced (or the key
-    lost). Erasures leave a record (`erasures/`): a shred the day it ran, retention the first day it keeps."""
+    lost). Erasures leave a record (`erasures/`): a shred the day it ran, retention the first day it keeps,
+    and `since`, the day this began (keys of days before it were erased, if gone, by a version that kept no
+    record: they read as erased, as they did then)."""
 
 
 def tenant_id(tenant: str) -> str:
@@ -44,12 +46,14 @@ class TenantKeys:
     def __init__(self, directory: Path) -> None:
         self.dir = directory / "tenants"
         self._current: dict[str, tuple[int, str, bytes]] = {}  # tenant -> (day, reference, key)
+        self._records_begun = False
 
     def current(self, tenant: str) -> tuple[str, bytes]:
         """(reference, key) to seal today's entries of `tenant`, making a key if there is none or it was
         deleted (shredded) since: one stat per call, so a shred takes effect at the next batch. It may
         write a file (fsynced): call it off the event loop."""
         day = int(time.time() // DAY)
+        self._begin_records(day)
         cached = self._current.get(tenant)
         if cached is not None and cached[0] == day and (self.dir / f"{cached[1]}.key").exists():
             return cached[1], cached[2]
@@ -75,8 +79,10 @@ class TenantKeys:
             return path.read_bytes()
         tenant, day_and_key = reference.split("/")
         day = int(day_and_key.split("-")[0])
-        # a tenant folder gone entirely was shredded before erasures were recorded
-        if day <= self._recorded(tenant) or day < self._recorded("retention") or not (self.dir / tenant).exists():
+        since = self._recorded("since")
+        recorded = day <= self._recorded(tenant) or day < self._recorded("retention")
+        # before records began (or a tenant folder gone entirely): erased by a version that recorded nothing
+        if recorded or since < 0 or day < since or not (self.dir / tenant).exists():
             raise Erased(f"erased: its tenant key {reference} was deleted (shredded, or past retention)")
         raise MissingKey(f"names tenant key {reference}, which no shred or retention deleted")
 
@@ -85,6 +91,7 @@ class TenantKeys:
         so that entries under the keys it deletes read as erased, and a key missing otherwise as tampering."""
         folder = self.dir / tenant_id(tenant)
         count = len(list(folder.glob("*.key"))) if folder.exists() else 0
+        self._begin_records(int(time.time() // DAY))
         self._record(tenant_id(tenant), int(time.time() // DAY))
         shutil.rmtree(folder, ignore_errors=True)
         return count
@@ -92,6 +99,7 @@ class TenantKeys:
     def expire(self, retention_days: int, now: float | None = None) -> int:
         """Delete the keys of days that ended more than `retention_days` ago; returns how many."""
         oldest_kept = int((time.time() if now is None else now) // DAY) - retention_days
+        self._begin_records(int(time.time() // DAY))
         self._record("retention", oldest_kept)
         count = 0
         for path in self.dir.glob("*/*.key"):
@@ -101,6 +109,13 @@ class TenantKeys:
                     os.unlink(path)
                     count += 1
         return count
+
+    def _begin_records(self, day: int) -> None:
+        """Note the day erasures began to be recorded, once (a stat per call until then)."""
+        if not self._records_begun:
+            if self._recorded("since") < 0:
+                self._record("since", day)
+            self._records_begun = True
 
     def _recorded(self, name: str) -> int:
         """The day an erasure recorded under `name` reached (-1: none)."""

@@ -209,6 +209,16 @@ def test_a_missing_key_of_its_tenant_and_day_reads_as_erased_only_once_an_erasur
     assert (report.opened, report.erased) == (1, 2)
 
 
+def test_a_key_missing_from_before_erasures_were_recorded_reads_as_erased(tmp_path):
+    """A log written and erased by a version that kept no record: its missing keys read as erased, as then."""
+    log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
+    _sealed_parts_named(log, {1: acme.replace(acme[-8:], "00000000")})
+    since = tmp_path / "keys" / "tenants" / "erasures" / "since"
+    for before in (lambda: since.write_text(str(TODAY + 1)), since.unlink):  # records began later; or never
+        before()
+        assert LogReader(log, log_keys).verify().erased == 1
+
+
 def test_retention_records_what_it_erased(tmp_path):
     log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
     TenantKeys(tmp_path / "keys").expire(0, now=time.time() + DAY)  # today's keys: past a retention of 0 days
