@@ -87,11 +87,13 @@ class Registry:
             return
         seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         if seen != self._seen:
-            self._seen = seen
             try:
                 self._records = {r.key_id: r for r in self._read().values()}
             except IdentityError as e:  # a file edited in place, half saved: serve on with what was read last
                 log.error("%s; keeping the identities read before it", e)
+            # seen once read, or found invalid (read again when it changes); any other failure to read it
+            # (too many open files) leaves it unseen, so that the next request reads it again
+            self._seen = seen
 
     def _read(self) -> dict[str, Record]:
         try:

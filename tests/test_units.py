@@ -127,6 +127,26 @@ def test_a_registry_file_that_is_not_valid_keeps_the_identities_read_before(tmp_
             Registry(tmp_path).all()
 
 
+def test_a_registry_read_that_fails_is_tried_again(tmp_path, monkeypatch):
+    """A revocation must not be missed because one read of the file failed (too many open files)."""
+    registry = Registry(tmp_path)
+    key = registry.add("ivy")
+    assert registry.lookup(key) is not None
+    Registry(tmp_path).revoke("ivy")
+    read = Registry._read
+    failures = [OSError(24, "Too many open files")]
+
+    def failing_once(self):
+        if failures:
+            raise failures.pop()
+        return read(self)
+
+    monkeypatch.setattr(Registry, "_read", failing_once)
+    with pytest.raises(OSError):
+        registry.lookup(key)
+    assert registry.lookup(key) is None
+
+
 def test_the_registry_stays_private_whatever_was_left_beside_it(tmp_path):
     (tmp_path / "state").mkdir(mode=0o755)
     (tmp_path / "state" / "identities.tmp").write_text("left by a crash")
