@@ -373,7 +373,7 @@ def is_site(
     # a capital is a name's, but at the start of a sentence; there, one followed by another is a title's or a
     # name's too ("Large Language Models")
     if (first[0].isupper() and _normal(first) not in ("i", "i'm", "i'll")) and (
-        not sentence_start or (next_word[:1].isupper() and next_word != "I" and not next_word.startswith("I'"))
+        not sentence_start or (then[:1].isupper() and next_word != "I" and not next_word.startswith("I'"))
     ):
         return False
     if last_word in _NEGATORS or last_word.endswith("n't"):

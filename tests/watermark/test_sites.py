@@ -232,6 +232,7 @@ def test_streams_of_whole_words_give_the_whole_text_result(words, piece):
         ("It's become clear. What's happened here?", "It's become"),
         ("What's happened here?", "What's happened"),
         ("Large Language Models are useful.", "Large Language"),
+        ("Large Émile dog.", "Large Émile"),  # a capital the ASCII word pattern does not read
     ],
 )
 def test_no_member_is_written_where_it_would_break_the_text(text, kept):
