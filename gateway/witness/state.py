@@ -116,8 +116,8 @@ class WitnessState:
                 verify_consistency(old, checkpoint.size, stored.root, checkpoint.root, proof)
             except ProofError as e:  # a bad proof proves nothing (anyone can send one): nothing is kept
                 return Answer(422, f"inconsistent with the checkpoint held: {e}\n")
-            if checkpoint.size == held:  # the one held, again: its cosignature stands (no write for a replay)
-                return Answer(200, stored_note[stored_note.rindex("\n", 0, -1) + 1 :])
+            if split_note(note)[0] == split_note(stored_note)[0]:  # the one held, again: its cosignature stands
+                return Answer(200, stored_note[stored_note.rindex("\n", 0, -1) + 1 :])  # (no write for a replay)
         note = self._signed_by_log(note, origin)
         cosignature = cosign(note, self.cosigner, int(time.time()))
         record = note + cosignature

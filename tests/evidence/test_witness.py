@@ -222,6 +222,10 @@ def test_a_submitter_cannot_plant_lines_in_what_the_witness_serves(tmp_path):
         again = client.post("/add-checkpoint", content=add_checkpoint_body(5, [], signed + planted))
         assert (again.status_code, again.text) == (200, first.text)
         assert served() == signed + first.text and held.stat().st_mtime_ns == written
+        # the same tree with an extension line (C2SP allows them) is another text: cosigned afresh, over it
+        extended = note.sign_note(note.Checkpoint(ORIGIN, 5, bytes(32)).text() + "extension\n", log_signer)
+        third = client.post("/add-checkpoint", content=add_checkpoint_body(5, [], extended))
+        assert third.status_code == 200 and set(cosigners(extended + third.text, [me])) == {me.name}
 
 
 def test_an_old_size_of_many_digits_is_a_bad_request(tmp_path, log_key):
