@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # here, where a reader gone is caught, not as Python exits
+        return code
+    except BrokenPipeError:  # `canarygate log show | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        return 0
     except (config.ConfigError, IdentityError, keys.KeysError, VerifyError, VerificationError, Erased, OSError) as e:
         print(f"canarygate: {e}", file=sys.stderr)
         return 2
@@ -342,6 +347,7 @@ def _risk_show(args) -> int:
         for item in reader.entries(strict=False)
         if item.public.get("kind") == "risk" and item.public.get("identity") == args.name
     ]
+    decisions.sort(key=lambda d: d["time"])  # each worker's log holds its own: one history, in time order
     doc = {"identity": args.name, "tier": record.tier, "pin": record.pin, "decisions": decisions}
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -350,6 +356,7 @@ def _risk_show(args) -> int:
     for d in decisions:
         shadow = "" if d["applied"] else " (shadow: not applied)"
         reasons = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["strengths"].items(), key=lambda kv: -kv[1]))
+        reasons = reasons or "no signals"  # a step down, once they decayed
         print(f"  {d['time']} {d['from']} -> {d['to']}{shadow}: score {d['score']:.2f} from {reasons}")
     if not decisions:
         print("  no risk decisions recorded")
@@ -582,9 +589,9 @@ def _log_show(args) -> int:
                 status = public.get("status", public.get("decision", ""))  # commitments have no id, no status
                 if public["kind"] == "risk":  # nor a risk decision: its move says what it was
                     status = f"{public['decision']['from']} -> {public['decision']['to']}"
-                print(
-                    f"{item.index:>8} {public.get('time', '-')} {public['kind']:<5} {public.get('id', '-')} "
-                    f"{public.get('identity') or '-':<16} {status}"
+                print(  # the log (one per worker) first: each numbers its entries from 0
+                    f"log {reader.dir.name} {item.index:>8} {public.get('time', '-')} {public['kind']:<5} "
+                    f"{public.get('id', '-')} {public.get('identity') or '-':<16} {status}"
                 )
                 for key, value in row.get("revealed", {}).items():
                     print(f"{'':>9}{key}: {value[:200]}")
@@ -652,8 +659,10 @@ def _serve(args) -> int:
 
 
 def _demo(args) -> int:
+    state_dir = _settings(args).state_dir  # the demo's folder is beside it: its key must never work on the
+    demo_dir = str(state_dir.with_name(state_dir.name + "-demo"))  # gateway set up here after it
     overrides = {"upstream": "demo", "host": args.host, "port": args.port, "workers": args.workers}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None} | {"state_dir": demo_dir}
     settings = _settings(args).with_overrides(**overrides)
     registry = Registry(settings.state_dir)
     if any(r.name == DEMO_IDENTITY and r.revoked is None for r in registry.all()):

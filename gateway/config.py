@@ -293,7 +293,8 @@ class Settings:
     source: str = "<defaults>"
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """Apply CLI flags (host, port, workers, upstream) on top of the file, validated the same way."""
+        """Apply CLI flags (host, port, workers, upstream; the demo's state_dir) on top of the file, validated
+        the same way."""
         server = self.server
         for name in ("host", "port", "workers"):
             if overrides.get(name) is not None:
@@ -302,7 +303,8 @@ class Settings:
         if overrides.get("upstream") is not None:
             upstream = replace(upstream, url=_check_url("--upstream", str(overrides["upstream"]), "--upstream"))
         _check_server(server, "command line")
-        return replace(self, server=server, upstream=upstream)
+        state_dir = Path(overrides["state_dir"]) if overrides.get("state_dir") is not None else self.state_dir
+        return replace(self, server=server, upstream=upstream, state_dir=state_dir)
 
 
 _DEFAULT_UPSTREAM = UpstreamSettings()
@@ -646,7 +648,8 @@ class _SectionReader:
             value = float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(
-                f"{self.source}: [{section}] {key} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
+                f"{self.source}: [{section}] {key} must be {'an' if kind.__name__[0] in 'aeiou' else 'a'} "
+                f"{kind.__name__}, got {type(value).__name__} {value!r}"
             )
         if kind is float and not math.isfinite(value):  # TOML allows nan and inf; no setting means them
             raise ConfigError(f"{self.source}: [{section}] {key} must be a finite number, got {value!r}")

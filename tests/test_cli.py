@@ -112,6 +112,9 @@ def test_demo_and_one_curl(tmp_path):
         )
         answer = json.loads(curl.stdout)
         assert "canarygate demo model" in answer["choices"][0]["message"]["content"]
+    # the demo's state is its own: a gateway set up here afterwards never knows the demo's key
+    assert (tmp_path / ".canarygate-demo" / "identities.json").exists() and not (tmp_path / ".canarygate").exists()
+    assert cli(tmp_path, "init").returncode == 0 and "demo" not in cli(tmp_path, "identities", "list").stdout
 
 
 def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
@@ -123,6 +126,8 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
         url = gw.url + "/v1/chat/completions"
         assert all(http.post(url, json=body, headers=headers).status_code == 200 for _ in range(10))
         assert cli(tmp_path, "identities", "revoke", "dave").returncode == 0
+        again = cli(tmp_path, "identities", "revoke", "dave")
+        assert again.returncode == 2 and "'dave' is revoked" in again.stderr
         time.sleep(0.6)  # workers re-check the registry every 0.25 s
         statuses = {httpx.post(url, json=body, headers=headers).status_code for _ in range(20)}  # new connections
         metrics = http.get(gw.url + "/metrics").text
@@ -133,7 +138,7 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
 @pytest.mark.parametrize(
     "toml, expected",
     [
-        ('[server]\nport = "eighty"\n', "[server] port must be a int"),
+        ('[server]\nport = "eighty"\n', "[server] port must be an int"),
         ("[server]\nworkers = 0\n", "workers must be at least 1"),
         ('[upstream]\nurl = "ftp://x"\n', "[upstream] url must be an http(s) URL"),
         ("[sever]\n", "unknown section [sever]"),
