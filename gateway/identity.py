@@ -199,5 +199,7 @@ def _live(records: dict[str, Record], name: str) -> Record:
     tier set on it would reach the live identity of that name in admission, not the registry."""
     record = None if _REVOKED in name else records.get(name)
     if record is None:
+        if any(r.name == name for r in records.values()):
+            raise IdentityError(f"{name!r} is revoked; `canarygate identities add {name}` registers the name anew")
         raise IdentityError(f"no identity named {name!r}; `canarygate identities list` shows them")
     return record

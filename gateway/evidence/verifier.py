@@ -436,10 +436,13 @@ def verify_inclusion_proof(proof: dict, keys: Sequence[NoteKey]) -> Checkpoint:
 
 
 def _verify_proofs(path: Path, log_keys: list[str]) -> int:
-    """`--proofs FILE`: each proof in a JSON list, with the log keys given on the command line alone."""
+    """`--proofs FILE`: a proof (as `canarygate log prove` prints it) or a JSON list of them, with the log keys
+    given on the command line alone."""
     if not log_keys:
         raise VerificationError("--proofs needs the log's public key: --log-key VKEY")
     proofs = json.loads(path.read_text())
+    if isinstance(proofs, dict):
+        proofs = [proofs]
     keys = [NoteKey.parse(k) for k in log_keys]
     for proof in proofs:
         checkpoint = verify_inclusion_proof(proof, keys)

@@ -28,7 +28,9 @@ def add_commands(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7380)
     serve.set_defaults(run=_serve)
-    check = sub.add_parser("check", help="fetch a log's latest checkpoint from each witness; non-zero on a fork")
+    check = sub.add_parser(
+        "check", help="fetch a log's latest checkpoint from each witness; 1 on a fork, 2 if none could be checked"
+    )
     check.add_argument("--log", required=True, help="the log's verifier key")
     check.add_argument("urls", nargs="+", help="witness URLs")
     check.set_defaults(run=_check)
@@ -88,4 +90,7 @@ def _check(args) -> int:
     found = forks(notes, [key])
     for first, second in found:
         print(f"FORK: {key.name} signed two different trees of one size:\n{first}\n{second}")
+    if not notes:  # nothing was checked: no all-clear
+        print(f"no witness showed a checkpoint of {key.name} signed by this key: nothing was checked")
+        return 2
     return 1 if found else 0

@@ -58,6 +58,7 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
 
     table = cli(tmp_path, "log", "show")  # as text: commitments have no id
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 15, table.stderr
+    assert all(line.startswith("log 0 ") for line in table.stdout.splitlines())  # each log numbers from 0
     assert cli(tmp_path, "log", "search", "--since", "2000").returncode == 0
     shown = cli(tmp_path, "log", "show", "--identity", "mallory", "--json", "--reveal").stdout.splitlines()
     assert len(shown) == 10 and "evidence please" in shown[0]

@@ -246,6 +246,10 @@ def test_witness_check_reports_an_unreachable_witness_and_checks_the_others(tmp_
         )
     assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr
     assert "http://127.0.0.1:9: unreachable" in check.stdout and f"{w1.url}: size 50" in check.stdout
+    nothing = subprocess.run(
+        [CANARYGATE, "witness", "check", "--log", log_key.vkey(), "http://127.0.0.1:9"], capture_output=True, text=True
+    )
+    assert nothing.returncode == 2 and "nothing was checked" in nothing.stdout  # no all-clear
 
 
 def test_a_failure_to_keep_a_cosignature_is_retried(tmp_path, monkeypatch):

@@ -99,6 +99,10 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     ]
     checked = subprocess.run(verify, cwd=folder / "student-report", capture_output=True, text=True, env={})
     assert checked.returncode == 0 and f"{len(proofs)} inclusion proofs verified" in checked.stdout
+    (folder / "student-report" / "one.json").write_text(json.dumps(proofs[0]))  # as `log prove` prints one
+    one = subprocess.run([*verify[:3], "one.json", *verify[4:]], cwd=folder / "student-report", capture_output=True,
+                         text=True, env={})  # fmt: skip
+    assert one.returncode == 0 and "1 inclusion proofs verified" in one.stdout, one.stderr
     tampered = [{**proofs[0], "leaf_index": proofs[0]["leaf_index"] + 1}]
     (folder / "student-report" / "tampered.json").write_text(json.dumps(tampered))
     verify[3] = "tampered.json"
