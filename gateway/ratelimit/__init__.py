@@ -26,8 +26,8 @@ def open_admitter(settings: Settings) -> LimitAdmitter:
     timeout = limits.timeout_ms / 1000
     if limits.storage == "memory":
         return LimitAdmitter(limits, None, MemoryBudget(divisor=workers), AddressLimiter(limits.unauthenticated))
-    guard = StorageGuard(timeout)
     shared = RedisBudget(connect(limits.storage, timeout))
+    guard = StorageGuard(timeout, on_failure=shared.drop_idle_connections)
     local = MemoryBudget(divisor=limits.replicas * workers) if limits.on_storage_error == "open" else None
     addresses = AddressLimiter(limits.unauthenticated, limits.storage, guard, timeout)  # one breaker per storage
     return LimitAdmitter(limits, shared, local, addresses, guard)

@@ -3,11 +3,14 @@
 Every call gets `timeout` seconds, whether Redis is gone (refused at once), frozen (no answer: the
 deadline) or failing over. After a failure the breaker opens: for `cooldown` seconds no call is tried and
 the admitter applies its storage-error policy at once; then one call probes, and its success closes it.
+A failure also runs `on_failure` (the shared budget drops its idle connections: after a fail-over they
+point at the master that is gone, and each would fail once more, opening the breaker again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -26,9 +29,10 @@ class StorageDown(Exception):
 
 
 class StorageGuard:
-    def __init__(self, timeout: float, cooldown: float = 1.0) -> None:
+    def __init__(self, timeout: float, cooldown: float = 1.0, on_failure=None) -> None:
         self._timeout = timeout
         self._cooldown = cooldown
+        self._on_failure = on_failure  # a coroutine function, or None
         self.failure: str | None = None  # why the storage is down, while it is
         self._probe_at = 0.0
         metrics.LIMIT_STORAGE_UP.set(1)
@@ -45,6 +49,9 @@ class StorageGuard:
                 result = await make()
         except STORAGE_ERRORS as e:
             self._trip(e)
+            if self._on_failure is not None:
+                with contextlib.suppress(*STORAGE_ERRORS):
+                    await self._on_failure()
             raise StorageDown(self.failure) from None
         if self.failure is not None:
             log.warning("limit storage is back after: %s", self.failure)

@@ -33,6 +33,13 @@ class RedisBudget:
         self._discovered = not isinstance(client, RedisCluster)
         self._discovering = asyncio.Lock()
 
+    async def drop_idle_connections(self) -> None:
+        """Close the connections kept idle, so that the next calls connect anew (a Sentinel-managed pool asks
+        for the master then). A Cluster client keeps its own per node, and finds moved slots itself."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect(inuse_connections=False)
+
     async def admit(self, ask: Ask, now_ms: float = -1) -> Verdict:
         """Decide one admission at the Redis server's time (tests pass `now_ms` to fix the clock)."""
         requested = -1 if ask.requested_output is None else ask.requested_output

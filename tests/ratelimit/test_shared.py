@@ -288,3 +288,32 @@ def test_sentinel_failover_under_load(fake_upstream, tmp_path):
     assert max(latency for _, latency, _ in during) < TIMEOUT_MS / 1000 + 0.75
     assert {status for _, _, status in during} == {200}  # fail-open: local limits while the master is gone
     assert statuses.count(200) == 20  # the promoted replica holds the one shared limit
+
+
+def test_a_storage_failure_drops_the_idle_connections_that_point_where_it_was():
+    """After a master is gone, each idle connection to it would fail once more, each time opening the breaker
+    (and, fail-open, admitting on local limits): the first failure closes them all, so the next calls connect
+    anew (with Sentinel, to the new master)."""
+    from gateway.ratelimit.guard import StorageDown, StorageGuard
+    from gateway.ratelimit.redis_budget import RedisBudget
+    from gateway.redis_client import connect
+
+    with redis_servers.standalone() as server:
+
+        async def run():
+            budget = RedisBudget(connect(server.url, 2.0))
+            guard = StorageGuard(2.0, on_failure=budget.drop_idle_connections)
+            await asyncio.gather(*(budget.client.ping() for _ in range(4)))  # four connections, idle after
+            pool = budget.client.connection_pool
+            assert sum(c.is_connected for c in pool._available_connections) >= 2
+
+            async def failing():
+                raise ConnectionError("the master is gone")
+
+            with pytest.raises(StorageDown):
+                await guard.call(failing)
+            idle = [c.is_connected for c in pool._available_connections]
+            await budget.client.aclose()
+            return idle
+
+        assert not any(asyncio.run(run()))
