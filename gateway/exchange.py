@@ -135,6 +135,7 @@ class Exchange:
     delivered: list[bytes] = field(default_factory=list)  # the answer's bytes as sent to the client
     marks: list[dict[str, Any]] = field(default_factory=list)  # watermark schemes applied (scheme, epoch, ...)
     canaries: list[dict[str, Any]] = field(default_factory=list)  # canaries served, with their context
+    canary_claimed: bool = False  # a part of the answer is to carry its one canary (placed, or not, at its end)
 
     @property
     def tier(self) -> str | None:

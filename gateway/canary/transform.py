@@ -54,9 +54,9 @@ class CanaryTransform:
     def rewriter(self, exchange: Exchange, part: tuple) -> TextRewriter | None:
         inner = self._inner.rewriter(exchange, part) if self._inner.applies(exchange) else None
         canary = self._chosen(exchange)
-        if canary is None or exchange.canaries:  # one canary per answer, in the first text part that can take it
+        if canary is None or exchange.canary_claimed:  # one canary per answer, in the first text part that takes it
             return inner
-        exchange.canaries.append({"pending": True})
+        exchange.canary_claimed = True
         return _CanaryRewriter(inner, canary, exchange, part)
 
     def _chosen(self, exchange: Exchange) -> Canary | None:
@@ -102,7 +102,6 @@ class _CanaryRewriter:
         self._count_fences(inner_rest)
         rest, self._held = self._held + inner_rest, ""
         if not rest:  # nothing held: no event left to carry a canary
-            self._settle(None)
             return ""
         return rest + self._suffix()
 
@@ -121,16 +120,11 @@ class _CanaryRewriter:
 
     def _suffix(self) -> str:
         if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: no canary
-            self._settle(None)
             return ""
-        self._settle(self._canary)
-        return "\n\n" + self._canary.text
-
-    def _settle(self, canary: Canary | None) -> None:
-        records = self._exchange.canaries
-        records[:] = [c for c in records if not c.get("pending")]
-        if canary is not None:
-            records.append({"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)})
+        canary = self._canary
+        record = {"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)}
+        self._exchange.canaries.append(record)  # only a canary served: a client that left got none
+        return "\n\n" + canary.text
 
 
 class _Fences:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -210,3 +211,17 @@ def test_random_fenced_texts_give_the_same_answer_whole_and_streamed():
         rewriter, exchange, _ = _rewriter()
         whole = rewriter.whole("".join(pieces))
         assert _through(pieces) == (whole, exchange.canaries), pieces
+
+
+def test_a_client_that_leaves_before_its_canary_leaves_no_placeholder_in_the_evidence(canaried, fake_upstream):
+    fake_upstream.reset()
+    fake_upstream.behaviour.event_delay = 0.2  # the client leaves long before the last piece
+    name, key = canaried.identity("suspect")
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me about lighthouses."}], "stream": True}
+    with canaried.client(key) as http, http.stream("POST", CHAT, json=body) as response:
+        next(response.iter_raw())
+    deadline = time.time() + 10
+    while not (ended := [r for r in exchanges(canaried.state_dir) if r["identity"] == name]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert ended and ended[-1]["outcome"] == "client_cancelled" and ended[-1]["canaries"] == []
+    fake_upstream.reset()
