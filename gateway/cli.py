@@ -206,7 +206,7 @@ def _log_commands(commands) -> None:
         command.add_argument("--identity")
         command.add_argument("--since", help="ISO time, e.g. 2026-11-27T09:00")
         command.add_argument("--until")
-        command.add_argument("--canary", help="a canary id served in the exchange")
+        command.add_argument("--canary", help="a canary id served in the exchange (its begin entry is shown too)")
         command.add_argument("--reveal", action="store_true", help="decrypt prompts and responses (needs the keys)")
         command.add_argument("--json", action="store_true")
         command.set_defaults(run=_log_show)
@@ -570,9 +570,12 @@ def _log_open(args) -> int:
 
 def _log_show(args) -> int:
     for reader in _readers(args, all_by_default=True):
+        # a canary is in the end entry; its exchange's begin entry (the prompt it answered) is shown with it
+        entries = reader.entries(strict=False) if args.canary else ()
+        exchanges = {item.public.get("id") for item in entries if _matches(item.public, args)}
         for item in reader.entries(strict=False):
             public = item.public
-            if not _matches(public, args):
+            if not (_matches(public, args) or (args.canary and public.get("id") in exchanges - {None})):
                 continue
             row = {"log": reader.origin(), "index": item.index, **public}
             if args.reveal:

@@ -225,3 +225,17 @@ def test_a_client_that_leaves_before_its_canary_leaves_no_placeholder_in_the_evi
         time.sleep(0.05)
     assert ended and ended[-1]["outcome"] == "client_cancelled" and ended[-1]["canaries"] == []
     fake_upstream.reset()
+
+
+def test_a_canary_is_found_in_the_log_with_the_prompt_it_answered(canaried, fake_upstream, tmp_path):
+    from tests.test_cli import cli
+
+    fake_upstream.reset()
+    name, key = canaried.identity("suspect")
+    assert _ask(canaried, key).status_code == 200
+    (served,) = [r for r in exchanges(canaried.state_dir) if r["identity"] == name]
+    (tmp_path / "canarygate.toml").write_text(f'[state]\ndir = "{canaried.state_dir}"\n')
+    found = cli(tmp_path, "log", "search", "--canary", served["canaries"][0]["id"], "--json", "--reveal")
+    rows = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [row["kind"] for row in rows] == ["begin", "end"], found.stderr
+    assert "lighthouses" in rows[0]["revealed"]["prompt"] and rows[0]["id"] == rows[1]["id"] == served["id"]
