@@ -2,9 +2,9 @@
 
 Who gets canaries: identities in the tiers of `[canaries] density` (a share of their answers, higher for
 higher tiers) and those listed by name or tenant (every answer). Which answers: a keyed coin on the
-request id. Where: after the last text of the answer's first text part, on a line of its own, and never
-when that part has no text (a tool call's message), nor when it ends inside a code block (a fence of
-backticks or tildes), nor after a question about death, grief, illness or harm (a
+request id. Where: after the last text of the answer's first text part that can take it, on a line of its
+own: not a part with no text (a tool call's message), nor one that ends inside a code block (a fence of
+backticks or tildes); and never after a question about death, grief, illness or harm (a
 cheerful line there would do harm); structured output (JSON mode, schemas), tool calls and thinking
 blocks are never text parts, so they never carry one. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
@@ -101,7 +101,8 @@ class _CanaryRewriter:
         inner_rest = self._inner.flush() if self._inner is not None else ""
         self._count_fences(inner_rest)
         rest, self._held = self._held + inner_rest, ""
-        if not rest:  # nothing held: no event left to carry a canary
+        if not rest:  # nothing held: no event left to carry a canary; a later text part may take it
+            self._exchange.canary_claimed = False
             return ""
         return rest + self._suffix()
 
@@ -119,7 +120,8 @@ class _CanaryRewriter:
         self._prose = self._prose or bool(text.strip())
 
     def _suffix(self) -> str:
-        if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: no canary
+        if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: not here, but
+            self._exchange.canary_claimed = False  # a later text part may take it
             return ""
         canary = self._canary
         record = {"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)}

@@ -239,3 +239,40 @@ def test_a_canary_is_found_in_the_log_with_the_prompt_it_answered(canaried, fake
     rows = [json.loads(line) for line in found.stdout.splitlines()]
     assert [row["kind"] for row in rows] == ["begin", "end"], found.stderr
     assert "lighthouses" in rows[0]["revealed"]["prompt"] and rows[0]["id"] == rows[1]["id"] == served["id"]
+
+
+def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part():
+    """The first choice ends inside a code block, an Anthropic answer opens with a blank text block: the
+    canary goes to the next text part, whole and streamed."""
+    from gateway.canary.transform import CanaryTransform
+    from gateway.exchange import Exchange, Identity
+    from gateway.protocols.anthropic import Messages
+    from gateway.protocols.openai import ChatCompletions
+    from gateway.rewrite import StreamRewrite, rewrite_body
+    from gateway.transform import PassThrough
+
+    def served(dialect, body=None, events=()):
+        transform = CanaryTransform(PassThrough(), bytes(32), 0, 8, {}, frozenset({"bob"}), frozenset())
+        exchange = Exchange("req_1", "POST", "/v1/x", "openai", "/v1/x", "192.0.2.1")
+        exchange.identity, exchange.prompt_text = Identity("bob", "normal"), "Tell me about lighthouses."
+        if body is not None:
+            rewrite_body(dialect, body, lambda part: transform.rewriter(exchange, part))
+        else:
+            stream = StreamRewrite(dialect, lambda part: transform.rewriter(exchange, part))
+            for event in events:
+                stream.push(f"data: {json.dumps(event)}\n\n".encode())
+            stream.close()
+        return [c["part"] for c in exchange.canaries]
+
+    ships = "Lighthouses guide ships."
+    choices = [{"index": 0, "message": {"role": "assistant", "content": "Run:\n```sh\nmake\n"}},
+               {"index": 1, "message": {"role": "assistant", "content": ships}}]  # fmt: skip
+    assert served(ChatCompletions(), {"choices": choices}) == [["choice", 1]]
+    blocks = [{"type": "text", "text": "\n\n"}, {"type": "text", "text": ships}]
+    assert served(Messages(), {"content": blocks}) == [["block", 1]]
+    events = []
+    for index, text in enumerate(["Code:\n```py\nx=1\n", ships]):
+        events += [{"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+                   {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}},
+                   {"type": "content_block_stop", "index": index}]  # fmt: skip
+    assert served(Messages(), events=events) == [["block", 1]]
