@@ -49,9 +49,10 @@ class StorageGuard:
                 result = await make()
         except STORAGE_ERRORS as e:
             self._trip(e)
-            if self._on_failure is not None:
+            if self._on_failure is not None:  # within the deadline too (TimeoutError is a storage error)
                 with contextlib.suppress(*STORAGE_ERRORS):
-                    await self._on_failure()
+                    async with asyncio.timeout(self._timeout):
+                        await self._on_failure()
             raise StorageDown(self.failure) from None
         if self.failure is not None:
             log.warning("limit storage is back after: %s", self.failure)
