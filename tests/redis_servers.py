@@ -157,6 +157,12 @@ class SentinelSetup:
         host, port = redis.Redis(port=self.sentinel.port).execute_command("SENTINEL", "get-master-addr-by-name", "cg")
         return int(port)
 
+    def settled(self) -> bool:
+        """Whether the Sentinel's view of the master is whole again after a fail-over (it answers as a master,
+        with no down flag): until then a client discovering the master can get none (MasterNotFoundError)."""
+        state = redis.Redis(port=self.sentinel.port).sentinel_master("cg")
+        return state["flags"] == "master" and state["role-reported"] == "master"
+
 
 @contextlib.contextmanager
 def sentinel():

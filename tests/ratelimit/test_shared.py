@@ -282,6 +282,8 @@ def test_sentinel_failover_under_load(fake_upstream, tmp_path):
             while setup.current_master_port() == old_master and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert setup.current_master_port() == setup.replica.port
+            while not setup.settled() and time.monotonic() < deadline:
+                time.sleep(0.1)
             _wait_ready(pair)
             during = load.between(failed_at, time.monotonic())
             statuses = hammer(pair.urls, fresh, total=40, concurrency=4)
