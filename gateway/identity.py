@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .exchange import ErrorKind, Exchange, GatewayError, Identity
+from .files import write_atomically
 
 log = logging.getLogger("canarygate.identity")
 
@@ -164,19 +165,8 @@ class Registry:
             "version": 1,
             "identities": {key: {f: getattr(r, f) for f in _STORED} for key, r in records.items()},
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode otherwise, and the registry takes it
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:  # the rename too: a key `identities add` printed must work after a power loss
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        # atomically, the rename fsynced too: a key `identities add` printed must work after a power loss
+        write_atomically(self.path, json.dumps(doc, indent=1).encode())
 
 
 class KeyIdentifier:

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from ..config import Settings
+from ..files import write_atomically
 from .keys import Keys, init_keys
 from .log import EvidenceLog
 from .note import NoteKey
 from .recorder import EvidenceRecorder
-from .store import write_atomically
 from .witnessing import Witness
 
 log = logging.getLogger("canarygate.evidence")

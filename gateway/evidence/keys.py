@@ -26,8 +26,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..files import write_atomically
 from .note import ALG_ED25519, NoteError, NoteKey, Signer
-from .store import write_atomically
 
 SIGNING = "log-signing.key"
 WATERMARK = "watermark.key"

@@ -23,9 +23,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..files import write_atomically
 from . import entry, merkle, note
 from .keys import Keys
-from .store import LogStore, write_atomically
+from .store import LogStore
 from .tenants import TenantKeys
 from .witnessing import Witness, Witnesses
 

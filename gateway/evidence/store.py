@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..files import write_all, write_atomically
 from . import merkle
 
 MAGIC = b"CGEVLOG2"  # version 2: each sealed part names its key (tenants.py); version 1 segments stay readable
@@ -40,35 +41,8 @@ class CorruptLog(Exception):
     """The log's files contradict each other in a way a crash cannot explain."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until everything is written (a short write is not an error; a full disk raises)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def record_crc(leaf_len: int, sealed_len: int, body: bytes) -> int:
     return zlib.crc32(body, zlib.crc32(struct.pack(">II", leaf_len, sealed_len)))
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def frames(data: bytes) -> list[bytes]:

@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .store import write_atomically
+from ..files import write_atomically
 
 DAY = 86400
 REFERENCE = re.compile(r"[0-9a-f]{32}/[0-9]+-[0-9a-f]{8}")  # tenant id / day-key id

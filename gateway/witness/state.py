@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evidence.note import ALG_COSIGNATURE_V1, Checkpoint, NoteError, NoteKey, Signer, cosign, open_checkpoint
-from ..evidence.store import fsync_dir, write_atomically
 from ..evidence.verifier import ProofError, signed_by, split_note, verify_consistency
 from ..evidence.witnessing import SIZE_CONTENT_TYPE
+from ..files import fsync_dir, write_atomically
 
 KEY_FILE = "witness.key"
 MAX_CONFLICTS = 1000  # fork proofs kept per witness: one is enough to show a log forked
