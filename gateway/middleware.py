@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from . import config
 from .app import build_pipeline
+from .pipeline import under_prefixes
 from .stages import Transform
 from .upstream import HOST_SCOPE, ASGIUpstream
 
@@ -50,14 +51,14 @@ class CanarygateMiddleware:
         self.pipeline = build_pipeline(
             settings, upstream=ASGIUpstream(app, settings.upstream.read_timeout), transform=transform
         )
-        self._public = tuple(p.rstrip("/") for p in public_paths)
+        self._public = tuple(public_paths)
         self._started = False
         self._starting = asyncio.Lock()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
-        elif scope["type"] not in ("http", "websocket") or self._is_public(_below_root(scope)["path"]):
+        elif scope["type"] not in ("http", "websocket") or under_prefixes(_below_root(scope)["path"], self._public):
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accepting: the client gets a 403
@@ -69,13 +70,6 @@ class CanarygateMiddleware:
                 await self.pipeline(_below_root(scope), receive, send)
             finally:
                 HOST_SCOPE.reset(token)
-
-    def _is_public(self, path: str) -> bool:
-        """One of the public paths, matched on whole segments, in a path without dot segments or backslashes
-        (which a router that normalises paths could resolve into a guarded route)."""
-        if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
-            return False
-        return any(path == p or path.startswith(p + "/") for p in self._public)
 
     async def _lifespan(self, scope, receive, send) -> None:
         """The host's lifespan, passed to the app, with the pipeline opened at startup and closed at shutdown;

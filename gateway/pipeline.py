@@ -56,6 +56,15 @@ _UPSTREAM_REASONS = {
 }
 
 
+def under_prefixes(path: str, prefixes) -> bool:
+    """Whether `path` is one of `prefixes` or below one, matched on whole path segments, in a path without dot
+    segments (which an HTTP client or a router would resolve into another endpoint) nor backslashes (which
+    some servers take for a slash, and so for more dot segments)."""
+    if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -111,12 +120,7 @@ class Pipeline:
         }
 
     def _is_passthrough(self, path: str) -> bool:
-        """A configured prefix, matched on whole path segments, in a path without dot segments (which the
-        HTTP client would resolve into another endpoint, reached with the gateway's upstream key), nor
-        backslashes (which some servers take for a slash, and so for more dot segments)."""
-        if "\\" in path or any(segment in (".", "..") for segment in path.split("/")):
-            return False
-        return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in self._passthrough)
+        return under_prefixes(path, self._passthrough)
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope["path"]
