@@ -391,36 +391,39 @@ class Pipeline:
         await reply.start_stream(response.status)
         held: list[bytes] = []  # from the terminal event on: sent last, once the exchange is recorded
         received, limit = 0, self._settings.server.max_response_bytes
+
+        def downstream(events: list[bytes], ended: bool) -> list[bytes]:
+            """Upstream events as the client gets them: the usage event it did not ask for kept out, the text
+            rewritten, and at the end (the rewriter may hold the terminal event behind text) all it holds."""
+            if exchange.strip_usage:
+                events = _strip_usage(exchange, dialect, events)
+            if rewrite is None:
+                return events
+            events = _rewritten(rewrite, events)
+            return events + rewrite.close() if ended else events
+
         try:
             async for chunk in response.chunks():
                 received += len(chunk)
                 if received > limit:  # an endless stream would grow the exchange's record without bound
                     raise UpstreamError("too_large", f"streamed answer larger than {limit} bytes")
                 events = framer.feed(chunk)
-                if exchange.strip_usage:
-                    events = _strip_usage(exchange, dialect, events)
-                if rewrite is not None:
-                    ended = _terminal_at(dialect, events) < len(events)
-                    events = _rewritten(rewrite, events)
-                    if ended:  # the rewriter may hold the terminal event behind text it holds: release all
-                        events += rewrite.close()
+                terminal = _terminal_at(dialect, events)
+                ended = terminal < len(events)
+                if ended:
+                    _note_failure(exchange, dialect, events[terminal])
+                events = downstream(events, ended)
                 end = _terminal_at(dialect, events)
                 await reply.events(events[:end])
-                if end < len(events):  # the answer is complete: whatever the upstream does next changes nothing
+                if ended:  # the answer is complete: whatever the upstream does next changes nothing
                     held = events[end:]
                     await _drain(response)
-                    if dialect.is_failure(events[end]):  # the upstream's own error event: no completed answer
-                        exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
                     break
             else:
                 tail = _completed_tail(framer.remainder(), dialect)
-                if exchange.strip_usage:
-                    tail = _strip_usage(exchange, dialect, tail)
-                if tail and dialect is not None and dialect.is_failure(tail[-1]):
-                    exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
-                held = _rewritten(rewrite, tail) if rewrite is not None else tail
-            if rewrite is not None:
-                held += rewrite.close()
+                if tail:
+                    _note_failure(exchange, dialect, tail[-1])
+                held = downstream(tail, ended=True)
         except UpstreamError as e:
             error = _upstream_failure(exchange, e)
             closing = rewrite.close() if rewrite is not None else []
@@ -529,6 +532,12 @@ class _Reply:
 
     def _error_body(self, error: GatewayError) -> bytes:
         return json.dumps(self._api.error_body(error)).encode()
+
+
+def _note_failure(exchange: Exchange, dialect: Dialect | None, event: bytes) -> None:
+    """The upstream's own error event ends the stream: no completed answer."""
+    if dialect is not None and dialect.is_failure(event):
+        exchange.outcome, exchange.error = Outcome.UPSTREAM_FAILED, "broken"
 
 
 async def _drain(response: UpstreamResponse) -> None:
