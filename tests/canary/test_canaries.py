@@ -213,7 +213,7 @@ def test_random_fenced_texts_give_the_same_answer_whole_and_streamed():
         assert _through(pieces) == (whole, exchange.canaries), pieces
 
 
-def test_a_client_that_leaves_before_its_canary_leaves_no_placeholder_in_the_evidence(canaried, fake_upstream):
+def test_a_client_that_leaves_before_its_canary_is_recorded_with_no_canary(canaried, fake_upstream):
     fake_upstream.reset()
     fake_upstream.behaviour.event_delay = 0.2  # the client leaves long before the last piece
     name, key = canaried.identity("suspect")
