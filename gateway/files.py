@@ -3,8 +3,20 @@ log, the keys, the identity registry and the witness write theirs."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str = ".lock"):
+    """`folder` (made 0700 if new) held under an exclusive lock on its 0600 lock file: processes that change
+    what it holds take turns."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o600)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def fsync_dir(path: Path) -> None:

@@ -12,7 +12,6 @@ request, without a restart.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -24,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .exchange import ErrorKind, Exchange, GatewayError, Identity
-from .files import write_atomically
+from .files import locked, write_atomically
 
 log = logging.getLogger("canarygate.identity")
 
@@ -153,9 +152,7 @@ class Registry:
 
     @contextlib.contextmanager
     def _locked(self):
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self.path.parent, self.path.with_suffix(".lock").name):
             records = self._read()
             yield records
             self._write(records)

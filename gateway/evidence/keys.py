@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..files import write_atomically
+from ..files import locked, write_atomically
 from .note import ALG_ED25519, NoteError, NoteKey, Signer
 
 SIGNING = "log-signing.key"
@@ -51,11 +50,8 @@ def init_keys(directory: Path, origin: str) -> list[str]:
 def _locked(directory: Path):
     """The key folder's lock, which every change takes: a start that finds no signing key while a rotation
     is between keys would make one that the rotation then overwrites."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(directory):
+        os.chmod(directory, 0o700)  # an existing folder too
         yield
 
 
