@@ -3,7 +3,10 @@
 A `Scanner` reads one text part token by token. At each word it looks for the longest member of a word
 set starting there (up to three words, joined by single spaces) and decides whether that place is a site:
 
-- not inside fenced or inline code, quotations, or a part that is structured data (it starts with { or [);
+- not inside fenced (``` or ~~~) or inline code, quotations, or a part that is structured data (it starts with
+  { or [); nor on a line of a block quote ("> ", after at most three spaces) or of an indented code block
+  (indented by four columns or more, a tab counting four, after a blank line, the start of the text or
+  another such line: a list's continuation indented so after a blank line is left unmarked too);
 - not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space
   and a word, or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
 - not a name (capitalised other than at the start of a sentence, or there before another capital) nor
@@ -33,7 +36,7 @@ from typing import NamedTuple
 from .wordsets import MAX_WORDS, WordSets
 
 _WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")  # a word: letters, joined by an apostrophe or hyphen
-_TOKEN = re.compile(rf"`+|{_WORD.pattern}|\s+|.", re.S)
+_TOKEN = re.compile(rf"`+|~+|{_WORD.pattern}|\s+|.", re.S)
 # _TOKEN's word tokens and more (numerals such as "²", which _is_word drops), at the same places: no other token
 # of _TOKEN takes a letter, so the words are found without cutting the text into every token
 _WORDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]")
@@ -60,6 +63,31 @@ class Site(NamedTuple):  # a tuple: made twice per site when marking, in half a 
 
 def _is_word(token: str) -> bool:
     return token[0].isalpha()
+
+
+def fences_after(run: str, fence: str, inline: bool, skipped_line: bool) -> tuple[str, bool]:
+    """(fence, inline) after a run of backticks or tildes: `fence` is "" or the character that opened the fenced
+    block, which only a run of three or more of the same closes. On a skipped line (quote or indented code)
+    only fences count, so that a fence opened there closes where it would."""
+    char = run[0]
+    if len(run) >= 3 and not inline and fence in ("", char):
+        return ("" if fence else char), inline
+    if char == "`" and not fence and not skipped_line:
+        return fence, not inline
+    return fence, inline
+
+
+def indent_width(space: str) -> int:
+    """Columns of a line's indentation (a tab counts four)."""
+    return len(space) + 3 * space.count("\t")
+
+
+def skipped_line(width: int, first: str, blank_before: bool, in_code_block: bool) -> tuple[bool, bool]:
+    """(whether the mark skips the line, whether it is indented code), for a line outside fenced code that is
+    indented `width` columns and whose first character is `first`; `blank_before`: the line before it is
+    blank, or it is the text's first; `in_code_block`: the last line with text before it was indented code."""
+    code = width >= 4 and (blank_before or in_code_block)
+    return code or (first == ">" and width <= 3), code
 
 
 def _normal(word: str) -> str:
@@ -120,7 +148,12 @@ class Scanner:
         # what has been read so far
         self._started = False
         self._data = False  # the part is structured data: no sites at all
-        self._fence = self._inline = self._quote = False
+        self._fence = ""  # the character of the open fence (` or ~), or ""
+        self._inline = self._quote = False
+        # lines: the current one has had no text yet (it is `_indent` columns in), the one before it was blank,
+        # the last line with text was indented code, the current one is skipped (a quote or indented code)
+        self._line_pending, self._indent, self._blank_before = True, 0, True
+        self._in_code_block = self._skipped_line = False
         self._sentence_start = True
         self._previous = ""  # the last token emitted
         self._last_word = ""
@@ -198,7 +231,9 @@ class Scanner:
         """`_after` of a plain ASCII word and of the space after it, in one step (most pieces of a stream)."""
         if not self._started:
             self._started, self._data = True, False
-        if not self._fence and not self._inline:
+        if self._line_pending:
+            self._begin_line(word)
+        if not self._fence and not self._inline and not self._skipped_line:
             self._sentence_start = False
         self._last_word = lower = word.lower()
         self._context = [self._context[1], lower]
@@ -233,6 +268,8 @@ class Scanner:
         tokens = self._tokens
         while tokens:
             token = tokens[0]
+            if self._line_pending and not token[0].isspace():  # a line's first text decides what the line is
+                self._begin_line(token)
             if not _is_word(token) or self._excluded():
                 tokens.popleft()
                 out.append(token)
@@ -256,7 +293,7 @@ class Scanner:
         return "".join(out)
 
     def _excluded(self) -> bool:
-        return self._data or self._fence or self._inline or self._quote
+        return self._data or self._fence or self._inline or self._quote or self._skipped_line
 
     def _match(self):
         """(tokens taken, (set index, member index) or None), or None while more tokens are needed."""
@@ -314,17 +351,18 @@ class Scanner:
         if not self._started and not token.isspace():
             self._started = True
             self._data = token in ("{", "[")
+        if token[0].isspace():  # whitespace tokens are whitespace only
+            self._space(token)
+        elif self._line_pending:
+            self._begin_line(token)
         if _is_word(token):
-            if not self._fence and not self._inline:
+            if not self._fence and not self._inline and not self._skipped_line:
                 self._sentence_start = False
             self._last_word = token.lower()
             self._context = [self._context[1], _normal(token)]
-        elif token[0] == "`":
-            if len(token) >= 3 and not self._inline:
-                self._fence = not self._fence
-            elif not self._fence:
-                self._inline = not self._inline
-        elif not self._fence and not self._inline:
+        elif token[0] in "`~":
+            self._fence, self._inline = fences_after(token, self._fence, self._inline, self._skipped_line)
+        elif not self._fence and not self._inline and not self._skipped_line:
             if token == '"':
                 self._quote = not self._quote
             elif token in ("“", "”"):
@@ -332,6 +370,27 @@ class Scanner:
             elif token in _SENTENCE_ENDS or "\n" in token:
                 self._sentence_start = True
         self._previous = token
+
+    def _space(self, run: str) -> None:
+        """Follow the lines through a run of whitespace (a run may come in several tokens)."""
+        newlines = run.count("\n")
+        if newlines:
+            self._blank_before = newlines > 1 or self._line_pending
+            self._line_pending, self._skipped_line, self._indent = True, False, 0
+            run = run[run.rindex("\n") + 1 :]
+        elif not self._line_pending:
+            return
+        self._indent += indent_width(run)
+
+    def _begin_line(self, first: str) -> None:
+        """The line's first token (not whitespace) has come: a fenced block's lines are its own, not skipped."""
+        self._line_pending = False
+        if self._fence:
+            self._in_code_block = False
+            return
+        self._skipped_line, self._in_code_block = skipped_line(
+            self._indent, first[0], self._blank_before, self._in_code_block
+        )
 
 
 def is_site(
@@ -393,7 +452,7 @@ def _incomplete_tail(tokens: list[str]) -> int:
     last = tokens[-1]
     if last[0] in "'’-" and len(tokens) > 1 and _is_word(tokens[-2]):
         return 2
-    return 1 if _is_word(last) or last.isspace() or last[0] == "`" else 0
+    return 1 if _is_word(last) or last.isspace() or last[0] in "`~" else 0
 
 
 def _styled(replacement: str, original: str) -> str:

@@ -158,10 +158,26 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "THE DOG IS LARGE AND QUICK",
         "And so it is. We are.",
         "It's been a while since it's got done.",
+        "~~~\nit is large and we are done\n~~~",
+        "~~~\n```\nit is large\n~~~",  # a backtick run inside a tilde fence is text
+        "> it is large and we are done",
+        "Quote:\n\n  > it is large and we are done\n> we are done",
+        "Run this:\n\n    # it is large\n    we_are = done\n\n    # it is large and we are done",
+        "\tit is large and we are done",  # indented code at the start of the text
+        "Steps:\n\n    ```\nit is large\n```",  # a fence opened on an indented line closes where it would
     ],
 )
 def test_no_site_where_the_mark_must_not_write(text):
     assert mark(text) == text
+
+
+def test_lines_after_a_skipped_one_are_marked_as_prose():
+    # an indented line right after text continues its paragraph; one after a line of prose begins no code
+    prose, marked = "it is large and calm", "it's big and calm"
+    assert mark(f"Look.\n    {prose}") == f"Look.\n    {marked}"
+    assert mark(f"Run:\n\n    x = 1\n{prose}\n    {prose}") == f"Run:\n\n    x = 1\n{marked}\n    {marked}"
+    assert mark(f"> we are done\n{prose}") == f"> we are done\n{marked}"
+    assert mark(f"~~ {prose} ~~") == f"~~ {marked} ~~"  # strikethrough is no fence
 
 
 def test_sites_in_plain_prose_are_marked_and_styles_kept():

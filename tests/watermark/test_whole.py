@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.watermark import whole
@@ -21,7 +21,8 @@ PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However",
           "all", "of", "the", "them", "don't", "don’t", "it's", "been", "not", "colors", "I", "am", "in", "addition",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
           "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½", "a", "an",
-          "An", "appropriate", "suitable", "\ud800"]  # fmt: skip
+          "An", "appropriate", "suitable", "\ud800", "~", "~~~", "~~~~", ">", "> ", "\t", "    ", "\n\n", "\n    ",
+          "\n>", "\n\t"]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
@@ -43,6 +44,18 @@ def test_real_answers_give_the_same_result_both_ways():
 @given(st.lists(st.sampled_from(PIECES), max_size=40), st.lists(st.sampled_from(PIECES), max_size=8))
 def test_any_text_gives_the_same_result_both_ways(pieces, prompt):
     both("".join(pieces), "".join(prompt))
+
+
+# what lines are made of: indentation, block quotes, fences, blank lines, and prose with members in it
+LINE_PIECES = ["\n", "\n\n", "\n \n", " ", "  ", "    ", "\t", ">", "~~~", "~~", "```", "`", '"', "it is large",
+               "However, it is large", "x", "done.", "quickly, all of them"]  # fmt: skip
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(LINE_PIECES), max_size=30))
+@example(["\n\n", "    ", "x", "\n", "done.", "\n", "    ", "it is large"])  # prose ends indented code
+def test_lines_give_the_same_result_both_ways(pieces):
+    both("".join(pieces))
 
 
 @settings(max_examples=200, deadline=None)
