@@ -118,7 +118,7 @@ class Exchange:
     stream: bool = False
     prompt_text: str = ""  # the text of the prompt (messages, system, input), for the marks
     structured: bool = False  # the request asks for structured output (JSON mode, a schema): never rewritten
-    prompt_tokens: int = 0  # estimated at admission, from the prompt's text
+    prompt_tokens: int = 0  # estimated at admission, from the request's body
     requested_output: int | None = 0  # the output token limit the request set; None: none, on a route that generates
     choices: int = 1  # answers the upstream writes (n, best_of), each up to the output limit
     output_cap: int | None = None  # set by admission: the output limit the upstream request must carry

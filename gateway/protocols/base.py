@@ -116,7 +116,10 @@ class Dialect:
         return found or None
 
     def cap_output(self, body: dict[str, Any], cap: int) -> bool:
-        """Make the request ask for at most `cap` output tokens; whether the body changed."""
+        """Make the request ask for at most `cap` output tokens; whether the body changed (a route that
+        generates nothing, embeddings, has no such field)."""
+        if not self.output_fields:
+            return False
         present = [name for name in self.output_fields if body.get(name) is not None]
         if not present:
             body[self.output_fields[0]] = cap
@@ -237,11 +240,32 @@ def _events_holding(stream: bytes, key: re.Pattern) -> list[bytes]:
     return events
 
 
-def estimate_tokens(text: str) -> int:
-    """An upper estimate of a prompt's tokens before the upstream counts them: a token is rarely under
-    three bytes of UTF-8 (English averages about four characters; CJK about one character of three
-    bytes). Admission reserves this much and the real count corrects it."""
-    return -(-len(text.encode("utf-8", "surrogatepass")) // 3)
+def estimate_tokens(body: bytes, request: Any) -> int:
+    """An upper estimate of a request's prompt tokens before the upstream counts them: its body's bytes over
+    three (a token is rarely under three bytes of UTF-8: English averages about four characters, CJK one
+    character of three bytes). The whole body, not the messages' text alone: tools, tool results and every
+    other field are prompt too. Base64 data (images, audio, files) is left out: the upstream counts an
+    image as a few hundred tokens, not by its size. Admission reserves this much and the real count
+    corrects it."""
+    binary = _binary_bytes(request) if b'"data' in body or b"data:" in body else 0
+    return -(-(len(body) - binary) // 3)
+
+
+def _binary_bytes(value: Any) -> int:
+    """The characters of base64 payloads in a request: data URIs, and the `data` or `file_data` string of a
+    part (Anthropic's base64 sources, OpenAI's input_audio and files)."""
+    if isinstance(value, dict):
+        found = 0
+        for key, item in value.items():
+            if isinstance(item, str):
+                found += len(item) if key in ("data", "file_data") or item.startswith("data:") else 0
+            else:
+                found += _binary_bytes(item)
+        return found
+    if isinstance(value, list):
+        return sum(len(item) if isinstance(item, str) and item.startswith("data:") else _binary_bytes(item)
+                   for item in value)  # fmt: skip
+    return 0
 
 
 def total_tokens(usage: dict[str, Any] | None) -> int | None:

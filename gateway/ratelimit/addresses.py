@@ -56,25 +56,30 @@ class AddressLimiter:
             self._shared = MovingWindowRateLimiter(self._storage)
 
     async def check(self, group: str) -> None:
-        """Count one unauthenticated request from `group`; raises RATE_LIMITED once its windows are full."""
-        for item in self._items:
-            limiter, allowed = await self._hit(item, group)
-            if not allowed:
-                wait = max(await self._reset_at(limiter, item, group) - time.time(), 0.001)
-                raise GatewayError(
-                    ErrorKind.RATE_LIMITED,
-                    f"too many requests without a valid API key from this address (limit {item.amount} per "
-                    f"{item.GRANULARITY.name}); try again in {wait:.3g}s",
-                    {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))},
-                )
+        """Count one unauthenticated request from `group`; raises RATE_LIMITED once its windows are full. A
+        refused request is counted in none of them: every window is tested before any is charged (charging
+        each in turn filled the hourly window with the requests the minute's refused)."""
+        for charge in (False, True):
+            for item in self._items:
+                limiter, allowed = await self._ask(item, group, charge)
+                if not allowed:
+                    wait = max(await self._reset_at(limiter, item, group) - time.time(), 0.001)
+                    raise GatewayError(
+                        ErrorKind.RATE_LIMITED,
+                        f"too many requests without a valid API key from this address (limit {item.amount} per "
+                        f"{item.GRANULARITY.name}); try again in {wait:.3g}s",
+                        {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))},
+                    )
 
-    async def _hit(self, item, group: str) -> tuple[MovingWindowRateLimiter, bool]:
+    async def _ask(self, item, group: str, charge: bool) -> tuple[MovingWindowRateLimiter, bool]:
+        """Whether the window has room (and, with `charge`, take it), on the shared storage while it answers."""
         if self._shared is not None:
+            shared = self._shared.hit if charge else self._shared.test
             try:
-                return self._shared, await self._guard.call(lambda: self._shared.hit(item, _NAMESPACE, group))
+                return self._shared, await self._guard.call(lambda: shared(item, _NAMESPACE, group))
             except StorageDown:
                 pass
-        return self._local, await self._local.hit(item, _NAMESPACE, group)
+        return self._local, await (self._local.hit if charge else self._local.test)(item, _NAMESPACE, group)
 
     async def _reset_at(self, limiter: MovingWindowRateLimiter, item, group: str) -> float:
         if limiter is self._local:

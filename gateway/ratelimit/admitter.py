@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from .. import metrics
 from ..config import LimitSettings, Rate
-from ..exchange import ErrorKind, Exchange, GatewayError, Identity, Quota
+from ..exchange import ErrorKind, Exchange, GatewayError, Identity, Outcome, Quota
 from .addresses import AddressLimiter
 from .budget import Ask, Check, MemoryBudget, Plan, Status, TierTable, TierTerms, Verdict, span_of
 from .guard import StorageDown, StorageGuard
@@ -120,8 +120,7 @@ class LimitAdmitter:
             exchange.quotas = self._quotas(ask, verdict, engine.divisor)
         if verdict.status is not Status.ADMITTED:
             raise _refusal(ask, verdict, exchange.quotas)
-        if exchange.requested_output is None or exchange.requested_output > verdict.output_cap:
-            exchange.output_cap = verdict.output_cap
+        exchange.output_cap = verdict.output_cap  # every output field the request sets, not only the smallest
         self._held[exchange.id] = _Held(ask, verdict, engine)
         if tier.tarpit_ms:
             try:
@@ -136,10 +135,12 @@ class LimitAdmitter:
             return
         if exchange.upstream_status is None or exchange.upstream_status >= 300:
             correction = -held.verdict.reserved  # nothing was generated: refund all of it
-        elif exchange.tokens_used is not None:
-            correction = exchange.tokens_used - held.verdict.reserved
-        else:
+        elif exchange.tokens_used is None:
             correction = 0  # answered, usage unknown (a client that left mid-stream): the reservation stands
+        elif exchange.outcome is Outcome.COMPLETED:
+            correction = exchange.tokens_used - held.verdict.reserved
+        else:  # cut short: the usage seen is a part (Anthropic's message_start counts one output token), never a refund
+            correction = max(exchange.tokens_used - held.verdict.reserved, 0)
         with contextlib.suppress(StorageDown):  # its leases lapse on their own
             await self._on(held.engine, lambda: held.engine.settle(held.ask, held.verdict, correction))
 

@@ -282,3 +282,83 @@ def _publics(state_dir):
     return [
         item.public for f in sorted((state_dir / "evidence").glob("[0-9]*")) for item in LogReader(f, keys).entries()
     ]
+
+
+def test_an_answer_cut_short_keeps_its_reservation_whatever_part_of_its_usage_came():
+    """Anthropic's message_start counts one output token; the real count comes at the end. A client that reads
+    the text and leaves before it, or a stream that fails, must not be refunded down to that first count."""
+    from gateway import config
+    from gateway.exchange import Exchange, GatewayError, Identity, Outcome
+    from gateway.ratelimit import open_admitter
+
+    settings = config.parse({"limits": {"identity": {"requests": "1000/minute", "tokens": "1000/day"}}}, "t")
+    admitter = open_admitter(settings)
+    alice = Identity("alice", "normal")
+
+    async def request(outcome: Outcome) -> int:
+        exchange = Exchange(f"r{id(object())}", "POST", "/v1/messages", "anthropic", None, "192.0.2.1")
+        exchange.identity, exchange.prompt_tokens, exchange.requested_output = alice, 10, 390
+        try:
+            await admitter.admit(exchange)
+        except GatewayError as refused:
+            return refused.status
+        exchange.upstream_status, exchange.tokens_used, exchange.outcome = 200, 11, outcome
+        await admitter.release(exchange)
+        return 200
+
+    async def run() -> list[int]:
+        return [await request(outcome) for outcome in [Outcome.CLIENT_CANCELLED, Outcome.UPSTREAM_FAILED] * 2]
+
+    assert asyncio.run(run()) == [200, 200, 429, 429]  # 400 reserved and kept by each of the first two
+
+
+def test_every_part_of_a_request_counts_toward_its_prompt_but_base64_data_does_not(limited):
+    """Tools, tool results and list inputs are prompt too: 100 KB of them is beyond a budget of 20,000 tokens.
+    An image's base64 is not: the upstream counts an image by its tiles, not its size."""
+    _, key = limited.identity()
+    big = "word " * 20000
+    tools = [{"type": "function", "function": {"name": "f", "description": big, "parameters": {"type": "object"}}}]
+    result = [{"type": "tool_result", "tool_use_id": "t", "content": big}]
+    image = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 300_000}}]  # fmt: skip
+    asks = [
+        ("/v1/chat/completions", {**CHAT, "tools": tools}),
+        ("/v1/messages", {**MESSAGE, "messages": [{"role": "user", "content": result}]}),
+        ("/v1/embeddings", {"model": "e", "input": [big]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": image}]}),
+    ]
+    with limited.client(key) as http:
+        statuses = [http.post(path, json=body).status_code for path, body in asks]
+    assert statuses == [413, 413, 413, 200]
+
+
+def test_a_request_setting_both_output_fields_is_held_to_what_was_reserved(limited, fake_upstream):
+    """Admission reserves the smaller of max_tokens and max_completion_tokens; an upstream that honours the
+    other must not be asked for more."""
+    _, key = limited.identity()
+    with limited.client(key) as http:
+        http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10, "max_completion_tokens": 100_000})
+    sent = json.loads(fake_upstream.requests[-1].body)
+    assert (sent["max_tokens"], sent["max_completion_tokens"]) == (10, 10)
+
+
+def test_a_request_refused_by_one_address_window_is_not_counted_in_the_others():
+    from gateway.config import rates
+    from gateway.exchange import GatewayError
+    from gateway.ratelimit.addresses import AddressLimiter
+
+    limiter = AddressLimiter(rates("10/hour; 2/minute"))
+
+    async def run() -> list[str]:
+        seen = []
+        for _ in range(12):
+            try:
+                await limiter.check("192.0.2.1")
+                seen.append("ok")
+            except GatewayError as refused:
+                seen.append("minute" if "per minute" in refused.message else "hour")
+        return seen
+
+    assert asyncio.run(run()) == ["ok", "ok"] + ["minute"] * 10
+    stats = asyncio.run(limiter._local.get_window_stats(limiter._items[0], "unauthenticated", "192.0.2.1"))
+    assert stats.remaining == 8  # the hour's window counted the two admitted only
