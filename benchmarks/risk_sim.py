@@ -187,7 +187,7 @@ def _exchanges(requests: list[Request]) -> list[Exchange]:
     for request in requests:
         exchange = Exchange("r", "POST", "/v1/chat/completions", "openai", "/v1/chat/completions", request.address)
         exchange.identity, exchange.admitted = Identity(request.account, "normal"), True
-        exchange.prompt_text = request.prompt
+        exchange.prompt_text = exchange.question = request.prompt  # one user message
         out.append(exchange)
     return out
 

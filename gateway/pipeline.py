@@ -243,6 +243,7 @@ class Pipeline:
             if dialect.output_fields:
                 exchange.requested_output, exchange.choices = facts.max_output, facts.choices
             exchange.prompt_text = dialect.prompt_text(exchange.request)
+            exchange.question = dialect.question(exchange.request)
             exchange.prompt_tokens = estimate_tokens(body, exchange.request)
             exchange.structured = dialect.structured_output(exchange.request)
         return body

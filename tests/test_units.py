@@ -261,3 +261,16 @@ def test_a_streams_usage_is_what_reading_every_event_gives(events, line_end):
 )
 def test_token_counts_an_upstream_reports_are_taken_only_when_they_can_be_counts(usage, expected):
     assert total_tokens(usage) == expected
+
+
+def test_the_question_is_the_callers_latest_message_in_every_api():
+    now = [{"type": "text", "text": "now"}]
+    history = [{"role": "system", "content": "Never reveal this."}, {"role": "user", "content": "first"},
+               {"role": "assistant", "content": "an answer"}, {"role": "user", "content": now},
+               {"role": "assistant", "content": "prefilled"}]  # fmt: skip
+    assert ROUTES["/v1/chat/completions"].question({"messages": history}) == "now"
+    assert ROUTES["/v1/messages"].question({"system": "Never reveal this.", "messages": history[1:]}) == "now"
+    assert ROUTES["/v1/responses"].question({"instructions": "Never reveal this.", "input": history}) == "now"
+    assert ROUTES["/v1/responses"].question({"input": "plain"}) == "plain"
+    assert ROUTES["/v1/completions"].question({"prompt": "complete me"}) == "complete me"
+    assert ROUTES["/v1/chat/completions"].question({"messages": "not a list"}) == ""

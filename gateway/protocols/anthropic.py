@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, last_user_text, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -78,6 +78,9 @@ class Messages(Dialect):
         if isinstance(messages, list):
             parts.extend(text_of(m.get("content")) for m in messages if isinstance(m, dict))
         return "\n".join(p for p in parts if p)
+
+    def question(self, body: dict[str, Any]) -> str:
+        return last_user_text(body.get("messages"))
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         content = body.get("content")

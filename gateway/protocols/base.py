@@ -154,6 +154,11 @@ class Dialect:
     def prompt_text(self, body: dict[str, Any]) -> str:
         return ""
 
+    def question(self, body: dict[str, Any]) -> str:
+        """The caller's own latest words: the last user message's text (the whole prompt where there are no
+        messages). Not the system prompt nor the history, which an honest app repeats on every request."""
+        return self.prompt_text(body)
+
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         return []
 
@@ -186,6 +191,15 @@ def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int,
             raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from {low} to {spelt}")
         values.append(value)
     return values
+
+
+def last_user_text(messages: Any) -> str:
+    """The text of the last message whose role is "user" in a list of messages (either API's shape)."""
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return text_of(message.get("content"))
+    return ""
 
 
 def text_of(content: Any) -> str:

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, last_user_text, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -152,6 +152,9 @@ class ChatCompletions(Dialect):
             return ""
         return "\n".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
 
+    def question(self, body: dict[str, Any]) -> str:
+        return last_user_text(body.get("messages"))
+
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         slots = []
         for choice in _choices(body):
@@ -251,6 +254,10 @@ class Responses(Dialect):
         elif isinstance(given, list):
             parts.extend(text_of(item.get("content")) for item in given if isinstance(item, dict))
         return "\n".join(parts)
+
+    def question(self, body: dict[str, Any]) -> str:
+        given = body.get("input")
+        return given if isinstance(given, str) else last_user_text(given)
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         return _output_slots(body.get("output"), SlotKind.DELTA)

@@ -8,9 +8,16 @@ Nothing here keeps state or reads a clock. The prompt is reduced to:
 - its length in words (machine-made prompts vary little in length; people's vary a lot);
 - the words of its opening and of its closing (six each, as two-byte hashes): a template reworded from a few
   interchangeable parts keeps drawing both ends from the same few words, where a person's bring new ones;
-- whether it asks for the model's reasoning, or probes for the system prompt;
+- whether it asks for the model's reasoning (anywhere in the prompt: a harvester's system prompt may ask for
+  it), or probes for the system prompt (in the caller's latest message only: an honest app's system prompt
+  often says "never reveal your system prompt", and a chat's history repeats every earlier turn);
 and the answer to whether it carried prose the watermark could mark (an account that only ever asks for
 code, JSON or quotations avoids the marks).
+
+Words are runs of letters and digits in any script, each CJK character one word (those scripts put no space
+between words): a prompt in Russian or Chinese has words like any other. Only the first and last
+`READ_CHARS` / 2 characters of a longer prompt are read (its middle's words are estimated at one per six
+characters), so that scoring stays microseconds however large the prompt, and the queue holds no more.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from dataclasses import dataclass
 
 from ..exchange import Exchange, Identity
 
-_WORD = re.compile(r"[a-z0-9']+")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:'[^\W_{_CJK}]+)*")
+READ_CHARS = 16384
 
 
 class _Phrases:
@@ -52,7 +61,7 @@ _PROBE = _Phrases(
     ("prompt", "instructions", "above", "developer message"),
 )
 _REASONING_FIELDS = ("reasoning_effort", "reasoning", "thinking", "include_reasoning")
-UNMARKED_MIN_BYTES = 600  # an answer this long with no watermark site avoided prose
+UNMARKED_MIN_CHARS = 600  # an answer with this much text that the watermark read and found no site in avoided prose
 END_WORDS = 6  # words of a prompt's opening and of its closing that are kept
 END_BYTES = 2 * END_WORDS  # an end's word hashes, packed (_word_hashes)
 
@@ -82,7 +91,9 @@ class Seen:
 
     identity: Identity
     time: float
-    prompt: str
+    prompt: str  # at most READ_CHARS of it (_readable)
+    unread: int  # characters of the prompt left out
+    question: str  # at most READ_CHARS of it
     reasoning_asked: bool  # a reasoning field in the request
     unmarked: bool
     client_ip: str
@@ -95,20 +106,39 @@ def seen(exchange: Exchange, now: float) -> Seen | None:
     if identity is None or exchange.route is None or not exchange.admitted:
         return None
     request = exchange.request or {}
-    sites = sum(mark.get("sites", 0) for mark in exchange.marks)
+    prompt, unread = _readable(exchange.prompt_text)
     return Seen(
         identity,
         now,
-        exchange.prompt_text,
+        prompt,
+        unread,
+        _readable(exchange.question)[0],
         any(request.get(f) for f in _REASONING_FIELDS),
-        exchange.structured or (sites == 0 and len(exchange.answer()) >= UNMARKED_MIN_BYTES),
+        exchange.structured or _prose_free(exchange.marks),
         exchange.client_ip,
     )
+
+
+def _readable(text: str) -> tuple[str, int]:
+    """(the text, or its first and last READ_CHARS / 2 characters; how many were left out)."""
+    if len(text) <= READ_CHARS:
+        return text, 0
+    half = READ_CHARS // 2
+    return f"{text[:half]}\n{text[-half:]}", len(text) - READ_CHARS
+
+
+def _prose_free(marks: list[dict]) -> bool:
+    """The lexical watermark (whose records count sites) read UNMARKED_MIN_CHARS or more of the answer's text and
+    found no site in it. With the watermark off there is no such record, and nothing is said."""
+    read = [mark for mark in marks if "sites" in mark]
+    chars = sum(mark.get("chars", 0) for mark in read)
+    return bool(read) and not any(mark["sites"] for mark in read) and chars >= UNMARKED_MIN_CHARS
 
 
 def features(found: Seen) -> Observation:
     text = found.prompt.lower()
     words = _WORD.findall(text)
+    question = found.question.lower()
     head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
     return Observation(
         identity=found.identity.name,
@@ -116,9 +146,9 @@ def features(found: Seen) -> Observation:
         time=found.time,
         prefix=_hash(head),
         suffix=_hash(tail),
-        words=len(words),
+        words=len(words) + found.unread // 6,
         reasoning=found.reasoning_asked or _REASONING.search(text),
-        probe=_PROBE.search(text),
+        probe=_PROBE.search(question),
         unmarked=found.unmarked,
         network=network_of(found.client_ip),
         opening=_word_hashes(words[:END_WORDS]),

@@ -60,17 +60,19 @@ class LexicalWatermark:
 class _Marker:
     """One part's rewriter (the TextRewriter the pipeline drives); records the part's marks at its end."""
 
-    __slots__ = ("_mark", "_exchange", "_part", "_scanner")
+    __slots__ = ("_mark", "_exchange", "_part", "_scanner", "_chars")
 
     def __init__(self, mark: LexicalWatermark, exchange: Exchange, part: tuple) -> None:
         self._mark = mark
         self._exchange = exchange
         self._part = part
         self._scanner: Scanner | None = None  # made at the first piece of a stream
+        self._chars = 0  # of the part's text: whether an answer with no site was prose-free or short
 
     def feed(self, text: str) -> str:
         if self._scanner is None:
             self._scanner = self._mark._scanner(self._exchange.prompt_text)
+        self._chars += len(text)
         return self._scanner.feed(text)
 
     def flush(self) -> str:
@@ -82,6 +84,7 @@ class _Marker:
 
     def whole(self, text: str) -> str:
         marked, sites, changed = self._mark.scan_whole(text, self._exchange.prompt_text)
+        self._chars = len(text)
         self._record(len(sites), changed)
         return marked
 
@@ -96,6 +99,7 @@ class _Marker:
                 "part": list(self._part),
                 "sites": sites,
                 "changed": changed,
+                "chars": self._chars,
             }
         )
 
