@@ -32,22 +32,29 @@ ALTERNATIVES = {
 
 def claims(doc: dict) -> list[dict]:
     """Statements for the report, each with the evidence it rests on and the alternatives that remain."""
-    found = [_watermark(doc["watermark"]), *_canaries(doc["canaries"]), *_exposure(doc["exposure"])]
+    probed = doc.get("suspect", {}).get("started")
+    found = [_watermark(doc["watermark"], probed), *_canaries(doc["canaries"]), *_exposure(doc["exposure"])]
     return found + ([_reading(doc["reading"])] if doc.get("reading") else [])
 
 
-def _watermark(mark: dict) -> dict:
+def _watermark(mark: dict, probed: str | None) -> dict:
+    """`probed`: when the probe began (UTC, ISO 8601 as the probe writes it), which the key must predate."""
     best = mark["best"]
     p, hits, n = best["p_value"], best["hits"], best["n"]
     committed = mark["commitments"].get(f"watermark-key@{best['epoch']}")
     when = (f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry "
             f"{committed['index']})." if committed else " No prior commitment to this key is in the evidence log, "
             "so nothing here shows the key was fixed before the suspect's text existed.")  # fmt: skip
+    late = committed is not None and probed is not None and committed["time"] > probed
+    if late:
+        when += (f" That is after the probe began ({probed}): the commitment does not show that the key was fixed "
+                 "before the suspect's text existed.")  # fmt: skip
     if p < STRONG:
         text = (f"The suspect's answers follow this gateway's watermark key in {hits} of {n} word sets (p = {p:.3g}, "
-                "exact). Text written without the key does this with probability at most p: the suspect learned "
-                "from text marked by this gateway.")  # fmt: skip
-        level = "strong"
+                "exact). Text written without the key does this with probability at most p"
+                + (", if the key was fixed before the text was written." if late
+                   else ": the suspect learned from text marked by this gateway."))  # fmt: skip
+        level = "suggestive" if late else "strong"
     elif p < SUGGESTIVE:
         text = (f"The suspect's answers lean towards this gateway's watermark key ({hits} of {n} word sets, "
                 f"p = {p:.3g}): suggestive, not conclusive; a longer probe would settle it.")  # fmt: skip
@@ -79,19 +86,34 @@ def _canaries(found: dict) -> list[dict]:
         level = "strong" if a["p_value"] < STRONG else "suggestive"
         text = (f"{len(a['canaries'])} canaries of identity {a['identity']} (key epoch {a['epoch']}) appear in the "
                 f"suspect's answers, among {found['phrases_found']} canary-space phrases found "
-                f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). They "
-                f"were served only to this identity; {len(a['served'])} log entries below show when, each with an "
-                "inclusion proof.")  # fmt: skip
+                f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). "
+                )  # fmt: skip
+        alternatives = ["published", "second hand"]
+        if a["served"]:
+            text += f"These canaries were served only to this identity; {_served(a['served'])}."
+        else:  # the suspect knows phrases this account was never given: the canary key, not the account, leaked
+            level, alternatives = "suggestive", ["canary key leaked"]
+            text += ("The log has no record of serving them: they were drawn for this identity but never sent "
+                     "to it, which points to the canary key or the log's contents leaking, not to this account."
+                     )  # fmt: skip
         out.append({"about": "canaries", "identity": a["identity"], "level": level, "text": text,
-                    "alternatives": ["published", "second hand"]})  # fmt: skip
+                    "alternatives": alternatives})  # fmt: skip
     if not found["attributions"]:
-        chance = len(found["chance_matches"])
+        chance = found["chance_matches"]
         also = (f" {chance} identities have a canary-space phrase in common with the answers, no more than chance "
                 "explains (adjusted p >= 0.01); they are not named." if chance else "")  # fmt: skip
         out.append({"about": "canaries", "level": "none", "alternatives": [],
                     "text": f"No identity's canaries appear in the suspect's answers beyond chance "
                             f"({found['identities_tested']} identity-epochs tested).{also}"})  # fmt: skip
     return out
+
+
+def _served(entries: list[dict]) -> str:
+    proved = sum(1 for entry in entries if entry.get("proof"))
+    if proved == len(entries):
+        return f"{len(entries)} log entries below show when, each with an inclusion proof"
+    return (f"{len(entries)} log entries below show when, {proved} of them with an inclusion proof (the others are "
+            "not yet under a signed checkpoint)")  # fmt: skip
 
 
 def _exposure(exposure: dict) -> list[dict]:

@@ -113,13 +113,16 @@ def _canaries(found: dict) -> str:
 
 
 def _exposure(exposure: dict) -> str:
-    if not exposure["rows"]:
+    if not exposure["identities_tested"]:
         return ("<h2>Exposure</h2><p>Not scored: the probe ran without <code>--exposure</code>, or the endpoint "
                 "returns no log-probabilities.</p>")  # fmt: skip
     rows = [[t["identity"], f"{t['exposed']} / {t['scored']}", f"{t['median_exposure']:.1f}", f"{t['p_value']:.3g}"]
             for t in exposure["identities"]]  # fmt: skip
     head = ["identity", f"canaries in the top {exposure['alpha']:.1%}", "median exposure (bits)", "p (Holm)"]
-    return f"<h2>Exposure</h2><p>Test: {html.escape(exposure['test'])}.</p>{_table(head, rows)}"
+    others = exposure["identities_tested"] - len(rows)
+    unnamed = f"<p>{others} other identities scored, none beyond chance: they are not named.</p>" if others else ""
+    table = _table(head, rows) if rows else ""
+    return f"<h2>Exposure</h2><p>Test: {html.escape(exposure['test'])}.</p>{table}{unnamed}"
 
 
 def _reading(reading: dict | None) -> str:

@@ -103,7 +103,7 @@ def append_row(path: Path, row: dict) -> None:
     so they are readable by their owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(_line(row))
         f.flush()
         os.fsync(f.fileno())
 
@@ -123,7 +123,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: JSON strings hold U+2028
+    for line in path.read_bytes().split(b"\n"):  # bytes: a line torn inside a character must not stop the rest
         try:
             rows.append(json.loads(line))
         except ValueError:
@@ -134,7 +134,18 @@ def read_rows(path: Path) -> list[dict]:
 def write_rows(path: Path, rows: list[dict]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.write("".join(map(_line, rows)))
+
+
+def _line(row: dict) -> str:
+    """A row as one JSON line, readable as written; a suspect's answer may hold a lone surrogate (JSON allows
+    "\\ud800"), which has no UTF-8: such a row is written with its escapes."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"
 
 
 def prepare(out: Path, target: Target, items: Callable[[], list[dict]], options: dict) -> list[dict]:

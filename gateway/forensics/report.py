@@ -5,8 +5,11 @@ epochs), and again under many random wrong keys: if the test is sound, their p-v
 whatever the suspect is, so a suspect that "matches" every key shows a flaw, not a finding. Canaries
 are attributed as `canaries attribute` does, and where the probe scored exposure, each identity's
 canaries are tested by their ranks. For every canary found, the log entries that served it are proved
-included under a signed checkpoint, so a reader holding only the log's public key can check that those
-answers were served to that identity, and when. The claims are worded from the numbers (see `claims`).
+included under a signed checkpoint, so a reader holding only the log's public key can check that entries
+naming those canary ids were served to that identity, and when. That a canary id is the phrase found in
+the suspect's answers takes the canary key to show (an arbiter can be given it); the proofs do not open the
+answers. Identities found at chance are counted, never named: the report goes to third parties. The claims
+are worded from the numbers (see `claims`).
 """
 
 from __future__ import annotations
@@ -144,7 +147,9 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
             for r in results
             if r.p_value < SUGGESTIVE
         ],
-        "chance_matches": [r.as_json() for r in results if r.p_value >= SUGGESTIVE],
+        # identities whose canaries the answers hold no more than chance explains: counted, not named (the report
+        # goes to third parties, and these accounts are not implicated)
+        "chance_matches": sum(1 for r in results if r.p_value >= SUGGESTIVE and r.canaries),
     }
 
 
@@ -186,10 +191,12 @@ def _exposure(rows: list[dict]) -> dict:
                        "median_exposure": sorted(r["exposure"] for r in mine)[len(mine) // 2]})  # fmt: skip
     for row, adjusted in zip(tested, holm([t["raw_p_value"] for t in tested]), strict=True):
         row["p_value"] = adjusted
+    named = [t for t in tested if t["p_value"] < SUGGESTIVE]  # the others are not implicated: counted, not named
     return {
         "test": f"rank of each canary among its candidates (p = rank / (N + 1), exact); per identity, the count "
         f"ranked in the top {EXPOSURE_ALPHA:g}, exact binomial tail, Holm over identities",
         "alpha": EXPOSURE_ALPHA,
-        "rows": rows,
-        "identities": tested,
+        "identities_tested": len(tested),
+        "rows": [row for row in rows if row["identity"] in {t["identity"] for t in named}],
+        "identities": named,
     }

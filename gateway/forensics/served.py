@@ -91,7 +91,7 @@ def _read(reader: LogReader, begin: int, end: int, canary: Canary, part: tuple) 
     position = text.rfind(canary.text)
     if position < 0:
         return None
-    return dialect.prompt_text(request), text[:position].rstrip()
+    return dialect.question(request), text[:position].rstrip()  # never the system prompt nor the history
 
 
 def _value(openings: dict, name: str) -> bytes:

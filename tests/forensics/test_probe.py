@@ -16,7 +16,18 @@ from gateway.canary.phrases import SPACE, phrase
 from gateway.evidence.keys import Keys
 from gateway.evidence.reader import LogReader
 from gateway.forensics.exposure import candidates, exposure, ranked
-from gateway.forensics.probe import ERRORS, TRANSCRIPT, Failed, Limits, Session, Target, read_rows, retry_after, run
+from gateway.forensics.probe import (
+    ERRORS,
+    TRANSCRIPT,
+    Failed,
+    Limits,
+    Session,
+    Target,
+    append_row,
+    read_rows,
+    retry_after,
+    run,
+)
 from gateway.forensics.served import served_canaries
 from tests.conftest import ServerThread
 from tests.forensics.suspect import MisbehavingSuspect, jsonl
@@ -155,8 +166,11 @@ def test_served_canaries_come_from_the_log_and_a_model_trained_on_one_exposes_it
     with running_gateway(tmp_path / "gw", fake_upstream.url, limits) as gateway:
         name, key = gateway.identity("suspect")
         with gateway.client(key) as http:
+            # a customer's system prompt and history stay in the log: the suspect is asked the last question only
+            private = [{"role": "system", "content": "Internal DB password: hunter2"},
+                       {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]  # fmt: skip
             for question in ("Tell me about lighthouses.", "Tell me about kites."):
-                body = {"model": "m", "messages": [{"role": "user", "content": question}]}
+                body = {"model": "m", "messages": [*private, {"role": "user", "content": question}]}
                 assert http.post("/v1/chat/completions", json=body).status_code == 200
             body["stream"] = True
             assert http.post("/v1/chat/completions", json=body).status_code == 200
@@ -196,3 +210,15 @@ def test_the_built_in_prose_prompts_are_distinct_and_in_a_fixed_order():
     items = probe_items(4, 1, None, [])
     assert [i["id"] for i in items] == ["prose-0", "prose-1", "prose-2", "prose-3"]
     assert json.loads(json.dumps(items)) == items
+
+
+def test_a_suspects_lone_surrogate_is_kept_and_a_line_torn_inside_a_character_is_skipped(tmp_path):
+    """JSON lets a suspect answer "\\ud800", which has no UTF-8: writing it stopped the probe, and every resume.
+    A run killed inside a multi-byte character left a line that stopped every later read of the file."""
+
+    path = tmp_path / "transcript.jsonl"
+    append_row(path, {"id": "a", "text": "evil \ud800"})
+    append_row(path, {"id": "b", "text": "café"})
+    with open(path, "ab") as f:
+        f.write(b'{"id": "c", "text": "caf' + "é".encode()[:1])
+    assert read_rows(path) == [{"id": "a", "text": "evil \ud800"}, {"id": "b", "text": "café"}]

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,8 +49,9 @@ def _probe_folder(folder, name: str, texts: list[str]):
     """What `canarygate probe` leaves: its settings and a transcript of the suspect's answers."""
     probe = folder / name
     probe.mkdir()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # after the log's commitments, as a real probe
     (probe / SETTINGS).write_text(json.dumps({"base_url": "http://suspect.example/v1", "model": name,
-                                              "started": "2026-11-27T00:00:00Z"}))  # fmt: skip
+                                              "started": started}))  # fmt: skip
     rows = [{"id": f"p{i}", "kind": "prose", "prompt": "", "text": t} for i, t in enumerate(texts)]
     (probe / TRANSCRIPT).write_text(jsonl(rows))
     return probe
@@ -60,6 +62,8 @@ def _scored_by_logprobs(probe, folder, name: str) -> None:
     key = epoch_keys(Keys.load(folder / ".canarygate" / "keys"))[0]
     exposure = [{"canary": f"cn_{i}", "identity": name, "epoch": 0, "log": "l", "entry": i, "candidates": 10_000,
                  "score": -5.0, "rank": 1, "p_value": 1 / 10_001, "exposure": 13.3} for i in range(3)]  # fmt: skip
+    exposure += [{**row, "identity": "bystander", "canary": f"cn_b{i}", "rank": 5000, "p_value": 5000 / 10_001,
+                  "exposure": 1.0} for i, row in enumerate(exposure)]  # fmt: skip
     reading = [{"id": f"{s}-0-0", "set": s, "scores": [0.0 if m == key.preferred[s] else -2.0 for m in range(2)]}
                for s in range(60) if len(key.sets.sets[s].members) == 2]  # fmt: skip
     (probe / "exposure.jsonl").write_text(jsonl(exposure))
@@ -111,13 +115,15 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     assert not re.findall(r'(?:src|href)="(?!#)', html) and "<svg" in html  # self-contained: nothing fetched
     assert Keys.load(folder / ".canarygate" / "keys").watermark.hex() not in html + json.dumps(doc)
     exposed = doc["exposure"]["identities"]
-    assert [(e["identity"], e["exposed"], e["scored"]) for e in exposed] == [(name, 3, 3)] and exposed[0][
-        "p_value"
-    ] < 1e-9
+    assert [(e["identity"], e["exposed"], e["scored"]) for e in exposed] == [(name, 3, 3)]
+    assert exposed[0]["p_value"] < 1e-8  # Holm over two identities
     assert doc["reading"]["best"]["p_value"] < 1e-6 and doc["reading"]["best"]["hits"] == doc["reading"]["best"]["n"]
     assert {c["about"] for c in doc["claims"] if c["level"] == "strong"} == {"watermark", "canaries", "exposure",
                                                                              "reading mode"}  # fmt: skip
     assert "canaries in the top 0.1%" in html and "Reading mode" in html
+    # an account scored and found at chance is counted, never named: the report goes to third parties
+    assert "bystander" not in html + json.dumps(doc) and "1 other identities scored" in html
+    assert isinstance(doc["canaries"]["chance_matches"], int)
 
 
 def test_a_suspect_that_never_saw_marked_answers_is_not_named(served):
@@ -173,3 +179,34 @@ def test_the_amount_curve_is_the_whole_tests_p_value_at_each_amount():
     curve = _by_amount(items, epochs, sets)
     assert curve[-1]["p_value"] == best.p_value == 3 * best.raw_p_value  # three epochs tested
     assert [point["texts"] for point in curve] == sorted(point["texts"] for point in curve)
+
+
+def test_canaries_the_log_never_served_implicate_no_account():
+    """The suspect writes canaries drawn for an account that was never sent them: the canary key leaked, not
+    the account's answers. Entries not yet under a checkpoint are not said to carry proofs."""
+    from gateway.forensics.claims import _canaries
+
+    attribution = {"identity": "carol", "epoch": 0, "canaries": ["cn_1", "cn_2", "cn_3"], "p_value": 1e-12}
+    found = {"phrases_found": 3, "identities_tested": 4, "chance_matches": 0}
+    never = _canaries({**found, "attributions": [{**attribution, "served": []}]})[0]
+    assert never["level"] == "suggestive" and "no record of serving them" in never["text"]
+    assert "served only" not in never["text"] and never["alternatives"] == ["canary key leaked"]
+    entries = [{"proof": {"leaf": "x"}}, {"proof": None}]
+    pending = _canaries({**found, "attributions": [{**attribution, "served": entries}]})[0]
+    assert (
+        pending["level"] == "strong"
+        and "2 log entries below show when, 1 of them with an inclusion proof" in (pending["text"])
+    )
+
+
+def test_a_key_committed_after_the_probe_began_makes_no_strong_watermark_claim():
+    from gateway.forensics.claims import claims
+
+    mark = {"best": {"p_value": 1e-12, "hits": 60, "n": 60, "epoch": 0},
+            "commitments": {"watermark-key@0": {"time": "2026-11-29T01:41:09Z", "log": "l", "index": 3}}}  # fmt: skip
+    doc = {"watermark": mark, "canaries": {"attributions": [], "identities_tested": 0, "chance_matches": 0},
+           "exposure": {"identities": []}}  # fmt: skip
+    before = claims({**doc, "suspect": {"started": "2026-11-30T00:00:00Z"}})[0]
+    after = claims({**doc, "suspect": {"started": "2000-01-01T00:00:00Z"}})[0]
+    assert before["level"] == "strong" and after["level"] == "suggestive"
+    assert "after the probe began (2000-01-01T00:00:00Z)" in after["text"]
