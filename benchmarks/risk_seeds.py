@@ -39,7 +39,7 @@ def replay(requests: list[Request], progress, task) -> dict[str, list[dict]]:
     moves: dict[str, list[dict]] = defaultdict(list)
     for i, r in enumerate(requests):
         identity = Identity(r.account, "normal")
-        found = features(Seen(identity, EPOCH + r.time, r.prompt, 0, r.prompt, False, False, r.address))
+        found = features(Seen(identity, EPOCH + r.time, EPOCH + r.time, r.prompt, 0, r.prompt, False, False, r.address))
         decision = engine.decide(found, identity, store.update(found))
         if decision is not None:
             moves[r.account].append({"to": decision.tier, "observed_at": found.time})

@@ -21,6 +21,9 @@ class FixedIdentity:
     def identify(self, exchange, credential):
         return Identity("bench", "unlimited")
 
+    def current(self, name):
+        return Identity("bench", "unlimited")
+
 
 class NoRecord:
     async def start(self) -> None:

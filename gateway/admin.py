@@ -43,7 +43,7 @@ class TierAdmin:
         tier = await _tier_of(receive)
         if tier not in self._tiers:
             return 400, _error(f'send {{"tier": T}} with T one of {", ".join(self._tiers)}')
-        await asyncio.to_thread(self._registry.set_tier, name, tier)
+        await asyncio.to_thread(self._registry.set_tier, name, tier, record.pin)  # a pin stays
         await self._admitter.set_tier(Identity(record.name, record.tier, record.tenant), tier)
         return 200, {"name": name, "tier": tier}
 

@@ -26,6 +26,7 @@ from .evidence.reader import LogReader, VerifyError, commitments
 from .evidence.store import Segment
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
+from .exchange import Identity
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
@@ -265,7 +266,12 @@ def _init(args) -> int:
 
 
 def _identities_add(args) -> int:
-    registry = Registry(_settings_with_tier(args).state_dir)  # an unknown tier would be served as normal
+    settings = _settings_with_tier(args)  # an unknown tier would be served as normal
+    registry = Registry(settings.state_dir)
+    if any(record.name == args.name for record in registry.all()):  # a name revoked, now registered anew
+        # is a new caller: a tier the risk engine gave its last holder goes (first, as in `tier set`, so that
+        # storage that cannot be reached leaves the registry as it was)
+        _clear_shared_tier(settings, Identity(args.name, args.tier, args.tenant))
     key = registry.add(args.name, tier=args.tier, tenant=args.tenant)
     print(f"registered {args.name} (tier {args.tier}); its key is shown once, below:")
     print(key)
@@ -290,9 +296,18 @@ def _identities_list(args) -> int:
 
 
 def _identities_revoke(args) -> int:
-    Registry(_settings(args).state_dir).revoke(args.name)
+    settings = _settings(args)
+    registry = Registry(settings.state_dir)
+    _clear_shared_tier(settings, registry.get(args.name).identity())  # no later holder of the name inherits it
+    registry.revoke(args.name)
     print(f"revoked {args.name}")
     return 0
+
+
+def _clear_shared_tier(settings: config.Settings, identity: Identity) -> None:
+    """Drop the tier override that replicas read for the identity from shared storage (memory has none here)."""
+    if settings.limits.storage != "memory":
+        asyncio.run(ratelimit.set_shared_tier(settings, identity, None))
 
 
 def _settings_with_tier(args) -> config.Settings:
@@ -307,11 +322,12 @@ def _settings_with_tier(args) -> config.Settings:
 def _tier_set(args) -> int:
     settings = _settings_with_tier(args)
     registry = Registry(settings.state_dir)
+    record = registry.get(args.name)
     if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage;
         # first, so that storage that cannot be reached leaves the registry as it was
-        asyncio.run(ratelimit.set_shared_tier(settings, registry.get(args.name).identity(), args.tier))
-    registry.set_tier(args.name, args.tier)
-    print(f"{args.name} is now in tier {args.tier}")
+        asyncio.run(ratelimit.set_shared_tier(settings, record.identity(), args.tier))
+    registry.set_tier(args.name, args.tier, pin=record.pin)  # a pin stays: `risk unpin` lifts it
+    print(f"{args.name} is now in tier {args.tier}" + (f", still pinned ({record.pin})" if record.pin else ""))
     return 0
 
 
@@ -336,7 +352,7 @@ def _risk_unpin(args) -> int:
 def _risk_show(args) -> int:
     """An identity's tier and pin, and every risk decision about it in the evidence log, with its reasons."""
     settings = _settings(args)
-    record = Registry(settings.state_dir).get(args.name)
+    record = _latest_record(Registry(settings.state_dir), args.name)  # a revoked account's history too
     try:
         readers = _readers(args, all_by_default=True)
     except VerifyError:  # a gateway that has not served yet has no log: no decision either
@@ -348,19 +364,28 @@ def _risk_show(args) -> int:
         if item.public.get("kind") == "risk" and item.public.get("identity") == args.name
     ]
     decisions.sort(key=lambda d: d["time"])  # each worker's log holds its own: one history, in time order
-    doc = {"identity": args.name, "tier": record.tier, "pin": record.pin, "decisions": decisions}
+    revoked = record.revoked is not None
+    doc = {"identity": args.name, "tier": record.tier, "pin": record.pin, "revoked": revoked, "decisions": decisions}
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"{args.name}: registry tier {record.tier}" + (f", pinned: {record.pin}" if record.pin else ""))
+    print(f"{args.name}: registry tier {record.tier}" + (f", pinned: {record.pin}" if record.pin else "")
+          + (", revoked" if revoked else ""))  # fmt: skip
     for d in decisions:
-        shadow = "" if d["applied"] else " (shadow: not applied)"
+        shadow = "" if d["applied"] else f" (not applied{': ' + d['error'] if d.get('error') else ''})"
         reasons = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["strengths"].items(), key=lambda kv: -kv[1]))
         reasons = reasons or "no signals"  # a step down, once they decayed
         print(f"  {d['time']} {d['from']} -> {d['to']}{shadow}: score {d['score']:.2f} from {reasons}")
     if not decisions:
         print("  no risk decisions recorded")
     return 0
+
+
+def _latest_record(registry: Registry, name: str):
+    """The record registered under `name` now, or else its latest revoked one (IdentityError if never)."""
+    records = [r for r in registry.all() if r.name == name]
+    live = [r for r in records if r.revoked is None]
+    return (live or records or [registry.get(name)])[-1]
 
 
 def _tier_show(args) -> int:

@@ -96,6 +96,7 @@ class Identity:
     tenant: str | None = None
     pinned: bool = False  # an operator fixed the tier: the risk engine does not move it
     tier_set: float = 0.0  # when its tier was last set by an operator (or it was registered): see LimitAdmitter
+    registered: float = 0.0  # when its key was issued: a name revoked and registered anew is a new caller
 
 
 @dataclass(slots=True)

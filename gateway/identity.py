@@ -51,7 +51,8 @@ class Record:
     tier_set: float = 0.0  # when an operator last set the tier (0: never since it was added)
 
     def identity(self) -> Identity:
-        return Identity(self.name, self.tier, self.tenant, self.pin is not None, self.tier_set or self.created)
+        pinned = self.pin is not None
+        return Identity(self.name, self.tier, self.tenant, pinned, self.tier_set or self.created, self.created)
 
 
 def _hash(key: str) -> str:
@@ -78,6 +79,11 @@ class Registry:
         if record is None or record.revoked is not None:
             return None
         return record if hmac.compare_digest(record.key_hash, _hash(key)) else None
+
+    def live(self, name: str) -> Record | None:
+        """The record registered under `name` now (re-read if the file changed), or None."""
+        self._refresh()
+        return next((r for r in self._records.values() if r.name == name and r.revoked is None), None)
 
     def _refresh(self) -> None:
         try:
@@ -125,7 +131,8 @@ class Registry:
         return key
 
     def set_tier(self, name: str, tier: str, pin: str | None = None) -> None:
-        """Set `name`'s tier; with `pin` (the operator's reason), the risk engine no longer moves it."""
+        """Set `name`'s tier; with `pin` (the operator's reason), the risk engine no longer moves it; without, a
+        pin is cleared (a change of tier alone passes the record's own pin)."""
         with self._locked() as records:
             record = _live(records, name)
             records[name] = replace(record, tier=tier, pin=pin, tier_set=time.time())
@@ -179,6 +186,10 @@ class KeyIdentifier:
         if record is None:
             raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key")
         return record.identity()
+
+    def current(self, name: str) -> Identity | None:
+        record = self._registry.live(name)
+        return None if record is None else record.identity()
 
 
 def _live(records: dict[str, Record], name: str) -> Record:

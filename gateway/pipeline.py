@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 
 from . import jsonio, metrics
 from .body import read_body
@@ -174,10 +175,20 @@ class Pipeline:
                     self._risk.observe(exchange)  # queued: scored off the request path
 
     async def _apply_decision(self, decision: Decision) -> None:
-        """A risk decision: applied where admission reads tiers (unless in shadow mode), and recorded."""
+        """A risk decision: recorded, then applied where admission reads tiers; not applied in shadow mode, nor
+        where an operator pinned the identity or its name was registered anew since the request that moved it
+        was admitted (the registry says so now). A decision that could not be applied is recorded again, so."""
+        now = self._identify.current(decision.identity.name)
+        if decision.applied and (now is None or now.pinned or now.registered != decision.identity.registered):
+            decision = replace(decision, applied=False)
         await self._record.decision(decision.identity, {"decision": decision.as_json()})  # no change unrecorded
         if decision.applied:
-            await self._admit.set_tier(decision.identity, decision.tier)
+            try:
+                await self._admit.set_tier(decision.identity, decision.tier)
+            except Exception:
+                failed = {**decision.as_json(), "applied": False, "error": "the tier could not be stored"}
+                await self._record.decision(decision.identity, {"decision": failed})
+                raise
 
     async def _identify_or_count(self, exchange: Exchange, headers) -> None:
         """Identify the caller; a refused key still counts against its address's unauthenticated limit,

@@ -17,6 +17,9 @@ class Identifier(Protocol):
     def identify(self, exchange: Exchange, credential: str | None) -> Identity:
         """Who is calling; raises GatewayError(AUTHENTICATION) for a missing, unknown or revoked key."""
 
+    def current(self, name: str) -> Identity | None:
+        """The identity registered under `name` now (as an operator last set its tier and pin), or None."""
+
 
 class Admitter(Protocol):
     async def start(self) -> None: ...

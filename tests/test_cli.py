@@ -243,3 +243,16 @@ def test_stop_signal_lets_an_inflight_stream_finish(tmp_path, fake_upstream):
             received += b"".join(pieces)
     assert received.endswith(b"data: [DONE]\n\n")
     assert fake_upstream.completed_streams == 1
+
+
+def test_a_tier_set_keeps_a_pin_and_a_revoked_accounts_risk_history_can_be_shown(tmp_path):
+    assert cli(tmp_path, "identities", "add", "carol").returncode == 0
+    assert cli(tmp_path, "risk", "pin", "carol", "normal", "--note", "our partner").returncode == 0
+    moved = cli(tmp_path, "tier", "set", "carol", "watch")
+    assert "still pinned (our partner)" in moved.stdout
+    shown = json.loads(cli(tmp_path, "risk", "show", "carol", "--json").stdout)
+    assert (shown["tier"], shown["pin"]) == ("watch", "our partner")
+    assert cli(tmp_path, "identities", "revoke", "carol").returncode == 0
+    revoked = cli(tmp_path, "risk", "show", "carol")
+    assert revoked.returncode == 0 and "carol: registry tier watch, pinned: our partner, revoked" in revoked.stdout
+    assert cli(tmp_path, "risk", "show", "nobody").returncode == 2

@@ -73,7 +73,7 @@ class RiskEngine:
         self._queue: list[Seen] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._decided: dict[str, tuple[str, float]] = {}  # identity -> (tier, clock) of the last decision
+        self._decided: dict[str, tuple[str, float]] = {}  # features.caller -> (tier, clock) of the last decision
         self.on_decision: Callable[[Decision], Awaitable[None]] | None = None
 
     async def start(self) -> None:
@@ -127,27 +127,35 @@ class RiskEngine:
         async with asyncio.timeout(STORE_TIMEOUT):  # a stuck storage must not stall scoring for good
             updated = await self._store.update_many(observations)
         for found, observation, signals in zip(batch, observations, updated, strict=True):
-            decision = self.decide(observation, found.identity, signals)
+            decision = self.decide(observation, found.identity, signals, found.admitted)
             if decision is not None and self.on_decision is not None:
-                await self.on_decision(decision)
+                try:
+                    await self.on_decision(decision)
+                except Exception:  # one decision that cannot be applied must not lose the rest of the batch
+                    log.exception("could not apply the risk decision for %s", decision.identity.name)
 
-    def decide(self, found: Observation, identity: Identity, signals: Signals) -> Decision | None:
-        """A Decision when the identity's tier should change, given its signals after this observation."""
-        current = self._current(identity, found.time)
-        if identity.pinned or current not in LADDER:
+    def decide(
+        self, found: Observation, identity: Identity, signals: Signals, admitted: float | None = None
+    ) -> Decision | None:
+        """A Decision when the identity's tier should change, given its signals after this observation.
+        `admitted`: when admission read the tier the exchange carries (the engine's clock; its end if not said).
+        An operator's tier (pinned, or off the ladder: blocked, unlimited) is never moved, in shadow mode too."""
+        if identity.pinned or identity.tier not in LADDER:
             return None
+        current = self._current(found.identity, identity, found.time if admitted is None else admitted)
         parts = strengths(signals)
         value = score(parts)
         tier = next_tier(current, value)
         if tier == current:
             return None
-        self._decided[identity.name] = (tier, found.time)
+        self._decided[found.identity] = (tier, found.time)
         return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
 
-    def _current(self, identity: Identity, now: float) -> str:
+    def _current(self, caller: str, identity: Identity, admitted: float) -> str:
         """The tier to move from: the one the exchange carried, which is what admission applied, unless a
-        decision is newer than that could show (still in flight), or decisions are not applied (shadow)."""
-        decided = self._decided.get(identity.name)
-        if decided is not None and (self._shadow or now - decided[1] < IN_FLIGHT_SECONDS):
+        decision came after admission read it (a long stream), or so shortly before that it may not have
+        reached admission yet (in flight), or decisions are not applied (shadow)."""
+        decided = self._decided.get(caller)
+        if decided is not None and (self._shadow or admitted < decided[1] + IN_FLIGHT_SECONDS):
             return decided[0]
         return identity.tier

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ class Seen:
 
     identity: Identity
     time: float
+    admitted: float  # when admission read the identity's tier, on the same clock as `time`
     prompt: str  # at most READ_CHARS of it (_readable)
     unread: int  # characters of the prompt left out
     question: str  # at most READ_CHARS of it
@@ -110,6 +112,7 @@ def seen(exchange: Exchange, now: float) -> Seen | None:
     return Seen(
         identity,
         now,
+        now - (time.perf_counter() - exchange.started),  # the request's start: admission follows within it
         prompt,
         unread,
         _readable(exchange.question)[0],
@@ -141,7 +144,7 @@ def features(found: Seen) -> Observation:
     question = found.question.lower()
     head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
     return Observation(
-        identity=found.identity.name,
+        identity=caller(found.identity),
         tenant=found.identity.tenant or "",
         time=found.time,
         prefix=_hash(head),
@@ -154,6 +157,12 @@ def features(found: Seen) -> Observation:
         opening=_word_hashes(words[:END_WORDS]),
         closing=_word_hashes(words[-END_WORDS:]),
     )
+
+
+def caller(identity: Identity) -> str:
+    """Whose signals these are: the identity's name and when it was registered, so that a name revoked and
+    registered anew starts afresh (a new customer is not scored on the last holder's requests)."""
+    return f"{identity.name}@{identity.registered:.3f}" if identity.registered else identity.name
 
 
 def observe(exchange: Exchange, now: float) -> Observation | None:

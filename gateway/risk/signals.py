@@ -240,13 +240,16 @@ class MemorySignals:
         return state.top / grow
 
     def _prune(self, day: int) -> None:
-        """Forget the days before yesterday, once a day."""
+        """Forget the days before yesterday, and identities idle past IDENTITY_TTL (they would start afresh; as
+        Redis expires them), once a day."""
         if day <= self._pruned:
             return
         self._pruned = day
         for table in (self._accounts, self._fills, self._networks, self._prompts):
             for old in [d for d in table if d < day - 1]:
                 del table[old]
+        for idle in [name for name, state in self._identities.items() if day * DAY - state.last > IDENTITY_TTL]:
+            del self._identities[idle]
 
 
 def _window(table: dict, day: int, key: str) -> int:

@@ -319,3 +319,20 @@ def test_a_storage_failure_drops_the_idle_connections_that_point_where_it_was():
             return idle
 
         assert not any(asyncio.run(run()))
+
+
+def test_a_name_revoked_and_registered_anew_keeps_no_tier_the_engine_gave_its_last_holder(tmp_path):
+    from gateway import config, ratelimit
+    from gateway.exchange import Identity
+
+    with redis_servers.standalone() as server:
+        write_config(tmp_path, server.url, "http://127.0.0.1:9")
+        settings = config.load(tmp_path / "canarygate.toml")
+        mover = Identity("mover", "normal")
+        assert cli(tmp_path, "identities", "add", "mover").returncode == 0
+        asyncio.run(ratelimit.set_shared_tier(settings, mover, "suspect"))  # as the risk engine moves it
+        assert cli(tmp_path, "identities", "revoke", "mover").returncode == 0
+        assert asyncio.run(ratelimit.shared_tier(settings, mover)) is None
+        asyncio.run(ratelimit.set_shared_tier(settings, mover, "suspect"))  # left by an earlier version
+        assert cli(tmp_path, "identities", "add", "mover", "--tier", "blocked").returncode == 0
+        assert asyncio.run(ratelimit.shared_tier(settings, mover)) is None

@@ -1,0 +1,36 @@
+"""The admin endpoint: an operator sets an identity's tier over HTTP, with a token, as `tier set` does."""
+
+from __future__ import annotations
+
+import httpx
+
+from gateway import config
+from gateway.app import create_app
+from gateway.identity import Registry
+from tests.conftest import STATE_DIRS, ServerThread
+
+
+def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pin(tmp_path, fake_upstream, monkeypatch):
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token")
+    state = tmp_path / "state"
+    STATE_DIRS.append(state)
+    settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
+                             "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    registry = Registry(state)
+    key = registry.add("carol")
+    registry.set_tier("carol", "normal", pin="our partner")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
+        admin = {"authorization": "Bearer s3cret-token"}
+        assert http.get("/admin/tiers/carol").status_code == 401
+        assert (
+            http.put("/admin/tiers/carol", json={"tier": "blocked"}, headers={"authorization": "Bearer x"}).status_code
+            == 401
+        )
+        assert http.get("/admin/tiers/carol", headers=admin).json() == {"name": "carol", "tier": "normal"}
+        assert http.get("/admin/tiers/nobody", headers=admin).status_code == 404
+        assert http.put("/admin/tiers/carol", json={"tier": "Blocked"}, headers=admin).status_code == 400
+        assert http.put("/admin/tiers/carol", json={"tier": "blocked"}, headers=admin).json()["tier"] == "blocked"
+        refused = http.post("/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"})
+    assert refused.status_code == 403  # in force on the next request
+    assert (registry.get("carol").tier, registry.get("carol").pin) == ("blocked", "our partner")
