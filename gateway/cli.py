@@ -268,7 +268,8 @@ def _init(args) -> int:
 def _identities_add(args) -> int:
     settings = _settings_with_tier(args)  # an unknown tier would be served as normal
     registry = Registry(settings.state_dir)
-    if any(record.name == args.name for record in registry.all()):  # a name revoked, now registered anew
+    holders = [record for record in registry.all() if record.name == args.name]
+    if holders and all(record.revoked is not None for record in holders):  # a name revoked, registered anew,
         # is a new caller: a tier the risk engine gave its last holder goes (first, as in `tier set`, so that
         # storage that cannot be reached leaves the registry as it was)
         _clear_shared_tier(settings, Identity(args.name, args.tier, args.tenant))
@@ -298,9 +299,14 @@ def _identities_list(args) -> int:
 def _identities_revoke(args) -> int:
     settings = _settings(args)
     registry = Registry(settings.state_dir)
-    _clear_shared_tier(settings, registry.get(args.name).identity())  # no later holder of the name inherits it
-    registry.revoke(args.name)
+    identity = registry.get(args.name).identity()
+    registry.revoke(args.name)  # first: a leaked key must be revocable while the shared storage is down
     print(f"revoked {args.name}")
+    try:  # so that no later holder of the name inherits a tier the engine gave this one
+        _clear_shared_tier(settings, identity)
+    except (RedisError, TimeoutError) as e:
+        print(f"canarygate: its tier on the shared storage was left ({e or type(e).__name__}); registering the "
+              "name again clears it", file=sys.stderr)  # fmt: skip
     return 0
 
 

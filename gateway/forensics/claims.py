@@ -45,7 +45,8 @@ def _watermark(mark: dict, probed: str | None) -> dict:
     when = (f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry "
             f"{committed['index']})." if committed else " No prior commitment to this key is in the evidence log, "
             "so nothing here shows the key was fixed before the suspect's text existed.")  # fmt: skip
-    late = committed is not None and probed is not None and committed["time"] > probed
+    # to the second (the probe's start has no fraction): a commitment in the same second counts as late
+    late = committed is not None and probed is not None and committed["time"][:19] >= probed[:19]
     if late:
         when += (f" That is after the probe began ({probed}): the commitment does not show that the key was fixed "
                  "before the suspect's text existed.")  # fmt: skip

@@ -7,6 +7,7 @@ an answer, whole or streamed, as `Slot`s that a transform may rewrite in place.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from abc import ABC, abstractmethod
@@ -255,31 +256,49 @@ def _events_holding(stream: bytes, key: re.Pattern) -> list[bytes]:
 
 
 def estimate_tokens(body: bytes, request: Any) -> int:
-    """An upper estimate of a request's prompt tokens before the upstream counts them: its body's bytes over
-    three (a token is rarely under three bytes of UTF-8: English averages about four characters, CJK one
-    character of three bytes). The whole body, not the messages' text alone: tools, tool results and every
-    other field are prompt too. Base64 data (images, audio, files) is left out: the upstream counts an
-    image as a few hundred tokens, not by its size. Admission reserves this much and the real count
-    corrects it."""
-    binary = _binary_bytes(request) if b'"data' in body or b"data:" in body else 0
-    return -(-(len(body) - binary) // 3)
+    """An upper estimate of a request's prompt tokens before the upstream counts them: the UTF-8 bytes of the
+    request over three (a token is rarely under three bytes: English averages about four characters, CJK one
+    character of three bytes). All of the request, not the messages' text alone: tools, tool results and every
+    other field are prompt too; read as decoded (a client's \\u escapes are six bytes for a character of three),
+    less the base64 of images, audio and files, which the upstream counts by the image, not by its size.
+    Admission reserves this much and the real count corrects it."""
+    size = len(body)
+    if b"\\u" in body:
+        with contextlib.suppress(ValueError):  # too deep to write again: the body as sent, then
+            size = len(jsonio.dumps(request))
+    if b";base64," in body or b'"base64"' in body or b'"input_audio"' in body:
+        size -= _base64_bytes(request)
+    return -(-max(size, 0) // 3)
 
 
-def _binary_bytes(value: Any) -> int:
-    """The characters of base64 payloads in a request: data URIs, and the `data` or `file_data` string of a
-    part (Anthropic's base64 sources, OpenAI's input_audio and files)."""
-    if isinstance(value, dict):
-        found = 0
-        for key, item in value.items():
-            if isinstance(item, str):
-                found += len(item) if key in ("data", "file_data") or item.startswith("data:") else 0
-            else:
-                found += _binary_bytes(item)
-        return found
-    if isinstance(value, list):
-        return sum(len(item) if isinstance(item, str) and item.startswith("data:") else _binary_bytes(item)
-                   for item in value)  # fmt: skip
-    return 0
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
+
+
+def _base64_bytes(request: Any) -> int:
+    """The characters of the request's base64 payloads, where each API puts one: a data URI (`image_url`'s
+    `url`, Responses' `image_url` and `file_data`, a file part's `file_data`), an Anthropic source of type
+    base64 (`data`), an input_audio part's `data`. Read without recursion (JSON may nest a thousand deep)."""
+    found, stack = 0, [request]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, str):
+                    found += len(item) if _is_payload(key, item, value) else 0
+                elif isinstance(item, (dict, list)):
+                    stack.append(item)
+    return found
+
+
+def _is_payload(key: str, text: str, holder: dict) -> bool:
+    if key in ("url", "image_url", "file_data"):
+        head, _, data = text.partition(";base64,")
+        return head.startswith("data:") and len(head) < 128 and _BASE64.fullmatch(data[:4096]) is not None
+    if key == "data" and (holder.get("type") == "base64" or set(holder) == {"data", "format"}):
+        return _BASE64.fullmatch(text[:4096]) is not None
+    return False
 
 
 def total_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -49,7 +49,8 @@ def _probe_folder(folder, name: str, texts: list[str]):
     """What `canarygate probe` leaves: its settings and a transcript of the suspect's answers."""
     probe = folder / name
     probe.mkdir()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # after the log's commitments, as a real probe
+    # a real probe begins after the log's commitments, in a later second (a report reads the same second as late)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
     (probe / SETTINGS).write_text(json.dumps({"base_url": "http://suspect.example/v1", "model": name,
                                               "started": started}))  # fmt: skip
     rows = [{"id": f"p{i}", "kind": "prose", "prompt": "", "text": t} for i, t in enumerate(texts)]
@@ -210,3 +211,7 @@ def test_a_key_committed_after_the_probe_began_makes_no_strong_watermark_claim()
     after = claims({**doc, "suspect": {"started": "2000-01-01T00:00:00Z"}})[0]
     assert before["level"] == "strong" and after["level"] == "suggestive"
     assert "after the probe began (2000-01-01T00:00:00Z)" in after["text"]
+    fraction = {**mark, "commitments": {"watermark-key@0": {"time": "2026-11-29T01:41:09.900000Z", "log": "l",
+                                                             "index": 3}}}  # fmt: skip
+    same_second = claims({**doc, "watermark": fraction, "suspect": {"started": "2026-11-29T01:41:09Z"}})[0]
+    assert same_second["level"] == "suggestive"  # the probe's start has no fraction: the same second is late

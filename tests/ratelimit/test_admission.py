@@ -327,9 +327,23 @@ def test_every_part_of_a_request_counts_toward_its_prompt_but_base64_data_does_n
         ("/v1/embeddings", {"model": "e", "input": [big]}),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": image}]}),
     ]
+    # text that starts like a data URI is text; a CJK prompt sent with \\u escapes is six bytes a character on the
+    # wire but three as the model reads it (15,000 characters fit the budget of 20,000); nesting deeper than
+    # the recursion limit is a 400, not a 500
+    text_as_data = [{"type": "text", "text": "data:" + big}]
+    asks += [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "data:" + big}]}),
+        ("/v1/messages", {**MESSAGE, "messages": [{"role": "user", "content": text_as_data}]}),
+    ]
+    escaped = json.dumps({**CHAT, "messages": [{"role": "user", "content": "猫" * 15000}]}).encode()  # ensure_ascii
     with limited.client(key) as http:
         statuses = [http.post(path, json=body).status_code for path, body in asks]
-    assert statuses == [413, 413, 413, 200]
+        headers = {"content-type": "application/json"}
+        statuses.append(http.post("/v1/chat/completions", content=escaped, headers=headers).status_code)
+        image = b'{"type": "image", "source": {"type": "base64", "data": "QUFB"}}'
+        deep_body = json.dumps(CHAT).encode()[:-1] + b', "x": ' + b"[" * 1000 + image + b"]" * 1000 + b"}"
+        statuses.append(http.post("/v1/chat/completions", content=deep_body, headers=headers).status_code)
+    assert statuses == [413, 413, 413, 200, 413, 413, 200, 400]
 
 
 def test_a_request_setting_both_output_fields_is_held_to_what_was_reserved(limited, fake_upstream):

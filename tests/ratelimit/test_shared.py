@@ -336,3 +336,20 @@ def test_a_name_revoked_and_registered_anew_keeps_no_tier_the_engine_gave_its_la
         asyncio.run(ratelimit.set_shared_tier(settings, mover, "suspect"))  # left by an earlier version
         assert cli(tmp_path, "identities", "add", "mover", "--tier", "blocked").returncode == 0
         assert asyncio.run(ratelimit.shared_tier(settings, mover)) is None
+
+
+def test_a_key_is_revoked_with_the_shared_storage_down_and_a_failed_add_changes_no_tier(tmp_path):
+    from gateway import config, ratelimit
+    from gateway.exchange import Identity
+
+    with redis_servers.standalone() as server:
+        write_config(tmp_path, server.url, "http://127.0.0.1:9")
+        settings = config.load(tmp_path / "canarygate.toml")
+        assert cli(tmp_path, "identities", "add", "bob").returncode == 0
+        asyncio.run(ratelimit.set_shared_tier(settings, Identity("bob", "normal"), "suspect"))
+        assert cli(tmp_path, "identities", "add", "bob").returncode == 2  # bob exists
+        assert asyncio.run(ratelimit.shared_tier(settings, Identity("bob", "normal"))) == "suspect"
+    write_config(tmp_path, "redis://127.0.0.1:1/0", "http://127.0.0.1:9")  # nothing listens there
+    revoked = cli(tmp_path, "identities", "revoke", "bob")
+    assert revoked.returncode == 0 and "its tier on the shared storage was left" in revoked.stderr
+    assert "revoked" in cli(tmp_path, "identities", "list").stdout
