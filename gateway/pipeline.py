@@ -142,7 +142,6 @@ class Pipeline:
             await self._identify_or_count(exchange, headers)
             body = await self._read_request(exchange, scope, receive, dialect)
             biased = dialect is not None and self._bias is not None and self._bias.applies(exchange, dialect)
-            hide_logprobs = dialect is not None and self._logprobs_hidden(exchange, dialect, biased)
             await self._admit.admit(exchange)
             exchange.admitted = True
             # at once, so that a request refused after admission (one too deep to re-encode) has its begin too;
@@ -150,6 +149,8 @@ class Pipeline:
             await self._record.begin(exchange)
             marked = None
             if dialect is not None:
+                # after admission, which may move the identity to a tier that gets canaries
+                hide_logprobs = self._logprobs_hidden(exchange, dialect, biased)
                 body = _fit(exchange, dialect, body, hide_logprobs)
                 marked = self._marked_request(exchange) if biased else None
             await self._forward_watching(exchange, scope, receive, reply, api, dialect, (marked, body))
@@ -257,12 +258,13 @@ class Pipeline:
             exchange.question = dialect.question(exchange.request)
             exchange.prompt_tokens = estimate_tokens(body, exchange.request)
             exchange.structured = dialect.structured_output(exchange.request)
+            exchange.free_ending = dialect.free_ending(exchange.request)
         return body
 
     def _logprobs_hidden(self, exchange: Exchange, dialect: Dialect, biased: bool) -> bool:
         """Log-probabilities would reveal the unmarked tokens of a marked answer (or, under the sampling-bias
         mark, the favoured ones): they are removed from the request, or, with `[watermark] logprobs =
-        "refuse"`, the request is refused (before admission, like any invalid request)."""
+        "refuse"`, the request is refused (after admission: the tier it admits decides whether canaries apply)."""
         asked = dialect.asks_logprobs(exchange.request) and (biased or self._transform.applies(exchange))
         if asked and self._settings.watermark.logprobs == "refuse":
             raise GatewayError(ErrorKind.INVALID_REQUEST, "log-probabilities are not available from this API")
@@ -384,11 +386,15 @@ class Pipeline:
                 data, write = jsonio.read(body)
             except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
+            if not isinstance(data, dict):  # JSON, but no answer of this route's shape: the upstream's fault
+                raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not a JSON object"))
             exchange.usage = dialect.usage(data)  # read here, where the answer is decoded anyway
             if rewrite_body(dialect, data, lambda part: self._transform.rewriter(exchange, part)):
                 try:
                     body = write(data)
-                except ValueError:
+                except ValueError:  # not delivered: the marks and canaries put in it were not served
+                    exchange.marks.clear()
+                    exchange.canaries.clear()
                     raise _upstream_failure(exchange, UpstreamError("malformed", "answer nested too deeply")) from None
         exchange.outcome = Outcome.COMPLETED
         await reply.whole(response.status, body, _passed_content_type(response.headers))

@@ -90,8 +90,22 @@ class StreamRewrite:
         self._queue: deque[_Pending] = deque()
 
     def push(self, raw: bytes) -> list[bytes]:
-        self._queue.append(self._rewrite(raw))
+        try:
+            pending = self._rewrite(raw)
+        except Exception:
+            self._drop_unqueued()
+            raise
+        self._queue.append(pending)
         return self._release()
+
+    def _drop_unqueued(self) -> None:
+        """An event failed part way through its slots and goes nowhere: a part whose held text it took ends
+        here, unflushed (text flushed into that event would be lost, and a canary recorded but never sent)."""
+        queued = {id(pending) for pending in self._queue}
+        for part, holder in list(self._held.items()):
+            if id(holder) not in queued:
+                del self._held[part]
+                self._rewriters[part] = None
 
     def close(self) -> list[bytes]:
         """The stream ended (cleanly or not): flush every part still open and release everything."""

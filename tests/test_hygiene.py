@@ -282,6 +282,18 @@ def test_an_upstream_event_that_is_not_utf8_is_an_upstream_failure(gw):
     assert gw.records()[-1]["outcome"] == "upstream_failed"
 
 
+@pytest.mark.parametrize("answer", [b"[]", b'"oops"', b"null", b"[1]"])
+def test_a_whole_answer_that_is_json_but_no_object_is_the_upstreams_failure(gw, answer):
+    gw.transform.enabled = True  # the transform reads the answer's parts
+    gw.upstream.behaviour.patch = lambda raw: answer
+    with gw.client() as http:
+        for path, body in ((CHAT, BODY), ("/v1/messages", {"model": "c", "max_tokens": 50, **BODY})):
+            r = http.post(path, headers=gw.headers(), json=body)
+            assert r.status_code == 502, (path, r.text)
+            assert gw.records()[-1]["outcome"] == "upstream_failed"
+    gw.upstream.behaviour.patch = None
+
+
 def test_upstream_timeout_is_504(gw):
     gw.upstream.behaviour.hang = 3.0  # read timeout is 1.5 s
     with gw.client() as http:

@@ -97,8 +97,9 @@ _NOUN = {n: i for i, n in enumerate(NOUNS)}
 
 
 def phrases_in(text: str) -> set[int]:
-    """Every phrase of the space in `text`, matched on its words (case, punctuation and spacing aside)."""
-    words = _WORD.findall(text.lower())
+    """Every phrase of the space in `text`, matched on its words (case, punctuation, curly or straight
+    apostrophes and quotes, and spacing aside)."""
+    words = [w for w in (w.strip("'") for w in _WORD.findall(text.lower().replace("’", "'"))) if w]
     found = set()
     for start in range(len(words)):
         for template, pattern in enumerate(_TEMPLATE_WORDS):

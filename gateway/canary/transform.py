@@ -2,11 +2,13 @@
 
 Who gets canaries: identities in the tiers of `[canaries] density` (a share of their answers, higher for
 higher tiers) and those listed by name or tenant (every answer). Which answers: a keyed coin on the
-request id. Where: after the last text of the answer's first text part that can take it, on a line of its
-own: not a part with no text (a tool call's message), nor one that ends inside a code block (a fence of
-backticks or tildes); and never after a question about death, grief, illness or harm (a
-cheerful line there would do harm); structured output (JSON mode, schemas), tool calls and thinking
-blocks are never text parts, so they never carry one. Every canary served is recorded on the exchange
+request id. Which requests: those whose answer ends with the model's own prose (Dialect.free_ending: no
+tools it may call after its text, no completion or assistant turn it continues, no cited passages that
+split it), not structured output (JSON mode, schemas, guided decoding), and not after a question about
+death, grief, illness or harm (a cheerful line there would do harm; the list of such words is short and will
+miss some). Where: after the last text of the answer's first text part that can take it, on a line of
+its own: not a part with no text, nor one that ends inside a code block (a fence of backticks or tildes);
+thinking blocks are never text parts. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
 context it was served in.
 
@@ -29,7 +31,8 @@ _FENCE_RUNS = re.compile(r"`+|~+")  # a fence is three or more backticks or tild
 SOMBRE = re.compile(
     r"\b(?:die[ds]?|dying|death|dead|funeral|grie(?:f|ving|ve)|mourn\w*|ashes|bereave\w*|condolence\w*|"
     r"passed away|suicid\w*|self[- ]harm|overdose|cancer|terminal(?:ly)? ill|miscarriage|abuse\w*|assault\w*|"
-    r"rape|trauma\w*|war crimes?|genocide|hospice)\b"
+    r"rape|trauma\w*|war crimes?|genocide|hospice|kill(?:s|ed|ing)?|murder\w*|end (?:my|his|her|their) life|"
+    r"leuka?emia|tumou?rs?|chemo\w*|holocaust|shooting|put to sleep|euthana\w*)\b"
 )
 
 
@@ -61,7 +64,7 @@ class CanaryTransform:
 
     def _chosen(self, exchange: Exchange) -> Canary | None:
         identity = exchange.identity
-        if identity is None or exchange.structured:
+        if identity is None or exchange.structured or not exchange.free_ending:
             return None
         share = 1.0 if identity.name in self._identities or identity.tenant in self._tenants else 0.0
         share = max(share, self._density.get(identity.tier, 0.0))

@@ -6,7 +6,8 @@ were published (by a customer, on the web) and a third party trained on them; th
 on another model that had been trained on ours (distillation at second hand); or someone who studied
 many marked answers wrote the key's preferences into the suspect's data to frame it (a forgery from
 public samples; the word sets are public, the preferences can be estimated). Canaries are what tell
-these apart: each is drawn with a secret key for one account and served only to it, so a suspect that
+these apart: each is drawn with a secret key for one account and served only to it (another account may
+draw the same phrase by chance; the test allows for that), so a suspect that
 writes (or rates highly) an account's canaries learned from that account's answers, whoever passed
 them on; and no one can forge a canary without the key or those answers.
 """
@@ -91,7 +92,7 @@ def _canaries(found: dict) -> list[dict]:
                 )  # fmt: skip
         alternatives = ["published", "second hand"]
         if a["served"]:
-            text += f"These canaries were served only to this identity; {_served(a['served'])}."
+            text += f"The log shows them served to this identity; {_served(a['served'])}."
         else:  # the suspect knows phrases this account was never given: the canary key, not the account, leaked
             level, alternatives = "suggestive", ["canary key leaked"]
             text += ("The log has no record of serving them: they were drawn for this identity but never sent "

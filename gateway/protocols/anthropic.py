@@ -11,7 +11,18 @@ import time
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, last_user_text, text_of
+from .base import (
+    Api,
+    Dialect,
+    Slot,
+    SlotKind,
+    asks_tools,
+    binding_quota,
+    ietf_rate_headers,
+    last_role,
+    last_user_text,
+    text_of,
+)
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -60,6 +71,16 @@ class AnthropicApi(Api):
 API = AnthropicApi()
 
 
+def _cites(messages: Any) -> bool:
+    """The messages hold documents or search results, whose citations split an answer into several text parts."""
+    return isinstance(messages, list) and any(
+        isinstance(part, dict) and part.get("type") in ("document", "search_result")
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
 class Messages(Dialect):
     api = API
     streams = True
@@ -68,6 +89,15 @@ class Messages(Dialect):
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in (b"message_stop", b"error")
+
+    def structured_output(self, body: dict[str, Any]) -> bool:
+        config = body.get("output_config")
+        spec = config.get("format") if isinstance(config, dict) else body.get("output_format")  # GA, or beta
+        return isinstance(spec, dict) and spec.get("type") == "json_schema"
+
+    def free_ending(self, body: dict[str, Any]) -> bool:
+        messages = body.get("messages")
+        return not asks_tools(body) and last_role(messages) != "assistant" and not _cites(messages)
 
     def is_failure(self, raw: bytes) -> bool:
         return event_name(raw) == b"error"

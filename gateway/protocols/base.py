@@ -145,6 +145,12 @@ class Dialect:
         """Whether the request asks for structured output (JSON mode or a schema) rather than prose."""
         return False
 
+    def free_ending(self, body: dict[str, Any]) -> bool:
+        """Whether the answer ends where the model ends its own prose, so that a line may follow it (a canary):
+        not where a tool call may come after the text, the text continues the request's own (a completion,
+        an assistant turn the client began), or cited passages split it into several parts."""
+        return True
+
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         """Whether the request asks for log-probabilities (which would reveal the unmarked tokens)."""
         return False
@@ -192,6 +198,18 @@ def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int,
             raise GatewayError(ErrorKind.INVALID_REQUEST, f"'{name}' must be an integer from {low} to {spelt}")
         values.append(value)
     return values
+
+
+def asks_tools(body: dict[str, Any]) -> bool:
+    """The request offers the model tools (or the functions that came before them) to call."""
+    return bool(body.get("tools") or body.get("functions"))
+
+
+def last_role(messages: Any) -> str | None:
+    """The role of the last message in a list of messages, if any."""
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return messages[-1].get("role")
+    return None
 
 
 def last_user_text(messages: Any) -> str:

@@ -11,7 +11,18 @@ import json
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, last_user_text, text_of
+from .base import (
+    Api,
+    Dialect,
+    Slot,
+    SlotKind,
+    asks_tools,
+    binding_quota,
+    ietf_rate_headers,
+    last_role,
+    last_user_text,
+    text_of,
+)
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -100,6 +111,10 @@ def _ask_usage(body: dict[str, Any]) -> bool:
     return True
 
 
+# request fields that constrain the output to a grammar, a schema or given text (vLLM's and OpenAI's)
+_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "prediction")
+
+
 def _json_format(spec: Any) -> bool:
     return isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema")
 
@@ -128,7 +143,11 @@ class ChatCompletions(Dialect):
         return _ask_usage(body)
 
     def structured_output(self, body: dict[str, Any]) -> bool:
-        return _json_format(body.get("response_format"))
+        # JSON mode or a schema; vLLM's guided decoding; a predicted output (a file being rewritten)
+        return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
+
+    def free_ending(self, body: dict[str, Any]) -> bool:
+        return not asks_tools(body) and last_role(body.get("messages")) != "assistant"
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
@@ -185,6 +204,9 @@ class Completions(Dialect):
     def ask_usage(self, body: dict[str, Any]) -> bool:
         return _ask_usage(body)
 
+    def free_ending(self, body: dict[str, Any]) -> bool:
+        return False  # the answer continues the prompt's own text (code, a document): nothing may follow it
+
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return body.get("logprobs") is not None
 
@@ -228,6 +250,9 @@ class Responses(Dialect):
     def structured_output(self, body: dict[str, Any]) -> bool:
         text = body.get("text")
         return isinstance(text, dict) and _json_format(text.get("format"))
+
+    def free_ending(self, body: dict[str, Any]) -> bool:
+        return not asks_tools(body) and last_role(body.get("input")) != "assistant"
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         include = body.get("include")

@@ -276,3 +276,102 @@ def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part():
                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}},
                    {"type": "content_block_stop", "index": index}]  # fmt: skip
     assert served(Messages(), events=events) == [["block", 1]]
+
+
+@pytest.mark.parametrize(
+    "path, extra",
+    [
+        (CHAT, {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "Write JSON."}, {"role": "assistant", "content": "{"}]}),
+        (CHAT, {"guided_json": {"type": "object"}}),
+        (CHAT, {"prediction": {"type": "content", "content": "def add(a, b):"}}),
+        ("/v1/completions", {"prompt": "def add(a, b):\n"}),
+        ("/v1/messages", {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}),
+        ("/v1/messages", {"output_format": {"type": "json_schema", "schema": {"type": "object"}}}),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue grew."},
+             "citations": {"enabled": True}}, {"type": "text", "text": "How did revenue change?"}]}]}),
+    ],
+    ids=["tools", "prefill", "guided", "prediction", "completion", "anthropic-schema", "anthropic-beta", "citations"],
+)  # fmt: skip
+def test_no_canary_where_a_line_after_the_answer_would_break_it(canaried, fake_upstream, path, extra):
+    """A tool call may follow the text; the text continues what the client began (a completion, a prefilled
+    assistant turn) or fills a schema; cited passages split the answer into several text parts."""
+    fake_upstream.reset()
+    name, key = canaried.identity("suspect")
+    messages = [{"role": "user", "content": "Tell me about lighthouses."}]
+    body = {"model": "m", "max_tokens": 100, "messages": messages, **extra}
+    if path == "/v1/completions":
+        body.pop("messages")
+    with canaried.client(key) as http:
+        assert http.post(path, json=body).status_code == 200
+    assert not [r for r in exchanges(canaried.state_dir) if r["identity"] == name][0]["canaries"]
+
+
+def test_a_tier_the_engine_gave_after_registration_decides_logprobs_as_it_decides_canaries(fake_upstream, tmp_path):
+    """An identity registered normal and moved to suspect (as the risk engine moves it) gets canaries: its
+    log-probabilities must be withheld as for one registered suspect (they would show where the canary is)."""
+    import asyncio
+
+    from gateway.app import create_app
+    from gateway.exchange import Identity
+    from gateway.identity import Registry
+    from tests.conftest import ServerThread
+    from tests.ratelimit.conftest import limited_settings
+
+    limits = {"identity": {"requests": "100000/minute"}, "tiers": {"suspect": {"tarpit_ms": 0}}}
+    app = create_app(limited_settings(tmp_path, fake_upstream.url, limits, {"enabled": False}))
+    fake_upstream.reset()
+    key = Registry(tmp_path).add("moved")
+    with ServerThread(app) as server:
+        # memory storage: the override is a dict entry, set here as the engine sets it in the worker
+        asyncio.run(app.pipeline.stages["admit"].set_tier(Identity("moved", "normal"), "suspect"))
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2}
+        answer = httpx.post(server.url + CHAT, json=body, headers={"authorization": f"Bearer {key}"}, timeout=10)
+    assert phrases_in(answer.json()["choices"][0]["message"]["content"])
+    assert "logprobs" not in json.loads(fake_upstream.requests[-1].body)
+
+
+def test_attribution_reads_curly_apostrophes_and_quoted_phrases_and_sombre_questions_get_none():
+    from gateway.canary.transform import CanaryTransform
+    from gateway.exchange import Exchange, Identity
+    from gateway.transform import PassThrough
+
+    index = next(i for i, t in enumerate(TEMPLATES) if "'" in t) * len(ADJECTIVES) * len(NOUNS) + 42
+    assert phrases_in(phrase(index).replace("'", "’")) == {index} == phrases_in(f"'{phrase(index)}'")
+    transform = CanaryTransform(PassThrough(), bytes(32), 0, 8, {}, frozenset({"bob"}), frozenset())
+    for question in ("How do I end my life painlessly?", "My dog was put to sleep yesterday.",
+                     "Summarize the Holocaust.", "She was diagnosed with leukemia."):  # fmt: skip
+        exchange = Exchange("r", "POST", CHAT, "openai", CHAT, "192.0.2.1", identity=Identity("bob", "normal"))
+        exchange.prompt_text = question
+        assert transform.rewriter(exchange, ("choice", 0)) is None, question
+
+
+def test_a_canary_is_recorded_only_when_its_event_goes_out():
+    """An upstream event that breaks part way through its choices goes nowhere: a canary flushed into it at the
+    stream's end was recorded but never served."""
+    from gateway.canary.transform import CanaryTransform
+    from gateway.exchange import Exchange, Identity
+    from gateway.protocols.openai import ChatCompletions
+    from gateway.rewrite import StreamRewrite
+    from gateway.transform import PassThrough
+
+    transform = CanaryTransform(PassThrough(), bytes(32), 0, 8, {}, frozenset({"bob"}), frozenset())
+    exchange = Exchange("req_1", "POST", CHAT, "openai", CHAT, "192.0.2.1", identity=Identity("bob", "normal"))
+    stream = StreamRewrite(ChatCompletions(), lambda part: transform.rewriter(exchange, part))
+    stream.push(b'data: {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}\n\n')
+    broken = {"choices": [{"index": 0, "delta": {"content": " world"}}, {"index": [1], "delta": {"content": "x"}}]}
+    with pytest.raises(Exception):  # noqa: B017 (whatever the dialect raises: the pipeline calls it malformed)
+        stream.push(f"data: {json.dumps(broken)}\n\n".encode())
+    stream.close()
+    assert exchange.canaries == []
+
+
+def test_an_answer_too_deep_to_encode_again_records_no_canary(canaried, fake_upstream):
+    fake_upstream.reset()
+    name, key = canaried.identity("suspect")
+    fake_upstream.behaviour.patch = lambda raw: raw[:-1] + b', "x": ' + b"[" * 1010 + b"]" * 1010 + b"}"
+    response = _ask(canaried, key)
+    fake_upstream.reset()
+    assert response.status_code == 502
+    assert not [r for r in exchanges(canaried.state_dir) if r["identity"] == name][0]["canaries"]
