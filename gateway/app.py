@@ -111,6 +111,7 @@ class GatewayApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.pipeline.close()
+                metrics.worker_stopped()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

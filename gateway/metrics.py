@@ -46,7 +46,7 @@ LIMIT_DECISIONS = Counter(
 LIMIT_STORAGE_UP = Gauge(
     "canarygate_limits_storage_up",
     "1 while the shared limit storage answers, 0 while the fallback applies",
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",  # of the workers alive: one that died with storage down must not say so forever
 )
 
 
@@ -73,6 +73,13 @@ def _child(metric, *labels: str):
     if child is None:
         child = _children[key] = metric.labels(*labels)
     return child
+
+
+def worker_stopped() -> None:
+    """This worker is stopping: its live gauges leave the sum (a worker restarted by the supervisor is a new
+    process, whose values are its own)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
 
 
 def exposition() -> tuple[bytes, str]:

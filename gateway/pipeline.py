@@ -48,6 +48,7 @@ _REQUEST_HEADERS_DROPPED = frozenset(
     )
 )  # fmt: skip
 DRAIN_SECONDS = 1.0  # the most a complete stream's end waits for the upstream to end its body
+_OTHER_STREAM_LABELS = ("text/plain", "application/x-ndjson", "")  # other servers' labels for a stream, or none
 _UPSTREAM_REASONS = {
     "refused": (ErrorKind.UPSTREAM_UNAVAILABLE, "the upstream model API could not be reached"),
     "timeout": (ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API did not answer in time"),
@@ -293,6 +294,9 @@ class Pipeline:
 
         watcher = asyncio.ensure_future(watch())
         try:
+            # the watch's first look, before anything is sent: a client that left while it was admitted (a
+            # tarpit) is gone already, and a pooled connection would carry the request at once
+            await asyncio.sleep(0)
             await self._forward(exchange, scope, reply, api, dialect, bodies)
         except asyncio.CancelledError:
             # the client's leaving ends here; one from outside as well (a shutdown) goes on
@@ -321,12 +325,14 @@ class Pipeline:
         try:
             _check_status(exchange, response.status)
             content_type = _content_type(response.headers)
-            # a stream asked for, and answered under another label (text/plain, x-ndjson): read as one, so that it
-            # is marked and its usage read; only a JSON answer to it is taken as whole
-            if content_type == "text/event-stream" or (
-                exchange.stream and dialect is not None and response.status < 300 and content_type != "application/json"
-            ):
+            # a stream asked for, and answered under another label of a stream (text/plain, x-ndjson): read as one,
+            # so that it is marked and its usage read; a JSON answer to it is taken as whole; anything else (an
+            # HTML error page sent as 200) is no answer
+            asked_stream = exchange.stream and dialect is not None and response.status < 300
+            if content_type == "text/event-stream" or (asked_stream and content_type in _OTHER_STREAM_LABELS):
                 await self._relay_stream(exchange, response, reply, api, dialect)
+            elif asked_stream and content_type != "application/json":
+                raise _upstream_failure(exchange, UpstreamError("malformed", f"a stream answered as {content_type}"))
             else:
                 await self._relay_whole(exchange, response, reply, dialect, content_type)
             completed = True
@@ -363,9 +369,10 @@ class Pipeline:
 
     def _upstream_headers(self, headers, api: Api) -> list[tuple[str, str]]:
         dropped = _REQUEST_HEADERS_DROPPED
-        connection = _header(headers, b"connection")
-        if connection:  # headers the client marked hop-by-hop
-            dropped = dropped | {t.strip().lower().encode() for t in connection.split(",")}
+        # headers the client marked hop-by-hop, in every Connection line it sent
+        marked = b",".join(value for name, value in headers if name == b"connection")
+        if marked:
+            dropped = dropped | {token.strip().lower() for token in marked.split(b",")}
         out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in dropped]
         if self._upstream_key:
             out.append((api.upstream_auth_header, api.upstream_auth_value(self._upstream_key)))

@@ -178,6 +178,11 @@ def test_client_credentials_cookies_and_hop_by_hop_headers_never_go_upstream(gw)
     assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"  # the gateway's own credential
     r = post_raw(gw, b'{"model": "c", "max_tokens": 5, "messages": []}', "/v1/messages")
     assert r.status_code == 200 and gw.upstream.requests[-1].headers["x-api-key"] == UPSTREAM_KEY
+    # every Connection line counts (RFC 9110), not the first alone
+    lines = [*gw.headers().items(), ("connection", "keep-alive"), ("connection", "x-hop-two"), ("x-hop-two", "1")]
+    with gw.client() as http:
+        assert http.post(CHAT, headers=lines, json=BODY).status_code == 200
+    assert "x-hop-two" not in gw.upstream.requests[-1].headers
 
 
 @pytest.mark.parametrize("status, expected", [(401, 502), (403, 502), (429, 503), (402, 503), (500, 502), (529, 503)])

@@ -114,6 +114,15 @@ def test_a_stream_under_another_label_is_read_as_a_stream(gw, label):
     assert gw.records()[-1]["usage"]["total_tokens"] > 0
 
 
+def test_a_stream_answered_with_an_html_page_is_the_upstreams_failure(gw):
+    """A proxy's error page sent with 200 is no stream: relayed as one, an SDK saw an empty answer, recorded as
+    completed."""
+    page = b"<html><head><title>502 Bad Gateway</title></head></html>"
+    r, _ = _streamed(gw, stream_type="text/html", patch=lambda raw: page)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
 def test_an_error_event_from_the_upstream_is_no_completed_answer(gw):
     error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
     _, events = _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)

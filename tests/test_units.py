@@ -274,3 +274,17 @@ def test_the_question_is_the_callers_latest_message_in_every_api():
     assert ROUTES["/v1/responses"].question({"input": "plain"}) == "plain"
     assert ROUTES["/v1/completions"].question({"prompt": "complete me"}) == "complete me"
     assert ROUTES["/v1/chat/completions"].question({"messages": "not a list"}) == ""
+
+
+def test_a_stopped_workers_storage_gauge_leaves_the_metrics(tmp_path):
+    """With several workers each writes its gauges to a file; one that stopped (restarted by the supervisor)
+    while the storage was down must not keep canarygate_limits_storage_up at 0."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = "from gateway import metrics; metrics.LIMIT_STORAGE_UP.set({}); {}"
+    subprocess.run([sys.executable, "-c", worker.format(0, "metrics.worker_stopped()")], env=env, check=True)
+    shown = subprocess.run([sys.executable, "-c", worker.format(1, "print(metrics.exposition()[0].decode())")],
+                           env=env, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "canarygate_limits_storage_up 1.0" in shown

@@ -9,6 +9,7 @@ import json
 import time
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -376,3 +377,15 @@ def test_a_request_refused_by_one_address_window_is_not_counted_in_the_others():
     assert asyncio.run(run()) == ["ok", "ok"] + ["minute"] * 10
     stats = asyncio.run(limiter._local.get_window_stats(limiter._items[0], "unauthenticated", "192.0.2.1"))
     assert stats.remaining == 8  # the hour's window counted the two admitted only
+
+
+def test_a_client_that_leaves_in_the_tarpit_sends_nothing_upstream(limited, clean_upstream):
+    _, suspect = limited.identity("suspect")  # a tarpit of 300 ms (and one request in 7 s)
+    _, warm = limited.identity()
+    with limited.client(warm) as http:
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # a pooled upstream connection
+    sent = len(clean_upstream.requests)
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=limited.url, timeout=0.1) as http:
+        http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {suspect}"})
+    time.sleep(0.6)
+    assert len(clean_upstream.requests) == sent
