@@ -103,6 +103,7 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                metrics.worker_started()
                 try:
                     await self.pipeline.start()
                 except Exception as e:

@@ -7,6 +7,7 @@ With several workers, `canarygate serve` sets PROMETHEUS_MULTIPROC_DIR before th
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -73,6 +74,26 @@ def _child(metric, *labels: str):
     if child is None:
         child = _children[key] = metric.labels(*labels)
     return child
+
+
+def worker_started() -> None:
+    """This worker starts: the live gauges of workers gone without stopping (killed, crashed: the supervisor
+    starts another) leave the sum."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    for path in Path(folder).glob("gauge_live*_*.db") if folder else ():
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
 
 
 def worker_stopped() -> None:

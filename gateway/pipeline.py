@@ -48,7 +48,7 @@ _REQUEST_HEADERS_DROPPED = frozenset(
     )
 )  # fmt: skip
 DRAIN_SECONDS = 1.0  # the most a complete stream's end waits for the upstream to end its body
-_OTHER_STREAM_LABELS = ("text/plain", "application/x-ndjson", "")  # other servers' labels for a stream, or none
+_PAGE_LABELS = ("text/html", "application/xhtml+xml", "text/xml", "application/xml")  # a proxy's error page, no stream
 _UPSTREAM_REASONS = {
     "refused": (ErrorKind.UPSTREAM_UNAVAILABLE, "the upstream model API could not be reached"),
     "timeout": (ErrorKind.UPSTREAM_TIMEOUT, "the upstream model API did not answer in time"),
@@ -325,14 +325,14 @@ class Pipeline:
         try:
             _check_status(exchange, response.status)
             content_type = _content_type(response.headers)
-            # a stream asked for, and answered under another label of a stream (text/plain, x-ndjson): read as one,
-            # so that it is marked and its usage read; a JSON answer to it is taken as whole; anything else (an
-            # HTML error page sent as 200) is no answer
+            # a stream asked for, and answered under another label (text/plain, x-ndjson, octet-stream, none): read
+            # as one, so that it is marked and its usage read; a JSON answer to it is taken as whole; a page (a
+            # proxy's error page sent as 200) is no answer
             asked_stream = exchange.stream and dialect is not None and response.status < 300
-            if content_type == "text/event-stream" or (asked_stream and content_type in _OTHER_STREAM_LABELS):
-                await self._relay_stream(exchange, response, reply, api, dialect)
-            elif asked_stream and content_type != "application/json":
+            if asked_stream and content_type in _PAGE_LABELS:
                 raise _upstream_failure(exchange, UpstreamError("malformed", f"a stream answered as {content_type}"))
+            if content_type == "text/event-stream" or (asked_stream and content_type != "application/json"):
+                await self._relay_stream(exchange, response, reply, api, dialect)
             else:
                 await self._relay_whole(exchange, response, reply, dialect, content_type)
             completed = True

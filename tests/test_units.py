@@ -288,3 +288,26 @@ def test_a_stopped_workers_storage_gauge_leaves_the_metrics(tmp_path):
     shown = subprocess.run([sys.executable, "-c", worker.format(1, "print(metrics.exposition()[0].decode())")],
                            env=env, check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert "canarygate_limits_storage_up 1.0" in shown
+    # one killed without stopping: the next worker to start takes it out
+    subprocess.run([sys.executable, "-c", worker.format(0, "import os; os._exit(0)")], env=env, check=True)
+    started = "metrics.worker_started(); print(metrics.exposition()[0].decode())"
+    shown = subprocess.run([sys.executable, "-c", worker.format(1, started)], env=env, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "canarygate_limits_storage_up 1.0" in shown
+
+
+def test_what_keeps_a_canary_off_an_answer_is_what_would_break_it_not_its_look_alikes():
+    chat, messages = ROUTES["/v1/chat/completions"], ROUTES["/v1/messages"]
+    user = {"role": "user", "content": "Tell me about lighthouses."}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert not chat.free_ending({"messages": [user], "tools": tools})
+    assert chat.free_ending({"messages": [user], "tools": tools, "tool_choice": "none"})  # no call can follow
+    assert not chat.free_ending({"messages": [user, {"role": "assistant", "content": "Lighthouses"}]})
+    assert chat.free_ending({"messages": [user, {"role": "assistant", "content": ""}]})  # nothing to continue
+    assert not chat.structured_output({"messages": [user], "prediction": {"type": "content", "content": "x"}})
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue."}}
+    cited = {"role": "user", "content": [{**document, "citations": {"enabled": True}}]}
+    assert not messages.free_ending({"messages": [cited]})
+    assert messages.free_ending({"messages": [{"role": "user", "content": [document]}]})  # no citations: one part
+    schema = {"type": "json_schema", "schema": {"type": "object"}}
+    assert messages.structured_output({"output_config": {"effort": "low"}, "output_format": schema})

@@ -31,8 +31,9 @@ _FENCE_RUNS = re.compile(r"`+|~+")  # a fence is three or more backticks or tild
 SOMBRE = re.compile(
     r"\b(?:die[ds]?|dying|death|dead|funeral|grie(?:f|ving|ve)|mourn\w*|ashes|bereave\w*|condolence\w*|"
     r"passed away|suicid\w*|self[- ]harm|overdose|cancer|terminal(?:ly)? ill|miscarriage|abuse\w*|assault\w*|"
-    r"rape|trauma\w*|war crimes?|genocide|hospice|kill(?:s|ed|ing)?|murder\w*|end (?:my|his|her|their) life|"
-    r"leuka?emia|tumou?rs?|chemo\w*|holocaust|shooting|put to sleep|euthana\w*)\b"
+    r"rape|trauma\w*|war crimes?|genocide|hospice|kill(?:ed|ing)? (?:myself|himself|herself|themselves|yourself)|"
+    r"murder\w*|end (?:my|his|her|their) life|leuka?emia|tumou?rs?|chemo\w*|holocaust|mass shooting|"
+    r"put to sleep|euthana\w*)\b"
 )
 
 

@@ -19,8 +19,8 @@ from .base import (
     asks_tools,
     binding_quota,
     ietf_rate_headers,
-    last_role,
     last_user_text,
+    prefilled,
     text_of,
 )
 from .sse import encode_event, event_name
@@ -72,9 +72,12 @@ API = AnthropicApi()
 
 
 def _cites(messages: Any) -> bool:
-    """The messages hold documents or search results, whose citations split an answer into several text parts."""
+    """The messages hold documents or search results with citations on, which split an answer into text parts."""
     return isinstance(messages, list) and any(
-        isinstance(part, dict) and part.get("type") in ("document", "search_result")
+        isinstance(part, dict)
+        and part.get("type") in ("document", "search_result")
+        and isinstance(part.get("citations"), dict)
+        and part["citations"].get("enabled")
         for message in messages
         if isinstance(message, dict) and isinstance(message.get("content"), list)
         for part in message["content"]
@@ -92,12 +95,12 @@ class Messages(Dialect):
 
     def structured_output(self, body: dict[str, Any]) -> bool:
         config = body.get("output_config")
-        spec = config.get("format") if isinstance(config, dict) else body.get("output_format")  # GA, or beta
-        return isinstance(spec, dict) and spec.get("type") == "json_schema"
+        specs = (config.get("format") if isinstance(config, dict) else None, body.get("output_format"))  # GA, beta
+        return any(isinstance(spec, dict) and spec.get("type") == "json_schema" for spec in specs)
 
     def free_ending(self, body: dict[str, Any]) -> bool:
         messages = body.get("messages")
-        return not asks_tools(body) and last_role(messages) != "assistant" and not _cites(messages)
+        return not asks_tools(body) and not prefilled(messages) and not _cites(messages)
 
     def is_failure(self, raw: bytes) -> bool:
         return event_name(raw) == b"error"

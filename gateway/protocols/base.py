@@ -201,15 +201,15 @@ def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int,
 
 
 def asks_tools(body: dict[str, Any]) -> bool:
-    """The request offers the model tools (or the functions that came before them) to call."""
-    return bool(body.get("tools") or body.get("functions"))
+    """The request offers the model tools (or the functions that came before them) and lets it call them."""
+    return bool(body.get("tools") or body.get("functions")) and body.get("tool_choice") != "none"
 
 
-def last_role(messages: Any) -> str | None:
-    """The role of the last message in a list of messages, if any."""
+def prefilled(messages: Any) -> bool:
+    """The last message is the assistant's, with text the answer is to continue."""
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        return messages[-1].get("role")
-    return None
+        return messages[-1].get("role") == "assistant" and bool(text_of(messages[-1].get("content")).strip())
+    return False
 
 
 def last_user_text(messages: Any) -> str:
@@ -278,45 +278,51 @@ def estimate_tokens(body: bytes, request: Any) -> int:
     request over three (a token is rarely under three bytes: English averages about four characters, CJK one
     character of three bytes). All of the request, not the messages' text alone: tools, tool results and every
     other field are prompt too; read as decoded (a client's \\u escapes are six bytes for a character of three),
-    less the base64 of images, audio and files, which the upstream counts by the image, not by its size.
-    Admission reserves this much and the real count corrects it."""
+    less the base64 of images and audio in messages, which the upstream counts by the image, not its size
+    (a PDF's base64 stays in: its pages are read as text too). Admission reserves this much and the real
+    count corrects it."""
     size = len(body)
     if b"\\u" in body:
         with contextlib.suppress(ValueError):  # too deep to write again: the body as sent, then
             size = len(jsonio.dumps(request))
-    if b";base64," in body or b'"base64"' in body or b'"input_audio"' in body:
-        size -= _base64_bytes(request)
+    if b"base64" in body or b'"input_audio"' in body:
+        size -= sum(map(len, _media(request)))
     return -(-max(size, 0) // 3)
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
+_MEDIA_URI = re.compile(r"data:(?:image|audio)/[\w.+-]+;base64,")
 
 
-def _base64_bytes(request: Any) -> int:
-    """The characters of the request's base64 payloads, where each API puts one: a data URI (`image_url`'s
-    `url`, Responses' `image_url` and `file_data`, a file part's `file_data`), an Anthropic source of type
-    base64 (`data`), an input_audio part's `data`. Read without recursion (JSON may nest a thousand deep)."""
-    found, stack = 0, [request]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(item, str):
-                    found += len(item) if _is_payload(key, item, value) else 0
-                elif isinstance(item, (dict, list)):
-                    stack.append(item)
+def _media(request: Any) -> list[str]:
+    """The base64 images and audio in the request's messages, where each API puts them: an image_url part's url
+    and a Responses input_image's image_url (data URIs of an image), an input_audio part's data, an Anthropic
+    image's base64 source (in a message or a tool result). Each wholly base64, or it is text, and counts."""
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list):
+        messages = request.get("input") if isinstance(request, dict) else None
+    parts = [p for m in messages if isinstance(m, dict) for p in _parts(m)] if isinstance(messages, list) else []
+    parts += [q for p in parts if p.get("type") == "tool_result" for q in _parts(p)]
+    found = []
+    for part in parts:
+        kind = part.get("type")
+        if kind in ("image_url", "input_image"):
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str) and (head := _MEDIA_URI.match(url)) and _BASE64.fullmatch(url, head.end()):
+                found.append(url)
+        elif kind in ("input_audio", "image"):
+            holder = part.get("input_audio") if kind == "input_audio" else part.get("source")
+            data = holder.get("data") if isinstance(holder, dict) else None
+            base64 = kind == "input_audio" or holder.get("type") == "base64"
+            if isinstance(data, str) and base64 and _BASE64.fullmatch(data):
+                found.append(data)
     return found
 
 
-def _is_payload(key: str, text: str, holder: dict) -> bool:
-    if key in ("url", "image_url", "file_data"):
-        head, _, data = text.partition(";base64,")
-        return head.startswith("data:") and len(head) < 128 and _BASE64.fullmatch(data[:4096]) is not None
-    if key == "data" and (holder.get("type") == "base64" or set(holder) == {"data", "format"}):
-        return _BASE64.fullmatch(text[:4096]) is not None
-    return False
+def _parts(holder: dict) -> list[dict]:
+    content = holder.get("content")
+    return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
 
 
 def total_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -19,8 +19,8 @@ from .base import (
     asks_tools,
     binding_quota,
     ietf_rate_headers,
-    last_role,
     last_user_text,
+    prefilled,
     text_of,
 )
 from .sse import encode_event, event_name
@@ -111,8 +111,8 @@ def _ask_usage(body: dict[str, Any]) -> bool:
     return True
 
 
-# request fields that constrain the output to a grammar, a schema or given text (vLLM's and OpenAI's)
-_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "prediction")
+# request fields that constrain the output to a grammar or a schema (vLLM's guided decoding)
+_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 def _json_format(spec: Any) -> bool:
@@ -143,11 +143,11 @@ class ChatCompletions(Dialect):
         return _ask_usage(body)
 
     def structured_output(self, body: dict[str, Any]) -> bool:
-        # JSON mode or a schema; vLLM's guided decoding; a predicted output (a file being rewritten)
+        # JSON mode or a schema; vLLM's guided decoding
         return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
 
     def free_ending(self, body: dict[str, Any]) -> bool:
-        return not asks_tools(body) and last_role(body.get("messages")) != "assistant"
+        return not asks_tools(body) and not prefilled(body.get("messages"))
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
@@ -252,7 +252,7 @@ class Responses(Dialect):
         return isinstance(text, dict) and _json_format(text.get("format"))
 
     def free_ending(self, body: dict[str, Any]) -> bool:
-        return not asks_tools(body) and last_role(body.get("input")) != "assistant"
+        return not asks_tools(body) and not prefilled(body.get("input"))
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         include = body.get("include")

@@ -284,15 +284,15 @@ def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part():
         (CHAT, {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}),
         (CHAT, {"messages": [{"role": "user", "content": "Write JSON."}, {"role": "assistant", "content": "{"}]}),
         (CHAT, {"guided_json": {"type": "object"}}),
-        (CHAT, {"prediction": {"type": "content", "content": "def add(a, b):"}}),
         ("/v1/completions", {"prompt": "def add(a, b):\n"}),
         ("/v1/messages", {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}),
         ("/v1/messages", {"output_format": {"type": "json_schema", "schema": {"type": "object"}}}),
         ("/v1/messages", {"messages": [{"role": "user", "content": [
             {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue grew."},
-             "citations": {"enabled": True}}, {"type": "text", "text": "How did revenue change?"}]}]}),
+             "citations": {"enabled": True}}, {"type": "text", "text": "How did revenue change?"}]}],
+          "output_config": {"effort": "low"}}),
     ],
-    ids=["tools", "prefill", "guided", "prediction", "completion", "anthropic-schema", "anthropic-beta", "citations"],
+    ids=["tools", "prefill", "guided", "completion", "anthropic-schema", "anthropic-beta", "citations"],
 )  # fmt: skip
 def test_no_canary_where_a_line_after_the_answer_would_break_it(canaried, fake_upstream, path, extra):
     """A tool call may follow the text; the text continues what the client began (a completion, a prefilled

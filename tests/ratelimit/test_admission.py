@@ -332,9 +332,18 @@ def test_every_part_of_a_request_counts_toward_its_prompt_but_base64_data_does_n
     # wire but three as the model reads it (15,000 characters fit the budget of 20,000); nesting deeper than
     # the recursion limit is a 400, not a 500
     text_as_data = [{"type": "text", "text": "data:" + big}]
+    # nor does text shaped like a payload where the model reads it (a tool call's input), or with the base64
+    # alphabet at its start only
+    b64_then_text = "A" * 4096 + big
+    shaped = {"image_url": "data:image/png;base64," + b64_then_text, "source": {"type": "base64", "data": big}}
+    tool_use = {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": shaped}]}
     asks += [
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "data:" + big}]}),
         ("/v1/messages", {**MESSAGE, "messages": [{"role": "user", "content": text_as_data}]}),
+        (
+            "/v1/messages",
+            {**MESSAGE, "messages": [{"role": "user", "content": "hi"}, tool_use, {"role": "user", "content": "and?"}]},
+        ),  # fmt: skip
     ]
     escaped = json.dumps({**CHAT, "messages": [{"role": "user", "content": "猫" * 15000}]}).encode()  # ensure_ascii
     with limited.client(key) as http:
@@ -344,7 +353,7 @@ def test_every_part_of_a_request_counts_toward_its_prompt_but_base64_data_does_n
         image = b'{"type": "image", "source": {"type": "base64", "data": "QUFB"}}'
         deep_body = json.dumps(CHAT).encode()[:-1] + b', "x": ' + b"[" * 1000 + image + b"]" * 1000 + b"}"
         statuses.append(http.post("/v1/chat/completions", content=deep_body, headers=headers).status_code)
-    assert statuses == [413, 413, 413, 200, 413, 413, 200, 400]
+    assert statuses == [413, 413, 413, 200, 413, 413, 413, 200, 400]
 
 
 def test_a_request_setting_both_output_fields_is_held_to_what_was_reserved(limited, fake_upstream):
