@@ -106,7 +106,7 @@ def test_usage_in_a_content_chunk_does_not_hide_the_usage_event_that_came_last(g
     assert gw.records()[-1]["usage"]["total_tokens"] == last_usage["total_tokens"] > 2
 
 
-@pytest.mark.parametrize("label", ["text/plain", "application/x-ndjson", ""])
+@pytest.mark.parametrize("label", ["text/plain", "application/x-ndjson", "application/octet-stream", ""])
 def test_a_stream_under_another_label_is_read_as_a_stream(gw, label):
     r, events = _streamed(gw, stream_type=label)
     assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"

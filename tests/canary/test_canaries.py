@@ -345,6 +345,8 @@ def test_attribution_reads_curly_apostrophes_and_quoted_phrases_and_sombre_quest
         exchange = Exchange("r", "POST", CHAT, "openai", CHAT, "192.0.2.1", identity=Identity("bob", "normal"))
         exchange.prompt_text = question
         assert transform.rewriter(exchange, ("choice", 0)) is None, question
+    exchange.prompt_text = "How do I kill a process listening on port 3000?"  # a programmer's, not a sombre one
+    assert transform.rewriter(exchange, ("choice", 0)) is not None
 
 
 def test_a_canary_is_recorded_only_when_its_event_goes_out():
