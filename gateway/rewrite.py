@@ -23,8 +23,9 @@ RewriterFactory = Callable[[tuple], TextRewriter | None]
 
 
 def rewrite_body(dialect: Dialect, body: dict[str, Any], open_rewriter: RewriterFactory) -> bool:
-    """Rewrite every text part of a whole answer in place; True if anything changed."""
-    changed = False
+    """Rewrite every text part of a whole answer in place, and empty any log-probabilities it carries (they
+    would show the tokens the rewriting replaced); True if anything changed."""
+    changed = dialect.drop_logprobs(body)
     for slot in dialect.body_slots(body):
         rewriter = open_rewriter(slot.part)
         if rewriter is None:
@@ -120,6 +121,7 @@ class StreamRewrite:
         if pending is None:
             return _Pending(raw)  # nothing to rewrite
         name = pending.event.name if pending.event is not None else None
+        pending.dirty = self._dialect.drop_logprobs(pending.data)  # an upstream's, unasked: see rewrite_body
         for slot in self._dialect.event_slots(self._state, name, pending.data):
             if slot.kind is SlotKind.DELTA:
                 self._delta(slot, pending)

@@ -123,6 +123,20 @@ def test_a_stream_answered_with_an_html_page_is_the_upstreams_failure(gw):
     assert gw.records()[-1]["outcome"] == "upstream_failed"
 
 
+def test_log_probabilities_an_upstream_sends_unasked_never_reach_a_client_of_marked_answers(gw):
+    """They would show the tokens the mark replaced (the request's ask is removed; an upstream may send them
+    anyway)."""
+    sent = b'"logprobs": {"content": [{"token": "THE", "logprob": -0.1}]}, "finish_reason"'
+    add = lambda raw: raw.replace(b'"finish_reason"', sent)  # noqa: E731
+    _, events = _streamed(gw, patch=add)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events if e != "data: [DONE]"]
+    assert all(c.get("logprobs") is None for chunk in chunks for c in chunk.get("choices", []))
+    with gw.client() as http:
+        whole = http.post(CHAT, headers=gw.headers(), json=BODY).json()
+    assert whole["choices"][0]["logprobs"] is None and whole["choices"][0]["message"]["content"]
+    gw.upstream.behaviour.patch = None
+
+
 def test_an_error_event_from_the_upstream_is_no_completed_answer(gw):
     error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
     _, events = _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)

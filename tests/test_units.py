@@ -311,3 +311,18 @@ def test_what_keeps_a_canary_off_an_answer_is_what_would_break_it_not_its_look_a
     assert messages.free_ending({"messages": [{"role": "user", "content": [document]}]})  # no citations: one part
     schema = {"type": "json_schema", "schema": {"type": "object"}}
     assert messages.structured_output({"output_config": {"effort": "low"}, "output_format": schema})
+
+
+def test_a_responses_answer_and_its_events_lose_the_log_probabilities_an_upstream_sent():
+    responses = ROUTES["/v1/responses"]
+    lp = [{"token": "THE", "logprob": -0.1}]
+    text = {"type": "output_text", "text": "The fox.", "logprobs": lp}
+    body = {"output": [{"type": "message", "content": [dict(text)]}]}
+    delta = {"type": "response.output_text.delta", "delta": "The", "logprobs": lp}
+    completed = {"type": "response.completed", "response": {"output": [{"type": "message", "content": [dict(text)]}]}}
+    item = {"type": "response.output_item.done", "item": {"type": "message", "content": [dict(text)]}}
+    part = {"type": "response.content_part.done", "part": dict(text)}
+    for data in (body, delta, completed, item, part):
+        assert responses.drop_logprobs(data) and "THE" not in json.dumps(data), data
+        assert not responses.drop_logprobs(data)  # nothing left
+    assert not responses.drop_logprobs({"type": "response.created", "response": {"output": []}})

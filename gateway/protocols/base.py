@@ -158,6 +158,11 @@ class Dialect:
     def strip_logprobs(self, body: dict[str, Any]) -> None:
         """Remove the request's ask for log-probabilities."""
 
+    def drop_logprobs(self, data: Any) -> bool:
+        """Empty the log-probabilities an answer (or one streamed event's data) carries; whether any were there.
+        An upstream may send them unasked: they would show the tokens the mark replaced."""
+        return False
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         return ""
 

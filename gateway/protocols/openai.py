@@ -156,6 +156,9 @@ class ChatCompletions(Dialect):
         body.pop("logprobs", None)
         body.pop("top_logprobs", None)
 
+    def drop_logprobs(self, data: Any) -> bool:
+        return _drop_choice_logprobs(data)
+
     def is_usage_only(self, raw: bytes) -> bool:
         return _usage_only(raw)
 
@@ -213,6 +216,9 @@ class Completions(Dialect):
     def strip_logprobs(self, body: dict[str, Any]) -> None:
         body.pop("logprobs", None)
 
+    def drop_logprobs(self, data: Any) -> bool:
+        return _drop_choice_logprobs(data)
+
     def is_usage_only(self, raw: bytes) -> bool:
         return _usage_only(raw)
 
@@ -264,6 +270,9 @@ class Responses(Dialect):
         body.pop("top_logprobs", None)
         if isinstance(body.get("include"), list):
             body["include"] = [i for i in body["include"] if i != "message.output_text.logprobs"]
+
+    def drop_logprobs(self, data: Any) -> bool:
+        return _drop_output_logprobs(data)
 
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in _RESPONSE_ENDS
@@ -325,6 +334,36 @@ class Embeddings(Dialect):
 
 class Models(Dialect):
     method = "GET"
+
+
+def _drop_choice_logprobs(data: Any) -> bool:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    dropped = False
+    for choice in choices if isinstance(choices, list) else ():  # every event: no list made (_choices)
+        if isinstance(choice, dict) and choice.get("logprobs") is not None:
+            choice["logprobs"], dropped = None, True
+    return dropped
+
+
+def _drop_output_logprobs(data: Any) -> bool:
+    """A Responses answer's or event's log-probabilities: on a text delta or its done, and on each output text of
+    an output item or a whole response (as the body, or in response.completed)."""
+    if not isinstance(data, dict):
+        return False
+    holders = [data]
+    response = data.get("response") if isinstance(data.get("response"), dict) else data
+    items = response.get("output")
+    items = items if isinstance(items, list) else [data.get("item")]
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            holders += [c for c in item["content"] if isinstance(c, dict)]
+    if isinstance(data.get("part"), dict):
+        holders.append(data["part"])
+    dropped = False
+    for holder in holders:
+        if holder.get("logprobs"):
+            holder["logprobs"], dropped = [], True
+    return dropped
 
 
 def _choices(body: Any) -> list[dict]:
