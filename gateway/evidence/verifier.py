@@ -443,6 +443,8 @@ def _verify_proofs(path: Path, log_keys: list[str]) -> int:
     proofs = json.loads(path.read_text())
     if isinstance(proofs, dict):
         proofs = [proofs]
+    if not proofs:  # a report that attributes nothing has none: nothing here is checked, so nothing is OK
+        raise VerificationError(f"{path}: no inclusion proofs to verify")
     keys = [NoteKey.parse(k) for k in log_keys]
     for proof in proofs:
         checkpoint = verify_inclusion_proof(proof, keys)

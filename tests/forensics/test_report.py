@@ -139,6 +139,12 @@ def test_a_suspect_that_never_saw_marked_answers_is_not_named(served):
         and json.loads((folder / "control-report" / "proofs.json").read_text()) == []
     )
     assert "[none] The watermark test finds nothing" in result.stdout
+    # a third party checking its empty proofs is told that nothing was checked, not "OK"
+    doc_keys = sum((["--log-key", k] for k in doc["public_keys"]), [])
+    checked = subprocess.run([sys.executable, "verify.py", "--proofs", "proofs.json", *doc_keys],
+                             cwd=folder / "control-report", capture_output=True, text=True, env={})  # fmt: skip
+    assert checked.returncode != 0 and "no inclusion proofs to verify" in checked.stdout + checked.stderr
+    assert "OK" not in checked.stdout
 
 
 def test_the_report_renders_in_a_real_browser(served, tmp_path):
