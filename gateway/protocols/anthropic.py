@@ -11,18 +11,7 @@ import time
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import (
-    Api,
-    Dialect,
-    Slot,
-    SlotKind,
-    asks_tools,
-    binding_quota,
-    ietf_rate_headers,
-    last_user_text,
-    prefilled,
-    text_of,
-)
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -86,6 +75,7 @@ def _cites(messages: Any) -> bool:
 
 class Messages(Dialect):
     api = API
+    conversation = "messages"
     streams = True
     output_fields = ("max_tokens",)
     usage_holders = ("message",)
@@ -99,8 +89,7 @@ class Messages(Dialect):
         return any(isinstance(spec, dict) and spec.get("type") == "json_schema" for spec in specs)
 
     def free_ending(self, body: dict[str, Any]) -> bool:
-        messages = body.get("messages")
-        return not asks_tools(body) and not prefilled(messages) and not _cites(messages)
+        return super().free_ending(body) and not _cites(body.get("messages"))
 
     def is_failure(self, raw: bytes) -> bool:
         return event_name(raw) == b"error"
@@ -111,9 +100,6 @@ class Messages(Dialect):
         if isinstance(messages, list):
             parts.extend(text_of(m.get("content")) for m in messages if isinstance(m, dict))
         return "\n".join(p for p in parts if p)
-
-    def question(self, body: dict[str, Any]) -> str:
-        return last_user_text(body.get("messages"))
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         content = body.get("content")

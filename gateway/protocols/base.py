@@ -92,6 +92,7 @@ class Dialect:
     # in response.completed; Anthropic: `message` in message_start, and message_delta's own). Never deeper.
     usage_holders: tuple[str, ...] = ()
     choice_fields: tuple[str, ...] = ()  # the request fields that ask for several answers (n, best_of)
+    conversation: str | None = None  # the request field holding its messages (each with a role and content)
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model")
@@ -149,7 +150,7 @@ class Dialect:
         """Whether the answer ends where the model ends its own prose, so that a line may follow it (a canary):
         not where a tool call may come after the text, the text continues the request's own (a completion,
         an assistant turn the client began), or cited passages split it into several parts."""
-        return True
+        return not _asks_tools(body) and not _prefilled(self._messages(body))
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         """Whether the request asks for log-probabilities (which would reveal the unmarked tokens)."""
@@ -169,7 +170,10 @@ class Dialect:
     def question(self, body: dict[str, Any]) -> str:
         """The caller's own latest words: the last user message's text (the whole prompt where there are no
         messages). Not the system prompt nor the history, which an honest app repeats on every request."""
-        return self.prompt_text(body)
+        return _last_user_text(self._messages(body)) if self.conversation else self.prompt_text(body)
+
+    def _messages(self, body: dict[str, Any]) -> Any:
+        return body.get(self.conversation) if self.conversation else None
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         return []
@@ -205,19 +209,19 @@ def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int,
     return values
 
 
-def asks_tools(body: dict[str, Any]) -> bool:
+def _asks_tools(body: dict[str, Any]) -> bool:
     """The request offers the model tools (or the functions that came before them) and lets it call them."""
     return bool(body.get("tools") or body.get("functions")) and body.get("tool_choice") != "none"
 
 
-def prefilled(messages: Any) -> bool:
+def _prefilled(messages: Any) -> bool:
     """The last message is the assistant's, with text the answer is to continue."""
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         return messages[-1].get("role") == "assistant" and bool(text_of(messages[-1].get("content")).strip())
     return False
 
 
-def last_user_text(messages: Any) -> str:
+def _last_user_text(messages: Any) -> str:
     """The text of the last message whose role is "user" in a list of messages (either API's shape)."""
     if isinstance(messages, list):
         for message in reversed(messages):

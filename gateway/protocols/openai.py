@@ -11,18 +11,7 @@ import json
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import (
-    Api,
-    Dialect,
-    Slot,
-    SlotKind,
-    asks_tools,
-    binding_quota,
-    ietf_rate_headers,
-    last_user_text,
-    prefilled,
-    text_of,
-)
+from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
 from .sse import encode_event, event_name
 
 _ERROR_TYPES = {
@@ -133,6 +122,7 @@ _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomple
 
 class ChatCompletions(Dialect):
     api = API
+    conversation = "messages"
     streams = True
     takes_logit_bias = True
     choice_fields = ("n",)
@@ -145,9 +135,6 @@ class ChatCompletions(Dialect):
     def structured_output(self, body: dict[str, Any]) -> bool:
         # JSON mode or a schema; vLLM's guided decoding
         return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
-
-    def free_ending(self, body: dict[str, Any]) -> bool:
-        return not asks_tools(body) and not prefilled(body.get("messages"))
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
@@ -173,9 +160,6 @@ class ChatCompletions(Dialect):
         if not isinstance(messages, list):
             return ""
         return "\n".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
-
-    def question(self, body: dict[str, Any]) -> str:
-        return last_user_text(body.get("messages"))
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         slots = []
@@ -249,6 +233,7 @@ class Completions(Dialect):
 
 class Responses(Dialect):
     api = API
+    conversation = "input"
     streams = True
     output_fields = ("max_output_tokens",)
     usage_holders = ("response",)
@@ -256,9 +241,6 @@ class Responses(Dialect):
     def structured_output(self, body: dict[str, Any]) -> bool:
         text = body.get("text")
         return isinstance(text, dict) and _json_format(text.get("format"))
-
-    def free_ending(self, body: dict[str, Any]) -> bool:
-        return not asks_tools(body) and not prefilled(body.get("input"))
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         include = body.get("include")
@@ -291,7 +273,7 @@ class Responses(Dialect):
 
     def question(self, body: dict[str, Any]) -> str:
         given = body.get("input")
-        return given if isinstance(given, str) else last_user_text(given)
+        return given if isinstance(given, str) else super().question(body)
 
     def body_slots(self, body: dict[str, Any]) -> list[Slot]:
         return _output_slots(body.get("output"), SlotKind.DELTA)
