@@ -268,7 +268,7 @@ def _init(args) -> int:
 def _identities_add(args) -> int:
     settings = _settings_with_tier(args)  # an unknown tier would be served as normal
     registry = Registry(settings.state_dir)
-    holders = [record for record in registry.all() if record.name == args.name]
+    holders = registry.named(args.name)
     if holders and all(record.revoked is not None for record in holders):  # a name revoked, registered anew,
         # is a new caller: a tier the risk engine gave its last holder goes (first, as in `tier set`, so that
         # storage that cannot be reached leaves the registry as it was)
@@ -389,9 +389,7 @@ def _risk_show(args) -> int:
 
 def _latest_record(registry: Registry, name: str):
     """The record registered under `name` now, or else its latest revoked one (IdentityError if never)."""
-    records = [r for r in registry.all() if r.name == name]
-    live = [r for r in records if r.revoked is None]
-    return (live or records or [registry.get(name)])[-1]
+    return (registry.named(name) or [registry.get(name)])[-1]
 
 
 def _tier_show(args) -> int:

@@ -118,6 +118,10 @@ class Registry:
     def all(self) -> list[Record]:
         return sorted(self._read().values(), key=lambda r: r.created)
 
+    def named(self, name: str) -> list[Record]:
+        """Every record of `name`, oldest first: its revoked holders, then the live one if any."""
+        return [record for record in self.all() if record.name == name]
+
     def add(self, name: str, tier: str = DEFAULT_TIER, tenant: str | None = None) -> str:
         """Register `name`; returns its new key, which is shown once and never stored."""
         if not name or not set(name) <= _NAME_CHARS or len(name) > 128:

@@ -102,9 +102,8 @@ class StreamRewrite:
     def _drop_unqueued(self) -> None:
         """An event failed part way through its slots and goes nowhere: a part whose held text it took ends
         here, unflushed (text flushed into that event would be lost, and a canary recorded but never sent)."""
-        queued = {id(pending) for pending in self._queue}
         for part, holder in list(self._held.items()):
-            if id(holder) not in queued:
+            if holder not in self._queue:  # by identity: a pending event has no equality of its own
                 del self._held[part]
                 self._rewriters[part] = None
 
