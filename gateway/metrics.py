@@ -92,7 +92,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process of that number
-        return True
+        pass
     return True
 
 
