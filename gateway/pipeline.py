@@ -446,6 +446,10 @@ class Pipeline:
                     break
             else:
                 tail = _completed_tail(framer.remainder(), dialect)
+                if dialect is not None and dialect.streams and _terminal_at(dialect, tail) == len(tail):
+                    # ended cleanly between events, but before the API's own end: the answer was cut short
+                    held = downstream(tail, ended=False)
+                    raise UpstreamError("broken", "the stream ended before its terminal event")
                 if tail:
                     _note_failure(exchange, dialect, tail[-1])
                 held = downstream(tail, ended=True)

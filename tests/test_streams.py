@@ -1,6 +1,6 @@
 """A stream is judged by its events, not by how the upstream's body ends: a complete answer stays complete
-whatever the upstream does after it, an answer cut inside an event is a failure, and what was ready before
-an event the gateway cannot read still reaches the client."""
+whatever the upstream does after it, an answer cut inside an event or before its terminal event is a
+failure, and what was ready before an event the gateway cannot read still reaches the client."""
 
 from __future__ import annotations
 
@@ -50,6 +50,28 @@ def test_a_stream_that_ends_inside_an_event_is_a_failure(gw):
     last = json.loads(_events(r.text)[-1].removeprefix("data: "))
     assert last["error"]["code"] == "upstream_error" and '"inde\n' not in r.text
     assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "terminal"),
+    [
+        (CHAT, {**BODY, "stream": True}, b"[DONE]"),
+        ("/v1/messages", {"model": "c", "max_tokens": 50, **BODY, "stream": True}, b"message_stop"),
+        ("/v1/responses", {"model": "m", "input": "hi", "stream": True}, b"response.completed"),
+    ],
+)
+def test_a_stream_that_ends_without_its_terminal_event_is_a_failure(gw, path, body, terminal):
+    """An upstream whose body ends cleanly between events but before the API's terminal event has cut the
+    answer short: the client is told in the stream's own error shape, and the record does not say completed
+    (which would also settle the token reservation on a partial count)."""
+    gw.transform.enabled = True
+    gw.upstream.behaviour.patch = lambda raw: b"" if terminal in raw else raw
+    with gw.client() as http:
+        r = http.post(path, headers=gw.headers(), json=body)
+    assert r.status_code == 200 and terminal not in r.content
+    assert b"THE" in r.content or b"HELLO" in r.content or b"quick" in r.content  # what came before still came
+    assert b"error" in _events(r.text)[-1].encode(), r.text[-300:]
+    assert gw.records()[-1]["outcome"] == "upstream_failed" and gw.records()[-1]["error"] == "broken"
 
 
 def test_an_event_of_another_shape_fails_the_stream_after_what_came_before_it(gw):
