@@ -290,9 +290,11 @@ def _identities_list(args) -> int:
     elif not rows:
         print("no identities; add one with `canarygate identities add NAME`")
     else:
+        line = "{:<32} {:<10} {:<16} {:<16}  {}"
+        print(line.format("NAME", "TIER", "TENANT", "KEY ID", "STATUS"))
         for row in rows:
             status = "revoked" if row["revoked"] else "active"
-            print(f"{row['name']:<32} {row['tier']:<10} {row['tenant'] or '-':<16} {row['key_id']}  {status}")
+            print(line.format(row["name"], row["tier"], row["tenant"] or "-", row["key_id"], status))
     return 0
 
 

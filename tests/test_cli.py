@@ -85,6 +85,9 @@ def test_init_identities_serve_and_one_sdk_call(tmp_path, fake_upstream):
     assert "sk-upstream-cli" not in gw.output
     listed = json.loads(cli(tmp_path, "identities", "list", "--json").stdout)
     assert [(i["name"], i["revoked"]) for i in listed] == [("alice", False)]
+    table = cli(tmp_path, "identities", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "TIER", "TENANT", "KEY", "ID", "STATUS"]
+    assert table[1].split()[0] == "alice" and table[1].split()[-1] == "active" and len(table) == 2
 
 
 def test_demo_and_one_curl(tmp_path):
