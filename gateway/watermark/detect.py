@@ -2,9 +2,8 @@
 
 Each key (one per epoch) is tested with the fixed keyed preference test (`scoring`); across keys the
 p-values are corrected with Holm's method, so that testing every epoch cannot manufacture a finding.
-A site is not scored where its two preceding words and itself also appear together in the item's prompt
-(sites.is_site, the rule the marks follow): a passage copied from the prompt is passed over from its third
-word on. Its first two words, and the text's first two, are read in the text's own context and scored.
+A set that the item's prompt uses is not scored in its text (scoring.vote_counts): text copied from a prompt
+that holds marked text, in any order, casts no vote.
 """
 
 from __future__ import annotations

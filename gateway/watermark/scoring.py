@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .sites import Scanner, prompt_trigrams
+from .sites import Scanner, prompt_sets
 from .wordsets import WordSets
 
 if TYPE_CHECKING:
@@ -22,14 +22,21 @@ if TYPE_CHECKING:
 
 
 def vote_counts(items: list[tuple[str, str]], sets: WordSets) -> dict[int, Counter]:
-    """Per set, how often each member was used at a site, over all (text, prompt) items."""
+    """Per set, how often each member was used at a site, over all (text, prompt) items.
+
+    A set the item's prompt uses is not scored in its text: the text may have taken its member from the
+    prompt (a passage repeated, reordered, or one word of it), and a prompt that holds marked text would
+    then make a copy look marked. The marks skip less (only a site whose two preceding words and itself are
+    in the prompt, so that listing members cannot switch them off); a site the detector skips is only lost."""
     counts: dict[int, Counter] = {}
     for text, prompt in items:
-        scanner = Scanner(sets, prompt_trigrams(prompt, sets) if prompt else frozenset())
+        skipped = prompt_sets(prompt, sets) if prompt else frozenset()
+        scanner = Scanner(sets)
         scanner.feed(text)
         scanner.flush()
         for site in scanner.sites:
-            counts.setdefault(site.set_index, Counter())[site.member] += 1
+            if site.set_index not in skipped:
+                counts.setdefault(site.set_index, Counter())[site.member] += 1
     return counts
 
 

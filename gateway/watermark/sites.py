@@ -107,6 +107,12 @@ def prompt_trigrams(prompt: str, sets: WordSets) -> frozenset[tuple[str, str, st
     return frozenset((words[k - 2], words[k - 1], words[k]) for k in members if k >= 2)
 
 
+def prompt_sets(prompt: str, sets: WordSets) -> frozenset[int]:
+    """The sets any of whose members the prompt uses: a detector passes over them (scoring.vote_counts)."""
+    words, members = _canonical(prompt, sets)
+    return frozenset(int(words[k][1:]) for k in members)
+
+
 def _canonical(text: str, sets: WordSets) -> tuple[list[str], list[int]]:
     """(canonical_words, the positions in it of members). Only a word that begins a phrase is tried for one
     (most begin none)."""

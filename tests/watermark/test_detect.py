@@ -64,6 +64,28 @@ def test_each_set_votes_once_however_often_it_recurs():
     assert (votes, sites) == (2, 6)  # "it is" and "large": two votes from six sites
 
 
+def test_text_copied_from_a_marked_prompt_casts_no_votes():
+    """A suspect that only repeats marked text from its prompt learned nothing from it: reordered, every
+    sentence's first words had a context the prompt lacks, and the copy of 40 answers scored 30 hits of 30."""
+    key = LexicalKey(b"k" * 32, SETS)
+    mark = LexicalWatermark(key)
+    items = []
+    for r in SAMPLE[:40]:
+        marked = mark.mark(r["output"])
+        sentences = [s for s in marked.replace("\n", " ").split(". ") if s]
+        items.append((". ".join(sentences[::-1]), "Repeat these sentences in any order: " + marked))
+        items.append((marked, marked))  # verbatim: the first two words were scored
+    assert vote_counts(items, SETS) == {}
+    assert detect(items, [key], SETS)[0].n == 0
+
+
+def test_a_set_the_prompt_never_uses_is_still_scored_beside_one_it_does():
+    text = "It is large and calm, here."
+    it_is, large = SETS.lookup[("it", "is")][0], SETS.lookup[("large",)][0]
+    assert vote_counts([(text, "")], SETS).keys() == {it_is, large}
+    assert vote_counts([(text, "Is it big? Say so.")], SETS).keys() == {it_is}  # "big" is of the set of "large"
+
+
 def test_epoch_keys_are_vetted_and_differ_by_epoch(tmp_path):
     init_keys(tmp_path, "test/origin")
     rotate(tmp_path)
