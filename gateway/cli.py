@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from redis.exceptions import RedisError
 
 from . import bias, canary, config, evidence, ratelimit, watermark
 from .evidence import keys
-from .evidence.bundle import bundle_commitments, disclosed_keys
+from .evidence.bundle import bundle_commitments, committed_epochs, disclosed_keys
 from .evidence.bundle import export as export_bundle
 from .evidence.reader import LogReader, VerifyError, commitments
 from .evidence.store import Segment
@@ -30,7 +31,7 @@ from .exchange import Identity
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
-from .watermark.detect import adjusted
+from .watermark.detect import adjusted, holm
 from .witness.cli import add_commands as _witness_commands
 
 DEMO_IDENTITY = "demo"
@@ -415,26 +416,25 @@ def _detect(args) -> int:
         epochs = [watermark.LexicalKey(key, sets, epoch) for epoch, key in disclosed_keys(found)]
         if not epochs:
             raise config.ConfigError(f"{args.bundle}: no disclosed watermark key (export with --disclose-epoch N)")
+        # the family is every epoch committed to: disclosing only the one that fits must not shrink it
+        untested = len(committed_epochs(found) - {key.epoch for key in epochs})
         greens = None
     else:
         loaded = keys.Keys.load(directory)
-        epochs = watermark.epoch_keys(loaded)
+        epochs, untested = watermark.epoch_keys(loaded), 0
         found = _logged_commitments(args)
         greens = _green_lists(settings, loaded, found)
 
     def findings_for(chosen: list[tuple[str, str]]):
         """Every scheme's test, Holm-adjusted across schemes and key epochs."""
-        lexical = watermark.detect(chosen, epochs, sets)
+        lexical = watermark.detect(chosen, epochs, sets, untested)
         return adjusted(lexical + bias.detect(chosen, greens.lists, greens.vocabulary)) if greens else lexical
 
     findings = findings_for(items)
     doc = {"texts": len(items), "word_sets": sets.version, "schemes": _by_scheme(findings)}
     doc["commitments"] = prior_commitments(found, epochs, sets.version, greens.lists if greens else ())
     if args.per_text:
-        doc["per_text"] = [
-            {"line": row.line, "schemes": _by_scheme(findings_for([item]))}
-            for row, item in zip(rows, items, strict=True)
-        ]
+        doc["per_text"] = _per_text(rows, [findings_for([item]) for item in items], untested)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
@@ -449,10 +449,23 @@ def _detect(args) -> int:
             print(f"  {subject}: NO PRIOR COMMITMENT in the evidence log; nothing shows it was fixed in advance")
         else:
             print(f"  {subject}: committed at {found['time']} ({found['log']} entry {found['index']})")
+    if args.per_text:
+        print("  per text, Holm-corrected over every line, scheme and key epoch:")
     for per_text in doc.get("per_text", []):
         best = min(per_text["schemes"].values(), key=lambda r: r["p_value"])
         print(f"  line {per_text['line']}: p = {best['p_value']:.3g} from {best['n']} votes")
     return 0
+
+
+def _per_text(rows: list[_Row], findings: list[list], untested: int) -> list[dict]:
+    """Each line's findings, Holm-adjusted together over every line's (a file of many texts is many tests:
+    some line of unmarked text would otherwise come out below any alpha); `raw_p_value` keeps the line's own."""
+    flat = [f for line in findings for f in line]
+    values = iter(holm([f.raw_p_value for f in flat], untested * len(rows)))
+    return [
+        {"line": row.line, "schemes": _by_scheme([dataclasses.replace(f, p_value=next(values)) for f in line])}
+        for row, line in zip(rows, findings, strict=True)
+    ]
 
 
 def _logged_commitments(args) -> list[dict]:

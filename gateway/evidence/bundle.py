@@ -166,6 +166,11 @@ def bundle_commitments(bundle: Path) -> list[dict]:
     return found
 
 
+def committed_epochs(found: list[dict]) -> set[int]:
+    """The epochs whose watermark key `found` holds a commitment to, disclosed or not."""
+    return {c["epoch"] for c in found if c.get("subject") == "watermark-key"}
+
+
 def disclosed_keys(found: list[dict]) -> list[tuple[int, bytes]]:
     """(epoch, key) of every watermark key opened in `found`."""
     keys = {

@@ -39,12 +39,13 @@ class Finding:
         }
 
 
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment, in the input order."""
+def holm(p_values: list[float], untested: int = 0) -> list[float]:
+    """Holm's step-down adjustment, in the input order, in a family that also held `untested` hypotheses
+    not tested (counted as p = 1: a key committed to but not disclosed still had its chance to be chosen)."""
     order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * len(p_values), 0.0
+    adjusted, running, family = [0.0] * len(p_values), 0.0, len(p_values) + untested
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        running = max(running, min(1.0, (family - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
 
@@ -55,10 +56,12 @@ def adjusted(findings: list[Finding]) -> list[Finding]:
     return [dataclasses.replace(f, p_value=p) for f, p in zip(findings, values, strict=True)]
 
 
-def detect(items: list[tuple[str, str]], keys: list[LexicalKey], sets: WordSets) -> list[Finding]:
+def detect(items: list[tuple[str, str]], keys: list[LexicalKey], sets: WordSets, untested: int = 0) -> list[Finding]:
+    """Each key's test, Holm-adjusted over `keys` and `untested` more keys of the family (epochs committed to
+    but not at hand)."""
     counts = vote_counts(items, sets)
     raw = [fixed_scheme_p(counts, key) for key in keys]
-    adjusted = holm([r[0] for r in raw])
+    adjusted = holm([r[0] for r in raw], untested)
     return [
         Finding(SCHEME, key.epoch, key.fingerprint, adj, p, n, hits, sites)
         for key, adj, (p, n, hits, sites) in zip(keys, adjusted, raw, strict=True)

@@ -148,6 +148,16 @@ def _open_to_another_key(bundle: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _commit_another_epoch(bundle: Path) -> None:
+    """The disclosed epoch's commitment entry once more, as epoch 1's and with its key left unopened."""
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    (row,) = [r for r in rows if "watermark_key" in r.get("openings", {})]
+    public = json.loads(base64.b64decode(row["leaf"]))
+    other = {**row, "leaf": base64.b64encode(json.dumps({**public, "epoch": 1}).encode()).decode(), "openings": {}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, other]))
+
+
 def _move_the_start_of_a_prompt_into_its_salt(bundle: Path) -> None:
     """sha256(salt || value) cannot tell salt+value[:k] || value[k:] apart: the salt's length must."""
     path = bundle / "log-0" / "entries.jsonl"
@@ -245,6 +255,15 @@ def test_an_expert_detects_with_the_key_disclosed_in_the_bundle(served, tmp_path
     assert doc["schemes"]["lexical-v1"]["p_value"] < 1e-6
     assert doc["schemes"]["lexical-v1"]["key"] == gateway_keys[0].fingerprint
     assert all(found is not None for found in doc["commitments"].values()), doc["commitments"]
+
+    alone = doc["schemes"]["lexical-v1"]["raw_p_value"]
+    assert doc["schemes"]["lexical-v1"]["p_value"] == alone  # one epoch committed, one disclosed
+
+    more = tmp_path / "more"  # a bundle with a second epoch's key committed to, not disclosed
+    shutil.copytree(bundle, more)
+    _commit_another_epoch(more)
+    again = json.loads(cli(tmp_path, "detect", "suspect.jsonl", "--bundle", str(more), "--json").stdout)
+    assert again["schemes"]["lexical-v1"]["p_value"] == pytest.approx(2 * alone)  # Holm over both epochs
 
     tampered = tmp_path / "tampered"
     shutil.copytree(bundle, tampered)

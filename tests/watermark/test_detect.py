@@ -43,6 +43,8 @@ def test_poisson_binomial_tail_matches_enumeration_for_mixed_probabilities():
 def test_holm_adjusts_in_step_down_order():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5]) == [0.5]
+    assert holm([0.01], untested=7) == pytest.approx([0.08])  # a family of 8, one tested
+    assert holm([0.04, 0.01], untested=1) == pytest.approx([0.08, 0.03])
 
 
 def test_marked_answers_are_found_and_unmarked_ones_are_not():
@@ -110,9 +112,14 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     scheme = doc["schemes"]["lexical-v1"]
     assert scheme["p_value"] < 1e-6 and scheme["n"] == scheme["hits"] > 20
     assert [t["line"] for t in doc["per_text"]] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13]  # the file's lines
+    per_text = [t["schemes"]["lexical-v1"] for t in doc["per_text"]]  # one family: every line is a test
+    assert [t["p_value"] for t in per_text] == pytest.approx(holm([t["raw_p_value"] for t in per_text]))
+    assert any(t["p_value"] > t["raw_p_value"] for t in per_text)
     assert all("lexical-v1" in t["schemes"] for t in doc["per_text"])
     readable = cli(tmp_path, "detect", "suspect.jsonl")
     assert "lexical-v1: p = " in readable.stdout
+    per_line = cli(tmp_path, "detect", "suspect.jsonl", "--per-text").stdout
+    assert "per text, Holm-corrected over every line, scheme and key epoch" in per_line
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "suspect.jsonl").read_bytes())
     with_bom = json.loads(cli(tmp_path, "detect", "bom.jsonl", "--json").stdout)  # as Windows tools write it
     assert with_bom["schemes"]["lexical-v1"] == scheme
