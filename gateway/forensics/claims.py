@@ -34,29 +34,41 @@ ALTERNATIVES = {
 def claims(doc: dict) -> list[dict]:
     """Statements for the report, each with the evidence it rests on and the alternatives that remain."""
     probed = doc.get("suspect", {}).get("started")
-    found = [_watermark(doc["watermark"], probed), *_canaries(doc["canaries"]), *_exposure(doc["exposure"])]
-    return found + ([_reading(doc["reading"])] if doc.get("reading") else [])
+    commitments = doc["watermark"]["commitments"]
+    found = [_watermark(doc["watermark"], commitments, probed), *_canaries(doc["canaries"]),
+             *_exposure(doc["exposure"])]  # fmt: skip
+    return found + ([_reading(doc["reading"], commitments, probed)] if doc.get("reading") else [])
 
 
-def _watermark(mark: dict, probed: str | None) -> dict:
-    """`probed`: when the probe began (UTC, ISO 8601 as the probe writes it), which the key must predate."""
+def _key_fixed(commitments: dict, epoch: int, probed: str | None) -> tuple[bool, str]:
+    """(whether the evidence log shows the epoch's key fixed before the probe began, the sentence saying so or
+    why not). Either mode's p-value holds only for such a key: one chosen after seeing the suspect's text could
+    be any that fits it. `probed`: when the probe began (UTC, ISO 8601 as the probe writes it)."""
+    committed = commitments.get(f"watermark-key@{epoch}")
+    if committed is None:
+        return False, (" No prior commitment to this key is in the evidence log, so nothing here shows the key was "
+                       "fixed before the suspect's text existed.")  # fmt: skip
+    when = f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry " \
+           f"{committed['index']})."  # fmt: skip
+    if probed is None:
+        return False, when + " When the probe began is not on record, so nothing shows the commitment came first."
+    # to the second (the probe's start has no fraction): a commitment in the same second counts as late
+    if committed["time"][:19] >= probed[:19]:
+        return False, when + (f" That is after the probe began ({probed}): the commitment does not show that the "
+                              "key was fixed before the suspect's text existed.")  # fmt: skip
+    return True, when
+
+
+def _watermark(mark: dict, commitments: dict, probed: str | None) -> dict:
     best = mark["best"]
     p, hits, n = best["p_value"], best["hits"], best["n"]
-    committed = mark["commitments"].get(f"watermark-key@{best['epoch']}")
-    when = (f" The key was committed to in the evidence log at {committed['time']} ({committed['log']} entry "
-            f"{committed['index']})." if committed else " No prior commitment to this key is in the evidence log, "
-            "so nothing here shows the key was fixed before the suspect's text existed.")  # fmt: skip
-    # to the second (the probe's start has no fraction): a commitment in the same second counts as late
-    late = committed is not None and probed is not None and committed["time"][:19] >= probed[:19]
-    if late:
-        when += (f" That is after the probe began ({probed}): the commitment does not show that the key was fixed "
-                 "before the suspect's text existed.")  # fmt: skip
+    fixed, when = _key_fixed(commitments, best["epoch"], probed)
     if p < STRONG:
         text = (f"The suspect's answers follow this gateway's watermark key in {hits} of {n} word sets (p = {p:.3g}, "
                 "exact). Text written without the key does this with probability at most p"
-                + (", if the key was fixed before the text was written." if late
-                   else ": the suspect learned from text marked by this gateway."))  # fmt: skip
-        level = "suggestive" if late else "strong"
+                + (": the suspect learned from text marked by this gateway." if fixed
+                   else ", if the key was fixed before the text was written."))  # fmt: skip
+        level = "strong" if fixed else "suggestive"
     elif p < SUGGESTIVE:
         text = (f"The suspect's answers lean towards this gateway's watermark key ({hits} of {n} word sets, "
                 f"p = {p:.3g}): suggestive, not conclusive; a longer probe would settle it.")  # fmt: skip
@@ -70,15 +82,16 @@ def _watermark(mark: dict, probed: str | None) -> dict:
             "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
 
 
-def _reading(reading: dict) -> dict:
+def _reading(reading: dict, commitments: dict, probed: str | None) -> dict:
     best = reading["best"]
     p, hits, n = best["p_value"], best["hits"], best["n"]
-    level = "strong" if p < STRONG else "suggestive" if p < SUGGESTIVE else "none"
+    fixed, when = _key_fixed(commitments, best["epoch"], probed)
+    level = "none" if p >= SUGGESTIVE else "strong" if p < STRONG and fixed else "suggestive"
     text = (f"Read from its own log-probabilities at {reading['passages']} passages, the suspect prefers this "
             f"gateway's watermark member in {hits} of {n} word sets (p = {p:.3g}, exact).")  # fmt: skip
     if level == "strong":
         text += " It learned the key's preferences, which only text marked by this gateway teaches."
-    return {"about": "reading mode", "level": level, "text": text,
+    return {"about": "reading mode", "level": level, "text": text + (when if level != "none" else ""),
             "alternatives": ["published", "second hand", "forgery"] if level != "none" else []}  # fmt: skip
 
 

@@ -221,3 +221,30 @@ def test_a_key_committed_after_the_probe_began_makes_no_strong_watermark_claim()
                                                              "index": 3}}}  # fmt: skip
     same_second = claims({**doc, "watermark": fraction, "suspect": {"started": "2026-11-29T01:41:09Z"}})[0]
     assert same_second["level"] == "suggestive"  # the probe's start has no fraction: the same second is late
+    unknown = claims({**doc, "suspect": {}})[0]  # no start on record: nothing shows the key came first
+    assert unknown["level"] == "suggestive"
+
+
+def test_no_commitment_or_a_late_one_makes_no_strong_claim_in_either_mode():
+    """The p-value holds only for a key fixed before the suspect's text: without a commitment that shows it, a
+    finding of either mode (writing or reading) is suggestive at most."""
+    from gateway.forensics.claims import claims
+
+    best = {"p_value": 1e-12, "hits": 60, "n": 60, "epoch": 0}
+    committed = {"watermark-key@0": {"time": "2026-11-29T01:41:09Z", "log": "l", "index": 3}}
+    doc = {"canaries": {"attributions": [], "identities_tested": 0, "chance_matches": 0},
+           "exposure": {"identities": []}, "reading": {"best": best, "passages": 80}}  # fmt: skip
+    for commitments, started, level in (
+        ({"watermark-key@0": None}, "2026-11-30T00:00:00Z", "suggestive"),
+        (committed, "2000-01-01T00:00:00Z", "suggestive"),
+        (committed, "2026-11-30T00:00:00Z", "strong"),
+    ):
+        found = claims(
+            {**doc, "watermark": {"best": best, "commitments": commitments}, "suspect": {"started": started}}
+        )
+        (writing,) = [c for c in found if c["about"] == "watermark"]
+        (reading,) = [c for c in found if c["about"] == "reading mode"]
+        assert writing["level"] == reading["level"] == level, (commitments, started)
+        if level != "strong":
+            assert "learned from text marked by this gateway" not in writing["text"]
+            assert "only text marked by this gateway teaches" not in reading["text"]
