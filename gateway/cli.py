@@ -31,7 +31,8 @@ from .exchange import Identity
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
-from .watermark.detect import adjusted, holm
+from .stats import holm
+from .watermark.detect import adjusted
 from .witness.cli import add_commands as _witness_commands
 
 DEMO_IDENTITY = "demo"

@@ -1,6 +1,6 @@
 """The sampling-bias mark: where the upstream takes `logit_bias`, its sampling favours a keyed list of tokens."""
 
-from .green import SCHEME, GreenList, Vocabulary, VocabularyError, detect, green_list, green_test, hypergeometric_sf
+from .green import SCHEME, GreenList, Vocabulary, VocabularyError, detect, green_list, green_test
 from .mark import SamplingBias
 
 __all__ = [
@@ -11,6 +11,5 @@ __all__ = [
     "VocabularyError",
     "detect",
     "green_list",
-    "hypergeometric_sf",
     "green_test",
 ]

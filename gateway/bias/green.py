@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..stats import hypergeometric_sf
 from ..watermark.detect import Finding
 
 SCHEME = "sampling-bias-v1"
@@ -94,22 +94,6 @@ def counted_words(items: list[tuple[str, str]], pool: dict[str, int]) -> set[str
     for text, prompt in items:
         found |= set(_WORD.findall(text)) - set(_WORD.findall(prompt))
     return {word for word in found if word in pool}
-
-
-def hypergeometric_sf(k: int, population: int, successes: int, draws: int) -> float:
-    """P(X >= k) for X ~ Hypergeometric: `draws` from `population` holding `successes`; summed exactly in logs."""
-    low, high = max(0, draws - (population - successes)), min(draws, successes)
-    if k <= low:
-        return 1.0
-    if k > high:
-        return 0.0
-
-    def log_choose(n: int, r: int) -> float:
-        return math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1)
-
-    total = log_choose(population, draws)
-    terms = (log_choose(successes, i) + log_choose(population - successes, draws - i) for i in range(k, high + 1))
-    return min(1.0, sum(math.exp(t - total) for t in terms))
 
 
 def detect(items: list[tuple[str, str]], greens: list[GreenList], vocabulary: Vocabulary) -> list[Finding]:

@@ -3,17 +3,16 @@
 The text is scanned for every phrase of the canary space (on words: case, punctuation and spacing aside).
 Under the null hypothesis that the text owes nothing to identity i's answers, each distinct phrase found
 is one of SPACE equally likely phrases, unrelated to i's `count` canaries; so the number of i's canaries
-among M distinct phrases found is at most Binomial(M, count / SPACE), and the p-value is its exact upper
-tail. Identities are tested together: p-values are Holm-adjusted over every identity and epoch tested, so
-that testing many accounts cannot manufacture an attribution.
+among M distinct phrases found is Hypergeometric (M drawn from SPACE, `count` of them i's), and the
+p-value is its exact upper tail. Identities are tested together: p-values are Holm-adjusted over every
+identity and epoch tested, so that testing many accounts cannot manufacture an attribution.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..watermark.detect import holm
+from ..stats import holm, hypergeometric_sf
 from .phrases import SPACE, Canary, phrases_in
 
 
@@ -30,22 +29,6 @@ class Attribution:
                 "p_value": self.p_value, "raw_p_value": self.raw_p_value}  # fmt: skip
 
 
-def binomial_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed exactly in log space from k up."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    total = 0.0
-    for i in range(k, n + 1):
-        term = math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-                        + (n - i) * math.log1p(-p))  # fmt: skip
-        total += term
-        if term < total * 1e-17:
-            break
-    return min(total, 1.0)
-
-
 def attribute(
     texts: list[str], owners: dict[tuple[str, int], list[Canary]], prompts: list[str] | None = None
 ) -> tuple[list[Attribution], int]:
@@ -57,7 +40,7 @@ def attribute(
     rows = []
     for (identity, epoch), canaries in owners.items():
         hits = tuple(c.id for c in canaries if c.index in found)
-        rows.append((identity, epoch, hits, binomial_sf(len(hits), len(found), len(canaries) / SPACE)))
+        rows.append((identity, epoch, hits, hypergeometric_sf(len(hits), SPACE, len(canaries), len(found))))
     adjusted = holm([r[3] for r in rows])
     results = [Attribution(i, e, h, adj, p) for (i, e, h, p), adj in zip(rows, adjusted, strict=True) if h]
     return sorted(results, key=lambda a: a.p_value), len(found)

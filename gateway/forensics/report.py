@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from .. import canary, watermark
-from ..canary.detect import binomial_sf
 from ..evidence.keys import Keys
 from ..evidence.reader import LogReader, VerifyError, commitments
-from ..watermark.detect import holm
+from ..stats import binomial_sf, holm
 from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
 from .claims import SUGGESTIVE, claims
 from .evidence import canary_owners, prior_commitments

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..stats import holm
 from .scheme import SCHEME, LexicalKey
 from .scoring import fixed_scheme_p, vote_counts
 from .wordsets import WordSets
@@ -37,17 +38,6 @@ class Finding:
             "epoch": self.epoch,
             "key": self.key,
         }
-
-
-def holm(p_values: list[float], untested: int = 0) -> list[float]:
-    """Holm's step-down adjustment, in the input order, in a family that also held `untested` hypotheses
-    not tested (counted as p = 1: a key committed to but not disclosed still had its chance to be chosen)."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running, family = [0.0] * len(p_values), 0.0, len(p_values) + untested
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (family - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def adjusted(findings: list[Finding]) -> list[Finding]:

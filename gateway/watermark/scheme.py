@@ -61,15 +61,17 @@ def epoch_key(master: bytes, epoch: int, sets: WordSets) -> LexicalKey:
         candidate += 1
 
 
-DETECTOR_MODULES = ("sites.py", "whole.py", "scoring.py", "scheme.py", "detect.py", "wordsets.py")
+# in the gateway package: the watermark's own modules and the exact tails and correction they use
+DETECTOR_MODULES = tuple(f"watermark/{name}" for name in ("sites.py", "whole.py", "scoring.py", "scheme.py",
+                                                          "detect.py", "wordsets.py")) + ("stats.py",)  # fmt: skip
 
 
 @cache
 def detector_digest() -> str:
     """SHA-256 over the source of everything a detection's verdict depends on (site rules, scoring, keys)."""
-    digest = hashlib.sha256()
+    digest, package = hashlib.sha256(), resources.files(__package__.rpartition(".")[0])
     for name in DETECTOR_MODULES:
-        digest.update(name.encode() + b"\x00" + resources.files(__package__).joinpath(name).read_bytes())
+        digest.update(name.encode() + b"\x00" + package.joinpath(name).read_bytes())
     return digest.hexdigest()
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..stats import TINY
 from .sites import Scanner, prompt_sets
 from .wordsets import WordSets
 
@@ -74,4 +75,6 @@ def poisson_binomial_sf(k: int, probabilities: list[float]) -> float:
     """P(X >= k): the exact upper tail, summed term by term (no subtraction, so tiny tails stay exact)."""
     if k <= 0:
         return 1.0
-    return float(min(1.0, poisson_binomial_pmf(probabilities)[k:].sum()))
+    if k > len(probabilities):
+        return 0.0
+    return float(min(1.0, max(poisson_binomial_pmf(probabilities)[k:].sum(), TINY)))

@@ -12,11 +12,12 @@ import pytest
 from scipy import stats
 
 from gateway.app import create_app
-from gateway.bias import SCHEME, Vocabulary, green_list, green_test, hypergeometric_sf
+from gateway.bias import SCHEME, Vocabulary, green_list, green_test
 from gateway.bias.green import VocabularyError, counted_words
 from gateway.config import SamplingBiasSettings
 from gateway.evidence.reader import LogReader, commitments
 from gateway.identity import Registry
+from gateway.stats import hypergeometric_sf
 from gateway.watermark.scheme import reference_texts
 from tests.conftest import ServerThread, exchanges
 from tests.ratelimit.conftest import limited_settings

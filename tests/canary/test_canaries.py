@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from gateway.canary import attribute, canaries_of
-from gateway.canary.detect import binomial_sf
 from gateway.canary.phrases import ADJECTIVES, NOUNS, SPACE, TEMPLATES, phrase, phrases_in
+from gateway.stats import binomial_sf
 from tests.conftest import exchanges
 from tests.ratelimit.conftest import running_gateway
 from tests.watermark.test_detect import SAMPLE

@@ -11,8 +11,9 @@ import pytest
 from scipy import stats
 
 from gateway.evidence.keys import Keys, init_keys, rotate
+from gateway.stats import holm
 from gateway.watermark import epoch_keys
-from gateway.watermark.detect import detect, holm
+from gateway.watermark.detect import detect
 from gateway.watermark.mark import LexicalWatermark
 from gateway.watermark.scheme import VETTING_ALPHA, LexicalKey, epoch_key, reference_texts
 from gateway.watermark.scoring import fixed_scheme_p, poisson_binomial_sf, vote_counts
