@@ -522,7 +522,8 @@ def _detection_items(path: Path) -> list[_Row]:
             continue
         try:
             row = json.loads(line)
-            text, prompt = row["text"], row.get("prompt") or ""
+            text, prompt = row["text"], row.get("prompt")
+            prompt = "" if prompt is None else prompt  # a falsy 0 or [] is no prompt: refused below, not dropped
             if not isinstance(text, str) or not isinstance(prompt, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -530,6 +531,8 @@ def _detection_items(path: Path) -> list[_Row]:
                 f'{path}:{number}: expected a JSON object with "text" (and "prompt") as strings'
             ) from None
         rows.append(_Row(number, text, prompt))
+    if not rows:
+        raise config.ConfigError(f"{path}: no texts to test (expected JSON lines with \"text\")")
     return rows
 
 

@@ -124,10 +124,14 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "suspect.jsonl").read_bytes())
     with_bom = json.loads(cli(tmp_path, "detect", "bom.jsonl", "--json").stdout)  # as Windows tools write it
     assert with_bom["schemes"]["lexical-v1"] == scheme
-    for bad_lines in (b"not json\n", b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b"[" * 100_000):
+    bad = (b"not json\n", b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b'{"text": "", "prompt": 0}')
+    for bad_lines in (*bad, b'{"text": "a", "prompt": []}\n', b"[" * 100_000):
         (tmp_path / "bad.jsonl").write_bytes(b"\n" + bad_lines)
         bad = cli(tmp_path, "detect", "bad.jsonl")
         assert bad.returncode == 2 and "bad.jsonl:2: expected a JSON object" in bad.stderr, bad.stderr
+    (tmp_path / "empty.jsonl").write_bytes(b"\n \n")
+    empty = cli(tmp_path, "detect", "empty.jsonl")
+    assert empty.returncode == 2 and "empty.jsonl: no texts to test" in empty.stderr, empty.stderr
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\n")
     bad = cli(tmp_path, "detect", "bad.jsonl")
     assert bad.returncode == 2 and "not UTF-8 (byte 0)" in bad.stderr and "Traceback" not in bad.stderr
