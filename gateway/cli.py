@@ -532,7 +532,7 @@ def _detection_items(path: Path) -> list[_Row]:
             ) from None
         rows.append(_Row(number, text, prompt))
     if not rows:
-        raise config.ConfigError(f"{path}: no texts to test (expected JSON lines with \"text\")")
+        raise config.ConfigError(f'{path}: no texts to test (expected JSON lines with "text")')
     return rows
 
 

@@ -139,7 +139,7 @@ class LogStore:
         for before, after in zip(segments, segments[1:], strict=False):
             if after.first < before.first:
                 raise CorruptLog(f"{after.path.name} starts at entry {after.first}, before {before.path.name}")
-        records = self._count_and_cut(segments[-1]) if segments else 0
+        records = self._count_and_cut(segments[-1], trusted[0] if trusted else 0) if segments else 0
         self._index_fd = os.open(self.dir / "index.bin", os.O_RDWR | os.O_CREAT, 0o600)
         self._checkpoint_fd = os.open(self.dir / "checkpoints.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._cosigned_fd = os.open(self.dir / "cosignatures.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -158,13 +158,20 @@ class LogStore:
                 self._new_segment(key_epoch)
 
     @staticmethod
-    def _count_and_cut(last: Segment) -> int:
+    def _count_and_cut(last: Segment, covered: int) -> int:
         """Entries in the log: those before the last segment, plus its intact records. A torn write at the
         end (a crash mid-batch) is cut off; rolled segments are never written again, so only the last
-        segment is read."""
+        segment is read. Checkpoints are signed only over entries on disk, so damage to an entry the latest
+        one covers (`covered` entries) is no torn write: the log stops there, and nothing is cut."""
         count = last.first
         for offset, _, _, intact in last.records():
             if not intact:
+                if count < covered:
+                    raise CorruptLog(
+                        f"{last.path.name}: entry {count} (byte {offset}) is damaged but covered by the latest "
+                        f"checkpoint ({covered} entries), which no crash explains; nothing was cut: restore the "
+                        "file from a copy, or move the log aside"
+                    )
                 with open(last.path, "r+b") as f:
                     f.truncate(offset)
                     os.fsync(f.fileno())

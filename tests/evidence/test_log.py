@@ -16,7 +16,7 @@ import pytest
 from gateway.evidence import entry, keys, merkle
 from gateway.evidence.log import EvidenceLog
 from gateway.evidence.reader import LogReader, VerifyError, verify_proof
-from gateway.evidence.store import INDEX_ENTRY, SEGMENT_HEADER
+from gateway.evidence.store import INDEX_ENTRY, SEGMENT_HEADER, CorruptLog
 
 ORIGIN = "canarygate.test/log"
 
@@ -96,6 +96,19 @@ def test_reopen_after_a_power_loss_that_left_zeros(written, tmp_path):
     write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
     report = LogReader(directory, loaded).verify()
     assert (report.entries, report.covered) == (305, 305)
+
+
+def test_a_damaged_record_under_a_checkpoint_stops_the_log_and_cuts_nothing(written, tmp_path):
+    """Damage a crash cannot explain (entries the latest checkpoint covers): restarting once cut the segment
+    there, losing every later entry, and went on writing new entries at the lost indexes."""
+    directory, loaded, _ = written
+    last = sorted(directory.glob("segment-*.log"))[-1]
+    offset, length = _records(last)[2]
+    _flip(last, offset + length // 2)
+    before = last.read_bytes()
+    with pytest.raises(CorruptLog, match="covered by the latest checkpoint"):
+        write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    assert last.read_bytes() == before
 
 
 def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
