@@ -27,6 +27,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def durable_dirs(path: Path) -> None:
+    """`path` and every missing folder above it, each made 0700 and its name fsynced into its parent, so that a
+    power loss cannot take away a folder whose files were fsynced (and acknowledged) after it was made."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it: its name may not be on disk yet
+            folder.mkdir(mode=0o700)
+        fsync_dir(folder.parent)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """os.write until everything is written (a short write is not an error; a full disk raises)."""
     view = memoryview(data)

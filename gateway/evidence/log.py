@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..files import write_atomically
+from ..files import durable_dirs, write_atomically
 from . import entry, merkle, note
 from .keys import Keys
 from .store import LogStore
@@ -93,7 +93,7 @@ class EvidenceLog:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.add_cosigned, note_text)
 
     def _open(self) -> None:
-        self.store.dir.mkdir(parents=True, exist_ok=True)
+        durable_dirs(self.store.dir)
         origin_file = self.store.dir / "origin"
         if not origin_file.exists():
             write_atomically(origin_file, (self.origin + "\n").encode())

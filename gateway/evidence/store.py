@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import write_all, write_atomically
+from ..files import durable_dirs, write_all, write_atomically
 from . import merkle
 
 MAGIC = b"CGEVLOG2"  # version 2: each sealed part names its key (tenants.py); version 1 segments stay readable
@@ -133,7 +133,7 @@ class LogStore:
     def open(self, key_epoch: int, trusted: tuple[int, bytes] | None = None) -> None:
         """Open for appending. `trusted` is the (size, root) of the latest verified checkpoint: the stored
         tree is kept up to it if it still gives that root, and recomputed from the segments after it."""
-        (self.dir / "tree").mkdir(parents=True, exist_ok=True)
+        durable_dirs(self.dir / "tree")
         os.chmod(self.dir, 0o700)
         segments = self.segments()
         for before, after in zip(segments, segments[1:], strict=False):

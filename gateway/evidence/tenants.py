@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..files import write_atomically
+from ..files import durable_dirs, write_atomically
 
 DAY = 86400
 REFERENCE = re.compile(r"[0-9a-f]{32}/[0-9]+-[0-9a-f]{8}")  # tenant id / day-key id
@@ -61,7 +61,7 @@ class TenantKeys:
         key = secrets.token_bytes(32)
         path = self.dir / f"{reference}.key"
         for attempt in range(2):
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            durable_dirs(path.parent)
             try:
                 write_atomically(path, key)
                 break
@@ -81,8 +81,9 @@ class TenantKeys:
         day = int(day_and_key.split("-")[0])
         since = self._recorded("since")
         recorded = day <= self._recorded(tenant) or day < self._recorded("retention")
-        # before records began (or a tenant folder gone entirely): erased by a version that recorded nothing
-        if recorded or since < 0 or day < since or not (self.dir / tenant).exists():
+        # before records began: erased by a version that recorded nothing. Since then every shred and expiry is
+        # recorded, so a key (or a whole tenant's folder) missing otherwise is tampering or loss, not erasure
+        if recorded or since < 0 or day < since:
             raise Erased(f"erased: its tenant key {reference} was deleted (shredded, or past retention)")
         raise MissingKey(f"names tenant key {reference}, which no shred or retention deleted")
 
@@ -124,5 +125,5 @@ class TenantKeys:
 
     def _record(self, name: str, day: int) -> None:
         if day > self._recorded(name):
-            (self.dir / "erasures").mkdir(mode=0o700, parents=True, exist_ok=True)
+            durable_dirs(self.dir / "erasures")
             write_atomically(self.dir / "erasures" / name, str(day).encode())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway import files
 from gateway.evidence import entry, keys, store
 from gateway.evidence.keys import address_hash
 from gateway.evidence.log import EvidenceLog
@@ -207,6 +209,28 @@ def test_a_missing_key_of_its_tenant_and_day_reads_as_erased_only_once_an_erasur
     TenantKeys(tmp_path / "keys").shred("acme")
     report = LogReader(log, log_keys).verify()
     assert (report.opened, report.erased) == (1, 2)
+
+
+def test_a_tenants_whole_key_folder_deleted_without_a_shred_is_no_erasure(tmp_path):
+    """Deleting one key file was caught; deleting the tenant's whole folder read as an erasure and passed."""
+    log, log_keys, acme = _commitment_and_tenant_entries(tmp_path)
+    shutil.rmtree(tmp_path / "keys" / "tenants" / acme.split("/")[0])
+    with pytest.raises(VerifyError, match="which no shred or retention deleted"):
+        LogReader(log, log_keys).verify()
+
+
+def test_a_tenants_first_key_has_its_folders_on_disk_before_it_is_used(tmp_path, monkeypatch):
+    """The key sealing a tenant's first entry lives in folders made for it: each is fsynced into its parent
+    (or a power loss could take the key of an acknowledged entry), and each is 0700, not only the last."""
+    synced = []
+    real = files.fsync_dir
+    monkeypatch.setattr(files, "fsync_dir", lambda path: (synced.append(Path(path)), real(path)))
+    (tmp_path / "keys").mkdir(mode=0o700)
+    reference, _ = TenantKeys(tmp_path / "keys").current("acme")
+    tenants = tmp_path / "keys" / "tenants"
+    assert {tmp_path / "keys", tenants} <= set(synced)  # each new folder's name is on disk in its parent
+    for folder in (tenants, tenants / reference.split("/")[0], tenants / "erasures"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 def test_a_key_missing_from_before_erasures_were_recorded_reads_as_erased(tmp_path):
