@@ -733,11 +733,13 @@ def _demo(args) -> int:
 def _run(settings: config.Settings, args, overrides: dict) -> int:
     import uvicorn
 
-    from .app import SETTINGS_ENV
+    from .app import SETTINGS_ENV, create_app
     from .logs import uvicorn_log_config
 
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))  # once, before any worker starts
+    if settings.server.workers > 1:  # a worker that cannot build the app is started again, forever: build it once
+        create_app(settings)  # here, where a ConfigError is one line and exit status 2 (it opens nothing)
     os.environ[SETTINGS_ENV] = json.dumps({"config": args.config, "overrides": overrides, "log_level": args.log_level})
     if settings.server.workers > 1:
         metrics_dir = settings.state_dir / "metrics"

@@ -589,12 +589,15 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 
 
 def _is_redis_url(url: str) -> bool:
-    """A Redis URL redis_client.connect reads, every port in it a number from 1 to 65535."""
-    parts = urlsplit(url)
-    if parts.scheme not in _REDIS_SCHEMES:
+    """A Redis URL redis_client.connect reads, every port in it a number from 1 to 65535, and a plain one's
+    database a number (redis-py reads "/13x" as database 0)."""
+    parts = _split(url)
+    if parts is None or parts.scheme not in _REDIS_SCHEMES:
         return False
     if parts.scheme == "unix":
         return bool(parts.path)
+    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", parts.path):
+        return False
     for host in parts.netloc.rpartition("@")[2].split(","):  # cluster and sentinel URLs list several
         _, colon, port = host.rpartition(":")
         if colon and "]" not in port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
@@ -661,11 +664,18 @@ class _SectionReader:
             raise ConfigError(f"{self.source}: [{section}] unknown key(s): {names}; see `canarygate init` for all keys")
 
 
+def max_workers() -> int:
+    """Four processes per CPU: more only contend for the same cores, and each holds its own memory (a typo of
+    a few zeros started hundreds and stalled the machine)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def _check_server(server: ServerSettings, source: str) -> None:
     if not 0 < server.port < 65536:
         raise ConfigError(f"{source}: [server] port must be between 1 and 65535, got {server.port}")
-    if server.workers < 1:
-        raise ConfigError(f"{source}: [server] workers must be at least 1, got {server.workers}")
+    most = max_workers()
+    if not 1 <= server.workers <= most:
+        raise ConfigError(f"{source}: [server] workers must be from 1 to {most} (four per CPU), got {server.workers}")
     if server.max_body_bytes < 1024 or server.max_response_bytes < 1024:
         raise ConfigError(f"{source}: [server] max_body_bytes and max_response_bytes must be at least 1024")
     if server.shutdown_timeout < 0:
@@ -678,11 +688,19 @@ def _check_variable_name(source: str, where: str, name: str) -> None:
         raise ConfigError(f"{source}: {where} must name an environment variable (letters, digits, _), not hold a key")
 
 
+def _split(url: str):
+    """urlsplit's parts, or None for what it cannot read ("http://[::1": an unclosed address)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
 def _check_url(source: str, url: str, where: str) -> str:
     if url == "demo":
         return url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or not _has_valid_port(parts):
+    parts = _split(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not _has_valid_port(parts):
         raise ConfigError(f'{source}: {where} must be an http(s) URL such as https://api.openai.com, or "demo"')
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}: {where} must not carry a query or fragment")

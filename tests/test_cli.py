@@ -142,7 +142,11 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
     "toml, expected",
     [
         ('[server]\nport = "eighty"\n', "[server] port must be an int"),
-        ("[server]\nworkers = 0\n", "workers must be at least 1"),
+        ("[server]\nworkers = 0\n", "workers must be from 1 to"),
+        ("[server]\nworkers = 100000\n", "workers must be from 1 to"),  # a typo once started hundreds
+        ('[upstream]\nurl = "http://[::1"\n', "[upstream] url must be an http(s) URL"),  # a traceback before
+        ('[limits]\nstorage = "redis://127.0.0.1:6379/13x"\n', "[limits] storage must be"),  # was database 0
+        ('[limits]\nstorage = "redis://:hunter2@[::1/0"\n', "[limits] storage must be"),
         ('[upstream]\nurl = "ftp://x"\n', "[upstream] url must be an http(s) URL"),
         ("[sever]\n", "unknown section [sever]"),
         ("[upstream]\ntimeout = 3\n", "unknown key(s): timeout"),
@@ -168,6 +172,14 @@ def test_bad_config_names_file_and_key_and_exits_non_zero(tmp_path, toml, expect
     line = result.stderr.strip()
     assert line.startswith("canarygate: canarygate.toml: ") and expected in line, line
     assert len(line.splitlines()) == 1
+
+
+def test_with_several_workers_an_app_that_cannot_be_built_stops_with_one_line(tmp_path):
+    """Each worker builds the app: one that fails was started again forever, each time with a traceback."""
+    (tmp_path / "canarygate.toml").write_text('[sampling_bias]\nenabled = true\ntokenizer = "/nonexistent.json"\n')
+    result = cli(tmp_path, "serve", "--upstream", "demo", "--workers", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("canarygate: canarygate.toml: [sampling_bias] tokenizer")
 
 
 @pytest.mark.parametrize(
