@@ -73,7 +73,7 @@ class CanarygateMiddleware:
 
     async def _lifespan(self, scope, receive, send) -> None:
         """The host's lifespan, passed to the app, with the pipeline opened at startup and closed at shutdown;
-        for an app that does not speak it (it fails before answering the startup), answered alone."""
+        for an app that does not speak it (it fails or returns before answering the startup), answered alone."""
         seen = []  # the lifespan messages the app read and sent
 
         async def reading():
@@ -94,6 +94,7 @@ class CanarygateMiddleware:
         except Exception:
             if any(kind.startswith("lifespan.startup.") for kind in seen):  # it speaks lifespan: its failure
                 raise
+        if not any(kind.startswith("lifespan.startup.") for kind in seen):  # it failed, or returned, unanswered
             await self._lifespan_alone(receive, send, startup_read="lifespan.startup" in seen)
 
     async def _lifespan_alone(self, receive, send, startup_read: bool) -> None:

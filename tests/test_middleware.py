@@ -8,6 +8,7 @@ import contextlib
 from dataclasses import replace
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -113,11 +114,27 @@ def test_the_app_sees_the_connection_and_its_lifespan_state(tmp_path):
     assert seen == [{"path": CHAT, "host": "models.example", "client": "127.0.0.1", "state": "loaded at startup"}]
 
 
-def test_the_pipeline_closes_at_shutdown_with_an_app_that_has_no_lifespan(tmp_path):
-    async def bare(scope, receive, send):  # http alone, as a bare ASGI app may be
-        assert scope["type"] == "http"
+async def _failing_on_lifespan(scope, receive, send):  # http alone, as a bare ASGI app may be
+    assert scope["type"] == "http"
+    await JSONResponse(ANSWER)(scope, receive, send)
+
+
+async def _returning_on_lifespan(scope, receive, send):  # as common: it raises nothing, and answers nothing
+    if scope["type"] == "http":
         await JSONResponse(ANSWER)(scope, receive, send)
 
+
+async def _reading_then_returning(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+    else:
+        await JSONResponse(ANSWER)(scope, receive, send)
+
+
+@pytest.mark.parametrize("bare", [_failing_on_lifespan, _returning_on_lifespan, _reading_then_returning])
+def test_the_pipeline_closes_at_shutdown_with_an_app_that_has_no_lifespan(tmp_path, bare):
+    """The pipeline's close writes the last checkpoint: an app that returned on the lifespan scope without a word
+    left the log with entries under no checkpoint."""
     app, key = _middleware(tmp_path, bare)
     closed = []
     close = app.pipeline.close
