@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 
 from .exchange import Identity
 from .identity import IdentityError, Registry
+
+log = logging.getLogger("canarygate.admin")
 
 PREFIX = "/admin/tiers/"
 
@@ -30,6 +33,8 @@ class TierAdmin:
 
     async def handle(self, scope, receive) -> tuple[int, dict]:
         if not self._authorised(scope["headers"]):
+            client = scope.get("client") or ("unknown",)
+            log.warning("admin: refused %s %s from %s: no valid token", scope["method"], scope["path"][:80], client[0])
             return 401, _error("send the admin token as Authorization: Bearer TOKEN")
         name = scope["path"][len(PREFIX) :]
         try:
@@ -64,7 +69,7 @@ async def _tier_of(receive) -> str | None:
             break
     try:
         tier = json.loads(body).get("tier")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None
     return tier if isinstance(tier, str) else None
 

@@ -10,7 +10,9 @@ from gateway.identity import Registry
 from tests.conftest import STATE_DIRS, ServerThread
 
 
-def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pin(tmp_path, fake_upstream, monkeypatch):
+def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pin(
+    tmp_path, fake_upstream, monkeypatch, caplog
+):
     monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token")
     state = tmp_path / "state"
     STATE_DIRS.append(state)
@@ -30,7 +32,11 @@ def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pi
         assert http.get("/admin/tiers/carol", headers=admin).json() == {"name": "carol", "tier": "normal"}
         assert http.get("/admin/tiers/nobody", headers=admin).status_code == 404
         assert http.put("/admin/tiers/carol", json={"tier": "Blocked"}, headers=admin).status_code == 400
+        deep = http.put("/admin/tiers/carol", content=b"[" * 4000, headers=admin)  # a 500 and a traceback before
+        assert deep.status_code == 400 and "error" in deep.json()
         assert http.put("/admin/tiers/carol", json={"tier": "blocked"}, headers=admin).json()["tier"] == "blocked"
         refused = http.post("/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"})
     assert refused.status_code == 403  # in force on the next request
+    warned = [r.getMessage() for r in caplog.records if r.name == "canarygate.admin"]  # a guess is seen, not its token
+    assert len(warned) == 2 and "refused PUT /admin/tiers/carol" in warned[1] and "Bearer x" not in str(warned)
     assert (registry.get("carol").tier, registry.get("carol").pin) == ("blocked", "our partner")
