@@ -54,7 +54,9 @@ def _serve(args) -> int:
     import uvicorn
 
     from .app import witness_app
+    from .state import load_cosigner
 
+    load_cosigner(Path(args.dir))  # a missing key is one line here, not a traceback from the server's startup
     vkeys = list(args.log)
     if args.logs:
         vkeys += [

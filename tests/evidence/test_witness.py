@@ -17,7 +17,7 @@ from gateway.evidence.verifier import cosigners, forks, split_note
 from gateway.evidence.witnessing import Witness, add_checkpoint_body
 from gateway.witness import init_witness, witness_app
 from tests.evidence.test_log import ORIGIN, write_entries
-from tests.test_cli import CANARYGATE, Running
+from tests.test_cli import CANARYGATE, Running, cli
 
 
 @pytest.fixture
@@ -329,3 +329,10 @@ def test_two_witnesses_of_one_name_are_refused_in_the_config(tmp_path):
     text = config.DEFAULT_TOML.replace("witnesses = []", f"witnesses = [{listed}]")
     with pytest.raises(config.ConfigError, match="two witnesses are named witness.test/w"):
         config.parse(tomllib.loads(text), "x")
+
+
+def test_serving_without_a_witness_key_says_so_in_one_line(tmp_path):
+    vkey = init_witness(tmp_path / "other", "witness.test/other").verifier.vkey()
+    result = cli(tmp_path, "witness", "serve", "--dir", str(tmp_path / "missing"), "--log", vkey)
+    assert result.returncode == 2 and "no witness key; run `canarygate witness init" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
