@@ -114,6 +114,16 @@ def test_registry_keys(tmp_path):
     assert Registry(tmp_path).lookup(registry.add("erin")) is not None  # the name is free again
 
 
+def test_names_and_tenants_are_checked_alike(tmp_path):
+    """A tenant with a line break was accepted and broke `identities list` across two lines."""
+    registry = Registry(tmp_path)
+    for name, tenant in (("a b", None), ("ok", "x\ny"), ("ok", ""), ("ok", "t" * 129)):
+        with pytest.raises(IdentityError, match="invalid (name|tenant)"):
+            registry.add(name, tenant=tenant)
+    registry.add("ok", tenant="acme-eu.1")
+    assert registry.get("ok").tenant == "acme-eu.1"
+
+
 def test_a_registry_file_that_is_not_valid_keeps_the_identities_read_before(tmp_path):
     """A file edited in place and saved half-way: workers serve on with what they read last, and the CLI
     says what is wrong in one line."""
