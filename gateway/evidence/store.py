@@ -46,8 +46,10 @@ def record_crc(leaf_len: int, sealed_len: int, body: bytes) -> int:
 
 
 def frames(data: bytes) -> list[bytes]:
-    """The complete `u32 length | bytes` frames of a file; a torn last frame is left out, and so is a run of
-    zeros (a file grown by a crash whose data never reached the disk): no frame is empty."""
+    """The complete `u32 length | bytes` frames of a file of notes; a torn last frame is left out, and so is a
+    run of zeros (a file grown by a crash whose data never reached the disk): no frame is empty. Notes are
+    text, so a last frame holding a NUL byte was torn the same way (its length reached the disk, not all of
+    its text); one before it is left for verification to refuse."""
     frames, offset = [], 0
     while offset + 4 <= len(data):
         (length,) = struct.unpack_from(">I", data, offset)
@@ -55,6 +57,8 @@ def frames(data: bytes) -> list[bytes]:
             break
         frames.append(data[offset + 4 : offset + 4 + length])
         offset += 4 + length
+    if frames and b"\x00" in frames[-1]:
+        frames.pop()
     return frames
 
 

@@ -111,6 +111,19 @@ def test_a_damaged_record_under_a_checkpoint_stops_the_log_and_cuts_nothing(writ
     assert last.read_bytes() == before
 
 
+@pytest.mark.parametrize("name", ["checkpoints.log", "cosignatures.log"])
+def test_a_note_whose_length_reached_the_disk_but_not_all_its_text_is_cut(written, tmp_path, name):
+    """A power loss mid-append can leave a frame's length and part of its text, the rest zeros: the gateway
+    refused to start ('the latest checkpoint is signed by none of the log's keys')."""
+    directory, loaded, _ = written
+    last = LogReader(directory, loaded).checkpoints()[-1].encode()
+    with open(directory / name, "ab") as f:
+        f.write(struct.pack(">I", len(last)) + last[:30] + bytes(len(last) - 30))
+    write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    report = LogReader(directory, loaded).verify()
+    assert (report.entries, report.covered) == (305, 305)
+
+
 def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
     directory, _, _ = written
     keys.rotate(tmp_path / "keys")
