@@ -132,6 +132,7 @@ class LogReader:
                     f"{tree.size - 1} (an entry was changed, removed, added or moved)"
                 )
         self._check_checkpoint_chain(checkpoints, leaves)
+        self._check_other_signed_checkpoints(verifiers, leaves)
         self._check_stored_tree(leaves)
         self._check_stored_index(places)
         report = VerifyReport(
@@ -202,6 +203,27 @@ class LogReader:
                         f"checkpoint {position}: not consistent with checkpoint {position - 1}: {e}"
                     ) from None
             previous = checkpoint
+
+    def _check_other_signed_checkpoints(self, verifiers: list[note.NoteKey], leaves: list[bytes]) -> None:
+        """The log's signature on a checkpoint kept elsewhere in the folder (the latest, as served; those the
+        witnesses cosigned) vouches for the entries too: cutting the segments and checkpoints.log back to an
+        earlier checkpoint passed verification while these still held the larger log."""
+        path = self.dir / "checkpoint"
+        kept = [("checkpoint", path.read_text("utf-8", "replace"))] if path.exists() else []
+        kept += [("cosignatures.log", text) for text in self.cosigned()]
+        subtree = _memory_subtree(leaves)
+        for where, text in kept:
+            try:
+                signed = note.open_checkpoint(text, verifiers)
+            except note.NoteError:
+                continue  # not signed by this log's keys: it vouches for nothing here
+            if signed.size == 0:
+                continue
+            if signed.size > len(leaves) or signed.root != merkle.range_hash(subtree, 0, signed.size):
+                raise VerifyError(
+                    f"{where}: the log signed a checkpoint of {signed.size} entries that the {len(leaves)} entries "
+                    "here do not give (entries were removed, changed, or the log rolled back)"
+                )
 
     def _check_stored_tree(self, leaves: list[bytes]) -> None:
         """The stored tree and index, which proofs are served from, must agree with the entries."""

@@ -124,6 +124,25 @@ def test_a_note_whose_length_reached_the_disk_but_not_all_its_text_is_cut(writte
     assert (report.entries, report.covered) == (305, 305)
 
 
+def test_a_log_rolled_back_to_an_earlier_checkpoint_fails_while_the_folder_holds_a_later_one(written):
+    """Segments and checkpoints.log cut back to the first checkpoint verified: the `checkpoint` file (the latest,
+    as served) still held the log's signature on all 300 entries."""
+    directory, loaded, _ = written
+    first = LogReader(directory, loaded).checkpoints()[0].encode()
+    size = int(first.split(b"\n")[1])
+    (directory / "checkpoints.log").write_bytes(struct.pack(">I", len(first)) + first)
+    for segment in sorted(directory.glob("segment-*.log")):
+        start = SEGMENT_HEADER.unpack_from(segment.read_bytes())[1]
+        if start >= size:
+            segment.unlink()
+        elif start + len(_records(segment)) > size:
+            os.truncate(segment, _records(segment)[size - start][0])
+    for stored in [directory / "index.bin", *(directory / "tree").glob("*.bin")]:
+        stored.unlink()
+    with pytest.raises(VerifyError, match="checkpoint: the log signed a checkpoint of 300 entries"):
+        LogReader(directory, loaded).verify()
+
+
 def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
     directory, _, _ = written
     keys.rotate(tmp_path / "keys")
