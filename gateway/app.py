@@ -145,6 +145,16 @@ def create_app(settings: config.Settings, **stages) -> GatewayApp:
     return GatewayApp(pipeline, admin)
 
 
+def check_app(settings: config.Settings) -> None:
+    """Build what each worker builds, to find a configuration error once, before the workers start (uvicorn
+    starts a worker that fails again, forever). All but the recorder: it claims a log slot for the life of the
+    process, and the parent holding slot 0 would move every worker's log to the next slot."""
+    create_app(settings, recorder=_NOT_BUILT)
+
+
+_NOT_BUILT = object()  # a stage left out of a check: the pipeline only keeps it until it starts
+
+
 def app_from_env() -> GatewayApp:
     """uvicorn factory: settings travel to worker processes as JSON in the environment."""
     spec = json.loads(os.environ[SETTINGS_ENV])

@@ -28,6 +28,7 @@ from .evidence.store import Segment
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
 from .exchange import Identity
+from .files import durable_dirs
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
@@ -259,7 +260,7 @@ def _init(args) -> int:
         path.write_text(config.DEFAULT_TOML)
         print(f"wrote {path}")
     settings = config.load(path)
-    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    durable_dirs(settings.state_dir)
     print(f"state folder: {settings.state_dir}")
     created = keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))
     print(f"keys: created {', '.join(created)}" if created else "keys: already there")
@@ -733,13 +734,18 @@ def _demo(args) -> int:
 def _run(settings: config.Settings, args, overrides: dict) -> int:
     import uvicorn
 
-    from .app import SETTINGS_ENV, create_app
+    from .app import SETTINGS_ENV, check_app
     from .logs import uvicorn_log_config
 
-    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.server.workers > config.max_workers():
+        raise config.ConfigError(
+            f"{settings.source}: [server] workers must be at most {config.max_workers()} on this machine (four per "
+            f"CPU), got {settings.server.workers}"
+        )
+    durable_dirs(settings.state_dir)
     keys.init_keys(evidence.keys_dir(settings), evidence.origin_of(settings))  # once, before any worker starts
     if settings.server.workers > 1:  # a worker that cannot build the app is started again, forever: build it once
-        create_app(settings)  # here, where a ConfigError is one line and exit status 2 (it opens nothing)
+        check_app(settings)  # here, where a ConfigError is one line and exit status 2
     os.environ[SETTINGS_ENV] = json.dumps({"config": args.config, "overrides": overrides, "log_level": args.log_level})
     if settings.server.workers > 1:
         metrics_dir = settings.state_dir / "metrics"

@@ -664,18 +664,20 @@ class _SectionReader:
             raise ConfigError(f"{self.source}: [{section}] unknown key(s): {names}; see `canarygate init` for all keys")
 
 
+MAX_WORKERS = 1024  # a sanity bound wherever the file is read; `serve` holds the count to this machine's CPUs
+
+
 def max_workers() -> int:
-    """Four processes per CPU: more only contend for the same cores, and each holds its own memory (a typo of
-    a few zeros started hundreds and stalled the machine)."""
+    """Four processes per CPU, which `serve` allows: more only contend for the same cores, and each holds its
+    own memory (a typo of a few zeros started hundreds and stalled the machine)."""
     return 4 * (os.cpu_count() or 1)
 
 
 def _check_server(server: ServerSettings, source: str) -> None:
     if not 0 < server.port < 65536:
         raise ConfigError(f"{source}: [server] port must be between 1 and 65535, got {server.port}")
-    most = max_workers()
-    if not 1 <= server.workers <= most:
-        raise ConfigError(f"{source}: [server] workers must be from 1 to {most} (four per CPU), got {server.workers}")
+    if not 1 <= server.workers <= MAX_WORKERS:
+        raise ConfigError(f"{source}: [server] workers must be from 1 to {MAX_WORKERS}, got {server.workers}")
     if server.max_body_bytes < 1024 or server.max_response_bytes < 1024:
         raise ConfigError(f"{source}: [server] max_body_bytes and max_response_bytes must be at least 1024")
     if server.shutdown_timeout < 0:

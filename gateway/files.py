@@ -13,7 +13,8 @@ from pathlib import Path
 def locked(folder: Path, name: str = ".lock"):
     """`folder` (made 0700 if new) held under an exclusive lock on its 0600 lock file: processes that change
     what it holds take turns."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not folder.exists():
+        durable_dirs(folder)
     with open(os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o600)) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -30,14 +31,16 @@ def fsync_dir(path: Path) -> None:
 def durable_dirs(path: Path) -> None:
     """`path` and every missing folder above it, each made 0700 and its name fsynced into its parent, so that a
     power loss cannot take away a folder whose files were fsynced (and acknowledged) after it was made."""
-    missing = []
+    missing, target = [], path
     while not path.exists():
         missing.append(path)
         path = path.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process made it: its name may not be on disk yet
+        with contextlib.suppress(FileExistsError):
             folder.mkdir(mode=0o700)
         fsync_dir(folder.parent)
+    if not missing:  # another process may have made it and not yet fsynced its name: one fsync settles that
+        fsync_dir(target.parent)
 
 
 def write_all(fd: int, data: bytes) -> None:

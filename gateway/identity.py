@@ -124,9 +124,10 @@ class Registry:
 
     def add(self, name: str, tier: str = DEFAULT_TIER, tenant: str | None = None) -> str:
         """Register `name`; returns its new key, which is shown once and never stored."""
-        for kind, value in (("name", name), ("tenant", tenant)):
-            if value is not None and (not value or not set(value) <= _NAME_CHARS or len(value) > 128):
-                raise IdentityError(f"invalid {kind} {value!r}: use letters, digits and . _ @ - (at most 128)")
+        if not name or not set(name) <= _NAME_CHARS or len(name) > 128:
+            raise IdentityError(f"invalid name {name!r}: use letters, digits and . _ @ - (at most 128)")
+        if tenant is not None and (not tenant or not tenant.isprintable() or len(tenant) > 128):
+            raise IdentityError(f"invalid tenant {tenant!r}: printable characters, no line breaks (at most 128)")
         key_id = secrets.token_hex(6)
         key = f"cg_{key_id}_{secrets.token_urlsafe(32)}"
         with self._locked() as records:

@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from gateway import config
+
 CANARYGATE = str(Path(sys.executable).parent / "canarygate")
 
 
@@ -136,6 +138,18 @@ def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
         metrics = http.get(gw.url + "/metrics").text
     assert statuses == {401}
     assert 'canarygate_requests_total{route="/v1/chat/completions",status="200",tier="normal"} 10.0' in metrics
+    logs = tmp_path / ".canarygate" / "evidence"  # the two workers' slots: the parent's check claims none
+    assert sorted(p.name for p in logs.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_worker_count_for_a_bigger_machine_stops_serve_here_but_no_other_command(tmp_path):
+    cli(tmp_path, "init")
+    most = config.max_workers()
+    toml = (tmp_path / "canarygate.toml").read_text().replace("workers = 1", f"workers = {most + 1}", 1)
+    (tmp_path / "canarygate.toml").write_text(toml)
+    assert cli(tmp_path, "identities", "list").returncode == 0
+    refused = cli(tmp_path, "serve", "--upstream", "demo")
+    assert refused.returncode == 2 and f"workers must be at most {most} on this machine" in refused.stderr
 
 
 @pytest.mark.parametrize(

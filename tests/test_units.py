@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import config, jsonio
+from gateway import config, files, jsonio
 from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
 from gateway.pipeline import Pipeline
@@ -114,14 +114,14 @@ def test_registry_keys(tmp_path):
     assert Registry(tmp_path).lookup(registry.add("erin")) is not None  # the name is free again
 
 
-def test_names_and_tenants_are_checked_alike(tmp_path):
+def test_a_tenant_may_not_hold_line_breaks_or_control_characters(tmp_path):
     """A tenant with a line break was accepted and broke `identities list` across two lines."""
     registry = Registry(tmp_path)
-    for name, tenant in (("a b", None), ("ok", "x\ny"), ("ok", ""), ("ok", "t" * 129)):
+    for name, tenant in (("a b", None), ("ok", "x\ny"), ("ok", ""), ("ok", "t" * 129), ("ok", "a\tb")):
         with pytest.raises(IdentityError, match="invalid (name|tenant)"):
             registry.add(name, tenant=tenant)
-    registry.add("ok", tenant="acme-eu.1")
-    assert registry.get("ok").tenant == "acme-eu.1"
+    registry.add("ok", tenant="Acme Corp")  # tenants were free-form before: existing ones must still take members
+    assert registry.get("ok").tenant == "Acme Corp"
 
 
 def test_a_registry_file_that_is_not_valid_keeps_the_identities_read_before(tmp_path):
@@ -336,3 +336,17 @@ def test_a_responses_answer_and_its_events_lose_the_log_probabilities_an_upstrea
         assert responses.drop_logprobs(data) and "THE" not in json.dumps(data), data
         assert not responses.drop_logprobs(data)  # nothing left
     assert not responses.drop_logprobs({"type": "response.created", "response": {"output": []}})
+
+
+def test_durable_dirs_puts_every_new_folders_name_on_disk_and_a_raced_one_too(tmp_path, monkeypatch):
+    """A folder another process made a moment ago may not have its name on disk yet: exists() is no proof."""
+    synced = []
+    real = files.fsync_dir
+    monkeypatch.setattr(files, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    files.durable_dirs(tmp_path / "a" / "b")
+    assert synced == [tmp_path, tmp_path / "a"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in (tmp_path / "a", tmp_path / "a" / "b"))
+    synced.clear()
+    (tmp_path / "a" / "raced").mkdir()  # made by another worker, which has not fsynced "a" yet
+    files.durable_dirs(tmp_path / "a" / "raced")
+    assert synced == [tmp_path / "a"]

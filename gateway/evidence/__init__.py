@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..config import Settings
-from ..files import write_atomically
+from ..files import durable_dirs, write_atomically
 from .keys import Keys, init_keys
 from .log import EvidenceLog
 from .note import NoteKey
@@ -38,7 +38,7 @@ def origin_of(settings: Settings) -> str:
         return settings.evidence.origin
     path = logs_dir(settings) / "origin-name"
     if not path.exists():
-        logs_dir(settings).mkdir(mode=0o700, parents=True, exist_ok=True)
+        durable_dirs(logs_dir(settings))
         write_atomically(path, (settings.evidence.default_origin() + "\n").encode())
     return path.read_text().strip()
 
@@ -52,7 +52,7 @@ def claim_slot(directory: Path) -> tuple[int, int]:
 
     Each gateway worker is one writer; slots keep their numbers across restarts, so each worker's log
     (and origin) carries on where the previous holder of the slot stopped."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    durable_dirs(directory)
     slot = 0
     while True:
         fd = os.open(directory / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
