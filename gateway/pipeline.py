@@ -416,6 +416,7 @@ class Pipeline:
         await reply.start_stream(response.status)
         held: list[bytes] = []  # from the terminal event on: sent last, once the exchange is recorded
         received, limit = 0, self._settings.server.max_response_bytes
+        last = b""  # the upstream's last complete event
 
         def downstream(events: list[bytes], ended: bool) -> list[bytes]:
             """Upstream events as the client gets them: the usage event it did not ask for kept out, the text
@@ -433,6 +434,7 @@ class Pipeline:
                 if received > limit:  # an endless stream would grow the exchange's record without bound
                     raise UpstreamError("too_large", f"streamed answer larger than {limit} bytes")
                 events = framer.feed(chunk)
+                last = events[-1] if events else last
                 terminal = _terminal_at(dialect, events)
                 ended = terminal < len(events)
                 if ended:
@@ -446,8 +448,8 @@ class Pipeline:
                     break
             else:
                 tail = _completed_tail(framer.remainder(), dialect)
-                if dialect is not None and dialect.streams and _terminal_at(dialect, tail) == len(tail):
-                    # ended cleanly between events, but before the API's own end: the answer was cut short
+                last = tail[-1] if tail else last
+                if dialect is not None and _cut_short(dialect, tail, last):
                     held = downstream(tail, ended=False)
                     raise UpstreamError("broken", "the stream ended before its terminal event")
                 if tail:
@@ -654,6 +656,12 @@ def _strip_usage(exchange: Exchange, dialect: Dialect, events: list[bytes]) -> l
         else:
             kept.append(event)
     return kept
+
+
+def _cut_short(dialect: Dialect, tail: list[bytes], last: bytes) -> bool:
+    """A stream whose body ended cleanly between events, before the API's own end (its terminal event, or for
+    servers that send none, the event saying the answer finished): the answer was cut short."""
+    return dialect.streams and _terminal_at(dialect, tail) == len(tail) and not dialect.finished_at(last)
 
 
 def _terminal_at(dialect: Dialect | None, events: list[bytes]) -> int:

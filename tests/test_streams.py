@@ -53,25 +53,34 @@ def test_a_stream_that_ends_inside_an_event_is_a_failure(gw):
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "terminal"),
+    ("path", "body", "ends"),
     [
-        (CHAT, {**BODY, "stream": True}, b"[DONE]"),
-        ("/v1/messages", {"model": "c", "max_tokens": 50, **BODY, "stream": True}, b"message_stop"),
-        ("/v1/responses", {"model": "m", "input": "hi", "stream": True}, b"response.completed"),
+        (CHAT, {**BODY, "stream": True}, (b"[DONE]", b'"finish_reason": "stop"', b'"usage"')),
+        ("/v1/messages", {"model": "c", "max_tokens": 50, **BODY, "stream": True}, (b"message_stop",)),
+        ("/v1/responses", {"model": "m", "input": "hi", "stream": True}, (b"response.completed",)),
     ],
 )
-def test_a_stream_that_ends_without_its_terminal_event_is_a_failure(gw, path, body, terminal):
-    """An upstream whose body ends cleanly between events but before the API's terminal event has cut the
-    answer short: the client is told in the stream's own error shape, and the record does not say completed
-    (which would also settle the token reservation on a partial count)."""
+def test_a_stream_that_ends_without_its_terminal_event_is_a_failure(gw, path, body, ends):
+    """An upstream whose body ends cleanly between events but before the API's own end (its terminal event; on
+    chat, also the chunk that finishes the answer) has cut the answer short: the client is told in the
+    stream's own error shape, and the record does not say completed (which would also settle the token
+    reservation on a partial count)."""
     gw.transform.enabled = True
-    gw.upstream.behaviour.patch = lambda raw: b"" if terminal in raw else raw
+    terminal = ends[0]
+    gw.upstream.behaviour.patch = lambda raw: b"" if any(end in raw for end in ends) else raw
     with gw.client() as http:
         r = http.post(path, headers=gw.headers(), json=body)
     assert r.status_code == 200 and terminal not in r.content
     assert b"THE" in r.content or b"HELLO" in r.content or b"quick" in r.content  # what came before still came
     assert b"error" in _events(r.text)[-1].encode(), r.text[-300:]
     assert gw.records()[-1]["outcome"] == "upstream_failed" and gw.records()[-1]["error"] == "broken"
+
+
+def test_a_chat_stream_that_finishes_but_sends_no_done_is_complete(gw):
+    """Older TGI and llama.cpp servers end a chat stream after the chunk with its finish_reason, with no [DONE]."""
+    r, events = _streamed(gw, patch=lambda raw: b"" if b"[DONE]" in raw else raw)
+    assert r.status_code == 200 and '"error"' not in r.text and _content(events).startswith("THE quick")
+    assert gw.records()[-1]["outcome"] == "completed"
 
 
 def test_an_event_of_another_shape_fails_the_stream_after_what_came_before_it(gw):

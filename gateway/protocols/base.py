@@ -192,6 +192,11 @@ class Dialect:
         """Whether this terminal event is the upstream's report that it failed (the exchange did not complete)."""
         return False
 
+    def finished_at(self, raw: bytes) -> bool:
+        """Whether a stream whose body ended cleanly after this event, without the terminal one, still gave its
+        whole answer (some servers end where their last event says the answer finished)."""
+        return False
+
     def stream_error_event(self, api: Api, error: GatewayError) -> bytes:
         return api.stream_error_event(error)
 

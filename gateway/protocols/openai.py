@@ -88,6 +88,23 @@ def _usage_only(raw: bytes) -> bool:
     return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
 
 
+def _finished_at(raw: bytes) -> bool:
+    """Chat and completions streams of servers that send no `data: [DONE]` (older TGI and llama.cpp among
+    them) end after the chunk whose every choice has its finish_reason, or after the usage chunk that follows."""
+    if _usage_only(raw):
+        return True
+    _, _, payload = raw.partition(b"data:")
+    try:
+        choices = json.loads(payload).get("choices")
+    except (ValueError, AttributeError):
+        return False
+    return (
+        bool(choices)
+        and isinstance(choices, list)
+        and all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+    )
+
+
 def _ask_usage(body: dict[str, Any]) -> bool:
     if body.get("stream") is not True:
         return False
@@ -155,6 +172,9 @@ class ChatCompletions(Dialect):
     def is_failure(self, raw: bytes) -> bool:
         return _data_error(raw)
 
+    def finished_at(self, raw: bytes) -> bool:
+        return _finished_at(raw)
+
     def prompt_text(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -211,6 +231,9 @@ class Completions(Dialect):
 
     def is_failure(self, raw: bytes) -> bool:
         return _data_error(raw)
+
+    def finished_at(self, raw: bytes) -> bool:
+        return _finished_at(raw)
 
     def prompt_text(self, body: dict[str, Any]) -> str:
         prompt = body.get("prompt")
