@@ -21,10 +21,14 @@ from ..exchange import Exchange, Identity
 from .features import Observation, Seen, features, seen
 from .redis_signals import RedisSignals
 from .score import LADDER, next_tier, score, strengths
-from .signals import MemorySignals, Signals
+from .signals import TAU, MemorySignals, Signals
 
 log = logging.getLogger("canarygate.risk")
 IN_FLIGHT_SECONDS = 5.0  # a decision reaches every worker's admissions well within this
+# An operator's tier (`tier set`, unpinned) is not lowered for one decay window: the signals from before it say
+# nothing of why they moved the identity, and a score of zero on little traffic undid it at the next request.
+# The engine may raise it at once.
+OPERATOR_HOLD = TAU
 STORE_TIMEOUT = 2.0  # seconds for one batch's signals
 MAX_QUEUE = 100_000  # observations waiting to be scored
 # observations per call to the storage: a Redis script runs alone, at 40-60 µs an observation, so a call of
@@ -139,14 +143,15 @@ class RiskEngine:
     ) -> Decision | None:
         """A Decision when the identity's tier should change, given its signals after this observation.
         `admitted`: when admission read the tier the exchange carries (the engine's clock; its end if not said).
-        An operator's tier (pinned, or off the ladder: blocked, unlimited) is never moved, in shadow mode too."""
+        An operator's tier (pinned, or off the ladder: blocked, unlimited) is never moved, in shadow mode too;
+        one set on the ladder is not lowered within OPERATOR_HOLD of being set."""
         if identity.pinned or identity.tier not in LADDER:
             return None
         current = self._current(found.identity, identity, found.time if admitted is None else admitted)
         parts = strengths(signals)
         value = score(parts)
         tier = next_tier(current, value)
-        if tier == current:
+        if tier == current or (LADDER.index(tier) < LADDER.index(current) and _operator_holds(identity, found.time)):
             return None
         self._decided[found.identity] = (tier, found.time)
         return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
@@ -159,3 +164,8 @@ class RiskEngine:
         if decided is not None and (self._shadow or admitted < decided[1] + IN_FLIGHT_SECONDS):
             return decided[0]
         return identity.tier
+
+
+def _operator_holds(identity: Identity, now: float) -> bool:
+    """Whether an operator set the identity's tier (after its key was issued) less than OPERATOR_HOLD ago."""
+    return identity.tier_set > identity.registered and now < identity.tier_set + OPERATOR_HOLD

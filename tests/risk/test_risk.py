@@ -559,6 +559,24 @@ def test_shadow_mode_moves_no_identity_an_operator_took_off_the_ladder(monkeypat
     assert engine.decide(observe(_exchange("a prompt"), 2000.0), Identity("alice", "unlimited"), None) is None
 
 
+def test_an_operators_tier_is_not_lowered_for_one_decay_window_but_may_be_raised(monkeypatch):
+    """`tier set bot suspect` was undone on bot's next request: no signals yet, score 0, a step down each time."""
+    from gateway.risk import engine as engine_module
+    from gateway.risk.signals import TAU
+
+    monkeypatch.setattr(engine_module, "strengths", lambda signals: {})
+    engine = RiskEngine(MemorySignals(), "enforce")
+    set_by_operator = Identity("bot", "suspect", tier_set=1000.0, registered=10.0)
+    assert engine.decide(observe(_exchange("a prompt"), 1001.0), set_by_operator, None) is None
+    later = engine.decide(observe(_exchange("a prompt"), 1000.0 + TAU + 1), set_by_operator, None)
+    assert (later.previous, later.tier) == ("suspect", "watch")  # after a whole window of its own evidence
+    raised_by_engine = Identity("amy", "watch", tier_set=10.0, registered=10.0)  # never set by an operator
+    assert engine.decide(observe(_exchange("a prompt"), 1001.0), raised_by_engine, None).tier == "normal"
+    monkeypatch.setattr(engine_module, "strengths", lambda signals: {"template": 0.9})
+    watched = Identity("eve", "watch", tier_set=1000.0, registered=10.0)
+    assert engine.decide(observe(_exchange("a prompt"), 1001.0), watched, None).tier == "suspect"  # up: at once
+
+
 def test_memory_signals_forget_identities_idle_past_their_lifetime():
     from gateway.risk.signals import IDENTITY_TTL
 
