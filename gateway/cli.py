@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +31,6 @@ from .files import durable_dirs
 from .forensics.cli import add_commands as _forensics_commands
 from .forensics.evidence import canary_owners, prior_commitments
 from .identity import DEFAULT_TIER, IdentityError, Registry
-from .stats import holm
 from .watermark.detect import adjusted
 from .witness.cli import add_commands as _witness_commands
 
@@ -462,10 +460,9 @@ def _detect(args) -> int:
 def _per_text(rows: list[_Row], findings: list[list], untested: int) -> list[dict]:
     """Each line's findings, Holm-adjusted together over every line's (a file of many texts is many tests:
     some line of unmarked text would otherwise come out below any alpha); `raw_p_value` keeps the line's own."""
-    flat = [f for line in findings for f in line]
-    values = iter(holm([f.raw_p_value for f in flat], untested * len(rows)))
+    flat = iter(adjusted([f for line in findings for f in line], untested * len(rows)))
     return [
-        {"line": row.line, "schemes": _by_scheme([dataclasses.replace(f, p_value=next(values)) for f in line])}
+        {"line": row.line, "schemes": _by_scheme([next(flat) for _ in line])}
         for row, line in zip(rows, findings, strict=True)
     ]
 

@@ -40,9 +40,10 @@ class Finding:
         }
 
 
-def adjusted(findings: list[Finding]) -> list[Finding]:
-    """The findings of several schemes, Holm-adjusted together (from their raw p-values)."""
-    values = holm([f.raw_p_value for f in findings])
+def adjusted(findings: list[Finding], untested: int = 0) -> list[Finding]:
+    """The findings of several schemes (or texts), Holm-adjusted together from their raw p-values, in a family
+    that also held `untested` hypotheses not tested."""
+    values = holm([f.raw_p_value for f in findings], untested)
     return [dataclasses.replace(f, p_value=p) for f, p in zip(findings, values, strict=True)]
 
 
