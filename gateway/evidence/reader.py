@@ -131,8 +131,9 @@ class LogReader:
                     f"checkpoint at size {checkpoint.size}: root does not match entries 0-"
                     f"{tree.size - 1} (an entry was changed, removed, added or moved)"
                 )
-        self._check_checkpoint_chain(checkpoints, leaves)
-        self._check_other_signed_checkpoints(verifiers, leaves)
+        subtree = _memory_subtree(leaves)
+        self._check_checkpoint_chain(checkpoints, leaves, subtree)
+        self._check_other_signed_checkpoints(verifiers, leaves, subtree)
         self._check_stored_tree(leaves)
         self._check_stored_index(places)
         report = VerifyReport(
@@ -181,8 +182,7 @@ class LogReader:
             ) from None
         return True
 
-    def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes]) -> None:
-        subtree = _memory_subtree(leaves)
+    def _check_checkpoint_chain(self, checkpoints: list[note.Checkpoint], leaves: list[bytes], subtree) -> None:
         previous = None
         for position, checkpoint in enumerate(checkpoints):
             if checkpoint.size > len(leaves):
@@ -204,14 +204,13 @@ class LogReader:
                     ) from None
             previous = checkpoint
 
-    def _check_other_signed_checkpoints(self, verifiers: list[note.NoteKey], leaves: list[bytes]) -> None:
+    def _check_other_signed_checkpoints(self, verifiers: list[note.NoteKey], leaves: list[bytes], subtree) -> None:
         """The log's signature on a checkpoint kept elsewhere in the folder (the latest, as served; those the
         witnesses cosigned) vouches for the entries too: cutting the segments and checkpoints.log back to an
         earlier checkpoint passed verification while these still held the larger log."""
         path = self.dir / "checkpoint"
         kept = [("checkpoint", path.read_text("utf-8", "replace"))] if path.exists() else []
         kept += [("cosignatures.log", text) for text in self.cosigned()]
-        subtree = _memory_subtree(leaves)
         for where, text in kept:
             try:
                 signed = note.open_checkpoint(text, verifiers)
