@@ -404,7 +404,11 @@ class Pipeline:
                     exchange.canaries.clear()
                     raise _upstream_failure(exchange, UpstreamError("malformed", "answer nested too deeply")) from None
         exchange.outcome = Outcome.COMPLETED
-        await reply.whole(response.status, body, _passed_content_type(response.headers))
+        if response.status == 304:  # a conditional request's answer (a passthrough route): no body, its validators
+            await reply.whole(304, b"", None, _validators(response.headers))
+            return
+        label = _passed_content_type(response.headers)  # as the upstream wrote it, parameters and all
+        await reply.whole(response.status, body, label, _head_length(exchange, response))
 
     async def _relay_stream(self, exchange, response: UpstreamResponse, reply, api: Api, dialect) -> None:
         """Forward events as they complete. The terminal event (or our error event) goes out last, in the
@@ -506,9 +510,11 @@ class _Reply:
         self.streaming = False
         self.ended = False
 
-    def _headers(self, content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
+    def _headers(self, content_type: str | None, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
         rid = self._exchange.id.encode()
-        headers = [(b"content-type", content_type.encode()), (b"x-request-id", rid), (b"request-id", rid)]
+        headers = [(b"x-request-id", rid), (b"request-id", rid)]
+        if content_type is not None:
+            headers.insert(0, (b"content-type", content_type.encode()))
         if self._exchange.quotas:
             headers += self._api.rate_limit_headers(self._exchange.quotas)
         if extra:
@@ -520,14 +526,19 @@ class _Reply:
         self._exchange.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
-    async def whole(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+    async def whole(self, status: int, body: bytes, content_type: str | None, extra: dict | None = None) -> None:
+        """Send a whole answer. `extra` headers may set content-length (a HEAD's, for the body not sent)."""
         self._exchange.status = status
         self._exchange.delivered.append(body)
         self.ended = True
         if not await self._on_end(self._exchange):  # recorded before a byte of the answer goes out, or not sent
             self._exchange.status = status = _UNRECORDED.status
             body, content_type, extra = self._error_body(_UNRECORDED), "application/json", None
-        await self._start(status, self._headers(content_type, extra) + [(b"content-length", str(len(body)).encode())])
+        headers = self._headers(content_type, extra)
+        # a 304 has no body, and a length would describe the body it stands for
+        if status != 304 and not (extra and "content-length" in extra):
+            headers.append((b"content-length", str(len(body)).encode()))
+        await self._start(status, headers)
         self._note_first_byte(body)
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -728,9 +739,10 @@ def _check_status(exchange: Exchange, status: int) -> None:
 
     The upstream's authentication, quota and rate-limit failures say nothing about the client's request
     and would leak the gateway's account details, so they become a 502 or 503; so do redirects and server
-    errors. Other 4xx answers are about the client's request and pass through.
+    errors. Other 4xx answers are about the client's request and pass through, as does a 304 (not modified:
+    the answer to a client's conditional request on a passthrough route, not a redirect).
     """
-    if status < 300 or (400 <= status < 500 and status not in (401, 402, 403, 407, 429)):
+    if status < 300 or status == 304 or (400 <= status < 500 and status not in (401, 402, 403, 407, 429)):
         return
     exchange.outcome = Outcome.UPSTREAM_FAILED
     exchange.error = f"upstream_{status}"
@@ -751,6 +763,22 @@ def _content_type(headers: list[tuple[str, str]]) -> str:
         if key == "content-type":
             return value.split(";")[0].strip().lower()
     return ""
+
+
+_VALIDATORS = frozenset(("etag", "last-modified", "cache-control", "expires", "vary", "content-location"))
+
+
+def _validators(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """The headers a 304 carries for the client's cache (RFC 9110, 15.4.5)."""
+    return {key: value for key, value in headers if key in _VALIDATORS}
+
+
+def _head_length(exchange: Exchange, response: UpstreamResponse) -> dict[str, str] | None:
+    """A HEAD's answer has no body; its length is that of the body a GET would get, as the upstream says."""
+    if exchange.method != "HEAD":
+        return None
+    length = next((value for key, value in response.headers if key == "content-length"), None)
+    return None if length is None else {"content-length": length}
 
 
 def _passed_content_type(headers: list[tuple[str, str]]) -> str:

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 import zlib
+from dataclasses import replace
 
 import anthropic
 import httpx
@@ -432,6 +433,31 @@ def test_configured_passthrough_is_forwarded_as_is_to_identified_callers(passthr
         assert_openai_error(http.get("/custom/thing"), 401)
         assert_openai_error(http.get("/v1/batches", headers={"authorization": f"Bearer {key}"}), 404)
     assert len(fake_upstream.requests) == 2
+
+
+def test_passthrough_relays_not_modified_and_the_length_a_head_stands_for(tmp_path):
+    async def files(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "HEAD":
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"1234")]
+        else:  # the client's If-None-Match matched
+            headers = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=60"), (b"set-cookie", b"up=1")]
+        await send({"type": "http.response.start", "status": 200 if scope["method"] == "HEAD" else 304,
+                    "headers": headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": b""})
+
+    with ServerThread(files) as upstream:
+        settings = _settings(tmp_path / "state", upstream.url)
+        settings = replace(settings, upstream=replace(settings.upstream, passthrough=("/v1/files",)))
+        auth = {"authorization": f"Bearer {Registry(tmp_path / 'state').add('ann')}"}
+        with ServerThread(create_app(settings)) as gateway, httpx.Client(base_url=gateway.url) as http:
+            cached = http.get("/v1/files/f1", headers={**auth, "if-none-match": '"v1"'})
+            head = http.head("/v1/files/f1", headers=auth)
+    assert cached.status_code == 304 and cached.content == b""
+    assert (cached.headers["etag"], cached.headers["cache-control"]) == ('"v1"', "max-age=60")
+    assert not {"set-cookie", "content-type", "content-length"} & set(cached.headers)
+    assert (head.status_code, head.headers["content-length"]) == (200, "1234")
 
 
 def test_strings_json_allows_but_utf8_cannot_encode_are_still_recorded(gw):
