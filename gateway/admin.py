@@ -7,6 +7,10 @@ Both need `Authorization: Bearer <token>`, the token being the value of the envi
 `[server] admin_token_env` names; without it the endpoint does not exist (404). A change is written to the
 identity registry (every worker on this host reads it on its next request) and to the limit storage (every
 replica sharing it reads it on its next admission), the same two places `canarygate tier set` writes.
+
+An address refused GUESSES times within GUESS_WINDOW seconds gets 429 until its window ends, its token unread,
+so that a weak token cannot be guessed at network speed. The count is per worker and per connection address:
+behind a proxy all callers share one, and `canarygate tier set` on the host still works while it is locked.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import time
 
 from .exchange import Identity
 from .identity import IdentityError, Registry
@@ -22,6 +28,9 @@ from .identity import IdentityError, Registry
 log = logging.getLogger("canarygate.admin")
 
 PREFIX = "/admin/tiers/"
+GUESSES = 10
+GUESS_WINDOW = 60.0
+_ADDRESSES_KEPT = 4096  # addresses whose refusals are remembered; the oldest windows go first
 
 
 class TierAdmin:
@@ -30,12 +39,21 @@ class TierAdmin:
         self._admitter = admitter
         self._tiers = tiers
         self._token = token.encode()
+        self._refusals = Refusals()
 
-    async def handle(self, scope, receive) -> tuple[int, dict]:
+    async def handle(self, scope, receive) -> tuple[int, dict, dict]:
+        """The status, the JSON document and the headers of the answer."""
+        address = (scope.get("client") or ("unknown",))[0]
+        wait = self._refusals.locked_for(address, time.monotonic())
+        if wait:
+            return 429, _error("too many refused admin requests; retry later"), {"retry-after": str(math.ceil(wait))}
         if not self._authorised(scope["headers"]):
-            client = scope.get("client") or ("unknown",)
-            log.warning("admin: refused %s %s from %s: no valid token", scope["method"], scope["path"][:80], client[0])
-            return 401, _error("send the admin token as Authorization: Bearer TOKEN")
+            self._refusals.note(address, time.monotonic())
+            log.warning("admin: refused %s %s from %s: no valid token", scope["method"], scope["path"][:80], address)
+            return 401, _error("send the admin token as Authorization: Bearer TOKEN"), {}
+        return (*await self._act(scope, receive), {})
+
+    async def _act(self, scope, receive) -> tuple[int, dict]:
         name = scope["path"][len(PREFIX) :]
         try:
             record = self._registry.get(name)
@@ -58,6 +76,27 @@ class TierAdmin:
                 scheme, _, token = value.partition(b" ")
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
         return False
+
+
+class Refusals:
+    """Refused requests per address, counted in fixed windows of GUESS_WINDOW seconds."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, refusals in it)
+
+    def locked_for(self, address: str, now: float) -> float:
+        """Seconds until `address` may try again; 0 if it may now."""
+        start, count = self._windows.get(address, (now, 0))
+        left = start + GUESS_WINDOW - now
+        return left if count >= GUESSES and left > 0 else 0.0
+
+    def note(self, address: str, now: float) -> None:
+        start, count = self._windows.pop(address, (now, 0))
+        if now - start >= GUESS_WINDOW:
+            start, count = now, 0
+        self._windows[address] = (start, count + 1)  # re-inserted: the dict's order is the order of last refusal
+        while len(self._windows) > _ADDRESSES_KEPT:
+            del self._windows[next(iter(self._windows))]
 
 
 async def _tier_of(receive) -> str | None:

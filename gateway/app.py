@@ -92,8 +92,8 @@ class GatewayApp:
             if handler is not None:
                 await _respond(send, *await handler())
             elif self._admin is not None and scope["path"].startswith(ADMIN_PREFIX):
-                status, doc = await self._admin.handle(scope, receive)
-                await _respond(send, status, json.dumps(doc).encode(), "application/json")
+                status, doc, headers = await self._admin.handle(scope, receive)
+                await _respond(send, status, json.dumps(doc).encode(), "application/json", headers)
             else:
                 await self.pipeline(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -130,8 +130,9 @@ class GatewayApp:
         return 200, body, content_type
 
 
-async def _respond(send, status: int, body: bytes, content_type: str) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode())]})
+async def _respond(send, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+    headers = [(b"content-type", content_type.encode())] + [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from gateway import config
+from gateway.admin import GUESS_WINDOW, GUESSES, Refusals
 from gateway.app import create_app
 from gateway.identity import Registry
 from tests.conftest import STATE_DIRS, ServerThread
@@ -40,3 +41,36 @@ def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pi
     warned = [r.getMessage() for r in caplog.records if r.name == "canarygate.admin"]  # a guess is seen, not its token
     assert len(warned) == 2 and "refused PUT /admin/tiers/carol" in warned[1] and "Bearer x" not in str(warned)
     assert (registry.get("carol").tier, registry.get("carol").pin) == ("blocked", "our partner")
+
+
+def test_an_address_that_keeps_guessing_is_locked_out_even_with_the_token(tmp_path, fake_upstream, monkeypatch):
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token")
+    state = tmp_path / "state"
+    STATE_DIRS.append(state)
+    settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
+                             "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    Registry(state).add("carol")
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
+        guesses = [http.get("/admin/tiers/carol", headers={"authorization": f"Bearer {i}"}) for i in range(GUESSES)]
+        locked = http.get("/admin/tiers/carol", headers={"authorization": "Bearer s3cret-token"})
+    assert {r.status_code for r in guesses} == {401}
+    assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= GUESS_WINDOW
+    assert "error" in locked.json()
+
+
+def test_refusals_are_counted_per_address_in_windows_and_forgotten_oldest_first():
+    refusals = Refusals()
+    for _ in range(GUESSES):
+        assert refusals.locked_for("a", 100.0) == 0
+        refusals.note("a", 100.0)
+    assert refusals.locked_for("a", 130.0) == GUESS_WINDOW - 30 and refusals.locked_for("b", 130.0) == 0
+    assert refusals.locked_for("a", 100.0 + GUESS_WINDOW) == 0  # the window is over
+    refusals.note("a", 100.0 + GUESS_WINDOW)  # a new window, with one refusal
+    assert refusals.locked_for("a", 100.0 + GUESS_WINDOW) == 0
+    for _ in range(GUESSES):
+        refusals.note("b", 190.0)
+    for i in range(4095):
+        refusals.note(f"10.0.{i // 256}.{i % 256}", 200.0)
+    assert refusals.locked_for("b", 200.0) == GUESS_WINDOW - 10  # kept: "a" went first
+    refusals.note("10.99.0.1", 200.0)
+    assert refusals.locked_for("b", 200.0) == 0 and len(refusals._windows) == 4096  # memory stays bounded
