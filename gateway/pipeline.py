@@ -430,7 +430,7 @@ class Pipeline:
             if rewrite is None:
                 return events
             events = _rewritten(rewrite, events)
-            return events + rewrite.close() if ended else events
+            return events + _held_back(rewrite) if ended else events
 
         try:
             async for chunk in response.chunks():
@@ -441,7 +441,8 @@ class Pipeline:
                 last = events[-1] if events else last
                 terminal = _terminal_at(dialect, events)
                 ended = terminal < len(events)
-                if ended:
+                if ended:  # what came after it in this read goes the way of what comes in later reads
+                    events = events[: terminal + 1]
                     _note_failure(exchange, dialect, events[terminal])
                 events = downstream(events, ended)
                 end = _terminal_at(dialect, events)
@@ -461,7 +462,10 @@ class Pipeline:
                 held = downstream(tail, ended=True)
         except UpstreamError as e:
             error = _upstream_failure(exchange, e)
-            closing = rewrite.close() if rewrite is not None else []
+            try:
+                closing = _held_back(rewrite) if rewrite is not None else []
+            except _Malformed:  # nothing more of it can be sent
+                closing = []
             released = e.released if isinstance(e, _Malformed) else []
             await reply.events([*released, *held, *closing, _stream_error_event(dialect, api, error)], last=True)
             return
@@ -607,11 +611,19 @@ def _rewritten(rewrite: StreamRewrite, events: list[bytes]) -> list[bytes]:
     try:
         for event in events:
             out += rewrite.push(event)
-    # the upstream's fault, not the gateway's: bytes that are not UTF-8, or JSON of another shape (an index
-    # that is a list, a delta that is a string)
-    except (UnicodeDecodeError, TypeError, AttributeError) as e:
-        raise _Malformed(f"a streamed event the gateway cannot read ({type(e).__name__})", out) from None
+    # the upstream's fault, not the gateway's: bytes that are not UTF-8, JSON of another shape (an index that
+    # is a list, a delta that is a string), or JSON that orjson reads (1,024 levels) nested too deeply to write
+    except (ValueError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+        raise _Malformed(f"a streamed event the gateway cannot read or write ({type(e).__name__})", out) from None
     return out
+
+
+def _held_back(rewrite: StreamRewrite) -> list[bytes]:
+    """What the rewriter still holds, at the end of a stream."""
+    try:
+        return rewrite.close()
+    except ValueError:  # an event nested too deeply to write back
+        raise _Malformed("a streamed event the gateway cannot write (ValueError)", []) from None
 
 
 def _completed_tail(tail: bytes, dialect: Dialect | None) -> list[bytes]:

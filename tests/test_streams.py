@@ -43,6 +43,49 @@ def test_a_complete_stream_stays_complete_whatever_the_upstream_does_after_it(gw
     assert gw.records()[-1]["outcome"] == "completed"
 
 
+@pytest.mark.parametrize("before", [b"id: 7\n", b": keep-alive\n", b"event: done\n"])
+def test_a_terminal_event_with_other_lines_before_its_data_ends_the_stream(gw, before):
+    """id, event and comment lines may come before an event's data line (SSE): [DONE] is the end all the same,
+    not a stream that never ended (waited on until the upstream hangs up, then an error after [DONE])."""
+    r, events = _streamed(gw, after_events="hang", patch=lambda raw: before + raw if b"[DONE]" in raw else raw)
+    assert r.status_code == 200 and '"error"' not in r.text and events[-1].endswith("data: [DONE]"), r.text[-300:]
+    assert gw.records()[-1]["outcome"] == "completed"
+
+
+@pytest.mark.parametrize("extra", [b'data: {"choices": [{"index": 0, "delta": {"content": "EXTRA the"}}]}\n\n',
+                                   b"data: \xff\xfe\n\n"])  # fmt: skip
+def test_what_follows_the_terminal_event_in_its_own_read_goes_where_later_reads_go(gw, extra):
+    """Dropped, whether the upstream sent it in the read that held the terminal event or in a later one:
+    neither forwarded after [DONE] unmarked, nor, when it is no UTF-8, turning a complete answer into a failure."""
+    r, events = _streamed(gw, patch=lambda raw: raw + extra if b"[DONE]" in raw else raw)
+    assert r.status_code == 200 and events[-1] == "data: [DONE]" and "EXTRA" not in r.text, r.text[-300:]
+    assert _content(events) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
+    assert gw.records()[-1]["outcome"] == "completed"
+
+
+def test_a_stream_that_begins_with_a_byte_order_mark_is_read_from_its_first_event(gw):
+    seen = []
+
+    def patch(raw: bytes) -> bytes:
+        seen.append(raw)
+        return "\ufeff".encode() + raw if len(seen) == 1 else raw
+
+    r, events = _streamed(gw, patch=patch)
+    assert not r.content.startswith("\ufeff".encode())
+    assert _content(events) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
+
+
+def test_an_event_nested_too_deeply_to_write_back_is_the_upstreams_failure(gw):
+    """orjson reads 1,024 levels, the writer fewer: the event is read and marked, then cannot be written. Like a
+    whole answer of that depth, an upstream failure in the stream's shape, not the gateway's internal error."""
+    deep = b'"deep": ' + b"[" * 1010 + b"]" * 1010 + b", "
+    r, events = _streamed(gw, patch=lambda raw: raw.replace(b"{", b"{" + deep, 1) if b"fox" in raw else raw)
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert r.status_code == 200 and error["code"] == "upstream_error", error
+    assert _content(events[:-1]).startswith("THE quick")
+    assert gw.records()[-1]["outcome"] == "upstream_failed"
+
+
 def test_a_stream_that_ends_inside_an_event_is_a_failure(gw):
     gw.upstream.behaviour.patch = lambda raw: b'data: {"choices": [{"inde' if b"[DONE]" in raw else raw
     with gw.client() as http:

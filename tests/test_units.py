@@ -24,11 +24,14 @@ from gateway.rewrite import _decoded
 EVENTS = [b'event: a\ndata: {"x": 1}\n\n', b"data: two\ndata: lines\n\n", b": comment\nid: 7\ndata: [DONE]\n\n"]
 
 
-@given(cuts=st.lists(st.integers(min_value=0, max_value=200)), crlf=st.booleans())
-def test_framer_returns_the_same_events_for_any_split(cuts, crlf):
+@given(cuts=st.lists(st.integers(min_value=0, max_value=200)), crlf=st.booleans(), bom=st.booleans())
+def test_framer_returns_the_same_events_for_any_split(cuts, crlf, bom):
+    """Line ends of any kind; a byte-order mark at the start of the stream is not part of its first event."""
     stream = b"".join(EVENTS)
     if crlf:
         stream = stream.replace(b"\n", b"\r\n")
+    if bom:
+        stream = "\ufeff".encode() + stream
     points = sorted({c for c in cuts if c < len(stream)})
     framer = SSEFramer()
     out = []
@@ -315,6 +318,10 @@ def test_what_keeps_a_canary_off_an_answer_is_what_would_break_it_not_its_look_a
     assert not chat.free_ending({"messages": [user, {"role": "assistant", "content": "Lighthouses"}]})
     assert chat.free_ending({"messages": [user, {"role": "assistant", "content": ""}]})  # nothing to continue
     assert not chat.structured_output({"messages": [user], "prediction": {"type": "content", "content": "x"}})
+    completions = ROUTES["/v1/completions"]  # vLLM guides completions too: a marked choice is no longer a choice
+    assert completions.structured_output({"prompt": "Yes or no?", "guided_choice": ["yes", "no"]})
+    assert completions.structured_output({"prompt": "Name:", "response_format": {"type": "json_object"}})
+    assert not completions.structured_output({"prompt": "Once upon a time"})
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue."}}
     cited = {"role": "user", "content": [{**document, "citations": {"enabled": True}}]}
     assert not messages.free_ending({"messages": [cited]})

@@ -125,13 +125,30 @@ def _json_format(spec: Any) -> bool:
     return isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema")
 
 
+def _constrained(body: dict[str, Any]) -> bool:
+    """JSON mode or a schema; vLLM's guided decoding (on chat and on completions)."""
+    return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
+
+
 def _data_terminal(raw: bytes) -> bool:
     """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
-    return raw.startswith((b"data: [DONE]", b"data:[DONE]")) or _data_error(raw)
+    return _first_data(raw).startswith(b"[DONE]") or _data_error(raw)
 
 
 def _data_error(raw: bytes) -> bool:
-    return raw.startswith((b'data: {"error"', b'data:{"error"'))
+    return _first_data(raw).startswith(b'{"error"')
+
+
+def _first_data(raw: bytes) -> bytes:
+    """The event from its first data line's value on: id, event and comment lines may come before it."""
+    if raw.startswith(b"data:"):
+        start = 5
+    else:
+        start = raw.find(b"\ndata:")
+        if start < 0:
+            return b""
+        start += 6
+    return raw[start + 1 :] if raw[start : start + 1] == b" " else raw[start:]
 
 
 _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")
@@ -150,8 +167,7 @@ class ChatCompletions(Dialect):
         return _ask_usage(body)
 
     def structured_output(self, body: dict[str, Any]) -> bool:
-        # JSON mode or a schema; vLLM's guided decoding
-        return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
+        return _constrained(body)
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
@@ -213,6 +229,9 @@ class Completions(Dialect):
 
     def free_ending(self, body: dict[str, Any]) -> bool:
         return False  # the answer continues the prompt's own text (code, a document): nothing may follow it
+
+    def structured_output(self, body: dict[str, Any]) -> bool:
+        return _constrained(body)
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return body.get("logprobs") is not None

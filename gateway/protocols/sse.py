@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_BOM = b"\xef\xbb\xbf"
+
 
 class SSEFramer:
     """Accumulates chunks and returns complete events (each ending in a blank line), in order.
@@ -17,13 +19,16 @@ class SSEFramer:
     it): joining and searching the whole of it at every chunk made a large event arriving in small chunks
     cost time quadratic in its size."""
 
-    __slots__ = ("_pending", "_cr")
+    __slots__ = ("_pending", "_cr", "_begun")
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []  # the event begun and not ended, in pieces (line ends made LF)
         self._cr = b""  # a CR that ended the last chunk: it may pair with an LF still to come
+        self._begun = False  # a byte of the stream has come (a byte-order mark before it is dropped)
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._begun:
+            chunk = self._without_bom(chunk)
         if self._cr:
             chunk, self._cr = self._cr + chunk, b""
         if b"\r" in chunk:  # CRLF and lone CR end lines too
@@ -48,6 +53,17 @@ class SSEFramer:
         if start < len(data):
             pending.append(data[start:])
         return events
+
+    def _without_bom(self, chunk: bytes) -> bytes:
+        """The stream's first bytes without a UTF-8 byte-order mark, which the SSE standard drops (it may come
+        split over chunks: its start is kept until the rest shows whether it is one)."""
+        pending = self._pending.pop() if self._pending else b""
+        start = pending + chunk
+        if len(start) < 3 and _BOM.startswith(start):
+            self._pending.append(start)
+            return b""
+        self._begun = True
+        return start[3:] if start.startswith(_BOM) else start
 
     def remainder(self) -> bytes:
         """Bytes of an event that never ended (a stream cut mid-event)."""
