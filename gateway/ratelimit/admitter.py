@@ -215,16 +215,24 @@ class LimitAdmitter:
         return tuple(quotas)
 
     async def _beat(self) -> None:
-        """Keep the leases of exchanges still running alive; a crashed process's leases lapse."""
+        """Keep the leases of exchanges still running alive; a crashed process's leases lapse. A beat that
+        fails is logged and the next one comes: a heartbeat that died would let every lease of a long
+        exchange lapse while it runs, and with them the concurrency limit."""
         while True:
             await asyncio.sleep(self._settings.lease_seconds / 3)
-            by_engine: dict[int, tuple[object, list]] = {}
-            for held in list(self._held.values()):
-                leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
-                leases += [(c.key, held.ask.lease) for c in held.ask.plan.lease_sets]
-            for engine, leases in by_engine.values():
-                with contextlib.suppress(StorageDown):  # logged by the guard; leases there lapse if it stays down
-                    await self._on(engine, lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
+            try:
+                await self._extend_leases()
+            except Exception:
+                log.exception("could not extend the leases of running exchanges; trying again at the next beat")
+
+    async def _extend_leases(self) -> None:
+        by_engine: dict[int, tuple[object, list]] = {}
+        for held in list(self._held.values()):
+            leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
+            leases += [(c.key, held.ask.lease) for c in held.ask.plan.lease_sets]
+        for engine, leases in by_engine.values():
+            with contextlib.suppress(StorageDown):  # logged by the guard; leases there lapse if it stays down
+                await self._on(engine, lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
 
 
 def tier_key(identity: Identity, prefix: str = "cg") -> str:

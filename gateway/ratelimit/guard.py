@@ -15,13 +15,14 @@ import logging
 import time
 
 from limits.errors import StorageError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
 
 log = logging.getLogger("canarygate.limits")
 
-STORAGE_ERRORS = (RedisError, OSError, StorageError)  # TimeoutError is an OSError
+# TimeoutError is an OSError; a Cluster with no node to reach raises RedisClusterException, no RedisError
+STORAGE_ERRORS = (RedisError, RedisClusterException, OSError, StorageError)
 
 
 class StorageDown(Exception):

@@ -353,3 +353,71 @@ def test_a_key_is_revoked_with_the_shared_storage_down_and_a_failed_add_changes_
     revoked = cli(tmp_path, "identities", "revoke", "bob")
     assert revoked.returncode == 0 and "its tier on the shared storage was left" in revoked.stderr
     assert "revoked" in cli(tmp_path, "identities", "list").stdout
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_a_cluster_with_no_node_to_reach_is_a_storage_failure_under_either_policy(policy):
+    """redis-py raises RedisClusterException, which is no RedisError, when no Cluster node answers: it was
+    not taken for a storage failure, so every request was a 500 and /readyz itself failed."""
+    from gateway import config
+    from gateway.exchange import Exchange, GatewayError, Identity
+    from gateway.ratelimit import open_admitter
+
+    url = f"redis+cluster://127.0.0.1:{redis_servers.free_port()}"
+    settings = config.parse({"limits": {"storage": url, "on_storage_error": policy}}, "test")
+
+    async def run():
+        admitter = open_admitter(settings)
+        exchange = Exchange(id="req_1", method="POST", path="/v1/chat/completions", api="openai", route=None,
+                            client_ip="192.0.2.1")  # fmt: skip
+        exchange.identity = Identity("alice", "normal")
+        try:
+            await admitter.admit(exchange)
+            outcome = "admitted"
+        except GatewayError as e:
+            outcome = e.kind.name
+        state = await admitter.ready()
+        await admitter.close()
+        return outcome, state
+
+    outcome, state = asyncio.run(run())
+    assert "RedisClusterException" in state
+    assert (outcome, state.startswith("degraded")) == (
+        ("admitted", True) if policy == "open" else ("UNAVAILABLE", False)
+    )
+
+
+def test_the_lease_heartbeat_outlives_a_beat_that_fails():
+    """A heartbeat that died at one failed beat left every later long exchange's lease to lapse while it ran."""
+    from dataclasses import replace
+
+    from gateway import config
+    from gateway.exchange import Exchange, Identity
+    from gateway.ratelimit import open_admitter
+
+    settings = config.parse({"limits": {"identity": {"concurrency": 2}}}, "test")
+    settings = replace(settings, limits=replace(settings.limits, lease_seconds=0.03))
+
+    async def run():
+        admitter = open_admitter(settings)
+        exchange = Exchange(id="req_1", method="POST", path="/v1/chat/completions", api="openai", route=None,
+                            client_ip="192.0.2.1")  # fmt: skip
+        exchange.identity = Identity("alice", "normal")
+        await admitter.admit(exchange)  # running: its lease is extended at every beat
+        beats, extend = [], admitter._local.extend
+
+        async def failing_once(leases, ttl_ms):
+            beats.append(time.monotonic())
+            if len(beats) == 1:
+                raise RuntimeError("a failure no guard knows")
+            return await extend(leases, ttl_ms)
+
+        admitter._local.extend = failing_once
+        await admitter.start()
+        await asyncio.sleep(0.2)
+        alive = not admitter._heartbeat.done()
+        await admitter.close()
+        return alive, len(beats)
+
+    alive, beats = asyncio.run(run())
+    assert alive and beats >= 3
