@@ -24,6 +24,7 @@ import time
 
 from .exchange import Identity
 from .identity import IdentityError, Registry
+from .ratelimit.guard import StorageDown
 
 log = logging.getLogger("canarygate.admin")
 
@@ -66,8 +67,12 @@ class TierAdmin:
         tier = await _tier_of(receive)
         if tier not in self._tiers:
             return 400, _error(f'send {{"tier": T}} with T one of {", ".join(self._tiers)}')
+        # the limit storage first, as `tier set` does: where it cannot be written, the registry is left as it was
+        try:
+            await self._admitter.set_tier(Identity(record.name, record.tier, record.tenant), tier)
+        except StorageDown as e:
+            return 503, _error(f"{e}; the tier is unchanged, retry shortly")
         await asyncio.to_thread(self._registry.set_tier, name, tier, record.pin)  # a pin stays
-        await self._admitter.set_tier(Identity(record.name, record.tier, record.tenant), tier)
         return 200, {"name": name, "tier": tier}
 
     def _authorised(self, headers) -> bool:

@@ -21,12 +21,12 @@ def connect(url: str, timeout: float):
     parts = urlsplit(url)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(*_host_port(hp)) for hp in parts.netloc.rpartition("@")[2].split(",")]
-        return RedisCluster(startup_nodes=nodes, password=_password(parts), retry=Retry(NoBackoff(), 0), **options)
+        return RedisCluster(startup_nodes=nodes, **_credentials(parts), retry=Retry(NoBackoff(), 0), **options)
     if parts.scheme == "redis+sentinel":
         service = parts.path.strip("/").split("/")[0]
         hosts = [_host_port(hp) for hp in parts.netloc.rpartition("@")[2].split(",")]
         sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)
-        return sentinel.master_for(service, password=_password(parts), retry=Retry(NoBackoff(), 0))
+        return sentinel.master_for(service, **_credentials(parts), retry=Retry(NoBackoff(), 0))
     return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
 
 
@@ -35,5 +35,9 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port or 6379)
 
 
-def _password(parts) -> str | None:
-    return unquote(parts.password) if parts.password else None
+def _credentials(parts) -> dict[str, str | None]:
+    """The URL's user (a Redis ACL user; none: "default") and password."""
+    return {
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+    }

@@ -155,9 +155,10 @@ class LimitAdmitter:
             await self._local.set_tier(tier_key(identity, self._prefix), None)
 
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
-        """Override an identity's tier (None: back to its registry tier) where every replica reads it."""
+        """Override an identity's tier (None: back to its registry tier) where every replica reads it; on the
+        shared storage within the deadline and as the breaker allows, like every call there (StorageDown)."""
         engine = self._shared if self._shared is not None else self._local
-        await engine.set_tier(tier_key(identity, self._prefix), tier)
+        await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), tier))
 
     # --- internals ---
 

@@ -421,3 +421,65 @@ def test_the_lease_heartbeat_outlives_a_beat_that_fails():
 
     alive, beats = asyncio.run(run())
     assert alive and beats >= 3
+
+
+def test_a_cluster_url_logs_in_as_its_user():
+    """Only the password was passed on for Cluster (and Sentinel): a Redis ACL user could not log in."""
+    import redis
+
+    from gateway.redis_client import connect
+
+    with redis_servers.cluster() as url:
+        addresses = url.removeprefix("redis+cluster://").split(",")
+        for address in addresses:
+            node = redis.Redis(port=int(address.rpartition(":")[2]))
+            node.execute_command("ACL", "SETUSER", "gateway", "on", ">s3cret", "~*", "&*", "+@all")
+            node.close()
+
+        async def whoami():
+            client = connect("redis+cluster://gateway:s3cret@" + ",".join(addresses), 2.0)
+            try:
+                return await client.execute_command("ACL", "WHOAMI")
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(whoami()) in (b"gateway", "gateway")
+
+
+def test_a_tier_set_on_a_frozen_storage_ends_at_the_deadline_and_changes_nothing(tmp_path):
+    """set_tier had no deadline: a frozen Redis held the admin endpoint and the risk engine's decisions for
+    ever. The admin endpoint wrote the registry first, so a failed call left it and the storage disagreeing."""
+    from gateway import config
+    from gateway.admin import TierAdmin
+    from gateway.exchange import Identity
+    from gateway.ratelimit import open_admitter
+    from gateway.ratelimit.guard import StorageDown
+
+    registry = Registry(tmp_path)
+    registry.add("erin")
+    with redis_servers.standalone() as server:
+        settings = config.parse({"limits": {"storage": server.url, "timeout_ms": TIMEOUT_MS}}, "test")
+
+        async def run():
+            admitter = open_admitter(settings)
+            await admitter.set_tier(Identity("erin", "normal"), "watch")  # a connection, made while it answers
+            server.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(StorageDown):
+                    await admitter.set_tier(Identity("erin", "normal"), "suspect")
+                took = time.monotonic() - started
+                admin = TierAdmin(registry, admitter, settings.limits.tiers, "token")
+                body = [{"type": "http.request", "body": b'{"tier": "blocked"}', "more_body": False}]
+                scope = {"method": "PUT", "path": "/admin/tiers/erin", "client": ("127.0.0.1", 1),
+                         "headers": [(b"authorization", b"Bearer token")]}  # fmt: skip
+                async with asyncio.timeout(5):
+                    answer = await admin.handle(scope, lambda: asyncio.sleep(0, body.pop()))
+            finally:
+                server.resume()
+            await admitter.close()
+            return took, answer
+
+        took, (status, doc, _) = asyncio.run(run())
+    assert took < 1.0 and status == 503 and "unchanged" in doc["error"]["message"]
+    assert registry.get("erin").tier == "normal"
