@@ -146,10 +146,16 @@ def units_left(room_ms: float, interval: float) -> int:
     return max(math.floor((room_ms + SLACK_MS) / interval), 0)
 
 
-def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float]]:
-    """(key, ms per token) of each token budget, at the scale the admission ran under."""
-    scale = ask.tiers[verdict.tier].scale / divisor
-    return [(c.key, c.period_ms / (c.limit * scale)) for c in ask.plan.token_budgets]
+def token_intervals(ask: Ask, verdict: Verdict, divisor: int = 1) -> list[tuple[str, float, int]]:
+    """(key, ms per token, reach) of each token budget, at the scale the admission ran under. Reach: how far
+    ahead a debt may push the budget, in ms, -1 for no bound. A tier that enforces its limits repays all it
+    used beyond its reservation; one that does not (unlimited, which reserves nothing) is debited at most one
+    period ahead, as at its admission: more would lock a shared tenant budget's other identities out for
+    longer than the budget's own period, with one long answer."""
+    terms = ask.tiers[verdict.tier]
+    scale = terms.scale / divisor
+    return [(c.key, c.period_ms / (c.limit * scale), -1 if terms.enforce else c.period_ms)
+            for c in ask.plan.token_budgets]  # fmt: skip
 
 
 def _ms_now() -> float:
@@ -244,8 +250,10 @@ class MemoryBudget:
         """The exchange has ended: correct its token budgets by `correction` tokens (positive: debt,
         negative: refund) and drop its leases."""
         now = self._clock() if now is None else now
-        for key, interval in token_intervals(ask, verdict, self.divisor):
+        for key, interval, reach in token_intervals(ask, verdict, self.divisor):
             tat = max(max(self._tats.get(key, 0.0), now) + correction * interval, now)
+            if reach >= 0:
+                tat = min(tat, now + reach)
             if tat > now:
                 self._tats[key] = round(tat, 3)
             else:

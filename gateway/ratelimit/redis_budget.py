@@ -59,9 +59,10 @@ class RedisBudget:
 
     async def settle(self, ask: Ask, verdict: Verdict, correction: int, now_ms: float = -1) -> None:
         budgets = token_intervals(ask, verdict)
-        intervals = " ".join(repr(interval) for _, interval in budgets)
-        keys = [key for key, _ in budgets] + [c.key for c in ask.plan.lease_sets]
-        await self._run(_SETTLE, keys, (now_ms, ask.lease, correction, intervals))
+        intervals = " ".join(repr(interval) for _, interval, _ in budgets)
+        reaches = " ".join(str(reach) for _, _, reach in budgets)
+        keys = [key for key, _, _ in budgets] + [c.key for c in ask.plan.lease_sets]
+        await self._run(_SETTLE, keys, (now_ms, ask.lease, correction, intervals, reaches))
 
     async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
         if not leases:

@@ -57,6 +57,17 @@ def test_token_reservation_is_corrected_by_real_usage():
     assert refused.status is Status.LIMITED and refused.retry_ms > 60000
 
 
+def test_an_unlimited_identity_is_debited_at_most_one_period_ahead_at_its_end_as_at_its_admission():
+    """It reserves nothing, so its whole usage is a debt at the end; uncapped, one long answer pushed a shared
+    (tenant) budget hours ahead and locked the tenant's other identities out for longer than its period."""
+    budget = MemoryBudget()
+    check = (Check("tenant", "tokens", 10_000, 3_600_000),)
+    bench = budget.decide(ask(checks=check, tier="unlimited", prompt=100, output=100), now=0)
+    budget.correct(ask(checks=check, tier="unlimited"), bench, 30_000, now=0)
+    refused = budget.decide(ask(checks=check, prompt=100, output=400), now=0)
+    assert refused.status is Status.LIMITED and refused.retry_ms <= 3_600_000
+
+
 def test_a_request_larger_than_the_whole_budget_is_refused_as_too_large():
     verdict = MemoryBudget().decide(ask(checks=(Check("t", "tokens", 1000, 60000),), prompt=10, output=5000), now=0)
     assert verdict.status is Status.TOO_LARGE
@@ -158,7 +169,7 @@ async def _compare(url: str) -> None:
             else:
                 a = ask(
                     name,
-                    tier=rng.choice(["normal", "watch"]),
+                    tier=rng.choice(["normal", "watch", "unlimited"]),
                     prompt=rng.randint(0, 400),
                     output=rng.choice([None, 0, 50, 250, 900]),
                     lease=f"l{step}",
