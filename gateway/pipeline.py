@@ -178,10 +178,13 @@ class Pipeline:
 
     async def _apply_decision(self, decision: Decision) -> None:
         """A risk decision: recorded, then applied where admission reads tiers; not applied in shadow mode, nor
-        where an operator pinned the identity or its name was registered anew since the request that moved it
-        was admitted (the registry says so now). A decision that could not be applied is recorded again, so."""
-        now = self._identify.current(decision.identity.name)
-        if decision.applied and (now is None or now.pinned or now.registered != decision.identity.registered):
+        where, since the request that moved it was admitted, an operator pinned the identity or set its tier
+        (a decision scored from an older request must not undo `tier set bot blocked`) or its name was
+        registered anew (the registry says so now). A decision that could not be applied is recorded again, so."""
+        was, now = decision.identity, self._identify.current(decision.identity.name)
+        if decision.applied and (
+            now is None or now.pinned or now.registered != was.registered or now.tier_set != was.tier_set
+        ):
             decision = replace(decision, applied=False)
         await self._record.decision(decision.identity, {"decision": decision.as_json()})  # no change unrecorded
         if decision.applied:

@@ -512,9 +512,10 @@ def test_a_decision_that_fails_to_apply_loses_none_of_the_rest(monkeypatch):
     assert applied == ["b"]
 
 
-def test_a_decision_is_not_applied_over_a_pin_set_after_its_request_was_admitted():
-    """An operator pins the identity while a request of it is in flight: the engine's decision from that
-    request is recorded as not applied, and the tier the operator set stands. A failed apply is recorded so."""
+def test_a_decision_is_not_applied_over_a_pin_or_tier_set_after_its_request_was_admitted():
+    """An operator pins the identity, or sets its tier (`tier set bot blocked`), while a request of it is in
+    flight: the engine's decision from that request is recorded as not applied, and the tier the operator set
+    stands. A failed apply is recorded so."""
     from gateway.pipeline import Pipeline
     from gateway.risk.engine import Decision
 
@@ -545,6 +546,8 @@ def test_a_decision_is_not_applied_over_a_pin_set_after_its_request_was_admitted
     pinned = apply(Stages(Identity("bot", "normal", pinned=True)))
     assert pinned.recorded == [False] and pinned.set == []
     assert apply(Stages(None)).set == []  # revoked since
+    blocked = apply(Stages(Identity("bot", "blocked", tier_set=1.8e9 + 5)))  # set after the request's admission
+    assert blocked.recorded == [False] and blocked.set == []
     assert apply(Stages(Identity("bot", "normal"), fail=True)).recorded == [True, False]
 
 
