@@ -94,7 +94,8 @@ def write(out: Path, command: str, results: dict[int, dict]) -> None:
     lines += [
         "",
         "A campaign's reduction: its requests under static limits alone over those it sent before its accounts",
-        "reached suspect (in parentheses, where not all did: how many reached suspect).",
+        "reached suspect (in parentheses, where not all did: how many reached suspect). It is the bound were",
+        "suspect accounts cut off (scale 0); the default suspect tier slows them (scale 0.1, a 2 s tarpit).",
     ]
     (out / "risk-seeds.md").write_text("\n".join(lines) + "\n")
 

@@ -304,7 +304,7 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
         f"({100 * b['ever_suspect'] / b['accounts']:.2f}%); blocked: 0 (the engine never blocks).",
         "",
         "| campaign | accounts | requests | reached watch | reached suspect | median hours to suspect "
-        "| answers before suspect | answers under static limits alone | reduction |",
+        "| answers before suspect | answers under static limits alone | reduction, were suspect cut off |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for group, r in result.items():
@@ -318,6 +318,12 @@ def write(out: Path, args, result: dict, cost: dict, elapsed: float, failures: i
         )
     memory = cost["memory"]
     lines += [
+        "",
+        "The simulation measures detection, not limits: its watch and suspect tiers keep every limit (scale 1.0),",
+        "so every request is answered. The last column is the bound on what a campaign gets if its accounts are",
+        "cut off once suspect (a tier of scale 0, or `tier set NAME blocked`). The default suspect tier does not",
+        "cut off: it scales limits to 0.1 with a 2 s tarpit and 1,024 output tokens, which slows a campaign by",
+        "however much of its per-account rate falls above that.",
         "",
         f"Scoring cost (features, signals, score; in this process, memory signals): median {memory['median_us']} "
         f"us, p99 {memory['p99_us']} us per request over {memory['observations']} observations.",
