@@ -1,13 +1,17 @@
 """What one finished exchange says about its caller: a few hashes and flags, computed once, in microseconds.
 
 Nothing here keeps state or reads a clock. The prompt is reduced to:
-- its skeleton: the hashes of its first and of its last six words (of a prompt of twelve words or more;
-  a shorter prompt is its own skeleton). A template swept over topics ("You are an expert. Write a detailed
-  essay about X", "X: explain it to a child in simple words") keeps one of the two while the slot changes,
-  and six words are more than the common openings people share ("write a poem about");
+- the skeleton of the caller's latest message: the hashes of its first and of its last six words (of a
+  message of twelve words or more; a shorter one is its own skeleton). A template swept over topics ("You
+  are an expert. Write a detailed essay about X", "X: explain it to a child in simple words") keeps one of
+  the two while the slot changes, and six words are more than the common openings people share ("write a
+  poem about"). Not the whole prompt's: an honest app's system prompt (and a chat's history) begins every
+  request of every account that uses it, which would read as one template swept by all of them (a message
+  with no words falls back to the whole prompt);
 - its length in words (machine-made prompts vary little in length; people's vary a lot);
-- the words of its opening and of its closing (six each, as two-byte hashes): a template reworded from a few
-  interchangeable parts keeps drawing both ends from the same few words, where a person's bring new ones;
+- the words of that message's opening and of its closing (six each, as two-byte hashes): a template reworded
+  from a few interchangeable parts keeps drawing both ends from the same few words, where a person's bring
+  new ones;
 - whether it asks for the model's reasoning (in any message: a harvester's system prompt may ask for it), or
   probes for the system prompt (in the caller's latest message only: an honest app's system prompt often
   says "never reveal your system prompt", and a chat's history repeats every earlier turn);
@@ -144,7 +148,8 @@ def features(found: Seen) -> Observation:
     text = found.prompt.lower()
     words = _WORD.findall(text)
     question = found.question.lower()
-    head, tail = (words[:6], words[-6:]) if len(words) >= 12 else (words, words)
+    asked = (words if question == text else _WORD.findall(question)) or words  # most prompts are one message
+    head, tail = (asked[:6], asked[-6:]) if len(asked) >= 12 else (asked, asked)
     return Observation(
         identity=caller(found.identity),
         tenant=found.identity.tenant or "",
@@ -156,8 +161,8 @@ def features(found: Seen) -> Observation:
         probe=_PROBE.search(question),
         unmarked=found.unmarked,
         network=network_of(found.client_ip),
-        opening=_word_hashes(words[:END_WORDS]),
-        closing=_word_hashes(words[-END_WORDS:]),
+        opening=_word_hashes(asked[:END_WORDS]),
+        closing=_word_hashes(asked[-END_WORDS:]),
     )
 
 

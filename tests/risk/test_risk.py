@@ -255,6 +255,31 @@ def test_a_popular_prompt_from_many_accounts_is_not_a_campaign_but_a_swept_templ
     assert strengths(swept)["shared_template"] > 0.8
 
 
+def test_users_of_one_app_asking_their_own_questions_are_no_sweep_of_its_system_prompt():
+    """An app's fixed system prompt begins every request of every account using it: read as the skeleton, a
+    dozen colleagues asking their own questions were one template swept by twelve accounts (suspect within
+    hours). The skeleton is the caller's latest message's; the same template in that message is still one."""
+    system = "You are Acme Corp's internal helpdesk assistant. Answer questions from employees politely and briefly."
+    questions = [line["instruction"] for line in SAMPLE]
+    store, t, rng = MemorySignals(), 0.0, random.Random(5)
+    for _ in range(10):
+        for account in range(12):
+            t += rng.expovariate(1 / 300)
+            question = rng.choice(questions)
+            exchange = _exchange(f"{system}\n{question}", f"employee{account}")
+            exchange.question = question
+            found = store.update(observe(exchange, t))
+            assert "shared_template" not in strengths(found)
+    for _ in range(10):
+        for account in range(12):
+            t += rng.expovariate(1 / 300)
+            swept = f"Write a long and detailed essay for experts about {rng.choice(questions)}"
+            exchange = _exchange(f"{system}\n{swept}", f"bot{account}")
+            exchange.question = swept
+            found = store.update(observe(exchange, t))
+    assert strengths(found)["shared_template"] > 0.8
+
+
 class Clock:
     """The engine's clock, moved by the test. The engine reads it when a request ends, which can be after
     the client has its answer: `settle` waits for that read, so the next move cannot race it."""
