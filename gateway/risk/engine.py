@@ -31,6 +31,9 @@ IN_FLIGHT_SECONDS = 5.0  # a decision reaches every worker's admissions well wit
 OPERATOR_HOLD = TAU
 STORE_TIMEOUT = 2.0  # seconds for one batch's signals
 MAX_QUEUE = 100_000  # observations waiting to be scored
+# and the characters of their prompts: each keeps up to 16 KB of its prompt and of its latest message, so the
+# count alone let a backlog (the storage slow or down) hold about 12 GiB of text in the worst case
+MAX_QUEUED_CHARS = 32 * 2**20
 # observations per call to the storage: a Redis script runs alone, at 40-60 µs an observation, so a call of
 # 128 holds every other client of the same Redis (admission's included, 50 ms timeout) for about 6 ms; the
 # whole backlog in one call (20,000 observations after a stall) held them for 1.2 s
@@ -75,6 +78,7 @@ class RiskEngine:
         self._shadow = mode == "shadow"
         self._clock = clock
         self._queue: list[Seen] = []
+        self._queued_chars = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._decided: dict[str, tuple[str, float]] = {}  # features.caller -> (tier, clock) of the last decision
@@ -98,11 +102,18 @@ class RiskEngine:
         """Queue what the exchange says (constant time: the text is read in the background)."""
         found = seen(exchange, self._clock())
         if found is not None:
-            if len(self._queue) >= MAX_QUEUE:  # scoring has fallen behind (storage down): the oldest go
-                del self._queue[: MAX_QUEUE // 10]
-                log.warning("risk scoring is behind; dropped %d observations", MAX_QUEUE // 10)
+            size = _chars(found)
+            if len(self._queue) >= MAX_QUEUE or self._queued_chars + size > MAX_QUEUED_CHARS:
+                self._drop_oldest()  # scoring has fallen behind (the storage is slow or down)
             self._queue.append(found)
+            self._queued_chars += size
             self._wake.set()
+
+    def _drop_oldest(self) -> None:
+        dropped = self._queue[: max(len(self._queue) // 10, 1)]
+        del self._queue[: len(dropped)]
+        self._queued_chars -= sum(map(_chars, dropped))
+        log.warning("risk scoring is behind; dropped the %d oldest observations", len(dropped))
 
     async def flush(self) -> None:
         """Score everything observed so far (tests and shutdown)."""
@@ -112,6 +123,7 @@ class RiskEngine:
     def _take(self) -> list[Seen]:
         batch = self._queue[:MAX_BATCH]
         del self._queue[:MAX_BATCH]
+        self._queued_chars -= sum(map(_chars, batch))
         return batch
 
     async def _run(self) -> None:
@@ -127,7 +139,10 @@ class RiskEngine:
     async def _score(self, batch: list[Seen]) -> None:
         if not batch:
             return
-        observations = [features(found) for found in batch]
+        observations = []
+        for found in batch:  # the loop's turn between them: a prompt read to its 16 KB ends takes about a
+            observations.append(features(found))  # millisecond, and a batch read at once held every request
+            await asyncio.sleep(0)  # for 100 ms
         async with asyncio.timeout(STORE_TIMEOUT):  # a stuck storage must not stall scoring for good
             updated = await self._store.update_many(observations)
         for found, observation, signals in zip(batch, observations, updated, strict=True):
@@ -164,6 +179,11 @@ class RiskEngine:
         if decided is not None and (self._shadow or admitted < decided[1] + IN_FLIGHT_SECONDS):
             return decided[0]
         return identity.tier
+
+
+def _chars(found: Seen) -> int:
+    """The characters an observation keeps (at most 4 bytes each: MAX_QUEUED_CHARS holds at most 128 MiB)."""
+    return len(found.prompt) + len(found.question)
 
 
 def _operator_holds(identity: Identity, now: float) -> bool:

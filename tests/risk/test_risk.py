@@ -614,3 +614,48 @@ def test_memory_signals_forget_identities_idle_past_their_lifetime():
     store.update(_obs("back", 1.8e9 + IDENTITY_TTL / 2, "a prompt of mine"))
     store.update(_obs("new", 1.8e9 + IDENTITY_TTL + 2 * DAY, "a prompt of mine"))
     assert sorted(store._identities) == ["back", "new"]
+
+
+def test_scoring_a_batch_gives_the_event_loop_a_turn_between_observations(monkeypatch):
+    """Reading a prompt to its 16 KB ends takes about a millisecond: a batch of 128 read in one go (memory
+    signals never await) held every request of the worker for over 100 ms."""
+    from gateway.risk import engine as engine_module
+
+    ticks, seen_at = [0], []
+
+    def counting(found):
+        seen_at.append(ticks[0])
+        return features.features(found)
+
+    monkeypatch.setattr(engine_module, "features", counting)
+
+    async def run():
+        engine = RiskEngine(MemorySignals())
+
+        async def ticker():
+            while True:
+                ticks[0] += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        for i in range(8):
+            engine.observe(_exchange(f"a prompt of some words number {i}", f"user{i}"))
+        await engine.flush()
+        beside.cancel()
+
+    asyncio.run(run())
+    assert len(seen_at) == 8 and len(set(seen_at)) == 8  # the ticker ran between every two observations
+
+
+def test_a_scoring_backlog_is_bounded_by_the_text_it_holds(monkeypatch):
+    """Counting observations alone let a backlog of 16 KB prompts hold about 12 GiB; the oldest go first."""
+    from gateway.risk import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_QUEUED_CHARS", 100_000)
+    engine = RiskEngine(MemorySignals())  # not started: everything observed waits
+    for i in range(40):
+        engine.observe(_exchange(f"{i} " + "word " * 2000, f"user{i}"))  # 10 KB a prompt, twice (it is the message)
+    held = [found.identity.name for found in engine._queue]
+    assert sum(len(f.prompt) + len(f.question) for f in engine._queue) <= 100_000
+    assert held[-1] == "user39" and "user0" not in held
