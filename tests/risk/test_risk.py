@@ -616,7 +616,7 @@ def test_memory_signals_forget_identities_idle_past_their_lifetime():
     assert sorted(store._identities) == ["back", "new"]
 
 
-def test_scoring_a_batch_gives_the_event_loop_a_turn_between_observations(monkeypatch):
+def test_scoring_a_batch_gives_the_event_loop_a_turn_between_slow_observations(monkeypatch):
     """Reading a prompt to its 16 KB ends takes about a millisecond: a batch of 128 read in one go (memory
     signals never await) held every request of the worker for over 100 ms."""
     from gateway.risk import engine as engine_module
@@ -625,6 +625,7 @@ def test_scoring_a_batch_gives_the_event_loop_a_turn_between_observations(monkey
 
     def counting(found):
         seen_at.append(ticks[0])
+        time.sleep(engine_module.SLICE_SECONDS)  # a prompt that takes the whole slice to read
         return features.features(found)
 
     monkeypatch.setattr(engine_module, "features", counting)
