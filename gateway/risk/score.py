@@ -28,7 +28,10 @@ def _ramp(value: float, low: float, high: float) -> float:
 
 def strengths(s: Signals) -> dict[str, float]:
     """Each behaviour's strength; only those above zero are returned (they explain the score)."""
-    enough = s.requests >= MIN_REQUESTS
+    # how far the shares and spreads are to be believed: a ramp, not a step, so that an account whose
+    # decayed count hovers at the threshold (ten requests a day decay to about twenty) does not see its score
+    # jump by 0.6 across both hysteresis bands at every crossing
+    enough = _ramp(s.requests, MIN_REQUESTS / 2, MIN_REQUESTS)
     found = {
         # a person reads at most a few hundred long answers a day
         "volume": 0.6 * _ramp(s.per_day, 300, 1000),
@@ -36,21 +39,21 @@ def strengths(s: Signals) -> dict[str, float]:
         # drawn from a few words (a person's begin and end with their topic: of 16 random AlpacaEval
         # instructions, 61% or more of the opening words are distinct, and 72% of the closing words, in 99
         # draws of 100; of a template reworded from interchangeable parts, about a third). One behaviour: the
-        # stronger reading counts. Like the skeletons, the ends are read from the prompt text the gateway
-        # records (every message), so a fixed system prompt or a long conversation reads as a template too.
-        "template": 0.6 * max(_ramp(s.concentration, 0.5, 0.8), _ramp(0.5 - s.variety, 0.0, 0.15)) if enough else 0.0,
+        # stronger reading counts. Like the skeletons, the ends are read from the caller's latest message, so
+        # an app's fixed system prompt, or a long conversation, does not read as a template.
+        "template": 0.6 * enough * max(_ramp(s.concentration, 0.5, 0.8), _ramp(0.5 - s.variety, 0.0, 0.15)),
         # most of its requests on templates that many accounts are sweeping: a campaign spread over accounts.
         # One such request can be chance (a question of one's own whose end a campaign happens to sweep);
         # four cannot. People's popular questions never count (signals.POPULAR_BY): over 5 simulated months
         # of 1,000 people, none had more than one such request (benchmarks/risk_seeds.py).
         "shared_template": 0.95 * _ramp(s.swept_share, 0.3, 0.6) * _ramp(s.swept_requests, 1, 4),
-        "reasoning": 0.6 * _ramp(s.reasoning, 0.5, 0.8) if enough else 0.0,
+        "reasoning": 0.6 * enough * _ramp(s.reasoning, 0.5, 0.8),
         "system_prompt_probes": 0.9 * _ramp(s.probes, 1, 4),
-        "avoids_marks": 0.5 * _ramp(s.unmarked, 0.7, 0.9) if enough else 0.0,
+        "avoids_marks": 0.5 * enough * _ramp(s.unmarked, 0.7, 0.9),
         # a person's gaps spread over orders of magnitude (a Poisson process gives 1.28 on this scale)
-        "machine_timing": 0.6 * _ramp(0.6 - s.timing_spread, 0.0, 0.3) if enough else 0.0,
+        "machine_timing": 0.6 * enough * _ramp(0.6 - s.timing_spread, 0.0, 0.3),
         # people's prompts vary in length; a template's do not
-        "uniform_prompts": 0.5 * _ramp(0.35 - s.length_spread, 0.0, 0.15) if enough else 0.0,
+        "uniform_prompts": 0.5 * enough * _ramp(0.35 - s.length_spread, 0.0, 0.15),
         # people sleep, in whatever time zone: an account whose requests fill every hour of the day for days
         # (a third of them in its quietest eight hours, as a script's would) never rests. Apps that serve
         # users round the clock do this too, so alone it reaches watch and no further.

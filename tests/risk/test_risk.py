@@ -660,3 +660,16 @@ def test_a_scoring_backlog_is_bounded_by_the_text_it_holds(monkeypatch):
     held = [found.identity.name for found in engine._queue]
     assert sum(len(f.prompt) + len(f.question) for f in engine._queue) <= 100_000
     assert held[-1] == "user39" and "user0" not in held
+
+
+def test_an_app_account_whose_decayed_count_hovers_at_the_threshold_does_not_flap():
+    """Ten requests a day decay to about twenty, MIN_REQUESTS: a step there switched the template strength
+    (0.6) on and off across both hysteresis bands, 51 tier changes in 30 days of the reviewer's account."""
+    store, rng, tier, moves = MemorySignals(), random.Random(3), "normal", 0
+    questions = [line["instruction"] for line in SAMPLE]
+    times = sorted(d * 86400 + rng.uniform(0, 86400) for d in range(30) for _ in range(rng.randint(8, 12)))
+    for t in times:
+        prompt = f"Summarise for our customer newsletter, in plain words: {rng.choice(questions)}"
+        new = next_tier(tier, score(strengths(store.update(_obs("app", t, prompt)))))
+        moves, tier = moves + (new != tier), new
+    assert moves <= 3, moves
