@@ -205,6 +205,8 @@ class MemorySignals:
         """Add `member` to today's set of `key` (within the caps); the set's size over today and yesterday."""
         today = table[day]
         members = today.get(key)
+        if members is None and len(today) >= MAX_SKETCHES:
+            _forget_singles(today)
         if members is None and len(today) < MAX_SKETCHES:  # beyond the cap, only keys already seen count
             members = today[key] = set()
         if members is not None and len(members) < cap:
@@ -250,6 +252,15 @@ class MemorySignals:
                 del table[old]
         for idle in [name for name, state in self._identities.items() if day * DAY - state.last > IDENTITY_TTL]:
             del self._identities[idle]
+
+
+def _forget_singles(today: dict[str, set]) -> None:
+    """Make room in a full day's table: drop the keys only one member has used. A flood of one-off prompts
+    (250,000 a day from a handful of accounts) filled the table early, and every sweep later that day went
+    unseen; a key many accounts share is what the table is for. Each drop costs the flood a table's worth
+    of requests again. (Redis keeps every key; the two agree again below the cap.)"""
+    for key in [key for key, members in today.items() if len(members) <= 1]:
+        del today[key]
 
 
 def _window(table: dict, day: int, key: str) -> int:

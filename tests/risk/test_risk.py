@@ -673,3 +673,21 @@ def test_an_app_account_whose_decayed_count_hovers_at_the_threshold_does_not_fla
         new = next_tier(tier, score(strengths(store.update(_obs("app", t, prompt)))))
         moves, tier = moves + (new != tier), new
     assert moves <= 3, moves
+
+
+def test_a_flood_of_one_off_prompts_does_not_blind_the_cross_account_tables(monkeypatch):
+    """Memory signals cap each day's tables; a full table took no new key for the rest of the day, so a flood
+    of one-off prompts early in the day hid every sweep after it. Keys of one member make room."""
+    from gateway.risk import signals as signals_module
+
+    monkeypatch.setattr(signals_module, "MAX_SKETCHES", 1000)
+    store, rng, t = MemorySignals(), random.Random(6), 0.0
+    for i in range(2000):
+        t += 1
+        store.update(_obs(f"filler{i % 13}", t, " ".join(f"w{rng.randrange(10**6)}" for _ in range(12))))
+    for _ in range(8):
+        for account in range(20):
+            t += 30
+            prompt = f"Give a complete and thorough tutorial on the subject of {rng.random()} for experts"
+            swept = store.update(_obs(f"acct{account}", t, prompt))
+    assert swept.template_accounts >= 20 and strengths(swept)["shared_template"] > 0.8
