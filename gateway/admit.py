@@ -23,3 +23,6 @@ class AllowAll:
 
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
         """No limits: tiers change nothing."""
+
+    async def tier_override(self, identity: Identity) -> str | None:
+        return None

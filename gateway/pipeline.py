@@ -24,7 +24,7 @@ from dataclasses import replace
 from . import jsonio, metrics
 from .body import read_body
 from .config import Settings
-from .exchange import ErrorKind, Exchange, GatewayError, Outcome
+from .exchange import ErrorKind, Exchange, GatewayError, Identity, Outcome
 from .protocols import ROUTES, Api, Dialect, api_for
 from .protocols.base import estimate_tokens, total_tokens, usage_of
 from .protocols.sse import SSEEvent, SSEFramer
@@ -186,6 +186,10 @@ class Pipeline:
             now is None or now.pinned or now.registered != was.registered or now.tier_set != was.tier_set
         ):
             decision = replace(decision, applied=False)
+        if decision.applied:
+            decision = await self._from_tier_in_force(decision, now)
+            if decision is None:  # where another worker moved it, it stays
+                return
         await self._record.decision(decision.identity, {"decision": decision.as_json()})  # no change unrecorded
         if decision.applied:
             try:
@@ -194,6 +198,16 @@ class Pipeline:
                 failed = {**decision.as_json(), "applied": False, "error": "the tier could not be stored"}
                 await self._record.decision(decision.identity, {"decision": failed})
                 raise
+
+    async def _from_tier_in_force(self, decision: Decision, now: Identity) -> Decision | None:
+        """The decision made from the tier the identity is in now (an override, or its registry tier), where
+        another worker moved it since the request behind the decision was admitted. Where the tier in force
+        cannot be read, the decision stands (applying it will fail the same way, and is recorded so)."""
+        try:
+            in_force = await self._admit.tier_override(decision.identity) or now.tier
+        except Exception:
+            return decision
+        return decision if in_force == decision.previous else self._risk.moved_from(decision, in_force)
 
     async def _identify_or_count(self, exchange: Exchange, headers) -> None:
         """Identify the caller; a refused key still counts against its address's unauthenticated limit,

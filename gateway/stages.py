@@ -39,6 +39,9 @@ class Admitter(Protocol):
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
         """Override an identity's tier where every worker and replica reads it (None: its registry tier)."""
 
+    async def tier_override(self, identity: Identity) -> str | None:
+        """The identity's tier override in force now (set_tier's), or None."""
+
 
 class UpstreamResponse(Protocol):
     status: int

@@ -160,6 +160,10 @@ class LimitAdmitter:
         engine = self._shared if self._shared is not None else self._local
         await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), tier))
 
+    async def tier_override(self, identity: Identity) -> str | None:
+        engine = self._shared if self._shared is not None else self._local
+        return await self._on(engine, lambda: engine.get_tier(tier_key(identity, self._prefix)))
+
     # --- internals ---
 
     async def _decide(self, ask: Ask) -> tuple[Verdict, object, str]:

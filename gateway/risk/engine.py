@@ -15,10 +15,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..exchange import Exchange, Identity
-from .features import Observation, Seen, features, seen
+from .features import Observation, Seen, caller, features, seen
 from .redis_signals import RedisSignals
 from .score import LADDER, next_tier, score, strengths
 from .signals import TAU, MemorySignals, Signals
@@ -168,6 +168,19 @@ class RiskEngine:
             return None
         self._decided[found.identity] = (tier, found.time)
         return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
+
+    def moved_from(self, decision: Decision, in_force: str) -> Decision | None:
+        """`decision` made again from `in_force`, the tier the identity is in now, where that is not the tier
+        it was made from: another worker moved the identity since the request behind it was admitted (each
+        engine knows only its own decisions), and hysteresis runs from where the identity is. None: it stays."""
+        if in_force not in LADDER:
+            return None
+        tier = next_tier(in_force, decision.score)
+        lower = LADDER.index(tier) < LADDER.index(in_force)
+        if tier == in_force or (lower and _operator_holds(decision.identity, decision.time)):
+            return None
+        self._decided[caller(decision.identity)] = (tier, decision.time)
+        return replace(decision, previous=in_force, tier=tier)
 
     def _current(self, caller: str, identity: Identity, admitted: float) -> str:
         """The tier to move from: the one the exchange carried, which is what admission applied, unless a

@@ -559,6 +559,9 @@ def test_a_decision_is_not_applied_over_a_pin_or_tier_set_after_its_request_was_
                 raise ConnectionError("storage down")
             self.set.append(tier)
 
+        async def tier_override(self, identity: Identity) -> str | None:
+            return None
+
     def apply(stages: Stages) -> Stages:
         pipeline = Pipeline(config.parse({}, "t"), stages, stages, None, None, stages)
         signals = MemorySignals().update(observe(_exchange("x"), 1.8e9))
@@ -691,3 +694,40 @@ def test_a_flood_of_one_off_prompts_does_not_blind_the_cross_account_tables(monk
             prompt = f"Give a complete and thorough tutorial on the subject of {rng.random()} for experts"
             swept = store.update(_obs(f"acct{account}", t, prompt))
     assert swept.template_accounts >= 20 and strengths(swept)["shared_template"] > 0.8
+
+
+def test_a_decision_runs_from_the_tier_another_worker_moved_the_identity_to():
+    """Each worker's engine knows only its own decisions: one scoring a request admitted before another worker
+    moved bot to suspect moved it from normal, and a score in suspect's hysteresis band (0.70) wrote watch
+    over suspect. Made again from the tier in force, it leaves bot in suspect; above it, it moves from there."""
+    from gateway.pipeline import Pipeline
+    from gateway.risk.engine import Decision
+
+    class Stages:
+        def __init__(self) -> None:
+            self.recorded, self.set = [], []
+
+        def current(self, name: str) -> Identity | None:
+            return Identity("bot", "normal")
+
+        async def decision(self, identity: Identity, doc: dict) -> None:
+            self.recorded.append((doc["decision"]["from"], doc["decision"]["to"]))
+
+        async def set_tier(self, identity: Identity, tier: str | None) -> None:
+            self.set.append(tier)
+
+        async def tier_override(self, identity: Identity) -> str | None:
+            return "suspect"  # another worker's decision, in the shared storage
+
+    def apply(score: float, tier: str) -> Stages:
+        stages = Stages()
+        pipeline = Pipeline(config.parse({}, "t"), stages, stages, None, None, stages, RiskEngine(MemorySignals()))
+        signals = MemorySignals().update(observe(_exchange("x"), 1.8e9))
+        decision = Decision(Identity("bot", "normal"), "normal", tier, score, {}, signals, 1.8e9, True)
+        asyncio.run(pipeline._apply_decision(decision))
+        return stages
+
+    held = apply(0.70, "watch")
+    assert held.recorded == [] and held.set == []
+    lowered = apply(0.2, "normal")  # well below suspect's band: one step down from where it is
+    assert lowered.recorded == [("suspect", "watch")] and lowered.set == ["watch"]
