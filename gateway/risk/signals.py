@@ -22,6 +22,7 @@ ever new words, which makes its tail look swept (POPULAR_BY).
 
 from __future__ import annotations
 
+import itertools
 import math
 from array import array
 from collections import defaultdict
@@ -39,6 +40,7 @@ IDENTITY_TTL = 30 * 86400  # an identity idle this long starts afresh (Redis exp
 # instead). The sets of a prompt's accounts stop at POPULAR_BY, all that is ever asked of them.
 MAX_SKETCHES = 500_000
 MAX_MEMBERS = 10_000
+ROOM_SWEEP = 64  # keys of a full table looked at for each new key (_make_room)
 REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
 # one distinct other end (the words where the slot is) for every two accounts. A popular prompt has one
@@ -206,7 +208,7 @@ class MemorySignals:
         today = table[day]
         members = today.get(key)
         if members is None and len(today) >= MAX_SKETCHES:
-            _forget_singles(today)
+            _make_room(today)
         if members is None and len(today) < MAX_SKETCHES:  # beyond the cap, only keys already seen count
             members = today[key] = set()
         if members is not None and len(members) < cap:
@@ -254,13 +256,17 @@ class MemorySignals:
             del self._identities[idle]
 
 
-def _forget_singles(today: dict[str, set]) -> None:
-    """Make room in a full day's table: drop the keys only one member has used. A flood of one-off prompts
-    (250,000 a day from a handful of accounts) filled the table early, and every sweep later that day went
-    unseen; a key many accounts share is what the table is for. Each drop costs the flood a table's worth
-    of requests again. (Redis keeps every key; the two agree again below the cap.)"""
-    for key in [key for key, members in today.items() if len(members) <= 1]:
-        del today[key]
+def _make_room(today: dict[str, set]) -> None:
+    """Make room in a full day's table: of its ROOM_SWEEP oldest keys, those only one member has used go and
+    the others move to the back, so that the next look sees other keys. A flood of one-off prompts (250,000
+    a day from a handful of accounts) filled the table early, and every sweep later that day went unseen: a
+    key many accounts share is what the table is for. The work per new key is bounded however the table was
+    filled (a scan of the whole table held the event loop 25 ms a key). Redis keeps every key; the two agree
+    again below the cap."""
+    for key in list(itertools.islice(today, ROOM_SWEEP)):
+        members = today.pop(key)
+        if len(members) > 1:
+            today[key] = members
 
 
 def _window(table: dict, day: int, key: str) -> int:
