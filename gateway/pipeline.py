@@ -348,7 +348,8 @@ class Pipeline:
             asked_stream = exchange.stream and dialect is not None and response.status < 300
             if asked_stream and content_type in _PAGE_LABELS:
                 raise _upstream_failure(exchange, UpstreamError("malformed", f"a stream answered as {content_type}"))
-            if content_type == "text/event-stream" or (asked_stream and content_type != "application/json"):
+            streamed = content_type == "text/event-stream" or (asked_stream and content_type != "application/json")
+            if streamed and response.status != 304:  # a 304 has no body, whatever its label says
                 await self._relay_stream(exchange, response, reply, api, dialect)
             else:
                 await self._relay_whole(exchange, response, reply, dialect, content_type)
@@ -556,8 +557,8 @@ class _Reply:
             self._exchange.status = status = _UNRECORDED.status
             body, content_type, extra = self._error_body(_UNRECORDED), "application/json", None
         headers = self._headers(content_type, extra)
-        # a 304 has no body, and a length would describe the body it stands for
-        if status != 304 and not (extra and "content-length" in extra):
+        # a 304 has no body, and a length would describe the body it stands for; so does a HEAD's (_head_length)
+        if status != 304 and self._exchange.method != "HEAD" and not (extra and "content-length" in extra):
             headers.append((b"content-length", str(len(body)).encode()))
         await self._start(status, headers)
         self._note_first_byte(body)
@@ -803,8 +804,9 @@ def _validators(headers: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def _head_length(exchange: Exchange, response: UpstreamResponse) -> dict[str, str] | None:
-    """A HEAD's answer has no body; its length is that of the body a GET would get, as the upstream says."""
-    if exchange.method != "HEAD":
+    """A HEAD's answer has no body; its length is that of the body a GET would get, as the upstream says, unless
+    the upstream compressed it: the client gets a GET's body decompressed, of a length no header tells."""
+    if exchange.method != "HEAD" or any(key == "content-encoding" for key, _ in response.headers):
         return None
     length = next((value for key, value in response.headers if key == "content-length"), None)
     return None if length is None else {"content-length": length}

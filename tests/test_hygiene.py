@@ -441,8 +441,12 @@ def test_passthrough_relays_not_modified_and_the_length_a_head_stands_for(tmp_pa
             return
         if scope["method"] == "HEAD":
             headers = [(b"content-type", b"application/json"), (b"content-length", b"1234")]
+            if scope["path"].endswith("gz"):  # the length of a body the client would get decompressed
+                headers += [(b"content-encoding", b"gzip")]
         else:  # the client's If-None-Match matched
             headers = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=60"), (b"set-cookie", b"up=1")]
+            if scope["path"].endswith("sse"):
+                headers += [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200 if scope["method"] == "HEAD" else 304,
                     "headers": headers})  # fmt: skip
         await send({"type": "http.response.body", "body": b""})
@@ -453,11 +457,15 @@ def test_passthrough_relays_not_modified_and_the_length_a_head_stands_for(tmp_pa
         auth = {"authorization": f"Bearer {Registry(tmp_path / 'state').add('ann')}"}
         with ServerThread(create_app(settings)) as gateway, httpx.Client(base_url=gateway.url) as http:
             cached = http.get("/v1/files/f1", headers={**auth, "if-none-match": '"v1"'})
+            labelled = http.get("/v1/files/sse", headers={**auth, "if-none-match": '"v1"'})
             head = http.head("/v1/files/f1", headers=auth)
-    assert cached.status_code == 304 and cached.content == b""
-    assert (cached.headers["etag"], cached.headers["cache-control"]) == ('"v1"', "max-age=60")
-    assert not {"set-cookie", "content-type", "content-length"} & set(cached.headers)
+            compressed = http.head("/v1/files/gz", headers=auth)
+    for answer in (cached, labelled):
+        assert answer.status_code == 304 and answer.content == b""
+        assert (answer.headers["etag"], answer.headers["cache-control"]) == ('"v1"', "max-age=60")
+        assert not {"set-cookie", "content-type", "content-length"} & set(answer.headers)
     assert (head.status_code, head.headers["content-length"]) == (200, "1234")
+    assert compressed.status_code == 200 and "content-length" not in compressed.headers
 
 
 def test_strings_json_allows_but_utf8_cannot_encode_are_still_recorded(gw):
