@@ -97,6 +97,8 @@ def wrk(system: Running, connections: int, seconds: float, stream: bool = False)
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    if requests == 0:  # every connection waited the whole run (wrk counts a timeout only when an answer comes)
+        errors = max(errors, connections)
     return LoadResult(
         requests=requests,
         seconds=seconds,

@@ -226,6 +226,11 @@ def litellm_env(venv: Path) -> Path:
     return binary
 
 
+def litellm_version(venv: Path) -> str:
+    script = "import importlib.metadata as m; print(m.version('litellm'))"
+    return subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True).stdout.strip()
+
+
 def start_litellm(workdir: Path, upstream: Running, venv: Path) -> Running:
     binary = litellm_env(venv)
     port = free_port()

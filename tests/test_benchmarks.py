@@ -48,6 +48,20 @@ def test_harness_runs_on_a_tiny_load(tmp_path):
 
 
 @needs_wrk
+def test_the_throughput_target_is_the_median_of_the_ratios_within_interleaved_rounds():
+    """One run of each system, minutes apart, moved the ratio by a third on a noisy machine; rounds that take
+    both in turn give a ratio per round, and their median is the target's measurement."""
+    from benchmarks.harness import evaluate
+
+    single = {"c32": {"rps": 100.0}, "c1": {"p50_ms": 1.0}}
+    report = {"systems": {"gateway": single, "bare": {**single, "c32": {"rps": 1000.0}}},
+              "budget_rps": {"gateway": [100.0, 300.0, 240.0], "bare": [1000.0, 500.0, 600.0]}}  # fmt: skip
+    target = evaluate(report)[0]
+    assert "3 interleaved rounds" in target["target"] and target["measured"] == 0.4  # ratios 0.1, 0.6, 0.4
+    del report["budget_rps"]
+    assert evaluate(report)[0]["measured"] == 0.1  # without rounds (--quick): the single runs
+
+
 def test_ab_compares_this_checkout_with_a_commit_on_a_tiny_load(tmp_path):
     """HEAD (from a git worktree it makes and removes) against this checkout: both gateways serve every run."""
     listed = ["git", "worktree", "list"]
