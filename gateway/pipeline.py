@@ -549,7 +549,7 @@ class _Reply:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def whole(self, status: int, body: bytes, content_type: str | None, extra: dict | None = None) -> None:
-        """Send a whole answer. `extra` headers may set content-length (a HEAD's, for the body not sent)."""
+        """Send a whole answer. A HEAD's content-length, for the body not sent, comes in `extra` if known."""
         self._exchange.status = status
         self._exchange.delivered.append(body)
         self.ended = True
@@ -558,7 +558,7 @@ class _Reply:
             body, content_type, extra = self._error_body(_UNRECORDED), "application/json", None
         headers = self._headers(content_type, extra)
         # a 304 has no body, and a length would describe the body it stands for; so does a HEAD's (_head_length)
-        if status != 304 and self._exchange.method != "HEAD" and not (extra and "content-length" in extra):
+        if status != 304 and self._exchange.method != "HEAD":
             headers.append((b"content-length", str(len(body)).encode()))
         await self._start(status, headers)
         self._note_first_byte(body)
