@@ -244,13 +244,14 @@ class MemorySignals:
         return state.top / grow
 
     def _prune(self, day: int) -> None:
-        """Forget the days before yesterday, and identities idle past IDENTITY_TTL (they would start afresh; as
-        Redis expires them), once a day."""
+        """Forget the days before the day before yesterday (as Redis expires a day's sets three days after it
+        began them: an observation dated yesterday that comes late still finds the day before it), and
+        identities idle past IDENTITY_TTL (they would start afresh; as Redis expires them), once a day."""
         if day <= self._pruned:
             return
         self._pruned = day
         for table in (self._accounts, self._fills, self._networks, self._prompts):
-            for old in [d for d in table if d < day - 1]:
+            for old in [d for d in table if d < day - 2]:
                 del table[old]
         for idle in [name for name, state in self._identities.items() if day * DAY - state.last > IDENTITY_TTL]:
             del self._identities[idle]

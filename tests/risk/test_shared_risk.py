@@ -199,3 +199,26 @@ def test_an_undefined_spread_is_null_in_the_evidence():
     signals = MemorySignals().update(_obs("new", 1000.0, "hello there"))
     assert signals.timing_spread == math.inf and signals.as_json()["timing_spread"] is None
     json.dumps(signals.as_json(), allow_nan=False)
+
+
+def test_an_observation_that_comes_late_across_midnight_reads_the_same_sets_in_memory_and_on_redis():
+    """Memory dropped the day before yesterday as soon as an observation of a later day came; Redis keeps a
+    day's sets three days. One dated yesterday that came just after (another worker's clock 2 s behind)
+    found ten accounts' sweep on Redis and nothing in memory."""
+    redis_servers.require_redis()
+    traffic = [_obs(f"acct{a}", 3600.0 + 60 * a, TEMPLATE.format(x=f"number {a}"), f"10.0.{a}.0/24") for a in range(10)]
+    traffic.append(_obs("other", 2 * DAY + 1, "What is the capital of France, and why?", "10.9.9.0/24"))
+    traffic.append(_obs("late", 2 * DAY - 2, TEMPLATE.format(x="the late one"), "10.9.8.0/24"))  # comes after it
+    memory = MemorySignals()
+    expected = [memory.update(o) for o in traffic]
+    with redis_servers.standalone() as server:
+
+        async def run():
+            store = RedisSignals(connect(server.url, 2.0), "{late}")
+            got = await store.update_many(traffic)
+            await store.close()
+            return got
+
+        got = asyncio.run(run())
+    assert got[-1].template_accounts == expected[-1].template_accounts == 10
+    assert got[-1].swept_share == expected[-1].swept_share
