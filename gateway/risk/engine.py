@@ -38,6 +38,7 @@ MAX_QUEUED_CHARS = 32 * 2**20
 # 128 holds every other client of the same Redis (admission's included, 50 ms timeout) for about 6 ms; the
 # whole backlog in one call (20,000 observations after a stall) held them for 1.2 s
 MAX_BATCH = 128
+DECIDED_KEPT = 10_000  # decisions remembered before the old ones are looked for (_note_decided)
 SLICE_SECONDS = 0.002  # the longest the scoring holds the event loop while it reads a batch's prompts
 
 
@@ -83,6 +84,7 @@ class RiskEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._decided: dict[str, tuple[str, float]] = {}  # features.caller -> (tier, clock) of the last decision
+        self._decided_limit = DECIDED_KEPT
         self.on_decision: Callable[[Decision], Awaitable[None]] | None = None
 
     async def start(self) -> None:
@@ -166,7 +168,7 @@ class RiskEngine:
         tier = next_tier(current, value)
         if tier == current or (LADDER.index(tier) < LADDER.index(current) and _operator_holds(identity, found.time)):
             return None
-        self._decided[found.identity] = (tier, found.time)
+        self._note_decided(found.identity, tier, found.time)
         return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
 
     def moved_from(self, decision: Decision, in_force: str) -> Decision | None:
@@ -179,8 +181,17 @@ class RiskEngine:
         lower = LADDER.index(tier) < LADDER.index(in_force)
         if tier == in_force or (lower and _operator_holds(decision.identity, decision.time)):
             return None
-        self._decided[caller(decision.identity)] = (tier, decision.time)
+        self._note_decided(caller(decision.identity), tier, decision.time)
         return replace(decision, previous=in_force, tier=tier)
+
+    def _note_decided(self, who: str, tier: str, at: float) -> None:
+        """Keep the decision for `_current`. Where decisions are applied, it reads those of the last
+        IN_FLIGHT_SECONDS only: past DECIDED_KEPT entries the older ones go (the map kept one entry per identity
+        ever moved). In shadow mode every entry is an identity's tier, which nothing else holds: all stay."""
+        self._decided[who] = (tier, at)
+        if not self._shadow and len(self._decided) > self._decided_limit:
+            self._decided = {name: kept for name, kept in self._decided.items() if kept[1] >= at - IN_FLIGHT_SECONDS}
+            self._decided_limit = max(DECIDED_KEPT, 2 * len(self._decided))
 
     def _current(self, caller: str, identity: Identity, admitted: float) -> str:
         """The tier to move from: the one the exchange carried, which is what admission applied, unless a

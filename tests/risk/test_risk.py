@@ -731,3 +731,16 @@ def test_a_decision_runs_from_the_tier_another_worker_moved_the_identity_to():
     assert held.recorded == [] and held.set == []
     lowered = apply(0.2, "normal")  # well below suspect's band: one step down from where it is
     assert lowered.recorded == [("suspect", "watch")] and lowered.set == ["watch"]
+
+
+def test_the_engine_forgets_decisions_it_no_longer_reads(monkeypatch):
+    """One entry per identity ever moved was kept for the life of the process."""
+    from gateway.risk import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DECIDED_KEPT", 100)
+    monkeypatch.setattr(engine_module, "strengths", lambda signals: {"template": 0.9})
+    engine = RiskEngine(MemorySignals())
+    for i in range(1000):
+        found = observe(_exchange("a prompt", f"user{i}"), 1000.0 + 10 * i)
+        assert engine.decide(found, Identity(f"user{i}", "normal"), None).tier == "suspect"
+    assert len(engine._decided) <= 200 and "user999" in engine._decided
