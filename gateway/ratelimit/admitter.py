@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 
 from .. import metrics
@@ -59,15 +60,17 @@ class LimitAdmitter:
         self._held: dict[str, _Held] = {}
         self._ttl_ms = int(settings.lease_seconds * 1000)
         self._heartbeat: asyncio.Task | None = None
+        self._dropping: set[asyncio.Task] = set()  # _drop_leases_later's tasks
 
     async def start(self) -> None:
         self._heartbeat = asyncio.ensure_future(self._beat())
 
     async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in [self._heartbeat, *self._dropping]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._shared is not None:
             await self._shared.close()
         await self._addresses.close()
@@ -172,6 +175,7 @@ class LimitAdmitter:
         try:
             return await self._guard.call(lambda: self._shared.admit(ask)), self._shared, "shared"
         except StorageDown:
+            self._drop_leases_later(ask)
             if self._local is None:
                 metrics.LIMIT_DECISIONS.labels("unavailable", "none").inc()
                 raise GatewayError(
@@ -180,6 +184,26 @@ class LimitAdmitter:
                     {"retry-after": "1"},
                 ) from None
             return await self._local.admit(ask), self._local, "local"
+
+    def _drop_leases_later(self, ask: Ask) -> None:
+        """An admission the deadline gave up on may still run on Redis (its script was sent): its leases would
+        hold concurrency slots there for lease_seconds, and the caller, refused or admitted on local limits,
+        would find its own ghost in the way. They are removed once the storage answers again (removing a lease
+        never added changes nothing). A token reservation it may have taken stays: at most one request's."""
+        leases = [(check.key, ask.lease) for check in ask.plan.lease_sets]
+        if leases:
+            task = asyncio.ensure_future(self._drop_when_answering(leases))
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+
+    async def _drop_when_answering(self, leases: list[tuple[str, str]]) -> None:
+        until = time.monotonic() + self._settings.lease_seconds  # by then they have lapsed on their own
+        while time.monotonic() < until:
+            try:
+                await self._guard.call(lambda: self._shared.drop_leases(leases))
+                return
+            except StorageDown:
+                await asyncio.sleep(1.0)
 
     def _count(self, status: Status, where: str) -> None:
         child = self._decisions.get((status, where))

@@ -82,6 +82,13 @@ class RedisBudget:
         else:
             await self.client.set(tier_key, tier)
 
+    async def drop_leases(self, leases: list[tuple[str, str]]) -> None:
+        """Remove leases (key, lease id), whether or not they are there."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, lease in leases:
+                pipe.zrem(key, lease)
+            await pipe.execute()
+
     async def get_tier(self, tier_key: str) -> str | None:
         value = await self.client.get(tier_key)
         return value.decode() if value is not None else None

@@ -483,3 +483,43 @@ def test_a_tier_set_on_a_frozen_storage_ends_at_the_deadline_and_changes_nothing
         took, (status, doc, _) = asyncio.run(run())
     assert took < 1.0 and status == 503 and "unchanged" in doc["error"]["message"]
     assert registry.get("erin").tier == "normal"
+
+
+def test_an_admission_the_deadline_gave_up_on_leaves_no_lease_behind_on_redis():
+    """Its script was sent, so a Redis that answers late still runs it and adds the lease; the caller, told
+    to retry in a second, found its own ghost holding the one concurrency slot for the lease's whole life."""
+    from gateway import config
+    from gateway.exchange import Exchange, GatewayError, Identity
+    from gateway.ratelimit import open_admitter
+
+    def exchange(i: int) -> Exchange:
+        made = Exchange(id=f"req_{i}", method="POST", path="/v1/chat/completions", api="openai", route=None,
+                        client_ip="192.0.2.1")  # fmt: skip
+        made.identity = Identity("dave", "normal")
+        return made
+
+    with redis_servers.standalone() as server:
+        limits = {"storage": server.url, "on_storage_error": "closed", "timeout_ms": TIMEOUT_MS,
+                  "identity": {"concurrency": 1}}  # fmt: skip
+        settings = config.parse({"limits": limits}, "test")
+
+        async def run():
+            admitter = open_admitter(settings)
+            await admitter.admit(exchange(0))  # a connection, made while it answers
+            await admitter.release(exchange(0))
+            server.pause()
+            try:
+                with pytest.raises(GatewayError):  # fail-closed: 503, retry in a second
+                    await admitter.admit(exchange(1))
+            finally:
+                server.resume()  # the script it was sent runs now
+            await asyncio.sleep(2.5)  # the breaker's cooldown, and a retry
+            try:
+                await admitter.admit(exchange(2))
+                return "admitted"
+            except GatewayError as e:
+                return str(e)
+            finally:
+                await admitter.close()
+
+        assert asyncio.run(run()) == "admitted"
