@@ -12,7 +12,7 @@ from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
 from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
-from .sse import encode_event, event_name
+from .sse import encode_event, event_name, first_data
 
 _ERROR_TYPES = {
     ErrorKind.INVALID_REQUEST: ("invalid_request_error", "invalid_request"),
@@ -132,23 +132,11 @@ def _constrained(body: dict[str, Any]) -> bool:
 
 def _data_terminal(raw: bytes) -> bool:
     """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
-    return _first_data(raw).startswith(b"[DONE]") or _data_error(raw)
+    return first_data(raw).startswith((b"[DONE]", b'{"error"'))
 
 
 def _data_error(raw: bytes) -> bool:
-    return _first_data(raw).startswith(b'{"error"')
-
-
-def _first_data(raw: bytes) -> bytes:
-    """The event from its first data line's value on: id, event and comment lines may come before it."""
-    if raw.startswith(b"data:"):
-        start = 5
-    else:
-        start = raw.find(b"\ndata:")
-        if start < 0:
-            return b""
-        start += 6
-    return raw[start + 1 :] if raw[start : start + 1] == b" " else raw[start:]
+    return first_data(raw).startswith(b'{"error"')
 
 
 _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")

@@ -70,6 +70,19 @@ class SSEFramer:
         return b"".join(self._pending) + self._cr
 
 
+def first_data(raw: bytes) -> bytes:
+    """An event from its first data line's value on, without parsing it: id, event and comment lines may come
+    before that line."""
+    if raw.startswith(b"data:"):
+        start = 5
+    else:
+        start = raw.find(b"\ndata:")
+        if start < 0:
+            return b""
+        start += 6
+    return raw[start + 1 :] if raw[start : start + 1] == b" " else raw[start:]
+
+
 @dataclass(slots=True)
 class SSEEvent:
     """One parsed event. `other` keeps id, retry and comment lines so a rewrite loses nothing."""
