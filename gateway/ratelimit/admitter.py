@@ -160,12 +160,17 @@ class LimitAdmitter:
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
         """Override an identity's tier (None: back to its registry tier) where every replica reads it; on the
         shared storage within the deadline and as the breaker allows, like every call there (StorageDown)."""
-        engine = self._shared if self._shared is not None else self._local
+        engine = self._tiers_engine
         await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), tier))
 
     async def tier_override(self, identity: Identity) -> str | None:
-        engine = self._shared if self._shared is not None else self._local
+        engine = self._tiers_engine
         return await self._on(engine, lambda: engine.get_tier(tier_key(identity, self._prefix)))
+
+    @property
+    def _tiers_engine(self):
+        """Where tier overrides live: the shared storage, which every replica reads, or this process's."""
+        return self._shared if self._shared is not None else self._local
 
     # --- internals ---
 

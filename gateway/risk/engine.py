@@ -165,11 +165,9 @@ class RiskEngine:
         current = self._current(found.identity, identity, found.time if admitted is None else admitted)
         parts = strengths(signals)
         value = score(parts)
-        tier = next_tier(current, value)
-        if tier == current or (LADDER.index(tier) < LADDER.index(current) and _operator_holds(identity, found.time)):
-            return None
-        self._note_decided(found.identity, tier, found.time)
-        return Decision(identity, current, tier, value, parts, signals, found.time, not self._shadow)
+        tier = self._move(found.identity, identity, current, value, found.time)
+        return None if tier is None else Decision(identity, current, tier, value, parts, signals, found.time,
+                                                  not self._shadow)  # fmt: skip
 
     def moved_from(self, decision: Decision, in_force: str) -> Decision | None:
         """`decision` made again from `in_force`, the tier the identity is in now, where that is not the tier
@@ -177,12 +175,17 @@ class RiskEngine:
         engine knows only its own decisions), and hysteresis runs from where the identity is. None: it stays."""
         if in_force not in LADDER:
             return None
-        tier = next_tier(in_force, decision.score)
-        lower = LADDER.index(tier) < LADDER.index(in_force)
-        if tier == in_force or (lower and _operator_holds(decision.identity, decision.time)):
+        tier = self._move(caller(decision.identity), decision.identity, in_force, decision.score, decision.time)
+        return None if tier is None else replace(decision, previous=in_force, tier=tier)
+
+    def _move(self, who: str, identity: Identity, current: str, value: float, at: float) -> str | None:
+        """The tier a score moves the identity to from `current` (remembered), or None where it stays: the
+        same tier, or lower than an operator's tier set within OPERATOR_HOLD."""
+        tier = next_tier(current, value)
+        if tier == current or (LADDER.index(tier) < LADDER.index(current) and _operator_holds(identity, at)):
             return None
-        self._note_decided(caller(decision.identity), tier, decision.time)
-        return replace(decision, previous=in_force, tier=tier)
+        self._note_decided(who, tier, at)
+        return tier
 
     def _note_decided(self, who: str, tier: str, at: float) -> None:
         """Keep the decision for `_current`. Where decisions are applied, it reads those of the last
