@@ -39,6 +39,8 @@ _WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")  # a word: letters, joined
 _TOKEN = re.compile(rf"`+|~+|{_WORD.pattern}|\s+|.", re.S)
 # _TOKEN's word tokens and more (numerals such as "²", which _is_word drops), at the same places: no other token
 # of _TOKEN takes a letter, so the words are found without cutting the text into every token
+# what goes on with a word that has come so far (up to a letter, or an apostrophe or hyphen after one)
+_WORD_GOES_ON = re.compile(r"[A-Za-z]*(?:['’-][A-Za-z]+)*['’-]?")
 _WORDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]")
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
@@ -174,6 +176,9 @@ class Scanner:
             plain = self._plain_word(text)
             if plain is not None:
                 return plain
+        grown = self._grow_held_token(text)
+        if grown is not None:
+            return grown
         self._buffer += text
         tokens = _TOKEN.findall(self._buffer)
         keep = _incomplete_tail(tokens)
@@ -189,6 +194,35 @@ class Scanner:
         elif not self._tokens:
             out += self._typed_word_out()
         return out
+
+    def _grow_held_token(self, text: str) -> str | None:
+        """What `feed` gives for a piece that only makes the incomplete token held at the buffer's end longer (a
+        word, or a run of whitespace, backticks or tildes), or None for any other piece. Nothing is decided
+        until that token ends, so the buffer is not cut into tokens again: for every piece of a long run it
+        would be read whole, quadratic in the run's length (a 160 KB word in 4-letter pieces took 37 s).
+        A buffer ending in a letter, whitespace, a backtick or a tilde is that one token; one ending in an
+        apostrophe or hyphen is a word and that joiner (_incomplete_tail)."""
+        last = self._buffer[-1:]
+        if not last or not text:
+            return None
+        joined = last in "'’-"
+        if (joined or (last.isascii() and last.isalpha())) and _WORD_GOES_ON.fullmatch(last + text if joined else text):
+            if self._tokens:  # what is held waits for this word's end
+                self._buffer += text
+                return ""
+            # a word no member begins (sent as it comes, but for a joiner that may end it); a word longer than
+            # every member's first word (less its joiner, if it has one) is one
+            if self._sent or len(self._buffer) > self._sets.longest_start + 1:
+                self._buffer += text
+                if text[-1] in "'’-":
+                    return ""
+                out, self._sent = self._buffer[self._sent :], len(self._buffer)
+                return out
+            return None  # a member may begin with it: is it still one? (feed asks, for a word this short)
+        if (last.isspace() and text.isspace() and self._tokens) or (last in "`~" and not text.strip(last)):
+            self._buffer += text
+            return ""
+        return None
 
     def _typed_word_out(self) -> str:
         """The part not yet sent of a word still being typed (the buffer) that no member begins, or "".

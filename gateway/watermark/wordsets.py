@@ -53,6 +53,7 @@ class WordSets:
         # summary", may be none of these: the scanner sends such a word early only with nothing held before it)
         starts = {first[:n] for first, *_ in lookup for n in range(1, len(first) + 1)}
         object.__setattr__(self, "starts", frozenset(starts))
+        object.__setattr__(self, "longest_start", max(map(len, starts)))
 
     @classmethod
     def parse(cls, text: str) -> WordSets:

@@ -262,3 +262,35 @@ def test_no_member_is_written_where_it_would_break_the_text(text, kept):
         out = scanner.feed(text) + scanner.flush()
         assert kept in out, (choice, out)
         assert WHOLE.scan(text, frozenset(), choose)[0] == out
+
+
+class _CountingTokens:
+    """sites._TOKEN, counting the characters it is asked to cut into tokens."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def findall(self, text: str) -> list[str]:
+        self.chars += len(text)
+        return _TOKEN.findall(text)
+
+
+@pytest.mark.parametrize(
+    "head, piece",
+    [
+        ("The ", "xyzw"),  # a long word no member begins, sent as it comes
+        ("It is big ", "xyzw"),  # the same word, while "big" waits for it
+        ("It ", "x'y-"),  # a word with joiners: a member could begin it, until it is long
+        ("It is big", "  \n "),  # whitespace after a member
+        ("It is big ", "`"),  # a run of backticks
+    ],
+)
+def test_a_long_run_in_small_pieces_is_read_once_and_marked_as_whole(monkeypatch, head, piece):
+    """Each piece that only makes the held token longer is not cut into tokens again with the rest of it:
+    that was quadratic, and a long word streamed in small pieces held a worker for many seconds."""
+    counting = _CountingTokens()
+    monkeypatch.setattr("gateway.watermark.sites._TOKEN", counting)
+    pieces = [head] + [piece] * 2000 + [" and it is big. Done"]
+    text = "".join(pieces)
+    assert mark(text, pieces=pieces) == WHOLE.scan(text, frozenset(), flip)[0]
+    assert counting.chars < 4 * len(text)
