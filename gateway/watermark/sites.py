@@ -45,14 +45,23 @@ _WORDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]")
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
 _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
-_HAS_WORDS = frozenset({"been", "got", "become", "happened", "had"})  # after "'s", which then means "has"
+# after "'s", which then means "has" ("she's written"): irregular participles, and any word ending as most do
+_HAS_WORDS = frozenset(
+    {"been", "got", "become", "come", "done", "gone", "had", "made", "run", "put", "set", "let", "said", "told",
+     "found", "brought", "bought", "thought", "taught", "caught", "left", "kept", "held", "built", "sent", "spent",
+     "lost", "meant", "met", "paid", "sold", "stood", "won", "begun", "led", "read", "heard", "felt", "struck"}
+)  # fmt: skip
+_HAS_ENDINGS = ("ed", "en", "wn")  # worked, taken, shown; a few adjectives ("green", "open") are lost too
+# a verb left at its clause's end cannot contract ("who you are and", "whatever it is you want")
+_STRANDING = frozenset({"and", "or", "but", "nor", "because", "i", "you", "he", "she", "we", "they", "it"})
 # "Isn't it", "why don't you": expanded before its subject, a question reads "is not it"
 _SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this", "one"})
 # "the various": "a variety of" cannot follow these
 _DETERMINERS = frozenset(
     {"the", "these", "those", "this", "that", "my", "your", "his", "her", "its", "our", "their", "such", "quite",
-     "what", "rather", "many", "several", "some", "any", "all", "no", "each", "every"}
+     "what", "rather", "many", "several", "some", "any", "all", "no", "each", "every", "whose"}
 )  # fmt: skip
+_POSSESSIVE = ("'s", "’s", "s'", "s’")  # "the company's various products": a determiner too
 # code's literals: "x is not None" is code, where "isn't" would break it, even outside a fence
 _CODE_WORDS = frozenset({"None", "True", "False", "null", "nil", "undefined", "NULL", "nullptr", "NaN"})
 
@@ -67,16 +76,21 @@ def _is_word(token: str) -> bool:
     return token[0].isalpha()
 
 
-def fences_after(run: str, fence: str, inline: bool, skipped_line: bool) -> tuple[str, bool]:
-    """(fence, inline) after a run of backticks or tildes: `fence` is "" or the character that opened the fenced
-    block, which only a run of three or more of the same closes. On a skipped line (quote or indented code)
-    only fences count, so that a fence opened there closes where it would."""
+def fences_after(run: str, fence: str, length: int, inline: bool, skipped_line: bool, line_head: bool):
+    """(fence, its length, inline, closing) after a run of backticks or tildes: `fence` is "" or the character
+    that opened the fenced block (`length` of them). Any run of three or more opens one (where code may begin,
+    the mark rather leaves text alone); only a run of the same character, at least as long, first on its line
+    (`line_head`: after at most three columns), may close it, and does where nothing but whitespace follows it
+    on its line (`closing`: the caller looks). So "text.replace('```', '')" inside a block closes nothing. On a
+    skipped line (quote or indented code) only fences count, so that a fence opened there closes where it would."""
     char = run[0]
-    if len(run) >= 3 and not inline and fence in ("", char):
-        return ("" if fence else char), inline
-    if char == "`" and not fence and not skipped_line:
-        return fence, not inline
-    return fence, inline
+    if fence:
+        return fence, length, inline, char == fence and len(run) >= length and line_head
+    if len(run) >= 3 and not inline:
+        return char, len(run), inline, False
+    if char == "`" and not skipped_line:
+        return fence, length, not inline, False
+    return fence, length, inline, False
 
 
 def indent_width(space: str) -> int:
@@ -157,10 +171,14 @@ class Scanner:
         self._started = False
         self._data = False  # the part is structured data: no sites at all
         self._fence = ""  # the character of the open fence (` or ~), or ""
+        self._fence_length = 0  # how many opened it
+        self._closing = False  # a run that closes the fence if its line holds nothing more has been read
         self._inline = self._quote = False
         # lines: the current one has had no text yet (it is `_indent` columns in), the one before it was blank,
         # the last line with text was indented code, the current one is skipped (a quote or indented code)
         self._line_pending, self._indent, self._blank_before = True, 0, True
+        self._line_empty = True  # nothing but whitespace has been read on the current line (_line_pending is
+        # cleared before its first token is read, by whoever reads it first)
         self._in_code_block = self._skipped_line = False
         self._sentence_start = True
         self._previous = ""  # the last token emitted
@@ -278,6 +296,7 @@ class Scanner:
         self._last_word = lower = word.lower()
         self._context = [self._context[1], lower]
         self._previous = " "
+        self._line_empty = self._closing = False
 
     def _plain_non_member(self, word: str) -> bool:
         """A complete word (a space follows it) of ASCII letters only, which no member begins."""
@@ -392,6 +411,8 @@ class Scanner:
             self._started = True
             self._data = token in ("{", "[")
         if token[0].isspace():  # whitespace tokens are whitespace only
+            if self._closing and "\n" in token:
+                self._fence, self._closing = "", False
             self._space(token)
         elif self._line_pending:
             self._begin_line(token)
@@ -401,7 +422,10 @@ class Scanner:
             self._last_word = token.lower()
             self._context = [self._context[1], _normal(token)]
         elif token[0] in "`~":
-            self._fence, self._inline = fences_after(token, self._fence, self._inline, self._skipped_line)
+            head = self._line_empty and self._indent <= 3
+            self._fence, self._fence_length, self._inline, self._closing = fences_after(
+                token, self._fence, self._fence_length, self._inline, self._skipped_line, head
+            )
         elif not self._fence and not self._inline and not self._skipped_line:
             if token == '"':
                 self._quote = not self._quote
@@ -409,6 +433,9 @@ class Scanner:
                 self._quote = token == "“"
             elif token in _SENTENCE_ENDS or "\n" in token:
                 self._sentence_start = True
+        if not token[0].isspace():
+            self._line_empty = False
+            self._closing = self._closing and token[0] in "`~"  # a closing run's own (fences_after said)
         self._previous = token
 
     def _space(self, run: str) -> None:
@@ -416,6 +443,7 @@ class Scanner:
         newlines = run.count("\n")
         if newlines:
             self._blank_before = newlines > 1 or self._line_pending
+            self._line_empty = True
             self._line_pending, self._skipped_line, self._indent = True, False, 0
             run = run[run.rindex("\n") + 1 :]
         elif not self._line_pending:
@@ -457,11 +485,19 @@ def is_site(
         following = next_word.lower()
         if next_word in _CODE_WORDS or (word_set.negative and following in _SUBJECTS):
             return False
-        if word_set.contraction and _normal(words[-1]).endswith("'s") and following in _HAS_WORDS:
+        if word_set.contraction and not word_set.negative and following in _STRANDING:
+            return False
+        if (
+            word_set.contraction
+            and _normal(words[-1]).endswith("'s")
+            and (following in _HAS_WORDS or following.endswith(_HAS_ENDINGS))
+        ):
             return False
     elif word_set.contraction or after not in (",", ";") or not then[:1].isspace():
         return False
     first = words[0]
+    if (word_set.lower and any(word[0].isupper() for word in words)) or (word_set.start and not sentence_start):
+        return False
     if len(words) == 1:  # most members: the checks below for one word, without a generator each
         if len(first) > 1 and first.isupper():
             return False
@@ -475,9 +511,9 @@ def is_site(
         not sentence_start or (then[:1].isupper() and next_word != "I" and not next_word.startswith("I'"))
     ):
         return False
-    if last_word in _NEGATORS or last_word.endswith("n't"):
+    if last_word in _NEGATORS or last_word.endswith(("n't", "n’t")):
         return False
-    if word_set.article_inside and last_word in _DETERMINERS:
+    if word_set.article_inside and (last_word in _DETERMINERS or last_word.endswith(_POSSESSIVE)):
         return False
     if word_set.articled and last_word in ("a", "an"):  # the article is sent already: it cannot follow
         return False

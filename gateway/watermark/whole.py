@@ -150,6 +150,20 @@ def _blank_before(text: str, line: int) -> bool:
     return not before or before.isspace()
 
 
+def _line_head(text: str, start: int) -> bool:
+    """What starts at `start` is the first text of its line, after at most three columns."""
+    line = text.rfind("\n", 0, start) + 1
+    before = text[line:start]
+    return (not before or before.isspace()) and indent_width(before) <= 3
+
+
+def _rest_of_line_blank(text: str, end: int) -> bool:
+    """Nothing but whitespace from `end` to the end of its line (or of the text)."""
+    eol = text.find("\n", end)
+    rest = text[end:] if eol < 0 else text[end:eol]
+    return not rest or rest.isspace()
+
+
 def _word_edge_before(text: str, start: int) -> bool:
     """No word goes on before `start`: not a letter, nor a letter with an apostrophe or hyphen."""
     if start == 0:
@@ -230,6 +244,7 @@ class WholeText:
         lookup, sets = self._sets.lookup, self._sets.sets
         data = text.lstrip()[:1] in ("{", "[")
         fence, inline, quote, skipped, in_code_block, code_end = "", False, False, False, False, 0
+        fence_length = 0
         sentence_start, last_word, context = True, "", ["", ""]
         out, sites, changed, at = [], [], 0, 0
         # found on an ASCII-lower-cased copy (same offsets), read from the original
@@ -255,7 +270,11 @@ class WholeText:
                 elif kind == "eol":
                     skipped = False
                 elif kind == "tick":
-                    fence, inline = fences_after(token, fence, inline, skipped)
+                    fence, fence_length, inline, closing = fences_after(
+                        token, fence, fence_length, inline, skipped, _line_head(text, start)
+                    )
+                    if closing and _rest_of_line_blank(text, at):
+                        fence = ""
                 elif not (fence or inline or skipped):
                     quote = not quote if token == '"' else token == "“"
                 out.append(token)

@@ -24,6 +24,8 @@ class WordSet:
     articled: bool  # members differ in taking "a" or "an": no site right after either article
     article_inside: bool  # a member begins with "a" or "an" where another does not: no site after a determiner
     negative: bool  # a negative contraction ("isn't"): no site before a subject, where a question inverts it
+    lower: bool  # members that are also names ("Swift", "Gray"): used only in lower case
+    start: bool  # used only at the start of a sentence ("Finally," is "Lastly," there, not in "he finally,")
 
     @property
     def name(self) -> str:
@@ -62,17 +64,23 @@ class WordSets:
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
-            comma = line.endswith("@comma")
-            members = tuple(tuple(m.strip().split()) for m in line.removesuffix("@comma").split("|"))
-            if len(members) < 2 or any(not m or len(m) > MAX_WORDS for m in members):
+            line, *tags = line.split("@")
+            members = tuple(tuple(m.strip().split()) for m in line.split("|"))
+            tags = {tag.strip() for tag in tags}
+            if len(members) < 2 or any(not m or len(m) > MAX_WORDS for m in members) or tags - _TAGS:
                 raise ValueError(f"bad word set line: {line!r}")
             contraction = any("'" in word for member in members for word in member)
             articled = len({takes_an(member[0]) for member in members}) > 1
             article_inside = len({member[0] in ("a", "an") for member in members}) > 1
             negative = contraction and any(word.endswith("n't") for member in members for word in member)
-            sets.append(WordSet(len(sets), members, comma, contraction, articled, article_inside, negative))
+            sets.append(
+                WordSet(len(sets), members, "comma" in tags, contraction, articled, article_inside, negative,
+                        "lower" in tags, "start" in tags)
+            )  # fmt: skip
         return cls(tuple(sets), hashlib.sha256(text.encode()).hexdigest())
 
+
+_TAGS = frozenset({"comma", "lower", "start"})
 
 # Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").
 _CONSONANT_SOUND = (

@@ -165,10 +165,20 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "Run this:\n\n    # it is large\n    we_are = done\n\n    # it is large and we are done",
         "\tit is large and we are done",  # indented code at the start of the text
         "Steps:\n\n    ```\nit is large\n```",  # a fence opened on an indented line closes where it would
+        "```python\nx.replace('```', '')\nit is large\n```",  # a run inside a line closes no fence
+        "````markdown\n```js\nit is large\n```\nit is large\n````",  # nor a shorter run
+        "```\n```js\nit is large\n```",  # nor a run with text after it on its line
     ],
 )
 def test_no_site_where_the_mark_must_not_write(text):
     assert mark(text) == text
+
+
+def test_prose_after_a_closing_fence_is_marked():
+    for text in ["```\ncode\n```\nit is large and calm", "````\ncode\n  ```` \nit is large and calm",
+                 "~~~\n~~~~\nit is large and calm"]:  # fmt: skip
+        assert mark(text).endswith("it's big and calm")
+    assert mark("```\ncode\n    ```\nit is large and calm").endswith("it is large and calm")  # indented: code
 
 
 def test_lines_after_a_skipped_one_are_marked_as_prose():
@@ -189,6 +199,22 @@ def test_nothing_right_after_a_negation():
     assert mark("It is not large at all, and was not quickly done.") == (
         "It's not large at all, and wasn't quickly done."  # the negation itself may contract; its object stays
     )
+    assert mark("It isn’t nearly enough.") == "It is not nearly enough."  # a curly apostrophe's negation too
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Be proud of who you are and what it is or why.",  # a verb at its clause's end cannot contract
+        "Whatever it is you want, ask.",
+        "She's written books and it's taken years; he's worked and it's shown.",  # "'s" is "has" here
+        "The company's various products and whose various parts.",  # possessives are determiners
+        "Swift is a language and Gray is a name.",  # members that are names too, at a sentence's start
+        "He finally, after years, won.",  # "finally" is "lastly" only where a sentence starts with it
+    ],
+)
+def test_no_site_where_the_exchange_would_change_the_grammar_or_meaning(text):
+    assert mark(text) == text
 
 
 def test_no_site_right_after_an_article_the_other_members_would_not_take():
