@@ -13,6 +13,7 @@ the app's task (ASGI), which the upstream observes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from urllib.parse import unquote, urlsplit
@@ -21,6 +22,8 @@ import aiohttp
 from yarl import URL
 
 from .config import UpstreamSettings
+
+log = logging.getLogger("canarygate.upstream")
 
 
 class UpstreamError(Exception):
@@ -214,6 +217,7 @@ class ASGIUpstream:
             try:
                 await self._app(scope, receive, messages.put)
             except Exception as e:  # a crashing app gets the client a 502; it never crashes the gateway
+                log.exception("the app behind the gateway raised on %s %s", method, path_only)  # its own error
                 messages.put_nowait(e)
             finally:
                 disconnect.set()

@@ -147,3 +147,16 @@ def test_the_pipeline_closes_at_shutdown_with_an_app_that_has_no_lifespan(tmp_pa
     with ServerThread(app) as server:
         assert httpx.post(server.url + CHAT, json=BODY, headers={"authorization": f"Bearer {key}"}).is_success
     assert closed == [True]
+
+
+def test_an_app_that_raises_gets_the_client_a_502_and_its_traceback_logged(tmp_path, caplog):
+    async def broken(request: Request):
+        raise RuntimeError("model weights not found")
+
+    guarded, key = _middleware(tmp_path, Starlette(routes=[Route(CHAT, broken, methods=["POST"])]))
+    with ServerThread(guarded) as server:
+        answer = httpx.post(server.url + CHAT, json=BODY, headers={"authorization": f"Bearer {key}"})
+    assert_openai_error(answer, 502)
+    assert "model weights" not in answer.text  # the client learns nothing of the app's insides
+    raised = [r for r in caplog.records if r.name == "canarygate.upstream"]
+    assert raised and "model weights not found" in str(raised[0].exc_info[1])

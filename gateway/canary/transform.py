@@ -7,7 +7,8 @@ tools it may call after its text, no completion or assistant turn it continues, 
 split it), not structured output (JSON mode, schemas, guided decoding), and not after a question about
 death, grief, illness or harm (a cheerful line there would do harm; the list of such words is short and will
 miss some). Where: after the last text of the answer's first text part that can take it, on a line of
-its own: not a part with no text, nor one that ends inside a code block (a fence of backticks or tildes);
+its own: not a part with no text, nor one that ends inside a code block (a fence of backticks or tildes),
+nor one that is data (it starts with { or [: JSON asked for in the prompt alone);
 thinking blocks are never text parts. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
 context it was served in.
@@ -82,7 +83,7 @@ class CanaryTransform:
 
 
 class _CanaryRewriter:
-    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_prose")
+    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_prose", "_data")
 
     def __init__(self, inner: TextRewriter | None, canary: Canary, exchange: Exchange, part: tuple) -> None:
         self._inner = inner
@@ -92,6 +93,9 @@ class _CanaryRewriter:
         self._held = ""
         self._fences = _Fences()
         self._prose = False  # whether the part has any text but spaces (a tool call's message has none)
+        # whether the part is data (it starts with { or [, as the watermark reads it): JSON asked for in words
+        # alone, which a line after it would break for the client's parser; None until its first character
+        self._data: bool | None = None
 
     def feed(self, text: str) -> str:
         out = self._inner.feed(text) if self._inner is not None else text
@@ -121,11 +125,13 @@ class _CanaryRewriter:
 
     def _count_fences(self, text: str) -> None:
         self._fences.feed(text)
+        if self._data is None and (start := text.lstrip()[:1]):
+            self._data = start in "{["
         self._prose = self._prose or bool(text.strip())
 
     def _suffix(self) -> str:
-        if self._fences.inside or not self._prose:  # inside a code block, or no text to follow: not here, but
-            self._exchange.canary_claimed = False  # a later text part may take it
+        if self._fences.inside or not self._prose or self._data:  # in code or data, or after no text: not here,
+            self._exchange.canary_claimed = False  # but a later text part may take it
             return ""
         canary = self._canary
         record = {"id": canary.id, "epoch": canary.epoch, "slot": canary.slot, "part": list(self._part)}

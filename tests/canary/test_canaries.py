@@ -180,7 +180,7 @@ def _through(pieces: list[str]) -> tuple[str, list]:
     return "".join(rewriter.feed(p) for p in pieces) + rewriter.flush(), exchange.canaries
 
 
-_PIECES = ["Run:", "\n", "```", "``", "`", "~~~", "~", "sh", " rm -rf build", "\n\n", "Done.", " ", ""]
+_PIECES = ["Run:", "\n", "{", "[1]", "```", "``", "`", "~~~", "~", "sh", " rm -rf build", "\n\n", "Done.", " ", ""]
 
 
 @pytest.mark.parametrize(
@@ -192,6 +192,8 @@ _PIECES = ["Run:", "\n", "```", "``", "`", "~~~", "~", "sh", " rm -rf build", "\
         ("Run:\n````sh\nrm -rf build\n````\nDone.", True),
         ("x\n~~~\ncode", False),  # inside a tilde fence
         ("x\n~~~\ncode\n~~~\nDone.", True),
+        ('\n {"name": "Ada", "note": "It is large"}', False),  # JSON asked for in the prompt alone
+        ("[1, 2, 3]", False),
     ],
 )
 def test_a_canary_follows_prose_only_and_the_same_in_any_pieces(text, carries):
