@@ -106,7 +106,32 @@ class EvidenceLog:
         if previous:
             self._last_checkpoint = self._open_checkpoint(previous[-1])
         last = self._last_checkpoint
+        self._refuse_a_rollback(last.size if last else 0)
         self.store.open(self._keys.current_epoch, (last.size, last.root) if last else None)
+        covered = last.size if last else 0
+        if self.store.size > covered:  # the next checkpoint signs them as they are: say so, where someone looks
+            log.warning(
+                "%s: entries %d-%d are under no checkpoint (written just before a crash, or its checkpoints were "
+                "removed); the next checkpoint signs them as found",
+                self.store.dir, covered, self.store.size - 1,
+            )  # fmt: skip
+
+    def _refuse_a_rollback(self, size: int) -> None:
+        """The latest checkpoint as served (the `checkpoint` file) is never beyond checkpoints.log's last: if it
+        is, checkpoints.log was cut back (or removed), and signing the entries found now could sign others."""
+        served = self.store.dir / "checkpoint"
+        if not served.exists():
+            return
+        try:
+            latest = note.open_checkpoint(served.read_text("utf-8", "replace"), self._keys.verifiers(self.origin))
+        except note.NoteError:
+            return  # not this log's signature: it vouches for nothing (log verify says more)
+        if latest.size > size:
+            raise RuntimeError(
+                f"{self.store.dir}: the log signed a checkpoint of {latest.size} entries (the checkpoint file), but "
+                f"checkpoints.log ends at {size}: it was cut back or removed. Nothing more is signed; run "
+                "`canarygate log verify` and restore the folder from a copy"
+            )
 
     def _open_checkpoint(self, text: str) -> note.Checkpoint:
         """The latest checkpoint, signed by the current key or (after a rotation) an earlier one."""

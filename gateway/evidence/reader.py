@@ -144,6 +144,12 @@ class LogReader:
             opened,
             erased,
         )
+        if report.entries and not checkpoints:
+            raise VerifyError(
+                f"no signed checkpoint: nothing vouches for entries 0-{report.entries - 1} (a new log signs its "
+                "first after checkpoint_every entries or checkpoint_interval seconds, and at shutdown; a log whose "
+                "checkpoints were removed looks the same)"
+            )
         if report.covered < report.entries:
             report.warnings.append(f"entries {report.covered}-{report.entries - 1} are not yet under a checkpoint")
         return report

@@ -143,6 +143,31 @@ def test_a_log_rolled_back_to_an_earlier_checkpoint_fails_while_the_folder_holds
         LogReader(directory, loaded).verify()
 
 
+def _remove_checkpoints(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).unlink()
+    for stored in [directory / "index.bin", *(directory / "tree").glob("*.bin")]:  # derived: rebuilt on open
+        stored.unlink()
+
+
+def test_a_log_stripped_of_every_checkpoint_fails_verify_and_warns_when_reopened(written, tmp_path, caplog):
+    """With every checkpoint removed, the entries could have been rewritten with no key: verify said OK (with a
+    note), and the gateway signed them at its next start without a word."""
+    directory, loaded, _ = written
+    _remove_checkpoints(directory, "checkpoints.log", "checkpoint", "cosignatures.log")
+    with pytest.raises(VerifyError, match="no signed checkpoint: nothing vouches for entries 0-299"):
+        LogReader(directory, loaded).verify()
+    write_entries(directory, tmp_path / "keys", 1, start=300)
+    assert "entries 0-299 are under no checkpoint" in caplog.text
+
+
+def test_a_gateway_refuses_a_log_whose_checkpoints_log_was_removed(written, tmp_path):
+    directory, _, _ = written
+    _remove_checkpoints(directory, "checkpoints.log")
+    with pytest.raises(RuntimeError, match="signed a checkpoint of 300 entries .* checkpoints.log ends at 0"):
+        write_entries(directory, tmp_path / "keys", 1, start=300)
+
+
 def test_rotation_keeps_old_entries_verifiable_and_readable(written, tmp_path):
     directory, _, _ = written
     keys.rotate(tmp_path / "keys")
