@@ -16,7 +16,7 @@ from . import merkle
 from .note import NoteKey
 from .reader import LogReader
 from .tenants import Erased
-from .verifier import Checkpoint, check_openings, cosigners, split_note
+from .verifier import Checkpoint, VerificationError, check_openings, cosigners, split_note
 
 README = """# canarygate evidence bundle
 
@@ -151,18 +151,31 @@ def _disclosed(public: dict, epochs: list[int]) -> list[str]:
 def bundle_commitments(bundle: Path) -> list[dict]:
     """The commitment entries of a bundle's logs, each with the log, index and any opened fields, whose
     openings are checked against the commitments (the rest of the bundle is verify.py's job)."""
+    if not bundle.is_dir():
+        raise VerificationError(f"{bundle}: no such bundle folder")
     found = []
     for folder in sorted(bundle.glob("log-*")):
-        origin = (folder / "origin").read_text().strip()
-        for line in (folder / "entries.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            public = json.loads(base64.b64decode(row["leaf"]))
-            if public.get("kind") == "commitment":
-                check_openings(public, row.get("openings", {}))
-                opened = {k: base64.b64decode(v["value"]) for k, v in row.get("openings", {}).items()}
-                # checked here: the openings only; signatures and proofs are verify.py's to check
-                found.append({**public, "log": origin, "index": row["leaf_index"], "checkpointed": "unverified",
-                              **opened})  # fmt: skip
+        try:
+            found += _commitments_of(folder)
+        except VerificationError:  # an opening that does not match its commitment: says so itself
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise VerificationError(f"{folder}: not a bundle's log ({type(e).__name__}: {e})") from None
+    return found
+
+
+def _commitments_of(folder: Path) -> list[dict]:
+    found = []
+    origin = (folder / "origin").read_text().strip()
+    for line in (folder / "entries.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        public = json.loads(base64.b64decode(row["leaf"]))
+        if public.get("kind") == "commitment":
+            check_openings(public, row.get("openings", {}))
+            opened = {k: base64.b64decode(v["value"]) for k, v in row.get("openings", {}).items()}
+            # checked here: the openings only; signatures and proofs are verify.py's to check
+            found.append({**public, "log": origin, "index": row["leaf_index"], "checkpointed": "unverified",
+                          **opened})  # fmt: skip
     return found
 
 

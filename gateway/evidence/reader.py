@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+
 from . import entry, merkle, note, verifier
 from .keys import Keys
 from .store import HASH, INDEX_ENTRY, CorruptLog, Segment, frames, read_entry
@@ -105,6 +107,8 @@ class LogReader:
             return (self.dir / "origin").read_text().strip()
         except OSError:
             raise VerifyError(f"{self.dir} is not an evidence log (no origin file)") from None
+        except UnicodeDecodeError:
+            raise VerifyError(f"{self.dir}/origin is damaged (not UTF-8)") from None
 
     def verify(self, vkeys: list[str] | None = None) -> VerifyReport:
         verifiers = self.verifiers(vkeys)
@@ -263,6 +267,8 @@ class LogReader:
             return Entry(index, *read_entry(self.dir, index))
         except (IndexError, CorruptLog) as e:
             raise VerifyError(str(e)) from None
+        except struct.error:  # the index or a segment's header points past what the file holds
+            raise VerifyError(f"entry {index}: the index or its segment is damaged; run `log verify`") from None
 
     def open_all(self, item: Entry, tenant: str | None = None) -> dict:
         """Every sealed field of the entry, each checked against its commitment in the leaf (a sealed part
@@ -277,6 +283,15 @@ class LogReader:
         return openings
 
     def _unsealed(self, item: Entry, tenant: str | None) -> dict:
+        try:
+            return self._unseal(item, tenant)
+        except (InvalidTag, ValueError):  # AES-GCM refused it, or a key file is not a key
+            raise VerifyError(
+                f"entry {item.index}: its sealed part does not open (a damaged record, or a key that is not the "
+                "one it was sealed with)"
+            ) from None
+
+    def _unseal(self, item: Entry, tenant: str | None) -> dict:
         if self.keys is None:
             raise VerifyError("the keys are needed to open sealed values")
         segment = Segment(self.dir / f"segment-{item.segment:06d}.log")

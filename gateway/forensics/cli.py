@@ -45,8 +45,8 @@ def add_commands(commands, settings_of, readers_of) -> None:
     report.add_argument("--probe", required=True, help="the folder canarygate probe wrote")
     report.add_argument("--out", required=True, help="where to write the report")
     report.add_argument("--keys", help="the keys folder (default: the state folder's)")
-    report.add_argument("--wrong-keys", type=int, default=200, help="random keys to run the watermark test under")
-    report.add_argument("--proofs-per-canary", type=int, default=3, help="log entries proved per canary found")
+    report.add_argument("--wrong-keys", type=_positive, default=200, help="random keys to run the watermark test under")
+    report.add_argument("--proofs-per-canary", type=_positive, default=3, help="log entries proved per canary found")
     report.set_defaults(run=lambda args: _report(args, settings_of, readers_of), log_slot=None)
 
 

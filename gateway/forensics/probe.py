@@ -25,6 +25,7 @@ from typing import TypeVar
 import httpx
 
 from ..config import ConfigError
+from ..files import write_atomically
 
 TRANSCRIPT = "transcript.jsonl"
 ERRORS = "errors.jsonl"
@@ -155,7 +156,7 @@ def prepare(out: Path, target: Target, items: Callable[[], list[dict]], options:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     saved = out / SETTINGS
     if saved.exists():
-        previous = json.loads(saved.read_text())
+        previous = read_settings(saved)
         if previous.get("model") != target.model:
             raise ConfigError(f"{out} holds a probe of {previous.get('model')}; use another --out")
         if previous.get("options", options) != options:
@@ -163,14 +164,25 @@ def prepare(out: Path, target: Target, items: Callable[[], list[dict]], options:
             raise ConfigError(f"{out} was probed with other settings ({changed}); use another --out")
         if target.base_url not in previous.setdefault("base_urls", [previous["base_url"]]):
             previous["base_urls"].append(target.base_url)
-            saved.write_text(json.dumps(previous, indent=1) + "\n")
+            write_atomically(saved, (json.dumps(previous, indent=1) + "\n").encode())
         return read_rows(out / PROBE_SET)
     probe_set = items()
     write_rows(out / PROBE_SET, probe_set)
     settings = {"base_url": target.base_url, "model": target.model, "started": _now(), "items": len(probe_set),
                 "options": options}  # fmt: skip
-    saved.write_text(json.dumps(settings, indent=1) + "\n")
+    write_atomically(saved, (json.dumps(settings, indent=1) + "\n").encode())  # a run killed here leaves none
     return probe_set
+
+
+def read_settings(path: Path) -> dict:
+    """A probe's settings file (probe.json), or a clear error where it is not one."""
+    try:
+        settings = json.loads(path.read_bytes())
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model"), str):
+        raise ConfigError(f"{path}: damaged (not a probe's settings); probe again into another --out")
+    return settings
 
 
 async def run(

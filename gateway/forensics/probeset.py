@@ -58,7 +58,10 @@ def probe_items(prose: int, samples: int, prompts_file: Path | None, served: lis
     every prose prompt is asked `samples` times, since more text touches more word sets."""
     prompts = [(f"prose-{i}", p) for i, p in enumerate(prose_prompts(prose))]
     if prompts_file is not None:
-        lines = enumerate(prompts_file.read_text().splitlines(), 1)
+        try:
+            lines = enumerate(prompts_file.read_text("utf-8").splitlines(), 1)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{prompts_file}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
         prompts += [(f"file-{n}", _prompt(prompts_file, n, line)) for n, line in lines if line.strip()]
     items = [
         {"id": f"{name}#{sample}" if sample else name, "kind": "prose", "prompt": prompt}

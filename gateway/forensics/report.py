@@ -28,7 +28,7 @@ from ..stats import binomial_sf, holm
 from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
 from .claims import SUGGESTIVE, claims
 from .evidence import canary_owners, prior_commitments
-from .probe import SETTINGS, TRANSCRIPT, read_rows
+from .probe import SETTINGS, TRANSCRIPT, read_rows, read_settings
 from .reading import reading_test
 
 EXPOSURE_ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
@@ -40,7 +40,7 @@ def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], c
     if not rows:
         raise VerifyError(f"{probe}: no transcript; run canarygate probe --out {probe} first")
     items = [(str(r["text"]), str(r.get("prompt") or "")) for r in rows]
-    suspect = json.loads((probe / SETTINGS).read_text()) if (probe / SETTINGS).exists() else {}
+    suspect = read_settings(probe / SETTINGS) if (probe / SETTINGS).exists() else {}
     doc = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "suspect": {**suspect, "texts": len(items), "words": sum(len(t.split()) for t, _ in items)},

@@ -336,3 +336,16 @@ def test_key_files_outside_the_naming_scheme_are_left_alone_and_bad_ones_are_nam
     (keydir / "log-signing.key").write_text("PRIVATE+KEY+not+a+key\n")
     with pytest.raises(keys.KeysError, match="log-signing.key"):
         keys.Keys.load(keydir)
+
+
+def test_a_wrong_key_or_a_damaged_index_is_a_clear_error_not_a_traceback(written, tmp_path):
+    directory, _, _ = written
+    keydir = tmp_path / "keys"
+    (keydir / "master-0.key").write_text(base64.b64encode(os.urandom(32)).decode() + "\n")  # a key, not the one
+    with pytest.raises(VerifyError, match="entry 7: its sealed part does not open"):
+        LogReader(directory, keys.Keys.load(keydir)).open_field(7, "prompt")
+    data = bytearray((directory / "index.bin").read_bytes())
+    data[5 * INDEX_ENTRY.size : 6 * INDEX_ENTRY.size] = INDEX_ENTRY.pack(0, 10**9)  # past the segment's end
+    (directory / "index.bin").write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="entry 5: the index or its segment is damaged"):
+        LogReader(directory).get(5)

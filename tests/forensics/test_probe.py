@@ -212,6 +212,22 @@ def test_the_built_in_prose_prompts_are_distinct_and_in_a_fixed_order():
     assert json.loads(json.dumps(items)) == items
 
 
+def test_a_prompts_file_not_in_utf8_or_a_damaged_probe_json_is_a_clear_error(tmp_path):
+    from gateway.config import ConfigError
+    from gateway.forensics.probe import SETTINGS, prepare
+    from gateway.forensics.probeset import probe_items
+
+    latin = tmp_path / "prompts.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        probe_items(0, 1, latin, [])
+    out = tmp_path / "probe"
+    prepare(out, Target("http://127.0.0.1:9/v1", "m"), lambda: [], {})
+    (out / SETTINGS).write_text('{"base_url": "http://h/v1", "mod')  # a run killed while writing it, before
+    with pytest.raises(ConfigError, match="probe.json: damaged"):
+        prepare(out, Target("http://127.0.0.1:9/v1", "m"), lambda: [], {})
+
+
 def test_a_suspects_lone_surrogate_is_kept_and_a_line_torn_inside_a_character_is_skipped(tmp_path):
     """JSON lets a suspect answer "\\ud800", which has no UTF-8: writing it stopped the probe, and every resume.
     A run killed inside a multi-byte character left a line that stopped every later read of the file."""
