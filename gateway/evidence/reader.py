@@ -141,7 +141,7 @@ class LogReader:
         self._check_stored_tree(leaves)
         self._check_stored_index(places)
         report = VerifyReport(
-            checkpoints[-1].origin if checkpoints else "",
+            checkpoints[-1].origin if checkpoints else self.origin(),
             len(leaves),
             len(checkpoints),
             checkpoints[-1].size if checkpoints else 0,

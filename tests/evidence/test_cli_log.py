@@ -133,3 +133,11 @@ def test_sigkill_under_load_then_restart_verifies_and_continues(tmp_path, fake_u
     assert result.returncode == 0, result.stderr
     entries = int(result.stdout.split(": ")[1].split(" entries")[0])
     assert entries >= 2  # what was fsynced before the kill, and the new exchange
+
+
+def test_a_damaged_key_file_is_named_not_taken_for_no_keys(tmp_path):
+    assert cli(tmp_path, "init").returncode == 0
+    (tmp_path / ".canarygate" / "keys" / "master-0.key").write_text("not base64!!\n")
+    for command in (("log", "verify"), ("log", "open", "3", "prompt")):
+        result = cli(tmp_path, *command)
+        assert result.returncode == 2 and "master-0.key" in result.stderr, result.stderr
