@@ -408,6 +408,8 @@ def _check_entries(folder: Path, last: Checkpoint) -> tuple[int, list[dict]]:
                 if canonical(public) != leaf:
                     raise VerificationError("the leaf is not canonical JSON")
                 verify_inclusion(item["leaf_index"], last.size, leaf_hash(leaf), proof, last.root)
+                if "leaf_hash" in item and base64.b64decode(item["leaf_hash"], validate=True) != leaf_hash(leaf):
+                    raise VerificationError("its leaf_hash is not the hash of its leaf")
                 check_openings(public, item.get("openings", {}))
                 if item["leaf_index"] <= previous:  # each entry once: a count of entries means what it says
                     raise VerificationError("entries must be listed once each, in the order of the log")
@@ -489,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         if not folders:
             raise VerificationError(f"{bundle}: no log-* folder; not a canarygate bundle")
         results = [verify_log(folder, trust, gossip) for folder in folders]
+        origins = [result["origin"] for result in results]
+        if len(set(origins)) < len(origins):  # a log copied into a second folder would be counted twice
+            raise VerificationError(f"{bundle}: one log in two folders ({', '.join(sorted(set(origins)))})")
     except (*MALFORMED, OSError) as e:
         print(f"REJECTED: {_reason(e)}", file=sys.stderr)
         return 1

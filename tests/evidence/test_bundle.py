@@ -194,6 +194,18 @@ def _list_an_entry_twice(bundle: Path) -> None:
     path.write_text("".join(lines[:5] + lines[4:]))
 
 
+def _alter_a_leaf_hash(bundle: Path) -> None:
+    path = bundle / "log-0" / "entries.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "leaf_hash" in rows[4]
+    rows[4]["leaf_hash"] = base64.b64encode(bytes(32)).decode()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _copy_the_log_into_a_second_folder(bundle: Path) -> None:
+    shutil.copytree(bundle / "log-0", bundle / "log-1")
+
+
 def _checkpoint_as_a_number(bundle: Path) -> None:
     (bundle / "log-0" / "checkpoints.json").write_text("[1]")
 
@@ -208,6 +220,8 @@ def _checkpoint_as_a_number(bundle: Path) -> None:
         (_nest_too_deep, "line 1: malformed bundle (RecursionError"),
         (_checkpoint_as_a_number, "malformed bundle (AttributeError"),
         (_list_an_entry_twice, "line 6: entries must be listed once each"),
+        (_alter_a_leaf_hash, "line 5: its leaf_hash is not the hash of its leaf"),
+        (_copy_the_log_into_a_second_folder, "one log in two folders"),
         (_swap_checkpoints, "is for other sizes"),  # which proof depends on how many checkpoints the run made
         (_drop_a_cosignature, "missing: witness.test/w2"),
         (_open_to_another_key, "'watermark_key' does not match its commitment"),
