@@ -182,6 +182,7 @@ class Scanner:
         self._in_code_block = self._skipped_line = False
         self._sentence_start = True
         self._previous = ""  # the last token emitted
+        self._curly = False  # the last apostrophe read was ’ (a replacement's apostrophes follow the text's)
         self._last_word = ""
         self._context: list[str] = ["", ""]  # the last two canonical words
 
@@ -403,10 +404,12 @@ class Scanner:
         if chosen == member:
             return text
         self.changed += 1
-        return _styled(" ".join(self._sets.sets[set_index].members[chosen]), text)
+        return _styled(" ".join(self._sets.sets[set_index].members[chosen]), text, self._curly)
 
     def _after(self, token: str) -> None:
         """Update what has been read with one emitted token."""
+        if "'" in token or "’" in token:
+            self._curly = last_apostrophe(token, self._curly)
         if not self._started and not token.isspace():
             self._started = True
             self._data = token in ("{", "[")
@@ -531,13 +534,21 @@ def _incomplete_tail(tokens: list[str]) -> int:
     return 1 if _is_word(last) or last.isspace() or last[0] in "`~" else 0
 
 
-def _styled(replacement: str, original: str) -> str:
-    """The replacement in the original's style: its first capital, curly apostrophes, a capital I."""
+def _styled(replacement: str, original: str, curly: bool) -> str:
+    """The replacement in the original's style: its first capital, a capital I, and its apostrophes, or where
+    it has none, the text's (`curly`: the last apostrophe before it was ’): a straight one among curly ones
+    would show which words the mark wrote."""
     words = replacement.split(" ")
     words = [w.capitalize() if w in ("i", "i'm", "i'll") else w for w in words]
     text = " ".join(words)
     if original[0].isupper():
         text = text[0].upper() + text[1:]
-    if "’" in original:
+    if "’" in original or (curly and "'" not in original):
         text = text.replace("'", "’")
     return text
+
+
+def last_apostrophe(text: str, curly: bool) -> bool:
+    """Whether the last apostrophe read is curly, after reading `text` (`curly`: before it)."""
+    straight, bent = text.rfind("'"), text.rfind("’")
+    return curly if straight == bent else bent > straight

@@ -15,7 +15,17 @@ from collections.abc import Callable
 
 import ahocorasick_rs
 
-from .sites import _WORD, Site, _normal, _styled, fences_after, indent_width, is_site, skipped_line
+from .sites import (
+    _WORD,
+    Site,
+    _normal,
+    _styled,
+    fences_after,
+    indent_width,
+    is_site,
+    last_apostrophe,
+    skipped_line,
+)
 from .wordsets import WordSets
 
 _TAIL = 80
@@ -245,13 +255,14 @@ class WholeText:
         data = text.lstrip()[:1] in ("{", "[")
         fence, inline, quote, skipped, in_code_block, code_end = "", False, False, False, False, 0
         fence_length = 0
-        sentence_start, last_word, context = True, "", ["", ""]
+        sentence_start, last_word, context, curly = True, "", ["", ""], False
         out, sites, changed, at = [], [], 0, 0
         # found on an ASCII-lower-cased copy (same offsets), read from the original
         for start, end, kind in self._events(_ascii_lower(text)):
             if start > at:
                 chunk = text[at:start]
                 out.append(chunk)
+                curly = last_apostrophe(chunk, curly)
                 words, signal = _read_back(chunk)
                 if words:
                     last_word = words[-1].lower()
@@ -287,6 +298,7 @@ class WholeText:
                 if not (fence or inline or skipped):
                     sentence_start = False
                 out.append(token)
+                curly = last_apostrophe(token, curly)
                 continue
             found = lookup[(_normal(token),) if len(words) == 1 else tuple(map(_normal, words))]
             replacement = token
@@ -299,8 +311,9 @@ class WholeText:
                     sites.append(Site(found[0], chosen, site.context))
                     if chosen != found[1]:
                         changed += 1
-                        replacement = _styled(" ".join(sets[found[0]].members[chosen]), token)
+                        replacement = _styled(" ".join(sets[found[0]].members[chosen]), token, curly)
             out.append(replacement)
+            curly = last_apostrophe(token, curly)
             context = [context[1], f"§{found[0]}"]
             last_word = words[-1].lower()
             sentence_start = False

@@ -193,6 +193,8 @@ def test_lines_after_a_skipped_one_are_marked_as_prose():
 def test_sites_in_plain_prose_are_marked_and_styles_kept():
     marked = mark("However, it is large and calm. They are quickly done — colors vary. I am sure it’s fine here.")
     assert marked == "Nevertheless, it's big and calm. They're rapidly done — colours vary. I'm sure it is fine here."
+    # a contraction written where there was none takes the text's apostrophe: a straight one would stand out
+    assert mark("It’s large, and they are quickly done.") == "It is big, and they’re rapidly done."
 
 
 def test_nothing_right_after_a_negation():
