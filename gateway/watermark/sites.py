@@ -518,6 +518,8 @@ def is_site(
         return False
     if word_set.article_inside and (last_word in _DETERMINERS or last_word.endswith(_POSSESSIVE)):
         return False
+    if last_word in word_set.joins:
+        return False
     if word_set.articled and last_word in ("a", "an"):  # the article is sent already: it cannot follow
         return False
     return (context[0], context[1], f"§{word_set.index}") not in prompt

@@ -8,7 +8,7 @@ uses. The file's SHA-256 names the version, so that a detection says which sets 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -26,6 +26,9 @@ class WordSet:
     negative: bool  # a negative contraction ("isn't"): no site before a subject, where a question inverts it
     lower: bool  # members that are also names ("Swift", "Gray"): used only in lower case
     start: bool  # used only at the start of a sentence ("Finally," is "Lastly," there, not in "he finally,")
+    # words after which a member would be read as part of another set's phrase ("it isn't" marked "it is not"
+    # reads as "it is", so a detector would score another set, against the key): no site after them
+    joins: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -56,6 +59,7 @@ class WordSets:
         starts = {first[:n] for first, *_ in lookup for n in range(1, len(first) + 1)}
         object.__setattr__(self, "starts", frozenset(starts))
         object.__setattr__(self, "longest_start", max(map(len, starts)))
+        object.__setattr__(self, "sets", _with_joins(self.sets, [*lookup, *prefixes]))
 
     @classmethod
     def parse(cls, text: str) -> WordSets:
@@ -81,6 +85,18 @@ class WordSets:
 
 
 _TAGS = frozenset({"comma", "lower", "start"})
+
+
+def _with_joins(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) -> tuple[WordSet, ...]:
+    """The sets, each with its `joins`: the first word of every phrase (member or beginning of one) whose
+    second word begins one of the set's members."""
+    joins: dict[str, set[str]] = {}
+    for phrase in phrases:
+        if len(phrase) > 1:
+            joins.setdefault(phrase[1], set()).add(phrase[0])
+    return tuple(
+        replace(s, joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members))) for s in sets
+    )
 
 # Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").
 _CONSONANT_SOUND = (
