@@ -94,9 +94,8 @@ def _with_joins(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) -> tu
     for phrase in phrases:
         if len(phrase) > 1:
             joins.setdefault(phrase[1], set()).add(phrase[0])
-    return tuple(
-        replace(s, joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members))) for s in sets
-    )
+    return tuple(replace(s, joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members))) for s in sets)
+
 
 # Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").
 _CONSONANT_SOUND = (
