@@ -76,21 +76,29 @@ def _is_word(token: str) -> bool:
     return token[0].isalpha()
 
 
-def fences_after(run: str, fence: str, length: int, inline: bool, skipped_line: bool, line_head: bool):
-    """(fence, its length, inline, closing) after a run of backticks or tildes: `fence` is "" or the character
-    that opened the fenced block (`length` of them). Any run of three or more opens one (where code may begin,
-    the mark rather leaves text alone); only a run of the same character, at least as long, first on its line
-    (`line_head`: after at most three columns), may close it, and does where nothing but whitespace follows it
-    on its line (`closing`: the caller looks). So "text.replace('```', '')" inside a block closes nothing. On a
-    skipped line (quote or indented code) only fences count, so that a fence opened there closes where it would."""
+def fences_after(run: str, fence: str, length: int, indent: int | None, inline: bool, skipped_line: bool,
+                 head: int | None):  # fmt: skip
+    """(fence, its length, its indent, inline, closing) after a run of backticks or tildes: `fence` is "" or the
+    character that opened the fenced block (`length` of them). `head` is the width of what precedes the run on
+    its line when that is only whitespace and ">" (block quotes), else None: where a fence opened at a line's
+    head (`indent` its width), only a run of the same character, at least as long, at a line's head indented
+    at most three more, may close it, and does where nothing but whitespace follows it on its line (`closing`:
+    the caller looks), so "text.replace('```', '')" inside a block closes nothing; a fence opened within a
+    line (`indent` None) closes at the next such run, wherever it is. Any run of three or more opens a fence
+    (where code may begin, the mark rather leaves text alone). On a skipped line (quote or indented code) only
+    fences count, so that a fence opened there closes where it would."""
     char = run[0]
     if fence:
-        return fence, length, inline, char == fence and len(run) >= length and line_head
+        if char != fence or len(run) < length:
+            return fence, length, indent, inline, False
+        if indent is None:
+            return "", 0, None, inline, False
+        return fence, length, indent, inline, head is not None and head <= indent + 3
     if len(run) >= 3 and not inline:
-        return char, len(run), inline, False
+        return char, len(run), head, inline, False
     if char == "`" and not skipped_line:
-        return fence, length, not inline, False
-    return fence, length, inline, False
+        return fence, length, indent, not inline, False
+    return fence, length, indent, inline, False
 
 
 def indent_width(space: str) -> int:
@@ -172,13 +180,14 @@ class Scanner:
         self._data = False  # the part is structured data: no sites at all
         self._fence = ""  # the character of the open fence (` or ~), or ""
         self._fence_length = 0  # how many opened it
+        self._fence_indent: int | None = None  # the width before it on its line (None: it opened within a line)
         self._closing = False  # a run that closes the fence if its line holds nothing more has been read
         self._inline = self._quote = False
         # lines: the current one has had no text yet (it is `_indent` columns in), the one before it was blank,
         # the last line with text was indented code, the current one is skipped (a quote or indented code)
         self._line_pending, self._indent, self._blank_before = True, 0, True
-        self._line_empty = True  # nothing but whitespace has been read on the current line (_line_pending is
-        # cleared before its first token is read, by whoever reads it first)
+        # the width of what the current line holds so far, while that is only whitespace and ">" (else None)
+        self._head_width: int | None = 0
         self._in_code_block = self._skipped_line = False
         self._sentence_start = True
         self._previous = ""  # the last token emitted
@@ -297,7 +306,7 @@ class Scanner:
         self._last_word = lower = word.lower()
         self._context = [self._context[1], lower]
         self._previous = " "
-        self._line_empty = self._closing = False
+        self._head_width, self._closing = None, False
 
     def _plain_non_member(self, word: str) -> bool:
         """A complete word (a space follows it) of ASCII letters only, which no member begins."""
@@ -414,8 +423,12 @@ class Scanner:
             self._started = True
             self._data = token in ("{", "[")
         if token[0].isspace():  # whitespace tokens are whitespace only
-            if self._closing and "\n" in token:
-                self._fence, self._closing = "", False
+            if "\n" in token:
+                if self._closing:
+                    self._fence, self._closing = "", False
+                self._head_width = indent_width(token[token.rindex("\n") + 1 :])
+            elif self._head_width is not None:
+                self._head_width += indent_width(token)
             self._space(token)
         elif self._line_pending:
             self._begin_line(token)
@@ -425,10 +438,10 @@ class Scanner:
             self._last_word = token.lower()
             self._context = [self._context[1], _normal(token)]
         elif token[0] in "`~":
-            head = self._line_empty and self._indent <= 3
-            self._fence, self._fence_length, self._inline, self._closing = fences_after(
-                token, self._fence, self._fence_length, self._inline, self._skipped_line, head
-            )
+            self._fence, self._fence_length, self._fence_indent, self._inline, self._closing = fences_after(
+                token, self._fence, self._fence_length, self._fence_indent, self._inline, self._skipped_line,
+                self._head_width,
+            )  # fmt: skip
         elif not self._fence and not self._inline and not self._skipped_line:
             if token == '"':
                 self._quote = not self._quote
@@ -437,7 +450,8 @@ class Scanner:
             elif token in _SENTENCE_ENDS or "\n" in token:
                 self._sentence_start = True
         if not token[0].isspace():
-            self._line_empty = False
+            if token != ">":
+                self._head_width = None
             self._closing = self._closing and token[0] in "`~"  # a closing run's own (fences_after said)
         self._previous = token
 
@@ -446,7 +460,6 @@ class Scanner:
         newlines = run.count("\n")
         if newlines:
             self._blank_before = newlines > 1 or self._line_pending
-            self._line_empty = True
             self._line_pending, self._skipped_line, self._indent = True, False, 0
             run = run[run.rindex("\n") + 1 :]
         elif not self._line_pending:

@@ -160,11 +160,15 @@ def _blank_before(text: str, line: int) -> bool:
     return not before or before.isspace()
 
 
-def _line_head(text: str, start: int) -> bool:
-    """What starts at `start` is the first text of its line, after at most three columns."""
-    line = text.rfind("\n", 0, start) + 1
-    before = text[line:start]
-    return (not before or before.isspace()) and indent_width(before) <= 3
+def _line_head(text: str, start: int) -> int | None:
+    """The width of what precedes `start` on its line where that is only whitespace and ">" (Scanner._head_width),
+    else None. Read backwards until the first other character: only a line's first run has more to read."""
+    at = start
+    while at and (text[at - 1] == ">" or (text[at - 1] != "\n" and text[at - 1].isspace())):
+        at -= 1
+    if at and text[at - 1] != "\n":
+        return None
+    return indent_width(text[at:start].replace(">", ""))
 
 
 def _rest_of_line_blank(text: str, end: int) -> bool:
@@ -254,7 +258,7 @@ class WholeText:
         lookup, sets = self._sets.lookup, self._sets.sets
         data = text.lstrip()[:1] in ("{", "[")
         fence, inline, quote, skipped, in_code_block, code_end = "", False, False, False, False, 0
-        fence_length = 0
+        fence_length, fence_indent = 0, None
         sentence_start, last_word, context, curly = True, "", ["", ""], False
         out, sites, changed, at = [], [], 0, 0
         # found on an ASCII-lower-cased copy (same offsets), read from the original
@@ -281,8 +285,8 @@ class WholeText:
                 elif kind == "eol":
                     skipped = False
                 elif kind == "tick":
-                    fence, fence_length, inline, closing = fences_after(
-                        token, fence, fence_length, inline, skipped, _line_head(text, start)
+                    fence, fence_length, fence_indent, inline, closing = fences_after(
+                        token, fence, fence_length, fence_indent, inline, skipped, _line_head(text, start)
                     )
                     if closing and _rest_of_line_blank(text, at):
                         fence = ""

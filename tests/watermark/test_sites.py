@@ -176,7 +176,10 @@ def test_no_site_where_the_mark_must_not_write(text):
 
 def test_prose_after_a_closing_fence_is_marked():
     for text in ["```\ncode\n```\nit is large and calm", "````\ncode\n  ```` \nit is large and calm",
-                 "~~~\n~~~~\nit is large and calm"]:  # fmt: skip
+                 "~~~\n~~~~\nit is large and calm",
+                 "> ```\n> code\n> ```\n\nit is large and calm",  # in a block quote
+                 "1. Run:\n    ```bash\n    code\n    ```\n2. it is large and calm",  # in a list item
+                 "Wrap it in ```code``` marks; it is large and calm"]:  # fmt: skip  # within a line
         assert mark(text).endswith("it's big and calm")
     assert mark("```\ncode\n    ```\nit is large and calm").endswith("it is large and calm")  # indented: code
 
