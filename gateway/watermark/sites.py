@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .wordsets import MAX_WORDS, WordSets
+from .wordsets import MAX_WORDS, WordSets, participle
 
 _WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")  # a word: letters, joined by an apostrophe or hyphen
 _TOKEN = re.compile(rf"`+|~+|{_WORD.pattern}|\s+|.", re.S)
@@ -45,23 +45,12 @@ _WORDS = re.compile(rf"{_WORD.pattern}|[^\W\d_A-Za-z]")
 _NEGATORS = frozenset({"not", "no", "never", "nor", "cannot", "without"})
 _OPENERS = frozenset({"(", "[", "“", "‘", "—"})
 _SENTENCE_ENDS = frozenset({".", "!", "?", ":"})
-# after "'s", which then means "has" ("she's written"): irregular participles, and any word ending as most do
-_HAS_WORDS = frozenset(
-    {"been", "got", "become", "come", "done", "gone", "had", "made", "run", "put", "set", "let", "said", "told",
-     "found", "brought", "bought", "thought", "taught", "caught", "left", "kept", "held", "built", "sent", "spent",
-     "lost", "meant", "met", "paid", "sold", "stood", "won", "begun", "led", "read", "heard", "felt", "struck"}
-)  # fmt: skip
-_HAS_ENDINGS = ("ed", "en", "wn")  # worked, taken, shown; a few adjectives ("green", "open") are lost too
-# a verb left at its clause's end cannot contract ("who you are and", "whatever it is you want")
-_STRANDING = frozenset({"and", "or", "but", "nor", "because", "i", "you", "he", "she", "we", "they", "it"})
-# "Isn't it", "why don't you": expanded before its subject, a question reads "is not it"
-_SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this", "one"})
 # "the various": "a variety of" cannot follow these
 _DETERMINERS = frozenset(
     {"the", "these", "those", "this", "that", "my", "your", "his", "her", "its", "our", "their", "such", "quite",
      "what", "rather", "many", "several", "some", "any", "all", "no", "each", "every", "whose"}
 )  # fmt: skip
-_POSSESSIVE = ("'s", "’s", "s'", "s’")  # "the company's various products": a determiner too
+_POSSESSIVE = ("'s", "’s", "s'", "s’")  # "the company's various products": a determiner too (not "there's")
 # code's literals: "x is not None" is code, where "isn't" would break it, even outside a fence
 _CODE_WORDS = frozenset({"None", "True", "False", "null", "nil", "undefined", "NULL", "nullptr", "NaN"})
 
@@ -499,15 +488,11 @@ def is_site(
             return False
     elif after == " " and then[:1].isalpha():
         following = next_word.lower()
-        if next_word in _CODE_WORDS or (word_set.negative and following in _SUBJECTS):
+        if next_word in _CODE_WORDS or (word_set.negative and following in word_set.not_before):
             return False
-        if word_set.contraction and not word_set.negative and following in _STRANDING:
+        if word_set.contraction and not word_set.negative and following in word_set.not_before:
             return False
-        if (
-            word_set.contraction
-            and _normal(words[-1]).endswith("'s")
-            and (following in _HAS_WORDS or following.endswith(_HAS_ENDINGS))
-        ):
+        if word_set.has_s and participle(following):
             return False
     elif word_set.contraction or after not in (",", ";") or not then[:1].isspace():
         return False
@@ -529,7 +514,9 @@ def is_site(
         return False
     if last_word in _NEGATORS or last_word.endswith(("n't", "n’t")):
         return False
-    if word_set.article_inside and (last_word in _DETERMINERS or last_word.endswith(_POSSESSIVE)):
+    if word_set.article_inside and (
+        last_word in _DETERMINERS or (last_word.endswith(_POSSESSIVE) and _normal(last_word) not in word_set.s_members)
+    ):
         return False
     if last_word in word_set.joins:
         return False

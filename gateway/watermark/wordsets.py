@@ -26,9 +26,18 @@ class WordSet:
     negative: bool  # a negative contraction ("isn't"): no site before a subject, where a question inverts it
     lower: bool  # members that are also names ("Swift", "Gray"): used only in lower case
     start: bool  # used only at the start of a sentence ("Finally," is "Lastly," there, not in "he finally,")
-    # words after which a member would be read as part of another set's phrase ("it isn't" marked "it is not"
-    # reads as "it is", so a detector would score another set, against the key): no site after them
+    # What may stand beside a member decides whether it is a site: so that a text marked reads back with the
+    # sites it was marked at (and marking it again changes nothing), each rule holds for every member of the
+    # set and of the neighbour's set alike.
+    # Words after which a member would be read as part of another set's phrase ("it isn't" marked "it is not"
+    # reads as "it is", a site of another set, scored against the key): no site after them.
     joins: frozenset[str] = frozenset()
+    has_s: bool = False  # a member ends in "'s", which before a participle means "has" ("she's written")
+    # For contractions, the words before which the set is no site (a subject after a negative one, "isn't it";
+    # a conjunction or subject after another, "who you are and"; a participle after "'s"), with every member
+    # of a set any of whose members is one ("they" and "they'll", "often" and "frequently").
+    not_before: frozenset[str] = frozenset()
+    s_members: frozenset[str] = frozenset()  # members ending in "'s": contractions, not possessives ("there's")
 
     @property
     def name(self) -> str:
@@ -59,7 +68,7 @@ class WordSets:
         starts = {first[:n] for first, *_ in lookup for n in range(1, len(first) + 1)}
         object.__setattr__(self, "starts", frozenset(starts))
         object.__setattr__(self, "longest_start", max(map(len, starts)))
-        object.__setattr__(self, "sets", _with_joins(self.sets, [*lookup, *prefixes]))
+        object.__setattr__(self, "sets", _with_neighbours(self.sets, [*lookup, *prefixes]))
 
     @classmethod
     def parse(cls, text: str) -> WordSets:
@@ -87,14 +96,65 @@ class WordSets:
 _TAGS = frozenset({"comma", "lower", "start"})
 
 
-def _with_joins(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) -> tuple[WordSet, ...]:
-    """The sets, each with its `joins`: the first word of every phrase (member or beginning of one) whose
-    second word begins one of the set's members."""
+def _with_neighbours(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) -> tuple[WordSet, ...]:
+    """The sets, each with what its neighbours decide: `joins` (the first word of every phrase, member or
+    beginning of one, whose second word begins one of the set's members), `has_s`, `not_before` and
+    `s_members`."""
     joins: dict[str, set[str]] = {}
     for phrase in phrases:
         if len(phrase) > 1:
             joins.setdefault(phrase[1], set()).add(phrase[0])
-    return tuple(replace(s, joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members))) for s in sets)
+    subjects = _SUBJECTS | _closed(sets, _SUBJECTS.__contains__)
+    stranding = _STRANDING | _closed(sets, _STRANDING.__contains__)
+    participles = _closed(sets, participle)
+    s_members = frozenset(m[0] for s in sets for m in s.members if len(m) == 1 and m[0].endswith("'s"))
+    out = []
+    for s in sets:
+        has_s = any(member[-1].endswith("'s") for member in s.members)
+        before = (subjects if s.negative else stranding | (participles if has_s else frozenset())) if s.contraction \
+            else frozenset()  # fmt: skip
+        out.append(replace(
+            s,
+            joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members)),
+            has_s=has_s,
+            not_before=before,
+            s_members=s_members,
+        ))  # fmt: skip
+    return tuple(out)
+
+
+def _closed(sets: tuple[WordSet, ...], rule) -> frozenset[str]:
+    """The first words of the members of every set with a member whose first word the rule takes, or is
+    one of these already ("in" of "in fact", whose other member "indeed" ends like a participle, brings "in
+    the meantime" and so "meanwhile")."""
+    firsts = [frozenset(member[0] for member in s.members) for s in sets]
+    words: set[str] = set()
+    grown = True
+    while grown:
+        grown = False
+        for first in firsts:
+            if not first <= words and any(rule(word) or word in words for word in first):
+                words |= first
+                grown = True
+    return frozenset(words)
+
+
+# a verb left at its clause's end cannot contract ("who you are and", "whatever it is you want")
+_STRANDING = frozenset({"and", "or", "but", "nor", "because", "i", "you", "he", "she", "we", "they", "it"})
+# "Isn't it", "why don't you": expanded before its subject, a question reads "is not it"
+_SUBJECTS = frozenset({"i", "you", "he", "she", "it", "we", "they", "there", "that", "this", "one"})
+# after "'s", which then means "has" ("she's written"): irregular participles, and any word ending as most do
+_HAS_WORDS = frozenset(
+    {"been", "got", "become", "come", "done", "gone", "had", "made", "run", "put", "set", "let", "said", "told",
+     "found", "brought", "bought", "thought", "taught", "caught", "left", "kept", "held", "built", "sent", "spent",
+     "lost", "meant", "met", "paid", "sold", "stood", "won", "begun", "led", "read", "heard", "felt", "struck"}
+)  # fmt: skip
+_HAS_ENDINGS = ("ed", "en", "wn")  # worked, taken, shown; a few adjectives ("green", "open") are lost too
+
+
+def participle(word: str) -> bool:
+    """Whether a (lower-case) word may be a past participle, by the list and the endings above."""
+    return word in _HAS_WORDS or word.endswith(_HAS_ENDINGS)
 
 
 # Words spelt with a vowel but said with a consonant, and the reverse ("a unique", "an hour").

@@ -327,12 +327,19 @@ def test_a_long_run_in_small_pieces_is_read_once_and_marked_as_whole(monkeypatch
     assert counting.chars < 4 * len(text)
 
 
-def test_marking_marked_text_again_changes_nothing():
-    """What the mark writes reads back as the sites it wrote: "it isn't" marked "it is not" read as "it is", a
-    site of another set, which a detector scored against the key (and a second marking changed again)."""
+def test_marked_text_reads_back_with_the_sites_it_was_marked_at():
+    """Whether a member is a site depends on its neighbours, which the mark may exchange too: each such rule
+    holds alike for every member of both sets, so that the detector reads what was written, and marking again
+    changes nothing ("it isn't" marked "it is not" read as "it is"; "it's often" marked "it's frequently"
+    became a site, "there's various" marked "there is various" another)."""
+    texts = [row["output"] for row in SAMPLE] + [
+        "I think it isn't large, and you won't mind it.",
+        "It's often said that it is used, and there's various ways; we'll they'll see. There's meanwhile a test.",
+    ]
     for seed in range(4):
         preferred = LexicalKey(bytes([seed]) * 32, SETS).preferred
         prefer = lambda site, preferred=preferred: preferred[site.set_index]  # noqa: E731
-        for text in [row["output"] for row in SAMPLE] + ["I think it isn't large, and you won't mind it."]:
-            once = WHOLE.scan(text, frozenset(), prefer)[0]
+        for text in texts:
+            once, written, _ = WHOLE.scan(text, frozenset(), prefer)
             assert WHOLE.scan(once, frozenset(), prefer)[0] == once
+            assert WHOLE.scan(once, frozenset(), None)[1] == written
