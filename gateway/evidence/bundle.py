@@ -16,7 +16,7 @@ from . import merkle
 from .note import NoteKey
 from .reader import LogReader
 from .tenants import Erased
-from .verifier import Checkpoint, VerificationError, check_openings, cosigners, split_note
+from .verifier import MALFORMED, Checkpoint, VerificationError, check_openings, cosigners, split_note
 
 README = """# canarygate evidence bundle
 
@@ -159,7 +159,7 @@ def bundle_commitments(bundle: Path) -> list[dict]:
             found += _commitments_of(folder)
         except VerificationError:  # an opening that does not match its commitment: says so itself
             raise
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, *MALFORMED) as e:
             raise VerificationError(f"{folder}: not a bundle's log ({type(e).__name__}: {e})") from None
     return found
 

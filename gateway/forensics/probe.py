@@ -180,7 +180,7 @@ def read_settings(path: Path) -> dict:
         settings = json.loads(path.read_bytes())
     except ValueError:
         settings = None
-    if not isinstance(settings, dict) or not isinstance(settings.get("model"), str):
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k), str) for k in ("model", "base_url")):
         raise ConfigError(f"{path}: damaged (not a probe's settings); probe again into another --out")
     return settings
 

@@ -223,9 +223,10 @@ def test_a_prompts_file_not_in_utf8_or_a_damaged_probe_json_is_a_clear_error(tmp
         probe_items(0, 1, latin, [])
     out = tmp_path / "probe"
     prepare(out, Target("http://127.0.0.1:9/v1", "m"), lambda: [], {})
-    (out / SETTINGS).write_text('{"base_url": "http://h/v1", "mod')  # a run killed while writing it, before
-    with pytest.raises(ConfigError, match="probe.json: damaged"):
-        prepare(out, Target("http://127.0.0.1:9/v1", "m"), lambda: [], {})
+    for damaged in ('{"base_url": "http://h/v1", "mod', '{"model": "m"}'):  # torn (before it was written
+        (out / SETTINGS).write_text(damaged)  # atomically), or not what a probe writes
+        with pytest.raises(ConfigError, match="probe.json: damaged"):
+            prepare(out, Target("http://127.0.0.1:9/v1", "m"), lambda: [], {})
 
 
 def test_a_suspects_lone_surrogate_is_kept_and_a_line_torn_inside_a_character_is_skipped(tmp_path):
