@@ -52,7 +52,7 @@ def open_bias(settings: config.Settings) -> SamplingBias | None:
     init_keys(keys_dir(settings), origin_of(settings))
     loaded = Keys.load(keys_dir(settings))
     green = green_list(loaded.watermark, loaded.current_epoch, vocabulary, chosen.size, chosen.bias)
-    return SamplingBias(green, vocabulary.digest, chosen.skip_models)
+    return SamplingBias(green, vocabulary.digest, chosen.skip_models, chosen.client_bias)
 
 
 def build_pipeline(settings: config.Settings, **overrides) -> Pipeline:

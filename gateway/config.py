@@ -84,6 +84,9 @@ size = 300                       # tokens favoured (OpenAI allows 300 logit_bias
 bias = 4.0                       # added to each one's logit (above 0, at most 10)
 skip_models = ["o1*", "o3*", "o4*", "gpt-5*"]  # reasoning models refuse logit_bias; others that do are
                                  # found on their first refusal and skipped from then on
+client_bias = "refuse"           # a client's own logit_bias where the mark applies: "refuse" (400), or
+                                 # "yield" (its entries win and ours fill the rest; but then an answer with
+                                 # and one without the mark, at temperature 0, show which tokens are favoured)
 
 [risk]
 mode = "enforce"                 # "enforce": the risk engine moves identities between normal, watch and
@@ -228,6 +231,7 @@ class SamplingBiasSettings:
     size: int = 300
     bias: float = 4.0
     skip_models: tuple[str, ...] = ("o1*", "o3*", "o4*", "gpt-5*")
+    client_bias: str = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,8 +491,11 @@ def _sampling_bias(reader: _SectionReader, raw: dict) -> SamplingBiasSettings:
         skip_models=tuple(
             str(m) for m in reader.take(table, "sampling_bias", "skip_models", list, list(d.skip_models))
         ),
+        client_bias=reader.take(table, "sampling_bias", "client_bias", str, d.client_bias),
     )
     reader.reject_unknown(table, "sampling_bias")
+    if settings.client_bias not in ("refuse", "yield"):
+        raise ConfigError(f'{reader.source}: [sampling_bias] client_bias must be "refuse" or "yield"')
     if not 1 <= settings.size <= 300:
         raise ConfigError(f"{reader.source}: [sampling_bias] size must be between 1 and 300")
     if not 0 < settings.bias <= 10:  # at or below 0 it marks nothing; far above, it forces words where they jar

@@ -1,8 +1,11 @@
 """Asking the upstream for the sampling-bias mark: the request side of the transform stage.
 
 Routes whose API takes `logit_bias` (OpenAI's chat completions and completions) get the epoch's green list
-merged into the request: the client's own entries win (those of bias 0, which change nothing, are dropped, so
-that they take no room), and ours fill what remains of the 300 the API allows. Structured output and tool
+in the request. A client's own logit_bias is refused there by default (`client_bias = "refuse"`): with temperature
+0, an answer with the mark and one with the client's entries in its place differ first at a favoured token,
+so a few hundred pairs of requests would give the list away, to strip the mark or forge it. With "yield", the
+client's entries win (those of bias 0 are dropped from the request, as they change nothing, and keep their
+token unfavoured) and ours fill what remains of the 300 the API allows. Structured output and tool
 calls are left alone (a bias could bend JSON), and so are models that refuse the parameter: reasoning models
 by name (`skip_models`), and any model whose upstream refused it. The request is never broken by the mark: a
 400 or 422 to the marked request sends the client's own request, whose answer the client gets; the model is
@@ -17,7 +20,7 @@ import json
 import logging
 import re
 
-from ..exchange import Exchange
+from ..exchange import ErrorKind, Exchange, GatewayError
 from .green import SCHEME, GreenList
 
 API_LIMIT = 300  # logit_bias entries OpenAI accepts
@@ -26,8 +29,10 @@ log = logging.getLogger("canarygate.bias")
 
 
 class SamplingBias:
-    def __init__(self, green: GreenList, vocabulary_digest: str, skip_models: tuple[str, ...]) -> None:
+    def __init__(self, green: GreenList, vocabulary_digest: str, skip_models: tuple[str, ...],
+                 client_bias: str = "refuse") -> None:  # fmt: skip
         self._green = green
+        self._client_bias = client_bias
         self._vocabulary = vocabulary_digest
         self._skip = re.compile("|".join(fnmatch.translate(p) for p in skip_models) or "(?!)")  # one match per request
         self._refusing: set[str] = set()  # models whose upstream refused the parameter (at most MAX_REFUSING)
@@ -48,15 +53,18 @@ class SamplingBias:
         return model not in self._refusing and not self._skip.match(model)
 
     def request(self, exchange: Exchange) -> dict | None:
-        """The upstream request of an exchange the mark `applies` to, with the green list's bias. The client's
-        own entries win; a client that fills all 300 leaves no room (None), which the evidence records."""
-        theirs = exchange.request.get("logit_bias")
-        if theirs is None:
-            theirs = {}
-        if not isinstance(theirs, dict):
+        """The upstream request of an exchange the mark `applies` to, with the green list's bias. A client's own
+        logit_bias is refused, or with "yield" its entries win; a client that fills all 300 leaves no room (None),
+        which the evidence records."""
+        asked = exchange.request.get("logit_bias")
+        if asked is None:
+            asked = {}
+        if not isinstance(asked, dict):
             return None  # malformed: the upstream will say so, about the client's own value
-        theirs = {token: bias for token, bias in theirs.items() if not (type(bias) in (int, float) and bias == 0)}
-        ours = [(token, bias) for token, bias in self._green.bias.items() if token not in theirs]
+        if asked and self._client_bias == "refuse":
+            raise GatewayError(ErrorKind.INVALID_REQUEST, "logit_bias is not accepted by this API")
+        theirs = {token: bias for token, bias in asked.items() if not (type(bias) in (int, float) and bias == 0)}
+        ours = [(token, bias) for token, bias in self._green.bias.items() if token not in asked]
         ours = ours[: max(0, API_LIMIT - len(theirs))]
         exchange.marks.append({"scheme": SCHEME, "epoch": self._green.epoch, "tokens": len(ours)})
         return {**exchange.request, "logit_bias": {**dict(ours), **theirs}} if ours else None
@@ -75,6 +83,11 @@ class SamplingBias:
         return isinstance(error, dict) and (
             error.get("param") == "logit_bias" or "logit_bias" in str(error.get("message", ""))
         )
+
+    def marked(self, exchange: Exchange) -> bool:
+        """Whether the exchange's request went upstream with the mark (its answer's log-probabilities, which
+        would show the favoured tokens, are then removed)."""
+        return any(m.get("scheme") == SCHEME for m in exchange.marks)
 
     def withdraw(self, exchange: Exchange) -> None:
         """The request went upstream without the mark after all: claim none."""

@@ -21,6 +21,7 @@ from gateway.stats import hypergeometric_sf
 from gateway.watermark.scheme import reference_texts
 from tests.conftest import ServerThread, exchanges
 from tests.ratelimit.conftest import limited_settings
+from tests.test_hygiene import assert_openai_error
 from tests.watermark.test_detect import SAMPLE
 
 CHAT = "/v1/chat/completions"
@@ -80,15 +81,25 @@ def test_text_that_uses_the_green_words_is_detected_and_the_prompt_is_not_counte
     assert green_test([(marked, marked)], green, vocabulary)[1:] == (0, 0)  # every word was in the prompt
 
 
-@pytest.fixture
-def biased(fake_upstream, tmp_path):
+def _gateway(fake_upstream, tmp_path, client_bias: str):
     settings = limited_settings(tmp_path / "state", fake_upstream.url, ROOMY)
-    chosen = SamplingBiasSettings(enabled=True, tokenizer=str(_vocabulary_file(tmp_path)))
+    chosen = SamplingBiasSettings(enabled=True, tokenizer=str(_vocabulary_file(tmp_path)), client_bias=client_bias)
     settings = dataclasses.replace(settings, sampling_bias=chosen)
     key = Registry(settings.state_dir).add("caller")
     with ServerThread(create_app(settings)) as server:
         yield server.url, key, fake_upstream, settings.state_dir
     fake_upstream.reset()
+
+
+@pytest.fixture
+def biased(fake_upstream, tmp_path):
+    yield from _gateway(fake_upstream, tmp_path, "refuse")
+
+
+@pytest.fixture
+def yielding(fake_upstream, tmp_path):
+    """A gateway whose mark gives way to a client's own logit_bias."""
+    yield from _gateway(fake_upstream, tmp_path, "yield")
 
 
 def _post(url: str, key: str, path: str = CHAT, **body) -> httpx.Response:
@@ -105,15 +116,35 @@ def test_the_gateway_asks_for_the_bias_where_the_api_takes_it(biased):
     assert _post(url, key).status_code == 200
     sent = upstream.requests[-1].json()["logit_bias"]
     assert len(sent) == 300 and set(sent.values()) == {4.0}
-    outside = next(str(token) for token in range(1000) if str(token) not in sent)  # the list is keyed: random
-    theirs = {outside: -100, next(iter(sent)): 2}  # the client's own entries win, and the total stays at 300
-    assert _post(url, key, logit_bias=theirs).status_code == 200
-    merged = upstream.requests[-1].json()["logit_bias"]
-    assert len(merged) == 300 and merged[outside] == -100 and merged[next(iter(sent))] == 2
     json_output = {"response_format": {"type": "json_object"}}
     for path, extra in (("/v1/messages", {}), (CHAT, {"model": "o3-mini"}), (CHAT, json_output)):
         assert _post(url, key, path, **extra).status_code == 200
         assert "logit_bias" not in upstream.requests[-1].json()
+
+
+def test_a_clients_own_logit_bias_is_refused_where_the_mark_applies(biased):
+    """With temperature 0, an answer with the mark and one with the client's entries in its place would differ
+    first at a favoured token: a few hundred pairs gave the list away, to strip the mark or to forge it."""
+    url, key, upstream, state = biased
+    for theirs in ({"5": 1}, {"5": 0}):
+        assert_openai_error(_post(url, key, logit_bias=theirs), 400)
+    assert not upstream.requests and [r["error"] for r in exchanges(state)] == ["invalid_request"] * 2
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert _post(url, key, logit_bias={"5": 1}, tools=[tool]).status_code == 200  # no mark there: theirs goes
+    assert upstream.requests[-1].json()["logit_bias"] == {"5": 1}
+
+
+def test_with_yield_a_clients_own_entries_win_and_a_zero_keeps_its_token_unfavoured(yielding):
+    url, key, upstream, _ = yielding
+    assert _post(url, key).status_code == 200
+    sent = upstream.requests[-1].json()["logit_bias"]
+    outside = next(str(token) for token in range(1000) if str(token) not in sent)  # the list is keyed: random
+    green = iter(sent)
+    theirs = {outside: -100, next(green): 2, next(green): 0}  # theirs win, and the total stays at most 300
+    assert _post(url, key, logit_bias=theirs).status_code == 200
+    merged = upstream.requests[-1].json()["logit_bias"]
+    assert len(merged) == 300 and merged[outside] == -100 and list(theirs)[1] in merged
+    assert merged[list(theirs)[1]] == 2 and list(theirs)[2] not in merged
 
 
 def test_an_upstream_that_refuses_the_bias_is_asked_again_without_it_and_then_skipped(biased):
@@ -176,8 +207,8 @@ def test_detect_tests_the_green_list_the_gateway_committed_to(fake_upstream, tmp
     assert other.returncode == 2 and "not the tokenizer file the gateway committed to" in other.stderr
 
 
-def test_a_client_cannot_switch_the_mark_off_for_others(biased):
-    url, key, upstream, state = biased
+def test_a_client_cannot_switch_the_mark_off_for_others(yielding):
+    url, key, upstream, state = yielding
     upstream.behaviour.refuse_logit_bias = True  # the client's own logit_bias is refused: their fault, not ours
     assert _post(url, key, logit_bias={"5": 500}).status_code == 400 and len(upstream.requests) == 2
     upstream.behaviour.refuse_logit_bias = False
@@ -195,13 +226,23 @@ def test_marked_requests_lose_their_logprobs_and_tool_calls_are_left_alone(fake_
         settings.watermark, enabled=False))  # fmt: skip
     key = Registry(settings.state_dir).add("caller")
     with ServerThread(create_app(settings)) as server:
-        assert _post(server.url, key, logprobs=True, top_logprobs=5).status_code == 200
+        fake_upstream.behaviour.patch = _with_logprobs  # an upstream that sends them unasked
+        answer = _post(server.url, key, logprobs=True, top_logprobs=5)
         sent = fake_upstream.requests[-1].json()
         assert "logit_bias" in sent and "logprobs" not in sent and "top_logprobs" not in sent
+        assert answer.status_code == 200 and not answer.json()["choices"][0].get("logprobs")
+        streamed = _post(server.url, key, stream=True).text
+        assert '"token"' not in streamed and "[DONE]" in streamed
+        fake_upstream.behaviour.patch = None
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
         assert _post(server.url, key, tools=[tool]).status_code == 200
         assert "logit_bias" not in fake_upstream.requests[-1].json()
     fake_upstream.reset()
+
+
+def _with_logprobs(data: bytes) -> bytes:
+    logprobs = b'"logprobs": {"content": [{"token": "x", "logprob": -0.1, "top_logprobs": []}]}, "finish_reason"'
+    return data.replace(b'"finish_reason"', logprobs)
 
 
 @pytest.mark.parametrize(
@@ -220,9 +261,9 @@ def test_a_refusal_in_another_shape_is_still_a_refusal(biased, refusal):
     assert ["logit_bias" in r.json() for r in upstream.requests] == [True, False, False]  # then skipped
 
 
-def test_the_marked_request_is_never_shown_to_the_client(biased):
+def test_the_marked_request_is_never_shown_to_the_client(yielding):
     """An upstream that echoes the request in its errors: what the client sees is its own request's error."""
-    url, key, upstream, _ = biased
+    url, key, upstream, _ = yielding
     upstream.behaviour.status = 400
     upstream.behaviour.error_body = lambda body: {"error": {"message": "temperature too high", "input": body.decode()}}
     for theirs in ({}, {"logit_bias": {"7": 1}}):
@@ -231,11 +272,12 @@ def test_the_marked_request_is_never_shown_to_the_client(biased):
         assert len(json.loads(answer.json()["error"]["input"]).get("logit_bias", {})) == len(theirs)
 
 
-def test_entries_of_bias_zero_take_no_room_and_other_values_are_the_clients_own(biased):
-    url, key, upstream, state = biased
-    assert _post(url, key, logit_bias={str(i): 0 for i in range(300)}).status_code == 200
+def test_entries_of_bias_zero_take_no_room_and_other_values_are_the_clients_own(yielding):
+    url, key, upstream, state = yielding
+    zeros = {str(i): 0 for i in range(10_000, 10_300)}  # tokens outside the list: no room taken
+    assert _post(url, key, logit_bias=zeros).status_code == 200
     sent = upstream.requests[-1].json()["logit_bias"]
-    assert len(sent) == 300 and set(sent.values()) == {4.0}
+    assert len(sent) == 300 and set(sent.values()) == {4.0} and not set(sent) & set(zeros)
     assert [m["tokens"] for m in exchanges(state)[-1]["marks"] if m["scheme"] == SCHEME] == [300]
     for malformed in ([], False, 0, ""):  # the upstream says what is wrong with it, as without the gateway
         _post(url, key, logit_bias=malformed)
