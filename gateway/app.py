@@ -138,7 +138,7 @@ async def _respond(send, status: int, body: bytes, content_type: str, extra: dic
 
 def create_app(settings: config.Settings, **stages) -> GatewayApp:
     pipeline = build_pipeline(settings, **stages)
-    token = os.environ.get(settings.server.admin_token_env)
+    token = os.environ.get(settings.server.admin_token_env, "").strip()  # as read from a file: with its newline
     admitter = pipeline.stages["admit"]
     admin = None
     if token and isinstance(admitter, LimitAdmitter):

@@ -74,3 +74,14 @@ def test_refusals_are_counted_per_address_in_windows_and_forgotten_oldest_first(
     assert refusals.locked_for("b", 200.0) == GUESS_WINDOW - 10  # kept: "a" went first
     refusals.note("10.99.0.1", 200.0)
     assert refusals.locked_for("b", 200.0) == 0 and len(refusals._windows) == 4096  # memory stays bounded
+
+
+def test_a_token_read_from_a_file_with_its_newline_still_works(tmp_path, fake_upstream, monkeypatch):
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token\n")
+    state = tmp_path / "state"
+    STATE_DIRS.append(state)
+    settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
+                             "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    Registry(state).add("carol")
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
+        assert http.get("/admin/tiers/carol", headers={"authorization": "Bearer s3cret-token"}).status_code == 200

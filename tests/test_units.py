@@ -320,6 +320,8 @@ def test_what_keeps_a_canary_off_an_answer_is_what_would_break_it_not_its_look_a
     assert not chat.structured_output({"messages": [user], "prediction": {"type": "content", "content": "x"}})
     completions = ROUTES["/v1/completions"]  # vLLM guides completions too: a marked choice is no longer a choice
     assert completions.structured_output({"prompt": "Yes or no?", "guided_choice": ["yes", "no"]})
+    for name, value in (("json_schema", {"type": "object"}), ("grammar", 'root ::= "yes" | "no"')):  # llama.cpp
+        assert chat.structured_output({"messages": [user], name: value})
     assert completions.structured_output({"prompt": "Name:", "response_format": {"type": "json_object"}})
     assert not completions.structured_output({"prompt": "Once upon a time"})
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue."}}

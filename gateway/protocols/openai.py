@@ -118,7 +118,10 @@ def _ask_usage(body: dict[str, Any]) -> bool:
 
 
 # request fields that constrain the output to a grammar or a schema (vLLM's guided decoding)
-_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# constrained decoding: vLLM's guided_* and structured_outputs; llama.cpp's json_schema and grammar; SGLang's regex
+# and ebnf (and json_schema)
+_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                "json_schema", "grammar", "regex", "ebnf")  # fmt: skip
 
 
 def _json_format(spec: Any) -> bool:
@@ -126,7 +129,7 @@ def _json_format(spec: Any) -> bool:
 
 
 def _constrained(body: dict[str, Any]) -> bool:
-    """JSON mode or a schema; vLLM's guided decoding (on chat and on completions)."""
+    """JSON mode or a schema; the constrained decoding of vLLM, llama.cpp and SGLang (chat and completions)."""
     return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
 
 
