@@ -11,14 +11,19 @@ from gateway.identity import Registry
 from tests.conftest import STATE_DIRS, ServerThread
 
 
-def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pin(
-    tmp_path, fake_upstream, monkeypatch, caplog
-):
-    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token")
+def _gateway_settings(tmp_path, fake_upstream, monkeypatch, token: str) -> tuple:
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", token)
     state = tmp_path / "state"
     STATE_DIRS.append(state)
     settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
                              "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    return state, settings
+
+
+def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pin(
+    tmp_path, fake_upstream, monkeypatch, caplog
+):
+    state, settings = _gateway_settings(tmp_path, fake_upstream, monkeypatch, "s3cret-token")
     registry = Registry(state)
     key = registry.add("carol")
     registry.set_tier("carol", "normal", pin="our partner")
@@ -44,11 +49,7 @@ def test_the_admin_endpoint_sets_a_tier_for_the_token_holder_only_and_keeps_a_pi
 
 
 def test_an_address_that_keeps_guessing_is_locked_out_even_with_the_token(tmp_path, fake_upstream, monkeypatch):
-    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token")
-    state = tmp_path / "state"
-    STATE_DIRS.append(state)
-    settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
-                             "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    state, settings = _gateway_settings(tmp_path, fake_upstream, monkeypatch, "s3cret-token")
     Registry(state).add("carol")
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
         guesses = [http.get("/admin/tiers/carol", headers={"authorization": f"Bearer {i}"}) for i in range(GUESSES)]
@@ -77,11 +78,7 @@ def test_refusals_are_counted_per_address_in_windows_and_forgotten_oldest_first(
 
 
 def test_a_token_read_from_a_file_with_its_newline_still_works(tmp_path, fake_upstream, monkeypatch):
-    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", "s3cret-token\n")
-    state = tmp_path / "state"
-    STATE_DIRS.append(state)
-    settings = config.parse({"upstream": {"url": fake_upstream.url}, "state": {"dir": str(state)},
-                             "server": {"admin_token_env": "CG_TEST_ADMIN_TOKEN"}}, "admin test")  # fmt: skip
+    state, settings = _gateway_settings(tmp_path, fake_upstream, monkeypatch, "s3cret-token\n")
     Registry(state).add("carol")
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/admin/tiers/carol", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
