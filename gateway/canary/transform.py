@@ -140,27 +140,47 @@ class _CanaryRewriter:
 
 
 class _Fences:
-    """Whether the text so far ends inside a fenced code block, counted alike whether it comes whole or in
-    pieces: a run of n backticks (or tildes) holds n // 3 fence marks however it is split, as str.count("```")
-    counts them in the whole text, and an odd count of either kind is inside a block."""
+    """Whether the text so far ends inside a fenced code block, read line by line as the watermark reads fences
+    (watermark.sites.fences_after): a run of three or more backticks or tildes opens a block; one opened at a
+    line's head (after whitespace and ">" only) closes at a run of its character, at least as long, at a line's
+    head indented at most three more, alone on its line; one opened within a line, at the next such run. The
+    line not yet ended is read as if it ended there, so the answer is the same whole or in any pieces. (Counting
+    runs instead put a canary inside a block that held "text.replace('```', '')".)"""
 
-    __slots__ = ("_marks", "_char", "_length")
+    __slots__ = ("_pending", "_state")
 
     def __init__(self) -> None:
-        self._marks = {"`": 0, "~": 0}
-        self._char, self._length = "", 0  # the run of fence characters the text so far ends in, if any
+        self._pending: list[str] = []  # the line not yet ended, in pieces (joined once it ends)
+        self._state: tuple[str, int, int | None] = ("", 0, None)  # fence character, length, indent (None: in a line)
 
     @property
     def inside(self) -> bool:
-        return any(count % 2 for count in self._marks.values())
+        return bool(_read_line("".join(self._pending), self._state)[0])
 
     def feed(self, text: str) -> None:
-        ends_in_run = False
-        for match in _FENCE_RUNS.finditer(text):
-            run = match.group()
-            before = self._length if match.start() == 0 and run[0] == self._char else 0  # goes on from before
-            self._marks[run[0]] += (before + len(run)) // 3 - before // 3
-            self._char, self._length = run[0], before + len(run)
-            ends_in_run = match.end() == len(text)
-        if text and not ends_in_run:
-            self._char, self._length = "", 0
+        if "\n" not in text:
+            self._pending.append(text)
+            return
+        *lines, rest = ("".join(self._pending) + text).split("\n")
+        for line in lines:
+            self._state = _read_line(line, self._state)
+        self._pending = [rest]
+
+
+def _read_line(line: str, state: tuple[str, int, int | None]) -> tuple[str, int, int | None]:
+    fence, length, indent = state
+    head = 0
+    while head < len(line) and (line[head] == ">" or line[head].isspace()):
+        head += 1
+    width = len(line[:head].replace(">", "")) + 3 * line[:head].count("\t")  # a tab counts four columns
+    for run in _FENCE_RUNS.finditer(line):
+        char, size = run.group()[0], len(run.group())
+        if fence:
+            if char != fence or size < length:
+                continue
+            alone_at_head = run.start() == head and not line[run.end() :].strip()
+            if indent is None or (alone_at_head and width <= indent + 3):  # within a line: the next run closes
+                fence = ""
+        elif size >= 3:
+            fence, length, indent = char, size, (width if run.start() == head else None)
+    return fence, length, indent

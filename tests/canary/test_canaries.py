@@ -180,7 +180,26 @@ def _through(pieces: list[str]) -> tuple[str, list]:
     return "".join(rewriter.feed(p) for p in pieces) + rewriter.flush(), exchange.canaries
 
 
-_PIECES = ["Run:", "\n", "{", "[1]", "```", "``", "`", "~~~", "~", "sh", " rm -rf build", "\n\n", "Done.", " ", ""]
+_PIECES = [
+    "Run:",
+    "\n",
+    "{",
+    "[1]",
+    "> ",
+    "    ",
+    "x('```')",
+    "```",
+    "``",
+    "`",
+    "~~~",
+    "~",
+    "sh",
+    " rm -rf build",
+    "\n\n",
+    "Done.",
+    " ",
+    "",
+]
 
 
 @pytest.mark.parametrize(
@@ -193,6 +212,10 @@ _PIECES = ["Run:", "\n", "{", "[1]", "```", "``", "`", "~~~", "~", "sh", " rm -r
         ("x\n~~~\ncode", False),  # inside a tilde fence
         ("x\n~~~\ncode\n~~~\nDone.", True),
         ('\n {"name": "Ada", "note": "It is large"}', False),  # JSON asked for in the prompt alone
+        ("Code:\n```python\nx.replace('```', '')\n", False),  # a run within a line closes no block
+        ("Nest:\n````md\n```js\nx\n```\n", False),  # nor a shorter run
+        ("1. Run:\n    ```sh\n    ls\n    ```\n2. Done.", True),  # a block in a list item, closed
+        ("> ```\n> ls\n> ```\nDone.", True),  # in a block quote
         ("[1, 2, 3]", False),
     ],
 )
