@@ -115,7 +115,7 @@ def _with_neighbours(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) 
             else frozenset()  # fmt: skip
         out.append(replace(
             s,
-            joins=frozenset().union(*(joins.get(member[0], ()) for member in s.members)),
+            joins=_last_words_closed(sets, frozenset().union(*(joins.get(m[0], ()) for m in s.members))),
             has_s=has_s,
             not_before=before,
             s_members=s_members,
@@ -123,18 +123,24 @@ def _with_neighbours(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) 
     return tuple(out)
 
 
-def _closed(sets: tuple[WordSet, ...], rule) -> frozenset[str]:
-    """The first words of the members of every set with a member whose first word the rule takes, or is
-    one of these already ("in" of "in fact", whose other member "indeed" ends like a participle, brings "in
-    the meantime" and so "meanwhile")."""
-    firsts = [frozenset(member[0] for member in s.members) for s in sets]
+def _last_words_closed(sets: tuple[WordSet, ...], words: frozenset[str]) -> frozenset[str]:
+    """The words, and the last words of every member of a set where one member ends in one of them."""
+    return words | _closed(sets, words.__contains__, -1) if words else words
+
+
+def _closed(sets: tuple[WordSet, ...], rule, position: int = 0) -> frozenset[str]:
+    """The first (or, at `position` -1, last) words of the members of every set with a member whose such word
+    the rule takes or is one of these already ("in" of "in fact", whose other
+    member "indeed" ends like a participle, brings "in the meantime" and so "meanwhile"; "lots" of "parking
+    lots" brings "areas" of "parking areas")."""
+    ends = [frozenset(member[position] for member in s.members) for s in sets]
     words: set[str] = set()
     grown = True
     while grown:
         grown = False
-        for first in firsts:
-            if not first <= words and any(rule(word) or word in words for word in first):
-                words |= first
+        for end in ends:
+            if not end <= words and any(rule(word) or word in words for word in end):
+                words |= end
                 grown = True
     return frozenset(words)
 

@@ -335,6 +335,7 @@ def test_marked_text_reads_back_with_the_sites_it_was_marked_at():
     texts = [row["output"] for row in SAMPLE] + [
         "I think it isn't large, and you won't mind it.",
         "It's often said that it is used, and there's various ways; we'll they'll see. There's meanwhile a test.",
+        "The city has parking lots of course, but a note with regard to summarize it is large and calm.",
     ]
     for seed in range(4):
         preferred = LexicalKey(bytes([seed]) * 32, SETS).preferred
