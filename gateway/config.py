@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import limits
 
+from .protocols.openai import CONSTRAINED_FIELDS
+
 DEFAULT_CONFIG_FILE = "canarygate.toml"
 
 # The commented file that `canarygate init` writes; parsing it gives exactly the defaults below.
@@ -42,6 +44,11 @@ connect_timeout = 5.0
 read_timeout = 300.0             # longest silence between two bytes of an answer
 max_connections = 1000
 passthrough = []                 # extra path prefixes forwarded as-is to authenticated callers
+# request fields of constrained decoding that make an answer structured output, which no mark touches (vLLM:
+# guided_*, structured_outputs; llama.cpp: json_schema, grammar; SGLang: regex, ebnf, json_schema). List only
+# those your upstream honours: one it ignores lets a client switch the marks off. [] for OpenAI itself.
+constrained_decoding = ["guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                        "json_schema", "grammar", "regex", "ebnf"]
 
 [state]
 dir = ".canarygate"              # identities, keys, the evidence log, worker metrics; relative: to this file
@@ -175,6 +182,7 @@ class UpstreamSettings:
     read_timeout: float = 300.0
     max_connections: int = 1000
     passthrough: tuple[str, ...] = ()
+    constrained_decoding: tuple[str, ...] = CONSTRAINED_FIELDS
 
     @property
     def is_demo(self) -> bool:
@@ -363,6 +371,9 @@ def parse(raw: dict, source: str) -> Settings:
         read_timeout=reader.take(up_raw, "upstream", "read_timeout", float, 300.0),
         max_connections=reader.take(up_raw, "upstream", "max_connections", int, 1000),
         passthrough=tuple(_prefixes(source, reader.take(up_raw, "upstream", "passthrough", list, []))),
+        constrained_decoding=_constrained_fields(
+            source, reader.take(up_raw, "upstream", "constrained_decoding", list, list(CONSTRAINED_FIELDS))
+        ),
     )
     reader.reject_unknown(up_raw, "upstream")
     _check_variable_name(source, "[upstream] api_key_env", upstream.api_key_env)
@@ -478,6 +489,15 @@ def _canaries(reader: _SectionReader, raw: dict) -> CanarySettings:
     if not 1 <= settings.count <= 64:
         raise ConfigError(f"{source}: [canaries] count must be between 1 and 64")
     return settings
+
+
+def _constrained_fields(source: str, fields: list) -> tuple[str, ...]:
+    unknown = [field for field in fields if field not in CONSTRAINED_FIELDS]
+    if unknown:
+        raise ConfigError(
+            f"{source}: [upstream] constrained_decoding names {unknown!r}; known: {', '.join(CONSTRAINED_FIELDS)}"
+        )
+    return tuple(fields)
 
 
 def _sampling_bias(reader: _SectionReader, raw: dict) -> SamplingBiasSettings:

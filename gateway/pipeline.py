@@ -275,7 +275,8 @@ class Pipeline:
             exchange.prompt_text = dialect.prompt_text(exchange.request)
             exchange.question = dialect.question(exchange.request)
             exchange.prompt_tokens = estimate_tokens(body, exchange.request)
-            exchange.structured = dialect.structured_output(exchange.request)
+            honoured = self._settings.upstream.constrained_decoding
+            exchange.structured = dialect.structured_output(exchange.request, honoured)
             exchange.free_ending = dialect.free_ending(exchange.request)
         return body
 

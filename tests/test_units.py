@@ -84,6 +84,13 @@ def test_bytes_that_are_not_utf8_are_refused_by_either_reading():
             _decoded(raw)
 
 
+def test_constrained_decoding_names_only_known_fields():
+    upstream = {"url": "http://127.0.0.1:1", "constrained_decoding": ["grammar"]}
+    assert config.parse({"upstream": upstream}, "x").upstream.constrained_decoding == ("grammar",)
+    with pytest.raises(config.ConfigError, match=r"constrained_decoding names \['grammer'\]"):
+        config.parse({"upstream": {**upstream, "constrained_decoding": ["grammer"]}}, "x")
+
+
 def test_init_file_parses_to_the_defaults():
     assert config.parse(__import__("tomllib").loads(config.DEFAULT_TOML), "x") == config.Settings(source="x")
 
@@ -322,6 +329,8 @@ def test_what_keeps_a_canary_off_an_answer_is_what_would_break_it_not_its_look_a
     assert completions.structured_output({"prompt": "Yes or no?", "guided_choice": ["yes", "no"]})
     for name, value in (("json_schema", {"type": "object"}), ("grammar", 'root ::= "yes" | "no"')):  # llama.cpp
         assert chat.structured_output({"messages": [user], name: value})
+        # where the upstream ignores the field ([upstream] constrained_decoding leaves it out), it is prose
+        assert not chat.structured_output({"messages": [user], name: value}, ())
     assert completions.structured_output({"prompt": "Name:", "response_format": {"type": "json_object"}})
     assert not completions.structured_output({"prompt": "Once upon a time"})
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue."}}

@@ -57,12 +57,12 @@ class SamplingBias:
         logit_bias is refused, or with "yield" its entries win; a client that fills all 300 leaves no room (None),
         which the evidence records."""
         asked = exchange.request.get("logit_bias")
-        if asked is None:
+        if asked is None or asked == [] or asked == {}:  # none: llama.cpp's default is the empty list
             asked = {}
-        if not isinstance(asked, dict):
-            return None  # malformed: the upstream will say so, about the client's own value
-        if asked and self._client_bias == "refuse":
+        elif self._client_bias == "refuse":  # in any form: llama.cpp takes a list of pairs, some servers take false
             raise GatewayError(ErrorKind.INVALID_REQUEST, "logit_bias is not accepted by this API")
+        elif not isinstance(asked, dict):
+            return None  # malformed here: the upstream will say so, about the client's own value
         theirs = {token: bias for token, bias in asked.items() if not (type(bias) in (int, float) and bias == 0)}
         ours = [(token, bias) for token, bias in self._green.bias.items() if token not in asked]
         ours = ours[: max(0, API_LIMIT - len(theirs))]

@@ -83,7 +83,7 @@ class Messages(Dialect):
     def is_terminal(self, raw: bytes) -> bool:
         return event_name(raw) in (b"message_stop", b"error")
 
-    def structured_output(self, body: dict[str, Any]) -> bool:
+    def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = ()) -> bool:
         config = body.get("output_config")
         specs = (config.get("format") if isinstance(config, dict) else None, body.get("output_format"))  # GA, beta
         return any(isinstance(spec, dict) and spec.get("type") == "json_schema" for spec in specs)

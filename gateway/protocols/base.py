@@ -142,8 +142,9 @@ class Dialect:
         """Whether a raw event carries nothing but usage (the kind `ask_usage` added)."""
         return False
 
-    def structured_output(self, body: dict[str, Any]) -> bool:
-        """Whether the request asks for structured output (JSON mode or a schema) rather than prose."""
+    def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = ()) -> bool:
+        """Whether the request asks for structured output (JSON mode or a schema) rather than prose; `fields`:
+        the constrained-decoding fields beyond the API's own that the upstream honours (protocols.openai)."""
         return False
 
     def free_ending(self, body: dict[str, Any]) -> bool:

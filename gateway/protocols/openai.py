@@ -119,18 +119,21 @@ def _ask_usage(body: dict[str, Any]) -> bool:
 
 # request fields that constrain the output to a grammar or a schema (vLLM's guided decoding)
 # constrained decoding: vLLM's guided_* and structured_outputs; llama.cpp's json_schema and grammar; SGLang's regex
-# and ebnf (and json_schema)
-_CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                "json_schema", "grammar", "regex", "ebnf")  # fmt: skip
+# and ebnf (and json_schema). A request with one of them is structured output, which no mark touches: so a field
+# the upstream ignores lets a client switch the marks off, and `[upstream] constrained_decoding` lists only those
+# the upstream honours.
+CONSTRAINED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                      "json_schema", "grammar", "regex", "ebnf")  # fmt: skip
 
 
 def _json_format(spec: Any) -> bool:
     return isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema")
 
 
-def _constrained(body: dict[str, Any]) -> bool:
-    """JSON mode or a schema; the constrained decoding of vLLM, llama.cpp and SGLang (chat and completions)."""
-    return _json_format(body.get("response_format")) or any(body.get(name) for name in _CONSTRAINED)
+def _constrained(body: dict[str, Any], fields: tuple[str, ...]) -> bool:
+    """JSON mode or a schema; the constrained decoding of vLLM, llama.cpp and SGLang (chat and completions) where
+    `fields` names it."""
+    return _json_format(body.get("response_format")) or any(body.get(name) for name in fields)
 
 
 def _data_terminal(raw: bytes) -> bool:
@@ -157,8 +160,8 @@ class ChatCompletions(Dialect):
     def ask_usage(self, body: dict[str, Any]) -> bool:
         return _ask_usage(body)
 
-    def structured_output(self, body: dict[str, Any]) -> bool:
-        return _constrained(body)
+    def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = CONSTRAINED_FIELDS) -> bool:
+        return _constrained(body, fields)
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
@@ -221,8 +224,8 @@ class Completions(Dialect):
     def free_ending(self, body: dict[str, Any]) -> bool:
         return False  # the answer continues the prompt's own text (code, a document): nothing may follow it
 
-    def structured_output(self, body: dict[str, Any]) -> bool:
-        return _constrained(body)
+    def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = CONSTRAINED_FIELDS) -> bool:
+        return _constrained(body, fields)
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return body.get("logprobs") is not None
@@ -271,7 +274,7 @@ class Responses(Dialect):
     output_fields = ("max_output_tokens",)
     usage_holders = ("response",)
 
-    def structured_output(self, body: dict[str, Any]) -> bool:
+    def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = ()) -> bool:
         text = body.get("text")
         return isinstance(text, dict) and _json_format(text.get("format"))
 

@@ -126,9 +126,13 @@ def test_a_clients_own_logit_bias_is_refused_where_the_mark_applies(biased):
     """With temperature 0, an answer with the mark and one with the client's entries in its place would differ
     first at a favoured token: a few hundred pairs gave the list away, to strip the mark or to forge it."""
     url, key, upstream, state = biased
-    for theirs in ({"5": 1}, {"5": 0}):
+    refused = ({"5": 1}, {"5": 0}, [[5, 1.0]], False)  # in any form: llama.cpp takes a list of pairs
+    for theirs in refused:
         assert_openai_error(_post(url, key, logit_bias=theirs), 400)
-    assert not upstream.requests and [r["error"] for r in exchanges(state)] == ["invalid_request"] * 2
+    assert not upstream.requests and [r["error"] for r in exchanges(state)] == ["invalid_request"] * len(refused)
+    for none in ([], {}):  # no bias of their own: marked
+        assert _post(url, key, logit_bias=none).status_code == 200
+        assert len(upstream.requests[-1].json()["logit_bias"]) == 300
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     assert _post(url, key, logit_bias={"5": 1}, tools=[tool]).status_code == 200  # no mark there: theirs goes
     assert upstream.requests[-1].json()["logit_bias"] == {"5": 1}
@@ -279,9 +283,11 @@ def test_entries_of_bias_zero_take_no_room_and_other_values_are_the_clients_own(
     sent = upstream.requests[-1].json()["logit_bias"]
     assert len(sent) == 300 and set(sent.values()) == {4.0} and not set(sent) & set(zeros)
     assert [m["tokens"] for m in exchanges(state)[-1]["marks"] if m["scheme"] == SCHEME] == [300]
-    for malformed in ([], False, 0, ""):  # the upstream says what is wrong with it, as without the gateway
+    for malformed in (False, 0, ""):  # the upstream says what is wrong with it, as without the gateway
         _post(url, key, logit_bias=malformed)
         assert upstream.requests[-1].json()["logit_bias"] == malformed
+    _post(url, key, logit_bias=[])  # none, as llama.cpp writes it: marked
+    assert len(upstream.requests[-1].json()["logit_bias"]) == 300
 
 
 def test_a_request_too_deep_to_write_again_goes_unmarked(biased):
