@@ -62,7 +62,7 @@ def summarise(raw: str, top: int = 15) -> dict:
     parts, functions, total = collections.Counter(), collections.Counter(), 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():  # a frame name py-spy wrote across lines: not a sample of its own
             continue
         frames = stack.split(";")
         total += int(count)

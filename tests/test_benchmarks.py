@@ -84,6 +84,7 @@ def test_the_profile_counts_each_sample_once_in_the_part_of_its_innermost_known_
             "run (asyncio/runners.py:1);end (gateway/evidence/recorder.py:4);iterencode (json/encoder.py:5) 3",
             "run (asyncio/runners.py:1);_forward (gateway/pipeline.py:2);send (aiohttp/client.py:6) 2",
             "run (asyncio/runners.py:1);select (selectors.py:7) 1",
+            "run (asyncio/runners.py:1);<lambda> (gateway/x.py:8", "x) 4",  # a frame name cut across lines
         ]
     )
     summary = summarise(raw)
