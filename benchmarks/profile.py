@@ -60,9 +60,15 @@ def _part(frames: list[str]) -> str:
 def summarise(raw: str, top: int = 15) -> dict:
     """Shares of samples by part, and the functions with the most samples of their own."""
     parts, functions, total = collections.Counter(), collections.Counter(), 0
+    carried = ""  # a frame name py-spy wrote across lines: its sample's count ends a later line
     for line in raw.splitlines():
+        line = carried + line
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():  # a frame name py-spy wrote across lines: not a sample of its own
+        if not count.isdigit():
+            carried = line + "\n"
+            continue
+        carried = ""
+        if not stack:
             continue
         frames = stack.split(";")
         total += int(count)

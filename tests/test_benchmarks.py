@@ -84,7 +84,6 @@ def test_the_profile_counts_each_sample_once_in_the_part_of_its_innermost_known_
             "run (asyncio/runners.py:1);end (gateway/evidence/recorder.py:4);iterencode (json/encoder.py:5) 3",
             "run (asyncio/runners.py:1);_forward (gateway/pipeline.py:2);send (aiohttp/client.py:6) 2",
             "run (asyncio/runners.py:1);select (selectors.py:7) 1",
-            "run (asyncio/runners.py:1);<lambda> (gateway/x.py:8", "x) 4",  # a frame name cut across lines
         ]
     )
     summary = summarise(raw)
@@ -97,6 +96,15 @@ def test_the_profile_counts_each_sample_once_in_the_part_of_its_innermost_known_
         OTHER: 8.3,
     }
     assert summary["functions"][0] == {"function": "scan (gateway/watermark/whole.py)", "percent": 50.0}
+
+
+def test_a_frame_name_written_across_lines_is_one_sample_not_a_crash():
+    from benchmarks.profile import summarise
+
+    summary = summarise(
+        "run (asyncio/runners.py:1);scan (gateway/watermark/whole.py:3\nx) 4\nselect (selectors.py:7) 1"
+    )
+    assert summary["samples"] == 5 and summary["parts"][0] == {"part": "transform: watermark", "percent": 80.0}
 
 
 def test_json_benchmark_runs_on_the_sample_answers(tmp_path):
