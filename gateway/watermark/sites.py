@@ -1,29 +1,34 @@
 """Where the watermark may write, found the same way when marking (as text streams) and when detecting.
 
-A `Scanner` reads one text part token by token. At each word it looks for the longest member of a word
-set starting there (up to three words, joined by single spaces) and decides whether that place is a site:
+A `Scanner` reads one text part token by token. At each word it looks for the longest member of a word set starting
+there (up to three words, joined by single spaces) and decides whether that place is a site:
 
-- not inside fenced (``` or ~~~) or inline code, quotations, or a part that is structured data (it starts with
-  { or [); nor on a line of a block quote ("> ", after at most three spaces) or of an indented code block
-  (indented by four columns or more, a tab counting four, after a blank line, the start of the text or
-  another such line: a list's continuation indented so after a blank line is left unmarked too);
-- not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space
-  and a word, or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
-- not a name (capitalised other than at the start of a sentence, or there before another capital) nor
-  written in capitals;
-- not right after a negation, nor right after "a" or "an" where the set's members take different articles,
-  nor after a determiner where a member begins with an article ("the various", never "the a variety of");
-- a connector set ("@comma") only where a comma follows, a contraction only before a following word, and
-  never a "'s" that could stand for "has" ("it's been"), nor a negative one before a subject ("isn't it");
+- not inside fenced (``` or ~~~: `fences_after` says where a fence ends) or inline code, quotations, or a part that
+  is structured data (it starts with { or [); nor on a line of a block quote ("> ", after at most three spaces) or
+  of an indented code block (indented by four columns or more, a tab counting four, after a blank line, the start of
+  the text or another such line: a list's continuation indented so after a blank line is left unmarked too);
+- not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space and a word,
+  or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
+- not a name (capitalised other than at the start of a sentence, or there before another capital; never capitalised
+  for an "@lower" set) nor written in capitals; an "@start" set only at a sentence's start;
+- not right after a negation, nor right after "a" or "an" where the set's members take different articles, nor after
+  a determiner or possessive where a member begins with an article ("the various", never "the a variety of"), nor
+  after a word it would join into another set's phrase ("it isn't", read "it is not");
+- a connector set ("@comma") only where a comma follows, a contraction only before a following word, and never a
+  "'s" that could stand for "has" ("it's been"), nor a negative one before a subject ("isn't it"), nor one that
+  would leave its verb at a clause's end ("who you are and");
+- where a neighbour decides, alike for every member of its set and of the neighbour's (WordSet's neighbour fields),
+  so that marked text reads back with the sites it was marked at;
 - never before a literal of code ("x is not None": code outside a fence, which "isn't" would break);
-- not where its two preceding words and itself, with set members read as their set, appear so in the
-  prompt (a prompt that lists members cannot switch the mark off, but a quoted phrase is kept).
+- not where its two preceding words and itself, with set members read as their set, appear so in the prompt (a
+  prompt that lists members cannot switch the mark off, but a quoted phrase is kept).
 
-When marking, `choose(site)` names the member to write; the scanner writes it in the case and apostrophe
-style of what it replaces. It holds back at most one incomplete token plus three words and the two tokens
-after them, so a stream is delayed by at most three words, and its output is the same whatever the split
-of the text into pieces (the tokens, and so every decision, do not depend on where pieces end). An
-incomplete word that no member begins, with nothing held before it, is not held: it goes out as it comes.
+When marking, `choose(site)` names the member to write; the scanner writes it in the case and apostrophe style of
+what it replaces (where that has no apostrophe, in the style of the last one read). It holds back at most one
+incomplete token plus three words and the two tokens after them, so a stream is delayed by at most three words, and
+its output is the same whatever the split of the text into pieces (the tokens, and so every decision, do not depend
+on where pieces end). An incomplete word that no member begins, with nothing held before it, is not held: it goes
+out as it comes.
 """
 
 from __future__ import annotations

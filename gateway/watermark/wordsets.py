@@ -77,8 +77,8 @@ class WordSets:
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
-            line, *tags = line.split("@")
-            members = tuple(tuple(m.strip().split()) for m in line.split("|"))
+            body, *tags = line.split("@")
+            members = tuple(tuple(m.strip().split()) for m in body.split("|"))
             tags = {tag.strip() for tag in tags}
             if len(members) < 2 or any(not m or len(m) > MAX_WORDS for m in members) or tags - _TAGS:
                 raise ValueError(f"bad word set line: {line!r}")
@@ -111,8 +111,12 @@ def _with_neighbours(sets: tuple[WordSet, ...], phrases: list[tuple[str, ...]]) 
     out = []
     for s in sets:
         has_s = any(member[-1].endswith("'s") for member in s.members)
-        before = (subjects if s.negative else stranding | (participles if has_s else frozenset())) if s.contraction \
-            else frozenset()  # fmt: skip
+        if not s.contraction:
+            before = frozenset()
+        elif s.negative:
+            before = subjects
+        else:
+            before = stranding | participles if has_s else stranding
         out.append(replace(
             s,
             joins=_last_words_closed(sets, frozenset().union(*(joins.get(m[0], ()) for m in s.members))),
@@ -130,9 +134,8 @@ def _last_words_closed(sets: tuple[WordSet, ...], words: frozenset[str]) -> froz
 
 def _closed(sets: tuple[WordSet, ...], rule, position: int = 0) -> frozenset[str]:
     """The first (or, at `position` -1, last) words of the members of every set with a member whose such word
-    the rule takes or is one of these already ("in" of "in fact", whose other
-    member "indeed" ends like a participle, brings "in the meantime" and so "meanwhile"; "lots" of "parking
-    lots" brings "areas" of "parking areas")."""
+    the rule takes or is one of these already: "in" of "in fact", whose other member "indeed" ends like a
+    participle, brings "in the meantime" and so "meanwhile"; "lots" of "parking lots" brings "areas"."""
     ends = [frozenset(member[position] for member in s.members) for s in sets]
     words: set[str] = set()
     grown = True
