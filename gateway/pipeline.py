@@ -397,16 +397,16 @@ class Pipeline:
             out.append((api.upstream_auth_header, api.upstream_auth_value(self._upstream_key)))
         return out
 
-    def _rewrites(self, exchange: Exchange) -> bool:
-        """Whether the answer is rewritten: its text marked, or its log-probabilities removed (they would show
-        the unmarked text, or the tokens the sampling-bias mark favoured)."""
-        return self._transform.applies(exchange) or (self._bias is not None and self._bias.marked(exchange))
-
     def _rewriters(self, exchange: Exchange):
-        """The rewriter of each text part (None where only log-probabilities go)."""
-        if not self._transform.applies(exchange):
+        """The rewriter factory of the answer's text parts, or None where the answer is passed as it came. Its
+        log-probabilities go wherever the text is marked or the sampling-bias mark was asked for (they would show
+        the unmarked text, or the favoured tokens); the factory gives None for a part only they leave. Asked once
+        per answer: a canary's `applies` reads the prompt."""
+        if self._transform.applies(exchange):
+            return lambda part: self._transform.rewriter(exchange, part)
+        if self._bias is not None and self._bias.marked(exchange):
             return lambda part: None
-        return lambda part: self._transform.rewriter(exchange, part)
+        return None
 
     async def _relay_whole(self, exchange, response: UpstreamResponse, reply, dialect, content_type) -> None:
         try:
@@ -417,7 +417,7 @@ class Pipeline:
             response.status == 200
             and dialect is not None
             and content_type == "application/json"
-            and self._rewrites(exchange)
+            and (rewriters := self._rewriters(exchange)) is not None
         ):
             try:
                 data, write = jsonio.read(body)
@@ -426,7 +426,7 @@ class Pipeline:
             if not isinstance(data, dict):  # JSON, but no answer of this route's shape: the upstream's fault
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not a JSON object"))
             exchange.usage = dialect.usage(data)  # read here, where the answer is decoded anyway
-            if rewrite_body(dialect, data, self._rewriters(exchange)):
+            if rewrite_body(dialect, data, rewriters):
                 try:
                     body = write(data)
                 except ValueError:  # not delivered: the marks and canaries put in it were not served
@@ -445,8 +445,9 @@ class Pipeline:
         same message that ends the body, after the exchange is recorded."""
         framer = SSEFramer()
         rewrite = None
-        if dialect is not None and self._rewrites(exchange):
-            rewrite = StreamRewrite(dialect, self._rewriters(exchange))
+        rewriters = self._rewriters(exchange) if dialect is not None else None
+        if rewriters is not None:
+            rewrite = StreamRewrite(dialect, rewriters)
         await reply.start_stream(response.status)
         held: list[bytes] = []  # from the terminal event on: sent last, once the exchange is recorded
         received, limit = 0, self._settings.server.max_response_bytes
