@@ -70,7 +70,7 @@ def _is_word(token: str) -> bool:
     return token[0].isalpha()
 
 
-def fences_after(run: str, fence: str, length: int, indent: int | None, inline: bool, skipped_line: bool,
+def fences_after(run: str, fence: str, length: int, indent: int | None, inline: int, skipped_line: bool,
                  head: int | None):  # fmt: skip
     """(fence, its length, its indent, inline, closing) after a run of backticks or tildes: `fence` is "" or the
     character that opened the fenced block (`length` of them). `head` is the width of what precedes the run on
@@ -79,8 +79,11 @@ def fences_after(run: str, fence: str, length: int, indent: int | None, inline: 
     at most three more, may close it, and does where nothing but whitespace follows it on its line (`closing`:
     the caller looks), so "text.replace('```', '')" inside a block closes nothing; a fence opened within a
     line (`indent` None) closes at the next such run, wherever it is. Any run of three or more opens a fence
-    (where code may begin, the mark rather leaves text alone). On a skipped line (quote or indented code) only
-    fences count, so that a fence opened there closes where it would."""
+    (where code may begin, the mark rather leaves text alone), and at a line's head it does so even within a
+    code span: a lone backtick in prose ("the ` mark") must not leave the next block's code to be marked.
+    `inline` is the length of the backtick run that opened a code span (0: none), which only a run of that
+    length closes; a blank line ends it too (the callers look). On a skipped line (quote or indented code)
+    only fences count, so that a fence opened there closes where it would."""
     char = run[0]
     if fence:
         if char != fence or len(run) < length:
@@ -88,10 +91,12 @@ def fences_after(run: str, fence: str, length: int, indent: int | None, inline: 
         if indent is None:
             return "", 0, None, inline, False
         return fence, length, indent, inline, head is not None and head <= indent + 3
-    if len(run) >= 3 and not inline:
-        return char, len(run), head, inline, False
+    if len(run) >= 3 and (not inline or head is not None):
+        return char, len(run), head, 0, False
     if char == "`" and not skipped_line:
-        return fence, length, indent, not inline, False
+        if not inline:
+            return fence, length, indent, len(run), False
+        return fence, length, indent, 0 if len(run) == inline else inline, False
     return fence, length, indent, inline, False
 
 
@@ -176,7 +181,8 @@ class Scanner:
         self._fence_length = 0  # how many opened it
         self._fence_indent: int | None = None  # the width before it on its line (None: it opened within a line)
         self._closing = False  # a run that closes the fence if its line holds nothing more has been read
-        self._inline = self._quote = False
+        self._inline = 0  # the length of the backtick run that opened a code span (0: none)
+        self._quote = False
         # lines: the current one has had no text yet (it is `_indent` columns in), the one before it was blank,
         # the last line with text was indented code, the current one is skipped (a quote or indented code)
         self._line_pending, self._indent, self._blank_before = True, 0, True
@@ -454,6 +460,8 @@ class Scanner:
         newlines = run.count("\n")
         if newlines:
             self._blank_before = newlines > 1 or self._line_pending
+            if self._blank_before:  # a paragraph's end: no code span goes on past it
+                self._inline = 0
             self._line_pending, self._skipped_line, self._indent = True, False, 0
             run = run[run.rindex("\n") + 1 :]
         elif not self._line_pending:

@@ -42,6 +42,7 @@ _LINE_HEAD = r"(?:[^\S\n]{0,3}[>\t]|[^\S\n]{4})"
 _FIRST_LINE = re.compile(_LINE_HEAD)
 _LATER_LINE = re.compile(r"\n" + _LINE_HEAD)
 _INDENT = re.compile(r"[^\S\n]*")
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # a paragraph's end, which ends a code span
 
 
 # What most chunks end in (", the " or "end. " before a member): two plain ASCII words with ASCII marks, spaces
@@ -171,6 +172,12 @@ def _line_head(text: str, start: int) -> int | None:
     return indent_width(text[at:start].replace(">", ""))
 
 
+def _paragraph_end(text: str, start: int) -> int:
+    """Where what follows the first blank line after `start` begins (past the text's end where none follows)."""
+    blank = _BLANK_LINE.search(text, start)
+    return blank.end() if blank else len(text) + 1
+
+
 def _rest_of_line_blank(text: str, end: int) -> bool:
     """Nothing but whitespace from `end` to the end of its line (or of the text)."""
     eol = text.find("\n", end)
@@ -257,12 +264,14 @@ class WholeText:
         """(the text as marked, the sites, how many were changed): what a Scanner would give."""
         lookup, sets = self._sets.lookup, self._sets.sets
         data = text.lstrip()[:1] in ("{", "[")
-        fence, inline, quote, skipped, in_code_block, code_end = "", False, False, False, False, 0
-        fence_length, fence_indent = 0, None
+        fence, inline, quote, skipped, in_code_block, code_end = "", 0, False, False, False, 0
+        fence_length, fence_indent, inline_end = 0, None, 0  # inline_end: where the open code span's paragraph ends
         sentence_start, last_word, context, curly = True, "", ["", ""], False
         out, sites, changed, at = [], [], 0, 0
         # found on an ASCII-lower-cased copy (same offsets), read from the original
         for start, end, kind in self._events(_ascii_lower(text)):
+            if inline and start >= inline_end:
+                inline = 0
             if start > at:
                 chunk = text[at:start]
                 out.append(chunk)
@@ -290,6 +299,8 @@ class WholeText:
                     )
                     if closing and _rest_of_line_blank(text, at):
                         fence = ""
+                    if inline:
+                        inline_end = _paragraph_end(text, at)
                 elif not (fence or inline or skipped):
                     quote = not quote if token == '"' else token == "“"
                 out.append(token)

@@ -168,6 +168,9 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "```python\nx.replace('```', '')\nit is large\n```",  # a run inside a line closes no fence
         "````markdown\n```js\nit is large\n```\nit is large\n````",  # nor a shorter run
         "```\n```js\nit is large\n```",  # nor a run with text after it on its line
+        "Use the ` mark.\n```\n# it is large and we are done\n```",  # a lone backtick opens no span a fence closes
+        "Type `a ``` it is large` here.",  # a code span closes at a run of its own length only
+        "Type ``a ` it is large`` here.",
     ],
 )
 def test_no_site_where_the_mark_must_not_write(text):
@@ -179,7 +182,8 @@ def test_prose_after_a_closing_fence_is_marked():
                  "~~~\n~~~~\nit is large and calm",
                  "> ```\n> code\n> ```\n\nit is large and calm",  # in a block quote
                  "1. Run:\n    ```bash\n    code\n    ```\n2. it is large and calm",  # in a list item
-                 "Wrap it in ```code``` marks; it is large and calm"]:  # fmt: skip  # within a line
+                 "Wrap it in ```code``` marks; it is large and calm",  # within a line
+                 "The ` mark.\n\nit is large and calm"]:  # fmt: skip  # a code span ends with its paragraph
         assert mark(text).endswith("it's big and calm")
     assert mark("```\ncode\n    ```\nit is large and calm").endswith("it is large and calm")  # indented: code
 

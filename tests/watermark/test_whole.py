@@ -22,7 +22,7 @@ PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
           "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½", "a", "an",
           "An", "appropriate", "suitable", "\ud800", "~", "~~~", "~~~~", ">", "> ", "\t", "    ", "\n\n", "\n    ",
-          "\n>", "\n\t"]  # fmt: skip
+          "\n>", "\n\t", "``"]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
@@ -47,7 +47,7 @@ def test_any_text_gives_the_same_result_both_ways(pieces, prompt):
 
 
 # what lines are made of: indentation, block quotes, fences, blank lines, and prose with members in it
-LINE_PIECES = ["\n", "\n\n", "\n \n", " ", "  ", "    ", "\t", ">", "~~~", "~~", "```", "`", '"', "it is large",
+LINE_PIECES = ["\n", "\n\n", "\n \n", " ", "  ", "    ", "\t", ">", "~~~", "~~", "```", "``", "`", '"', "it is large",
                "However, it is large", "x", "done.", "quickly, all of them"]  # fmt: skip
 
 
