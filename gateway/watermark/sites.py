@@ -3,10 +3,11 @@
 A `Scanner` reads one text part token by token. At each word it looks for the longest member of a word set starting
 there (up to three words, joined by single spaces) and decides whether that place is a site:
 
-- not inside fenced (``` or ~~~: `fences_after` says where a fence ends) or inline code, quotations, or a part that
-  is structured data (it starts with { or [); nor on a line of a block quote ("> ", after at most three spaces) or
-  of an indented code block (indented by four columns or more, a tab counting four, after a blank line, the start of
-  the text or another such line: a list's continuation indented so after a blank line is left unmarked too);
+- not inside fenced (``` or ~~~: `fences_after` says where a fence ends) or inline code, HTML's code elements (<pre>,
+  <code>), quotations, or a part that is structured data (it starts with { or [); nor on a line of a block quote
+  ("> ", after at most three spaces) or of an indented code block (indented by four columns or more, a tab counting
+  four, after a blank line, the start of the text or another such line: a list's continuation indented so after a
+  blank line is left unmarked too);
 - not glued to a URL, path, address or identifier (a space or an opening bracket before it, and a space and a word,
   or a comma or semicolon and a space, after it; before the end of a sentence it is no site);
 - not a name (capitalised other than at the start of a sentence, or there before another capital; never capitalised
@@ -58,6 +59,7 @@ _DETERMINERS = frozenset(
 _POSSESSIVE = ("'s", "’s", "s'", "s’")  # "the company's various products": a determiner too (not "there's")
 # code's literals: "x is not None" is code, where "isn't" would break it, even outside a fence
 _CODE_WORDS = frozenset({"None", "True", "False", "null", "nil", "undefined", "NULL", "nullptr", "NaN"})
+CODE_TAGS = ("pre", "code")  # HTML's code elements: what their tags hold is code
 
 
 class Site(NamedTuple):  # a tuple: made twice per site when marking, in half a frozen dataclass's time (measured)
@@ -183,6 +185,8 @@ class Scanner:
         self._closing = False  # a run that closes the fence if its line holds nothing more has been read
         self._inline = 0  # the length of the backtick run that opened a code span (0: none)
         self._quote = False
+        self._html = False  # within an HTML code element (<pre> or <code>, until a closing tag of either)
+        self._tag = ""  # "<" or "</" just read: the word after it may name a code element
         # lines: the current one has had no text yet (it is `_indent` columns in), the one before it was blank,
         # the last line with text was indented code, the current one is skipped (a quote or indented code)
         self._line_pending, self._indent, self._blank_before = True, 0, True
@@ -301,7 +305,7 @@ class Scanner:
             self._started, self._data = True, False
         if self._line_pending:
             self._begin_line(word)
-        if not self._fence and not self._inline and not self._skipped_line:
+        if not self._fence and not self._inline and not self._skipped_line and not self._html:
             self._sentence_start = False
         self._last_word = lower = word.lower()
         self._context = [self._context[1], lower]
@@ -309,8 +313,9 @@ class Scanner:
         self._head_width, self._closing = None, False
 
     def _plain_non_member(self, word: str) -> bool:
-        """A complete word (a space follows it) of ASCII letters only, which no member begins."""
-        if not (word.isascii() and word.isalpha()):
+        """A complete word (a space follows it) of ASCII letters only, which no member begins, and no tag's
+        name (nothing before it is "<" or "</")."""
+        if self._tag or not (word.isascii() and word.isalpha()):
             return False
         lower = word.lower()
         return lower not in self._sets.single and lower not in self._sets.heads
@@ -362,7 +367,7 @@ class Scanner:
         return "".join(out)
 
     def _excluded(self) -> bool:
-        return self._data or self._fence or self._inline or self._quote or self._skipped_line
+        return self._data or self._fence or self._inline or self._quote or self._skipped_line or self._html
 
     def _match(self):
         """(tokens taken, (set index, member index) or None), or None while more tokens are needed."""
@@ -433,16 +438,17 @@ class Scanner:
         elif self._line_pending:
             self._begin_line(token)
         if _is_word(token):
-            if not self._fence and not self._inline and not self._skipped_line:
+            if not self._fence and not self._inline and not self._skipped_line and not self._html:
                 self._sentence_start = False
             self._last_word = token.lower()
             self._context = [self._context[1], _normal(token)]
         elif token[0] in "`~":
-            self._fence, self._fence_length, self._fence_indent, self._inline, self._closing = fences_after(
-                token, self._fence, self._fence_length, self._fence_indent, self._inline, self._skipped_line,
-                self._head_width,
-            )  # fmt: skip
-        elif not self._fence and not self._inline and not self._skipped_line:
+            if not self._html:  # HTML's code holds backticks as text
+                self._fence, self._fence_length, self._fence_indent, self._inline, self._closing = fences_after(
+                    token, self._fence, self._fence_length, self._fence_indent, self._inline, self._skipped_line,
+                    self._head_width,
+                )  # fmt: skip
+        elif not self._fence and not self._inline and not self._skipped_line and not self._html:
             if token == '"':
                 self._quote = not self._quote
             elif token in ("“", "”"):
@@ -454,6 +460,14 @@ class Scanner:
                 self._head_width = None
             self._closing = self._closing and token[0] in "`~"  # a closing run's own (fences_after said)
         self._previous = token
+        self._read_tag(token)
+
+    def _read_tag(self, token: str) -> None:
+        """Follow HTML's code elements: "<pre" or "<code" opens one (outside Markdown's code), "</pre" or
+        "</code" closes it. After the token's own reading, as the whole path reads a tag's name before it."""
+        tag, self._tag = self._tag, ("<" if token == "<" else "</" if token == "/" and self._tag == "<" else "")
+        if tag and token.lower() in CODE_TAGS and not self._fence and not self._inline:
+            self._html = tag == "<"
 
     def _space(self, run: str) -> None:
         """Follow the lines through a run of whitespace (a run may come in several tokens)."""

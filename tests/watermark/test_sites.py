@@ -171,6 +171,8 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "Use the ` mark.\n```\n# it is large and we are done\n```",  # a lone backtick opens no span a fence closes
         "Type `a ``` it is large` here.",  # a code span closes at a run of its own length only
         "Type ``a ` it is large`` here.",
+        "<pre><code>it is large and we are done</code></pre>",  # HTML's code
+        "Use <code class='x'>it is large</code> here.\n<PRE>\nit is large\n</PRE>",
     ],
 )
 def test_no_site_where_the_mark_must_not_write(text):
@@ -183,7 +185,9 @@ def test_prose_after_a_closing_fence_is_marked():
                  "> ```\n> code\n> ```\n\nit is large and calm",  # in a block quote
                  "1. Run:\n    ```bash\n    code\n    ```\n2. it is large and calm",  # in a list item
                  "Wrap it in ```code``` marks; it is large and calm",  # within a line
-                 "The ` mark.\n\nit is large and calm"]:  # fmt: skip  # a code span ends with its paragraph
+                 "The ` mark.\n\nit is large and calm",  # a code span ends with its paragraph
+                 "<pre>x = 1</pre>\nit is large and calm", "<code>x</code> it is large and calm",
+                 "<codex>y</codex> it is large and calm"]:  # fmt: skip
         assert mark(text).endswith("it's big and calm")
     assert mark("```\ncode\n    ```\nit is large and calm").endswith("it is large and calm")  # indented: code
 

@@ -22,7 +22,7 @@ PIECES = ["it", "is", "It", "IS", "large", "Large", "big", "however", "However",
           " ", "  ", "\n", ",", ";", ".", ":", "!", "`", "```", '"', "“", "”", "(", "—", "-", "'", "{", "[", "3",
           "é", "café", "e-mail", "x'large", "large-scale", "\u212a", "\u0130", "É", "LARGE", "²", "½", "a", "an",
           "An", "appropriate", "suitable", "\ud800", "~", "~~~", "~~~~", ">", "> ", "\t", "    ", "\n\n", "\n    ",
-          "\n>", "\n\t", "``"]  # fmt: skip
+          "\n>", "\n\t", "``", "<", "/", "pre", "code", "<pre>", "</code>", "<code "]  # fmt: skip
 
 
 def both(text: str, prompt: str = "") -> None:
