@@ -94,6 +94,7 @@ class Pipeline:
         self._upstream_key = settings.upstream.api_key()
         self._passthrough = settings.upstream.passthrough
         self._trusted = settings.server.trusted_proxies
+        self._draining: set[asyncio.Task] = set()  # streams answered in full whose upstream body is read to its end
 
     async def start(self) -> None:
         await self._record.start()
@@ -108,6 +109,9 @@ class Pipeline:
         try:
             if self._risk is not None:
                 await self._risk.close()
+            for task in self._draining:
+                task.cancel()
+            await asyncio.gather(*self._draining, return_exceptions=True)
             await self._upstream.close()
             await self._admit.close()
         finally:  # whatever failed above, the log gets its final checkpoint
@@ -339,7 +343,7 @@ class Pipeline:
         if marked is not None and response.status in (400, 422):
             response = await self._unless_mark_refused(exchange, response, target, headers, plain)
         exchange.upstream_status = response.status
-        completed = False
+        completed = handed_on = False
         try:
             _check_status(exchange, response.status)
             content_type = _content_type(response.headers)
@@ -351,12 +355,14 @@ class Pipeline:
                 raise _upstream_failure(exchange, UpstreamError("malformed", f"a stream answered as {content_type}"))
             streamed = content_type == "text/event-stream" or (asked_stream and content_type != "application/json")
             if streamed and response.status != 304:  # a 304 has no body, whatever its label says
-                await self._relay_stream(exchange, response, reply, api, dialect)
+                handed_on = await self._relay_stream(exchange, response, reply, api, dialect)
             else:
                 await self._relay_whole(exchange, response, reply, dialect, content_type)
             completed = True
         finally:
-            if completed:
+            if handed_on:
+                self._drain_later(response)
+            elif completed:
                 response.release()
             else:
                 response.close()
@@ -440,9 +446,15 @@ class Pipeline:
         label = _passed_content_type(response.headers)  # as the upstream wrote it, parameters and all
         await reply.whole(response.status, body, label, _head_length(exchange, response))
 
-    async def _relay_stream(self, exchange, response: UpstreamResponse, reply, api: Api, dialect) -> None:
+    def _drain_later(self, response: UpstreamResponse) -> None:
+        task = asyncio.create_task(_drain(response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _relay_stream(self, exchange, response: UpstreamResponse, reply, api: Api, dialect) -> bool:
         """Forward events as they complete. The terminal event (or our error event) goes out last, in the
-        same message that ends the body, after the exchange is recorded."""
+        same message that ends the body, after the exchange is recorded. True where the upstream sent its
+        terminal event: what it sends after it is to be read beside, without holding up the client's answer."""
         framer = SSEFramer()
         rewrite = None
         rewriters = self._rewriters(exchange) if dialect is not None else None
@@ -450,6 +462,7 @@ class Pipeline:
             rewrite = StreamRewrite(dialect, rewriters)
         await reply.start_stream(response.status)
         held: list[bytes] = []  # from the terminal event on: sent last, once the exchange is recorded
+        complete = False  # the terminal event came before the body's end
         received, limit = 0, self._settings.server.max_response_bytes
         last = b""  # the upstream's last complete event
 
@@ -479,8 +492,7 @@ class Pipeline:
                 end = _terminal_at(dialect, events)
                 await reply.events(events[:end])
                 if ended:  # the answer is complete: whatever the upstream does next changes nothing
-                    held = events[end:]
-                    await _drain(response)
+                    held, complete = events[end:], True
                     break
             else:
                 tail = _completed_tail(framer.remainder(), dialect)
@@ -499,9 +511,10 @@ class Pipeline:
                 closing = []
             released = e.released if isinstance(e, _Malformed) else []
             await reply.events([*released, *held, *closing, _stream_error_event(dialect, api, error)], last=True)
-            return
+            return False
         exchange.outcome = exchange.outcome or Outcome.COMPLETED
         await reply.events(held, last=True)
+        return complete
 
     def _client_ip(self, scope) -> str:
         client = scope.get("client")
@@ -620,13 +633,20 @@ def _note_failure(exchange: Exchange, dialect: Dialect | None, event: bytes) -> 
 async def _drain(response: UpstreamResponse) -> None:
     """Read the upstream's body to its end after the terminal event (it is usually there at once), so that
     its connection can be used again; an upstream that does not end it within DRAIN_SECONDS, or that fails
-    then, has its connection closed, and the client's complete answer is not held up nor turned into an error."""
+    then, has its connection closed. Beside the request, once the client has its answer: it is not held up,
+    nor turned into an error, nor does it keep its admission's slot (the reviewer's upstream that ended its
+    body 3 s after [DONE] held the SDK's answer for 1 s)."""
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in response.chunks():
                 pass
     except (UpstreamError, TimeoutError):
         response.close()
+        return
+    except asyncio.CancelledError:  # the gateway is shutting down
+        response.close()
+        raise
+    response.release()
 
 
 class _Malformed(UpstreamError):

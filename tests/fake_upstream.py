@@ -65,12 +65,14 @@ class FakeUpstream:
         self.behaviour = Behaviour()
         self.requests: list[Received] = []
         self.cancelled = threading.Event()
+        self.hung_up = threading.Event()  # the gateway closed a body kept open after the last event ("hang")
         self.completed_streams = 0
 
     def reset(self) -> None:
         self.behaviour = Behaviour()
         self.requests.clear()
         self.cancelled.clear()
+        self.hung_up.clear()
         self.completed_streams = 0
 
     def texts(self, n: int) -> list[str]:
@@ -164,6 +166,8 @@ class FakeUpstream:
                 return
         if b.after_events == "hang":  # until the gateway hangs up
             await asyncio.wait({gone}, timeout=30)
+            if gone.done():
+                self.hung_up.set()
             return
         gone.cancel()
         if b.after_events == "die":

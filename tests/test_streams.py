@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from gateway import pipeline
 from tests.test_hygiene import BODY, CHAT
 
 
@@ -40,6 +41,16 @@ def test_a_complete_stream_stays_complete_whatever_the_upstream_does_after_it(gw
     r, events = _streamed(gw, after_events=after)
     assert r.status_code == 200 and events[-1] == "data: [DONE]" and '"error"' not in r.text, r.text
     assert _content(events) == "THE quick brown FOX jumps over THE lazy DOG, and THE DOG sleeps on."
+    assert gw.records()[-1]["outcome"] == "completed"
+
+
+def test_a_complete_stream_is_answered_without_waiting_for_the_upstream_to_end_its_body(gw, monkeypatch):
+    """The upstream's body is read to its end beside the request (for its connection's reuse): the client has
+    [DONE] while the upstream still holds the body open. It waited for the body's end, up to DRAIN_SECONDS."""
+    monkeypatch.setattr(pipeline, "DRAIN_SECONDS", 20.0)
+    r, events = _streamed(gw, after_events="hang")
+    assert r.status_code == 200 and events[-1] == "data: [DONE]"
+    assert not gw.upstream.hung_up.is_set()
     assert gw.records()[-1]["outcome"] == "completed"
 
 
