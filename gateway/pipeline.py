@@ -171,14 +171,16 @@ class Pipeline:
             exchange.error = ErrorKind.INTERNAL.value
             await reply.error(api, GatewayError(ErrorKind.INTERNAL, "internal gateway error"))
         finally:
-            if not reply.ended:
-                if exchange.status == 0:
-                    exchange.status = 499  # the client left before any answer
-                await self._finish(exchange)
-            if exchange.admitted:
-                await self._admit.release(exchange)
-                if self._risk is not None:
-                    self._risk.observe(exchange)  # queued: scored off the request path
+            try:
+                if not reply.ended:
+                    if exchange.status == 0:
+                        exchange.status = 499  # the client left before any answer
+                    await self._finish(exchange)
+            finally:  # a host that cancels at every await (anyio) cancels the record too: the slot is freed still
+                if exchange.admitted:
+                    await self._admit.release(exchange)
+                    if self._risk is not None:
+                        self._risk.observe(exchange)  # queued: scored off the request path
 
     async def _apply_decision(self, decision: Decision) -> None:
         """A risk decision: recorded, then applied where admission reads tiers; not applied in shadow mode, nor

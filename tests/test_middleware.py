@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from dataclasses import replace
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -17,6 +18,8 @@ from starlette.routing import Route, WebSocketRoute
 from gateway.identity import Registry
 from gateway.middleware import CanarygateMiddleware
 from tests.conftest import ServerThread, _settings
+from tests.fake_upstream import FakeUpstream
+from tests.ratelimit.conftest import limited_settings
 from tests.test_hygiene import BODY, CHAT, assert_openai_error
 
 ANSWER = {
@@ -160,3 +163,28 @@ def test_an_app_that_raises_gets_the_client_a_502_and_its_traceback_logged(tmp_p
     assert "model weights" not in answer.text  # the client learns nothing of the app's insides
     raised = [r for r in caplog.records if r.name == "canarygate.upstream"]
     assert raised and "model weights not found" in str(raised[0].exc_info[1])
+
+
+def test_a_host_that_cancels_again_while_the_exchange_is_recorded_still_frees_its_slot(tmp_path):
+    """A host's timeout built on anyio cancels at every await, the record of the exchange's end included: its
+    admission must be released all the same. It was not, and the heartbeat renewed the lease for ever, so the
+    key's one concurrent request stayed taken."""
+    fake = FakeUpstream()
+    limits = {"identity": {"requests": "1000/minute", "tokens": "1000000/minute", "concurrency": 1}}
+    app = CanarygateMiddleware(fake, settings=limited_settings(tmp_path, "http://unused.invalid", limits))
+
+    async def host(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        with anyio.move_on_after(0.3):
+            await app(scope, receive, send)
+
+    fake.behaviour.hang = 2
+    with ServerThread(host) as server:
+        key = Registry(tmp_path).add("u1")
+        with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}"}) as client:
+            with contextlib.suppress(httpx.HTTPError):  # the host ends the response without an answer
+                client.post(CHAT, json=BODY, timeout=10)
+            assert not app.pipeline._admit._held
+            fake.behaviour.hang = 0
+            assert client.post(CHAT, json=BODY, timeout=10).status_code == 200
