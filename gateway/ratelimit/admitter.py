@@ -285,8 +285,11 @@ def _budget(prefix: str, unit: str, rate: Rate, scope: str) -> Check:
 
 
 def _tag(owner: str) -> str:
-    """A hash tag that is safe whatever the name holds (braces would end the tag early)."""
-    return owner if "{" not in owner and "}" not in owner else owner.replace("{", "(").replace("}", ")")
+    """A hash tag that is safe whatever the name holds (braces would end the tag early), and one to one: braces
+    were once written as parentheses, which gave tenants "acme{eu}" and "acme(eu)" one budget."""
+    if "{" not in owner and "}" not in owner and "%" not in owner:
+        return owner
+    return owner.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
 def _refusal(ask: Ask, verdict: Verdict, quotas: tuple[Quota, ...]) -> GatewayError:

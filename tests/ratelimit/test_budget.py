@@ -7,6 +7,9 @@ import random
 
 import pytest
 
+from gateway import config
+from gateway.exchange import Identity
+from gateway.ratelimit import open_admitter
 from gateway.ratelimit.budget import Ask, Check, MemoryBudget, Plan, Status, TierTable, TierTerms
 from gateway.ratelimit.redis_budget import RedisBudget
 from gateway.redis_client import connect
@@ -231,3 +234,12 @@ def test_a_requests_budget_scaled_below_one_per_period_admits_one_per_interval()
     assert (first.status, second.status) == (Status.ADMITTED, Status.LIMITED)
     assert second.retry_ms == 3333  # 0.3 per second: one every 3.33 s
     assert budget.decide(slow, now=3334).status is Status.ADMITTED
+
+
+def test_no_two_owners_share_keys_whatever_their_names_hold():
+    """Names with braces (which would end a Redis hash tag) or escapes in them keep keys of their own."""
+    admitter = open_admitter(config.parse({"limits": {"tenant": {"requests": "10/minute", "concurrency": 2}}}, "t"))
+    tenants = ["acme{eu}", "acme(eu)", "acme%7Beu%7D", "acme%257Beu%257D", "acme}{", "acme"]
+    keys = [tuple(c.key for c in admitter._plan(Identity("a", "normal", t, False, 0.0, 0.0)).checks) for t in tenants]
+    assert len(set(keys)) == len(tenants)
+    assert all(key.count("{") == 1 and key.count("}") == 1 for plan in keys for key in plan)
