@@ -108,7 +108,7 @@ on_storage_error = "open"        # "open": local limits (divided by replicas) un
 replicas = 1                     # gateway replicas sharing the storage
 lease_seconds = 60               # a concurrency slot lapses this long after its holder's last heartbeat
 default_max_tokens = 4096        # asked of the upstream (and reserved) when a request sets no output limit
-unauthenticated = "60/minute"    # requests without a valid key, per client address (IPv6: per /64)
+unauthenticated = "60/minute"    # requests without a valid key or for no route, per client address (IPv6: /64)
 
 [limits.identity]                # per identity, at tier scale 1; rates are "N/second|minute|hour|day; ..."
 requests = "600/minute; 20000/day"

@@ -143,7 +143,7 @@ class Pipeline:
         )
         reply = _Reply(send, exchange, api, dialect, self._finish)
         try:
-            self._check_route(exchange, dialect)
+            await self._check_route_or_count(exchange, dialect)
             await self._identify_or_count(exchange, headers)
             body = await self._read_request(exchange, scope, receive, dialect)
             biased = dialect is not None and self._bias is not None and self._bias.applies(exchange, dialect)
@@ -252,6 +252,16 @@ class Pipeline:
             recorded = False
         metrics.observe(exchange)
         return recorded
+
+    async def _check_route_or_count(self, exchange: Exchange, dialect: Dialect | None) -> None:
+        """Check the route; a request refused for it, before anyone is identified, counts against its address's
+        unauthenticated limit, as a refused key does: a flood of unknown routes was refused, and recorded,
+        without limit."""
+        try:
+            self._check_route(exchange, dialect)
+        except GatewayError:
+            await self._admit.admit(exchange)
+            raise
 
     def _check_route(self, exchange: Exchange, dialect: Dialect | None) -> None:
         if dialect is None:

@@ -249,6 +249,14 @@ def test_unauthenticated_requests_are_limited_per_address(limited):
     assert last.json()["error"]["code"] == "rate_limit_exceeded" and int(last.headers["retry-after"]) > 0
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/nothing"), ("GET", "/v1/chat/completions")])
+def test_requests_for_unknown_routes_or_methods_are_limited_per_address(fake_upstream, tmp_path, method, path):
+    limits = {"unauthenticated": "5/minute"}
+    with running_gateway(tmp_path / "state", fake_upstream.url, limits) as gateway, gateway.client("x") as http:
+        statuses = [http.request(method, path, json=CHAT).status_code for _ in range(7)]
+    assert statuses[:5] == [404 if method == "POST" else 405] * 5 and statuses[5:] == [429, 429]
+
+
 def test_openai_sdk_retries_a_429_as_told_and_gets_through(limited):
     name, key = limited.identity()
     client = openai.OpenAI(base_url=limited.url + "/v1", api_key=key, max_retries=3)
