@@ -17,7 +17,7 @@ from gateway.exchange import ErrorKind, GatewayError, Outcome
 from gateway.identity import IdentityError, Registry
 from gateway.pipeline import Pipeline
 from gateway.protocols import ROUTES
-from gateway.protocols.base import MAX_TOKEN_COUNT, total_tokens, usage_of
+from gateway.protocols.base import MAX_TOKEN_COUNT, estimate_tokens, total_tokens, usage_of
 from gateway.protocols.sse import SSEEvent, SSEFramer
 from gateway.rewrite import _decoded
 
@@ -368,3 +368,13 @@ def test_durable_dirs_puts_every_new_folders_name_on_disk_and_a_raced_one_too(tm
     (tmp_path / "a" / "raced").mkdir()  # made by another worker, which has not fsynced "a" yet
     files.durable_dirs(tmp_path / "a" / "raced")
     assert synced == [tmp_path / "a"]
+
+
+def test_an_image_block_of_another_shape_is_prompt_for_the_upstream_to_refuse():
+    """An Anthropic image with no source, or one that is not an object, in a body that says "base64": counted as
+    text, not a crash (a 500, which the SDKs retry)."""
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "image", "source": None}, {"type": "image", "source": "x"},
+        {"type": "image", "source": ["base64"]}, {"type": "text", "text": "base64"}]}]}  # fmt: skip
+    body = json.dumps(request).encode()
+    assert estimate_tokens(body, request) == -(-len(body) // 3)

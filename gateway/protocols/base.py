@@ -328,7 +328,9 @@ def _media(request: Any) -> list[str]:
                 found.append(url)
         elif kind in ("input_audio", "image"):
             holder = part.get("input_audio") if kind == "input_audio" else part.get("source")
-            data = holder.get("data") if isinstance(holder, dict) else None
+            if not isinstance(holder, dict):  # no source, or one of another shape: the upstream's to refuse
+                continue
+            data = holder.get("data")
             base64 = kind == "input_audio" or holder.get("type") == "base64"
             if isinstance(data, str) and base64 and _BASE64.fullmatch(data):
                 found.append(data)
