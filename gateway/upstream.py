@@ -104,7 +104,11 @@ class HTTPUpstream:
     async def send(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> _HTTPResponse:
         try:
             response = await self._session.request(
-                method, URL(self._base + path, encoded=True), data=body or None, headers=headers, allow_redirects=False
+                method,
+                URL(self._base + path, encoded=True),
+                data=body or None,
+                headers=[(k, _for_aiohttp(v)) for k, v in headers],
+                allow_redirects=False,
             )
         except TimeoutError:
             raise UpstreamError("timeout", "no answer within the timeout") from None
@@ -113,6 +117,18 @@ class HTTPUpstream:
         except aiohttp.ClientError as e:
             raise UpstreamError("broken", type(e).__name__) from None
         return _HTTPResponse(response)
+
+
+def _for_aiohttp(value: str) -> str:
+    """A header value held as its bytes read as latin-1 (as ASGI gives them), as aiohttp must be given it to write
+    those bytes: it writes UTF-8, so "café" sent in UTF-8 reached the upstream as "cafÃ©". Bytes that are not
+    UTF-8 have no such string, and go as aiohttp writes their latin-1 reading."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode()
+    except UnicodeError:
+        return value
 
 
 _END = object()  # put on the queue when the app returns, whatever it sent
