@@ -431,20 +431,19 @@ class Pipeline:
             body = await response.read(self._settings.server.max_response_bytes)
         except UpstreamError as e:
             raise _upstream_failure(exchange, e) from None
-        if (
-            response.status == 200
-            and dialect is not None
-            and content_type == "application/json"
-            and (rewriters := self._rewriters(exchange)) is not None
-        ):
+        # An API's answer is a JSON object whatever its label (text/plain, none): read, so that it is marked and
+        # its usage read, or the upstream's failure. Under another label it went out unmarked; not JSON, as a
+        # success where nothing was to be marked. Its usage is read here, where it is decoded anyway.
+        if response.status == 200 and dialect is not None:
             try:
                 data, write = jsonio.read(body)
             except ValueError:
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not JSON")) from None
-            if not isinstance(data, dict):  # JSON, but no answer of this route's shape: the upstream's fault
+            if not isinstance(data, dict):  # JSON, but no answer of this route's shape
                 raise _upstream_failure(exchange, UpstreamError("malformed", "answer is not a JSON object"))
-            exchange.usage = dialect.usage(data)  # read here, where the answer is decoded anyway
-            if rewrite_body(dialect, data, rewriters):
+            exchange.usage = dialect.usage(data)
+            rewriters = self._rewriters(exchange)
+            if rewriters is not None and rewrite_body(dialect, data, rewriters):
                 try:
                     body = write(data)
                 except ValueError:  # not delivered: the marks and canaries put in it were not served

@@ -54,6 +54,7 @@ class Behaviour:
     die_after_events: int | None = None  # close the connection abruptly after this many events
     after_events: str | None = None  # "hang": keep the body open after the last event; "die": then fail
     stream_type: str = "text/event-stream"  # the Content-Type of a streamed answer
+    answer_type: str | None = "application/json"  # of a whole answer (None: no Content-Type)
     refuse_logit_bias: bool = False  # answer 400 (`refusal`) to requests that carry logit_bias, as reasoning models do
     refusal: dict = field(default_factory=lambda: {"error": {"message": "Unsupported parameter: 'logit_bias' is not "
         "supported with this model.", "type": "invalid_request_error", "param": "logit_bias"}})  # fmt: skip
@@ -139,7 +140,9 @@ class FakeUpstream:
         return demo.models(["fake-model"])
 
     async def _json(self, send, status: int, payload, headers) -> None:
-        out = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in headers]
+        label = self.behaviour.answer_type if status == 200 else "application/json"
+        out = [(b"content-type", label.encode())] if label else []
+        out += [(k.encode(), v.encode()) for k, v in headers]
         await send({"type": "http.response.start", "status": status, "headers": out})
         body = json.dumps(payload).encode()
         if self.behaviour.patch is not None and status == 200:

@@ -291,9 +291,12 @@ def test_an_upstream_event_that_is_not_utf8_is_an_upstream_failure(gw):
     assert gw.records()[-1]["outcome"] == "upstream_failed"
 
 
-@pytest.mark.parametrize("answer", [b"[]", b'"oops"', b"null", b"[1]"])
-def test_a_whole_answer_that_is_json_but_no_object_is_the_upstreams_failure(gw, answer):
-    gw.transform.enabled = True  # the transform reads the answer's parts
+@pytest.mark.parametrize("marked", [True, False])
+@pytest.mark.parametrize("answer", [b"[]", b'"oops"', b"null", b"[1]", b"<html>busy</html>", b""])
+def test_a_whole_answer_that_is_no_json_object_is_the_upstreams_failure(gw, answer, marked):
+    """Whether or not a transform reads the answer's parts: an answer that is not JSON went out as a success
+    where none did."""
+    gw.transform.enabled = marked
     gw.upstream.behaviour.patch = lambda raw: answer
     with gw.client() as http:
         for path, body in ((CHAT, BODY), ("/v1/messages", {"model": "c", "max_tokens": 50, **BODY})):
@@ -301,6 +304,17 @@ def test_a_whole_answer_that_is_json_but_no_object_is_the_upstreams_failure(gw, 
             assert r.status_code == 502, (path, r.text)
             assert gw.records()[-1]["outcome"] == "upstream_failed"
     gw.upstream.behaviour.patch = None
+
+
+@pytest.mark.parametrize("label", ["text/plain", None])
+def test_a_whole_answer_under_another_label_is_read_and_marked(gw, label):
+    gw.transform.enabled = True
+    gw.upstream.behaviour.answer_type = label
+    with gw.client() as http:
+        r = http.post(CHAT, headers=gw.headers(), json=BODY)
+    gw.upstream.behaviour.answer_type = "application/json"
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("THE quick brown FOX")
+    assert gw.records()[-1]["outcome"] == "completed"
 
 
 def test_upstream_timeout_is_504(gw):
