@@ -112,6 +112,8 @@ class LimitAdmitter:
             exchange.choices,
         )
         verdict, engine, where = await self._decide(ask)
+        if where == "shared" and self._local is not None:
+            self._remember_tier(plan.tier_key, identity.tier if identity.pinned else verdict.tier, identity.tier)
         if identity.pinned and verdict.tier != identity.tier:  # an operator pinned it since: their tier wins
             with contextlib.suppress(StorageDown):  # cleared at a later request then
                 await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), None))
@@ -160,8 +162,19 @@ class LimitAdmitter:
     async def set_tier(self, identity: Identity, tier: str | None) -> None:
         """Override an identity's tier (None: back to its registry tier) where every replica reads it; on the
         shared storage within the deadline and as the breaker allows, like every call there (StorageDown)."""
-        engine = self._tiers_engine
-        await self._on(engine, lambda: engine.set_tier(tier_key(identity, self._prefix), tier))
+        engine, key = self._tiers_engine, tier_key(identity, self._prefix)
+        await self._on(engine, lambda: engine.set_tier(key, tier))
+        if engine is self._shared and self._local is not None:
+            self._remember_tier(key, tier or identity.tier, identity.tier)
+
+    def _remember_tier(self, key: str, in_force: str, registered: str) -> None:
+        """The shared storage's tier override, kept by the fail-open fallback too: while the storage is down, an
+        identity the risk engine moved stays where it was moved, instead of going back to its registry tier.
+        As each admission on the storage reads it, so that another replica's moves are kept as well."""
+        if in_force != registered:
+            self._local.tiers[key] = in_force
+        else:
+            self._local.tiers.pop(key, None)
 
     async def tier_override(self, identity: Identity) -> str | None:
         engine = self._tiers_engine

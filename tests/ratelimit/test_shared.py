@@ -12,9 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from gateway.exchange import Identity
 from gateway.identity import Registry
+from gateway.ratelimit.admitter import tier_key
 from tests import redis_servers
+from tests.ratelimit.conftest import running_gateway
 from tests.test_cli import Running, cli
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
@@ -523,3 +527,22 @@ def test_an_admission_the_deadline_gave_up_on_leaves_no_lease_behind_on_redis():
                 await admitter.close()
 
         assert asyncio.run(run()) == "admitted"
+
+
+def test_a_tier_the_risk_engine_set_holds_on_local_limits_while_the_storage_is_down(fake_upstream, tmp_path):
+    """Fail-open decides on this process's limits while Redis is down: an identity the risk engine moved (its
+    tier override lives on Redis) must stay where it was moved, not go back to its registry tier."""
+    fake_upstream.reset()
+    with redis_servers.standalone() as server:
+        limits = {"storage": server.url, "on_storage_error": "open", "timeout_ms": 200}
+        with running_gateway(tmp_path / "state", fake_upstream.url, limits) as gateway:
+            name, key = gateway.identity()
+            identity = Identity(name, "normal", None, False, 0.0, 0.0)
+            redis.Redis.from_url(server.url).set(tier_key(identity), "blocked")  # as the engine's set_tier does
+            with gateway.client(key) as http:
+                assert http.post("/v1/chat/completions", json=CHAT).status_code == 403
+                server.pause()
+                try:
+                    assert http.post("/v1/chat/completions", json=CHAT).status_code == 403
+                finally:
+                    server.resume()
