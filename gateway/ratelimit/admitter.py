@@ -33,6 +33,16 @@ class _Held:
     ask: Ask
     verdict: Verdict
     engine: object  # the engine that admitted it settles it
+    counted_locally: bool = False  # admitted on the shared storage, its leases also held by the local fallback
+
+    @property
+    def leases(self) -> list[tuple[str, str]]:
+        return _leases(self.ask)
+
+
+def _leases(ask: Ask) -> list[tuple[str, str]]:
+    """(concurrency set, lease id) of each concurrency limit an admission takes a slot in."""
+    return [(check.key, ask.lease) for check in ask.plan.lease_sets]
 
 
 class LimitAdmitter:
@@ -138,6 +148,8 @@ class LimitAdmitter:
         held = self._held.pop(exchange.id, None)
         if held is None:
             return
+        if held.counted_locally:
+            self._local.drop(held.leases)
         if exchange.upstream_status is None or exchange.upstream_status >= 300:
             correction = -held.verdict.reserved  # nothing was generated: refund all of it
         elif exchange.tokens_used is None:
@@ -201,14 +213,23 @@ class LimitAdmitter:
                     "the gateway cannot check rate limits right now; retry shortly",
                     {"retry-after": "1"},
                 ) from None
+            self._count_running_locally()
             return await self._local.admit(ask), self._local, "local"
+
+    def _count_running_locally(self) -> None:
+        """The exchanges this process runs on the shared storage's leases, counted by the local fallback too:
+        deciding without them, it admitted a key's full concurrency again beside them (4 running of 2)."""
+        for held in self._held.values():
+            if held.engine is self._shared and not held.counted_locally:
+                self._local.hold(held.leases, self._ttl_ms)
+                held.counted_locally = True
 
     def _drop_leases_later(self, ask: Ask) -> None:
         """An admission the deadline gave up on may still run on Redis (its script was sent): its leases would
         hold concurrency slots there for lease_seconds, and the caller, refused or admitted on local limits,
         would find its own ghost in the way. They are removed once the storage answers again (removing a lease
         never added changes nothing). A token reservation it may have taken stays: at most one request's."""
-        leases = [(check.key, ask.lease) for check in ask.plan.lease_sets]
+        leases = _leases(ask)
         if leases:
             task = asyncio.ensure_future(self._drop_when_answering(leases))
             self._dropping.add(task)
@@ -275,8 +296,9 @@ class LimitAdmitter:
     async def _extend_leases(self) -> None:
         by_engine: dict[int, tuple[object, list]] = {}
         for held in list(self._held.values()):
-            leases = by_engine.setdefault(id(held.engine), (held.engine, []))[1]
-            leases += [(c.key, held.ask.lease) for c in held.ask.plan.lease_sets]
+            engines = (held.engine, self._local) if held.counted_locally else (held.engine,)
+            for engine in engines:
+                by_engine.setdefault(id(engine), (engine, []))[1].extend(held.leases)
         for engine, leases in by_engine.values():
             with contextlib.suppress(StorageDown):  # logged by the guard; leases there lapse if it stays down
                 await self._on(engine, lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))

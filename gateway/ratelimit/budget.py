@@ -261,6 +261,16 @@ class MemoryBudget:
         for check in ask.plan.lease_sets:
             self._leases.get(check.key, {}).pop(ask.lease, None)
 
+    def hold(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
+        """Take leases (key, lease id) that another engine granted: this engine counts them from now on."""
+        expiry = self._clock() + ttl_ms
+        for key, lease in leases:
+            self._leases.setdefault(key, {})[lease] = expiry
+
+    def drop(self, leases: list[tuple[str, str]]) -> None:
+        for key, lease in leases:
+            self._leases.get(key, {}).pop(lease, None)
+
     async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
         """Heartbeat: push the expiry of live leases (key, lease id) forward."""
         expiry = self._clock() + ttl_ms

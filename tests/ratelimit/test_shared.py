@@ -4,6 +4,7 @@ happens when Redis dies, freezes or fails over under load. Real redis-server pro
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import shutil
 import threading
@@ -546,3 +547,35 @@ def test_a_tier_the_risk_engine_set_holds_on_local_limits_while_the_storage_is_d
                     assert http.post("/v1/chat/completions", json=CHAT).status_code == 403
                 finally:
                     server.resume()
+
+
+def test_local_limits_count_what_this_process_runs_on_the_storage(fake_upstream, tmp_path):
+    """While Redis is down, fail-open decides on local limits: the requests this process still runs under
+    Redis's leases take their slots there too (it admitted a key's concurrency of 2 twice over)."""
+    fake_upstream.reset()
+    limits = {"on_storage_error": "open", "timeout_ms": 200,
+              "identity": {"requests": "1000/minute", "tokens": "1000000/minute", "concurrency": 2}}  # fmt: skip
+    with (
+        redis_servers.standalone() as server,
+        running_gateway(tmp_path / "state", fake_upstream.url, {**limits, "storage": server.url}) as gateway,
+    ):
+        _, key = gateway.identity()
+        fake_upstream.behaviour.hang = 3
+        with gateway.client(key) as http, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(http.post, "/v1/chat/completions", json=CHAT) for _ in range(2)]
+            _wait_for(lambda: len(fake_upstream.requests) == 2)
+            server.pause()
+            try:
+                assert http.post("/v1/chat/completions", json=CHAT).status_code == 429
+            finally:
+                server.resume()
+            assert [r.result().status_code for r in running] == [200, 200]
+            fake_upstream.behaviour.hang = 0
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # their slots came back
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
