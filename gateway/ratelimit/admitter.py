@@ -294,14 +294,22 @@ class LimitAdmitter:
                 log.exception("could not extend the leases of running exchanges; trying again at the next beat")
 
     async def _extend_leases(self) -> None:
+        running = dict(self._held)
         by_engine: dict[int, tuple[object, list]] = {}
-        for held in list(self._held.values()):
+        for held in running.values():
             engines = (held.engine, self._local) if held.counted_locally else (held.engine,)
             for engine in engines:
                 by_engine.setdefault(id(engine), (engine, []))[1].extend(held.leases)
         for engine, leases in by_engine.values():
             with contextlib.suppress(StorageDown):  # logged by the guard; leases there lapse if it stays down
                 await self._on(engine, lambda e=engine, ls=leases: e.extend(ls, self._ttl_ms))
+        # Redis's extend puts back lost leases: one whose exchange was released while it was on its way (its
+        # release removed the lease first) is removed again, or it would hold a slot until it lapsed
+        ended = [lease for exchange_id, held in running.items() if exchange_id not in self._held
+                 and held.engine is self._shared for lease in held.leases]  # fmt: skip
+        if ended:
+            with contextlib.suppress(StorageDown):
+                await self._on(self._shared, lambda: self._shared.drop_leases(ended))
 
 
 def tier_key(identity: Identity, prefix: str = "cg") -> str:

@@ -65,13 +65,16 @@ class RedisBudget:
         await self._run(_SETTLE, keys, (now_ms, ask.lease, correction, intervals, reaches))
 
     async def extend(self, leases: list[tuple[str, str]], ttl_ms: int) -> None:
+        """Push the expiry of running exchanges' leases forward, and put back any that Redis lost (restarted
+        empty, or a replica promoted before it had them): renewing only those still there, it let the
+        concurrency limit forget what ran. The caller drops again the leases of exchanges released meanwhile."""
         if not leases:
             return
         time_s, micros = await self.client.time()
         expiry = time_s * 1000 + micros // 1000 + ttl_ms
         async with self.client.pipeline(transaction=False) as pipe:
             for key, lease in leases:
-                pipe.zadd(key, {lease: expiry}, xx=True)
+                pipe.zadd(key, {lease: expiry})
             for key in {key for key, _ in leases}:  # the set too: each admission renews it, but none may come
                 pipe.pexpire(key, ttl_ms)
             await pipe.execute()
