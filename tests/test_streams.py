@@ -222,10 +222,13 @@ def test_log_probabilities_an_upstream_sends_unasked_never_reach_a_client_of_mar
     gw.upstream.behaviour.patch = None
 
 
-def test_an_error_event_from_the_upstream_is_no_completed_answer(gw):
-    error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
-    _, events = _streamed(gw, patch=lambda raw: error if b"[DONE]" in raw else raw)
-    assert json.loads(events[-1].removeprefix("data: "))["error"]["message"] == "overloaded"  # relayed as sent
+@pytest.mark.parametrize("error", [b'{"error": {"message": "overloaded", "type": "server_error"}}',
+                                   b'{"object": "error", "message": "overloaded", "type": "BadRequestError"}',
+                                   b'{"object":"error","message":"overloaded"}'])  # fmt: skip
+def test_an_error_event_from_the_upstream_is_no_completed_answer(gw, error):
+    """OpenAI's error chunk, and vLLM's (an error object itself, which older versions sent before [DONE])."""
+    _, events = _streamed(gw, patch=lambda raw: b"data: " + error + b"\n\n" + raw if b"[DONE]" in raw else raw)
+    assert json.loads(events[-1].removeprefix("data: "))["message" if b"object" in error else "error"]  # as sent
     assert gw.records()[-1]["outcome"] == "upstream_failed"
 
 

@@ -136,13 +136,18 @@ def _constrained(body: dict[str, Any], fields: tuple[str, ...]) -> bool:
     return _json_format(body.get("response_format")) or any(body.get(name) for name in fields)
 
 
+# a chunk that carries an error (OpenAI's), or is one (vLLM's, which older versions sent before [DONE])
+_ERROR_CHUNKS = (b'{"error"', b'{"object":"error"', b'{"object": "error"')
+_TERMINAL_STARTS = (b"[DONE]", *_ERROR_CHUNKS)
+
+
 def _data_terminal(raw: bytes) -> bool:
-    """Chat and completions streams end with `data: [DONE]`, or with a chunk that carries an error."""
-    return first_data(raw).startswith((b"[DONE]", b'{"error"'))
+    """Chat and completions streams end with `data: [DONE]`, or with an error chunk."""
+    return first_data(raw).startswith(_TERMINAL_STARTS)
 
 
 def _data_error(raw: bytes) -> bool:
-    return first_data(raw).startswith(b'{"error"')
+    return first_data(raw).startswith(_ERROR_CHUNKS)
 
 
 _RESPONSE_ENDS = (b"response.completed", b"response.failed", b"response.incomplete", b"error")
