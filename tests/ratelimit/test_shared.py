@@ -329,8 +329,7 @@ def test_a_storage_failure_drops_the_idle_connections_that_point_where_it_was():
 
 
 def test_a_name_revoked_and_registered_anew_keeps_no_tier_the_engine_gave_its_last_holder(tmp_path):
-    from gateway import config, ratelimit
-    from gateway.exchange import Identity
+    from gateway import ratelimit
 
     with redis_servers.standalone() as server:
         write_config(tmp_path, server.url, "http://127.0.0.1:9")
@@ -346,8 +345,7 @@ def test_a_name_revoked_and_registered_anew_keeps_no_tier_the_engine_gave_its_la
 
 
 def test_a_key_is_revoked_with_the_shared_storage_down_and_a_failed_add_changes_no_tier(tmp_path):
-    from gateway import config, ratelimit
-    from gateway.exchange import Identity
+    from gateway import ratelimit
 
     with redis_servers.standalone() as server:
         write_config(tmp_path, server.url, "http://127.0.0.1:9")
@@ -366,9 +364,6 @@ def test_a_key_is_revoked_with_the_shared_storage_down_and_a_failed_add_changes_
 def test_a_cluster_with_no_node_to_reach_is_a_storage_failure_under_either_policy(policy):
     """redis-py raises RedisClusterException, which is no RedisError, when no Cluster node answers: it was
     not taken for a storage failure, so every request was a 500 and /readyz itself failed."""
-    from gateway import config
-    from gateway.exchange import Exchange, GatewayError, Identity
-    from gateway.ratelimit import open_admitter
 
     url = f"redis+cluster://127.0.0.1:{redis_servers.free_port()}"
     settings = config.parse({"limits": {"storage": url, "on_storage_error": policy}}, "test")
@@ -397,10 +392,6 @@ def test_a_cluster_with_no_node_to_reach_is_a_storage_failure_under_either_polic
 def test_the_lease_heartbeat_outlives_a_beat_that_fails():
     """A heartbeat that died at one failed beat left every later long exchange's lease to lapse while it ran."""
     from dataclasses import replace
-
-    from gateway import config
-    from gateway.exchange import Exchange, Identity
-    from gateway.ratelimit import open_admitter
 
     settings = config.parse({"limits": {"identity": {"concurrency": 2}}}, "test")
     settings = replace(settings, limits=replace(settings.limits, lease_seconds=0.03))
@@ -456,10 +447,7 @@ def test_a_cluster_url_logs_in_as_its_user():
 def test_a_tier_set_on_a_frozen_storage_ends_at_the_deadline_and_changes_nothing(tmp_path):
     """set_tier had no deadline: a frozen Redis held the admin endpoint and the risk engine's decisions for
     ever. The admin endpoint wrote the registry first, so a failed call left it and the storage disagreeing."""
-    from gateway import config
     from gateway.admin import TierAdmin
-    from gateway.exchange import Identity
-    from gateway.ratelimit import open_admitter
     from gateway.ratelimit.guard import StorageDown
 
     registry = Registry(tmp_path)
@@ -495,9 +483,6 @@ def test_a_tier_set_on_a_frozen_storage_ends_at_the_deadline_and_changes_nothing
 def test_an_admission_the_deadline_gave_up_on_leaves_no_lease_behind_on_redis():
     """Its script was sent, so a Redis that answers late still runs it and adds the lease; the caller, told
     to retry in a second, found its own ghost holding the one concurrency slot for the lease's whole life."""
-    from gateway import config
-    from gateway.exchange import Exchange, GatewayError, Identity
-    from gateway.ratelimit import open_admitter
 
     def exchange(i: int) -> Exchange:
         made = Exchange(id=f"req_{i}", method="POST", path="/v1/chat/completions", api="openai", route=None,
