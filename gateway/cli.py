@@ -448,13 +448,20 @@ def _detect(args) -> int:
         if found is None:
             print(f"  {subject}: NO PRIOR COMMITMENT in the evidence log; nothing shows it was fixed in advance")
         else:
-            print(f"  {subject}: committed at {found['time']} ({found['log']} entry {found['index']})")
+            print(f"  {subject}: committed at {found['time']} ({found['log']} entry {found['index']}"
+                  f"{_CHECKPOINTED[found['checkpointed']]})")  # fmt: skip
     if args.per_text:
         print("  per text, Holm-corrected over every line, scheme and key epoch:")
     for per_text in doc.get("per_text", []):
         best = min(per_text["schemes"].values(), key=lambda r: r["p_value"])
         print(f"  line {per_text['line']}: p = {best['p_value']:.3g} from {best['n']} votes")
     return 0
+
+
+# what a commitment's entry is known to be under: a signed checkpoint of the log read; none yet; or a bundle's
+# word, which `detect --bundle` does not check (a forged bundle's commitments read the same)
+_CHECKPOINTED = {True: "", False: ", not yet under a signed checkpoint",
+                 "unverified": ", as the bundle says: run the bundle's verify.py to check it"}  # fmt: skip
 
 
 def _per_text(rows: list[_Row], findings: list[list], untested: int) -> list[dict]:

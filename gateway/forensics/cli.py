@@ -28,7 +28,8 @@ def add_commands(commands, settings_of, readers_of) -> None:
     probe.add_argument("--prompts", help='more prompts: JSON lines {"prompt": ...}')
     probe.add_argument("--canary-contexts", type=int, default=200, help="served-canary prompts from the log (0: none)")
     probe.add_argument("--exposure", action="store_true", help="also score each canary's exposure (needs logprobs)")
-    probe.add_argument("--candidates", type=_positive, default=10_000, help="reference phrases per canary's exposure")
+    probe.add_argument("--candidates", type=_enough_candidates, default=10_000,
+                       help="reference phrases per canary's exposure (at least 999)")  # fmt: skip
     probe.add_argument("--exposure-canaries", type=int, default=64, help="distinct canaries to score, at most")
     probe.add_argument("--reading", action="store_true", help="also read the suspect's word choices (needs logprobs)")
     probe.add_argument("--concurrency", type=int, default=4)
@@ -53,6 +54,18 @@ def add_commands(commands, settings_of, readers_of) -> None:
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _enough_candidates(value: str) -> int:
+    """Fewer than MIN_CANDIDATES cannot put a canary in the top 0.1%: every exposure test would come out empty."""
+    from .exposure import MIN_CANDIDATES
+
+    if not value.isdigit() or int(value) < MIN_CANDIDATES:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {MIN_CANDIDATES} (a canary counts as exposed in the top 0.1% of its candidates, "
+            f"which fewer cannot show), not {value!r}"
+        )
     return int(value)
 
 

@@ -23,6 +23,8 @@ from .probe import Session
 # of every candidate stays small (about 0.5 MB per 100 candidates).
 CONTEXT_CHARS = 600
 SEPARATOR = "\n\n"  # how the gateway sets a canary after the answer
+ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
+MIN_CANDIDATES = round(1 / ALPHA) - 1  # rank 1 of N + 1 = 1,000 phrases is the least that reaches the top 0.1%
 
 
 def candidates(canary_index: int, count: int, seed: str) -> list[int]:

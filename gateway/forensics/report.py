@@ -28,10 +28,10 @@ from ..stats import binomial_sf, holm
 from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
 from .claims import SUGGESTIVE, claims
 from .evidence import canary_owners, prior_commitments
+from .exposure import ALPHA as EXPOSURE_ALPHA
 from .probe import SETTINGS, TRANSCRIPT, read_rows, read_settings
 from .reading import reading_test
 
-EXPOSURE_ALPHA = 0.001  # a canary counts as exposed when its rank puts it in the top 0.1% of its candidates
 
 
 def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], count: int, wrong: int = 200,

@@ -272,6 +272,11 @@ def test_an_expert_detects_with_the_key_disclosed_in_the_bundle(served, tmp_path
 
     alone = doc["schemes"]["lexical-v1"]["raw_p_value"]
     assert doc["schemes"]["lexical-v1"]["p_value"] == alone  # one epoch committed, one disclosed
+    # the bundle is not checked here: its commitments are given as its word (a forged one's read the same)
+    text = cli(tmp_path, "detect", "suspect.jsonl", "--bundle", bundle).stdout
+    assert "committed at" in text and all(
+        "run the bundle's verify.py" in line for line in text.splitlines() if "committed at" in line
+    )
 
     more = tmp_path / "more"  # a bundle with a second epoch's key committed to, not disclosed
     shutil.copytree(bundle, more)

@@ -239,3 +239,11 @@ def test_a_suspects_lone_surrogate_is_kept_and_a_line_torn_inside_a_character_is
     with open(path, "ab") as f:
         f.write(b'{"id": "c", "text": "caf' + "é".encode()[:1])
     assert read_rows(path) == [{"id": "a", "text": "evil \ud800"}, {"id": "b", "text": "café"}]
+
+
+def test_too_few_exposure_candidates_are_refused_rather_than_never_exposing(tmp_path):
+    """A canary ranked first of 500 is not in the top 0.1%: with fewer than 999 candidates every exposure test
+    came out empty, and the report said nothing of why."""
+    args = ("probe", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", "p", "--exposure")
+    refused = cli(tmp_path, *args, "--candidates", "500")
+    assert refused.returncode == 2 and "at least 999" in refused.stderr
