@@ -33,7 +33,6 @@ from .probe import SETTINGS, TRANSCRIPT, read_rows, read_settings
 from .reading import reading_test
 
 
-
 def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], count: int, wrong: int = 200,
           proofs_per_canary: int = 3) -> dict:  # fmt: skip
     rows = read_rows(probe / TRANSCRIPT)
