@@ -98,20 +98,12 @@ def _reading(reading: dict, commitments: dict, probed: str | None) -> dict:
 def _canaries(found: dict) -> list[dict]:
     out = []
     for a in found["attributions"]:
-        level = "strong" if a["p_value"] < STRONG else "suggestive"
         text = (f"{len(a['canaries'])} canaries of identity {a['identity']} (key epoch {a['epoch']}) appear in the "
                 f"suspect's answers, among {found['phrases_found']} canary-space phrases found "
                 f"(p = {a['p_value']:.3g}, Holm-adjusted over {found['identities_tested']} identity-epochs). "
                 )  # fmt: skip
-        alternatives = ["published", "second hand"]
-        if a["served"]:
-            text += f"The log shows them served to this identity; {_served(a['served'])}."
-        else:  # the suspect knows phrases this account was never given: the canary key, not the account, leaked
-            level, alternatives = "suggestive", ["canary key leaked"]
-            text += ("The log has no record of serving them: they were drawn for this identity but never sent "
-                     "to it, which points to the canary key or the log's contents leaking, not to this account."
-                     )  # fmt: skip
-        out.append({"about": "canaries", "identity": a["identity"], "level": level, "text": text,
+        level, more, alternatives = _served_canaries(a)
+        out.append({"about": "canaries", "identity": a["identity"], "level": level, "text": text + more,
                     "alternatives": alternatives})  # fmt: skip
     if not found["attributions"]:
         chance = found["chance_matches"]
@@ -123,6 +115,29 @@ def _canaries(found: dict) -> list[dict]:
     return out
 
 
+def _served_canaries(a: dict) -> tuple[str, str, list[str]]:
+    """(level, the sentences, the alternatives) of an attribution, from what the log shows: only canaries served
+    to the identity before the probe began tie its answers to the suspect, and the claim is graded on those
+    alone. One never served points to the canary key leaking; one served later, to nothing."""
+    shown, served, p = a["served_before_probe"], a["served"], a["served_p_value"]
+    unserved = len(a["canaries"]) - len({entry["canary"] for entry in served})
+    leaked = (f" {unserved} of them were never served to it, which points to the canary key or the log's contents "
+              "leaking, not to this account." if unserved else "")  # fmt: skip
+    if shown:
+        level = "strong" if p < STRONG else "suggestive"
+        text = (f"The log shows {len(shown)} of them served to this identity before the probe began (p = {p:.3g} on "
+                f"those alone, Bonferroni-adjusted); {_served(served)}.{leaked}")  # fmt: skip
+        return level, text, ["published", "second hand"] + (["canary key leaked"] if unserved else [])
+    if served:
+        return "suggestive", (f"The log shows them served to this identity only once the probe had begun, or when "
+                              f"it began is not on record; {_served(served)}. That does not show that this "
+                              f"account's answers reached the suspect.{leaked}"), ["canary key leaked"]  # fmt: skip
+    # the suspect knows phrases this account was never given: the canary key, not the account, leaked
+    return "suggestive", ("The log has no record of serving them: they were drawn for this identity but never sent "
+                          "to it, which points to the canary key or the log's contents leaking, not to this account."
+                          ), ["canary key leaked"]  # fmt: skip
+
+
 def _served(entries: list[dict]) -> str:
     proved = sum(1 for entry in entries if entry.get("proof"))
     if proved == len(entries):
@@ -132,14 +147,22 @@ def _served(entries: list[dict]) -> str:
 
 
 def _exposure(exposure: dict) -> list[dict]:
+    """Graded, like canaries, on the canaries the log shows served to the identity before the probe began."""
     out = []
     for row in exposure["identities"]:
         if row["p_value"] >= SUGGESTIVE:
             continue
-        out.append({"about": "exposure", "identity": row["identity"], "level": "strong" if row["p_value"] < STRONG
-                    else "suggestive", "alternatives": ["published", "second hand"],
-                    "text": f"The suspect rates {row['exposed']} of {row['scored']} canaries of identity "
-                            f"{row['identity']} above nearly all phrases of the same kind (p = {row['p_value']:.3g}; "
-                            f"median exposure {row['median_exposure']:.1f} bits): its training data held answers "
-                            "served to this identity, even where it does not write them out."})  # fmt: skip
+        p = row["served_p_value"]
+        text = (f"The suspect rates {row['exposed']} of {row['scored']} canaries of identity {row['identity']} above "
+                f"nearly all phrases of the same kind (p = {row['p_value']:.3g}; median exposure "
+                f"{row['median_exposure']:.1f} bits). Of the {row['shown']} the log shows served to this identity "
+                f"before the probe began, {row['shown_exposed']} are so rated (p = {p:.3g} on those alone, "
+                f"Bonferroni-adjusted)")  # fmt: skip
+        if p < SUGGESTIVE:
+            text += f": its training data held answers served to this identity; {_served(row['served'])}."
+        else:
+            text += ": that does not show that this identity's answers reached the suspect."
+        alternatives = ["published", "second hand"] if p < SUGGESTIVE else ["canary key leaked"]
+        out.append({"about": "exposure", "identity": row["identity"], "text": text,
+                    "level": "strong" if p < STRONG else "suggestive", "alternatives": alternatives})  # fmt: skip
     return out

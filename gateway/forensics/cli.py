@@ -142,7 +142,9 @@ def _report(args, settings_of, readers_of) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "report.html").write_text(html.render(doc))
-    proofs = [s["proof"] for a in doc["canaries"]["attributions"] for s in a["served"] if s["proof"]]
+    served = [a["served"] for a in doc["canaries"]["attributions"] + doc["exposure"]["identities"]]
+    proofs = list({json.dumps(s["proof"], sort_keys=True): s["proof"] for entries in served for s in entries
+                   if s["proof"]}.values())  # each entry once, whichever claims rest on it  # fmt: skip
     (out / "proofs.json").write_text(json.dumps(proofs, indent=1) + "\n")
     shutil.copyfile(Path(verifier.__file__), out / "verify.py")
     for claim in doc["claims"]:

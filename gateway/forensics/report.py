@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from .. import canary, watermark
+from ..canary.detect import Attribution
+from ..canary.phrases import SPACE
 from ..evidence.keys import Keys
 from ..evidence.reader import LogReader, VerifyError, commitments
-from ..stats import binomial_sf, holm
+from ..stats import binomial_sf, holm, hypergeometric_sf
 from ..watermark.scoring import fixed_scheme_p, poisson_binomial_pmf, vote_counts, votes
 from .claims import SUGGESTIVE, claims
 from .evidence import canary_owners, prior_commitments
@@ -44,8 +46,8 @@ def build(probe: Path, keys: Keys, readers: list[LogReader], names: list[str], c
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "suspect": {**suspect, "texts": len(items), "words": sum(len(t.split()) for t, _ in items)},
         "watermark": _watermark(items, keys, readers, wrong, hashlib.sha256((probe / TRANSCRIPT).read_bytes())),
-        "canaries": _canaries(items, keys, readers, names, count, proofs_per_canary),
-        "exposure": _exposure(read_rows(probe / "exposure.jsonl")),
+        "canaries": _canaries(items, keys, readers, names, count, proofs_per_canary, suspect.get("started")),
+        "exposure": _exposure(read_rows(probe / "exposure.jsonl"), readers, suspect.get("started")),
         "reading": _reading(read_rows(probe / "reading.jsonl"), keys, wrong),
         "public_keys": sorted({v.vkey() for r in readers for v in r.verifiers(None)}),
     }
@@ -125,7 +127,7 @@ def _commitments(readers: list[LogReader]) -> list[dict]:
         return []
 
 
-def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: int) -> dict:
+def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: int, started: str | None) -> dict:
     key = canary.canary_key(keys.watermark)
     owners = canary_owners(key, names, sorted(keys.masters), count)
     results, found = canary.attribute([t for t, _ in items], owners, [p for _, p in items])
@@ -141,7 +143,7 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
         "identities_tested": len(owners),
         "phrases_found": found,
         "attributions": [
-            {**r.as_json(), "served": [e for c in r.canaries for e in served.get(c, [])]}
+            _proved(r, [e for c in r.canaries for e in served.get(c, [])], started, owners, found)
             for r in results
             if r.p_value < SUGGESTIVE
         ],
@@ -149,6 +151,69 @@ def _canaries(items, keys: Keys, readers, names, count: int, proofs_per_canary: 
         # goes to third parties, and these accounts are not implicated)
         "chance_matches": sum(1 for r in results if r.p_value >= SUGGESTIVE and r.canaries),
     }
+
+
+def _proved(found: Attribution, served: list[dict], started: str | None, owners: dict, phrases: int) -> dict:
+    """The attribution, with the log entries that served its canaries, and the test again on those alone that
+    the log shows served before the probe began. Only these tie the identity's answers to the suspect: a
+    canary never served to it points to a leak of the canary key, and one served once the probe had begun
+    could not have been learned from it. The test on them is exact and conservative (fewer hits, tested as
+    among all of its canaries), Bonferroni-adjusted over the identity-epochs tested (`owners`)."""
+    shown = sorted({entry["canary"] for entry in served if _before(entry.get("time"), started)})
+    mine = len(owners[found.identity, found.epoch])
+    raw = hypergeometric_sf(len(shown), SPACE, mine, phrases) if shown else 1.0
+    return {**found.as_json(), "served": served, "served_before_probe": shown,
+            "served_p_value": min(1.0, raw * len(owners))}  # fmt: skip
+
+
+def _before(time: str | None, started: str | None) -> bool:
+    """Logged before the probe began, to the second (the probe's start has no fraction): the same second is late."""
+    return time is not None and started is not None and time[:19] < started[:19]
+
+
+def _threshold(rows: list[dict]) -> float:
+    """The largest p-value a rank can have and be in the top EXPOSURE_ALPHA among the fewest candidates scored."""
+    candidates = min(r["candidates"] for r in rows)
+    return math.floor(EXPOSURE_ALPHA * (candidates + 1)) / (candidates + 1)
+
+
+def _shown(named: dict, rows: list[dict], readers: list[LogReader], started: str | None, tested: int) -> None:
+    """Add to a named identity's exposure what the log shows of it: each scored canary's entry with its inclusion
+    proof, and the test on those that name the identity and the canary and were logged before the probe began
+    (Bonferroni over the identities tested): only these tie its answers to the suspect."""
+    logs, q = {reader.origin(): reader for reader in readers}, _threshold(rows)
+    entries, shown = [], []
+    for row in rows:
+        entry = _entry(logs.get(row["log"]), row["entry"])
+        if entry is None:
+            continue
+        entries.append(entry)
+        canaries = {c.get("id") for c in entry["public"].get("canaries") or ()}
+        if (
+            entry["public"].get("identity") == named["identity"]
+            and row["canary"] in canaries
+            and _before(entry["public"].get("time"), started)
+        ):
+            shown.append(row)
+    exposed = sum(r["p_value"] <= q for r in shown)
+    raw = binomial_sf(exposed, len(shown), q) if shown and q > 0 else 1.0
+    named.update(served=[{k: e[k] for k in ("log", "entry", "time", "proof")} for e in entries],
+                 shown=len(shown), shown_exposed=exposed, served_p_value=min(1.0, raw * tested))  # fmt: skip
+
+
+def _entry(reader: LogReader | None, index: int) -> dict | None:
+    """An entry's public part, where it was logged and its inclusion proof (None before a checkpoint covers it)."""
+    if reader is None:
+        return None
+    try:
+        public = reader.get(index).public
+    except VerifyError:
+        return None
+    try:
+        proof = reader.prove(index)
+    except VerifyError:  # not under a checkpoint yet
+        proof = None
+    return {"public": public, "log": reader.origin(), "entry": index, "time": public.get("time"), "proof": proof}
 
 
 def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[str, list[dict]]:
@@ -172,17 +237,17 @@ def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[
     return out
 
 
-def _exposure(rows: list[dict]) -> dict:
+def _exposure(rows: list[dict], readers: list[LogReader], started: str | None) -> dict:
     """Per identity, how many of its scored canaries rank in the top EXPOSURE_ALPHA of their candidates, and the
     exact binomial tail of that count (ranks of distinct canaries are independent under the null, each
-    drawn against its own candidates); Holm over identities."""
+    drawn against its own candidates); Holm over identities. For an identity named, the test again on the
+    canaries the log shows served to it before the probe began, each with its inclusion proof (`_shown`)."""
     by_identity: dict[str, list[dict]] = {}
     for row in rows:
         by_identity.setdefault(row["identity"], []).append(row)
     tested = []
     for identity, mine in sorted(by_identity.items()):
-        candidates = min(r["candidates"] for r in mine)
-        q = math.floor(EXPOSURE_ALPHA * (candidates + 1)) / (candidates + 1)
+        q = _threshold(mine)
         exposed = sum(r["p_value"] <= q for r in mine)
         tested.append({"identity": identity, "scored": len(mine), "exposed": exposed, "raw_p_value":
                        binomial_sf(exposed, len(mine), q) if q > 0 else 1.0,
@@ -190,6 +255,8 @@ def _exposure(rows: list[dict]) -> dict:
     for row, adjusted in zip(tested, holm([t["raw_p_value"] for t in tested]), strict=True):
         row["p_value"] = adjusted
     named = [t for t in tested if t["p_value"] < SUGGESTIVE]  # the others are not implicated: counted, not named
+    for row in named:
+        _shown(row, by_identity[row["identity"]], readers, started, len(tested))
     return {
         "test": f"rank of each canary among its candidates (p = rank / (N + 1), exact); per identity, the count "
         f"ranked in the top {EXPOSURE_ALPHA:g}, exact binomial tail, Holm over identities",

@@ -13,9 +13,12 @@ import time
 
 import pytest
 
+from gateway.canary import canary_key
 from gateway.evidence.keys import Keys
+from gateway.evidence.reader import LogReader
 from gateway.evidence.verifier import NoteKey, verify_inclusion_proof
 from gateway.forensics.probe import SETTINGS, TRANSCRIPT
+from gateway.forensics.served import served_canaries
 from gateway.watermark import epoch_keys
 from tests.forensics.suspect import jsonl
 from tests.ratelimit.conftest import running_gateway
@@ -60,9 +63,12 @@ def _probe_folder(folder, name: str, texts: list[str]):
 
 def _scored_by_logprobs(probe, folder, name: str) -> None:
     """What --exposure and --reading leave for a suspect that learned the identity's canaries and the key."""
-    key = epoch_keys(Keys.load(folder / ".canarygate" / "keys"))[0]
-    exposure = [{"canary": f"cn_{i}", "identity": name, "epoch": 0, "log": "l", "entry": i, "candidates": 10_000,
-                 "score": -5.0, "rank": 1, "p_value": 1 / 10_001, "exposure": 13.3} for i in range(3)]  # fmt: skip
+    keys = Keys.load(folder / ".canarygate" / "keys")
+    key = epoch_keys(keys)[0]
+    served = {s.canary.id: s for s in served_canaries(LogReader(folder / ".canarygate" / "evidence" / "0", keys),
+                                                      canary_key(keys.watermark), 8)}  # fmt: skip
+    exposure = [{**s.as_json(), "candidates": 10_000, "score": -5.0, "rank": 1, "p_value": 1 / 10_001,
+                 "exposure": 13.3} for s in list(served.values())[:3]]  # fmt: skip
     exposure += [{**row, "identity": "bystander", "canary": f"cn_b{i}", "rank": 5000, "p_value": 5000 / 10_001,
                   "exposure": 1.0} for i, row in enumerate(exposure)]  # fmt: skip
     reading = [{"id": f"{s}-0-0", "set": s, "scores": [0.0 if m == key.preferred[s] else -2.0 for m in range(2)]}
@@ -89,7 +95,8 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     assert attributions[0]["p_value"] < 1e-6
     assert doc["canaries"]["identities_tested"] == 6
     proofs = json.loads((folder / "student-report" / "proofs.json").read_text())
-    assert len(proofs) == len(attributions[0]["served"]) >= len(attributions[0]["canaries"])
+    entries = {s["entry"] for a in [attributions[0], *doc["exposure"]["identities"]] for s in a["served"]}
+    assert len(proofs) == len(entries) and len(attributions[0]["served"]) >= len(attributions[0]["canaries"])
     assert all(s["identity"] == name for s in attributions[0]["served"])
     keys = [NoteKey.parse(k) for k in doc["public_keys"]]
     for proof in proofs:
@@ -116,8 +123,8 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     assert not re.findall(r'(?:src|href)="(?!#)', html) and "<svg" in html  # self-contained: nothing fetched
     assert Keys.load(folder / ".canarygate" / "keys").watermark.hex() not in html + json.dumps(doc)
     exposed = doc["exposure"]["identities"]
-    assert [(e["identity"], e["exposed"], e["scored"]) for e in exposed] == [(name, 3, 3)]
-    assert exposed[0]["p_value"] < 1e-8  # Holm over two identities
+    assert [(e["identity"], e["exposed"], e["scored"], e["shown"]) for e in exposed] == [(name, 3, 3, 3)]
+    assert exposed[0]["p_value"] < 1e-8 and exposed[0]["served_p_value"] < 1e-8  # Holm, Bonferroni over two
     assert doc["reading"]["best"]["p_value"] < 1e-6 and doc["reading"]["best"]["hits"] == doc["reading"]["best"]["n"]
     assert {c["about"] for c in doc["claims"] if c["level"] == "strong"} == {"watermark", "canaries", "exposure",
                                                                              "reading mode"}  # fmt: skip
@@ -193,17 +200,49 @@ def test_canaries_the_log_never_served_implicate_no_account():
     the account's answers. Entries not yet under a checkpoint are not said to carry proofs."""
     from gateway.forensics.claims import _canaries
 
-    attribution = {"identity": "carol", "epoch": 0, "canaries": ["cn_1", "cn_2", "cn_3"], "p_value": 1e-12}
+    attribution = {"identity": "carol", "epoch": 0, "canaries": ["cn_1", "cn_2", "cn_3"], "p_value": 1e-12,
+                   "served_before_probe": [], "served_p_value": 1.0}  # fmt: skip
     found = {"phrases_found": 3, "identities_tested": 4, "chance_matches": 0}
     never = _canaries({**found, "attributions": [{**attribution, "served": []}]})[0]
     assert never["level"] == "suggestive" and "no record of serving them" in never["text"]
     assert "served only" not in never["text"] and never["alternatives"] == ["canary key leaked"]
-    entries = [{"proof": {"leaf": "x"}}, {"proof": None}]
-    pending = _canaries({**found, "attributions": [{**attribution, "served": entries}]})[0]
+    entries = [{"canary": c, "proof": {"leaf": "x"} if c != "cn_3" else None} for c in attribution["canaries"]]
+    pending = _canaries({**found, "attributions": [{**attribution, "served": entries, "served_p_value": 1e-12,
+                                                    "served_before_probe": attribution["canaries"]}]})[0]  # fmt: skip
     assert (
         pending["level"] == "strong"
-        and "2 log entries below show when, 1 of them with an inclusion proof" in (pending["text"])
+        and "3 log entries below show when, 2 of them with an inclusion proof" in (pending["text"])
     )
+
+
+def test_only_canaries_served_before_the_probe_began_make_an_account_strongly_implicated(tmp_path):
+    """A canary never served to the identity (the reviewer's second phrase) or served once the probe had begun
+    (the third) proves nothing about its answers: the claim is graded on the one served before, alone."""
+    from gateway.canary.detect import Attribution
+    from gateway.forensics.claims import _canaries
+    from gateway.forensics.report import _proved
+
+    owners = {("bob", 0): [None] * 8, ("alice", 0): [None] * 8}
+    found = Attribution("bob", 0, ("cn_a", "cn_b", "cn_c"), 2e-8, 1e-8)
+    served = [{"canary": "cn_a", "time": "2026-11-29T13:00:00Z", "proof": {"leaf": "x"}},
+              {"canary": "cn_c", "time": "2026-11-29T13:31:54Z", "proof": {"leaf": "y"}}]  # fmt: skip
+    row = _proved(found, served, "2026-11-29T13:30:42Z", owners, 3)
+    assert row["served_before_probe"] == ["cn_a"] and 1e-4 < row["served_p_value"] < 0.01
+    claim = _canaries({"phrases_found": 3, "identities_tested": 2, "chance_matches": 0, "attributions": [row]})[0]
+    assert (
+        claim["level"] == "suggestive" and "1 of them served to this identity before the probe began" in claim["text"]
+    )
+    assert "1 of them were never served to it" in claim["text"] and "canary key leaked" in claim["alternatives"]
+    late = _proved(found, served[1:], "2026-11-29T13:30:42Z", owners, 3)
+    assert (
+        late["served_before_probe"] == []
+        and "only once the probe had begun"
+        in _canaries({"phrases_found": 3, "identities_tested": 2, "chance_matches": 0, "attributions": [late]})[0][
+            "text"
+        ]
+    )
+    unknown = _proved(found, served, None, owners, 3)  # when the probe began is not on record: nothing shown
+    assert unknown["served_before_probe"] == [] and unknown["served_p_value"] == 1.0
 
 
 def test_a_key_committed_after_the_probe_began_makes_no_strong_watermark_claim():
@@ -248,3 +287,18 @@ def test_no_commitment_or_a_late_one_makes_no_strong_claim_in_either_mode():
         if level != "strong":
             assert "learned from text marked by this gateway" not in writing["text"]
             assert "only text marked by this gateway teaches" not in reading["text"]
+
+
+def test_an_exposure_the_log_does_not_show_served_names_no_account_as_proven():
+    """Exposure rows whose canaries the log does not show served to the identity before the probe began (here:
+    no such log at all) were worded as strong, with no proof in the report."""
+    from gateway.forensics.claims import _exposure as worded
+    from gateway.forensics.report import _exposure
+
+    rows = [{"canary": f"cn_{i}", "identity": "alice", "epoch": 0, "log": "elsewhere", "entry": i,
+             "candidates": 10_000, "rank": 1, "p_value": 1 / 10_001, "exposure": 13.3} for i in range(6)]  # fmt: skip
+    found = _exposure(rows, [], "2026-11-29T13:30:42Z")
+    assert found["identities"][0]["p_value"] < 1e-6 and found["identities"][0]["served_p_value"] == 1.0
+    claim = worded(found)[0]
+    assert claim["level"] == "suggestive" and "does not show" in claim["text"]
+    assert found["identities"][0]["served"] == []
