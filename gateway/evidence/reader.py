@@ -332,6 +332,10 @@ class LogReader:
             checkpoint_note = notes[-1]
         checkpoint = note.Checkpoint.parse(checkpoint_note.split("\n\n")[0] + "\n")
         if index >= checkpoint.size:
+            try:
+                self.get(index)
+            except VerifyError:
+                raise VerifyError(f"the log has no entry {index}") from None
             raise VerifyError(f"entry {index} is not under the latest checkpoint (size {checkpoint.size}) yet")
         item = self.get(index)
         proof = merkle.inclusion_proof(self.stored_subtree, index, checkpoint.size)

@@ -50,6 +50,8 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     verify_proof(proof, vkey)  # a third party with the public key alone
     leaf = json.loads(base64.b64decode(proof["leaf"]))
     assert leaf["kind"] == "begin" and leaf["identity"] == "mallory"
+    beyond = cli(tmp_path, "log", "prove", "99999")  # no such entry: not one waiting for its checkpoint
+    assert beyond.returncode != 0 and "no entry 99999" in beyond.stderr, beyond.stderr
     opened = json.loads(cli(tmp_path, "log", "open", "5", "prompt").stdout)
     assert json.loads(opened["value"]) == BODY and opened["commitment"] == leaf["commit"]["prompt"]
     assert "evidence please" not in (tmp_path / ".canarygate" / "evidence" / "0" / "segment-000000.log").read_text(
