@@ -97,6 +97,7 @@ class Identity:
     pinned: bool = False  # an operator fixed the tier: the risk engine does not move it
     tier_set: float = 0.0  # when its tier was last set by an operator (or it was registered): see LimitAdmitter
     registered: float = 0.0  # when its key was issued: a name revoked and registered anew is a new caller
+    tier_chosen: bool = False  # its registry tier is not the default: an operator chose it, at registration or since
 
 
 @dataclass(slots=True)

@@ -52,7 +52,8 @@ class Record:
 
     def identity(self) -> Identity:
         pinned = self.pin is not None
-        return Identity(self.name, self.tier, self.tenant, pinned, self.tier_set or self.created, self.created)
+        return Identity(self.name, self.tier, self.tenant, pinned, self.tier_set or self.created, self.created,
+                        self.tier != DEFAULT_TIER)  # fmt: skip
 
 
 def _hash(key: str) -> str:

@@ -225,5 +225,7 @@ def _chars(found: Seen) -> int:
 
 
 def _operator_holds(identity: Identity, now: float) -> bool:
-    """Whether an operator set the identity's tier (after its key was issued) less than OPERATOR_HOLD ago."""
-    return identity.tier_set > identity.registered and now < identity.tier_set + OPERATOR_HOLD
+    """Whether an operator set the identity's tier less than OPERATOR_HOLD ago: after its key was issued, or at
+    registration (`identities add bot --tier suspect` was undone at bot's first request)."""
+    chosen = identity.tier_set > identity.registered or identity.tier_chosen
+    return chosen and now < identity.tier_set + OPERATOR_HOLD

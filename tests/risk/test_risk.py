@@ -590,7 +590,7 @@ def test_shadow_mode_moves_no_identity_an_operator_took_off_the_ladder(monkeypat
     assert engine.decide(observe(_exchange("a prompt"), 2000.0), Identity("alice", "unlimited"), None) is None
 
 
-def test_an_operators_tier_is_not_lowered_for_one_decay_window_but_may_be_raised(monkeypatch):
+def test_an_operators_tier_is_not_lowered_for_one_decay_window_but_may_be_raised(monkeypatch, tmp_path):
     """`tier set bot suspect` was undone on bot's next request: no signals yet, score 0, a step down each time."""
     from gateway.risk import engine as engine_module
     from gateway.risk.signals import TAU
@@ -603,6 +603,13 @@ def test_an_operators_tier_is_not_lowered_for_one_decay_window_but_may_be_raised
     assert (later.previous, later.tier) == ("suspect", "watch")  # after a whole window of its own evidence
     raised_by_engine = Identity("amy", "watch", tier_set=10.0, registered=10.0)  # never set by an operator
     assert engine.decide(observe(_exchange("a prompt"), 1001.0), raised_by_engine, None).tier == "normal"
+    # registered with its tier (`identities add bot --tier suspect`): as set then
+    registered_so = Identity("bot2", "suspect", tier_set=1000.0, registered=1000.0, tier_chosen=True)
+    assert engine.decide(observe(_exchange("a prompt"), 1001.0), registered_so, None) is None
+    registry = Registry(tmp_path)
+    registry.add("bot2", tier="suspect")
+    registry.add("amy2")
+    assert registry.get("bot2").identity().tier_chosen and not registry.get("amy2").identity().tier_chosen
     monkeypatch.setattr(engine_module, "strengths", lambda signals: {"template": 0.9})
     watched = Identity("eve", "watch", tier_set=1000.0, registered=10.0)
     assert engine.decide(observe(_exchange("a prompt"), 1001.0), watched, None).tier == "suspect"  # up: at once
