@@ -19,7 +19,8 @@ and the answer to whether it carried prose the watermark could mark (an account 
 code, JSON or quotations avoids the marks).
 
 Words are runs of letters and digits in any script, each CJK character one word (those scripts put no space
-between words): a prompt in Russian or Chinese has words like any other. Only the first and last
+between words): a prompt in Russian or Chinese has words like any other. They are compared as `folded`
+reads them (look-alike letters of other scripts as Latin ones, invisible characters dropped). Only the first and last
 `READ_CHARS` / 2 characters of a longer prompt (and of a longer latest message) are read, its middle's words
 estimated at one per six characters, so that scoring stays microseconds however large the prompt, and the
 queue holds no more. A phrase in the middle of such a prompt is not seen: hiding one there costs its caller
@@ -33,6 +34,7 @@ import hashlib
 import ipaddress
 import re
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass
 
@@ -145,9 +147,9 @@ def _prose_free(marks: list[dict]) -> bool:
 
 
 def features(found: Seen) -> Observation:
-    text = found.prompt.lower()
+    text = folded(found.prompt)
     words = _WORD.findall(text)
-    question = found.question.lower()
+    question = folded(found.question)
     asked = (words if question == text else _WORD.findall(question)) or words  # most prompts are one message
     head, tail = (asked[:6], asked[-6:]) if len(asked) >= 12 else (asked, asked)
     return Observation(
@@ -164,6 +166,25 @@ def features(found: Seen) -> Observation:
         opening=_word_hashes(asked[:END_WORDS]),
         closing=_word_hashes(asked[-END_WORDS:]),
     )
+
+
+# Letters of other scripts that read as Latin ones (the common ones of Unicode's confusables), and characters
+# that show nothing: a template with its letters swapped for these at random reads the same to a person, and
+# its words hashed differently at every request (100 accounts sweeping one stayed in `watch`; review)
+_LOOKALIKES = str.maketrans(
+    "аеорсхуіјѕԁһӏԛԝүαορντικυχ",  # Cyrillic, then Greek (lower case: text is lowered first)
+    "aeopcxyijsdhlqwyaopvtikux",
+    "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff",
+)
+
+
+def folded(text: str) -> str:
+    """The text as its words are compared: lower case and, beyond ASCII, in NFKC (fullwidth and mathematical
+    letters as plain ones) with look-alike letters read as the Latin ones and invisible characters dropped."""
+    text = text.lower()
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", text).lower().translate(_LOOKALIKES)
 
 
 def caller(identity: Identity) -> str:

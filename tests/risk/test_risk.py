@@ -84,6 +84,11 @@ def test_features_tell_a_swept_template_from_a_popular_prompt():
     assert not observe(_exchange("What is the tallest mountain?"), 0).probe
     assert network_of("198.51.100.7") == "198.51.100.0/24" and network_of("2001:db8::1") == "2001:db8::/48"
     assert observe(Exchange("r", "POST", CHAT, "openai", CHAT, "1.2.3.4"), 0) is None  # no identity
+    # look-alike letters of other scripts, fullwidth ones and invisible characters read as the letters they show
+    disguised = "Wrіtе а lоng аnd dеtаilеd\u200b essay about the ＨＩＳＴＯＲＹ of Rome for a student"
+    disguised = observe(_exchange(disguised), 0)
+    assert (disguised.prefix, disguised.suffix, disguised.opening, disguised.closing) == (
+        a.prefix, a.suffix, a.opening, a.closing)  # fmt: skip
 
 
 def _obs(identity: str, t: float, prompt: str, network: str = "192.0.2.0/24") -> Observation:
