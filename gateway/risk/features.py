@@ -84,6 +84,8 @@ class Observation:
     time: float
     prefix: str  # skeleton hashes (8 hex digits each)
     suffix: str
+    message: str  # the whole latest message's hash: a skeleton's fill, wherever in the message its slot is
+    owner: str  # whose account it is across accounts: its tenant's (one organisation's keys are one), or its own
     words: int
     reasoning: bool
     probe: bool
@@ -158,6 +160,8 @@ def features(found: Seen) -> Observation:
         time=found.time,
         prefix=_hash(head),
         suffix=_hash(tail),
+        message=_hash(asked),
+        owner=f"t:{found.identity.tenant}" if found.identity.tenant else caller(found.identity),
         words=len(words) + found.unread // 6,
         reasoning=found.reasoning_asked or _REASONING.search(text),
         probe=_PROBE.search(question),

@@ -79,7 +79,7 @@ class RedisSignals:
 def _record(o: Observation) -> bytes:
     """One observation as signals.lua's RECORD reads it."""
     parts = []
-    for text in (o.identity, o.prefix, o.suffix, o.network):
+    for text in (o.identity, o.prefix, o.suffix, o.network, o.owner, o.message):
         raw = text.encode()
         parts += (_LENGTH.pack(len(raw)), raw)
     parts += (_TAIL.pack(o.time, o.words, o.reasoning, o.probe, o.unmarked), o.opening, o.closing)

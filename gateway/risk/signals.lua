@@ -42,7 +42,7 @@ end
 
 -- Add `member` to today's set and return its size; a set stops growing at `cap` (max_members unless given),
 -- far past every threshold (as MemorySignals' sets do). A new set lives through tomorrow's window. A set's
--- name is root .. kind .. day .. key, where kind (':acct') and day (':20400:') carry their colons: made once.
+-- name is root .. kind .. day .. key, where kind (':own') and day (':20400:') carry their colons: made once.
 local function add(kind, day, key, member, cap)
   local name = root .. kind .. day .. key
   local size = redis.call('SCARD', name)
@@ -73,7 +73,7 @@ local ROW = '<' .. string.rep('d', 12)
 -- one observation: identity, prefix hash, suffix hash, network (each a 4-byte length and its bytes), time,
 -- words, the reasoning, probe and unmarked flags, its opening's and its closing's word hashes
 -- (redis_signals.py packs it)
-local RECORD = '<I4c0I4c0I4c0I4c0dI4BBBc' .. END_BYTES .. 'c' .. END_BYTES
+local RECORD = '<I4c0I4c0I4c0I4c0I4c0I4c0dI4BBBc' .. END_BYTES .. 'c' .. END_BYTES
 
 -- The identity's skeleton counts, as {name, count} pairs.
 local function skeleton_counts(key)
@@ -102,8 +102,9 @@ end
 
 local batch, at = ARGV[10], 1
 while at <= #batch do
-  local id, pre, suf, network, t, words, reasoning, probe, unmarked, opening, closing
-  id, pre, suf, network, t, words, reasoning, probe, unmarked, opening, closing, at = struct.unpack(RECORD, batch, at)
+  local id, pre, suf, network, owner, message, t, words, reasoning, probe, unmarked, opening, closing
+  id, pre, suf, network, owner, message, t, words, reasoning, probe, unmarked, opening, closing, at =
+    struct.unpack(RECORD, batch, at)
   -- the key names the layout: ':st:' and ':sk:', an earlier one (whose ring interleaved the two ends), are
   -- never read and expire; a new layout needs a new name, since the length check below cannot tell all apart
   local key = root .. ':id:' .. id
@@ -160,25 +161,26 @@ while at <= #batch do
   p_count, s_count = p_count + grow, s_count + grow
   top = math.max(top, p_count, s_count)
 
-  -- across accounts: who used each skeleton, with which other ends; who came from the network
-  -- key names are root .. ':kind:' .. day .. ':' .. key; the day parts are made once per observation
+  -- across accounts: whose (owners: a tenant's accounts are one) used each skeleton, with which messages; who
+  -- came from the network. Key names are root .. ':kind:' .. day .. ':' .. key; the day parts are made once
+  -- per observation. The kinds ':own', ':fill' and ':msg' replaced ':acct', ':ends' and ':ask', whose members
+  -- meant accounts and other ends: never read, they expire
   local day_number = floor_div(t, DAY)
   local day, yesterday = ':' .. day_number .. ':', ':' .. (day_number - 1) .. ':'
   local accounts, others, swept = 0, 0, 0
-  for side = 1, 2 do  -- each skeleton, and its other end
-    local skeleton, other = prefix_field, suf
-    if side == 2 then skeleton, other = suffix_field, pre end
-    local a = window(':acct', yesterday, skeleton, add(':acct', day, skeleton, id))
-    local o = window(':ends', yesterday, skeleton, add(':ends', day, skeleton, other))
+  for side = 1, 2 do  -- each skeleton
+    local skeleton = prefix_field
+    if side == 2 then skeleton = suffix_field end
+    local a = window(':own', yesterday, skeleton, add(':own', day, skeleton, owner))
+    local o = window(':fill', yesterday, skeleton, add(':fill', day, skeleton, message))
     if a >= swept_by and 2 * o >= a then swept = 1 end
     if a > accounts or (a == accounts and o > others) then accounts, others = a, o end
   end
   local network_accounts = window(':net', yesterday, network, add(':net', day, network, id))
-  -- who sent the prompt word for word (both ends), which matters only to a sweep's fill: a popular prompt
-  -- is none. Yesterday's askers are read only then (a call saved for most observations).
-  local pair = pre .. suf
-  local asked_by = add(':ask', day, pair, id, popular_by)
-  if swept == 1 and window(':ask', yesterday, pair, asked_by) >= popular_by then swept = 0 end
+  -- who sent the message word for word, which matters only to a sweep's fill: a popular prompt is none.
+  -- Yesterday's askers are read only then (a call saved for most observations).
+  local asked_by = add(':msg', day, message, owner, popular_by)
+  if swept == 1 and window(':msg', yesterday, message, asked_by) >= popular_by then swept = 0 end
   sw = sw * factor + swept
 
   -- the recent prompts' openings and closings, oldest first: this one's join, the oldest go beyond `recent`

@@ -33,8 +33,9 @@ CHAT = "/v1/chat/completions"
 DAY = 86400.0
 
 
-def _exchange(prompt: str, identity: str = "alice", request: dict | None = None) -> Exchange:
-    exchange = Exchange("req_1", "POST", CHAT, "openai", CHAT, "198.51.100.7", identity=Identity(identity, "normal"))
+def _exchange(prompt: str, identity: str = "alice", request: dict | None = None, tenant: str | None = None) -> Exchange:
+    who = Identity(identity, "normal", tenant)
+    exchange = Exchange("req_1", "POST", CHAT, "openai", CHAT, "198.51.100.7", identity=who)
     exchange.admitted, exchange.request = True, request or {}
     exchange.prompt_text = exchange.question = prompt  # one user message
     return exchange
@@ -91,8 +92,8 @@ def test_features_tell_a_swept_template_from_a_popular_prompt():
         a.prefix, a.suffix, a.opening, a.closing)  # fmt: skip
 
 
-def _obs(identity: str, t: float, prompt: str, network: str = "192.0.2.0/24") -> Observation:
-    found = observe(_exchange(prompt, identity), t)
+def _obs(identity: str, t: float, prompt: str, network: str = "192.0.2.0/24", tenant: str | None = None) -> Observation:
+    found = observe(_exchange(prompt, identity, tenant=tenant), t)
     return Observation(**{**{s: getattr(found, s) for s in found.__slots__}, "network": network})
 
 
@@ -258,6 +259,24 @@ def test_a_popular_prompt_from_many_accounts_is_not_a_campaign_but_a_swept_templ
             prompt = f"Give a complete and thorough tutorial on the subject of {rng.random()} for experts"
             swept = store.update(_obs(f"acct{account}", t, prompt))
     assert strengths(swept)["shared_template"] > 0.8
+
+
+def test_a_template_with_its_slot_in_the_middle_is_swept_and_one_organisations_accounts_are_one():
+    """Between a fixed opening and a fixed closing, the slot left each skeleton's other end fixed: 100 accounts
+    sweeping such a template stayed in `watch`. And a tenant's accounts sharing its own tool's template are one
+    organisation's use: its employees were all moved to `suspect` (review)."""
+
+    def sweep(tenant: str | None = None):
+        store, rng, t = MemorySignals(), random.Random(3), 0.0
+        for _ in range(8):
+            for account in range(20):
+                t += 30
+                task = f"You are an expert. Here is the task: {rng.random()} Write a full, detailed and careful answer."
+                found = store.update(_obs(f"acct{account}", t, task, tenant=tenant))
+        return found
+
+    assert strengths(sweep())["shared_template"] > 0.8
+    assert "shared_template" not in strengths(sweep(tenant="acme"))
 
 
 def test_users_of_one_app_asking_their_own_questions_are_no_sweep_of_its_system_prompt():
