@@ -42,6 +42,12 @@ def _traffic(seed: int = 5) -> list:
         for _ in range(12):
             t += rng.uniform(300, 900)
             out.append(_obs(f"acct{account}", t, TEMPLATE.format(x=rng.random()), "192.0.2.0/24"))
+    for account in range(12):  # one organisation's accounts on its tool's template, the slot in the middle
+        t = rng.uniform(0, 3600)
+        for _ in range(6):
+            t += rng.uniform(300, 900)
+            fix = f"Fix the grammar of this: {rng.random()} and return only the corrected version of it please"
+            out.append(_obs(f"staff{account}", t, fix, "10.1.0.0/24", tenant="acme" if account % 3 else None))
     question = "Why is the sky blue during the day but red and orange at sunset?"
     for i in range(80):  # a question wrapped in ever new words by one group, asked word for word by others
         opening = " ".join(rng.choice(pair) for pair in REWORDINGS)
