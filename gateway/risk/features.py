@@ -84,7 +84,7 @@ class Observation:
     time: float
     prefix: str  # skeleton hashes (8 hex digits each)
     suffix: str
-    message: str  # the whole latest message's hash: a skeleton's fill, wherever in the message its slot is
+    message: str  # the whole latest message's hash: the fill of its two ends together (a slot between them)
     owner: str  # whose account it is across accounts: its tenant's (one organisation's keys are one), or its own
     words: int
     reasoning: bool

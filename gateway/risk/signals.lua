@@ -161,18 +161,19 @@ while at <= #batch do
   p_count, s_count = p_count + grow, s_count + grow
   top = math.max(top, p_count, s_count)
 
-  -- across accounts: whose (owners: a tenant's accounts are one) used each skeleton, with which messages; who
+  -- across accounts: whose (owners: a tenant's accounts are one) used each skeleton, with which fills; who
   -- came from the network. Key names are root .. ':kind:' .. day .. ':' .. key; the day parts are made once
   -- per observation. The kinds ':own', ':fill' and ':msg' replaced ':acct', ':ends' and ':ask', whose members
   -- meant accounts and other ends: never read, they expire
   local day_number = floor_div(t, DAY)
   local day, yesterday = ':' .. day_number .. ':', ':' .. (day_number - 1) .. ':'
   local accounts, others, swept = 0, 0, 0
-  for side = 1, 2 do  -- each skeleton
-    local skeleton = prefix_field
-    if side == 2 then skeleton = suffix_field end
+  for side = 1, 3 do  -- each skeleton (the opening, the closing, both) and its fill (the other end; the message)
+    local skeleton, fill = prefix_field, suf
+    if side == 2 then skeleton, fill = suffix_field, pre end
+    if side == 3 then skeleton, fill = 'b' .. pre .. suf, message end
     local a = window(':own', yesterday, skeleton, add(':own', day, skeleton, owner))
-    local o = window(':fill', yesterday, skeleton, add(':fill', day, skeleton, message))
+    local o = window(':fill', yesterday, skeleton, add(':fill', day, skeleton, fill))
     if a >= swept_by and 2 * o >= a then swept = 1 end
     if a > accounts or (a == accounts and o > others) then accounts, others = a, o end
   end

@@ -11,13 +11,15 @@ ever rests: people sleep, in whatever time zone, and a script need not. And the 
 its last RECENT prompts, whose variety (the share of distinct words, at the end that has fewer) says whether
 it keeps rewording one template: a person's prompts begin and end with their topic, new words each time.
 
-Across identities, per day: which accounts used each skeleton and with how many distinct messages, which
-accounts came from each network, and which accounts sent each message word for word. A campaign spread over
-many accounts shows up there: many accounts sweeping one template with many slot values, wherever the slot
-is (at an end, or between a fixed opening and a fixed closing). A popular prompt does not: many accounts, one
-prompt; nor do its askers when a campaign wraps it in ever new words, which makes its tail look swept
-(POPULAR_BY). An account is counted as its tenant's there (Observation.owner): the employees of one company
-using its internal tool's template are one organisation's use, not a campaign spread over accounts.
+Across identities, per day: which accounts used each skeleton (an opening, a closing, and the two together)
+and with how many distinct fills (for an opening its closings, and the other way round; for both ends the
+whole messages), which accounts came from each network, and which accounts sent each message word for word. A
+campaign spread over many accounts shows up there: many accounts sweeping one template with many slot
+values, wherever the slot is (at an end, or between a fixed opening and a fixed closing). A popular prompt
+does not: many accounts, one prompt; nor do its askers when a campaign wraps it in ever new words, which
+makes its tail look swept (POPULAR_BY). An account is counted as its tenant's there (Observation.owner): the
+employees of one company using its internal tool's template are one organisation's use, not a campaign
+spread over accounts.
 
 `MemorySignals` keeps all of it in this process (the embedded default, and what tests compare with).
 """
@@ -45,12 +47,14 @@ MAX_MEMBERS = 10_000
 ROOM_SWEEP = 64  # keys of a full table looked at for each new key (_make_room)
 REBASE_AT = 1e20  # the growing scale of skeleton counts is brought back to 1 before it nears overflow
 # A skeleton is being swept by many when at least this many accounts used it within two days, with at least
-# one distinct message for every two accounts. A popular prompt is one message however many ask it; a sweep
-# brings new ones with every account. Accounts sending one question wrapped in a few templates share the
-# question's tail, but with a few messages (one per template), not a new one each. The whole message, not
-# the skeleton's other end, is the fill: a template with its slot between a fixed opening and a fixed
-# closing has one other end (100 accounts sweeping one so stayed in `watch`; review). People who happen to
-# share a six-word opening each use it for a small share of their requests, which `swept_share` measures.
+# one distinct fill for every two accounts. A popular prompt has one fill however many ask it; a sweep brings
+# new ones with every account. The other end, not the whole message, is an end's fill: accounts sending one
+# question wrapped in a few templates share the question's tail with a few other ends (the templates' first
+# words), where their whole messages differ in whatever the templates' later words say (apps numbering their
+# newsletters: a heavy honest user reached `suspect` when whole messages were the fill). A template with its
+# slot between a fixed opening and a fixed closing has one other end at both: its two ends together are a
+# skeleton whose fill is the whole message (100 accounts sweeping one stayed in `watch`; review). People who
+# happen to share a six-word opening each use it for a small share of their requests (`swept_share`).
 SWEPT_BY = 10
 # A message that this many accounts send word for word is a popular one: its requests are
 # no sweep's fills, even when a campaign sweeps one of its ends (a campaign that wraps a popular question in
@@ -145,7 +149,7 @@ class MemorySignals:
         self._identities: dict[str, _Identity] = {}
         # day -> key -> the set of what was seen with it that day
         self._accounts: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> owners (Observation.owner)
-        self._fills: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> the messages sent with it
+        self._fills: dict[int, dict[str, set]] = defaultdict(dict)  # skeleton -> its fills (other ends, messages)
         self._networks: dict[int, dict[str, set]] = defaultdict(dict)  # network -> accounts
         self._prompts: dict[int, dict[str, set]] = defaultdict(dict)  # message -> owners
         self._pruned = -1  # the day the tables were last pruned for
@@ -176,9 +180,13 @@ class MemorySignals:
         state.closings = (state.closings + obs.closing)[-RECENT * END_BYTES :]
         day = int(obs.time // DAY)
         self._prune(day)
-        shared = [  # each skeleton's owners, and its fills (the whole messages sent with it)
-            (self._add(self._accounts, day, skeleton, obs.owner), self._add(self._fills, day, skeleton, obs.message))
-            for skeleton in ("p" + obs.prefix, "s" + obs.suffix)
+        # each skeleton (its opening, its closing, and both: a slot between them) with its fill: the other end,
+        # or for both ends, the whole message
+        ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix), ("b" + obs.prefix + obs.suffix,
+                                                                                  obs.message))  # fmt: skip
+        shared = [
+            (self._add(self._accounts, day, skeleton, obs.owner), self._add(self._fills, day, skeleton, fill))
+            for skeleton, fill in ends
         ]
         network = self._add(self._networks, day, obs.network, obs.identity)
         asked_by = self._add(self._prompts, day, obs.message, obs.owner, POPULAR_BY)
