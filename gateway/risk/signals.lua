@@ -168,7 +168,9 @@ while at <= #batch do
   local day_number = floor_div(t, DAY)
   local day, yesterday = ':' .. day_number .. ':', ':' .. (day_number - 1) .. ':'
   local accounts, others, swept = 0, 0, 0
-  for side = 1, 3 do  -- each skeleton (the opening, the closing, both) and its fill (the other end; the message)
+  local sides = 3  -- each skeleton (the opening, the closing, both) and its fill (the other end; the message)
+  if pre == suf then sides = 2 end  -- a message too short to have two ends is its one skeleton
+  for side = 1, sides do
     local skeleton, fill = prefix_field, suf
     if side == 2 then skeleton, fill = suffix_field, pre end
     if side == 3 then skeleton, fill = 'b' .. pre .. suf, message end

@@ -181,9 +181,10 @@ class MemorySignals:
         day = int(obs.time // DAY)
         self._prune(day)
         # each skeleton (its opening, its closing, and both: a slot between them) with its fill: the other end,
-        # or for both ends, the whole message
-        ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix), ("b" + obs.prefix + obs.suffix,
-                                                                                  obs.message))  # fmt: skip
+        # or for both ends, the whole message. A message too short to have two ends is its one skeleton.
+        ends = (("p" + obs.prefix, obs.suffix), ("s" + obs.suffix, obs.prefix))
+        if obs.prefix != obs.suffix:
+            ends += (("b" + obs.prefix + obs.suffix, obs.message),)
         shared = [
             (self._add(self._accounts, day, skeleton, obs.owner), self._add(self._fills, day, skeleton, fill))
             for skeleton, fill in ends

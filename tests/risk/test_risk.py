@@ -279,6 +279,23 @@ def test_a_template_with_its_slot_in_the_middle_is_swept_and_one_organisations_a
     assert "shared_template" not in strengths(sweep(tenant="acme"))
 
 
+def test_apps_wrapping_a_popular_question_in_their_own_numbered_templates_are_no_sweep_of_its_tail():
+    """The question's closing is shared by its askers and by the apps; what is before it differs only past the
+    templates' first six words. With whole messages as every skeleton's fill, each app's template counted as a
+    slot value, and a heavy honest app reached `suspect` in the 30-day simulation."""
+    store, t = MemorySignals(), 0.0
+    question = "Why might someone prefer to shop at a small, locally-owned business instead of a large chain?"
+    for _ in range(4):
+        for user in range(6):
+            t += 30
+            store.update(_obs(f"user{user}", t, question))
+        for app in range(5):
+            t += 30
+            wrapped = store.update(_obs(f"app{app}", t, f"Summarise for our customer newsletter number {app}, in plain "
+                                                        f"words: {question}"))  # fmt: skip
+    assert wrapped.swept_requests == 0
+
+
 def test_users_of_one_app_asking_their_own_questions_are_no_sweep_of_its_system_prompt():
     """An app's fixed system prompt begins every request of every account using it: read as the skeleton, a
     dozen colleagues asking their own questions were one template swept by twelve accounts (suspect within
