@@ -143,6 +143,8 @@ def _report(args, settings_of, readers_of) -> int:
     (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "report.html").write_text(html.render(doc))
     served = [a["served"] for a in doc["canaries"]["attributions"] + doc["exposure"]["identities"]]
+    if any(c["about"] in ("watermark", "reading mode") and c["level"] != "none" for c in doc["claims"]):
+        served.append([c for c in doc["watermark"]["commitments"].values() if c is not None])  # when keys were fixed
     proofs = list({json.dumps(s["proof"], sort_keys=True): s["proof"] for entries in served for s in entries
                    if s["proof"]}.values())  # each entry once, whichever claims rest on it  # fmt: skip
     (out / "proofs.json").write_text(json.dumps(proofs, indent=1) + "\n")

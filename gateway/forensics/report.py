@@ -78,7 +78,7 @@ def _watermark(items, keys: Keys, readers: list[LogReader], wrong: int, seed) ->
         "null": {"pmf": [float(x) for x in poisson_binomial_pmf([1 / len(sets.sets[s].members) for s, _ in cast])]},
         "by_amount": _by_amount(items, epochs, sets),
         "wrong_keys": {"count": wrong, "p_values": wrong_p, "share_at": _shares(wrong_p)},
-        "commitments": prior_commitments(_commitments(readers), epochs, sets.version),
+        "commitments": _with_proofs(prior_commitments(_commitments(readers), epochs, sets.version), readers),
     }
 
 
@@ -118,6 +118,14 @@ def _by_amount(items, epochs, sets) -> list[dict]:
         out.append({"texts": k, "words": sum(len(t.split()) for t, _ in items[:k]), "p_value": best.p_value,
                     "votes": best.n})  # fmt: skip
     return out
+
+
+def _with_proofs(commitments: dict[str, dict | None], readers: list[LogReader]) -> dict[str, dict | None]:
+    """Each commitment found with its entry's inclusion proof: a claim that rests on when a key was committed to
+    cites that entry, which a reader of the report alone must be able to check."""
+    logs = {reader.origin(): reader for reader in readers}
+    return {name: None if c is None else {**c, "proof": (_entry(logs.get(c["log"]), c["index"]) or {}).get("proof")}
+            for name, c in commitments.items()}  # fmt: skip
 
 
 def _commitments(readers: list[LogReader]) -> list[dict]:

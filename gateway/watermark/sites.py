@@ -460,7 +460,8 @@ class Scanner:
                 self._head_width = None
             self._closing = self._closing and token[0] in "`~"  # a closing run's own (fences_after said)
         self._previous = token
-        self._read_tag(token)
+        if self._tag or token == "<":  # else nothing changes: most tokens, whose call this saves
+            self._read_tag(token)
 
     def _read_tag(self, token: str) -> None:
         """Follow HTML's code elements: "<pre" or "<code" opens one (outside Markdown's code), "</pre" or

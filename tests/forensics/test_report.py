@@ -96,12 +96,16 @@ def test_a_suspect_that_reproduces_served_answers_is_named_with_proofs_anyone_ca
     assert doc["canaries"]["identities_tested"] == 6
     proofs = json.loads((folder / "student-report" / "proofs.json").read_text())
     entries = {s["entry"] for a in [attributions[0], *doc["exposure"]["identities"]] for s in a["served"]}
+    committed = doc["watermark"]["commitments"]["watermark-key@0"]  # the claim cites it: its proof is here too
+    entries |= {c["index"] for c in doc["watermark"]["commitments"].values() if c is not None}
+    assert committed["proof"] in proofs and committed["proof"]["leaf_index"] == committed["index"]
     assert len(proofs) == len(entries) and len(attributions[0]["served"]) >= len(attributions[0]["canaries"])
     assert all(s["identity"] == name for s in attributions[0]["served"])
     keys = [NoteKey.parse(k) for k in doc["public_keys"]]
     for proof in proofs:
         verify_inclusion_proof(proof, keys)
-        assert json.loads(base64.b64decode(proof["leaf"]))["identity"] == name
+        committed_at = {c["index"] for c in doc["watermark"]["commitments"].values() if c is not None}
+        assert proof["leaf_index"] in committed_at or json.loads(base64.b64decode(proof["leaf"]))["identity"] == name
     verify = [
         sys.executable,
         "verify.py",
