@@ -217,31 +217,35 @@ def _entry(reader: LogReader | None, index: int) -> dict | None:
         public = reader.get(index).public
     except VerifyError:
         return None
+    return {"public": public, "log": reader.origin(), "entry": index, "time": public.get("time"),
+            "proof": _proof(reader, index)}  # fmt: skip
+
+
+def _proof(reader: LogReader, index: int) -> dict | None:
+    """The entry's inclusion proof under the latest checkpoint; None before a checkpoint covers it."""
     try:
-        proof = reader.prove(index)
-    except VerifyError:  # not under a checkpoint yet
-        proof = None
-    return {"public": public, "log": reader.origin(), "entry": index, "time": public.get("time"), "proof": proof}
+        return reader.prove(index)
+    except VerifyError:
+        return None
 
 
 def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[str, list[dict]]:
-    """For each canary id, up to `most` log entries that served it, each with its inclusion proof."""
-    out: dict[str, list[dict]] = {}
-    if not ids:
-        return out
-    for reader in readers:
+    """For each canary id, the `most` earliest log entries that served it, across every log, each with its
+    inclusion proof. The earliest: the first log's later servings had filled the quota, and a serving before
+    the probe began, in another worker's log, went unseen."""
+    found: dict[str, list[tuple[str, LogReader, int, dict]]] = {}
+    for reader in readers if ids else ():
         for item in reader.entries(strict=False):
-            public = item.public
-            for record in public.get("canaries") or ():
-                if record.get("id") not in ids or len(out.setdefault(record["id"], [])) >= most:
-                    continue
-                mine = out[record["id"]]
-                try:
-                    proof = reader.prove(item.index)
-                except VerifyError:  # not under a checkpoint yet
-                    proof = None
-                mine.append({"log": reader.origin(), "entry": item.index, "time": public.get("time"),
-                             "identity": public.get("identity"), "canary": record["id"], "proof": proof})  # fmt: skip
+            for record in item.public.get("canaries") or ():
+                if record.get("id") in ids:
+                    found.setdefault(record["id"], []).append((item.public.get("time") or "", reader, item.index,
+                                                               item.public))  # fmt: skip
+    out: dict[str, list[dict]] = {}
+    for canary_id, servings in found.items():
+        for _, reader, index, public in sorted(servings, key=lambda s: s[0])[:most]:
+            out.setdefault(canary_id, []).append({"log": reader.origin(), "entry": index, "time": public.get("time"),
+                                                  "identity": public.get("identity"), "canary": canary_id,
+                                                  "proof": _proof(reader, index)})  # fmt: skip
     return out
 
 

@@ -176,8 +176,8 @@ class LimitAdmitter:
         shared storage within the deadline and as the breaker allows, like every call there (StorageDown)."""
         engine, key = self._tiers_engine, tier_key(identity, self._prefix)
         await self._on(engine, lambda: engine.set_tier(key, tier))
-        if engine is self._shared and self._local is not None:
-            self._remember_tier(key, tier or identity.tier, identity.tier)
+        if engine is self._shared and self._local is not None:  # as stored: `identity.tier` may be one in force
+            await self._local.set_tier(key, tier)
 
     def _remember_tier(self, key: str, in_force: str, registered: str) -> None:
         """The shared storage's tier override, kept by the fail-open fallback too: while the storage is down, an

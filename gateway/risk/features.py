@@ -172,12 +172,13 @@ def features(found: Seen) -> Observation:
     )
 
 
-# Letters of other scripts that read as Latin ones (the common ones of Unicode's confusables), and characters
-# that show nothing: a template with its letters swapped for these at random reads the same to a person, and
-# its words hashed differently at every request (100 accounts sweeping one stayed in `watch`; review)
+# Letters of other scripts that read as Latin ones (the common ones of Unicode's confusables; capitals and
+# small letters each as they look: a Cyrillic capital Т is a T, its small т no t), and characters that show
+# nothing: a template with its letters swapped for these at random reads the same to a person, and its words
+# hashed differently at every request (100 accounts sweeping one stayed in `watch`; review)
 _LOOKALIKES = str.maketrans(
-    "аеорсхуіјѕԁһӏԛԝүαορντικυχ",  # Cyrillic, then Greek (lower case: text is lowered first)
-    "aeopcxyijsdhlqwyaopvtikux",
+    "аеорсхуіјѕԁһӏԛԝүкАВЕКМНОРСТХУІЈЅαορνικυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",  # Cyrillic, then Greek
+    "aeopcxyijsdhlqwykABEKMHOPCTXYIJSaopvikuxABEZHIKMNOPTYX",
     "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff",
 )
 
@@ -185,10 +186,9 @@ _LOOKALIKES = str.maketrans(
 def folded(text: str) -> str:
     """The text as its words are compared: lower case and, beyond ASCII, in NFKC (fullwidth and mathematical
     letters as plain ones) with look-alike letters read as the Latin ones and invisible characters dropped."""
-    text = text.lower()
     if text.isascii():
-        return text
-    return unicodedata.normalize("NFKC", text).lower().translate(_LOOKALIKES)
+        return text.lower()
+    return unicodedata.normalize("NFKC", text).translate(_LOOKALIKES).lower()
 
 
 def caller(identity: Identity) -> str:

@@ -306,3 +306,30 @@ def test_an_exposure_the_log_does_not_show_served_names_no_account_as_proven():
     claim = worded(found)[0]
     assert claim["level"] == "suggestive" and "does not show" in claim["text"]
     assert found["identities"][0]["served"] == []
+
+
+def test_the_earliest_servings_of_a_canary_are_read_across_every_workers_log():
+    """One worker's log served a canary three times after the probe began, another's before it: taking the first
+    log's entries up to the quota hid the one that counts, and the claim said it was served only too late."""
+    from types import SimpleNamespace
+
+    from gateway.forensics.report import _served_entries
+
+    class Log:
+        def __init__(self, origin: str, times: list[str]) -> None:
+            self.name, self.times = origin, times
+
+        def origin(self) -> str:
+            return self.name
+
+        def entries(self, strict: bool = True):
+            for i, at in enumerate(self.times):
+                yield SimpleNamespace(index=i, public={"time": at, "identity": "bob", "canaries": [{"id": "cn_a"}]})
+
+        def prove(self, index: int) -> dict:
+            return {"leaf_index": index}
+
+    late = Log("log0", [f"2026-11-29T14:00:0{k}Z" for k in range(3)])
+    early = Log("log1", ["2026-11-20T09:00:00Z"])
+    served = _served_entries([late, early], {"cn_a"}, 3)["cn_a"]
+    assert [(s["log"], s["time"]) for s in served][0] == ("log1", "2026-11-20T09:00:00Z") and len(served) == 3

@@ -607,3 +607,19 @@ def test_the_heartbeat_gives_running_exchanges_their_leases_back_after_redis_los
 
     with redis_servers.standalone() as server:
         assert asyncio.run(run(server)) == ["admitted", "rate_limited"]
+
+
+def test_a_tier_the_engine_sets_is_kept_for_fail_open_even_where_the_exchange_carried_it():
+    """A decision's identity is the exchange's, whose tier is the one in force when it was admitted, not its
+    registry's: a decision that moved it to that very tier dropped the fail-open copy (review)."""
+
+    async def run(server) -> str | None:
+        admitter = open_admitter(config.parse({"limits": {"storage": server.url, "on_storage_error": "open"}}, "t"))
+        moved = Identity("eve", "watch")  # registered normal; watch in force when its exchange was admitted
+        await admitter.set_tier(moved, "watch")
+        kept = admitter._local.tiers.get(tier_key(moved))
+        await admitter.close()
+        return kept
+
+    with redis_servers.standalone() as server:
+        assert asyncio.run(run(server)) == "watch"

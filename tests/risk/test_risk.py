@@ -88,6 +88,7 @@ def test_features_tell_a_swept_template_from_a_popular_prompt():
     # look-alike letters of other scripts, fullwidth ones and invisible characters read as the letters they show
     disguised = "Wrіtе а lоng аnd dеtаilеd\u200b essay about the ＨＩＳＴＯＲＹ of Rome for a student"
     disguised = observe(_exchange(disguised), 0)
+    assert features.folded("Υou Νote Тell Кeep Вe кind") == "you note tell keep be kind"  # capitals, and к
     assert (disguised.prefix, disguised.suffix, disguised.opening, disguised.closing) == (
         a.prefix, a.suffix, a.opening, a.closing)  # fmt: skip
 
