@@ -109,9 +109,7 @@ class Pipeline:
         try:
             if self._risk is not None:
                 await self._risk.close()
-            for task in self._draining:
-                task.cancel()
-            await asyncio.gather(*self._draining, return_exceptions=True)
+            await self._drained()
             await self._upstream.close()
             await self._admit.close()
         finally:  # whatever failed above, the log gets its final checkpoint
@@ -456,6 +454,17 @@ class Pipeline:
             return
         label = _passed_content_type(response.headers)  # as the upstream wrote it, parameters and all
         await reply.whole(response.status, body, label, _head_length(exchange, response))
+
+    async def _drained(self) -> None:
+        """At shutdown, the bodies still being read after their streams' ends: left DRAIN_SECONDS to end as they
+        would (an upstream that saw its connection cut right after its last event would take it for a client
+        that left), then closed."""
+        running = list(self._draining)
+        if running:
+            await asyncio.wait(running, timeout=DRAIN_SECONDS)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def _drain_later(self, response: UpstreamResponse) -> None:
         task = asyncio.create_task(_drain(response))
