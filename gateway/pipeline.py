@@ -367,7 +367,7 @@ class Pipeline:
             if streamed and response.status != 304:  # a 304 has no body, whatever its label says
                 handed_on = await self._relay_stream(exchange, response, reply, api, dialect)
             else:
-                await self._relay_whole(exchange, response, reply, dialect, content_type)
+                await self._relay_whole(exchange, response, reply, dialect)
             completed = True
         finally:
             if handed_on:
@@ -424,7 +424,7 @@ class Pipeline:
             return lambda part: None
         return None
 
-    async def _relay_whole(self, exchange, response: UpstreamResponse, reply, dialect, content_type) -> None:
+    async def _relay_whole(self, exchange, response: UpstreamResponse, reply, dialect) -> None:
         try:
             body = await response.read(self._settings.server.max_response_bytes)
         except UpstreamError as e:

@@ -145,8 +145,9 @@ def _report(args, settings_of, readers_of) -> int:
     served = [a["served"] for a in doc["canaries"]["attributions"] + doc["exposure"]["identities"]]
     if any(c["about"] in ("watermark", "reading mode") and c["level"] != "none" for c in doc["claims"]):
         served.append([c for c in doc["watermark"]["commitments"].values() if c is not None])  # when keys were fixed
-    proofs = list({json.dumps(s["proof"], sort_keys=True): s["proof"] for entries in served for s in entries
-                   if s["proof"]}.values())  # each entry once, whichever claims rest on it  # fmt: skip
+    # each entry once, whichever claims rest on it: a checkpoint names its log, the index the entry in it
+    proofs = list({(s["proof"]["checkpoint"], s["proof"]["leaf_index"]): s["proof"] for entries in served
+                   for s in entries if s["proof"]}.values())  # fmt: skip
     (out / "proofs.json").write_text(json.dumps(proofs, indent=1) + "\n")
     shutil.copyfile(Path(verifier.__file__), out / "verify.py")
     for claim in doc["claims"]:

@@ -124,8 +124,8 @@ def _with_proofs(commitments: dict[str, dict | None], readers: list[LogReader]) 
     """Each commitment found with its entry's inclusion proof: a claim that rests on when a key was committed to
     cites that entry, which a reader of the report alone must be able to check."""
     logs = {reader.origin(): reader for reader in readers}
-    return {name: None if c is None else {**c, "proof": (_entry(logs.get(c["log"]), c["index"]) or {}).get("proof")}
-            for name, c in commitments.items()}  # fmt: skip
+    return {name: None if c is None else {**c, "proof": _proof(logs[c["log"]], c["index"]) if c["log"] in logs
+                                          else None} for name, c in commitments.items()}  # fmt: skip
 
 
 def _commitments(readers: list[LogReader]) -> list[dict]:

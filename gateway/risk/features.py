@@ -20,10 +20,10 @@ code, JSON or quotations avoids the marks).
 
 Words are runs of letters and digits in any script, each CJK character one word (those scripts put no space
 between words): a prompt in Russian or Chinese has words like any other. They are compared as `folded`
-reads them (look-alike letters of other scripts as Latin ones, invisible characters dropped). Only the first and last
-`READ_CHARS` / 2 characters of a longer prompt (and of a longer latest message) are read, its middle's words
-estimated at one per six characters, so that scoring stays microseconds however large the prompt, and the
-queue holds no more. A phrase in the middle of such a prompt is not seen: hiding one there costs its caller
+reads them (look-alike letters of other scripts as Latin ones, invisible characters dropped). Only the first
+and last `READ_CHARS` / 2 characters of a longer prompt (and of a longer latest message) are read, its middle's
+words estimated at one per six characters, so that scoring stays microseconds however large the prompt, and
+the queue holds no more. A phrase in the middle of such a prompt is not seen: hiding one there costs its caller
 the tokens of 16 KB on every request.
 """
 
