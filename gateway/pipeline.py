@@ -143,7 +143,7 @@ class Pipeline:
         try:
             await self._check_route_or_count(exchange, dialect)
             await self._identify_or_count(exchange, headers)
-            body = await self._read_request(exchange, scope, receive, dialect)
+            body = await self._read_or_count(exchange, scope, receive, dialect)
             biased = dialect is not None and self._bias is not None and self._bias.applies(exchange, dialect)
             await self._admit.admit(exchange)
             exchange.admitted = True
@@ -272,6 +272,18 @@ class Pipeline:
                 f"{exchange.path} accepts {dialect.method}, not {exchange.method}",
                 {"allow": dialect.method},
             )
+
+    async def _read_or_count(self, exchange: Exchange, scope, receive, dialect: Dialect | None) -> bytes:
+        """Read the request; one refused for its body (not JSON, too large, a field out of range) counts against
+        its caller's request limits all the same, as a request that reserves no tokens: a flood of them was
+        refused, and recorded, without limit."""
+        try:
+            return await self._read_request(exchange, scope, receive, dialect)
+        except GatewayError:
+            exchange.prompt_tokens = exchange.requested_output = 0  # nothing goes upstream
+            await self._admit.admit(exchange)
+            await self._admit.release(exchange)
+            raise
 
     async def _read_request(self, exchange: Exchange, scope, receive, dialect: Dialect | None) -> bytes:
         if exchange.method in ("GET", "HEAD", "DELETE", "OPTIONS"):

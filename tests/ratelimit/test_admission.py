@@ -257,6 +257,30 @@ def test_requests_for_unknown_routes_or_methods_are_limited_per_address(fake_ups
     assert statuses[:5] == [404 if method == "POST" else 405] * 5 and statuses[5:] == [429, 429]
 
 
+@pytest.mark.parametrize(
+    "headers, body",
+    [
+        ({"content-type": "application/json"}, b"{not json"),
+        ({"content-type": "text/plain"}, b"hi"),
+        ({"content-type": "application/json"}, b" " * (4 * 1024 * 1024 + 1)),  # over max_body_bytes
+    ],
+)
+def test_an_identified_callers_bad_requests_count_against_its_request_limit_with_no_tokens(
+    fake_upstream, tmp_path, headers, body
+):
+    """Refused before admission (400, 415, 413), they were refused, and recorded, without limit."""
+    limits = {"identity": {"requests": "5/minute", "tokens": "1000/day"}, "default_max_tokens": 500}
+    with running_gateway(tmp_path / "state", fake_upstream.url, limits) as gateway:
+        _, key = gateway.identity()
+        with gateway.client(key) as http:
+            bad = [http.post("/v1/chat/completions", content=body, headers=headers).status_code for _ in range(4)]
+            good = http.post("/v1/chat/completions", json=CHAT)  # had they reserved 500 tokens each, refused
+            last = http.post("/v1/chat/completions", content=body, headers=headers)
+    assert bad[0] in (400, 413, 415) and bad == bad[:1] * 4
+    assert good.status_code == 200 and last.status_code == 429
+    assert last.json()["error"]["code"] == "rate_limit_exceeded"
+
+
 def test_openai_sdk_retries_a_429_as_told_and_gets_through(limited):
     name, key = limited.identity()
     client = openai.OpenAI(base_url=limited.url + "/v1", api_key=key, max_retries=3)
