@@ -195,6 +195,9 @@ def _log_commands(commands) -> None:
         "verify", help="check every entry, root, signature and checkpoint; non-zero on the first fault"
     )
     verify.add_argument("--vkey", action="append", help="verifier key(s) to check against (default: the key files)")
+    verify.add_argument(
+        "--gossip", action="append", default=[], help="a file holding a checkpoint seen elsewhere (a witness's)"
+    )
     verify.set_defaults(run=_log_verify)
     prove = sub.add_parser("prove", help="inclusion proof of entry N under the latest checkpoint (JSON)")
     prove.add_argument("index", type=int)
@@ -601,8 +604,15 @@ def _readers(args, all_by_default: bool) -> list[LogReader]:
 
 
 def _log_verify(args) -> int:
-    for reader in _readers(args, all_by_default=True):
-        report = reader.verify(args.vkey)
+    gossip = [(path, Path(path).read_text("utf-8", "replace")) for path in args.gossip]
+    readers = _readers(args, all_by_default=True)
+    origins = {reader.origin() for reader in readers}
+    for path, text in gossip:
+        if text.split("\n", 1)[0] not in origins:
+            raise VerifyError(f"{path}: a checkpoint of {text.split(chr(10), 1)[0]!r}, none of these logs")
+    for reader in readers:
+        origin = reader.origin()
+        report = reader.verify(args.vkey, [(path, text) for path, text in gossip if text.startswith(origin + "\n")])
         opened = f", {report.opened} sealed entries opened and matched" if reader.keys else ""
         if report.erased:
             opened += f", {report.erased} erased (tenant keys shredded or past retention)"

@@ -14,7 +14,7 @@ import datetime
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +110,9 @@ class LogReader:
         except UnicodeDecodeError:
             raise VerifyError(f"{self.dir}/origin is damaged (not UTF-8)") from None
 
-    def verify(self, vkeys: list[str] | None = None) -> VerifyReport:
+    def verify(self, vkeys: list[str] | None = None, gossip: Sequence[tuple[str, str]] = ()) -> VerifyReport:
+        """Check the log; `gossip`: (where from, note) of checkpoints seen elsewhere (a witness's latest), each
+        of which must be one this log's entries give: signed by its key, of a size it has, with its root."""
         verifiers = self.verifiers(vkeys)
         checkpoints = [self._open_checkpoint(i, n, verifiers) for i, n in enumerate(self.checkpoints())]
         wanted = {c.size: c for c in checkpoints}
@@ -137,7 +139,7 @@ class LogReader:
                 )
         subtree = _memory_subtree(leaves)
         self._check_checkpoint_chain(checkpoints, leaves, subtree)
-        self._check_other_signed_checkpoints(verifiers, leaves, subtree)
+        self._check_other_signed_checkpoints(verifiers, leaves, subtree, gossip)
         self._check_stored_tree(leaves)
         self._check_stored_index(places)
         report = VerifyReport(
@@ -214,24 +216,28 @@ class LogReader:
                     ) from None
             previous = checkpoint
 
-    def _check_other_signed_checkpoints(self, verifiers: list[note.NoteKey], leaves: list[bytes], subtree) -> None:
+    def _check_other_signed_checkpoints(self, verifiers, leaves: list[bytes], subtree, gossip=()) -> None:
         """The log's signature on a checkpoint kept elsewhere in the folder (the latest, as served; those the
         witnesses cosigned) vouches for the entries too: cutting the segments and checkpoints.log back to an
-        earlier checkpoint passed verification while these still held the larger log."""
+        earlier checkpoint passed verification while these still held the larger log. So does one seen
+        elsewhere (`gossip`), which must also be signed by this log."""
         path = self.dir / "checkpoint"
         kept = [("checkpoint", path.read_text("utf-8", "replace"))] if path.exists() else []
         kept += [("cosignatures.log", text) for text in self.cosigned()]
-        for where, text in kept:
+        for where, text in [*kept, *gossip]:
             try:
                 signed = note.open_checkpoint(text, verifiers)
-            except note.NoteError:
+            except note.NoteError as e:
+                if (where, text) in gossip:
+                    raise VerifyError(f"{where}: not a checkpoint of this log ({e})") from None
                 continue  # not signed by this log's keys: it vouches for nothing here
             if signed.size == 0:
                 continue
             if signed.size > len(leaves) or signed.root != merkle.range_hash(subtree, 0, signed.size):
                 raise VerifyError(
                     f"{where}: the log signed a checkpoint of {signed.size} entries that the {len(leaves)} entries "
-                    "here do not give (entries were removed, changed, or the log rolled back)"
+                    "here do not give (entries were removed or changed, the log rolled back, or it showed another "
+                    "tree elsewhere: a fork)"
                 )
 
     def _check_stored_tree(self, leaves: list[bytes]) -> None:

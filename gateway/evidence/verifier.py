@@ -11,7 +11,8 @@ checkpoint extends the one before it (RFC 9162 consistency proofs); that the las
 cosignatures (C2SP tlog-cosignature v1) from at least K trusted witnesses; every entry's inclusion proof
 under that checkpoint; that each leaf is canonical JSON; and that every opened field (value and salt)
 matches its commitment in the leaf. `--gossip` adds signed checkpoints seen elsewhere (a witness's latest,
-say): two different roots for one tree size, both signed by the log, prove that the log forked.
+say): two different roots for one tree size, both signed by the log, prove that the log forked; one of a
+size the bundle has no checkpoint of cannot be compared, and fails the check rather than pass unchecked.
 
 Keys given on the command line are the ones to trust; without them, the keys shipped in the bundle are
 used and the output says so, since a forger would ship its own.
@@ -350,10 +351,11 @@ def verify_log(folder: Path, trust: Trust, gossip: Sequence[str] = ()) -> dict:
         raise VerificationError(f"{folder.name}: no checkpoint")
     checkpoints = [_opened(folder, i, note, keys) for i, note in enumerate(notes)]
     _check_chain(folder, checkpoints)
-    ours = [n for n in gossip if split_note(n)[0].split("\n", 1)[0] == origin]
+    ours = [n for n in gossip if _origin_of(n) == origin]
     for first, second in forks([*notes, *ours], keys):
         raise VerificationError(f"{origin}: the log signed two trees of one size (a fork):\n{first}\n{second}")
     last = checkpoints[-1]
+    _check_gossip_compared(origin, ours, keys, {c.size for c in checkpoints}, last.size)
     cosigned = cosigners(notes[-1], trust.witnesses)
     if len(cosigned) < trust.quorum:
         missing = sorted({w.name for w in trust.witnesses} - set(cosigned))
@@ -370,6 +372,26 @@ def verify_log(folder: Path, trust: Trust, gossip: Sequence[str] = ()) -> dict:
         "cosigned_by": cosigned,
         "commitments": commitments,
     }
+
+
+def _origin_of(note: str) -> str:
+    return split_note(note)[0].split("\n", 1)[0]
+
+
+def _check_gossip_compared(origin: str, gossip: Sequence[str], keys: list[NoteKey], sizes: set[int], last: int):
+    """A gossiped checkpoint is compared with the bundle's of its size; one of a size the bundle has none of
+    cannot be, and passing it over would read as "no fork" (a split view grows on both sides, so a witness's
+    latest is rarely of a size the other side signed)."""
+    for note in gossip:
+        size = open_checkpoint(note, keys).size
+        if size not in sizes:
+            why = "its checkpoints skip that size"
+            if size > last:
+                why = f"it is newer than the bundle's last, {last}: export a later bundle"
+            raise VerificationError(
+                f"{origin}: a gossiped checkpoint of size {size} cannot be compared: the bundle has no checkpoint of "
+                f"that size ({why}); a fork can hide there"
+            )
 
 
 def _opened(folder: Path, position: int, note: str, keys: list[NoteKey]) -> Checkpoint:
@@ -494,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         origins = [result["origin"] for result in results]
         if len(set(origins)) < len(origins):  # a log copied into a second folder would be counted twice
             raise VerificationError(f"{bundle}: one log in two folders ({', '.join(sorted(set(origins)))})")
+        for note in gossip:
+            if _origin_of(note) not in origins:
+                raise VerificationError(f"a gossiped checkpoint of {_origin_of(note)!r}, a log not in this bundle")
     except (*MALFORMED, OSError) as e:
         print(f"REJECTED: {_reason(e)}", file=sys.stderr)
         return 1

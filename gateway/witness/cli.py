@@ -29,9 +29,10 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=7380)
     serve.set_defaults(run=_serve)
     check = sub.add_parser(
-        "check", help="fetch a log's latest checkpoint from each witness; 1 on a fork, 2 if none could be checked"
+        "check", help="fetch a log's latest checkpoint from each witness; 1 on a fork, 2 if they could not be compared"
     )
     check.add_argument("--log", required=True, help="the log's verifier key")
+    check.add_argument("--save", help="a folder to keep each witness's checkpoint in (for --gossip)")
     check.add_argument("urls", nargs="+", help="witness URLs")
     check.set_defaults(run=_check)
 
@@ -72,7 +73,7 @@ def _serve(args) -> int:
 
 def _check(args) -> int:
     key = NoteKey.parse(args.log)
-    notes = []
+    notes, sizes = [], set()
     for url in args.urls:
         try:
             response = httpx.get(url.rstrip("/") + "/checkpoint", params={"origin": key.name}, timeout=10)
@@ -88,11 +89,23 @@ def _check(args) -> int:
             print(f"{url}: {e}")
             continue
         notes.append(response.text)
+        sizes.add(checkpoint.size)
         print(f"{url}: size {checkpoint.size}")
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            (Path(args.save) / f"witness-{len(notes)}.checkpoint").write_text(response.text)
     found = forks(notes, [key])
     for first, second in found:
         print(f"FORK: {key.name} signed two different trees of one size:\n{first}\n{second}")
+    if found:
+        return 1
     if not notes:  # nothing was checked: no all-clear
         print(f"no witness showed a checkpoint of {key.name} signed by this key: nothing was checked")
         return 2
-    return 1 if found else 0
+    if len(sizes) > 1:  # a split view grows on both sides: the witnesses rarely hold one size
+        print(
+            "not compared: checkpoints of different sizes agree only by a consistency proof from the log; "
+            "check them (--save) with `canarygate log verify --gossip FILE` or a bundle's `verify.py --gossip FILE`"
+        )
+        return 2
+    return 0

@@ -17,7 +17,9 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
+from gateway.evidence import note
 from gateway.evidence.keys import Keys
+from gateway.evidence.verifier import split_note
 from gateway.watermark import epoch_keys
 from gateway.watermark.mark import LexicalWatermark
 from gateway.witness import init_witness
@@ -254,6 +256,28 @@ def test_a_quorum_below_every_witness_accepts_a_missing_cosignature(served, tmp_
     shutil.copytree(served[0] / "bundle", bundle)
     _drop_a_cosignature(bundle)
     assert _verify(served, bundle, "--quorum", "1").returncode == 0
+
+
+def test_gossip_is_compared_or_refused_never_passed_over(served, tmp_path):
+    """A witness's checkpoint of a size the bundle has no checkpoint of cannot be compared with it: a fork
+    shown to that witness would hide there (a split view grows on both sides, so sizes rarely meet)."""
+    bundle = served[0] / "bundle"
+    notes = json.loads((bundle / "log-0" / "checkpoints.json").read_text())
+    last = note.Checkpoint.parse(split_note(notes[-1])[0])
+    signer = note.Signer(ORIGIN, Keys.load(served[0] / ".canarygate" / "keys").signer.seed)
+    sizes = {note.Checkpoint.parse(split_note(n)[0]).size for n in notes}
+    between = next(size for size in range(1, last.size) if size not in sizes)
+    cases = {
+        "bundled": (notes[-1], 0, "OK"),
+        "fork": (note.sign_checkpoint(note.Checkpoint(ORIGIN, last.size, bytes(32)), signer), 1, "(a fork)"),
+        "newer": (note.sign_checkpoint(note.Checkpoint(ORIGIN, last.size + 5, bytes(32)), signer), 1, "export a later"),
+        "skipped": (note.sign_checkpoint(note.Checkpoint(ORIGIN, between, bytes(32)), signer), 1, "skip that size"),
+        "other log": (note.sign_checkpoint(note.Checkpoint("elsewhere.test/log", 3, bytes(32)), signer), 1, "not in"),
+    }
+    for name, (text, code, said) in cases.items():
+        (tmp_path / f"{name}.note").write_text(text)
+        result = _verify(served, bundle, "--gossip", str(tmp_path / f"{name}.note"))
+        assert result.returncode == code and said in result.stdout + result.stderr, (name, result.stdout, result.stderr)
 
 
 def test_an_expert_detects_with_the_key_disclosed_in_the_bundle(served, tmp_path):

@@ -45,6 +45,12 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     # three commitments at start (watermark key, word sets, detector), then two entries per exchange
     assert verified.returncode == 0 and "15 entries" in verified.stdout, verified.stdout + verified.stderr
     assert cli(tmp_path, "log", "verify", "--vkey", vkey).returncode == 0
+    latest = (tmp_path / ".canarygate" / "evidence" / "0" / "checkpoint").read_text()
+    (tmp_path / "seen.note").write_text(latest)  # as a witness would serve it
+    (tmp_path / "elsewhere.note").write_text(latest.replace("canarygate.test/cli", "elsewhere.test/log", 1))
+    assert cli(tmp_path, "log", "verify", "--gossip", "seen.note").returncode == 0
+    elsewhere = cli(tmp_path, "log", "verify", "--gossip", "elsewhere.note")
+    assert elsewhere.returncode != 0 and "none of these logs" in elsewhere.stderr, elsewhere.stderr
 
     proof = json.loads(cli(tmp_path, "log", "prove", "5").stdout)
     verify_proof(proof, vkey)  # a third party with the public key alone

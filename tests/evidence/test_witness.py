@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.evidence import keys, merkle, note
-from gateway.evidence.reader import LogReader
+from gateway.evidence.reader import LogReader, VerifyError
 from gateway.evidence.verifier import cosigners, forks, split_note
 from gateway.evidence.witnessing import Witness, add_checkpoint_body
 from gateway.witness import init_witness, witness_app
@@ -71,6 +71,30 @@ def test_a_forked_log_is_caught(tmp_path, log_key):
         assert ["does not extend" in c for c in grown.witnesses.conflicts] == [True, False]
         assert "saw another tree" in grown.witnesses.conflicts[1]
     assert list((tmp_path / "w2" / "conflicts").iterdir())  # the witness kept the log's signed contradiction
+
+
+def test_a_fork_shown_at_two_sizes_is_no_all_clear_and_the_log_proves_it(tmp_path, log_key):
+    """Each branch of a split view grows: the witnesses hold different sizes, which `witness check` cannot
+    compare alone (exit 2, not 0); the honest log, given the other witness's checkpoint, shows the fork."""
+    k1, w1 = _witness(tmp_path, "w1", log_key)
+    k2, w2 = _witness(tmp_path, "w2", log_key)
+    with w1, w2:
+        _write(tmp_path, "honest", 100, witnesses=[Witness(w1.url, k1)])
+        _write(tmp_path, "forked", 120, witnesses=[Witness(w2.url, k2)])  # same key, other entries
+        check = subprocess.run(
+            [CANARYGATE, "witness", "check", "--log", log_key.vkey(), "--save", str(tmp_path / "seen"), w1.url, w2.url],
+            capture_output=True,
+            text=True,
+        )
+    assert check.returncode == 2 and "not compared" in check.stdout and "FORK" not in check.stdout, check.stdout
+    seen = sorted((tmp_path / "seen").iterdir())
+    honest = LogReader(tmp_path / "honest", keys.Keys.load(tmp_path / "keys"))
+    assert honest.verify(gossip=[(str(seen[0]), seen[0].read_text())]).entries == 100  # its own witness's
+    with pytest.raises(VerifyError, match="a fork"):
+        honest.verify(gossip=[(str(seen[1]), seen[1].read_text())])
+    stranger = note.sign_checkpoint(note.Checkpoint(ORIGIN, 1, bytes(32)), note.Signer(ORIGIN, bytes(32)))
+    with pytest.raises(VerifyError, match="not a checkpoint of this log"):
+        honest.verify(gossip=[("stranger", stranger)])
 
 
 def test_a_restarted_witness_keeps_its_state(tmp_path, log_key):
