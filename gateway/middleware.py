@@ -86,7 +86,7 @@ class CanarygateMiddleware:
         async def answering(message):
             seen.append(message["type"])
             if message["type"] == "lifespan.shutdown.complete":
-                await self.pipeline.close()
+                await self._close()
             await send(message)
 
         try:
@@ -107,7 +107,7 @@ class CanarygateMiddleware:
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()  # the shutdown: the only message after the startup
-        await self.pipeline.close()
+        await self._close()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _start(self) -> None:
@@ -115,6 +115,11 @@ class CanarygateMiddleware:
             if not self._started:
                 await self.pipeline.start()
                 self._started = True
+
+    async def _close(self) -> None:
+        """Closed, it can start again: a host's tests run one app's lifespan once per test client."""
+        self._started = False
+        await self.pipeline.close()
 
 
 def _below_root(scope) -> dict:

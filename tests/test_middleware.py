@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import replace
 
 import anyio
@@ -14,7 +15,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
 
+from gateway.evidence.keys import Keys
+from gateway.evidence.reader import LogReader
 from gateway.identity import Registry
 from gateway.middleware import CanarygateMiddleware
 from tests.conftest import ServerThread, _settings
@@ -188,3 +192,42 @@ def test_a_host_that_cancels_again_while_the_exchange_is_recorded_still_frees_it
             assert not app.pipeline._admit._held
             fake.behaviour.hang = 0
             assert client.post(CHAT, json=BODY, timeout=10).status_code == 200
+
+
+def test_a_host_that_runs_the_lifespan_again_gets_a_working_gateway(tmp_path):
+    """A host's tests run one module-level app's lifespan once per test client, each in its own event loop."""
+    app, key = _middleware(tmp_path, _model([]))
+    for _ in range(2):
+        with TestClient(app) as client:
+            answer = client.post(CHAT, json=BODY, headers={"authorization": f"Bearer {key}"})
+            assert answer.status_code == 200, answer.text
+    assert [p.name for p in (tmp_path / "state" / "evidence").iterdir() if p.is_dir()] == ["0"]  # its one log
+
+
+def test_workers_forked_after_the_app_is_built_each_write_a_log_of_their_own(tmp_path):
+    """What a prefork server does (gunicorn --preload): build the app once, then fork the workers."""
+    app, key = _middleware(tmp_path, _model([]))
+
+    async def serve() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://host") as client:
+            for _ in range(3):
+                answer = await client.post(CHAT, json=BODY, headers={"authorization": f"Bearer {key}"})
+                assert answer.status_code == 200, answer.text
+        await app.pipeline.close()
+
+    children = []
+    for _ in range(2):
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                asyncio.run(serve())
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(child)
+    assert [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children] == [0, 0]
+    logs = sorted(p for p in (tmp_path / "state" / "evidence").iterdir() if p.is_dir())
+    loaded = Keys.load(tmp_path / "state" / "keys")
+    assert [p.name for p in logs] == ["0", "1"]
+    assert [LogReader(p, loaded).verify().entries for p in logs] == [9, 9]  # 3 commitments, 3 exchanges of 2

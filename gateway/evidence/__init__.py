@@ -47,21 +47,31 @@ def slot_origin(origin: str, slot: int) -> str:
     return origin if slot == 0 else f"{origin}/w{slot}"
 
 
-def claim_slot(directory: Path) -> tuple[int, int]:
-    """A log of its own for this process: the lowest slot whose lock no live process holds.
+def claim_slot(directory: Path) -> int:
+    """A log of its own for this process: the lowest slot whose lock no live process holds, or the one it
+    holds already (a host that starts the app again reopens its log).
 
     Each gateway worker is one writer; slots keep their numbers across restarts, so each worker's log
-    (and origin) carries on where the previous holder of the slot stopped."""
+    (and origin) carries on where the previous holder of the slot stopped. A lock stays held for the life of
+    the process; a worker forked from it claims its own (its copy of the lock is its parent's)."""
+    held = _claimed.get((directory, os.getpid()))
+    if held is not None:
+        return held
     durable_dirs(directory)
     slot = 0
     while True:
         fd = os.open(directory / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return slot, fd
         except BlockingIOError:
             os.close(fd)
             slot += 1
+            continue
+        _claimed[directory, os.getpid()] = slot
+        return slot
+
+
+_claimed: dict[tuple[Path, int], int] = {}  # (logs folder, process id) -> the slot that process holds
 
 
 def open_recorder(settings: Settings) -> EvidenceRecorder:
@@ -69,11 +79,12 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
     created = init_keys(keys_dir(settings), origin)
     if created:
         log.warning("created keys %s in %s", ", ".join(created), keys_dir(settings))
-    slot, _lock = claim_slot(logs_dir(settings))  # held for the life of the process
     evidence = settings.evidence
     keys = Keys.load(keys_dir(settings))
-    return EvidenceRecorder(
-        EvidenceLog(
+
+    def open_log() -> EvidenceLog:
+        slot = claim_slot(logs_dir(settings))
+        return EvidenceLog(
             logs_dir(settings) / str(slot),
             keys,
             slot_origin(origin, slot),
@@ -82,7 +93,10 @@ def open_recorder(settings: Settings) -> EvidenceRecorder:
             checkpoint_interval=evidence.checkpoint_interval,
             segment_bytes=evidence.segment_bytes,
             witnesses=tuple(Witness(w.url, NoteKey.parse(w.vkey)) for w in evidence.witnesses),
-        ),
+        )
+
+    return EvidenceRecorder(
+        open_log,
         evidence.durability,
         evidence.unauthenticated_records,
         keys.address_key if evidence.client_addresses == "hashed" else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..exchange import Exchange, Identity
 from .entry import canonical, commit
@@ -31,19 +32,22 @@ RETENTION_EVERY = 3600.0  # seconds
 class EvidenceRecorder:
     def __init__(
         self,
-        evidence: EvidenceLog,
+        open_log: Callable[[], EvidenceLog],
         durability: str = "batch",
         unauthenticated: str = "",
         address_key: bytes | None = None,
         retention_days: int = 0,
     ) -> None:
-        """`unauthenticated`: how many requests without a valid key are recorded in full per client address
+        """`open_log`: the log, opened at each start (not before: a server that builds the app and then forks its
+        workers gives each its own log, and a host that starts the app again gets a log that is open).
+        `unauthenticated`: how many requests without a valid key are recorded in full per client address
         ("10/minute"); the rest are summarised. Empty: all are recorded in full. `address_key`: client
         addresses are kept as keyed hashes under it; None keeps them as they are. `retention_days`: tenant
         keys of older days are deleted at start and every hour (0: kept)."""
         if durability not in ("batch", "fsync"):
             raise ValueError(f"durability must be 'batch' or 'fsync', not {durability!r}")
-        self.log = evidence
+        self._open_log = open_log
+        self.log: EvidenceLog | None = None
         self._wait = durability == "fsync"
         self._unauthenticated = UnauthenticatedRecords(unauthenticated)
         self._summarised: set[str] = set()  # ids of exchanges counted, not recorded
@@ -52,6 +56,7 @@ class EvidenceRecorder:
         self._retention: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.log = self._open_log()
         await self.log.start()
         if self._retention_days:
             self._retention = asyncio.get_running_loop().create_task(self._retain())
@@ -74,7 +79,7 @@ class EvidenceRecorder:
             await asyncio.sleep(RETENTION_EVERY)
 
     def ready(self) -> str | None:
-        return self.log.failure
+        return "the evidence log is not open" if self.log is None else self.log.failure
 
     async def commit(self, commitments: list[tuple[dict, dict[str, bytes]]]) -> None:
         """Each commitment as its own entry, waited for on disk whatever the durability setting."""

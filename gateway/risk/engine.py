@@ -88,6 +88,7 @@ class RiskEngine:
         self.on_decision: Callable[[Decision], Awaitable[None]] | None = None
 
     async def start(self) -> None:
+        self._wake = asyncio.Event()  # of this loop: a host may start the app again in another (its test clients)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
