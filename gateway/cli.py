@@ -645,7 +645,7 @@ def _log_show(args) -> int:
             if not (_matches(public, args) or (args.canary and public.get("id") in exchanges - {None})):
                 continue
             row = {"log": reader.origin(), "index": item.index, **public}
-            if args.reveal:
+            if args.reveal and public.get("kind") != "commitment":  # a commitment opens to a key: export discloses it
                 try:
                     opened = reader.open_all(item)
                 except Erased as e:

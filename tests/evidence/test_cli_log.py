@@ -70,6 +70,8 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     assert cli(tmp_path, "log", "search", "--since", "2000").returncode == 0
     shown = cli(tmp_path, "log", "show", "--identity", "mallory", "--json", "--reveal").stdout.splitlines()
     assert len(shown) == 10 and "evidence please" in shown[0]
+    every = [json.loads(line) for line in cli(tmp_path, "log", "show", "--json", "--reveal").stdout.splitlines()]
+    assert [row["kind"] for row in every if "revealed" not in row] == ["commitment"] * 3  # a key is no row to show
     export = cli(tmp_path, "log", "export", str(tmp_path / "bundle"), "--reveal", "prompt")
     assert export.returncode == 0, export.stderr
     again = cli(tmp_path, "log", "export", str(tmp_path / "bundle"), "--identity", "nobody")  # would keep the rest
