@@ -4,6 +4,7 @@ log, the keys, the identity registry and the witness write theirs."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -48,6 +49,17 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """os.pwrite until everything is written: a filling disk may write fewer bytes without an error, and the
+    next write would leave a hole behind it."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "no byte could be written")
+        view, offset = view[written:], offset + written
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:

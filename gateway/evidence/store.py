@@ -20,14 +20,17 @@ This module is synchronous and single-writer; `log.py` drives it from one thread
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import durable_dirs, write_all, write_atomically
+from ..files import durable_dirs, pwrite_all, write_all, write_atomically
 from . import merkle
+
+log = logging.getLogger("canarygate.evidence")
 
 MAGIC = b"CGEVLOG2"  # version 2: each sealed part names its key (tenants.py); version 1 segments stay readable
 MAGIC_V1 = b"CGEVLOG1"
@@ -104,18 +107,35 @@ class Segment:
         data = self.path.read_bytes()
         offset = SEGMENT_HEADER.size
         while offset < len(data):
-            if offset + RECORD_HEADER.size > len(data):
+            end, intact = _record_at(data, offset)
+            if not intact:
                 yield offset, b"", b"", False
                 return
-            leaf_len, sealed_len, crc = RECORD_HEADER.unpack_from(data, offset)
-            start = offset + RECORD_HEADER.size
-            end = start + leaf_len + sealed_len
-            body = data[start:end]
-            if end > len(data) or leaf_len == 0 or record_crc(leaf_len, sealed_len, body) != crc:
-                yield offset, b"", b"", False
-                return
-            yield offset, body[:leaf_len], body[leaf_len:], True
+            leaf_end = offset + RECORD_HEADER.size + RECORD_HEADER.unpack_from(data, offset)[0]
+            yield offset, data[offset + RECORD_HEADER.size : leaf_end], data[leaf_end:end], True
             offset = end
+
+    def intact_after(self, offset: int) -> int:
+        """How many intact records follow the damaged one at `offset`, read by the lengths its header gives;
+        0 where they cannot be read (a torn header, a length past the end)."""
+        data, count = self.path.read_bytes(), 0
+        end, _ = _record_at(data, offset)
+        while end is not None and end < len(data):
+            end, intact = _record_at(data, end)
+            count += intact
+        return count
+
+
+def _record_at(data: bytes, offset: int) -> tuple[int | None, bool]:
+    """(where the record at `offset` ends, None where its header cannot say; whether it is intact)."""
+    if offset + RECORD_HEADER.size > len(data):
+        return None, False
+    leaf_len, sealed_len, crc = RECORD_HEADER.unpack_from(data, offset)
+    start = offset + RECORD_HEADER.size
+    end = start + leaf_len + sealed_len
+    if end > len(data) or leaf_len == 0:
+        return None, False
+    return end, record_crc(leaf_len, sealed_len, data[start:end]) == crc
 
 
 class LogStore:
@@ -170,12 +190,16 @@ class LogStore:
         count = last.first
         for offset, _, _, intact in last.records():
             if not intact:
-                if count < covered:
+                following = last.intact_after(offset)
+                if count < covered or following:
+                    why = f"covered by the latest checkpoint ({covered} entries)" if count < covered else (
+                        f"{following} intact entries follow it"
+                    )  # fmt: skip
                     raise CorruptLog(
-                        f"{last.path.name}: entry {count} (byte {offset}) is damaged but covered by the latest "
-                        f"checkpoint ({covered} entries), which no crash explains; nothing was cut: restore the "
-                        "file from a copy, or move the log aside"
+                        f"{last.path.name}: entry {count} (byte {offset}) is damaged but {why}, which no crash "
+                        "explains; nothing was cut: restore the file from a copy, or move the log aside"
                     )
+                log.warning("%s: cut a torn record at byte %d (entry %d), as a crash leaves", last.path, offset, count)
                 with open(last.path, "r+b") as f:
                     f.truncate(offset)
                     os.fsync(f.fileno())
@@ -296,10 +320,10 @@ class LogStore:
                 node = merkle.node_hash(self._frontier.pop(level), node)
                 level += 1
             self.size += 1
-        os.pwrite(self._index_fd, index_bytes, first * INDEX_ENTRY.size)
+        pwrite_all(self._index_fd, index_bytes, first * INDEX_ENTRY.size)
         for level, data in new_nodes.items():  # the new nodes are the last ones of their level
             first_node = (self.size >> level) - len(data) // HASH
-            os.pwrite(self._level_fd(level), data, first_node * HASH)
+            pwrite_all(self._level_fd(level), data, first_node * HASH)
 
     def sync(self) -> None:
         """Make every record written so far durable (the tree and index are rebuilt from segments if lost)."""

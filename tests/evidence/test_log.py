@@ -111,6 +111,50 @@ def test_a_damaged_record_under_a_checkpoint_stops_the_log_and_cuts_nothing(writ
     assert last.read_bytes() == before
 
 
+def test_a_damaged_record_that_intact_ones_follow_is_no_torn_end_and_nothing_is_cut(written, tmp_path, caplog):
+    """Past the latest checkpoint, but before records written (and acknowledged) after it: a restart cut the
+    segment at the damage, dropping every later record without a word. A crash tears only the end."""
+    directory, loaded, _ = written
+    last = sorted(directory.glob("segment-*.log"))[-1]
+    offset = _records(last)[-3][0]
+    end = last.stat().st_size
+    with open(last, "ab") as f:  # three more intact records, past what the checkpoint covers
+        f.write(last.read_bytes()[offset:])
+    _flip(last, end + 20)  # the first of them damaged
+    before = last.read_bytes()
+    with pytest.raises(CorruptLog, match="2 intact entries follow it"):
+        write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    assert last.read_bytes() == before
+    with open(last, "r+b") as f:  # the last of them torn, as a crash leaves it: cut, and said
+        f.truncate(end)
+        f.seek(end)
+        f.write(before[end : end + 30])
+    with caplog.at_level("WARNING", logger="canarygate.evidence"):
+        write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    assert "cut a torn record at byte" in caplog.text
+    assert LogReader(directory, loaded).verify().entries == 305
+
+
+def test_a_short_write_to_the_tree_leaves_no_hole(tmp_path, monkeypatch):
+    """A filling disk may write fewer bytes than asked without an error: the next batch wrote past the hole,
+    and the stored tree, which proofs are served from, stayed wrong for good."""
+    real, short = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if not short and len(data) > 32 and os.readlink(f"/proc/self/fd/{fd}").endswith("level-0.bin"):
+            short.append(offset)
+            return real(fd, bytes(data[: len(data) // 2]), offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    written = write_entries(tmp_path / "log", tmp_path / "keys", 120, checkpoint_every=64)
+    loaded = keys.Keys.load(tmp_path / "keys")
+    reader = LogReader(tmp_path / "log", loaded)
+    assert short and reader.verify().entries == 120
+    for index in (0, 60, 119):
+        verify_proof(reader.prove(index), written.verifier.vkey())
+
+
 @pytest.mark.parametrize("name", ["checkpoints.log", "cosignatures.log"])
 def test_a_note_whose_length_reached_the_disk_but_not_all_its_text_is_cut(written, tmp_path, name):
     """A power loss mid-append can leave a frame's length and part of its text, the rest zeros: the gateway
