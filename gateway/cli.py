@@ -23,7 +23,7 @@ from .evidence import keys
 from .evidence.bundle import bundle_commitments, committed_epochs, disclosed_keys
 from .evidence.bundle import export as export_bundle
 from .evidence.reader import LogReader, VerifyError, commitments
-from .evidence.store import Segment
+from .evidence.store import Segment, segment_paths
 from .evidence.tenants import Erased, TenantKeys
 from .evidence.verifier import VerificationError
 from .exchange import Identity
@@ -693,7 +693,8 @@ def _log_shred(args) -> int:
     count = TenantKeys(evidence.keys_dir(settings)).shred(args.tenant)
     print(f"deleted {count} keys of tenant {args.tenant!r}: its recorded prompts and answers can no longer be read")
     print("the log's entries, commitments and proofs are unchanged and still verify")
-    older = [p for p in evidence.logs_dir(settings).glob("*/segment-*.log") if Segment(p).version == 1]
+    logs = [d for d in evidence.logs_dir(settings).glob("*") if d.is_dir()]
+    older = [p for d in logs for p in segment_paths(d) if Segment(p).version == 1]
     if older:
         print(
             f"note: {len(older)} segment(s) written before per-tenant keys existed are sealed under the log's "

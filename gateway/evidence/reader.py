@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import entry, merkle, note, verifier
 from .keys import Keys
-from .store import HASH, INDEX_ENTRY, CorruptLog, Segment, frames, read_entry
+from .store import HASH, INDEX_ENTRY, CorruptLog, Segment, frames, read_entry, segment_paths
 from .tenants import DAY, REFERENCE, Erased, MissingKey, TenantKeys, tenant_id
 
 
@@ -40,7 +40,13 @@ class Entry:
 
     @property
     def public(self) -> dict:
-        return json.loads(self.leaf)
+        try:
+            public = json.loads(self.leaf)
+        except ValueError:
+            public = None
+        if not isinstance(public, dict):  # its CRC holds: written so, or forged with one
+            raise VerifyError(f"entry {self.index}: its leaf is not a JSON object")
+        return public
 
 
 @dataclass
@@ -63,7 +69,7 @@ class LogReader:
         """Every intact entry in order; raises VerifyError at damage (not strict: a torn end just ends it,
         as when a live gateway is halfway through a write)."""
         index = 0
-        segments = sorted(self.dir.glob("segment-*.log"))
+        segments = segment_paths(self.dir)
         for position, path in enumerate(segments):
             try:
                 segment = Segment(path)
@@ -168,10 +174,7 @@ class LogReader:
         raise VerifyError(f"checkpoint {position}: signature does not verify with the log's public key")
 
     def _check_entry(self, item: Entry) -> None:
-        try:
-            public = json.loads(item.leaf)
-        except ValueError:
-            raise VerifyError(f"entry {item.index}: not JSON") from None
+        public = item.public
         if entry.canonical(public) != item.leaf or public.get("v") != entry.SCHEMA_VERSION:
             raise VerifyError(f"entry {item.index}: not a canonical version-{entry.SCHEMA_VERSION} entry")
 

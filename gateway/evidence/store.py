@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -71,6 +72,15 @@ def _cut_torn_frame(fd: int) -> None:
     if complete != len(data):
         os.ftruncate(fd, complete)
         os.fsync(fd)
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    """The log's segments in order: named as the store names them, not an operator's copy beside them
+    ("segment-000000.bak.log")."""
+    return sorted(path for path in directory.glob("segment-*.log") if _SEGMENT_NAME.fullmatch(path.name))
+
+
+_SEGMENT_NAME = re.compile(r"segment-\d{6,}\.log")
 
 
 def read_entry(directory: Path, index: int) -> tuple[bytes, bytes, int, int]:
@@ -208,7 +218,7 @@ class LogStore:
         return count
 
     def segments(self) -> list[Segment]:
-        return [Segment(p) for p in sorted(self.dir.glob("segment-*.log"))]
+        return [Segment(p) for p in segment_paths(self.dir)]
 
     def _level_fd(self, level: int) -> int:
         while len(self._levels) <= level:

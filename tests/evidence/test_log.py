@@ -16,7 +16,7 @@ import pytest
 from gateway.evidence import entry, keys, merkle
 from gateway.evidence.log import EvidenceLog
 from gateway.evidence.reader import LogReader, VerifyError, verify_proof
-from gateway.evidence.store import INDEX_ENTRY, SEGMENT_HEADER, CorruptLog
+from gateway.evidence.store import INDEX_ENTRY, RECORD_HEADER, SEGMENT_HEADER, CorruptLog, record_crc
 
 ORIGIN = "canarygate.test/log"
 
@@ -133,6 +133,27 @@ def test_a_damaged_record_that_intact_ones_follow_is_no_torn_end_and_nothing_is_
         write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
     assert "cut a torn record at byte" in caplog.text
     assert LogReader(directory, loaded).verify().entries == 305
+
+
+@pytest.mark.parametrize("leaf", [b"[]", b"not json"])
+def test_a_leaf_that_is_no_json_object_is_named_not_a_traceback(written, leaf):
+    directory, loaded, _ = written
+    last = sorted(directory.glob("segment-*.log"))[-1]
+    offset, length = _records(last)[-1]
+    data = last.read_bytes()
+    sealed = data[offset + RECORD_HEADER.size + RECORD_HEADER.unpack_from(data, offset)[0] : offset + length]
+    body = leaf + sealed  # its CRC made to match: forged, or written so
+    record = RECORD_HEADER.pack(len(leaf), len(sealed), record_crc(len(leaf), len(sealed), body)) + body
+    last.write_bytes(data[:offset] + record)
+    with pytest.raises(VerifyError, match="its leaf is not a JSON object"):
+        LogReader(directory, loaded).verify()
+
+
+def test_a_copy_of_a_segment_beside_the_log_is_not_read_as_one(written):
+    directory, loaded, _ = written
+    first = sorted(directory.glob("segment-*.log"))[0]
+    shutil.copyfile(first, directory / "segment-000000.bak.log")  # an operator's copy
+    assert LogReader(directory, loaded).verify().entries == 300
 
 
 def test_a_short_write_to_the_tree_leaves_no_hole(tmp_path, monkeypatch):
