@@ -7,7 +7,8 @@ tools it may call after its text, no completion or assistant turn it continues, 
 split it), not structured output (JSON mode, schemas, guided decoding), and not after a question about
 death, grief, illness or harm (a cheerful line there would do harm; the list of such words is short and will
 miss some). Where: after the last text of the answer's first text part that can take it, on a line of
-its own: not a part with no text, nor one that ends inside a code block (a fence of backticks or tildes),
+its own: not a part with no text, nor one that ends inside code (a fenced block, or an HTML code element or
+a <think> left open: _Code),
 nor one that is data (it starts with { or [: JSON asked for in the prompt alone);
 thinking blocks are never text parts. Every canary served is recorded on the exchange
 (its id, epoch and part), and so in the evidence log's end entry, whose sealed response holds the exact
@@ -25,9 +26,9 @@ import re
 
 from ..exchange import Exchange
 from ..stages import Commitment, TextRewriter, Transform
+from ..watermark.sites import CODE_TAGS, fences_after, indent_width
 from .phrases import Canary, canaries_of
 
-_FENCE_RUNS = re.compile(r"`+|~+")  # a fence is three or more backticks or tildes (CommonMark)
 # A cheerful closing line would be out of place, even hurtful, after these: such answers carry no canary.
 SOMBRE = re.compile(
     r"\b(?:die[ds]?|dying|death|dead|funeral|grie(?:f|ving|ve)|mourn\w*|ashes|bereave\w*|condolence\w*|"
@@ -83,7 +84,7 @@ class CanaryTransform:
 
 
 class _CanaryRewriter:
-    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_fences", "_prose", "_data")
+    __slots__ = ("_inner", "_canary", "_exchange", "_part", "_held", "_code", "_prose", "_data")
 
     def __init__(self, inner: TextRewriter | None, canary: Canary, exchange: Exchange, part: tuple) -> None:
         self._inner = inner
@@ -91,7 +92,7 @@ class _CanaryRewriter:
         self._exchange = exchange
         self._part = part
         self._held = ""
-        self._fences = _Fences()
+        self._code = _Code()
         self._prose = False  # whether the part has any text but spaces (a tool call's message has none)
         # whether the part is data (it starts with { or [, as the watermark reads it): JSON asked for in words
         # alone, which a line after it would break for the client's parser; None until its first character
@@ -101,13 +102,13 @@ class _CanaryRewriter:
         out = self._inner.feed(text) if self._inner is not None else text
         if not out:
             return ""
-        self._count_fences(out)
+        self._read(out)
         emitted, self._held = self._held + out[:-1], out[-1]
         return emitted
 
     def flush(self) -> str:
         inner_rest = self._inner.flush() if self._inner is not None else ""
-        self._count_fences(inner_rest)
+        self._read(inner_rest)
         rest, self._held = self._held + inner_rest, ""
         if not rest:  # nothing held: no event left to carry a canary; a later text part may take it
             self._exchange.canary_claimed = False
@@ -116,21 +117,21 @@ class _CanaryRewriter:
 
     def whole(self, text: str) -> str:
         out = self._inner.whole(text) if self._inner is not None else text
-        self._count_fences(out)
+        self._read(out)
         return out + self._suffix()
 
     @property
     def holding(self) -> bool:
         return bool(self._held) or (self._inner is not None and self._inner.holding)
 
-    def _count_fences(self, text: str) -> None:
-        self._fences.feed(text)
+    def _read(self, text: str) -> None:
+        self._code.feed(text)
         if self._data is None and (start := text.lstrip()[:1]):
             self._data = start in "{["
         self._prose = self._prose or bool(text.strip())
 
     def _suffix(self) -> str:
-        if self._fences.inside or not self._prose or self._data:  # in code or data, or after no text: not here,
+        if self._code.inside or not self._prose or self._data:  # in code or data, or after no text: not here,
             self._exchange.canary_claimed = False  # but a later text part may take it
             return ""
         canary = self._canary
@@ -139,23 +140,24 @@ class _CanaryRewriter:
         return "\n\n" + canary.text
 
 
-class _Fences:
-    """Whether the text so far ends inside a fenced code block, read line by line as the watermark reads fences
-    (watermark.sites.fences_after): a run of three or more backticks or tildes opens a block; one opened at a
-    line's head (after whitespace and ">" only) closes at a run of its character, at least as long, at a line's
-    head indented at most three more, alone on its line; one opened within a line, at the next such run. The
-    line not yet ended is read as if it ended there, so the answer is the same whole or in any pieces. (Counting
-    runs instead put a canary inside a block that held "text.replace('```', '')".)"""
+class _Code:
+    """Whether the text so far ends inside code, read line by line with the watermark's rules: a fenced block
+    (watermark.sites.fences_after, which takes CommonMark's reading wherever a list item's indent is in doubt),
+    or an HTML element whose text is code (sites.CODE_TAGS: <pre>, <code>, <script>, a <think> a server left in
+    the answer) left open. The line not yet ended is read as if it ended there, so the answer is the same whole
+    or in any pieces. (Counting runs instead put a canary inside a block that held "text.replace('```', '')".)"""
 
     __slots__ = ("_pending", "_state")
 
     def __init__(self) -> None:
         self._pending: list[str] = []  # the line not yet ended, in pieces (joined once it ends)
-        self._state: tuple[str, int, int | None] = ("", 0, None)  # fence character, length, indent (None: in a line)
+        # fence character, its length, its indent (None: opened within a line), code span's run, in HTML code
+        self._state: tuple[str, int, int | None, int, bool] = ("", 0, None, 0, False)
 
     @property
     def inside(self) -> bool:
-        return bool(_read_line("".join(self._pending), self._state)[0])
+        fence, _, _, _, html = _read_line("".join(self._pending), self._state)
+        return bool(fence) or html
 
     def feed(self, text: str) -> None:
         if "\n" not in text:
@@ -167,20 +169,24 @@ class _Fences:
         self._pending = [rest]
 
 
-def _read_line(line: str, state: tuple[str, int, int | None]) -> tuple[str, int, int | None]:
-    fence, length, indent = state
-    head = 0
-    while head < len(line) and (line[head] == ">" or line[head].isspace()):
-        head += 1
-    width = len(line[:head].replace(">", "")) + 3 * line[:head].count("\t")  # a tab counts four columns
-    for run in _FENCE_RUNS.finditer(line):
-        char, size = run.group()[0], len(run.group())
-        if fence:
-            if char != fence or size < length:
-                continue
-            alone_at_head = run.start() == head and not line[run.end() :].strip()
-            if indent is None or (alone_at_head and width <= indent + 3):  # within a line: the next run closes
+_CODE_MARKS = re.compile(rf"`+|~{{3,}}|</?(?:{'|'.join(CODE_TAGS)})(?![\w-])", re.IGNORECASE)
+_LINE_HEAD = re.compile(r"[\s>]*")
+
+
+def _read_line(line: str, state: tuple[str, int, int | None, int, bool]) -> tuple[str, int, int | None, int, bool]:
+    fence, length, indent, inline, html = state
+    if not line.strip():
+        return fence, length, indent, 0, html  # a blank line ends a code span
+    head_end = _LINE_HEAD.match(line).end()
+    width = indent_width(line[:head_end].replace(">", ""))
+    for mark in _CODE_MARKS.finditer(line):
+        token = mark.group()
+        if token[0] == "<":
+            if not (fence or inline):
+                html = token[1] != "/"
+        elif not html:  # HTML's code holds backticks as text
+            head = width if mark.start() == head_end else None
+            fence, length, indent, inline, closing = fences_after(token, fence, length, indent, inline, False, head)
+            if closing and not line[mark.end() :].strip():
                 fence = ""
-        elif size >= 3:
-            fence, length, indent = char, size, (width if run.start() == head else None)
-    return fence, length, indent
+    return fence, length, indent, inline, html

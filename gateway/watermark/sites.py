@@ -59,7 +59,9 @@ _DETERMINERS = frozenset(
 _POSSESSIVE = ("'s", "’s", "s'", "s’")  # "the company's various products": a determiner too (not "there's")
 # code's literals: "x is not None" is code, where "isn't" would break it, even outside a fence
 _CODE_WORDS = frozenset({"None", "True", "False", "null", "nil", "undefined", "NULL", "nullptr", "NaN"})
-CODE_TAGS = ("pre", "code")  # HTML's code elements: what their tags hold is code
+# HTML elements whose text is code, or read as such (a textarea's, a script's), or a model's reasoning that a
+# server left in its answer (<think>): what their tags hold is left alone
+CODE_TAGS = ("pre", "code", "script", "style", "textarea", "think")
 
 
 class Site(NamedTuple):  # a tuple: made twice per site when marking, in half a frozen dataclass's time (measured)
@@ -76,23 +78,32 @@ def fences_after(run: str, fence: str, length: int, indent: int | None, inline: 
                  head: int | None):  # fmt: skip
     """(fence, its length, its indent, inline, closing) after a run of backticks or tildes: `fence` is "" or the
     character that opened the fenced block (`length` of them). `head` is the width of what precedes the run on
-    its line when that is only whitespace and ">" (block quotes), else None: where a fence opened at a line's
-    head (`indent` its width), only a run of the same character, at least as long, at a line's head indented
-    at most three more, may close it, and does where nothing but whitespace follows it on its line (`closing`:
-    the caller looks), so "text.replace('```', '')" inside a block closes nothing; a fence opened within a
-    line (`indent` None) closes at the next such run, wherever it is. Any run of three or more opens a fence
-    (where code may begin, the mark rather leaves text alone), and at a line's head it does so even within a
-    code span: a lone backtick in prose ("the ` mark") must not leave the next block's code to be marked.
+    its line when that is only whitespace and ">" (block quotes), else None. Any run of three or more opens a
+    fence (where code may begin, the mark rather leaves text alone), and at a line's head it does so even within
+    a code span (a lone backtick in prose, "the ` mark", must not leave the next block's code to be marked).
     `inline` is the length of the backtick run that opened a code span (0: none), which only a run of that
-    length closes; a blank line ends it too (the callers look). On a skipped line (quote or indented code)
-    only fences count, so that a fence opened there closes where it would."""
+    length closes; a blank line ends it too (the callers look). On a skipped line (quote or indented code) only
+    fences count, so that a fence opened there closes where it would.
+
+    Where a fence is open, CommonMark's reading is taken wherever the mark cannot tell a list item's indent from
+    the document's, so that no reading of the text has code where the mark writes:
+    - one opened within a line ("wrap it in ``` marks") closes at the next run of its character, at least as
+      long, within a line; a run of three or more at a line's head opens a fenced block instead, as it does in
+      CommonMark (a fenced block may interrupt a paragraph);
+    - one opened at a line's head (`indent` its width) closes at a run of its character, at least as long, at
+      a line's head indented at least as much and at most three columns (or as much, if more), where nothing
+      but whitespace follows on its line (`closing`: the caller looks), so "text.replace('```', '')" closes
+      nothing. A run of three or more at a line's head indented less ends the list item the block was in, and
+      opens another block."""
     char = run[0]
     if fence:
+        if head is not None and len(run) >= 3 and (indent is None or head < indent):
+            return char, len(run), head, 0, False
         if char != fence or len(run) < length:
             return fence, length, indent, inline, False
         if indent is None:
             return "", 0, None, inline, False
-        return fence, length, indent, inline, head is not None and head <= indent + 3
+        return fence, length, indent, inline, head is not None and indent <= head <= max(indent, 3)
     if len(run) >= 3 and (not inline or head is not None):
         return char, len(run), head, 0, False
     if char == "`" and not skipped_line:

@@ -199,6 +199,10 @@ _PIECES = [
     "Done.",
     " ",
     "",
+    "<pre>",
+    "</pre>",
+    "<think>",
+    "  ",
 ]
 
 
@@ -217,6 +221,15 @@ _PIECES = [
         ("1. Run:\n    ```sh\n    ls\n    ```\n2. Done.", True),  # a block in a list item, closed
         ("> ```\n> ls\n> ```\nDone.", True),  # in a block quote
         ("[1, 2, 3]", False),
+        # where CommonMark reads code: a list item's block "closed" at column 0 (the item ends, a block opens); a
+        # closing run indented more than three; a block opened at a line's head after ``` within a line
+        ("1. Install:\n   ```bash\n   pip install x\n```\n2. Run it.", False),
+        ("  ```\ncode\n     ```\nDone.", False),
+        ("Wrap code in ``` marks.\n\n```python\nprint('hi')\n", False),
+        ("Here:\n<pre>\nx = 1\n", False),  # HTML's code, left open
+        ("<think>\nThe user wants", False),  # reasoning a server left in the answer, cut short
+        ("Here:\n<pre>x = 1</pre>\nDone.", True),
+        ("Use `a ``` b` here.", True),  # a code span holds the run
     ],
 )
 def test_a_canary_follows_prose_only_and_the_same_in_any_pieces(text, carries):

@@ -173,6 +173,14 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "Type ``a ` it is large`` here.",
         "<pre><code>it is large and we are done</code></pre>",  # HTML's code
         "Use <code class='x'>it is large</code> here.\n<PRE>\nit is large\n</PRE>",
+        # CommonMark: a run at a line's head less indented than the block's opening ends its list item and opens
+        # a block; one indented more than three columns is code; a fence opened within a line does not take a
+        # run at a line's head for its close (it opens a block)
+        "1. Install:\n   ```bash\n   pip install x\n```\nit is large and we are done",
+        "  ```\ncode\n     ```\nit is large and we are done",
+        "Wrap code in ``` marks.\n\n```python\n# it is large and we are done\n```",
+        "<think>it is large and we are done</think>",  # reasoning a server left in the answer
+        "<script>// it is large and we are done</script><textarea>it is large</textarea><style>/* it is large */",
     ],
 )
 def test_no_site_where_the_mark_must_not_write(text):
