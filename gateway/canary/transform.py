@@ -60,7 +60,8 @@ class CanaryTransform:
     def rewriter(self, exchange: Exchange, part: tuple) -> TextRewriter | None:
         inner = self._inner.rewriter(exchange, part) if self._inner.applies(exchange) else None
         canary = self._chosen(exchange)
-        if canary is None or exchange.canary_claimed:  # one canary per answer, in the first text part that takes it
+        # one canary per answer, in the first text part that takes it
+        if canary is None or exchange.canary_claimed or _later_choice(part):
             return inner
         exchange.canary_claimed = True
         return _CanaryRewriter(inner, canary, exchange, part)
@@ -81,6 +82,13 @@ class CanaryTransform:
         if canaries is None:
             canaries = self._cache[identity.name] = canaries_of(self._key, identity.name, self._epoch, self._count)
         return canaries[coin[8] % len(canaries)]
+
+
+def _later_choice(part: tuple) -> bool:
+    """Whether the part is an answer of n > 1 other than the first: a stream interleaves them, so the first may
+    give up the canary (it ends in code) after the others have begun without one; whole, they come in order and
+    the next would take it. Only the first carries one, streamed or whole."""
+    return part[0] == "choice" and part[1] != 0
 
 
 class _CanaryRewriter:

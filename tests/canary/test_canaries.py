@@ -279,9 +279,10 @@ def test_a_canary_is_found_in_the_log_with_the_prompt_it_answered(canaried, fake
     assert "lighthouses" in rows[0]["revealed"]["prompt"] and rows[0]["id"] == rows[1]["id"] == served["id"]
 
 
-def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part():
-    """The first choice ends inside a code block, an Anthropic answer opens with a blank text block: the
-    canary goes to the next text part, whole and streamed."""
+def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part_but_choices_do_not():
+    """An Anthropic answer opens with a blank text block, or one ending inside a code block: the canary goes to
+    the next text part, whole and streamed. The answers of n > 1 are interleaved in a stream (the first could give
+    it up after the others began without one): only the first carries one, whole and streamed alike."""
     from gateway.canary.transform import CanaryTransform
     from gateway.exchange import Exchange, Identity
     from gateway.protocols.anthropic import Messages
@@ -305,7 +306,14 @@ def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part():
     ships = "Lighthouses guide ships."
     choices = [{"index": 0, "message": {"role": "assistant", "content": "Run:\n```sh\nmake\n"}},
                {"index": 1, "message": {"role": "assistant", "content": ships}}]  # fmt: skip
-    assert served(ChatCompletions(), {"choices": choices}) == [["choice", 1]]
+    assert served(ChatCompletions(), {"choices": choices}) == []
+    choices[0]["message"]["content"] = "Choice zero."
+    assert served(ChatCompletions(), {"choices": choices}) == [["choice", 0]]
+    for first in ("Run:\n```sh\nmake\n", "Choice zero."):  # choice 1's first chunk comes first
+        chunks = [(1, ""), (0, ""), (1, ships), (0, first)]
+        interleaved = [{"choices": [{"index": i, "delta": {"content": t}, "finish_reason": None}]} for i, t in chunks]
+        interleaved += [{"choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]} for i in (1, 0)]
+        assert served(ChatCompletions(), events=interleaved) == ([] if "```" in first else [["choice", 0]])
     blocks = [{"type": "text", "text": "\n\n"}, {"type": "text", "text": ships}]
     assert served(Messages(), {"content": blocks}) == [["block", 1]]
     events = []
