@@ -216,8 +216,10 @@ def _integers(body: dict[str, Any], names: tuple[str, ...], low: int, high: int,
 
 
 def _asks_tools(body: dict[str, Any]) -> bool:
-    """The request offers the model tools (or the functions that came before them) and lets it call them."""
-    return bool(body.get("tools") or body.get("functions")) and body.get("tool_choice") != "none"
+    """The request offers the model tools (or the functions that came before them, or MCP servers, whose tools
+    Anthropic's connector calls in the middle of the answer) and lets it call them."""
+    offered = body.get("tools") or body.get("functions") or body.get("mcp_servers")
+    return bool(offered) and body.get("tool_choice") != "none"
 
 
 def _prefilled(messages: Any) -> bool:

@@ -337,8 +337,9 @@ def test_a_part_that_cannot_take_the_canary_leaves_it_to_the_next_text_part_but_
             {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Revenue grew."},
              "citations": {"enabled": True}}, {"type": "text", "text": "How did revenue change?"}]}],
           "output_config": {"effort": "low"}}),
+        ("/v1/messages", {"mcp_servers": [{"type": "url", "url": "https://mcp.example.com/sse", "name": "cal"}]}),
     ],
-    ids=["tools", "prefill", "guided", "completion", "anthropic-schema", "anthropic-beta", "citations"],
+    ids=["tools", "prefill", "guided", "completion", "anthropic-schema", "anthropic-beta", "citations", "mcp"],
 )  # fmt: skip
 def test_no_canary_where_a_line_after_the_answer_would_break_it(canaried, fake_upstream, path, extra):
     """A tool call may follow the text; the text continues what the client began (a completion, a prefilled
