@@ -54,15 +54,17 @@ class SamplingBias:
 
     def request(self, exchange: Exchange) -> dict | None:
         """The upstream request of an exchange the mark `applies` to, with the green list's bias. A client's own
-        logit_bias is refused, or with "yield" its entries win; a client that fills all 300 leaves no room (None),
-        which the evidence records."""
+        logit_bias is refused, or with "yield" its entries win; a client that fills all 300, or sends another form
+        than an object (llama.cpp's list of pairs), leaves no room (None), which the evidence records."""
         asked = exchange.request.get("logit_bias")
         if asked is None or asked == [] or asked == {}:  # none: llama.cpp's default is the empty list
             asked = {}
         elif self._client_bias == "refuse":  # in any form: llama.cpp takes a list of pairs, some servers take false
             raise GatewayError(ErrorKind.INVALID_REQUEST, "logit_bias is not accepted by this API")
-        elif not isinstance(asked, dict):
-            return None  # malformed here: the upstream will say so, about the client's own value
+        elif not isinstance(asked, dict):  # llama.cpp's list of pairs (whose strings are text, not token ids), or
+            # malformed: left as the client sent it, unmarked, and the evidence says the mark gave way
+            exchange.marks.append({"scheme": SCHEME, "epoch": self._green.epoch, "tokens": 0})
+            return None
         theirs = {token: bias for token, bias in asked.items() if not (type(bias) in (int, float) and bias == 0)}
         ours = [(token, bias) for token, bias in self._green.bias.items() if token not in asked]
         ours = ours[: max(0, API_LIMIT - len(theirs))]

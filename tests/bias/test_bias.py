@@ -149,6 +149,13 @@ def test_with_yield_a_clients_own_entries_win_and_a_zero_keeps_its_token_unfavou
     merged = upstream.requests[-1].json()["logit_bias"]
     assert len(merged) == 300 and merged[outside] == -100 and list(theirs)[1] in merged
     assert merged[list(theirs)[1]] == 2 and list(theirs)[2] not in merged
+    pairs = [[7, 0.0]]  # llama.cpp's list form: its strings are text, not token ids; left alone, and said so
+    assert _post(url, key, logit_bias=pairs).status_code == 200
+    assert upstream.requests[-1].json()["logit_bias"] == pairs
+    marks = exchanges(yielding[3])[-1]["marks"]
+    assert [m for m in marks if m["scheme"] == "sampling-bias-v1"] == [
+        {"scheme": "sampling-bias-v1", "epoch": 0, "tokens": 0}
+    ]
 
 
 def test_an_upstream_that_refuses_the_bias_is_asked_again_without_it_and_then_skipped(biased):
