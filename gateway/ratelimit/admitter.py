@@ -68,6 +68,7 @@ class LimitAdmitter:
         self._tier_set: dict[str, float] = {}  # identity -> when its registry tier was last set, as last seen
         self._decisions: dict[tuple[Status, str], object] = {}  # metric children, looked up once
         self._held: dict[str, _Held] = {}
+        self._unknown: set[tuple[str, str]] = set()  # (identity, tier) whose tier is not configured, logged once
         self._ttl_ms = int(settings.lease_seconds * 1000)
         self._heartbeat: asyncio.Task | None = None
         self._dropping: set[asyncio.Task] = set()  # _drop_leases_later's tasks
@@ -112,7 +113,7 @@ class LimitAdmitter:
         self._tier_set[identity.name] = identity.tier_set
         ask = Ask(
             plan,
-            identity.tier if identity.tier in self._terms else "normal",
+            identity.tier if identity.tier in self._terms else self._unknown_tier(identity),
             self._terms,
             exchange.id,
             self._ttl_ms,
@@ -162,6 +163,19 @@ class LimitAdmitter:
             await self._on(held.engine, lambda: held.engine.settle(held.ask, held.verdict, correction))
 
     # --- tiers ---
+
+    def _unknown_tier(self, identity: Identity) -> str:
+        """The tier an identity registered in a tier the configuration no longer defines (renamed, removed, a
+        typo) is served in: `blocked`, said once, in the log. Serving it as normal lifted its restrictions."""
+        if (identity.name, identity.tier) not in self._unknown:
+            self._unknown.add((identity.name, identity.tier))
+            log.error(
+                "identity %s is in tier %r, which [limits.tiers] does not define: refused until its tier is set "
+                "(`canarygate tier set`) or the tier is configured again",
+                identity.name,
+                identity.tier,
+            )
+        return "blocked"
 
     async def _operator_set_tier(self, identity: Identity) -> None:
         """An operator set the identity's tier (or its name was registered anew) since this worker last saw it:

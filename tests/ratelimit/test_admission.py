@@ -281,6 +281,15 @@ def test_an_identified_callers_bad_requests_count_against_its_request_limit_with
     assert last.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_an_identity_in_a_tier_the_configuration_no_longer_defines_is_refused_not_served_as_normal(limited):
+    """A tier renamed or removed from [limits.tiers] (or mistyped) lifted its identities' restrictions."""
+    _, key = limited.identity(tier="banned")
+    with limited.client(key) as http:
+        refused = [http.post("/v1/chat/completions", json=CHAT) for _ in range(2)]
+    assert [r.status_code for r in refused] == [403, 403]
+    assert refused[0].json()["error"]["code"] != "rate_limit_exceeded"
+
+
 def test_openai_sdk_retries_a_429_as_told_and_gets_through(limited):
     name, key = limited.identity()
     client = openai.OpenAI(base_url=limited.url + "/v1", api_key=key, max_retries=3)
