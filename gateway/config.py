@@ -38,7 +38,7 @@ trusted_proxies = []             # CIDRs whose X-Forwarded-For is believed, e.g.
 admin_token_env = "CANARYGATE_ADMIN_TOKEN"  # the variable holding the /admin/ token; unset: no admin endpoint
 
 [upstream]
-url = "https://api.openai.com"   # the model API; "demo" serves the built-in demo model in-process
+url = "https://api.openai.com"   # the model API's origin, without /v1; "demo" serves the built-in demo model
 api_key_env = "CANARYGATE_UPSTREAM_API_KEY"  # the environment variable holding the upstream key
 connect_timeout = 5.0
 read_timeout = 300.0             # longest silence between two bytes of an answer
@@ -313,7 +313,7 @@ class Settings:
                 server = replace(server, **{name: overrides[name]})
         upstream = self.upstream
         if overrides.get("upstream") is not None:
-            upstream = replace(upstream, url=_check_url("--upstream", str(overrides["upstream"]), "--upstream"))
+            upstream = replace(upstream, url=_check_upstream("--upstream", str(overrides["upstream"]), "--upstream"))
         _check_server(server, "command line")
         state_dir = Path(overrides["state_dir"]) if overrides.get("state_dir") is not None else self.state_dir
         return replace(self, server=server, upstream=upstream, state_dir=state_dir)
@@ -365,7 +365,9 @@ def parse(raw: dict, source: str) -> Settings:
 
     up_raw = reader.section(raw, "upstream")
     upstream = UpstreamSettings(
-        url=_check_url(source, reader.take(up_raw, "upstream", "url", str, _DEFAULT_UPSTREAM.url), "[upstream] url"),
+        url=_check_upstream(
+            source, reader.take(up_raw, "upstream", "url", str, _DEFAULT_UPSTREAM.url), "[upstream] url"
+        ),
         api_key_env=reader.take(up_raw, "upstream", "api_key_env", str, _DEFAULT_UPSTREAM.api_key_env),
         connect_timeout=reader.take(up_raw, "upstream", "connect_timeout", float, 5.0),
         read_timeout=reader.take(up_raw, "upstream", "read_timeout", float, 300.0),
@@ -734,6 +736,17 @@ def _check_url(source: str, url: str, where: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}: {where} must not carry a query or fragment")
     return url.rstrip("/")
+
+
+def _check_upstream(source: str, url: str, where: str) -> str:
+    """An upstream's URL is its origin (and any prefix before the API's own paths): the gateway forwards the
+    client's path, /v1/chat/completions, as it is. An SDK's base URL ends in /v1, and would send /v1/v1/..."""
+    url = _check_url(source, url, where)
+    if url.endswith("/v1"):
+        raise ConfigError(
+            f"{source}: {where} ends in /v1, which the client's paths already begin with; give it without: {url[:-3]}"
+        )
+    return url
 
 
 def _has_valid_port(parts) -> bool:

@@ -103,6 +103,16 @@ def test_cli_overrides_are_validated():
     )
 
 
+def test_an_upstream_given_as_an_sdk_base_url_is_refused_with_the_url_to_give():
+    """The gateway forwards /v1/chat/completions as the client sent it: .../v1 as the upstream sent /v1/v1/..."""
+    with pytest.raises(config.ConfigError, match=r"\[upstream\] url ends in /v1.*https://api.openai.com$"):
+        config.parse({"upstream": {"url": "https://api.openai.com/v1"}}, "x")
+    with pytest.raises(config.ConfigError, match="--upstream ends in /v1"):
+        config.Settings().with_overrides(upstream="http://127.0.0.1:8000/v1/")
+    prefixed = config.parse({"upstream": {"url": "https://gw.example.com/openai"}}, "x").upstream.url
+    assert prefixed == "https://gw.example.com/openai"
+
+
 def test_registry_keys(tmp_path):
     registry = Registry(tmp_path)
     key = registry.add("erin", tier="watch", tenant="acme")
