@@ -730,8 +730,8 @@ def _serve(args) -> int:
 
 
 def _demo(args) -> int:
-    state_dir = _settings(args).state_dir  # the demo's folder is beside it: its key must never work on the
-    demo_dir = str(state_dir.with_name(state_dir.name + "-demo"))  # gateway set up here after it
+    state_dir = _settings(args).state_dir.resolve()  # the demo's folder is beside it ("." has no name to extend):
+    demo_dir = str(state_dir.parent / (state_dir.name + "-demo"))  # its key must never work on the gateway set up here
     overrides = {"upstream": "demo", "host": args.host, "port": args.port, "workers": args.workers}
     overrides = {k: v for k, v in overrides.items() if v is not None} | {"state_dir": demo_dir}
     settings = _settings(args).with_overrides(**overrides)

@@ -122,6 +122,14 @@ def test_demo_and_one_curl(tmp_path):
     assert cli(tmp_path, "init").returncode == 0 and "demo" not in cli(tmp_path, "identities", "list").stdout
 
 
+def test_the_demo_starts_beside_a_state_folder_given_as_the_current_one(tmp_path):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "canarygate.toml").write_text('[state]\ndir = "."\n')
+    with Running(tmp_path / "here", "demo"):
+        pass
+    assert (tmp_path / "here-demo" / "identities.json").exists()
+
+
 def test_revocation_reaches_every_worker(tmp_path, fake_upstream):
     cli(tmp_path, "init")
     key = cli(tmp_path, "identities", "add", "dave").stdout.strip().splitlines()[-1]
