@@ -72,7 +72,10 @@ class TierAdmin:
             await self._admitter.set_tier(Identity(record.name, record.tier, record.tenant), tier)
         except StorageDown as e:
             return 503, _error(f"{e}; the tier is unchanged, retry shortly")
-        await asyncio.to_thread(self._registry.set_tier, name, tier, record.pin)  # a pin stays
+        try:
+            await asyncio.to_thread(self._registry.move, name, tier)  # a pin stays
+        except IdentityError as e:  # revoked meanwhile
+            return 404, _error(str(e))
         return 200, {"name": name, "tier": tier}
 
     def _authorised(self, headers) -> bool:

@@ -338,7 +338,7 @@ def _tier_set(args) -> int:
     if settings.limits.storage != "memory":  # replicas on other hosts read the tier from the shared storage;
         # first, so that storage that cannot be reached leaves the registry as it was
         asyncio.run(ratelimit.set_shared_tier(settings, record.identity(), args.tier))
-    registry.set_tier(args.name, args.tier, pin=record.pin)  # a pin stays: `risk unpin` lifts it
+    record = registry.move(args.name, args.tier)
     print(f"{args.name} is now in tier {args.tier}" + (f", still pinned ({record.pin})" if record.pin else ""))
     return 0
 
@@ -354,9 +354,7 @@ def _risk_pin(args) -> int:
 
 
 def _risk_unpin(args) -> int:
-    registry = Registry(_settings(args).state_dir)
-    record = registry.get(args.name)
-    registry.set_tier(args.name, record.tier)
+    record = Registry(_settings(args).state_dir).unpin(args.name)
     print(f"{args.name} is no longer pinned (tier {record.tier}); the risk engine may move it again")
     return 0
 

@@ -144,6 +144,19 @@ class Registry:
             record = _live(records, name)
             records[name] = replace(record, tier=tier, pin=pin, tier_set=time.time())
 
+    def move(self, name: str, tier: str) -> Record:
+        """Set `name`'s tier, keeping its pin as it is when written (`tier set`: a pin stays, `risk unpin` lifts
+        it); read under the lock, so that a pin set meanwhile is not written over. Returns the record."""
+        with self._locked() as records:
+            records[name] = replace(_live(records, name), tier=tier, tier_set=time.time())
+            return records[name]
+
+    def unpin(self, name: str) -> Record:
+        """Lift `name`'s pin, keeping its tier as it is when written (one set meanwhile is not undone)."""
+        with self._locked() as records:
+            records[name] = replace(_live(records, name), pin=None, tier_set=time.time())
+            return records[name]
+
     def get(self, name: str) -> Record:
         return _live(self._read(), name)
 

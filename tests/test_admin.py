@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from gateway import config
-from gateway.admin import GUESS_WINDOW, GUESSES, Refusals
+from gateway.admin import GUESS_WINDOW, GUESSES, Refusals, TierAdmin
 from gateway.app import create_app
 from gateway.identity import Registry
 from tests.conftest import STATE_DIRS, ServerThread
@@ -82,3 +84,30 @@ def test_a_token_read_from_a_file_with_its_newline_still_works(tmp_path, fake_up
     Registry(state).add("carol")
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/admin/tiers/carol", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
+
+
+def test_a_tier_written_while_another_operator_pins_or_revokes_keeps_their_change(tmp_path):
+    """The registry record was read before the limit storage's round trip and written back after it: a pin set
+    meanwhile was erased, and a revocation meanwhile raised out of the handler (a bare 500)."""
+    registry = Registry(tmp_path)
+    registry.add("bot")
+    registry.add("gone")
+
+    class Meanwhile:  # the limit storage's round trip, during which another operator acts
+        async def set_tier(self, identity, tier):
+            if identity.name == "bot":
+                Registry(tmp_path).set_tier("bot", "suspect", pin="campaign")
+            else:
+                Registry(tmp_path).revoke("gone")
+
+    admin = TierAdmin(registry, Meanwhile(), config.Settings().limits.tiers, "tok")
+
+    async def put(name: str):
+        body = [{"type": "http.request", "body": b'{"tier": "watch"}', "more_body": False}]
+        scope = {"type": "http", "method": "PUT", "path": f"/admin/tiers/{name}", "client": ("127.0.0.1", 1),
+                 "headers": [(b"authorization", b"Bearer tok")]}  # fmt: skip
+        return await admin.handle(scope, lambda: asyncio.sleep(0, body.pop(0)))
+
+    assert asyncio.run(put("bot"))[0] == 200
+    assert (Registry(tmp_path).get("bot").tier, Registry(tmp_path).get("bot").pin) == ("watch", "campaign")
+    assert asyncio.run(put("gone"))[0] == 404
