@@ -116,6 +116,16 @@ class CanarygateMiddleware:
                 await self.pipeline.start()
                 self._started = True
 
+    async def __aenter__(self) -> CanarygateMiddleware:
+        """Opened by the host's own lifespan: where no lifespan message reaches the middleware (mounted under
+        Starlette's `Mount`, which passes none on), it would open at the first request and never close, and the
+        log's last entries would wait for a checkpoint until the next start."""
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._close()
+
     async def _close(self) -> None:
         """Closed, it can start again: a host's tests run one app's lifespan once per test client."""
         self._started = False

@@ -14,7 +14,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 
 from gateway.evidence.keys import Keys
@@ -231,3 +231,21 @@ def test_workers_forked_after_the_app_is_built_each_write_a_log_of_their_own(tmp
     loaded = Keys.load(tmp_path / "state" / "keys")
     assert [p.name for p in logs] == ["0", "1"]
     assert [LogReader(p, loaded).verify().entries for p in logs] == [9, 9]  # 3 commitments, 3 exchanges of 2
+
+
+def test_a_mounted_gateway_opened_by_the_outer_apps_lifespan_is_closed_with_it(tmp_path):
+    """Starlette's Mount passes no lifespan on: opened at the first request, the gateway was never closed and
+    its last entries went unsigned."""
+    guarded, key = _middleware(tmp_path, _model([]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with guarded:
+            yield
+
+    outer = Starlette(routes=[Mount("/llm", app=guarded)], lifespan=lifespan)
+    with TestClient(outer) as client:
+        answer = client.post("/llm" + CHAT, json=BODY, headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+    report = LogReader(tmp_path / "state" / "evidence" / "0", Keys.load(tmp_path / "state" / "keys")).verify()
+    assert report.entries == report.covered == 5  # three commitments and the exchange, all under a checkpoint
