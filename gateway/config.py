@@ -711,6 +711,21 @@ def _check_server(server: ServerSettings, source: str) -> None:
         raise ConfigError(f"{source}: [server] max_body_bytes and max_response_bytes must be at least 1024")
     if server.shutdown_timeout < 0:
         raise ConfigError(f"{source}: [server] shutdown_timeout must not be negative")
+    if not _is_host(server.host):
+        raise ConfigError(f"{source}: [server] host must be an IP address or a host name, got {server.host!r}")
+
+
+def _is_host(host: str) -> bool:
+    """An address to listen on: an IP address, or a host name (letters, digits, hyphens, dots)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def _check_variable_name(source: str, where: str, name: str) -> None:

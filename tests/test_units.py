@@ -113,6 +113,14 @@ def test_an_upstream_given_as_an_sdk_base_url_is_refused_with_the_url_to_give():
     assert prefixed == "https://gw.example.com/openai"
 
 
+def test_a_host_to_listen_on_is_an_address_or_a_name():
+    for host in ("127.0.0.1", "::", "0.0.0.0", "localhost", "gw-1.internal.example"):
+        assert config.Settings().with_overrides(host=host).server.host == host
+    for host in ("not a host!", "", "-bad.example", "a..b"):
+        with pytest.raises(config.ConfigError, match=r"\[server\] host must be"):
+            config.parse({"server": {"host": host}}, "x")
+
+
 def test_registry_keys(tmp_path):
     registry = Registry(tmp_path)
     key = registry.add("erin", tier="watch", tenant="acme")
