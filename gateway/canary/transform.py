@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from typing import NamedTuple
 
 from ..exchange import Exchange
 from ..stages import Commitment, TextRewriter, Transform
-from ..watermark.sites import CODE_TAGS, fences_after, indent_width
+from ..watermark.sites import CODE_TAGS, fences_after, indent_width, skipped_line
 from .phrases import Canary, canaries_of
 
 # A cheerful closing line would be out of place, even hurtful, after these: such answers carry no canary.
@@ -152,20 +153,21 @@ class _Code:
     """Whether the text so far ends inside code, read line by line with the watermark's rules: a fenced block
     (watermark.sites.fences_after, which takes CommonMark's reading wherever a list item's indent is in doubt),
     or an HTML element whose text is code (sites.CODE_TAGS: <pre>, <code>, <script>, a <think> a server left in
-    the answer) left open. The line not yet ended is read as if it ended there, so the answer is the same whole
-    or in any pieces. (Counting runs instead put a canary inside a block that held "text.replace('```', '')".)"""
+    the answer) left open; code spans, and the lines the watermark skips (quotes, indented code), where a lone
+    backtick opens no span, as it reads them. The line not yet ended is read as if it ended there, so the answer
+    is the same whole or in any pieces. (Counting runs instead put a canary inside a block that held
+    "text.replace('```', '')".)"""
 
     __slots__ = ("_pending", "_state")
 
     def __init__(self) -> None:
         self._pending: list[str] = []  # the line not yet ended, in pieces (joined once it ends)
-        # fence character, its length, its indent (None: opened within a line), code span's run, in HTML code
-        self._state: tuple[str, int, int | None, int, bool] = ("", 0, None, 0, False)
+        self._state = _Reading()
 
     @property
     def inside(self) -> bool:
-        fence, _, _, _, html = _read_line("".join(self._pending), self._state)
-        return bool(fence) or html
+        reading = _read_line("".join(self._pending), self._state)
+        return bool(reading.fence) or reading.html
 
     def feed(self, text: str) -> None:
         if "\n" not in text:
@@ -177,14 +179,32 @@ class _Code:
         self._pending = [rest]
 
 
+class _Reading(NamedTuple):
+    """Where the text so far leaves the reader, as sites.Scanner's fields of the same names."""
+
+    fence: str = ""  # the character of the fenced block it is in, or ""
+    length: int = 0  # its run's length
+    indent: int | None = None  # its opening's indent (None: opened within a line)
+    inline: int = 0  # the backtick run of the code span it is in (0: none)
+    html: bool = False  # within an HTML code element
+    blank_before: bool = True  # the last line was blank (or there was none)
+    in_code_block: bool = False  # the last line with text was indented code
+
+
 _CODE_MARKS = re.compile(rf"`+|~{{3,}}|</?(?:{'|'.join(CODE_TAGS)})(?![\w-])", re.IGNORECASE)
 _LINE_HEAD = re.compile(r"[\s>]*")
+_INDENT = re.compile(r"\s*")
 
 
-def _read_line(line: str, state: tuple[str, int, int | None, int, bool]) -> tuple[str, int, int | None, int, bool]:
-    fence, length, indent, inline, html = state
-    if not line.strip():
-        return fence, length, indent, 0, html  # a blank line ends a code span
+def _read_line(line: str, state: _Reading) -> _Reading:
+    fence, length, indent, inline, html, blank_before, in_code_block = state
+    if not line.strip():  # a blank line ends a code span
+        return state._replace(inline=0, blank_before=True)
+    first = _INDENT.match(line).end()
+    if fence:  # a fenced block's lines are its own (Scanner._begin_line)
+        skipped, in_code_block = False, False
+    else:
+        skipped, in_code_block = skipped_line(indent_width(line[:first]), line[first], blank_before, in_code_block)
     head_end = _LINE_HEAD.match(line).end()
     width = indent_width(line[:head_end].replace(">", ""))
     for mark in _CODE_MARKS.finditer(line):
@@ -194,7 +214,7 @@ def _read_line(line: str, state: tuple[str, int, int | None, int, bool]) -> tupl
                 html = token[1] != "/"
         elif not html:  # HTML's code holds backticks as text
             head = width if mark.start() == head_end else None
-            fence, length, indent, inline, closing = fences_after(token, fence, length, indent, inline, False, head)
+            fence, length, indent, inline, closing = fences_after(token, fence, length, indent, inline, skipped, head)
             if closing and not line[mark.end() :].strip():
                 fence = ""
-    return fence, length, indent, inline, html
+    return _Reading(fence, length, indent, inline, html, False, in_code_block)

@@ -230,6 +230,9 @@ _PIECES = [
         ("<think>\nThe user wants", False),  # reasoning a server left in the answer, cut short
         ("Here:\n<pre>x = 1</pre>\nDone.", True),
         ("Use `a ``` b` here.", True),  # a code span holds the run
+        # a lone backtick on a line the watermark skips (a quote, indented code) opens no code span there
+        ("> Press the ` key.\nThen see ``` below\nrm -rf build\n", False),
+        ("Example:\n\n    echo `date\n<pre>\nx = 1\n", False),
     ],
 )
 def test_a_canary_follows_prose_only_and_the_same_in_any_pieces(text, carries):
