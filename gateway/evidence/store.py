@@ -126,12 +126,12 @@ class Segment:
             offset = end
 
     def intact_after(self, offset: int) -> int:
-        """How many intact records follow the damaged one at `offset`, read by the lengths its header gives;
-        0 where they cannot be read (a torn header, a length past the end)."""
+        """How many intact records follow the damaged one at `offset`: the first is searched for at every later
+        byte (the damage may be in the lengths its header gives), the rest read by their lengths."""
         data, count = self.path.read_bytes(), 0
-        end, _ = _record_at(data, offset)
-        while end is not None and end < len(data):
-            end, intact = _record_at(data, end)
+        start = next((at for at in range(offset + 1, len(data)) if _record_at(data, at)[1]), None)
+        while start is not None and start < len(data):
+            start, intact = _record_at(data, start)
             count += intact
         return count
 

@@ -125,6 +125,14 @@ def test_a_damaged_record_that_intact_ones_follow_is_no_torn_end_and_nothing_is_
     with pytest.raises(CorruptLog, match="2 intact entries follow it"):
         write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
     assert last.read_bytes() == before
+    for length_byte in (end, end + 4):  # the damage in a length instead, which then leads past the end
+        damaged = bytearray(before)
+        damaged[end + 20] ^= 0x01
+        damaged[length_byte] ^= 0x80
+        last.write_bytes(bytes(damaged))
+        with pytest.raises(CorruptLog, match="2 intact entries follow it"):
+            write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+        assert last.read_bytes() == bytes(damaged)
     with open(last, "r+b") as f:  # the last of them torn, as a crash leaves it: cut, and said
         f.truncate(end)
         f.seek(end)
