@@ -129,6 +129,7 @@ class CanarygateMiddleware:
     async def _close(self) -> None:
         """Closed, it can start again: a host's tests run one app's lifespan once per test client."""
         self._started = False
+        self._starting = asyncio.Lock()  # the next start may be in another loop, to which this one is not bound
         await self.pipeline.close()
 
 

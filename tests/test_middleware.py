@@ -249,3 +249,17 @@ def test_a_mounted_gateway_opened_by_the_outer_apps_lifespan_is_closed_with_it(t
         assert answer.status_code == 200, answer.text
     report = LogReader(tmp_path / "state" / "evidence" / "0", Keys.load(tmp_path / "state" / "keys")).verify()
     assert report.entries == report.covered == 5  # three commitments and the exchange, all under a checkpoint
+
+
+def test_concurrent_first_requests_after_a_restart_in_another_loop_are_served(tmp_path):
+    guarded, key = _middleware(tmp_path, _model([]))
+    outer = Starlette(routes=[Mount("/llm", app=guarded)])  # no lifespan reaches it: the requests start it
+
+    async def first_requests() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://host") as client:
+            headers = {"authorization": f"Bearer {key}"}
+            answers = await asyncio.gather(*[client.post("/llm" + CHAT, json=BODY, headers=headers) for _ in range(3)])
+        await guarded.__aexit__(None, None, None)
+        return [answer.status_code for answer in answers]
+
+    assert [asyncio.run(first_requests()) for _ in range(2)] == [[200] * 3] * 2
