@@ -313,7 +313,9 @@ class Settings:
                 server = replace(server, **{name: overrides[name]})
         upstream = self.upstream
         if overrides.get("upstream") is not None:
-            upstream = replace(upstream, url=_check_upstream("--upstream", str(overrides["upstream"]), "--upstream"))
+            upstream = replace(upstream, url=_check_upstream("command line", str(overrides["upstream"]), "--upstream"))
+        if overrides.get("host") is not None and not _is_host(server.host):
+            raise ConfigError(f"command line: --host must be an IP address or a host name, got {server.host!r}")
         _check_server(server, "command line")
         state_dir = Path(overrides["state_dir"]) if overrides.get("state_dir") is not None else self.state_dir
         return replace(self, server=server, upstream=upstream, state_dir=state_dir)
@@ -724,8 +726,8 @@ def _is_host(host: str) -> bool:
         return len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
 
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # "_": a Compose service's name resolves
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 def _check_variable_name(source: str, where: str, name: str) -> None:

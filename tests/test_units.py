@@ -107,18 +107,20 @@ def test_an_upstream_given_as_an_sdk_base_url_is_refused_with_the_url_to_give():
     """The gateway forwards /v1/chat/completions as the client sent it: .../v1 as the upstream sent /v1/v1/..."""
     with pytest.raises(config.ConfigError, match=r"\[upstream\] url ends in /v1.*https://api.openai.com$"):
         config.parse({"upstream": {"url": "https://api.openai.com/v1"}}, "x")
-    with pytest.raises(config.ConfigError, match="--upstream ends in /v1"):
+    with pytest.raises(config.ConfigError, match="command line: --upstream ends in /v1"):
         config.Settings().with_overrides(upstream="http://127.0.0.1:8000/v1/")
     prefixed = config.parse({"upstream": {"url": "https://gw.example.com/openai"}}, "x").upstream.url
     assert prefixed == "https://gw.example.com/openai"
 
 
 def test_a_host_to_listen_on_is_an_address_or_a_name():
-    for host in ("127.0.0.1", "::", "0.0.0.0", "localhost", "gw-1.internal.example"):
+    for host in ("127.0.0.1", "::", "0.0.0.0", "localhost", "gw-1.internal.example", "my_service", "example.com."):
         assert config.Settings().with_overrides(host=host).server.host == host
     for host in ("not a host!", "", "-bad.example", "a..b"):
         with pytest.raises(config.ConfigError, match=r"\[server\] host must be"):
             config.parse({"server": {"host": host}}, "x")
+    with pytest.raises(config.ConfigError, match="command line: --host must be"):
+        config.Settings().with_overrides(host="not a host!")
 
 
 def test_registry_keys(tmp_path):
