@@ -567,7 +567,7 @@ def _verifier_keys(settings) -> tuple[list[str], list[str]]:
     would refuse the log's own history."""
     loaded = keys.Keys.load(evidence.keys_dir(settings))
     origin = evidence.origin_of(settings)
-    slots = sorted(int(p.name) for p in evidence.logs_dir(settings).glob("[0-9]*")) or [0]
+    slots = evidence.slots(evidence.logs_dir(settings)) or [0]
     named = [loaded.verifiers(evidence.slot_origin(origin, slot)) for slot in sorted(slots, reverse=True)]
     return [key.vkey() for of_slot in named for key in of_slot[1:]], [of_slot[0].vkey() for of_slot in named]
 
@@ -593,8 +593,10 @@ def _readers(args, all_by_default: bool) -> list[LogReader]:
     root = evidence.logs_dir(settings)
     if args.log_slot is not None:
         slots = [args.log_slot]
+    elif all_by_default:
+        slots = evidence.slots(root)
     else:
-        slots = sorted(int(p.name) for p in root.glob("[0-9]*")) if all_by_default else [0]
+        slots = [0]
     readers = [LogReader(root / str(slot), loaded) for slot in slots if (root / str(slot)).is_dir()]
     if not readers:
         raise VerifyError(f"no evidence log under {root}; the gateway writes one as it serves")
@@ -691,8 +693,8 @@ def _log_shred(args) -> int:
     count = TenantKeys(evidence.keys_dir(settings)).shred(args.tenant)
     print(f"deleted {count} keys of tenant {args.tenant!r}: its recorded prompts and answers can no longer be read")
     print("the log's entries, commitments and proofs are unchanged and still verify")
-    logs = [d for d in evidence.logs_dir(settings).glob("*") if d.is_dir()]
-    older = [p for d in logs for p in segment_paths(d) if Segment(p).version == 1]
+    root = evidence.logs_dir(settings)
+    older = [p for slot in evidence.slots(root) for p in segment_paths(root / str(slot)) if Segment(p).version == 1]
     if older:
         print(
             f"note: {len(older)} segment(s) written before per-tenant keys existed are sealed under the log's "

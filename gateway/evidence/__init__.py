@@ -71,6 +71,11 @@ def claim_slot(directory: Path) -> int:
         return slot
 
 
+def slots(directory: Path) -> list[int]:
+    """The numbers of the logs in `directory`, one per worker slot (not an operator's copy: "0.bak")."""
+    return sorted(int(p.name) for p in directory.glob("[0-9]*") if p.name.isdigit() and p.is_dir())
+
+
 _claimed: dict[tuple[Path, int], int] = {}  # (logs folder, process id) -> the slot that process holds
 
 

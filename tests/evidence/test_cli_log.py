@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -49,6 +50,9 @@ def test_keys_and_log_commands_end_to_end(tmp_path, fake_upstream):
     (tmp_path / "seen.note").write_text(latest)  # as a witness would serve it
     (tmp_path / "elsewhere.note").write_text(latest.replace("canarygate.test/cli", "elsewhere.test/log", 1))
     assert cli(tmp_path, "log", "verify", "--gossip", "seen.note").returncode == 0
+    shutil.copytree(tmp_path / ".canarygate" / "evidence" / "0", tmp_path / ".canarygate" / "evidence" / "0.bak")
+    assert "15 entries" in cli(tmp_path, "log", "verify").stdout  # an operator's copy is no log of its own
+    shutil.rmtree(tmp_path / ".canarygate" / "evidence" / "0.bak")
     elsewhere = cli(tmp_path, "log", "verify", "--gossip", "elsewhere.note")
     assert elsewhere.returncode != 0 and "none of these logs" in elsewhere.stderr, elsewhere.stderr
 
