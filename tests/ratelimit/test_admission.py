@@ -258,25 +258,26 @@ def test_requests_for_unknown_routes_or_methods_are_limited_per_address(fake_ups
 
 
 @pytest.mark.parametrize(
-    "headers, body",
+    "headers, body, status",
     [
-        ({"content-type": "application/json"}, b"{not json"),
-        ({"content-type": "text/plain"}, b"hi"),
-        ({"content-type": "application/json"}, b" " * (4 * 1024 * 1024 + 1)),  # over max_body_bytes
+        ({"content-type": "application/json"}, b"{not json", 400),
+        ({"content-type": "text/plain"}, b"hi", 415),
+        ({"content-type": "application/json"}, b" " * (4 * 1024 * 1024 + 1), 413),  # over max_body_bytes
     ],
 )
 def test_an_identified_callers_bad_requests_count_against_its_request_limit_with_no_tokens(
-    fake_upstream, tmp_path, headers, body
+    fake_upstream, tmp_path, headers, body, status
 ):
-    """Refused before admission (400, 415, 413), they were refused, and recorded, without limit."""
-    limits = {"identity": {"requests": "5/minute", "tokens": "1000/day"}, "default_max_tokens": 500}
+    """Refused before admission (400, 415, 413), they were refused, and recorded, without limit. A bad request
+    that reserved the default output (500 tokens, over the day's 100) would be refused as too large instead."""
+    limits = {"identity": {"requests": "5/minute", "tokens": "100/day"}, "default_max_tokens": 500}
     with running_gateway(tmp_path / "state", fake_upstream.url, limits) as gateway:
         _, key = gateway.identity()
         with gateway.client(key) as http:
             bad = [http.post("/v1/chat/completions", content=body, headers=headers).status_code for _ in range(4)]
-            good = http.post("/v1/chat/completions", json=CHAT)  # had they reserved 500 tokens each, refused
+            good = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10})
             last = http.post("/v1/chat/completions", content=body, headers=headers)
-    assert bad[0] in (400, 413, 415) and bad == bad[:1] * 4
+    assert bad == [status] * 4
     assert good.status_code == 200 and last.status_code == 429
     assert last.json()["error"]["code"] == "rate_limit_exceeded"
 
