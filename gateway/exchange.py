@@ -121,6 +121,7 @@ class Exchange:
     prompt_text: str = ""  # the text of the prompt (messages, system, input), for the marks
     question: str = ""  # the caller's latest message (Dialect.question), for what the risk engine asks of it
     structured: bool = False  # the request asks for structured output (JSON mode, a schema): never rewritten
+    cited: bool = False  # the answer may cite sources by offsets into its text (Dialect.cites_by_offset): not marked
     free_ending: bool = True  # nothing follows the answer's prose (Dialect.free_ending): a canary may
     prompt_tokens: int = 0  # estimated at admission, from the request's body
     requested_output: int | None = 0  # the output token limit the request set; None: none, on a route that generates

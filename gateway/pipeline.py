@@ -303,6 +303,7 @@ class Pipeline:
             exchange.prompt_tokens = estimate_tokens(body, exchange.request)
             honoured = self._settings.upstream.constrained_decoding
             exchange.structured = dialect.structured_output(exchange.request, honoured)
+            exchange.cited = dialect.cites_by_offset(exchange.request)
             exchange.free_ending = dialect.free_ending(exchange.request)
         return body
 

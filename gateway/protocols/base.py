@@ -153,6 +153,11 @@ class Dialect:
         an assistant turn the client began), or cited passages split it into several parts."""
         return not _asks_tools(body) and not _prefilled(self._messages(body))
 
+    def cites_by_offset(self, body: dict[str, Any]) -> bool:
+        """Whether the answer may cite its sources by character offsets into its own text (OpenAI's web and file
+        search annotations): a rewritten text would leave each citation pointing at other words."""
+        return False
+
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         """Whether the request asks for log-probabilities (which would reveal the unmarked tokens)."""
         return False

@@ -168,6 +168,9 @@ class ChatCompletions(Dialect):
     def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = CONSTRAINED_FIELDS) -> bool:
         return _constrained(body, fields)
 
+    def cites_by_offset(self, body: dict[str, Any]) -> bool:
+        return body.get("web_search_options") is not None
+
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         return bool(body.get("logprobs")) or body.get("top_logprobs") is not None
 
@@ -282,6 +285,12 @@ class Responses(Dialect):
     def structured_output(self, body: dict[str, Any], fields: tuple[str, ...] = ()) -> bool:
         text = body.get("text")
         return isinstance(text, dict) and _json_format(text.get("format"))
+
+    def cites_by_offset(self, body: dict[str, Any]) -> bool:
+        tools = body.get("tools")
+        return isinstance(tools, list) and any(
+            isinstance(t, dict) and str(t.get("type", "")).startswith(("web_search", "file_search")) for t in tools
+        )
 
     def asks_logprobs(self, body: dict[str, Any]) -> bool:
         include = body.get("include")

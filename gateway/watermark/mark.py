@@ -37,7 +37,7 @@ class LexicalWatermark:
         ]
 
     def applies(self, exchange: Exchange) -> bool:
-        return exchange.route in GENERATING_ROUTES and not exchange.structured
+        return exchange.route in GENERATING_ROUTES and not exchange.structured and not exchange.cited
 
     def rewriter(self, exchange: Exchange, part: tuple) -> _Marker:
         return _Marker(self, exchange, part)

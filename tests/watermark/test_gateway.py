@@ -107,6 +107,17 @@ def test_structured_output_is_never_marked(marked):
     assert answer.choices[0].message.content == PROSE
 
 
+def test_an_answer_that_may_cite_its_sources_by_offsets_is_not_marked(marked):
+    """Web and file search answers carry citations as character offsets into their text, which a rewritten text
+    would leave pointing at other words."""
+    client = oai(marked)
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, web_search_options={})
+    assert chat.choices[0].message.content == PROSE
+    for tool in ({"type": "web_search_preview"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}):
+        assert client.responses.create(model="m", input=PROMPT, tools=[tool]).output_text == PROSE
+    assert client.responses.create(model="m", input=PROMPT).output_text == MARK.mark(PROSE, PROMPT)
+
+
 def test_log_probabilities_are_not_asked_of_the_upstream_for_a_marked_answer(marked):
     oai(marked).chat.completions.create(model="m", messages=MESSAGES, logprobs=True, top_logprobs=3)
     sent = marked.upstream.requests[-1].json()
