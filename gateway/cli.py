@@ -604,15 +604,15 @@ def _readers(args, all_by_default: bool) -> list[LogReader]:
 
 
 def _log_verify(args) -> int:
-    gossip = [(path, Path(path).read_text("utf-8", "replace")) for path in args.gossip]
     readers = _readers(args, all_by_default=True)
-    origins = {reader.origin() for reader in readers}
-    for path, text in gossip:
-        if text.split("\n", 1)[0] not in origins:
-            raise VerifyError(f"{path}: a checkpoint of {text.split(chr(10), 1)[0]!r}, none of these logs")
+    gossip: dict[str, list[tuple[str, str]]] = {}  # a log's origin (a note's first line) -> (file, note)
+    for path in args.gossip:
+        text = Path(path).read_text("utf-8", "replace")
+        gossip.setdefault(text.split("\n", 1)[0], []).append((path, text))
+    for origin in set(gossip) - {reader.origin() for reader in readers}:
+        raise VerifyError(f"{gossip[origin][0][0]}: a checkpoint of {origin!r}, none of these logs")
     for reader in readers:
-        origin = reader.origin()
-        report = reader.verify(args.vkey, [(path, text) for path, text in gossip if text.startswith(origin + "\n")])
+        report = reader.verify(args.vkey, gossip.get(reader.origin(), []))
         opened = f", {report.opened} sealed entries opened and matched" if reader.keys else ""
         if report.erased:
             opened += f", {report.erased} erased (tenant keys shredded or past retention)"

@@ -718,7 +718,7 @@ def _check_server(server: ServerSettings, source: str) -> None:
 
 
 def _is_host(host: str) -> bool:
-    """An address to listen on: an IP address, or a host name (letters, digits, hyphens, dots)."""
+    """An address to listen on: an IP address, or a host name (letters, digits, hyphens, underscores, dots)."""
     try:
         ipaddress.ip_address(host)
         return True

@@ -10,6 +10,7 @@ opening decrypts and matches its commitment.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -223,25 +224,19 @@ class LogReader:
         """The log's signature on a checkpoint kept elsewhere in the folder (the latest, as served; those the
         witnesses cosigned) vouches for the entries too: cutting the segments and checkpoints.log back to an
         earlier checkpoint passed verification while these still held the larger log. So does one seen
-        elsewhere (`gossip`), which must also be signed by this log."""
+        elsewhere (`gossip`: (where from, note)), which must also be signed by this log."""
         path = self.dir / "checkpoint"
         kept = [("checkpoint", path.read_text("utf-8", "replace"))] if path.exists() else []
         kept += [("cosignatures.log", text) for text in self.cosigned()]
-        for where, text in [*kept, *gossip]:
+        for where, text in kept:
+            with contextlib.suppress(note.NoteError):  # not signed by this log's keys: it vouches for nothing here
+                _check_given(where, note.open_checkpoint(text, verifiers), leaves, subtree)
+        for where, text in gossip:
             try:
                 signed = note.open_checkpoint(text, verifiers)
             except note.NoteError as e:
-                if (where, text) in gossip:
-                    raise VerifyError(f"{where}: not a checkpoint of this log ({e})") from None
-                continue  # not signed by this log's keys: it vouches for nothing here
-            if signed.size == 0:
-                continue
-            if signed.size > len(leaves) or signed.root != merkle.range_hash(subtree, 0, signed.size):
-                raise VerifyError(
-                    f"{where}: the log signed a checkpoint of {signed.size} entries that the {len(leaves)} entries "
-                    "here do not give (entries were removed or changed, the log rolled back, or it showed another "
-                    "tree elsewhere: a fork)"
-                )
+                raise VerifyError(f"{where}: not a checkpoint of this log ({e})") from None
+            _check_given(where, signed, leaves, subtree)
 
     def _check_stored_tree(self, leaves: list[bytes]) -> None:
         """The stored tree and index, which proofs are served from, must agree with the entries."""
@@ -395,6 +390,16 @@ def _day_of(time_text: object) -> int | None:
         return int(datetime.datetime.fromisoformat(str(time_text)).timestamp() // DAY)  # entries' times end in Z
     except ValueError:
         return None
+
+
+def _check_given(where: str, signed: note.Checkpoint, leaves: list[bytes], subtree) -> None:
+    """A checkpoint the log signed must be one its entries give."""
+    if signed.size and (signed.size > len(leaves) or signed.root != merkle.range_hash(subtree, 0, signed.size)):
+        raise VerifyError(
+            f"{where}: the log signed a checkpoint of {signed.size} entries that the {len(leaves)} entries here do "
+            "not give (entries were removed or changed, the log rolled back, or it showed another tree elsewhere: "
+            "a fork)"
+        )
 
 
 def _memory_subtree(leaves: list[bytes]):

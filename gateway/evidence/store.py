@@ -202,9 +202,9 @@ class LogStore:
             if not intact:
                 following = last.intact_after(offset)
                 if count < covered or following:
-                    why = f"covered by the latest checkpoint ({covered} entries)" if count < covered else (
-                        f"{following} intact entries follow it"
-                    )  # fmt: skip
+                    why = f"{following} intact entries follow it"
+                    if count < covered:
+                        why = f"covered by the latest checkpoint ({covered} entries)"
                     raise CorruptLog(
                         f"{last.path.name}: entry {count} (byte {offset}) is damaged but {why}, which no crash "
                         "explains; nothing was cut: restore the file from a copy, or move the log aside"
