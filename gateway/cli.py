@@ -528,11 +528,14 @@ def _detection_items(path: Path) -> list[_Row]:
             continue
         try:
             row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # a number of over 4,300 digits is refused as well
+            raise config.ConfigError(f"{path}:{number}: not valid JSON ({str(e)[:120]})") from None
+        try:
             text, prompt = row["text"], row.get("prompt")
             prompt = "" if prompt is None else prompt  # a falsy 0 or [] is no prompt: refused below, not dropped
             if not isinstance(text, str) or not isinstance(prompt, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        except (KeyError, TypeError, AttributeError):
             raise config.ConfigError(
                 f'{path}:{number}: expected a JSON object with "text" (and "prompt") as strings'
             ) from None

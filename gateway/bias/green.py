@@ -31,10 +31,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..stats import hypergeometric_sf
 from ..watermark.detect import Finding
+from ..watermark.sites import loosened
 
 SCHEME = "sampling-bias-v1"
 _POOL_TOKEN = re.compile(r"^(?:Ġ| |▁)([a-z]{3,})$")  # byte-level BPE marks a leading space with Ġ, SentencePiece with ▁
 _WORD = re.compile(r"(?:(?<=\s)|^)([a-z]{3,})\b")
+_LETTERS = re.compile(r"[a-z]+")
 # Words whose favour could change what an answer says or a JSON value: never in the pool (a public rule, so
 # the null is unchanged: detection counts only pool words).
 NOT_IN_POOL = frozenset(
@@ -89,10 +91,12 @@ def green_list(master: bytes, epoch: int, vocabulary: Vocabulary, size: int, bia
 
 
 def counted_words(items: list[tuple[str, str]], pool: dict[str, int]) -> set[str]:
-    """The distinct pool words the texts hold, less those each text's own prompt holds."""
+    """The distinct pool words the texts hold, less those each text's own prompt holds: in the prompt, any run
+    of letters in any case and after anything, read loosely (sites.loosened), since a word passed over is only
+    a draw lost, and a prompt holding the text in another typography must hide it as well as a plain copy."""
     found: set[str] = set()
     for text, prompt in items:
-        found |= set(_WORD.findall(text)) - set(_WORD.findall(prompt))
+        found |= set(_WORD.findall(text)) - set(_LETTERS.findall(loosened(prompt).lower()))
     return {word for word in found if word in pool}
 
 

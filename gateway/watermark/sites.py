@@ -35,6 +35,7 @@ out as it comes.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
@@ -144,14 +145,30 @@ def prompt_trigrams(prompt: str, sets: WordSets) -> frozenset[tuple[str, str, st
 
 
 def prompt_sets(prompt: str, sets: WordSets) -> frozenset[int]:
-    """The sets any of whose members the prompt uses: a detector passes over them (scoring.vote_counts)."""
-    words, members = _canonical(prompt, sets)
+    """The sets any of whose members the prompt uses: a detector passes over them (scoring.vote_counts). The
+    prompt is read loosely, since a set passed over is only a vote lost: a prompt holding marked text in
+    another typography (no-break or double spaces, soft hyphens or zero-width characters inside words, another
+    apostrophe, a phrase broken across lines) must hide it as well as the plain copy does."""
+    words, members = _canonical(loosened(prompt), sets, any_gap=True)
     return frozenset(int(words[k][1:]) for k in members)
 
 
-def _canonical(text: str, sets: WordSets) -> tuple[list[str], list[int]]:
+_APOSTROPHES = str.maketrans({"\u02bc": "'", "\u2018": "'", "\u2032": "'", "\u00b4": "'", "\u2010": "-", "\u2011": "-"})
+
+
+def loosened(text: str) -> str:
+    """Compatibility forms folded (NFKC: a no-break space is a space), format characters (soft hyphens,
+    zero-width ones) dropped, apostrophes and hyphens of other shapes read as the plain ones."""
+    if text.isascii():
+        return text
+    text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+    return text.translate(_APOSTROPHES)
+
+
+def _canonical(text: str, sets: WordSets, any_gap: bool = False) -> tuple[list[str], list[int]]:
     """(canonical_words, the positions in it of members). Only a word that begins a phrase is tried for one
-    (most begin none)."""
+    (most begin none); its words are joined by one space (as the scanner reads text) or, with `any_gap`, by
+    anything but letters and digits."""
     spans = [m.span() for m in _WORDS.finditer(text) if _is_word(m.group())]
     words = [_normal(text[start:end]) for start, end in spans]
     lookup, single, heads = sets.lookup, sets.single, sets.heads
@@ -160,7 +177,8 @@ def _canonical(text: str, sets: WordSets) -> tuple[list[str], list[int]]:
         found, n = single.get(words[i]), 1
         if words[i] in heads:
             for longer in range(min(MAX_WORDS, count - i), 1, -1):
-                joined = all(text[spans[j - 1][1] : spans[j][0]] == " " for j in range(i + 1, i + longer))
+                gaps = (text[spans[j - 1][1] : spans[j][0]] for j in range(i + 1, i + longer))
+                joined = all(not any(c.isalnum() for c in gap) if any_gap else gap == " " for gap in gaps)
                 phrase = lookup.get(tuple(words[i : i + longer])) if joined else None
                 if phrase is not None:
                     found, n = phrase, longer

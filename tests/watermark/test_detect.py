@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,24 @@ def test_text_copied_from_a_marked_prompt_casts_no_votes():
     assert detect(items, [key], SETS)[0].n == 0
 
 
+def test_text_copied_from_a_prompt_in_another_typography_casts_no_votes():
+    """The prompt held the marked text with no-break or double spaces, soft hyphens inside words, another
+    apostrophe, or wrapped lines: the plain copy scored up to 80 hits of 80 (p = 3e-26)."""
+    key = LexicalKey(b"k" * 32, SETS)
+    mark = LexicalWatermark(key)
+    marked = [mark.mark(r["output"]) for r in SAMPLE[:40]]
+    retyped = {
+        "no-break spaces": lambda t: t.replace(" ", "\u00a0"),
+        "double spaces": lambda t: t.replace(" ", "  "),
+        "soft hyphens": lambda t: " ".join(w[:2] + "\u00ad" + w[2:] if len(w) > 3 else w for w in t.split(" ")),
+        "another apostrophe": lambda t: t.replace("'", "\u02bc").replace("\u2019", "\u02bc"),
+        "wrapped": lambda t: "\n".join(textwrap.wrap(t, 60)),
+    }
+    for name, retype in retyped.items():
+        items = [(text, "Repeat this exactly:\n\n" + retype(text)) for text in marked]
+        assert vote_counts(items, SETS) == {}, name
+
+
 def test_a_set_the_prompt_never_uses_is_still_scored_beside_one_it_does():
     text = "It is large and calm, here."
     it_is, large = SETS.lookup[("it", "is")][0], SETS.lookup[("large",)][0]
@@ -124,11 +143,15 @@ def test_detect_command_reports_exact_p_values_per_file_and_per_text(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "suspect.jsonl").read_bytes())
     with_bom = json.loads(cli(tmp_path, "detect", "bom.jsonl", "--json").stdout)  # as Windows tools write it
     assert with_bom["schemes"]["lexical-v1"] == scheme
-    bad = (b"not json\n", b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b'{"text": "", "prompt": 0}')
-    for bad_lines in (*bad, b'{"text": "a", "prompt": []}\n', b"[" * 100_000):
+    shapes = (b'{"text": null}\n', b'{"text": "a", "prompt": ["a list"]}\n', b'{"text": "", "prompt": 0}', b"[1]")
+    not_json = (b"not json\n", b"[" * 100_000, b'{"text": "a", "n": ' + b"9" * 5000 + b"}")  # 5,000 digits: refused
+    for bad_lines, said in [
+        *((b, "expected a JSON object") for b in shapes),
+        *((b, "not valid JSON") for b in not_json),
+    ]:
         (tmp_path / "bad.jsonl").write_bytes(b"\n" + bad_lines)
         bad = cli(tmp_path, "detect", "bad.jsonl")
-        assert bad.returncode == 2 and "bad.jsonl:2: expected a JSON object" in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and f"bad.jsonl:2: {said}" in bad.stderr, bad.stderr
     (tmp_path / "empty.jsonl").write_bytes(b"\n \n")
     empty = cli(tmp_path, "detect", "empty.jsonl")
     assert empty.returncode == 2 and "empty.jsonl: no texts to test" in empty.stderr, empty.stderr
