@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..stats import holm, hypergeometric_sf
+from ..watermark.sites import loosened
 from .phrases import SPACE, Canary, phrases_in
 
 
@@ -34,9 +35,10 @@ def attribute(
 ) -> tuple[list[Attribution], int]:
     """Every identity and epoch in `owners` (its canaries) tested against the texts; returns those whose
     canaries appear (best first) and M, the number of distinct canary-space phrases found. A phrase that
-    is also in the text's prompt (`prompts`, in the same order) is not counted: a suspect may repeat it."""
+    is also in the text's prompt (`prompts`, in the same order; read loosely, as the watermark's detector reads
+    one: soft hyphens, other spaces) is not counted: a suspect may repeat it."""
     prompts = prompts or [""] * len(texts)
-    found = set().union(*(phrases_in(t) - phrases_in(p) for t, p in zip(texts, prompts, strict=True)))
+    found = set().union(*(phrases_in(t) - phrases_in(loosened(p)) for t, p in zip(texts, prompts, strict=True)))
     rows = []
     for (identity, epoch), canaries in owners.items():
         hits = tuple(c.id for c in canaries if c.index in found)

@@ -58,6 +58,8 @@ def test_a_canary_the_prompt_already_held_is_not_counted():
     phrase_of_user5 = owners[("user5", 0)][1].text
     quoted = f"Earlier you wrote: {phrase_of_user5} What did you mean?"
     assert attribute([f"I meant: {phrase_of_user5}"], owners, [quoted]) == ([], 0)
+    soft = " ".join(w[:2] + "\u00ad" + w[2:] if len(w) > 3 else w for w in quoted.split(" "))  # from a web page
+    assert attribute([f"I meant: {phrase_of_user5}"], owners, [soft.replace(" ", "\u00a0")]) == ([], 0)
     assert [r.identity for r in attribute([f"I meant: {phrase_of_user5}"], owners, [""])[0]] == ["user5"]
 
 
