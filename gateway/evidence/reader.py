@@ -354,8 +354,11 @@ class LogReader:
         }
 
     def stored_subtree(self, level: int, index: int) -> bytes:
-        with open(self.dir / "tree" / f"level-{level}.bin", "rb") as f:
-            data = os.pread(f.fileno(), HASH, index * HASH)
+        try:
+            with open(self.dir / "tree" / f"level-{level}.bin", "rb") as f:
+                data = os.pread(f.fileno(), HASH, index * HASH)
+        except FileNotFoundError:  # the gateway rebuilds the stored tree from the segments when it opens the log
+            raise VerifyError(f"stored tree level {level} is missing; start the gateway once to rebuild it") from None
         if len(data) != HASH:
             raise VerifyError(f"stored tree level {level} has no node {index} yet; try again in a moment")
         return data

@@ -164,6 +164,15 @@ def test_a_copy_of_a_segment_beside_the_log_is_not_read_as_one(written):
     assert LogReader(directory, loaded).verify().entries == 300
 
 
+def test_a_missing_stored_tree_is_named_and_rebuilt_when_the_log_opens(written, tmp_path):
+    directory, loaded, vkey = written
+    shutil.rmtree(directory / "tree")
+    with pytest.raises(VerifyError, match="stored tree level 0 is missing"):
+        LogReader(directory, loaded).prove(5)
+    write_entries(directory, tmp_path / "keys", 5, start=300, checkpoint_every=64, segment_bytes=16 * 1024)
+    verify_proof(LogReader(directory, loaded).prove(5), vkey)
+
+
 def test_a_short_write_to_the_tree_leaves_no_hole(tmp_path, monkeypatch):
     """A filling disk may write fewer bytes than asked without an error: the next batch wrote past the hole,
     and the stored tree, which proofs are served from, stayed wrong for good."""
