@@ -8,10 +8,21 @@ are exposed as AGGREGATE slots so that they repeat the rewritten text, not the o
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from ..exchange import ErrorKind, GatewayError, Quota
-from .base import Api, Dialect, Slot, SlotKind, binding_quota, ietf_rate_headers, text_of
+from .base import (
+    MAX_CHOICES,
+    Api,
+    Dialect,
+    RequestFacts,
+    Slot,
+    SlotKind,
+    binding_quota,
+    ietf_rate_headers,
+    text_of,
+)
 from .sse import encode_event, event_name, first_data
 
 _ERROR_TYPES = {
@@ -229,6 +240,13 @@ class Completions(Dialect):
     def ask_usage(self, body: dict[str, Any]) -> bool:
         return _ask_usage(body)
 
+    def facts(self, body: dict[str, Any]) -> RequestFacts:
+        """As every route's, but a list of prompts writes n answers to each: the reservation counts them all (up
+        to MAX_CHOICES, the most the limits' arithmetic takes; the rest is charged when the usage comes)."""
+        facts = super().facts(body)
+        prompts = _prompt_count(body.get("prompt"))
+        return replace(facts, choices=min(facts.choices * prompts, MAX_CHOICES)) if prompts > 1 else facts
+
     def free_ending(self, body: dict[str, Any]) -> bool:
         return False  # the answer continues the prompt's own text (code, a document): nothing may follow it
 
@@ -405,6 +423,14 @@ def _choices(body: Any) -> list[dict]:
 
 def _part_of(data: dict) -> tuple:
     return ("output", data.get("output_index", 0), data.get("content_index", 0))
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts a completion request holds: a list of strings, or of token lists, is that many; a
+    string, or one list of token ids, is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _output_slots(output: Any, kind: SlotKind) -> list[Slot]:

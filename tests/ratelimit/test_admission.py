@@ -141,6 +141,10 @@ def test_a_request_for_several_answers_reserves_each_one(limited):
         three = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8000, "n": 3})
         bad = http.post("/v1/chat/completions", json={**CHAT, "n": 0})
     assert one.status_code == 200 and three.status_code == 413  # 24,000 tokens: more than the budget of 20,000
+    with limited.client(key) as http:  # a list of prompts is answered n times each, as a batch of requests
+        batch = {"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 8000}
+        assert http.post("/v1/completions", json={**batch, "prompt": "a"}).status_code == 200
+        assert http.post("/v1/completions", json=batch).status_code == 413
     assert bad.status_code == 400 and "'n' must be an integer from 1 to 128" in bad.json()["error"]["message"]
 
 
