@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from ..exchange import Exchange
 from ..stages import Commitment, TextRewriter, Transform
-from ..watermark.sites import CODE_TAGS, fences_after, indent_width, skipped_line
+from ..watermark.sites import CODE_TAGS, fences_after, head_width, indent_width, skipped_line
 from .phrases import Canary, canaries_of
 
 # A cheerful closing line would be out of place, even hurtful, after these: such answers carry no canary.
@@ -206,7 +206,7 @@ def _read_line(line: str, state: _Reading) -> _Reading:
     else:
         skipped, in_code_block = skipped_line(indent_width(line[:first]), line[first], blank_before, in_code_block)
     head_end = _LINE_HEAD.match(line).end()
-    width = indent_width(line[:head_end].replace(">", ""))
+    width = head_width(line[:head_end])
     for mark in _CODE_MARKS.finditer(line):
         token = mark.group()
         if token[0] == "<":

@@ -79,9 +79,10 @@ def fences_after(run: str, fence: str, length: int, indent: int | None, inline: 
                  head: int | None):  # fmt: skip
     """(fence, its length, its indent, inline, closing) after a run of backticks or tildes: `fence` is "" or the
     character that opened the fenced block (`length` of them). `head` is the width of what precedes the run on
-    its line when that is only whitespace and ">" (block quotes), else None. Any run of three or more opens a
-    fence (where code may begin, the mark rather leaves text alone), and at a line's head it does so even within
-    a code span (a lone backtick in prose, "the ` mark", must not leave the next block's code to be marked).
+    its line when that is only whitespace and ">" (block quotes: head_width), else None. Any run of three or
+    more opens a fence (where code may begin, the mark rather leaves text alone), and at a line's head it does
+    so even within a code span (a lone backtick in prose, "the ` mark", must not leave the next block's code to
+    be marked).
     `inline` is the length of the backtick run that opened a code span (0: none), which only a run of that
     length closes; a blank line ends it too (the callers look). On a skipped line (quote or indented code) only
     fences count, so that a fence opened there closes where it would.
@@ -112,6 +113,16 @@ def fences_after(run: str, fence: str, length: int, indent: int | None, inline: 
             return fence, length, indent, len(run), False
         return fence, length, indent, 0 if len(run) == inline else inline, False
     return fence, length, indent, inline, False
+
+
+# What a block quote's ">" adds to a line head's width: more than any indentation, so that a fence opened in a
+# quote closes only at the same depth, and one opened outside does not close at "> ```" (fences_after)
+QUOTE_COLUMNS = 1 << 16
+
+
+def head_width(head: str) -> int:
+    """The width of a line's head (whitespace and ">" only): its indentation, and QUOTE_COLUMNS per quote."""
+    return indent_width(head.replace(">", "")) + QUOTE_COLUMNS * head.count(">")
 
 
 def indent_width(space: str) -> int:
@@ -487,6 +498,8 @@ class Scanner:
         if not token[0].isspace():
             if token != ">":
                 self._head_width = None
+            elif self._head_width is not None:
+                self._head_width += QUOTE_COLUMNS
             self._closing = self._closing and token[0] in "`~"  # a closing run's own (fences_after said)
         self._previous = token
         if self._tag or token == "<":  # else nothing changes: most tokens, whose call this saves

@@ -22,6 +22,7 @@ from .sites import (
     _normal,
     _styled,
     fences_after,
+    head_width,
     indent_width,
     is_site,
     last_apostrophe,
@@ -187,7 +188,7 @@ def _line_head(text: str, start: int) -> int | None:
         at -= 1
     if at and text[at - 1] != "\n":
         return None
-    return indent_width(text[at:start].replace(">", ""))
+    return head_width(text[at:start])
 
 
 def _paragraph_end(text: str, start: int) -> int:

@@ -228,6 +228,7 @@ _PIECES = [
         ("1. Install:\n   ```bash\n   pip install x\n```\n2. Run it.", False),
         ("  ```\ncode\n     ```\nDone.", False),
         ("Wrap code in ``` marks.\n\n```python\nprint('hi')\n", False),
+        ("```\ncode\n> ```\nDone.", False),  # a quote's run closes no block opened outside it
         ("Here:\n<pre>\nx = 1\n", False),  # HTML's code, left open
         ("<think>\nThe user wants", False),  # reasoning a server left in the answer, cut short
         ("Here:\n<pre>x = 1</pre>\nDone.", True),

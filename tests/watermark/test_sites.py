@@ -179,6 +179,8 @@ def test_hold_back_is_at_most_three_words_and_what_decides_them():
         "1. Install:\n   ```bash\n   pip install x\n```\nit is large and we are done",
         "  ```\ncode\n     ```\nit is large and we are done",
         "Wrap code in ``` marks.\n\n```python\n# it is large and we are done\n```",
+        "```\ncode\n> ```\nit is large and we are done",  # a quote's run closes no fence opened outside it
+        "> ```\n> code\n```\nit is large and we are done",  # the quote ends, and this run opens a block
         "<think>it is large and we are done</think>",  # reasoning a server left in the answer
         "<script>// it is large and we are done</script><textarea>it is large</textarea><style>/* it is large */",
     ],
