@@ -257,6 +257,26 @@ def test_random_fenced_texts_give_the_same_answer_whole_and_streamed():
         assert _through(pieces) == (whole, exchange.canaries), pieces
 
 
+def test_the_canary_reads_code_where_the_watermark_does():
+    """The canary's line-by-line reading (_Code) and the watermark's token-by-token one (sites.Scanner) share
+    every rule; on random texts of Markdown's and HTML's code marks they end inside code on the same texts."""
+    from gateway.canary.transform import _Code
+    from gateway.watermark.sites import Scanner
+    from gateway.watermark.wordsets import default_sets
+
+    sets, rng = default_sets(), random.Random(5)
+    pieces = ["```", "~~~", "`", "``", " ", "    ", "\t", "\n", "\n\n", "> ", "- ", "1. ", "it is large", "<pre>",
+              "</pre>", "<think>", "</code>", "x"]  # fmt: skip
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        scanner = Scanner(sets)
+        scanner.feed(text + "\n")  # the line ended, as the canary reads the one not yet ended
+        scanner.flush()
+        code = _Code()
+        code.feed(text)
+        assert code.inside == ((bool(scanner._fence) and not scanner._closing) or scanner._html), text
+
+
 def test_a_client_that_leaves_before_its_canary_is_recorded_with_no_canary(canaried, fake_upstream):
     fake_upstream.reset()
     fake_upstream.behaviour.event_delay = 0.2  # the client leaves long before the last piece
