@@ -141,9 +141,7 @@ class Pipeline:
         )
         reply = _Reply(send, exchange, api, dialect, self._finish)
         try:
-            await self._check_route_or_count(exchange, dialect)
-            await self._identify_or_count(exchange, headers)
-            body = await self._read_or_count(exchange, scope, receive, dialect)
+            body = await self._screen(exchange, scope, receive, dialect)
             biased = dialect is not None and self._bias is not None and self._bias.applies(exchange, dialect)
             await self._admit.admit(exchange)
             exchange.admitted = True
@@ -213,15 +211,6 @@ class Pipeline:
             return decision
         return decision if in_force == decision.previous else self._risk.moved_from(decision, in_force)
 
-    async def _identify_or_count(self, exchange: Exchange, headers) -> None:
-        """Identify the caller; a refused key still counts against its address's unauthenticated limit,
-        which turns a flood of them into cheap 429s."""
-        try:
-            exchange.identity = self._identify.identify(exchange, _credential(headers))
-        except GatewayError:
-            await self._admit.admit(exchange)
-            raise
-
     async def _finish(self, exchange: Exchange) -> bool:
         """Record the end of the exchange: once, just before its last byte is sent (or when it is abandoned).
         Whether it is on record: where not (the evidence log failed), the answer must not go out.
@@ -251,16 +240,6 @@ class Pipeline:
         metrics.observe(exchange)
         return recorded
 
-    async def _check_route_or_count(self, exchange: Exchange, dialect: Dialect | None) -> None:
-        """Check the route; a request refused for it, before anyone is identified, counts against its address's
-        unauthenticated limit, as a refused key does: a flood of unknown routes was refused, and recorded,
-        without limit."""
-        try:
-            self._check_route(exchange, dialect)
-        except GatewayError:
-            await self._admit.admit(exchange)
-            raise
-
     def _check_route(self, exchange: Exchange, dialect: Dialect | None) -> None:
         if dialect is None:
             if self._is_passthrough(exchange.path):
@@ -273,11 +252,14 @@ class Pipeline:
                 {"allow": dialect.method},
             )
 
-    async def _read_or_count(self, exchange: Exchange, scope, receive, dialect: Dialect | None) -> bytes:
-        """Read the request; one refused for its body (not JSON, too large, a field out of range) counts against
-        its caller's request limits all the same, as a request that reserves no tokens: a flood of them was
-        refused, and recorded, without limit."""
+    async def _screen(self, exchange: Exchange, scope, receive, dialect: Dialect | None) -> bytes:
+        """Check the route, identify the caller and read the request. A request refused here still counts: against
+        its address's unauthenticated limit where no one is identified yet (an unknown route, a refused key), or
+        its caller's request limits, reserving no tokens (a body not JSON, too large): a flood of either was
+        refused, and recorded, without limit; counted, it turns into cheap 429s."""
         try:
+            self._check_route(exchange, dialect)
+            exchange.identity = self._identify.identify(exchange, _credential(scope["headers"]))
             return await self._read_request(exchange, scope, receive, dialect)
         except GatewayError:
             exchange.prompt_tokens = exchange.requested_output = 0  # nothing goes upstream

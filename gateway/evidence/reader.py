@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import json
 import os
 import struct
@@ -39,8 +40,9 @@ class Entry:
     segment: int
     offset: int  # of its record in the segment
 
-    @property
+    @functools.cached_property
     def public(self) -> dict:
+        """The leaf as JSON, read once: verifying an entry reads it in three places."""
         try:
             public = json.loads(self.leaf)
         except ValueError:

@@ -236,10 +236,10 @@ def _served_entries(readers: list[LogReader], ids: set[str], most: int) -> dict[
     found: dict[str, list[tuple[str, LogReader, int, dict]]] = {}
     for reader in readers if ids else ():
         for item in reader.entries(strict=False):
-            for record in item.public.get("canaries") or ():
+            public = item.public
+            for record in public.get("canaries") or ():
                 if record.get("id") in ids:
-                    found.setdefault(record["id"], []).append((item.public.get("time") or "", reader, item.index,
-                                                               item.public))  # fmt: skip
+                    found.setdefault(record["id"], []).append((public.get("time") or "", reader, item.index, public))
     out: dict[str, list[dict]] = {}
     for canary_id, servings in found.items():
         for _, reader, index, public in sorted(servings, key=lambda s: s[0])[:most]:
